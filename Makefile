@@ -1,0 +1,59 @@
+# trtserve — `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 8001
+GEN    := service/gen
+PROTOS := $(shell find protos -name '*.proto')
+
+.DEFAULT_GOAL := help
+.PHONY: help install proto example serve test test-gpu lint typecheck bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	# tensorrt-stubs declares a dependency on the full TensorRT wheels (NVIDIA's
+	# index); it is a typing-only package, so it goes in without them.
+	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.13'
+	touch $@
+
+install: $(VENV)/.installed $(GEN)/.generated ## create .venv, install trtserve with test extras, generate gRPC code
+
+# protoc writes imports as `from trtserve.v1 import x`; they live under
+# service.gen here, so the imports are rewritten to that package.
+$(GEN)/.generated: $(PROTOS) $(VENV)/.installed
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	find $(GEN) -name '*.py*' -exec sed -i -E 's/^from (trtserve\.v1|inference) import/from service.gen.\1 import/' {} +
+	find $(GEN) -type d -exec touch {}/__init__.py \;
+	touch $@
+
+proto: $(GEN)/.generated ## generate the Python gRPC code from protos/
+
+models/example.onnx: $(VENV)/.installed service/example_model.py
+	$(PY) -m service.example_model models/example.onnx
+
+example: install models/example.onnx ## write the example ONNX model to models/example.onnx
+
+serve: example ## serve the example model on the CPU (ONNX Runtime) on port $(PORT)
+	$(VENV)/bin/trtserve serve --model example=models/example.onnx --port $(PORT)
+
+test: install ## run the test suite (GPU tests skip without a GPU)
+	$(PY) -m pytest -q
+
+test-gpu: install ## run only the GPU tests (needs an NVIDIA GPU)
+	$(PY) -m pytest -q -m gpu
+
+lint: install ## ruff and mypy
+	$(VENV)/bin/ruff check service client tests
+	$(VENV)/bin/mypy service client
+
+bench: install ## CPU serving benchmarks; writes docs/benchmarks.md
+	$(PY) -m benchmarks.cpu
+
+clean: ## remove the venv, generated code and models
+	rm -rf $(VENV) $(GEN) models

@@ -1,0 +1,115 @@
+"""What every backend provides: a model's description and one executor per worker.
+
+An executor is the backend's half of a worker: it is created, used and closed
+by that worker's thread alone (for TensorRT it owns an execution context, a
+CUDA stream and buffers), so it needs no locks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from service.tensors import TensorSpec
+
+# A shape range of one input for one profile: (min, opt, max) full shapes.
+ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """One optimization profile (ONNX Runtime has a single implicit one)."""
+
+    index: int
+    ranges: Mapping[str, ShapeRange] = field(default_factory=dict)
+
+    @property
+    def min_batch(self) -> int:
+        return max((r[0][0] for r in self.ranges.values()), default=1)
+
+    @property
+    def max_batch(self) -> int | None:
+        return min((r[2][0] for r in self.ranges.values()), default=None)
+
+    def accepts(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """Whether every given input shape lies within this profile's range."""
+        for name, shape in shapes.items():
+            rng = self.ranges.get(name)
+            if rng is None:
+                continue
+            lo, _, hi = rng
+            if len(shape) != len(lo) or any(
+                    d < a or d > b for d, a, b in zip(shape, lo, hi, strict=True)):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a loaded model takes and gives; shapes include the batch dimension."""
+
+    backend: str  # "onnxruntime" or "tensorrt"
+    platform: str  # Triton-style: "onnxruntime_onnx" or "tensorrt_plan"
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int
+    min_batch_size: int = 1
+    profiles: tuple[ProfileSpec, ...] = (ProfileSpec(0),)
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What Stats shows about where a worker runs."""
+
+    profile: int = 0
+    device: str = "cpu"
+    stream: str = ""
+    stream_non_blocking: bool = False
+    aux_streams: int = 0
+    min_batch_size: int = 1
+    max_batch_size: int = 1
+
+
+@dataclass
+class BatchResult:
+    """Outputs of one batch (exactly `rows` rows each) and how it ran."""
+
+    outputs: dict[str, np.ndarray]
+    # Time the device spent on the batch: CUDA events on the GPU, wall on the CPU.
+    compute_s: float
+    # True: a CUDA graph was launched; False: plain enqueue; None: not a GPU backend.
+    graph_launch: bool | None = None
+    # (batch bucket, reason) when a CUDA graph could not be captured for this batch.
+    capture_failure: tuple[int, str] | None = None
+    # Breakdown for Triton-style statistics; zero where the backend can't tell.
+    input_s: float = 0.0
+    output_s: float = 0.0
+
+
+class Executor(Protocol):
+    info: WorkerInfo
+
+    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
+        """Run one batch. `inputs[name]` are the requests' arrays, concatenated on axis 0."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# Called on the worker's own thread, so that thread owns what it creates.
+ExecutorFactory = Callable[[], Executor]
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    # One factory per worker; the worker calls it again to rebuild after a failure.
+    factories: list[ExecutorFactory]
+    # Released when the model unloads (e.g. the deserialized TensorRT engine).
+    close: Callable[[], None] = lambda: None

@@ -1,0 +1,112 @@
+"""ONNX Runtime on the CPU: the embedded default, so trtserve runs with no GPU.
+
+Each worker owns one InferenceSession. Sessions share nothing but the model
+file; intra-op threads are split between workers so they don't oversubscribe
+the cores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from service.backends.base import BatchResult, LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
+from service.config import ModelConfig
+from service.errors import ConfigError
+from service.tensors import TensorSpec
+
+DEFAULT_MAX_BATCH = 64
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(uint16)": "UINT16",
+    "tensor(int32)": "INT32",
+    "tensor(uint32)": "UINT32",
+    "tensor(int64)": "INT64",
+    "tensor(uint64)": "UINT64",
+    "tensor(float16)": "FP16",
+    "tensor(bfloat16)": "BF16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+}
+
+
+def _spec(node: ort.NodeArg, model: str) -> TensorSpec:
+    dtype = _ORT_TYPES.get(node.type)
+    if dtype is None:
+        raise ConfigError(f"model '{model}': tensor '{node.name}' has unsupported type {node.type}")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, dtype, shape)
+
+
+class OrtExecutor:
+    def __init__(self, path: str, threads: int, max_batch: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Batches come one at a time per session; a parallel executor only adds overhead.
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        self.info = WorkerInfo(device="cpu", max_batch_size=max_batch)
+
+    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
+        start = time.perf_counter()
+        feed = {name: parts[0] if len(parts) == 1 else np.concatenate(parts)
+                for name, parts in inputs.items()}
+        gathered = time.perf_counter()
+        values = self._session.run(self._outputs, feed)
+        done = time.perf_counter()
+        return BatchResult(
+            outputs=dict(zip(self._outputs, values, strict=True)),
+            compute_s=done - gathered,
+            input_s=gathered - start,
+        )
+
+    def close(self) -> None:
+        # InferenceSession has no close(); dropping the last reference frees it.
+        del self._session
+
+
+def load(config: ModelConfig) -> LoadedModel:
+    """Read the model's IO once, then hand out one session factory per worker."""
+    probe = ort.InferenceSession(config.path, providers=["CPUExecutionProvider"])
+    inputs = tuple(_spec(n, config.name) for n in probe.get_inputs())
+    outputs = tuple(_spec(n, config.name) for n in probe.get_outputs())
+    del probe
+    batched = all(t.shape and t.shape[0] == -1 for t in inputs + outputs)
+    if batched:
+        max_batch = config.max_batch_size or DEFAULT_MAX_BATCH
+    else:
+        # A fixed first dimension: the model takes exactly that many rows.
+        first = {t.shape[0] if t.shape else 1 for t in inputs}
+        if len(first) != 1 or -1 in first:
+            raise ConfigError(f"model '{config.name}': inputs disagree on the batch dimension")
+        max_batch = first.pop()
+        if config.max_batch_size and config.max_batch_size != max_batch:
+            raise ConfigError(
+                f"models.{config.name}.max_batch_size: got {config.max_batch_size}, but the "
+                f"model's first dimension is fixed at {max_batch}")
+    threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // config.workers)
+    spec = ModelSpec(
+        backend="onnxruntime",
+        platform="onnxruntime_onnx",
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch,
+        min_batch_size=1 if batched else max_batch,
+        profiles=(ProfileSpec(0),),
+    )
+
+    def factory() -> OrtExecutor:
+        return OrtExecutor(config.path, threads, max_batch)
+
+    return LoadedModel(spec=spec, factories=[factory] * config.workers)

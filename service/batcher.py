@@ -1,0 +1,216 @@
+"""The dynamic batcher: one asyncio task per model that turns requests into batches.
+
+Batches form the way Ray Serve forms them: block for the first request with no
+timeout, fix ONE deadline from that request's arrival (arrival + max delay),
+then take what is queued until the batch is full or the deadline passes. If
+every worker is busy when the batch is ready, it keeps growing until one frees
+up, so a saturated server sends the biggest batches it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.batch import Batch, Request
+from service.errors import ResourceExhausted, Unavailable
+from service.scheduler import Scheduler
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int
+    max_queue_delay_s: float
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preferred_batch_sizes",
+                           tuple(sorted(s for s in set(self.preferred_batch_sizes)
+                                        if s <= self.max_batch_size)))
+
+    @property
+    def send_at(self) -> int:
+        """Rows at which a batch goes without waiting out the delay."""
+        return self.preferred_batch_sizes[-1] if self.preferred_batch_sizes \
+            else self.max_batch_size
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        policy: BatchPolicy,
+        scheduler: Scheduler,
+        dispatch: Callable[[int, Batch], None],
+        drop: Callable[[Request, str], None],
+    ) -> None:
+        self._model = model
+        self._policy = policy
+        self._scheduler = scheduler
+        self._dispatch = dispatch
+        # drop(request, reason): a request leaves unexecuted ("cancelled" / "deadline").
+        self._drop = drop
+        self._pending: deque[Request] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request, or refuse it at once (closed, or queue full)."""
+        if self._closed:
+            raise Unavailable(f"model '{self._model}' is shutting down; not accepting requests")
+        if len(self._pending) >= self._policy.max_queue_size:
+            raise ResourceExhausted(
+                f"model '{self._model}' queue is full: {len(self._pending)} requests waiting "
+                f"(max_queue_size={self._policy.max_queue_size})")
+        self._pending.append(request)
+        self.wake()
+
+    def wake(self) -> None:
+        """Something changed: a request arrived, a worker freed up, or we are closing."""
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def close(self) -> None:
+        """Refuse new requests; `run` returns once everything queued has been dispatched."""
+        self._closed = True
+        self.wake()
+
+    async def run(self) -> None:
+        while True:
+            first = await self._first_request()
+            if first is None:
+                return
+            batch = Batch()
+            batch.add(first)
+            deadline = first.arrival + self._policy.max_queue_delay_s
+            await self._fill(batch, deadline)
+            self._trim_to_preferred(batch)
+            worker = await self._acquire_worker(batch)
+            self._prune(batch)
+            if worker is None:
+                self._refuse(batch)
+            elif not batch.requests:
+                self._scheduler.release(worker)
+            else:
+                self._dispatch(worker, batch)
+
+    async def _sleep(self, timeout: float | None) -> None:
+        self._wakeup = self._loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = self._loop.call_later(timeout, self.wake)
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+
+    def _live(self, request: Request) -> bool:
+        """False (and the request dropped) if it was cancelled or its deadline passed."""
+        if request.future.done():
+            self._drop(request, "cancelled")
+            return False
+        if request.expired(self._loop.time()):
+            self._drop(request, "deadline")
+            return False
+        return True
+
+    async def _first_request(self) -> Request | None:
+        while True:
+            while self._pending:
+                request = self._pending.popleft()
+                if self._live(request):
+                    return request
+            if self._closed:
+                return None
+            await self._sleep(None)
+
+    def _take(self, batch: Batch, limit: int) -> None:
+        """Move queued requests into the batch, in order, while they fit."""
+        while self._pending and batch.rows < limit:
+            head = self._pending[0]
+            if head.future.done():
+                self._pending.popleft()
+                self._drop(head, "cancelled")
+                continue
+            if head.shape_key != batch.shape_key or batch.rows + head.rows > limit:
+                return  # FIFO: the head waits for the next batch
+            batch.add(self._pending.popleft())
+
+    async def _fill(self, batch: Batch, deadline: float) -> None:
+        policy = self._policy
+        while True:
+            self._take(batch, policy.max_batch_size)
+            if batch.rows >= policy.send_at or self._blocked(batch):
+                return
+            remaining = deadline - self._loop.time()
+            if remaining <= 0 or self._closed:
+                return
+            await self._sleep(remaining)
+
+    def _blocked(self, batch: Batch) -> bool:
+        """The head of the queue can never join this batch, so waiting gains nothing."""
+        if not self._pending:
+            return False
+        head = self._pending[0]
+        return head.shape_key != batch.shape_key or \
+            batch.rows + head.rows > self._policy.max_batch_size
+
+    def _trim_to_preferred(self, batch: Batch) -> None:
+        """Cut the batch back to the largest preferred size a prefix of it fills exactly.
+
+        The cut requests return to the front of the queue, in order. With no
+        preferred size reachable the batch goes as it is.
+        """
+        sizes = self._policy.preferred_batch_sizes
+        if not sizes or batch.rows in sizes:
+            return
+        prefix, rows = 0, 0
+        best = None
+        for i, request in enumerate(batch.requests):
+            rows += request.rows
+            if rows in sizes:
+                best, prefix = rows, i + 1
+        if best is None:
+            return
+        for request in reversed(batch.requests[prefix:]):
+            self._pending.appendleft(request)
+        del batch.requests[prefix:]
+        batch.rows = best
+
+    async def _acquire_worker(self, batch: Batch) -> int | None:
+        """A worker for the batch, or None when no healthy worker can ever run it."""
+        while True:
+            shapes = batch.shapes()
+            worker = self._scheduler.acquire(shapes)
+            if worker is not None:
+                return worker
+            if not self._scheduler.can_ever_run(shapes):
+                return None
+            # Every fitting worker is busy: grow the batch while we wait.
+            await self._sleep(None)
+            self._take(batch, self._policy.max_batch_size)
+
+    def _refuse(self, batch: Batch) -> None:
+        error = Unavailable(f"model '{self._model}' has no healthy worker for input shapes "
+                            f"{batch.shapes()}")
+        for request in batch.requests:
+            self._drop(request, "unavailable")
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    def _prune(self, batch: Batch) -> None:
+        live = [r for r in batch.requests if self._live(r)]
+        if len(live) != len(batch.requests):
+            batch.requests = live
+            batch.rows = sum(r.rows for r in live)
+

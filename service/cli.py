@@ -1,0 +1,123 @@
+"""`trtserve`: serve models, build and inspect TensorRT engines, profile a backend."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+
+from service.config import ModelConfig, ServerConfig, load_toml
+from service.errors import ConfigError
+
+# Flags that override a key of every model's config (flag dest == config key).
+MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
+               "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
+               "intra_op_threads", "cuda_graphs", "device")
+SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file")
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return sizes
+
+
+def _model_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("serve", help="serve models over gRPC (trtserve.v1 and KServe v2)")
+    p.add_argument("--model", action="append", type=_model_arg, default=[],
+                   metavar="NAME=PATH", help="a model to serve (.onnx, .engine); repeatable")
+    p.add_argument("--config", help="TOML file describing the server and models")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = off)")
+    p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
+    p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
+    p.add_argument("--tls-cert", help="server certificate (PEM)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")
+    g = p.add_argument_group("model settings (override the config file for every model)")
+    g.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
+    g.add_argument("--workers", type=int,
+                   help="ONNX sessions, or TensorRT workers per optimization profile")
+    g.add_argument("--max-batch-size", type=int)
+    g.add_argument("--max-queue-delay-us", type=int)
+    g.add_argument("--preferred-batch-sizes", type=_sizes, metavar="N,N,...")
+    g.add_argument("--max-queue-size", type=int)
+    g.add_argument("--max-rows-per-request", type=int)
+    g.add_argument("--intra-op-threads", type=int)
+    g.add_argument("--device", type=int, help="CUDA device ordinal")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=run_serve)
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    """The config file (if any), the --model flags, then flag overrides."""
+    config = load_toml(args.config) if args.config else ServerConfig()
+    models = list(config.models)
+    known = {m.name for m in models}
+    for name, path in args.model:
+        if name in known:
+            models = [dataclasses.replace(m, path=path) if m.name == name else m for m in models]
+        else:
+            models.append(ModelConfig(name=name, path=path))
+    overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
+    models = [dataclasses.replace(m, **overrides) for m in models]
+    server = {k: getattr(args, k) for k in SERVER_FLAGS if getattr(args, k) is not None}
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        server["tls"] = dataclasses.replace(
+            config.tls, cert_file=args.tls_cert or config.tls.cert_file,
+            key_file=args.tls_key or config.tls.key_file,
+            client_ca_file=args.tls_client_ca or config.tls.client_ca_file)
+    config = dataclasses.replace(config, models=tuple(models), **server)
+    if not config.models:
+        raise ConfigError("no models: pass --model NAME=PATH or a --config file with [[models]]")
+    return config
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.server import Server
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(args)
+    asyncio.run(Server(config).serve_until_signal())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trtserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    _register_optional(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"trtserve: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    import importlib
+
+    for module in ("service.build_cli", "service.profile_cli"):
+        try:
+            importlib.import_module(module).register(sub)
+        except ImportError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Typed configuration: frozen dataclasses, loaded from TOML, validated at start.
+
+One TOML file may describe the server and every model; command-line flags
+override it. Unknown keys and bad values are refused with a message naming
+the key and the value received. Every key is documented in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to build a TensorRT engine when a model's path is an .onnx file."""
+
+    profiles: int = 1
+    batch: str = ""  # "MIN:OPT:MAX"; empty: 1:OPT:max_batch_size
+    max_aux_streams: int = -1  # -1: let TensorRT decide
+    fp16: bool = False
+    bf16: bool = False
+    strongly_typed: bool = False
+    builder_optimization_level: int = -1
+    avg_timing_iterations: int = -1
+    timing_cache: str = ""  # empty: <model>.timing-cache next to the model
+    mps_percentage: int = 0
+    engine: str = ""  # empty: <model>.engine next to the model
+
+    def __post_init__(self) -> None:
+        _require(self.profiles >= 1, "build.profiles", self.profiles, "at least 1")
+        _require(0 <= self.mps_percentage <= 100, "build.mps_percentage",
+                 self.mps_percentage, "between 0 (off) and 100")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    path: str
+    backend: str = "auto"  # from the file suffix: .onnx -> onnxruntime, .engine/.plan -> tensorrt
+    # CPU: sessions; TensorRT: workers (contexts+streams) per optimization profile.
+    workers: int = 2
+    # 0: the model's own maximum (its profiles' largest batch, or 64 for ONNX).
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 500
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 4096  # requests waiting for a batch; more -> RESOURCE_EXHAUSTED
+    max_rows_per_request: int = 0  # 0: max_batch_size
+    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0: cores / workers
+    device: int = 0  # CUDA device ordinal (TensorRT)
+    cuda_graphs: bool = True
+    # Batch buckets for CUDA graphs; batches are padded up to a bucket.
+    # Empty: powers of two up to max_batch_size.
+    graph_batch_sizes: tuple[int, ...] = ()
+    # Consecutive failures after which a worker leaves the rotation.
+    max_worker_failures: int = 3
+    build: BuildConfig = field(default_factory=BuildConfig)
+
+    def __post_init__(self) -> None:
+        key = f"models.{self.name}"
+        _require(bool(self.name) and self.name.replace("_", "").replace("-", "").replace(
+            ".", "").isalnum(), f"{key}.name", self.name,
+            "letters, digits, '-', '_' or '.'")
+        _require(bool(self.path), f"{key}.path", self.path, "a model file")
+        _require(self.backend in BACKENDS, f"{key}.backend", self.backend, f"one of {BACKENDS}")
+        _require(self.workers >= 1, f"{key}.workers", self.workers, "at least 1")
+        _require(self.max_batch_size >= 0, f"{key}.max_batch_size", self.max_batch_size,
+                 "0 (the model's maximum) or more")
+        _require(self.max_queue_delay_us >= 0, f"{key}.max_queue_delay_us",
+                 self.max_queue_delay_us, "0 or more")
+        _require(all(s >= 1 for s in self.preferred_batch_sizes),
+                 f"{key}.preferred_batch_sizes", list(self.preferred_batch_sizes),
+                 "sizes of at least 1")
+        _require(self.max_queue_size >= 1, f"{key}.max_queue_size", self.max_queue_size,
+                 "at least 1")
+        _require(self.max_rows_per_request >= 0, f"{key}.max_rows_per_request",
+                 self.max_rows_per_request, "0 (max_batch_size) or more")
+        _require(self.intra_op_threads >= 0, f"{key}.intra_op_threads", self.intra_op_threads,
+                 "0 (automatic) or more")
+        _require(all(s >= 1 for s in self.graph_batch_sizes), f"{key}.graph_batch_sizes",
+                 list(self.graph_batch_sizes), "sizes of at least 1")
+        _require(self.max_worker_failures >= 1, f"{key}.max_worker_failures",
+                 self.max_worker_failures, "at least 1")
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        suffix = Path(self.path).suffix.lower()
+        if suffix in (".engine", ".plan", ".trt"):
+            return "tensorrt"
+        return "onnxruntime"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # set: clients must present a certificate it signed (mTLS)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.cert_file) == bool(self.key_file), "server.tls", "cert/key",
+                 "cert_file and key_file together")
+        _require(not self.client_ca_file or bool(self.cert_file), "server.tls.client_ca_file",
+                 self.client_ca_file, "cert_file and key_file as well")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_port: int = 8002  # 0: no Prometheus endpoint
+    grace_period_s: float = 30.0  # drain time on SIGTERM before in-flight work is abandoned
+    max_receive_message_bytes: int = 256 * 1024 * 1024
+    max_send_message_bytes: int = 256 * 1024 * 1024
+    max_concurrent_streams: int = 0  # 0: gRPC's default
+    stats_window_s: float = 10.0
+    auth_token_file: str = ""  # or the TRTSERVE_AUTH_TOKEN environment variable
+    health_requires_auth: bool = False
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    models: tuple[ModelConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "server.port", self.port, "0..65535")
+        _require(0 <= self.metrics_port <= 65535, "server.metrics_port", self.metrics_port,
+                 "0 (off) .. 65535")
+        _require(self.grace_period_s >= 0, "server.grace_period_s", self.grace_period_s,
+                 "0 or more")
+        for key in ("max_receive_message_bytes", "max_send_message_bytes"):
+            _require(getattr(self, key) >= 1024, f"server.{key}", getattr(self, key),
+                     "at least 1024")
+        _require(self.max_concurrent_streams >= 0, "server.max_concurrent_streams",
+                 self.max_concurrent_streams, "0 (default) or more")
+        _require(self.stats_window_s > 0, "server.stats_window_s", self.stats_window_s,
+                 "more than 0")
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _require(not dupes, "models.name", dupes, "unique model names")
+
+
+def _require(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def from_mapping(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from a TOML table, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    values = {name: _coerce(hints[name], value, f"{where}.{name}")
+              for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return from_mapping(hint, value, key)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: unsupported type {hint}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int in Python; refuse `workers = true`.
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_toml(path: str | Path) -> ServerConfig:
+    """Parse a config file: a [server] table and an array of [[models]] tables."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    unknown = sorted(set(data) - {"server", "models"})
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown table(s) {unknown}; "
+                          "expected [server] and [[models]]")
+    server = dict(data.get("server", {}))
+    if "models" in server:
+        raise ConfigError("server.models: models are [[models]] tables, not a server key")
+    models = data.get("models", [])
+    if not isinstance(models, list):
+        raise ConfigError("models: expected [[models]] tables")
+    server["models"] = [
+        from_mapping(ModelConfig, m, f"models[{i}]") if isinstance(m, dict)
+        else _bad_model(i, m) for i, m in enumerate(models)
+    ]
+    server["models"] = tuple(server["models"])
+    hints = {k: v for k, v in server.items() if k != "models"}
+    built = from_mapping(ServerConfig, hints, "server")
+    return dataclasses.replace(built, models=server["models"])
+
+
+def _bad_model(index: int, value: object) -> ModelConfig:
+    raise ConfigError(f"models[{index}]: expected a table, got {value!r}")

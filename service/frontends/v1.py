@@ -1,0 +1,75 @@
+"""The trtserve.v1.InferenceService servicer: convert, delegate, return."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service.errors import NotFound
+from service.frontends import v1_convert as convert
+from service.frontends.errors import status_of, streaming, unary
+from service.frontends.streaming import answer_stream
+from service.gen.trtserve.v1 import inference_pb2 as pb
+from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from service.repository import ModelRepository
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the event loop's clock (None: the client set none)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+class InferenceService(pb_grpc.InferenceServiceServicer):
+    def __init__(self, repository: ModelRepository) -> None:
+        self._models = repository
+        self._started = time.monotonic()
+
+    async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+        model = self._models.get(request.model)
+        convert.check_outputs(request, model.spec)
+        inputs, dtypes = convert.decode_inputs(request)
+        outputs = await model.infer(inputs, deadline, dtypes)
+        return convert.encode_outputs(request, model.spec, outputs)
+
+    @unary
+    async def Infer(self, request: pb.InferRequest,
+                    context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    @streaming
+    async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.InferStreamResponse]:
+        deadline = deadline_of(context)
+
+        async def handle(request: pb.InferRequest) -> pb.InferStreamResponse:
+            try:
+                response = await self._infer(request, deadline)
+            except Exception as e:
+                code, message = status_of(e)
+                return pb.InferStreamResponse(
+                    id=request.id, error=pb.Error(code=code.value[0], message=message))
+            return pb.InferStreamResponse(id=request.id, response=response)
+
+        async for answer in answer_stream(request_iterator, handle):
+            yield answer
+
+    @unary
+    async def Stats(self, request: pb.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        models = [self._models.get(request.model)] if request.model else list(self._models)
+        return pb.StatsResponse(models=[convert.model_stats(m) for m in models],
+                                uptime_seconds=time.monotonic() - self._started)
+
+    @unary
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        if not request.model:
+            raise NotFound("ModelMetadata needs a model name")
+        return convert.model_metadata(self._models.get(request.model))

@@ -1,0 +1,260 @@
+"""A served model: validation, the batcher, the scheduler and the worker pool.
+
+Everything here runs on the event loop; workers report back through
+`_on_done`, one callback per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from service.backends.base import LoadedModel, ModelSpec
+from service.batch import Outputs, Request
+from service.batcher import Batcher, BatchPolicy
+from service.config import ModelConfig
+from service.errors import (
+    BackendError,
+    DeadlineExceeded,
+    ResourceExhausted,
+    TensorError,
+    Unavailable,
+)
+from service.scheduler import Scheduler
+from service.stats import ModelCounters, WorkerStats
+from service.tensors import dtype_name
+from service.worker import Outcome, Worker
+
+log = logging.getLogger(__name__)
+
+
+class ModelRuntime:
+    def __init__(self, config: ModelConfig, loaded: LoadedModel, stats_window_s: float = 10.0):
+        self.name = config.name
+        self.config = config
+        self.spec: ModelSpec = loaded.spec
+        self._loaded = loaded
+        self._window_s = stats_window_s
+        self.counters = ModelCounters()
+        profiles = self.spec.profiles
+        # Factories come profile-major: workers [0, k) on profile 0, [k, 2k) on 1, ...
+        per_profile = max(1, len(loaded.factories) // len(profiles))
+        self.workers = [
+            Worker(f"{self.name}-worker-{i}", i, factory,
+                   profiles[min(i // per_profile, len(profiles) - 1)], self._on_done)
+            for i, factory in enumerate(loaded.factories)
+        ]
+        self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
+        self._consecutive_failures = [0] * len(self.workers)
+        self.scheduler = Scheduler(self.workers)
+        self.max_batch_size = min(config.max_batch_size or self.spec.max_batch_size,
+                                  self.spec.max_batch_size)
+        self.max_rows_per_request = min(config.max_rows_per_request or self.max_batch_size,
+                                        self.max_batch_size)
+        self.policy = BatchPolicy(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_us / 1e6,
+            preferred_batch_sizes=config.preferred_batch_sizes,
+            max_queue_size=config.max_queue_size,
+        )
+        self._batcher: Batcher | None = None
+        self._batcher_task: asyncio.Task[None] | None = None
+        self._idle: asyncio.Event | None = None
+        self.ready = False
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.gather(*(w.start() for w in self.workers))
+        for worker, stats in zip(self.workers, self.worker_stats, strict=True):
+            info = worker.info
+            stats.profile, stats.device, stats.stream = info.profile, info.device, info.stream
+            stats.stream_non_blocking, stats.aux_streams = info.stream_non_blocking, \
+                info.aux_streams
+            stats.min_batch_size, stats.max_batch_size = info.min_batch_size, \
+                info.max_batch_size
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._batcher = Batcher(self.name, self.policy, self.scheduler, self._dispatch,
+                                self._drop)
+        self._batcher_task = asyncio.create_task(self._batcher.run(), name=f"{self.name}-batcher")
+        self.ready = True
+
+    async def drain(self) -> None:
+        """Refuse new requests, then wait until every accepted one is answered."""
+        self.ready = False
+        if self._batcher is None or self._batcher_task is None or self._idle is None:
+            return
+        self._batcher.close()
+        await self._batcher_task
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        await self.drain()
+        await asyncio.gather(*(w.stop() for w in self.workers))
+        self._loaded.close()
+
+    # --- requests ----------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batcher.depth if self._batcher else 0
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.worker_stats)
+
+    @property
+    def healthy_workers(self) -> int:
+        return sum(w.healthy for w in self.workers)
+
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        deadline: float | None = None,
+        dtypes: Mapping[str, str] | None = None,
+    ) -> Outputs:
+        """Run one request (one or more rows) through the batcher.
+
+        `deadline` is on the event loop's clock. `dtypes` gives wire dtype names
+        where numpy can't tell them apart (BF16 travels as uint16).
+        """
+        if self._batcher is None or not self.ready:
+            raise Unavailable(f"model '{self.name}' is not ready")
+        rows, shape_key = self.validate(inputs, dtypes or {})
+        loop = asyncio.get_running_loop()
+        request = Request(dict(inputs), rows, shape_key, loop.time(), deadline,
+                          loop.create_future())
+        try:
+            self._batcher.submit(request)
+        except ResourceExhausted:
+            self.counters.rejected_queue_full += 1
+            raise
+        self.counters.requests += 1
+        return await request.future
+
+    def validate(self, inputs: Mapping[str, np.ndarray],
+                 dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
+        """(rows, non-batch shape key) of a request; TensorError naming what is wrong."""
+        spec = self.spec
+        expected = [t.name for t in spec.inputs]
+        for name in inputs:
+            if spec.input(name) is None:
+                raise TensorError(name, f"unknown input; model '{self.name}' takes {expected}")
+        rows_seen: set[int] = set()
+        key = []
+        for tensor in spec.inputs:
+            array = inputs.get(tensor.name)
+            if array is None:
+                raise TensorError(tensor.name, f"missing; model '{self.name}' takes {expected}")
+            got = dtypes.get(tensor.name) or _wire_name(array)
+            if got != tensor.dtype and not (tensor.dtype == "BF16" and got == "UINT16"
+                                            and tensor.name not in dtypes):
+                raise TensorError(tensor.name, f"dtype {got}, but the model takes {tensor.dtype}")
+            if array.ndim != len(tensor.shape):
+                raise TensorError(tensor.name, f"shape {list(array.shape)} has {array.ndim} "
+                                  f"dimensions, the model takes {len(tensor.shape)}: "
+                                  f"{list(tensor.shape)}")
+            for axis, (got_dim, want) in enumerate(zip(array.shape, tensor.shape, strict=True)):
+                if axis > 0 and want != -1 and got_dim != want:
+                    raise TensorError(tensor.name, f"shape {list(array.shape)} does not match "
+                                      f"the model's {list(tensor.shape)} in dimension {axis}")
+            rows_seen.add(array.shape[0])
+            key.append(tuple(array.shape[1:]))
+        if len(rows_seen) > 1:
+            raise TensorError(expected[0], f"inputs disagree on the number of rows: "
+                              f"{sorted(rows_seen)}")
+        rows = rows_seen.pop()
+        if rows < self.spec.min_batch_size or rows > self.max_rows_per_request:
+            raise TensorError(expected[0], f"{rows} rows; this model takes "
+                              f"{self.spec.min_batch_size} to {self.max_rows_per_request} "
+                              f"rows per request")
+        shapes = {t.name: tuple(inputs[t.name].shape) for t in spec.inputs}
+        if not any(p.accepts(shapes) for p in spec.profiles):
+            ranges = {p.index: {n: (list(r[0]), list(r[2])) for n, r in p.ranges.items()}
+                      for p in spec.profiles}
+            raise TensorError(expected[0], f"shapes {shapes} fit no optimization profile "
+                              f"(min, max per profile: {ranges})")
+        return rows, tuple(key)
+
+    # --- batches -------------------------------------------------------------------
+
+    def _dispatch(self, index: int, batch) -> None:  # type: ignore[no-untyped-def]
+        now = asyncio.get_running_loop().time()
+        stats = self.worker_stats[index]
+        for request in batch.requests:
+            stats.queue_time.add(now - request.arrival)
+        stats.in_flight += 1
+        assert self._idle is not None
+        self._idle.clear()
+        self.workers[index].submit(batch)
+
+    def _drop(self, request: Request, reason: str) -> None:
+        if reason == "cancelled":
+            self.counters.cancelled += 1
+        elif reason == "deadline":
+            self.counters.deadline_exceeded += 1
+            if not request.future.done():
+                request.future.set_exception(DeadlineExceeded(
+                    f"model '{self.name}': deadline passed while queued; not executed"))
+        else:
+            self.counters.errors += 1
+
+    def _on_done(self, worker: Worker, outcome: Outcome) -> None:
+        index = worker.index
+        stats = self.worker_stats[index]
+        stats.in_flight -= 1
+        self.scheduler.release(index)
+        batch = outcome.batch
+        if outcome.result is not None:
+            self._consecutive_failures[index] = 0
+            result = outcome.result
+            stats.record_batch(batch.rows, len(batch.requests), result.compute_s,
+                               result.graph_launch)
+            if result.capture_failure is not None:
+                stats.record_capture_failure(*result.capture_failure)
+            offset = 0
+            for request in batch.requests:
+                end = offset + request.rows
+                if not request.future.done():
+                    request.future.set_result({k: v[offset:end] for k, v in
+                                               result.outputs.items()})
+                offset = end
+        else:
+            self._fail_batch(worker, outcome)
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+        if self._batcher is not None:
+            self._batcher.wake()
+
+    def _fail_batch(self, worker: Worker, outcome: Outcome) -> None:
+        index = worker.index
+        stats = self.worker_stats[index]
+        kind = type(outcome.error).__name__
+        stats.record_failure(f"{kind}: {outcome.error}")
+        self._consecutive_failures[index] += 1
+        if outcome.rebuilt:
+            stats.rebuilds += 1
+        if not outcome.rebuilt or \
+                self._consecutive_failures[index] >= self.config.max_worker_failures:
+            worker.healthy = False
+            stats.healthy = False
+            log.error("model '%s': worker %d taken out of rotation after %d consecutive "
+                      "failures", self.name, index, self._consecutive_failures[index])
+        error = BackendError(f"model '{self.name}': inference failed on worker {index} "
+                             f"({kind}); the batch of {outcome.batch.rows} rows was not "
+                             "completed")
+        self.counters.errors += len(outcome.batch.requests)
+        for request in outcome.batch.requests:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+
+def _wire_name(array: np.ndarray) -> str:
+    try:
+        return dtype_name(array.dtype)
+    except ValueError:
+        return str(array.dtype)

@@ -1,0 +1,159 @@
+"""The gRPC server: servicers, health, reflection, security and the lifecycle.
+
+Start: bind and answer health (NOT_SERVING) first, then load the models and
+flip each to SERVING once its workers are up. Stop (SIGTERM/SIGINT): health to
+NOT_SERVING, refuse new requests with UNAVAILABLE, answer every accepted one,
+then `server.stop(grace)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service import auth
+from service.config import ServerConfig
+from service.frontends.v1 import InferenceService
+from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
+from service.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+V1_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.models = ModelRepository()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics = None
+        self._stopping = asyncio.Event()
+        self._services: list[str] = [V1_SERVICE]
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        c = self.config
+        options = [
+            ("grpc.max_receive_message_length", c.max_receive_message_bytes),
+            ("grpc.max_send_message_length", c.max_send_message_bytes),
+            # Many clients share one connection through HTTP/2 streams; keep it alive.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+        if c.max_concurrent_streams:
+            options.append(("grpc.max_concurrent_streams", c.max_concurrent_streams))
+        return options
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        token = auth.load_token(self.config.auth_token_file)
+        if token is None:
+            return []
+        return [auth.TokenAuth(token, self.config.health_requires_auth)]
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        c = self.config
+        address = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
+        if c.tls.enabled:
+            ca = Path(c.tls.client_ca_file).read_bytes() if c.tls.client_ca_file else None
+            credentials = grpc.ssl_server_credentials(
+                [(Path(c.tls.key_file).read_bytes(), Path(c.tls.cert_file).read_bytes())],
+                root_certificates=ca, require_client_auth=ca is not None)
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+
+    def _warn_if_exposed(self, has_token: bool) -> None:
+        if self.config.host in ("127.0.0.1", "::1", "localhost"):
+            return
+        if not self.config.tls.enabled:
+            log.warning("listening on %s without TLS: traffic can be read on the network",
+                        self.config.host)
+        if not has_token:
+            log.warning("listening on %s without an auth token: anyone who can reach the "
+                        "port can run inference", self.config.host)
+
+    async def start(self) -> int:
+        """Bind, answer health, then load every model. Returns the bound port."""
+        interceptors = self._interceptors()
+        server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceService(self.models), server)
+        self._add_optional_frontends(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        self.port = self._bind(server)
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        self._warn_if_exposed(bool(interceptors))
+        for name in ("", *self._services):
+            await self.health.set(name, NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info("listening on %s:%d", self.config.host, self.port)
+        self._start_metrics()
+        for model in self.config.models:
+            await self.health.set(model.name, NOT_SERVING)
+        await asyncio.gather(*(self.models.load(m, self.config.stats_window_s)
+                               for m in self.config.models))
+        for model in self.config.models:
+            await self.health.set(model.name, SERVING)
+        for name in ("", *self._services):
+            await self.health.set(name, SERVING)
+        return self.port
+
+    def _add_optional_frontends(self, server: grpc.aio.Server) -> None:
+        """KServe v2 on the same port, when its generated code is present."""
+        try:
+            from service.frontends.kserve import add_to_server
+        except ImportError:
+            return
+        self._services.append(add_to_server(server, self.models))
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics_port:
+            return
+        try:
+            from service.metrics import start_metrics
+        except ImportError:
+            return
+        self._metrics = start_metrics(self.config.metrics_port, self.config.host, self.models)
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, answer accepted work, then close."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        grace = self.config.grace_period_s
+        try:
+            await asyncio.wait_for(self.models.drain(), timeout=grace)
+        except TimeoutError:
+            log.warning("grace period of %.1fs ended with work in flight", grace)
+        await self._server.stop(grace=1.0)
+        await self.models.stop()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+        self._server = None
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def serve_until_signal(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stopping.wait()
+        log.info("stopping: draining in-flight requests")
+        await self.stop()

@@ -1,0 +1,144 @@
+"""A worker: one thread that owns one executor (context + stream, or a session).
+
+Work crosses into the thread through its inbox (one batch at a time, as the
+scheduler only hands a batch to an idle worker) and comes back with a single
+`loop.call_soon_threadsafe` per batch. Nothing else touches the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from service.backends.base import BatchResult, Executor, ExecutorFactory, ProfileSpec, WorkerInfo
+from service.batch import Batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What a batch came to, reported to the event loop."""
+
+    batch: Batch
+    result: BatchResult | None
+    error: BaseException | None = None
+    # After a failure the executor is rebuilt; these say how that went.
+    rebuilt: bool = False
+    rebuild_error: str = ""
+
+
+class Worker:
+    def __init__(
+        self,
+        name: str,
+        index: int,
+        factory: ExecutorFactory,
+        profile: ProfileSpec,
+        on_done: Callable[[Worker, Outcome], None],
+    ) -> None:
+        self.name = name
+        self.index = index
+        self.profile = profile
+        self.info = WorkerInfo()
+        self.healthy = False  # until the executor exists
+        self._factory = factory
+        self._on_done = on_done
+        self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future[WorkerInfo] | None = None
+
+    # --- event-loop side -----------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        return self.healthy
+
+    def accepts(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        rows = next(iter(shapes.values()))[0] if shapes else 1
+        if not self.info.min_batch_size <= rows <= self.info.max_batch_size:
+            return False
+        return self.profile.accepts(shapes)
+
+    async def start(self) -> None:
+        """Start the thread and wait until it has built its executor."""
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._thread.start()
+        self.info = await self._ready
+        self.healthy = True
+
+    def submit(self, batch: Batch) -> None:
+        self._inbox.put(batch)
+
+    async def stop(self) -> None:
+        """Finish the batch in hand (if any), close the executor, join the thread."""
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join)
+
+    # --- worker-thread side --------------------------------------------------
+
+    def _report(self, callback: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            log.warning("%s: event loop closed before a result could be delivered", self.name)
+
+    def _main(self) -> None:
+        assert self._ready is not None
+        try:
+            executor: Executor | None = self._factory()
+        except BaseException as e:  # reported to start(); the thread ends
+            self._report(_set_exception, self._ready, e)
+            return
+        self._report(_set_result, self._ready, executor.info)
+        while (batch := self._inbox.get()) is not None:
+            if executor is None:
+                executor = self._try_build()
+                if executor is None:
+                    self._report(self._on_done, self, Outcome(
+                        batch, None, RuntimeError("worker could not be rebuilt"),
+                        rebuild_error="executor unavailable"))
+                    continue
+            try:
+                outcome = Outcome(batch, executor.run(batch.inputs(), batch.rows))
+            except Exception as e:
+                log.exception("%s: batch of %d rows failed", self.name, batch.rows)
+                executor = self._rebuild(executor)
+                outcome = Outcome(batch, None, e, rebuilt=executor is not None,
+                                  rebuild_error="" if executor else "rebuild failed")
+            self._report(self._on_done, self, outcome)
+        if executor is not None:
+            executor.close()
+
+    def _rebuild(self, executor: Executor) -> Executor | None:
+        """A failed batch may leave a context or stream in a bad state: start afresh."""
+        try:
+            executor.close()
+        except Exception:
+            log.exception("%s: closing the failed executor raised", self.name)
+        return self._try_build()
+
+    def _try_build(self) -> Executor | None:
+        try:
+            return self._factory()
+        except Exception:
+            log.exception("%s: rebuilding the executor failed", self.name)
+            return None
+
+
+def _set_result(future: asyncio.Future[WorkerInfo], value: WorkerInfo) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[WorkerInfo], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

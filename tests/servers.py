@@ -1,0 +1,107 @@
+"""Real trtserve servers for tests: in a thread of this process, or as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from service.config import ServerConfig
+from service.server import Server
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerThread:
+    """A Server on its own event loop in a background thread, bound to a free port."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.server = Server(config)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        self.call(self.server.start())
+        return self
+
+    def stop(self) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+@contextmanager
+def running_server(config: ServerConfig) -> Iterator[ServerThread]:
+    server = ServerThread(config).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class ServerProcess:
+    """`trtserve serve ...` as a child process, for signal and CLI tests."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+               "--metrics-port", "0", *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.url = f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if status.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError("server did not become ready")
+
+    def terminate(self, timeout: float = 60) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,212 @@
+"""The batcher on a real event loop, with stand-in workers that only record batches."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batch import Request
+from service.batcher import Batcher, BatchPolicy
+from service.errors import ResourceExhausted, Unavailable
+from service.scheduler import Scheduler
+
+
+class Slot:
+    available = True
+
+    def accepts(self, shapes):
+        return True
+
+
+class Harness:
+    """A batcher whose dispatched batches are recorded; workers freed by hand."""
+
+    def __init__(self, workers=1, **policy):
+        policy.setdefault("max_queue_delay_s", 60.0)
+        self.scheduler = Scheduler([Slot() for _ in range(workers)])
+        self.batches = []  # (worker, [rows per request])
+        self.dropped = []
+        self.batcher = Batcher("m", BatchPolicy(**policy), self.scheduler, self._dispatch,
+                               self._drop)
+        self.task = asyncio.create_task(self.batcher.run())
+        self.dispatched = asyncio.Event()
+
+    def _dispatch(self, worker, batch):
+        self.batches.append((worker, [r.rows for r in batch.requests]))
+        for r in batch.requests:
+            r.future.set_result({})
+        self.dispatched.set()
+
+    def _drop(self, request, reason):
+        self.dropped.append(reason)
+
+    def submit(self, rows=1, width=4, deadline=None):
+        loop = asyncio.get_running_loop()
+        x = np.zeros((rows, width), np.float32)
+        r = Request({"x": x}, rows, ((width,),), loop.time(), deadline, loop.create_future())
+        self.batcher.submit(r)
+        return r
+
+    def free(self, worker):
+        self.scheduler.release(worker)
+        self.batcher.wake()
+
+    async def settle(self):
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def close(self):
+        """Close, freeing workers until everything queued has been dispatched."""
+        self.batcher.close()
+        for _ in range(100):
+            if self.task.done():
+                break
+            for worker in range(len(self.scheduler._workers)):
+                self.free(worker)
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(self.task, 5)
+
+
+async def test_full_batch_goes_without_waiting_out_the_delay():
+    h = Harness(max_batch_size=4, max_queue_delay_s=3600)
+    for _ in range(4):
+        h.submit()
+    await asyncio.wait_for(h.dispatched.wait(), 1)
+    assert h.batches == [(0, [1, 1, 1, 1])]
+    await h.close()
+
+
+async def test_partial_batch_waits_for_the_delay_then_goes():
+    h = Harness(max_batch_size=8, max_queue_delay_s=0.2)
+    h.submit()
+    h.submit(rows=2)
+    await asyncio.sleep(0.05)
+    assert h.batches == []  # still inside the delay
+    await asyncio.wait_for(h.dispatched.wait(), 2)
+    assert h.batches == [(0, [1, 2])]
+    await h.close()
+
+
+async def test_delay_is_counted_once_from_the_first_arrival():
+    h = Harness(max_batch_size=8, max_queue_delay_s=0.3)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    h.submit()
+    for _ in range(5):  # later arrivals must not push the deadline back
+        await asyncio.sleep(0.04)
+        h.submit()
+    await asyncio.wait_for(h.dispatched.wait(), 2)
+    assert loop.time() - start < 0.3 + 0.15
+    await h.close()
+
+
+async def test_max_batch_size_splits_the_queue():
+    h = Harness(workers=3, max_batch_size=4, max_queue_delay_s=0)
+    for _ in range(10):
+        h.submit()
+    await h.settle()
+    assert sorted(sum(rows) for _, rows in h.batches) == [2, 4, 4]
+    await h.close()
+
+
+async def test_rows_of_one_request_stay_together():
+    h = Harness(workers=2, max_batch_size=4, max_queue_delay_s=0)
+    h.submit(rows=3)
+    h.submit(rows=3)
+    await h.settle()
+    assert [rows for _, rows in h.batches] == [[3], [3]]
+    await h.close()
+
+
+async def test_requests_of_other_shapes_do_not_share_a_batch():
+    h = Harness(workers=2, max_batch_size=8, max_queue_delay_s=0)
+    h.submit(width=4)
+    h.submit(width=5)
+    await h.settle()
+    assert [rows for _, rows in h.batches] == [[1], [1]]
+    await h.close()
+
+
+async def test_preferred_size_cuts_the_batch_and_keeps_the_rest_queued():
+    h = Harness(workers=2, max_batch_size=8, max_queue_delay_s=0, preferred_batch_sizes=(2,))
+    for _ in range(3):
+        h.submit()
+    await h.settle()
+    assert [rows for _, rows in h.batches] == [[1, 1], [1]]
+    await h.close()
+
+
+async def test_preferred_size_sends_at_once():
+    h = Harness(max_batch_size=8, max_queue_delay_s=3600, preferred_batch_sizes=(4,))
+    for _ in range(4):
+        h.submit()
+    await asyncio.wait_for(h.dispatched.wait(), 1)
+    assert h.batches == [(0, [1, 1, 1, 1])]
+    await h.close()
+
+
+async def test_batch_keeps_growing_while_every_worker_is_busy():
+    h = Harness(workers=1, max_batch_size=16, max_queue_delay_s=0)
+    h.submit()
+    await h.settle()
+    assert h.batches == [(0, [1])]
+    for _ in range(5):
+        h.submit()
+    await h.settle()
+    assert len(h.batches) == 1  # the worker is still busy
+    h.free(0)
+    await h.settle()
+    assert h.batches[1] == (0, [1] * 5)
+    await h.close()
+
+
+async def test_full_queue_is_refused_with_its_depth():
+    h = Harness(workers=1, max_batch_size=1, max_queue_delay_s=0, max_queue_size=2)
+    h.submit()  # runs on the worker
+    await h.settle()
+    h.submit()  # taken into the next batch, waiting for the busy worker
+    await h.settle()
+    h.submit()
+    h.submit()
+    with pytest.raises(ResourceExhausted, match="2 requests waiting"):
+        h.submit()
+    h.free(0)
+    await h.close()
+
+
+async def test_cancelled_request_is_dropped_before_execution():
+    h = Harness(workers=1, max_batch_size=1, max_queue_delay_s=0)
+    h.submit()
+    await h.settle()
+    doomed = h.submit()
+    kept = h.submit()
+    doomed.future.cancel()
+    h.free(0)
+    await h.settle()
+    assert "cancelled" in h.dropped
+    assert len(h.batches) == 2 and kept.future.done() and not kept.future.cancelled()
+    await h.close()
+
+
+async def test_expired_request_is_not_executed():
+    h = Harness(workers=1, max_batch_size=1, max_queue_delay_s=0)
+    h.submit()
+    await h.settle()
+    loop = asyncio.get_running_loop()
+    h.submit(deadline=loop.time() + 0.01)
+    await asyncio.sleep(0.05)
+    h.free(0)
+    await h.settle()
+    assert h.dropped == ["deadline"]
+    assert len(h.batches) == 1
+    await h.close()
+
+
+async def test_closed_batcher_refuses_and_finishes_queued_work():
+    h = Harness(workers=1, max_batch_size=4, max_queue_delay_s=3600)
+    queued = h.submit()
+    h.batcher.close()
+    with pytest.raises(Unavailable):
+        h.submit()
+    await asyncio.wait_for(h.task, 2)
+    assert queued.future.done()

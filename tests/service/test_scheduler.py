@@ -1,0 +1,52 @@
+from dataclasses import dataclass
+
+from service.scheduler import Scheduler
+
+
+@dataclass
+class Slot:
+    """A stand-in for a worker's availability: which batch rows it accepts."""
+
+    max_rows: int = 8
+    available: bool = True
+
+    def accepts(self, shapes):
+        return next(iter(shapes.values()))[0] <= self.max_rows
+
+
+def shapes(rows):
+    return {"x": (rows, 4)}
+
+
+def test_round_robin_cycles_over_idle_workers():
+    s = Scheduler([Slot(), Slot(), Slot()])
+    order = []
+    for _ in range(6):
+        i = s.acquire(shapes(1))
+        order.append(i)
+        s.release(i)
+    assert order == [0, 1, 2, 0, 1, 2]
+
+
+def test_busy_workers_are_skipped_and_none_when_all_busy():
+    s = Scheduler([Slot(), Slot(), Slot()])
+    assert [s.acquire(shapes(1)) for _ in range(3)] == [0, 1, 2]
+    assert s.acquire(shapes(1)) is None
+    s.release(1)
+    assert s.acquire(shapes(1)) == 1
+    assert s.busy_count() == 3
+
+
+def test_worker_whose_profile_cannot_take_the_shape_is_skipped():
+    s = Scheduler([Slot(max_rows=4), Slot(max_rows=64)])
+    assert s.acquire(shapes(32)) == 1
+    s.release(1)
+    assert s.acquire(shapes(32)) == 1  # worker 0 can never take 32 rows
+    assert s.acquire(shapes(2)) == 0
+
+
+def test_unavailable_workers_are_skipped():
+    s = Scheduler([Slot(available=False), Slot()])
+    assert s.acquire(shapes(1)) == 1
+    assert s.can_ever_run(shapes(1))
+    assert not s.can_ever_run(shapes(100))
