@@ -24,11 +24,14 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed $(GEN)/.generated ## create .venv, install trtserve with test extras, generate gRPC code
 
 # protoc writes imports as `from trtserve.v1 import x`; they live under
-# service.gen here, so the imports are rewritten to that package.
-$(GEN)/.generated: $(PROTOS) $(VENV)/.installed
+# service.gen here, so the imports are rewritten to that package. The types go
+# into trtserve's own descriptor pool (service/descriptors.py says why).
+$(GEN)/.generated: $(PROTOS) $(VENV)/.installed Makefile
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
-	find $(GEN) -name '*.py*' -exec sed -i -E 's/^from (trtserve\.v1|inference) import/from service.gen.\1 import/' {} +
+	find $(GEN) -name '*.py*' -exec sed -i -E \
+	  -e 's/^from (trtserve\.v1|inference) import/from service.gen.\1 import/' \
+	  -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from service import descriptors as _descriptor_pool/' {} +
 	find $(GEN) -type d -exec touch {}/__init__.py \;
 	touch $@
 

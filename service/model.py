@@ -13,13 +13,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from service.backends.base import LoadedModel, ModelSpec
-from service.batch import Outputs, Request
+from service.batch import Batch, Outputs, Request
 from service.batcher import Batcher, BatchPolicy
 from service.config import ModelConfig
 from service.errors import (
     BackendError,
     DeadlineExceeded,
     ResourceExhausted,
+    ServeError,
     TensorError,
     Unavailable,
 )
@@ -134,7 +135,14 @@ class ModelRuntime:
             self.counters.rejected_queue_full += 1
             raise
         self.counters.requests += 1
-        return await request.future
+        try:
+            outputs = await request.future
+        except ServeError:
+            self.counters.failure_s += loop.time() - request.arrival
+            raise
+        self.counters.success += 1
+        self.counters.success_s += loop.time() - request.arrival
+        return outputs
 
     def validate(self, inputs: Mapping[str, np.ndarray],
                  dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
@@ -182,11 +190,11 @@ class ModelRuntime:
 
     # --- batches -------------------------------------------------------------------
 
-    def _dispatch(self, index: int, batch) -> None:  # type: ignore[no-untyped-def]
+    def _dispatch(self, index: int, batch: Batch) -> None:
         now = asyncio.get_running_loop().time()
         stats = self.worker_stats[index]
         for request in batch.requests:
-            stats.queue_time.add(now - request.arrival)
+            stats.record_queue(now - request.arrival)
         stats.in_flight += 1
         assert self._idle is not None
         self._idle.clear()
@@ -213,7 +221,7 @@ class ModelRuntime:
             self._consecutive_failures[index] = 0
             result = outcome.result
             stats.record_batch(batch.rows, len(batch.requests), result.compute_s,
-                               result.graph_launch)
+                               result.graph_launch, result.input_s, result.output_s)
             if result.capture_failure is not None:
                 stats.record_capture_failure(*result.capture_failure)
             offset = 0

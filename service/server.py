@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from service import auth
+from service import auth, descriptors
 from service.config import ServerConfig
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
@@ -91,7 +91,9 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]
-        reflection.enable_server_reflection(names, server)
+        # Our types live in trtserve's own pool; reflection describes from it.
+        pool = descriptors.include(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+        reflection.enable_server_reflection(names, server, pool=pool)
         self.port = self._bind(server)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")

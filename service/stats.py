@@ -80,6 +80,22 @@ class CaptureFailure:
 
 
 @dataclass
+class StageTotals:
+    """Cumulative seconds of a batch's stages, as Triton's statistics report them."""
+
+    count: int = 0
+    input_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
+
+    def add(self, input_s: float, infer_s: float, output_s: float) -> None:
+        self.count += 1
+        self.input_s += input_s
+        self.infer_s += infer_s
+        self.output_s += output_s
+
+
+@dataclass
 class WorkerStats:
     """One worker's stream (GPU) or session (CPU)."""
 
@@ -108,12 +124,24 @@ class WorkerStats:
     compute_time: Samples = field(default_factory=Samples)
     capture_failures: list[CaptureFailure] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    # Cumulative totals (never windowed), for Prometheus counters and Triton statistics.
+    queue_s_total: float = 0.0
+    stages: StageTotals = field(default_factory=StageTotals)
+    stages_by_batch_size: dict[int, StageTotals] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.busy = BusyWindow(self.window_s)
 
+    def record_queue(self, seconds: float) -> None:
+        self.queue_time.add(seconds)
+        self.queue_s_total += seconds
+
     def record_batch(self, rows: int, requests: int, compute_s: float,
-                     graph_launch: bool | None) -> None:
+                     graph_launch: bool | None, input_s: float = 0.0,
+                     output_s: float = 0.0) -> None:
+        self.stages.add(input_s, compute_s, output_s)
+        self.stages_by_batch_size.setdefault(rows, StageTotals()).add(input_s, compute_s,
+                                                                      output_s)
         self.batches += 1
         self.requests += requests
         self.inferences += rows
@@ -142,8 +170,12 @@ class WorkerStats:
 class ModelCounters:
     """What happens to a model's requests before and around the workers."""
 
-    requests: int = 0
+    requests: int = 0  # accepted into the queue
     errors: int = 0
+    # End-to-end time inside the server (queue + execution) of answered requests.
+    success: int = 0
+    success_s: float = 0.0
+    failure_s: float = 0.0
     rejected_queue_full: int = 0
     deadline_exceeded: int = 0
     cancelled: int = 0

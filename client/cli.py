@@ -1,0 +1,181 @@
+"""`trtserve-client`: infer, stats, metadata and health checks from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.json_format import MessageToDict
+
+from client.client import Client, InferenceError
+from client.convert import dtype_label
+from service.gen.trtserve.v1 import inference_pb2 as pb
+from service.tensors import DTYPES
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return Client(args.url, token=token, root_certificates=root, tls=args.tls)
+
+
+def random_inputs(md: pb.ModelMetadataResponse, rows: int, seed: int = 0
+                  ) -> dict[str, np.ndarray]:
+    """Random data of the model's shapes, dynamic dims set to 1 (batch dim to `rows`)."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for t in md.inputs:
+        shape = [rows if i == 0 and md.max_batch_size > 0 else (d if d > 0 else 1)
+                 for i, d in enumerate(t.shape)]
+        dtype = DTYPES[dtype_label(t.dtype)]
+        if dtype.kind == "f":
+            inputs[t.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            inputs[t.name] = rng.integers(0, 2, shape).astype(bool)
+        else:
+            inputs[t.name] = rng.integers(0, 100, shape).astype(dtype)
+    return inputs
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.input:
+            inputs = {}
+            for item in args.input:
+                name, _, path = item.partition("=")
+                inputs[name] = np.load(path)
+        else:
+            inputs = random_inputs(c.metadata(args.model), args.rows, args.seed)
+        outputs = c.infer(args.model, inputs, timeout=args.timeout)
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        for name, array in outputs.items():
+            np.save(Path(args.output_dir) / f"{name}.npy", array)
+    if args.json:
+        print(json.dumps({n: {"dtype": str(a.dtype), "shape": list(a.shape),
+                              "data": a.tolist()} for n, a in outputs.items()}))
+    else:
+        for name, array in outputs.items():
+            print(f"{name}: dtype={array.dtype} shape={list(array.shape)}")
+            print(np.array2string(array, threshold=20, precision=4))
+    return 0
+
+
+def _stats_table(response: pb.StatsResponse) -> str:
+    lines = []
+    for m in response.models:
+        lines.append(f"model {m.name} ({m.backend}): requests={m.requests} "
+                     f"batches={m.batches} rows={m.inferences} "
+                     f"mean_batch={m.mean_batch_size:.2f} errors={m.errors} "
+                     f"queue_depth={m.queue_depth} util={m.utilization:.1%}")
+        lines.append(f"  queue p50/p99 = {m.queue_time.p50_us:.0f}/{m.queue_time.p99_us:.0f} us"
+                     f"   compute p50/p99 = {m.compute_time.p50_us:.0f}/"
+                     f"{m.compute_time.p99_us:.0f} us   rejected={m.rejected_queue_full} "
+                     f"deadline={m.deadline_exceeded} cancelled={m.cancelled}")
+        header = (f"  {'worker':>6} {'profile':>7} {'device':>8} {'stream':>14} {'aux':>3} "
+                  f"{'batches':>8} {'rows':>8} {'busy s':>8} {'util':>6} {'graphs':>7} "
+                  f"{'plain':>7} {'errors':>6} {'healthy':>7}")
+        lines.append(header)
+        for w in m.workers:
+            lines.append(
+                f"  {w.index:>6} {w.profile:>7} {w.device:>8} {w.stream or '-':>14} "
+                f"{w.aux_streams:>3} {w.batches:>8} {w.inferences:>8} {w.busy_seconds:>8.3f} "
+                f"{w.utilization:>6.1%} {w.graph_launches:>7} {w.plain_enqueues:>7} "
+                f"{w.errors:>6} {'yes' if w.healthy else 'NO':>7}")
+            for f in w.capture_failures:
+                lines.append(f"         graph capture failed at batch {f.batch_size}: {f.reason}")
+        sizes = sorted(m.batch_size_histogram.items())
+        lines.append("  batch sizes: " + ", ".join(f"{k}x{v}" for k, v in sizes))
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        response = c.stats(args.model)
+    if args.json:
+        print(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+    else:
+        print(_stats_table(response))
+    return 0
+
+
+def cmd_metadata(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        md = c.metadata(args.model)
+    print(json.dumps(MessageToDict(md, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _client(args) as c:
+        stub = health_pb2_grpc.HealthStub(c._channel)
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(service=args.service or ""),
+                                timeout=args.timeout or 5)
+        except grpc.RpcError as e:
+            raise InferenceError(e.code(), e.details() or "") from None
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+    print(f"{args.service or 'server'}: {name}")
+    return 0 if status.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str
+         ) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    p.set_defaults(func=func)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="trtserve-client", description=__doc__)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the server")
+    parser.add_argument("--token-file", help="file holding the bearer token")
+    parser.add_argument("--tls", action="store_true", help="use TLS (system roots)")
+    parser.add_argument("--tls-ca", help="CA certificate (PEM) to verify the server with")
+    parser.add_argument("--timeout", type=float, default=None, help="per-call deadline (s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = _add(sub, "infer", cmd_infer, "run one inference")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
+                   help="an input from a .npy file; repeatable (default: random data)")
+    p.add_argument("--rows", type=int, default=1, help="rows of random input")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", help="also save each output as NAME.npy here")
+    p.add_argument("--json", action="store_true")
+
+    p = _add(sub, "stats", cmd_stats, "usage of every model, worker and stream")
+    p.add_argument("--model", default="")
+    p.add_argument("--json", action="store_true")
+
+    p = _add(sub, "metadata", cmd_metadata, "a model's inputs, outputs and profiles")
+    p.add_argument("--model", required=True)
+
+    p = _add(sub, "health", cmd_health, "readiness through grpc.health.v1 (exit 0 if SERVING)")
+    p.add_argument("--service", default="", help="a model name or service; empty: the server")
+
+    try:
+        from client import bench
+    except ImportError:  # the bench tool's optional dependencies are missing
+        pass
+    else:
+        bench.register(sub)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except InferenceError as e:
+        print(f"trtserve-client: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
