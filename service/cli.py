@@ -110,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    import importlib
+    from service import build_cli
 
-    for module in ("service.build_cli", "service.profile_cli"):
-        try:
-            importlib.import_module(module).register(sub)
-        except ImportError:
-            pass
+    build_cli.register(sub)
+    try:
+        from service import profile_cli
+    except ModuleNotFoundError as e:
+        if e.name != "service.profile_cli":
+            raise
+    else:
+        profile_cli.register(sub)
 
 
 if __name__ == "__main__":

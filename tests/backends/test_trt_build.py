@@ -1,0 +1,399 @@
+"""Real engine builds from generated ONNX models: no GPU needed (tensorrt-rtx builds on the CPU).
+
+Each build of these tiny models takes a fraction of a second. Engines that can be
+loaded here (a GPU is present) are also checked directly; elsewhere those checks skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if importlib.util.find_spec("tensorrt_rtx") is None:
+    pytest.importorskip("tensorrt", reason="neither tensorrt nor tensorrt_rtx is installed")
+
+from service import build_cli
+from service.backends.trt_api import (
+    import_tensorrt,
+    library_info,
+    numpy_dtype,
+    profile_shapes,
+    trt_dtype,
+)
+from service.backends.trt_build import (
+    BuildError,
+    BuildOptions,
+    OptionError,
+    build_engine,
+    default_batch_opt,
+    describe_engine,
+    load_manifest,
+    manifest_path,
+)
+from tests import onnx_models
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    onnx_models.mlp(folder / "mlp.onnx")
+    onnx_models.conv_net(folder / "conv.onnx")
+    onnx_models.conv_net(folder / "conv_dynamic.onnx", dynamic_spatial=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mlp_build(models: Path) -> tuple[Path, dict[str, Any]]:
+    engine = models / "mlp.engine"
+    options = BuildOptions(profiles=2, batch=(1, 32, 64), max_aux_streams=2)
+    return engine, build_engine(models / "mlp.onnx", engine, options)
+
+
+@pytest.fixture(scope="module")
+def conv_build(models: Path) -> tuple[Path, dict[str, Any]]:
+    engine = models / "conv.engine"
+    return engine, build_engine(models / "conv.onnx", engine, BuildOptions(batch=(1, 8, 16)))
+
+
+def _load_engine(engine_path: Path) -> Any:
+    """The engine, or skip: loading needs a GPU the library supports."""
+    trt = import_tensorrt()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        pytest.skip("the engine cannot be loaded on this machine (needs a supported GPU)")
+    return runtime, engine
+
+
+# --- the manifest of a real build ----------------------------------------------------
+
+
+def test_engine_and_manifest_are_written(mlp_build: tuple[Path, dict[str, Any]]) -> None:
+    engine, manifest = mlp_build
+    assert engine.stat().st_size == manifest["engine_bytes"] > 0
+    assert manifest_path(engine) == engine.with_name("mlp.engine.json")
+    assert load_manifest(engine) == json.loads(json.dumps(manifest))
+
+
+def test_manifest_names_the_library(mlp_build: tuple[Path, dict[str, Any]]) -> None:
+    _, manifest = mlp_build
+    name, version = library_info()
+    assert manifest["library"] == {"name": name, "version": version}
+    assert name in ("tensorrt", "tensorrt_rtx") and version[0].isdigit()
+
+
+def test_manifest_io_tensors(mlp_build: tuple[Path, dict[str, Any]]) -> None:
+    _, manifest = mlp_build
+    assert manifest["io_tensors"] == [
+        {"name": "input", "mode": "input", "dtype": "float32", "shape": [-1, 32]},
+        {"name": "output", "mode": "output", "dtype": "float32", "shape": [-1, 8]},
+    ]
+
+
+def test_manifest_profiles(mlp_build: tuple[Path, dict[str, Any]]) -> None:
+    _, manifest = mlp_build
+    assert [p["index"] for p in manifest["profiles"]] == [0, 1]
+    for profile in manifest["profiles"]:
+        assert profile["inputs"] == {"input": {"min": [1, 32], "opt": [32, 32], "max": [64, 32]}}
+
+
+def test_manifest_aux_streams(mlp_build: tuple[Path, dict[str, Any]]) -> None:
+    _, manifest = mlp_build
+    aux = manifest["aux_streams"]
+    assert aux["max_aux_streams"] == 2
+    assert manifest["settings"]["applied"]["max_aux_streams"] == 2
+    if manifest["deserialized"]:
+        assert 0 <= aux["num_aux_streams"] <= 2
+    else:
+        # Without a GPU the engine does not load, so its count is unknown: say why.
+        assert aux["num_aux_streams"] is None
+        assert manifest["deserialize_error"]
+
+
+def test_manifest_keeps_the_builder_log(mlp_build: tuple[Path, dict[str, Any]]) -> None:
+    _, manifest = mlp_build
+    log = manifest["builder_log"]
+    assert log and all(line.split(":")[0] in ("INFO", "WARNING", "ERROR") for line in log)
+    assert manifest["build_seconds"] > 0
+
+
+def test_built_engine_has_the_profiles(mlp_build: tuple[Path, dict[str, Any]]) -> None:
+    engine_path, manifest = mlp_build
+    _runtime, engine = _load_engine(engine_path)
+    assert engine.num_optimization_profiles == 2
+    for index in range(2):
+        assert profile_shapes(engine, index) == {"input": ((1, 32), (32, 32), (64, 32))}
+    assert engine.num_aux_streams == manifest["aux_streams"]["num_aux_streams"]
+
+
+def test_conv_net_reports_fused_layers(conv_build: tuple[Path, dict[str, Any]]) -> None:
+    _, manifest = conv_build
+    fused = manifest["fused_layers"]
+    assert fused, manifest["layers"]
+    assert all(layer["fused"] for layer in fused)
+    # Each Conv is fused with the Relu after it (the bias folds into the Conv).
+    covered = [set(layer["onnx_layers"]) for layer in fused] + [
+        {part.strip() for part in layer["name"].split("+")} for layer in fused
+    ]
+    assert any({"conv0", "relu0"} <= names for names in covered), fused
+
+
+def test_describe_engine(conv_build: tuple[Path, dict[str, Any]]) -> None:
+    engine, _ = conv_build
+    text = describe_engine(engine)
+    assert "image" in text and "logits" in text
+    assert "min 1x3x16x16  opt 8x3x16x16  max 16x3x16x16" in text
+    assert "aux streams" in text
+    assert "fused (*)" in text and "\n  * " in text
+
+
+def test_shape_ranges_for_other_dynamic_dims(models: Path) -> None:
+    shapes = {"image": ((1, 3, 8, 8), (4, 3, 16, 16), (8, 3, 32, 32))}
+    manifest = build_engine(
+        models / "conv_dynamic.onnx",
+        models / "conv_dynamic.engine",
+        BuildOptions(batch=(1, 4, 8), shapes=shapes),
+    )
+    assert manifest["io_tensors"][0]["shape"] == [-1, 3, -1, -1]
+    assert manifest["profiles"][0]["inputs"]["image"] == {
+        "min": [1, 3, 8, 8],
+        "opt": [4, 3, 16, 16],
+        "max": [8, 3, 32, 32],
+    }
+
+
+# --- timing cache ----------------------------------------------------------------------
+
+
+def test_timing_cache_is_written_then_reused(models: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "model.timing-cache"
+    options = BuildOptions(batch=(1, 8, 16), timing_cache=cache)
+
+    first = build_engine(models / "mlp.onnx", tmp_path / "a.engine", options)["timing_cache"]
+    assert first["hit"] is False and first["bytes_before"] is None
+    assert cache.is_file() and first["bytes_after"] == cache.stat().st_size > 0
+
+    second = build_engine(models / "mlp.onnx", tmp_path / "b.engine", options)["timing_cache"]
+    assert second["hit"] is True
+    assert second["bytes_before"] == first["bytes_after"]
+    assert second["bytes_after"] == cache.stat().st_size
+
+
+# --- what the build refuses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "received"),
+    [
+        ({"profiles": 0}, "profiles", "0"),
+        ({"profiles": True}, "profiles", "True"),
+        ({"batch": (4, 2, 8)}, "batch", "(4, 2, 8)"),
+        ({"batch": (0, 1, 2)}, "batch", "(0, 1, 2)"),
+        ({"batch": (1, 2)}, "batch", "(1, 2)"),
+        ({"max_aux_streams": -1}, "max_aux_streams", "-1"),
+        ({"builder_optimization_level": 6}, "builder_optimization_level", "6"),
+        ({"avg_timing_iterations": 0}, "avg_timing_iterations", "0"),
+        ({"mps_percentage": 101}, "mps_percentage", "101"),
+        ({"workspace_mib": 0}, "workspace_mib", "0"),
+        ({"fp16": "yes"}, "fp16", "'yes'"),
+        ({"fp16": True, "strongly_typed": True}, "strongly_typed", "fp16=True"),
+        ({"shapes": {"x": ((1, 2), (1, 2), (1,))}}, "shapes['x']", "(1,)"),
+        ({"shapes": {"x": ((1, 4), (1, 2), (1, 3))}}, "shapes['x']", "(1, 4)"),
+        ({"shapes": {"x": ((0, 2), (1, 2), (1, 2))}}, "shapes['x']", "(0, 2)"),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, Any], field: str, received: str) -> None:
+    with pytest.raises(OptionError) as caught:
+        BuildOptions(**options)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ") and received in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "opt"), [(1, 64, 64), (1, 100, 96), (1, 31, 31), (33, 63, 63), (1, 32, 32)]
+)
+def test_default_batch_opt_prefers_multiples_of_32(low: int, high: int, opt: int) -> None:
+    assert default_batch_opt(low, high) == opt
+
+
+def _unknown_op_model(path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    tensor = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["x"], ["y"], name="mystery")],
+        "unknown_op",
+        [tensor("x", TensorProto.FLOAT, [1, 4])],
+        [tensor("y", TensorProto.FLOAT, [1, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("truncated", "Failed to parse the ONNX model"),
+        ("text", "defines no graph outputs"),
+        ("unknown op", r"node 0 'mystery' \(NoSuchOp\): .+"),
+    ],
+)
+def test_broken_onnx_gives_a_clear_error(
+    models: Path, tmp_path: Path, content: str, reason: str
+) -> None:
+    broken = tmp_path / "broken.onnx"
+    if content == "truncated":
+        whole = (models / "conv.onnx").read_bytes()
+        broken.write_bytes(whole[: len(whole) // 2])
+    elif content == "text":
+        # Arbitrary bytes may decode as an empty protobuf message and "parse".
+        broken.write_bytes(b"this is not an ONNX model")
+    else:
+        _unknown_op_model(broken)
+    with pytest.raises(BuildError, match=rf"could not parse ONNX model .*broken\.onnx: .*{reason}"):
+        build_engine(broken, tmp_path / "broken.engine", BuildOptions(batch=(1, 1, 1)))
+    assert not (tmp_path / "broken.engine").exists()
+
+
+def test_missing_onnx_file(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="ONNX model not found"):
+        build_engine(tmp_path / "absent.onnx", tmp_path / "absent.engine")
+
+
+def test_dynamic_batch_needs_a_range(models: Path, tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match=r"input 'input' .* dynamic dimension\(s\) \[0\].*--batch"):
+        build_engine(models / "mlp.onnx", tmp_path / "x.engine", BuildOptions())
+
+
+def test_shapes_must_name_inputs(models: Path, tmp_path: Path) -> None:
+    shapes = {"nope": ((1, 32), (1, 32), (1, 32))}
+    with pytest.raises(BuildError, match=r"\['nope'\], which are not inputs .*\['input'\]"):
+        build_engine(models / "mlp.onnx", tmp_path / "x.engine", BuildOptions(shapes=shapes))
+
+
+def test_shapes_must_keep_static_dims(models: Path, tmp_path: Path) -> None:
+    shapes = {"input": ((1, 16), (2, 16), (4, 16))}
+    with pytest.raises(BuildError, match=r"dimension 1 .* fixes it at 32"):
+        build_engine(models / "mlp.onnx", tmp_path / "x.engine", BuildOptions(shapes=shapes))
+
+
+def test_mps_without_a_daemon_is_refused(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "no-mps-here"))
+    options = BuildOptions(batch=(1, 1, 1), mps_percentage=50)
+    with pytest.raises(BuildError, match=r"needs an NVIDIA GPU|no MPS control daemon"):
+        build_engine(models / "mlp.onnx", tmp_path / "x.engine", options)
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
+
+
+def test_unavailable_precision_is_reported_not_hidden(models: Path, tmp_path: Path) -> None:
+    manifest = build_engine(
+        models / "mlp.onnx", tmp_path / "fp16.engine", BuildOptions(batch=(1, 1, 1), fp16=True)
+    )
+    settings = manifest["settings"]
+    assert ("fp16" in settings["applied"]) != ("fp16" in settings["unavailable"])
+
+
+def test_strongly_typed_and_builder_settings_are_applied(models: Path, tmp_path: Path) -> None:
+    options = BuildOptions(
+        batch=(1, 1, 1),
+        strongly_typed=True,
+        builder_optimization_level=1,
+        avg_timing_iterations=2,
+        workspace_mib=64,
+    )
+    manifest = build_engine(models / "mlp.onnx", tmp_path / "typed.engine", options)
+    settings = manifest["settings"]
+    for name, value in [
+        ("strongly_typed", True),
+        ("builder_optimization_level", 1),
+        ("avg_timing_iterations", 2),
+        ("workspace_mib", 64),
+    ]:
+        assert settings["applied"].get(name) == value or name in settings["unavailable"]
+
+
+# --- trt_api ---------------------------------------------------------------------------
+
+
+def test_import_tensorrt_finds_the_library_not_the_stubs() -> None:
+    # tensorrt-stubs makes `import tensorrt` succeed with an empty namespace package.
+    module = import_tensorrt()
+    assert hasattr(module, "Builder") and module.__name__ in ("tensorrt", "tensorrt_rtx")
+
+
+# --- dtype helpers ---------------------------------------------------------------------
+
+
+def test_dtype_round_trip() -> None:
+    import numpy as np
+
+    for dtype in (np.float32, np.float16, np.int8, np.uint8, np.int32, np.int64, np.bool_):
+        assert numpy_dtype(trt_dtype(dtype)) == np.dtype(dtype)
+    # numpy has no bfloat16: BF16 travels as raw uint16 bit patterns.
+    assert trt_dtype(np.uint16).name == "BF16"
+    with pytest.raises(TypeError, match="float64"):
+        trt_dtype(np.float64)
+
+
+# --- the CLI ---------------------------------------------------------------------------
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="trtserve")
+    build_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+def test_cli_build_and_inspect(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = tmp_path / "conv.engine"
+    cache = tmp_path / "conv.timing-cache"
+    argv = ["build", str(models / "conv.onnx"), "-o", str(engine), "--profiles", "2"]
+    argv += ["--batch", "1:64", "--max-aux-streams", "1", "--timing-cache", str(cache)]
+    assert _cli(*argv) == 0
+    out = capsys.readouterr().out
+    assert "profiles       2" in out and "opt 64x3x16x16" in out
+    assert "timing cache   miss" in out and "fused layers" in out
+    assert _cli(*argv) == 0
+    assert "timing cache   hit" in capsys.readouterr().out
+    assert _cli("inspect", str(engine)) == 0
+    assert "profiles     2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--batch", "4:2:8"], "--batch"),
+        (["--batch", "a:b"], "--batch"),
+        (["--shape", "image=1x3:2"], "--shape"),
+        (["--shape", "image=1x3x4x4:1x3x4x4:1x3x4x3"], "--shape"),
+        (["--profiles", "0"], "--profiles"),
+        (["--builder-optimization-level", "9"], "--builder-optimization-level"),
+        (["--fp16", "--strongly-typed"], "--strongly-typed"),
+    ],
+)
+def test_cli_bad_flags_name_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        _cli("build", "m.onnx", "-o", "m.engine", *argv)
+    assert caught.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
+
+
+def test_cli_build_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli("build", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "x.engine")) == 1
+    assert "ONNX model not found" in capsys.readouterr().err

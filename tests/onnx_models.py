@@ -1,0 +1,124 @@
+"""Small ONNX models written in code for the tests, so nothing binary lives in git.
+
+Every model has a dynamic batch dimension named "batch", opset 17 and IR version 8
+(the newest IR that older ONNX Runtime and TensorRT parsers still load).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR_VERSION = 8
+
+MLP_INPUT = "input"
+MLP_OUTPUT = "output"
+CONV_INPUT = "image"
+CONV_OUTPUT = "logits"
+
+
+def _save(model: onnx.ModelProto, path: str | Path) -> Path:
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _weights(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+
+def _conv3x3(inputs: list[str], name: str) -> onnx.NodeProto:
+    """A 3x3 Conv with bias and 'same' padding; its output tensor is named like the node."""
+    return helper.make_node(
+        "Conv", inputs, [name], name=name, kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+    )
+
+
+def mlp(
+    path: str | Path,
+    in_features: int = 32,
+    hidden: int = 64,
+    out_features: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Gemm+Relu then Gemm: input [batch, in_features] -> output [batch, out_features], FP32."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_weights(rng, (in_features, hidden), in_features), "w0"),
+        numpy_helper.from_array(_weights(rng, (hidden,), 1) * 0.1, "b0"),
+        numpy_helper.from_array(_weights(rng, (hidden, out_features), hidden), "w1"),
+        numpy_helper.from_array(_weights(rng, (out_features,), 1) * 0.1, "b1"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", [MLP_INPUT, "w0", "b0"], ["gemm0"], name="gemm0"),
+        helper.make_node("Relu", ["gemm0"], ["relu0"], name="relu0"),
+        helper.make_node("Gemm", ["relu0", "w1", "b1"], [MLP_OUTPUT], name="gemm1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info(MLP_INPUT, TensorProto.FLOAT, ["batch", in_features])],
+        [helper.make_tensor_value_info(MLP_OUTPUT, TensorProto.FLOAT, ["batch", out_features])],
+        inits,
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def conv_net(
+    path: str | Path,
+    channels: int = 3,
+    height: int = 16,
+    width: int = 16,
+    classes: int = 10,
+    seed: int = 0,
+    dynamic_spatial: bool = False,
+) -> Path:
+    """Two Conv(+bias)+Relu blocks, GlobalAveragePool, Flatten, Gemm.
+
+    Input [batch, channels, height, width] -> output [batch, classes], FP32. The Conv
+    nodes carry a bias and feed a Relu, the pattern TensorRT fuses into one kernel,
+    so the builder has fusions to report. With `dynamic_spatial`, height and width are
+    dynamic too (named "height" and "width"), for builds that need shape ranges.
+    """
+    rng = np.random.default_rng(seed)
+    c1, c2 = 8, 16
+    inits = [
+        numpy_helper.from_array(_weights(rng, (c1, channels, 3, 3), channels * 9), "conv0_w"),
+        numpy_helper.from_array(_weights(rng, (c1,), 1) * 0.1, "conv0_b"),
+        numpy_helper.from_array(_weights(rng, (c2, c1, 3, 3), c1 * 9), "conv1_w"),
+        numpy_helper.from_array(_weights(rng, (c2,), 1) * 0.1, "conv1_b"),
+        numpy_helper.from_array(_weights(rng, (c2, classes), c2), "fc_w"),
+        numpy_helper.from_array(_weights(rng, (classes,), 1) * 0.1, "fc_b"),
+    ]
+    nodes = [
+        _conv3x3([CONV_INPUT, "conv0_w", "conv0_b"], "conv0"),
+        helper.make_node("Relu", ["conv0"], ["relu0"], name="relu0"),
+        _conv3x3(["relu0", "conv1_w", "conv1_b"], "conv1"),
+        helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["relu1"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], [CONV_OUTPUT], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_net",
+        [
+            helper.make_tensor_value_info(
+                CONV_INPUT,
+                TensorProto.FLOAT,
+                ["batch", channels, "height", "width"]
+                if dynamic_spatial
+                else ["batch", channels, height, width],
+            )
+        ],
+        [helper.make_tensor_value_info(CONV_OUTPUT, TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

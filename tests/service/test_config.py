@@ -1,0 +1,83 @@
+import argparse
+
+import pytest
+
+from service.cli import build_config
+from service.config import ModelConfig, ServerConfig, load_toml
+from service.errors import ConfigError
+
+GOOD = """
+[server]
+port = 9001
+metrics_port = 0
+grace_period_s = 5
+
+[server.tls]
+cert_file = "c.pem"
+key_file = "k.pem"
+
+[[models]]
+name = "a"
+path = "a.onnx"
+workers = 3
+preferred_batch_sizes = [4, 8]
+
+[[models]]
+name = "b"
+path = "b.engine"
+
+[models.build]
+profiles = 2
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_full_file_loads(tmp_path):
+    config = load_toml(write(tmp_path, GOOD))
+    assert config.port == 9001 and config.grace_period_s == 5.0
+    assert config.tls.enabled and config.tls.key_file == "k.pem"
+    a, b = config.models
+    assert a.workers == 3 and a.preferred_batch_sizes == (4, 8)
+    assert a.resolved_backend == "onnxruntime" and b.resolved_backend == "tensorrt"
+    assert b.build.profiles == 2
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("[server]\nportt = 1\n", "portt"),
+    ("[[models]]\nname='a'\npath='a.onnx'\nworkers='2'\n", "models[0].workers"),
+    ("[[models]]\nname='a'\npath='a.onnx'\nworkers=true\n", "models[0].workers"),
+    ("[[models]]\nname='a'\npath='a.onnx'\nworkers=0\n", "workers"),
+    ("[[models]]\nname='a'\npath='a.onnx'\nbackend='tensorflow'\n", "backend"),
+    ("[[models]]\nname='a'\npath='a.onnx'\n[[models]]\nname='a'\npath='b.onnx'\n", "unique"),
+    ("[[models]]\nname='a'\npath='a.onnx'\n[models.build]\nprofile=2\n", "build"),
+    ("[server]\nport = 70000\n", "server.port"),
+    ("[extra]\nx=1\n", "extra"),
+    ("[server\n", "c.toml"),
+])
+def test_bad_files_are_refused_naming_the_key(tmp_path, text, words):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_toml(write(tmp_path, text))
+    assert words in str(err.value)
+
+
+def test_flags_override_the_file(tmp_path):
+    args = argparse.Namespace(
+        config=str(write(tmp_path, GOOD)), model=[("c", "c.onnx")], host=None, port=7000,
+        metrics_port=None, grace_period_s=None, auth_token_file=None, tls_cert=None,
+        tls_key=None, tls_client_ca=None, backend=None, workers=5, max_batch_size=None,
+        max_queue_delay_us=100, preferred_batch_sizes=None, max_queue_size=None,
+        max_rows_per_request=None, intra_op_threads=None, cuda_graphs=None, device=None)
+    config = build_config(args)
+    assert config.port == 7000
+    assert [m.name for m in config.models] == ["a", "b", "c"]
+    assert all(m.workers == 5 and m.max_queue_delay_us == 100 for m in config.models)
+
+
+def test_defaults_are_valid():
+    assert ServerConfig().host == "127.0.0.1"
+    assert ModelConfig(name="m", path="m.onnx").max_queue_size > 0
