@@ -34,7 +34,10 @@ def _model_arg(text: str) -> tuple[str, str]:
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("serve", help="serve models over gRPC (trtserve.v1 and KServe v2)")
+    # No abbreviations: `--auth-token SECRET` must not pass for `--auth-token-file`
+    # (the secret would be visible in `ps` and echoed in the error).
+    p = sub.add_parser("serve", help="serve models over gRPC (trtserve.v1 and KServe v2)",
+                       allow_abbrev=False)
     p.add_argument("--model", action="append", type=_model_arg, default=[],
                    metavar="NAME=PATH", help="a model to serve (.onnx, .engine); repeatable")
     p.add_argument("--config", help="TOML file describing the server and models")
@@ -113,8 +116,10 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore
     from service import build_cli
 
     build_cli.register(sub)
+    import importlib
+
     try:
-        from service import profile_cli
+        profile_cli = importlib.import_module("service.profile_cli")
     except ModuleNotFoundError as e:
         if e.name != "service.profile_cli":
             raise
