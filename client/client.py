@@ -122,7 +122,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Awaitable, Callable
@@ -28,34 +29,78 @@ def load_token(token_file: str) -> str | None:
                               f"{e.strerror}") from None
         if not token:
             raise ConfigError(f"server.auth_token_file: {token_file} is empty")
-        return token
+        return _checked(token, f"server.auth_token_file ({token_file})")
     token = os.environ.get(TOKEN_ENV, "").strip()
-    return token or None
+    return _checked(token, TOKEN_ENV) if token else None
+
+
+def _checked(token: str, source: str) -> str:
+    """gRPC metadata values are visible ASCII; any other token could never be sent."""
+    if not all("!" <= ch <= "~" for ch in token):
+        raise ConfigError(f"{source}: the token must be printable ASCII without spaces "
+                          f"(gRPC metadata cannot carry anything else)")
+    return token
+
+
+MISSING_MESSAGE = ("missing bearer token: send metadata 'authorization: Bearer <token>' "
+                   "(the server requires a token)")
+INVALID_MESSAGE = "invalid bearer token in 'authorization' metadata"
+SCHEME_MESSAGE = "'authorization' metadata must be 'Bearer <token>'"
+
+
+def _digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
+def _deny_handlers(message: str) -> dict[tuple[bool, bool], grpc.RpcMethodHandler]:
+    """One handler per RPC kind that answers UNAUTHENTICATED with `message`.
+
+    The deny handler must match the kind of the handler it replaces (e.g.
+    Health/Watch is unary-stream), or grpc.aio fails the call with UNKNOWN.
+    """
+
+    async def unary_in(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream_in(requests: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return {
+        (False, False): grpc.unary_unary_rpc_method_handler(unary_in),
+        (False, True): grpc.unary_stream_rpc_method_handler(unary_in),
+        (True, False): grpc.stream_unary_rpc_method_handler(stream_in),
+        (True, True): grpc.stream_stream_rpc_method_handler(stream_in),
+    }
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
+    """Lets a call through only with `authorization: Bearer <token>` metadata.
+
+    The token is compared in constant time (of SHA-256 digests, so not even
+    its length shows in the timing). Health checks stay open unless
+    `health_requires_auth`, so orchestrators can probe without the secret.
+    """
+
     def __init__(self, token: str, health_requires_auth: bool = False) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = _digest(token.encode())
         self._open_health = not health_requires_auth
+        self._deny = {problem: _deny_handlers(message) for problem, message in (
+            ("missing", MISSING_MESSAGE), ("invalid", INVALID_MESSAGE),
+            ("scheme", SCHEME_MESSAGE))}
 
-        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or invalid bearer token in 'authorization' metadata")
-
-        async def deny_stream(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or invalid bearer token in 'authorization' metadata")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny_stream)
-
-    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+    def _problem(self, details: grpc.HandlerCallDetails) -> str:
+        """'' when the call carries the right token, else what is wrong with it."""
         for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                # Constant time, so response timing does not reveal a prefix match.
-                return hmac.compare_digest(given, self._expected)
-        return False
+            if key != "authorization":
+                continue
+            given = value.encode() if isinstance(value, str) else value
+            scheme, _, token = given.strip().partition(b" ")
+            if scheme.lower() != b"bearer":
+                return "scheme"
+            # Constant time, so response timing does not reveal a prefix match.
+            return "" if hmac.compare_digest(_digest(token.strip()), self._expected) \
+                else "invalid"
+        return "missing"
 
     async def intercept_service(
         self,
@@ -63,10 +108,12 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method or ""
-        if (self._open_health and method.startswith(HEALTH_PREFIX)) or \
-                self._authorized(handler_call_details):
+        if self._open_health and method.startswith(HEALTH_PREFIX):
+            return await continuation(handler_call_details)
+        problem = self._problem(handler_call_details)
+        if not problem:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        if handler is not None and handler.request_streaming:
-            return self._deny_stream
-        return self._deny_unary
+        kind = (False, False) if handler is None else \
+            (bool(handler.request_streaming), bool(handler.response_streaming))
+        return self._deny[problem][kind]

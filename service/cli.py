@@ -22,7 +22,8 @@ def _sizes(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
     return sizes
 
 
@@ -33,7 +34,7 @@ def _model_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
-def add_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_serve(sub: argparse._SubParsersAction) -> None:
     # No abbreviations: `--auth-token SECRET` must not pass for `--auth-token-file`
     # (the secret would be visible in `ps` and echoed in the error).
     p = sub.add_parser("serve", help="serve models over gRPC (trtserve.v1 and KServe v2)",
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _register_optional(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _register_optional(sub: argparse._SubParsersAction) -> None:
     from service import build_cli
 
     build_cli.register(sub)

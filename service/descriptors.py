@@ -16,7 +16,7 @@ from google.protobuf.descriptor import FileDescriptor
 _POOL = descriptor_pool.DescriptorPool()
 
 
-def Default() -> descriptor_pool.DescriptorPool:  # noqa: N802 - mirrors descriptor_pool.Default
+def Default() -> descriptor_pool.DescriptorPool:
     return _POOL
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -65,6 +65,10 @@ class ModelRuntime:
         self._batcher_task: asyncio.Task[None] | None = None
         self._idle: asyncio.Event | None = None
         self.ready = False
+        self._draining = False
+        # Called on the event loop with (model name, serving) when the last healthy
+        # worker leaves the rotation; the server mirrors it in grpc.health.v1.
+        self.on_health_change: Callable[[str, bool], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -87,6 +91,7 @@ class ModelRuntime:
     async def drain(self) -> None:
         """Refuse new requests, then wait until every accepted one is answered."""
         self.ready = False
+        self._draining = True
         if self._batcher is None or self._batcher_task is None or self._idle is None:
             return
         self._batcher.close()
@@ -123,6 +128,8 @@ class ModelRuntime:
         `deadline` is on the event loop's clock. `dtypes` gives wire dtype names
         where numpy can't tell them apart (BF16 travels as uint16).
         """
+        if self._draining:
+            raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
         if self._batcher is None or not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
         rows, shape_key = self.validate(inputs, dtypes or {})
@@ -137,6 +144,14 @@ class ModelRuntime:
         self.counters.requests += 1
         try:
             outputs = await request.future
+        except asyncio.CancelledError:
+            # grpc.aio cancels the handler when its client cancels or its deadline
+            # passes; the batcher then drops the request unexecuted (see _drop).
+            if request.expired(loop.time()):
+                self.counters.deadline_exceeded += 1
+            else:
+                self.counters.cancelled += 1
+            raise
         except ServeError:
             self.counters.failure_s += loop.time() - request.arrival
             raise
@@ -202,7 +217,7 @@ class ModelRuntime:
 
     def _drop(self, request: Request, reason: str) -> None:
         if reason == "cancelled":
-            self.counters.cancelled += 1
+            pass  # counted in infer(), where the cancellation arrived
         elif reason == "deadline":
             self.counters.deadline_exceeded += 1
             if not request.future.done():
@@ -252,6 +267,8 @@ class ModelRuntime:
             stats.healthy = False
             log.error("model '%s': worker %d taken out of rotation after %d consecutive "
                       "failures", self.name, index, self._consecutive_failures[index])
+            if self.healthy_workers == 0 and self.on_health_change is not None:
+                self.on_health_change(self.name, False)
         error = BackendError(f"model '{self.name}': inference failed on worker {index} "
                              f"({kind}); the batch of {outcome.batch.rows} rows was not "
                              "completed")

@@ -9,6 +9,7 @@ then `server.stop(grace)`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -19,8 +20,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import auth, descriptors
 from service.config import ServerConfig
+from service.errors import ConfigError
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
+from service.model import ModelRuntime
 from service.repository import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -34,12 +37,13 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.models = ModelRepository()
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._metrics = None
         self._stopping = asyncio.Event()
         self._services: list[str] = [V1_SERVICE]
+        self._background: set[asyncio.Task[None]] = set()
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         c = self.config
@@ -64,15 +68,16 @@ class Server:
         c = self.config
         address = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
         if c.tls.enabled:
-            ca = Path(c.tls.client_ca_file).read_bytes() if c.tls.client_ca_file else None
+            ca = _read_pem("client_ca_file", c.tls.client_ca_file) \
+                if c.tls.client_ca_file else None
             credentials = grpc.ssl_server_credentials(
-                [(Path(c.tls.key_file).read_bytes(), Path(c.tls.cert_file).read_bytes())],
+                [(_read_pem("key_file", c.tls.key_file), _read_pem("cert_file", c.tls.cert_file))],
                 root_certificates=ca, require_client_auth=ca is not None)
             return server.add_secure_port(address, credentials)
         return server.add_insecure_port(address)
 
     def _warn_if_exposed(self, has_token: bool) -> None:
-        if self.config.host in ("127.0.0.1", "::1", "localhost"):
+        if _is_loopback(self.config.host):
             return
         if not self.config.tls.enabled:
             log.warning("listening on %s without TLS: traffic can be read on the network",
@@ -108,11 +113,30 @@ class Server:
             await self.health.set(model.name, NOT_SERVING)
         await asyncio.gather(*(self.models.load(m, self.config.stats_window_s)
                                for m in self.config.models))
+        for runtime in self.models:
+            self._watch_health(runtime)
         for model in self.config.models:
             await self.health.set(model.name, SERVING)
         for name in ("", *self._services):
             await self.health.set(name, SERVING)
         return self.port
+
+    async def add_model(self, runtime: ModelRuntime) -> None:
+        """Serve a runtime built outside the config (tests, later hot loading)."""
+        await self.models.add(runtime)
+        self._watch_health(runtime)
+        await self.health.set(runtime.name, SERVING if runtime.healthy_workers else NOT_SERVING)
+
+    def _watch_health(self, runtime: ModelRuntime) -> None:
+        runtime.on_health_change = self._on_model_health
+
+    def _on_model_health(self, name: str, serving: bool) -> None:
+        """A model lost (or regained) every healthy worker: say so in grpc.health.v1."""
+        log.warning("model '%s' is now %s", name, "SERVING" if serving else "NOT_SERVING")
+        task = asyncio.get_running_loop().create_task(
+            self.health.set(name, SERVING if serving else NOT_SERVING))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _add_optional_frontends(self, server: grpc.aio.Server) -> None:
         """KServe v2 on the same port, when its generated code is present."""
@@ -159,3 +183,19 @@ class Server:
         await self._stopping.wait()
         log.info("stopping: draining in-flight requests")
         await self.stop()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_pem(key: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"server.tls.{key}: cannot read {path}: {e.strerror}") from None

@@ -94,11 +94,12 @@ class Worker:
     def _main(self) -> None:
         assert self._ready is not None
         try:
-            executor: Executor | None = self._factory()
+            first = self._factory()
         except BaseException as e:  # reported to start(); the thread ends
             self._report(_set_exception, self._ready, e)
             return
-        self._report(_set_result, self._ready, executor.info)
+        self._report(_set_result, self._ready, first.info)
+        executor: Executor | None = first
         while (batch := self._inbox.get()) is not None:
             if executor is None:
                 executor = self._try_build()

@@ -42,7 +42,8 @@ class ProfileSpec:
                 continue
             lo, _, hi = rng
             if len(shape) != len(lo) or any(
-                    d < a or d > b for d, a, b in zip(shape, lo, hi, strict=True)):
+                d < a or d > b for d, a, b in zip(shape, lo, hi, strict=True)
+            ):
                 return False
         return True
 

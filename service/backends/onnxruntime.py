@@ -60,8 +60,10 @@ class OrtExecutor:
 
     def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
         start = time.perf_counter()
-        feed = {name: parts[0] if len(parts) == 1 else np.concatenate(parts)
-                for name, parts in inputs.items()}
+        feed = {
+            name: parts[0] if len(parts) == 1 else np.concatenate(parts)
+            for name, parts in inputs.items()
+        }
         gathered = time.perf_counter()
         values = self._session.run(self._outputs, feed)
         done = time.perf_counter()
@@ -94,7 +96,8 @@ def load(config: ModelConfig) -> LoadedModel:
         if config.max_batch_size and config.max_batch_size != max_batch:
             raise ConfigError(
                 f"models.{config.name}.max_batch_size: got {config.max_batch_size}, but the "
-                f"model's first dimension is fixed at {max_batch}")
+                f"model's first dimension is fixed at {max_batch}"
+            )
     threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // config.workers)
     spec = ModelSpec(
         backend="onnxruntime",

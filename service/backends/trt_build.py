@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -326,7 +326,7 @@ def _manifest(
         "engine_bytes": built.engine_data.nbytes,
         "onnx": str(onnx_path),
         "library": {"name": name, "version": version},
-        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_seconds": round(built.build_seconds, 3),
         "options": options.to_json(),
         "settings": {"applied": built.settings.applied, "unavailable": built.settings.unavailable},

@@ -122,7 +122,8 @@ def model_stats(model: ModelRuntime) -> pb.ModelStats:
 
 
 def _tensor_metadata(t: TensorSpec) -> pb.TensorMetadata:
-    return pb.TensorMetadata(name=t.name, dtype=_NAME_TO_ENUM[t.dtype], shape=t.shape)
+    # Enum fields take their value's name, which keeps the typed stubs happy.
+    return pb.TensorMetadata(name=t.name, dtype=f"DATA_TYPE_{t.dtype}", shape=t.shape)
 
 
 def model_metadata(model: ModelRuntime) -> pb.ModelMetadataResponse:
