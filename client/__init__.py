@@ -1,5 +1,5 @@
 """trtserve's Python client."""
 
-from client.client import AsyncClient, Client, InferenceError
+from client.client import AsyncClient, Client, InferenceError, KServeClient
 
-__all__ = ["AsyncClient", "Client", "InferenceError"]
+__all__ = ["AsyncClient", "Client", "InferenceError", "KServeClient"]

@@ -13,8 +13,9 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from client.client import Client, InferenceError
+from client.client import Client, InferenceError, KServeClient
 from client.convert import dtype_label
+from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.tensors import DTYPES
 
@@ -25,34 +26,58 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, token=token, root_certificates=root, tls=args.tls)
 
 
+def _kserve_client(args: argparse.Namespace) -> KServeClient:
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return KServeClient(args.url, token=token, root_certificates=root, tls=args.tls)
+
+
 def random_inputs(md: pb.ModelMetadataResponse, rows: int, seed: int = 0
                   ) -> dict[str, np.ndarray]:
     """Random data of the model's shapes, dynamic dims set to 1 (batch dim to `rows`)."""
+    return _random_arrays([(t.name, dtype_label(t.dtype), list(t.shape)) for t in md.inputs],
+                          md.max_batch_size > 0, rows, seed)
+
+
+def random_kserve_inputs(md: kpb.ModelMetadataResponse, rows: int, seed: int = 0
+                         ) -> dict[str, np.ndarray]:
+    """Like random_inputs, from KServe metadata: a leading -1 is the batch dimension."""
+    tensors = [(t.name, t.datatype, list(t.shape)) for t in md.inputs]
+    batched = all(shape and shape[0] == -1 for _, _, shape in tensors)
+    return _random_arrays(tensors, batched, rows, seed)
+
+
+def _random_arrays(tensors: list[tuple[str, str, list[int]]], batched: bool, rows: int,
+                   seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     inputs = {}
-    for t in md.inputs:
-        shape = [rows if i == 0 and md.max_batch_size > 0 else (d if d > 0 else 1)
-                 for i, d in enumerate(t.shape)]
-        dtype = DTYPES[dtype_label(t.dtype)]
+    for name, dtype_name, dims in tensors:
+        shape = [rows if i == 0 and batched else (d if d > 0 else 1)
+                 for i, d in enumerate(dims)]
+        dtype = DTYPES[dtype_name]
         if dtype.kind == "f":
-            inputs[t.name] = rng.standard_normal(shape).astype(dtype)
+            inputs[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind == "b":
-            inputs[t.name] = rng.integers(0, 2, shape).astype(bool)
+            inputs[name] = rng.integers(0, 2, shape).astype(bool)
         else:
-            inputs[t.name] = rng.integers(0, 100, shape).astype(dtype)
+            inputs[name] = rng.integers(0, 100, shape).astype(dtype)
     return inputs
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        if args.input:
-            inputs = {}
-            for item in args.input:
-                name, _, path = item.partition("=")
-                inputs[name] = np.load(path)
-        else:
-            inputs = random_inputs(c.metadata(args.model), args.rows, args.seed)
-        outputs = c.infer(args.model, inputs, timeout=args.timeout)
+    inputs = {}
+    for item in args.input or []:
+        name, _, path = item.partition("=")
+        inputs[name] = np.load(path)
+    if args.protocol == "kserve":
+        with _kserve_client(args) as k:
+            inputs = inputs or random_kserve_inputs(k.metadata(args.model), args.rows,
+                                                    args.seed)
+            outputs = k.infer(args.model, inputs, timeout=args.timeout)
+    else:
+        with _client(args) as c:
+            inputs = inputs or random_inputs(c.metadata(args.model), args.rows, args.seed)
+            outputs = c.infer(args.model, inputs, timeout=args.timeout)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         for name, array in outputs.items():
@@ -112,6 +137,13 @@ def cmd_metadata(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    with _kserve_client(args) as k:
+        config = k.config(args.model, timeout=args.timeout)
+    print(json.dumps(MessageToDict(config, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -151,12 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="also save each output as NAME.npy here")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--protocol", choices=("v1", "kserve"), default="v1",
+                   help="trtserve.v1 (default) or KServe v2 (works with Triton too)")
 
     p = _add(sub, "stats", cmd_stats, "usage of every model, worker and stream")
     p.add_argument("--model", default="")
     p.add_argument("--json", action="store_true")
 
     p = _add(sub, "metadata", cmd_metadata, "a model's inputs, outputs and profiles")
+    p.add_argument("--model", required=True)
+
+    p = _add(sub, "config", cmd_config, "a model's Triton-style configuration (KServe v2)")
     p.add_argument("--model", required=True)
 
     p = _add(sub, "health", cmd_health, "readiness through grpc.health.v1 (exit 0 if SERVING)")

@@ -1,4 +1,6 @@
-"""Python clients for trtserve: `Client` (blocking) and `AsyncClient` (asyncio).
+"""Python clients for trtserve: `Client` (blocking) and `AsyncClient` (asyncio) speak
+trtserve.v1; `KServeClient` (blocking) speaks KServe v2, for the same server or any
+other KServe v2 / Triton server.
 
     from client import Client
     with Client("127.0.0.1:8001") as c:
@@ -14,8 +16,12 @@ import grpc
 import numpy as np
 
 from client.convert import infer_request, outputs_of
+from service.gen.inference import grpc_service_pb2 as kpb
+from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from service.gen.inference import model_config_pb2 as kmc
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from service.tensors import DTYPES, decode, dtype_name, encode
 
 # Tensors can be large; match the server's default limits, not gRPC's 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -44,6 +50,15 @@ def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
+def _channel(url: str, tls: bool, root_certificates: bytes | None, private_key: bytes | None,
+             certificate_chain: bytes | None, max_message_bytes: int) -> grpc.Channel:
+    options = _options(max_message_bytes)
+    if tls or root_certificates:
+        creds = _credentials(root_certificates, private_key, certificate_chain)
+        return grpc.secure_channel(url, creds, options=options)
+    return grpc.insecure_channel(url, options=options)
+
+
 class Client:
     def __init__(
         self,
@@ -56,12 +71,8 @@ class Client:
         tls: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        options = _options(max_message_bytes)
-        if tls or root_certificates:
-            creds = _credentials(root_certificates, private_key, certificate_chain)
-            self._channel = grpc.secure_channel(url, creds, options=options)
-        else:
-            self._channel = grpc.insecure_channel(url, options=options)
+        self._channel = _channel(url, tls, root_certificates, private_key, certificate_chain,
+                                 max_message_bytes)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(token)
 
@@ -143,3 +154,119 @@ class AsyncClient:
                        ) -> pb.ModelMetadataResponse:
         return await self._call(self._stub.ModelMetadata,
                                 pb.ModelMetadataRequest(model=model), timeout)
+
+
+def kserve_request(model: str, inputs: Mapping[str, np.ndarray],
+                   outputs: Sequence[str] = (), request_id: str = "",
+                   dtypes: Mapping[str, str] | None = None) -> kpb.ModelInferRequest:
+    """A ModelInferRequest carrying every input as raw little-endian bytes.
+
+    `dtypes` names wire types numpy can't express ({"x": "BF16"} for uint16 bit patterns).
+    """
+    request = kpb.ModelInferRequest(model_name=model, id=request_id)
+    for name, array in inputs.items():
+        array = np.asarray(array)
+        datatype = (dtypes or {}).get(name) or dtype_name(array.dtype)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(encode(array))
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+# Typed contents field of each datatype (FP16/BF16 only ever travel raw).
+_TYPED_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+                "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+                "UINT16": "uint_contents", "UINT32": "uint_contents",
+                "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+
+def kserve_outputs(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Outputs by name; raw_output_contents[i] belongs to outputs[i], typed contents after.
+
+    BF16 outputs come back as uint16 bit patterns (service.tensors.bf16_to_fp32 widens them).
+    """
+    result = {}
+    raw = response.raw_output_contents
+    for index, tensor in enumerate(response.outputs):
+        shape = tuple(tensor.shape)
+        if index < len(raw):
+            result[tensor.name] = decode(tensor.name, tensor.datatype, shape, raw[index])
+        else:
+            values = getattr(tensor.contents, _TYPED_FIELD[tensor.datatype])
+            result[tensor.name] = np.array(values, dtype=DTYPES[tensor.datatype]).reshape(shape)
+    return result
+
+
+class KServeClient:
+    """KServe v2 / Open Inference Protocol over gRPC (`inference.GRPCInferenceService`).
+
+    Works against trtserve and any other KServe v2 server (Triton included);
+    numpy in, numpy out. Errors raise InferenceError with the gRPC status.
+    """
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        tls: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._channel = _channel(url, tls, root_certificates, private_key, certificate_chain,
+                                 max_message_bytes)
+        self._stub = kpb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._metadata = _metadata(token)
+
+    def __enter__(self) -> KServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            raise InferenceError(e.code(), e.details() or "") from None
+
+    def live(self, timeout: float | None = None) -> bool:
+        return bool(self._call(self._stub.ServerLive, kpb.ServerLiveRequest(), timeout).live)
+
+    def ready(self, timeout: float | None = None) -> bool:
+        return bool(self._call(self._stub.ServerReady, kpb.ServerReadyRequest(), timeout).ready)
+
+    def model_ready(self, model: str, version: str = "", timeout: float | None = None) -> bool:
+        request = kpb.ModelReadyRequest(name=model, version=version)
+        return bool(self._call(self._stub.ModelReady, request, timeout).ready)
+
+    def server_metadata(self, timeout: float | None = None) -> kpb.ServerMetadataResponse:
+        return self._call(self._stub.ServerMetadata, kpb.ServerMetadataRequest(), timeout)
+
+    def metadata(self, model: str, version: str = "", timeout: float | None = None
+                 ) -> kpb.ModelMetadataResponse:
+        request = kpb.ModelMetadataRequest(name=model, version=version)
+        return self._call(self._stub.ModelMetadata, request, timeout)
+
+    def config(self, model: str, version: str = "", timeout: float | None = None
+               ) -> kmc.ModelConfig:
+        request = kpb.ModelConfigRequest(name=model, version=version)
+        return self._call(self._stub.ModelConfig, request, timeout).config
+
+    def statistics(self, model: str = "", version: str = "", timeout: float | None = None
+                   ) -> kpb.ModelStatisticsResponse:
+        request = kpb.ModelStatisticsRequest(name=model, version=version)
+        return self._call(self._stub.ModelStatistics, request, timeout)
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+              outputs: Sequence[str] | None = None, timeout: float | None = None,
+              dtypes: Mapping[str, str] | None = None, request_id: str = ""
+              ) -> dict[str, np.ndarray]:
+        request = kserve_request(model, inputs, outputs or (), request_id, dtypes)
+        return kserve_outputs(self._call(self._stub.ModelInfer, request, timeout))

@@ -31,6 +31,11 @@ from service.worker import Outcome, Worker
 
 log = logging.getLogger(__name__)
 
+# A client cancels its call when its own deadline fires, which can reach the
+# server a little before the server's copy of that deadline (later by the
+# transit time): a cancellation this close to the deadline counts as one.
+DEADLINE_CANCEL_SLACK_S = 0.05
+
 
 class ModelRuntime:
     def __init__(self, config: ModelConfig, loaded: LoadedModel, stats_window_s: float = 10.0):
@@ -147,16 +152,19 @@ class ModelRuntime:
         except asyncio.CancelledError:
             # grpc.aio cancels the handler when its client cancels or its deadline
             # passes; the batcher then drops the request unexecuted (see _drop).
-            if request.expired(loop.time()):
+            if request.expired(loop.time() + DEADLINE_CANCEL_SLACK_S):
                 self.counters.deadline_exceeded += 1
             else:
                 self.counters.cancelled += 1
             raise
         except ServeError:
+            self.counters.failure += 1
             self.counters.failure_s += loop.time() - request.arrival
             raise
+        elapsed = loop.time() - request.arrival
         self.counters.success += 1
-        self.counters.success_s += loop.time() - request.arrival
+        self.counters.success_s += elapsed
+        self.counters.success_histogram.observe(elapsed)
         return outputs
 
     def validate(self, inputs: Mapping[str, np.ndarray],
@@ -257,7 +265,9 @@ class ModelRuntime:
         index = worker.index
         stats = self.worker_stats[index]
         kind = type(outcome.error).__name__
-        stats.record_failure(f"{kind}: {outcome.error}")
+        # Stats reach clients: the exception's text (paths, internals) stays in the log.
+        stats.record_failure(f"{kind} on a batch of {outcome.batch.rows} rows; see the "
+                             "server log")
         self._consecutive_failures[index] += 1
         if outcome.rebuilt:
             stats.rebuilds += 1

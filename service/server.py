@@ -19,10 +19,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service import auth, descriptors
-from service.config import ServerConfig
+from service.config import ModelConfig, ServerConfig
 from service.errors import ConfigError
+from service.frontends.kserve import add_to_server
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
+from service.metrics import MetricsServer, start_metrics
 from service.model import ModelRuntime
 from service.repository import ModelRepository
 
@@ -40,10 +42,12 @@ class Server:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._metrics = None
+        self._metrics: MetricsServer | None = None
         self._stopping = asyncio.Event()
         self._services: list[str] = [V1_SERVICE]
         self._background: set[asyncio.Task[None]] = set()
+        # Every configured model loaded and not draining (KServe ServerReady).
+        self._ready = False
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         c = self.config
@@ -92,7 +96,7 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(self.models), server)
-        self._add_optional_frontends(server)
+        self._add_kserve(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]
@@ -111,15 +115,17 @@ class Server:
         self._start_metrics()
         for model in self.config.models:
             await self.health.set(model.name, NOT_SERVING)
-        await asyncio.gather(*(self.models.load(m, self.config.stats_window_s)
-                               for m in self.config.models))
-        for runtime in self.models:
-            self._watch_health(runtime)
-        for model in self.config.models:
-            await self.health.set(model.name, SERVING)
+        await asyncio.gather(*(self._load(m) for m in self.config.models))
         for name in ("", *self._services):
             await self.health.set(name, SERVING)
+        self._ready = True
         return self.port
+
+    async def _load(self, config: ModelConfig) -> None:
+        """Load one model; it turns SERVING as soon as its workers are up."""
+        runtime = await self.models.load(config, self.config.stats_window_s)
+        self._watch_health(runtime)
+        await self.health.set(config.name, SERVING)
 
     async def add_model(self, runtime: ModelRuntime) -> None:
         """Serve a runtime built outside the config (tests, later hot loading)."""
@@ -138,20 +144,13 @@ class Server:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _add_optional_frontends(self, server: grpc.aio.Server) -> None:
-        """KServe v2 on the same port, when its generated code is present."""
-        try:
-            from service.frontends.kserve import add_to_server
-        except ImportError:
-            return
-        self._services.append(add_to_server(server, self.models))
+    def _add_kserve(self, server: grpc.aio.Server) -> None:
+        """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
+        self._services.append(add_to_server(server, self.models,
+                                            server_ready=lambda: self._ready))
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
-            return
-        try:
-            from service.metrics import start_metrics
-        except ImportError:
             return
         self._metrics = start_metrics(self.config.metrics_port, self.config.host, self.models)
 
@@ -159,6 +158,7 @@ class Server:
         """Drain: NOT_SERVING, refuse new work, answer accepted work, then close."""
         if self._server is None:
             return
+        self._ready = False
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_period_s
         try:

@@ -7,6 +7,7 @@ here needs a lock.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -73,6 +74,39 @@ class BusyWindow:
         return min(busy / window, 1.0), window
 
 
+# Upper bounds (seconds) of the cumulative latency histograms that Prometheus
+# scrapes: 50 us to 10 s, roughly 1-2.5-5 per decade.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
+    500e-3, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+@dataclass
+class DurationHistogram:
+    """Cumulative (never windowed) counts of durations per bucket, and their sum.
+
+    `counts[i]` holds observations in (bounds[i-1], bounds[i]]; the last entry
+    holds those above every bound (Prometheus's +Inf bucket).
+    """
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=list)
+    sum_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum_s += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
 @dataclass
 class CaptureFailure:
     batch_size: int
@@ -88,11 +122,12 @@ class StageTotals:
     infer_s: float = 0.0
     output_s: float = 0.0
 
-    def add(self, input_s: float, infer_s: float, output_s: float) -> None:
-        self.count += 1
-        self.input_s += input_s
-        self.infer_s += infer_s
-        self.output_s += output_s
+    def add(self, input_s: float, infer_s: float, output_s: float, n: int = 1) -> None:
+        """Count `n` events that each took these times (n requests sharing one batch)."""
+        self.count += n
+        self.input_s += n * input_s
+        self.infer_s += n * infer_s
+        self.output_s += n * output_s
 
 
 @dataclass
@@ -128,6 +163,13 @@ class WorkerStats:
     queue_s_total: float = 0.0
     stages: StageTotals = field(default_factory=StageTotals)
     stages_by_batch_size: dict[int, StageTotals] = field(default_factory=dict)
+    # Stages counted once per request (each request of a batch spent the batch's
+    # times), as Triton's inference_stats count them; `stages` counts per batch.
+    request_stages: StageTotals = field(default_factory=StageTotals)
+    queue_histogram: DurationHistogram = field(default_factory=DurationHistogram)
+    compute_histogram: DurationHistogram = field(default_factory=DurationHistogram)
+    # Wall clock (seconds since the epoch) when the last successful batch finished.
+    last_batch_unix_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.busy = BusyWindow(self.window_s)
@@ -135,11 +177,15 @@ class WorkerStats:
     def record_queue(self, seconds: float) -> None:
         self.queue_time.add(seconds)
         self.queue_s_total += seconds
+        self.queue_histogram.observe(seconds)
 
     def record_batch(self, rows: int, requests: int, compute_s: float,
                      graph_launch: bool | None, input_s: float = 0.0,
                      output_s: float = 0.0) -> None:
         self.stages.add(input_s, compute_s, output_s)
+        self.request_stages.add(input_s, compute_s, output_s, n=requests)
+        self.compute_histogram.observe(compute_s)
+        self.last_batch_unix_s = time.time()  # a timestamp for clients, not a duration
         self.stages_by_batch_size.setdefault(rows, StageTotals()).add(input_s, compute_s,
                                                                       output_s)
         self.batches += 1
@@ -175,7 +221,11 @@ class ModelCounters:
     # End-to-end time inside the server (queue + execution) of answered requests.
     success: int = 0
     success_s: float = 0.0
+    # Accepted requests that ended in an error (a failed batch, a deadline passed).
+    failure: int = 0
     failure_s: float = 0.0
+    # End-to-end durations of answered requests, for Prometheus.
+    success_histogram: DurationHistogram = field(default_factory=DurationHistogram)
     rejected_queue_full: int = 0
     deadline_exceeded: int = 0
     cancelled: int = 0

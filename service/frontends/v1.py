@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -10,19 +9,12 @@ import grpc
 
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
+from service.frontends.common import deadline_of
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the event loop's clock (None: the client set none)."""
-    remaining = context.time_remaining()
-    if remaining is None:
-        return None
-    return asyncio.get_running_loop().time() + remaining
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):

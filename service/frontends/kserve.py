@@ -1,0 +1,228 @@
+"""The KServe v2 / Open Inference Protocol servicer (`inference.GRPCInferenceService`).
+
+Convert, delegate, return: tensors go through kserve_convert, model
+descriptions and statistics through kserve_model_config, and inference through
+the same `ModelRuntime.infer` as trtserve.v1. Errors map to statuses in
+frontends/errors.py. RPCs for features trtserve does not have (model
+repository control, shared memory, tracing, log settings) answer
+UNIMPLEMENTED saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from importlib import metadata
+from typing import Any
+
+import grpc
+
+from service.errors import InvalidArgument, NotFound, ServeError
+from service.frontends import kserve_convert as convert
+from service.frontends import kserve_model_config as describe
+from service.frontends.common import MODEL_VERSION, check_version, deadline_of, is_ready
+from service.frontends.errors import status_of, streaming, unary
+from service.frontends.streaming import answer_stream
+from service.gen.inference import grpc_service_pb2 as pb
+from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.model import ModelRuntime
+from service.repository import ModelRepository
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "trtserve"
+# Only what is really implemented: perf_analyzer reads server-side times from
+# ModelStatistics because "statistics" is listed here.
+EXTENSIONS = ("model_configuration", "statistics")
+# Request parameters asking for sequence batching, which trtserve does not do.
+_SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
+# Request parameter: microseconds the request may wait before it must have run.
+_TIMEOUT_KEY = "timeout"
+# Set on every stream response: each request has exactly one response.
+_FINAL_RESPONSE_KEY = "triton_final_response"
+
+
+class Unimplemented(ServeError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def _version() -> str:
+    try:
+        return metadata.version(SERVER_NAME)
+    except metadata.PackageNotFoundError:  # running from a checkout without install
+        return "0+unknown"
+
+
+def _is_set(param: pb.InferParameter) -> bool:
+    kind = param.WhichOneof("parameter_choice")
+    return kind is not None and bool(getattr(param, kind))
+
+
+def _deadline(request: pb.ModelInferRequest, call_deadline: float | None) -> float | None:
+    """The earlier of the call's deadline and the request's `timeout` parameter."""
+    param = request.parameters.get(_TIMEOUT_KEY)
+    if param is None:
+        return call_deadline
+    kind = param.WhichOneof("parameter_choice")
+    micros = getattr(param, kind) if kind in ("int64_param", "uint64_param") else -1
+    if micros < 0:
+        raise InvalidArgument("request parameter 'timeout' must be a non-negative int64_param "
+                              "(microseconds)")
+    if micros == 0:  # as in Triton: no timeout
+        return call_deadline
+    timeout = asyncio.get_running_loop().time() + micros / 1e6
+    return timeout if call_deadline is None else min(timeout, call_deadline)
+
+
+def _check_parameters(request: pb.ModelInferRequest) -> None:
+    for key in _SEQUENCE_KEYS:
+        if key in request.parameters and _is_set(request.parameters[key]):
+            raise InvalidArgument(f"request parameter '{key}': sequence batching is not "
+                                  "supported by trtserve")
+
+
+class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository,
+                 server_ready: Callable[[], bool] | None = None) -> None:
+        self._models = repository
+        # Whether the server has finished starting (and is not draining); models
+        # still loading are not in the repository yet, so it can't tell alone.
+        self._server_ready = server_ready or (lambda: True)
+        self._version = _version()
+
+    def _model(self, name: str, version: str) -> ModelRuntime:
+        model = self._models.get(name)
+        check_version(name, version)
+        return model
+
+    async def _infer(self, request: pb.ModelInferRequest,
+                     call_deadline: float | None) -> pb.ModelInferResponse:
+        model = self._model(request.model_name, request.model_version)
+        output_dtypes = {t.name: t.dtype for t in model.spec.outputs}
+        convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
+        _check_parameters(request)
+        deadline = _deadline(request, call_deadline)
+        inputs = convert.decode_inputs(request)
+        # The wire datatype tells BF16 from UINT16, which numpy alone can't.
+        dtypes = {t.name: t.datatype for t in request.inputs}
+        outputs = await model.infer(inputs, deadline, dtypes)
+        ordered = {t.name: outputs[t.name] for t in model.spec.outputs}
+        return convert.encode_outputs(request, ordered, model.name, MODEL_VERSION, request.id,
+                                      datatypes=output_dtypes)
+
+    # --- health ------------------------------------------------------------------------
+
+    @unary
+    async def ServerLive(self, request: pb.ServerLiveRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: pb.ServerReadyRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        ready = self._server_ready() and all(is_ready(m) for m in self._models)
+        return pb.ServerReadyResponse(ready=ready)
+
+    @unary
+    async def ModelReady(self, request: pb.ModelReadyRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        # As Triton answers: an unknown model or version is not ready, not an error,
+        # so that clients polling while models still load see False.
+        try:
+            model = self._model(request.name, request.version)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=is_ready(model))
+
+    # --- metadata and configuration ------------------------------------------------------
+
+    @unary
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=self._version,
+                                         extensions=EXTENSIONS)
+
+    @unary
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        return describe.model_metadata(self._model(request.name, request.version))
+
+    @unary
+    async def ModelConfig(self, request: pb.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        model = self._model(request.name, request.version)
+        return pb.ModelConfigResponse(config=describe.model_config(model))
+
+    @unary
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            models = [self._model(request.name, request.version)]
+        else:
+            check_version(None, request.version)
+            models = list(self._models)
+        return pb.ModelStatisticsResponse(
+            model_stats=[describe.model_statistics(m) for m in models])
+
+    # --- inference -----------------------------------------------------------------------
+
+    @unary
+    async def ModelInfer(self, request: pb.ModelInferRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request, deadline_of(context))
+
+    @streaming
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext
+                               ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        deadline = deadline_of(context)
+
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                response = await self._infer(request, deadline)
+            except Exception as e:  # one request's error; the stream carries on
+                _, message = status_of(e)
+                return pb.ModelStreamInferResponse(
+                    error_message=message,
+                    infer_response=pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version,
+                        id=request.id))
+            response.parameters[_FINAL_RESPONSE_KEY].bool_param = True
+            return pb.ModelStreamInferResponse(infer_response=response)
+
+        async for answer in answer_stream(request_iterator, handle):
+            yield answer
+
+
+def _unimplemented(rpc: str, why: str) -> Callable[..., Any]:
+    async def method(self: KServeInferenceService, request: Any,
+                     context: grpc.aio.ServicerContext) -> Any:
+        raise Unimplemented(f"{rpc} is not implemented by trtserve: {why}")
+
+    method.__name__ = method.__qualname__ = rpc
+    return unary(method)
+
+
+_NOT_IMPLEMENTED = {
+    "RepositoryIndex": "models are fixed at start by the configuration",
+    "RepositoryModelLoad": "models are fixed at start by the configuration",
+    "RepositoryModelUnload": "models are fixed at start by the configuration",
+    "SystemSharedMemoryStatus": "shared-memory tensors are not supported",
+    "SystemSharedMemoryRegister": "shared-memory tensors are not supported",
+    "SystemSharedMemoryUnregister": "shared-memory tensors are not supported",
+    "CudaSharedMemoryStatus": "shared-memory tensors are not supported",
+    "CudaSharedMemoryRegister": "shared-memory tensors are not supported",
+    "CudaSharedMemoryUnregister": "shared-memory tensors are not supported",
+    "TraceSetting": "tracing is not supported; use the Stats RPC and Prometheus metrics",
+    "LogSettings": "log settings are set at start (command line and configuration)",
+}
+for _rpc, _why in _NOT_IMPLEMENTED.items():
+    setattr(KServeInferenceService, _rpc, _unimplemented(_rpc, _why))
+
+
+def add_to_server(server: grpc.aio.Server, repository: ModelRepository,
+                  server_ready: Callable[[], bool] | None = None) -> str:
+    """Serve KServe v2 on `server`; returns the service's full name (for health and reflection)."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeInferenceService(repository, server_ready), server)
+    return SERVICE_NAME

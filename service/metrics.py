@@ -1,0 +1,274 @@
+"""Prometheus metrics on their own HTTP port (`--metrics-port`, default 8002; 0: off).
+
+Nothing on the request path touches Prometheus objects: a custom collector
+reads the service's own counters (service/stats.py) when Prometheus scrapes.
+Those counters belong to the event loop, so the scrape (on the HTTP server's
+thread) hands the reading to the loop and waits for it: one short callback per
+scrape, no locks on the hot path.
+
+Every name starts with `trtserve_`. Labels: `model`; per worker also `worker`
+(its index), `profile` (its optimization profile) and `device` ("cpu", or the
+GPU the worker's stream runs on). docs/protocols.md lists every metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from service.frontends.common import is_ready
+from service.model import ModelRuntime
+from service.repository import ModelRepository
+from service.stats import DurationHistogram, WorkerStats
+
+log = logging.getLogger(__name__)
+
+PREFIX = "trtserve"
+MODEL_LABELS = ("model",)
+WORKER_LABELS = ("model", "worker", "profile", "device")
+# How long a scrape waits for the event loop before it fails (HTTP 500).
+SCRAPE_TIMEOUT_S = 5.0
+
+
+def _buckets(histogram: DurationHistogram) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs, +Inf last, from per-bucket counts."""
+    result: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip(histogram.bounds, histogram.counts, strict=False):
+        total += count
+        result.append((floatToGoString(bound), total))
+    result.append(("+Inf", total + histogram.counts[-1]))
+    return result
+
+
+def _batch_size_bounds(max_batch_size: int) -> list[int]:
+    """Powers of two below the model's largest batch, and that batch."""
+    bounds, size = [], 1
+    while size < max_batch_size:
+        bounds.append(size)
+        size *= 2
+    bounds.append(max(max_batch_size, 1))
+    return bounds
+
+
+def _batch_size_buckets(stats: WorkerStats, bounds: Sequence[int]) -> list[tuple[str, float]]:
+    counts = stats.histogram
+    result: list[tuple[str, float]] = [
+        (floatToGoString(bound), sum(n for size, n in counts.items() if size <= bound))
+        for bound in bounds]
+    result.append(("+Inf", sum(counts.values())))
+    return result
+
+
+class _Families:
+    """The metric families of one scrape, filled model by model."""
+
+    def __init__(self) -> None:
+        self._all: list[Metric] = []
+
+    def _add(self, family: Metric) -> Metric:
+        self._all.append(family)
+        return family
+
+    def counter(self, name: str, doc: str, labels: Sequence[str]) -> CounterMetricFamily:
+        family = self._add(CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=labels))
+        assert isinstance(family, CounterMetricFamily)
+        return family
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str]) -> GaugeMetricFamily:
+        family = self._add(GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=labels))
+        assert isinstance(family, GaugeMetricFamily)
+        return family
+
+    def histogram(self, name: str, doc: str, labels: Sequence[str]) -> HistogramMetricFamily:
+        family = self._add(HistogramMetricFamily(f"{PREFIX}_{name}", doc, labels=labels))
+        assert isinstance(family, HistogramMetricFamily)
+        return family
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(self._all)
+
+
+def families(models: Iterable[ModelRuntime]) -> list[Metric]:
+    """Every metric, read from the models' stats now. Call on the event loop."""
+    f = _Families()
+    info = f.gauge("model_info", "A served model (value 1), with its backend and platform.",
+                   [*MODEL_LABELS, "backend", "platform"])
+    ready = f.gauge("model_ready", "1 while the model accepts requests and has a healthy "
+                    "worker, else 0.", MODEL_LABELS)
+    depth = f.gauge("model_queue_depth", "Requests waiting in the batcher's queue.",
+                    MODEL_LABELS)
+    requests = f.counter("model_requests", "Requests accepted into the queue.", MODEL_LABELS)
+    success = f.counter("model_request_success", "Requests answered with a result.",
+                        MODEL_LABELS)
+    failures = f.counter(
+        "model_request_failures",
+        "Requests not answered with a result, by reason: error (a failed batch), "
+        "deadline_exceeded, queue_full (refused), cancelled (by the client).",
+        [*MODEL_LABELS, "reason"])
+    latency = f.histogram("model_request_duration_seconds",
+                          "Time answered requests spent in the server (queue and execution).",
+                          MODEL_LABELS)
+    w_requests = f.counter("worker_requests", "Requests in the batches the worker completed.",
+                           WORKER_LABELS)
+    w_batches = f.counter("worker_batches", "Batches the worker completed.", WORKER_LABELS)
+    w_rows = f.counter("worker_inferences", "Rows (batch elements) the worker completed.",
+                       WORKER_LABELS)
+    w_errors = f.counter("worker_batch_failures", "Batches that failed on the worker.",
+                         WORKER_LABELS)
+    w_graphs = f.counter("worker_graph_launches", "Batches run by launching a CUDA graph.",
+                         WORKER_LABELS)
+    w_plain = f.counter("worker_plain_enqueues",
+                        "Batches run with a plain enqueueV3 (no CUDA graph).", WORKER_LABELS)
+    w_capture = f.gauge("worker_graph_capture_failures",
+                        "Batch sizes whose CUDA graph capture failed (run without a graph).",
+                        WORKER_LABELS)
+    w_rebuilds = f.counter("worker_rebuilds", "Times the worker's executor was rebuilt after "
+                           "a failure.", WORKER_LABELS)
+    w_busy = f.counter("worker_busy_seconds", "Time the worker's stream (or session) was "
+                       "busy computing.", WORKER_LABELS)
+    w_util = f.gauge("worker_utilization", "Busy fraction of the worker over the stats "
+                     "window (0 to 1).", WORKER_LABELS)
+    w_in_flight = f.gauge("worker_in_flight_batches", "Batches handed to the worker and not "
+                          "finished.", WORKER_LABELS)
+    w_healthy = f.gauge("worker_healthy", "1 while the worker is in the rotation, else 0.",
+                        WORKER_LABELS)
+    w_aux = f.gauge("worker_aux_streams", "Auxiliary CUDA streams of the worker's context.",
+                    WORKER_LABELS)
+    w_stage = f.counter("worker_stage_seconds", "Time of completed batches by stage: input "
+                        "(gather, host-to-device), infer, output (device-to-host).",
+                        [*WORKER_LABELS, "stage"])
+    w_queue = f.histogram("worker_queue_duration_seconds", "Time each request waited in the "
+                          "queue before its batch went to this worker.", WORKER_LABELS)
+    w_compute = f.histogram("worker_compute_duration_seconds", "Compute time of each "
+                            "completed batch (CUDA events on a GPU, wall time on the CPU).",
+                            WORKER_LABELS)
+    w_batch = f.histogram("worker_batch_size", "Rows per completed batch.", WORKER_LABELS)
+
+    for model in models:
+        name, c = model.name, model.counters
+        info.add_metric([name, model.spec.backend, model.spec.platform], 1)
+        ready.add_metric([name], 1 if is_ready(model) else 0)
+        depth.add_metric([name], model.queue_depth)
+        requests.add_metric([name], c.requests)
+        success.add_metric([name], c.success)
+        for reason, value in (("error", c.errors), ("deadline_exceeded", c.deadline_exceeded),
+                              ("queue_full", c.rejected_queue_full),
+                              ("cancelled", c.cancelled)):
+            failures.add_metric([name, reason], value)
+        latency.add_metric([name], _buckets(c.success_histogram), c.success_histogram.sum_s)
+        bounds = _batch_size_bounds(model.max_batch_size)
+        for s in model.worker_stats:
+            labels = [name, str(s.index), str(s.profile), s.device]
+            w_requests.add_metric(labels, s.requests)
+            w_batches.add_metric(labels, s.batches)
+            w_rows.add_metric(labels, s.inferences)
+            w_errors.add_metric(labels, s.errors)
+            w_graphs.add_metric(labels, s.graph_launches)
+            w_plain.add_metric(labels, s.plain_enqueues)
+            w_capture.add_metric(labels, len(s.capture_failures))
+            w_rebuilds.add_metric(labels, s.rebuilds)
+            w_busy.add_metric(labels, s.busy_s)
+            w_util.add_metric(labels, s.utilization()[0])
+            w_in_flight.add_metric(labels, s.in_flight)
+            w_healthy.add_metric(labels, 1 if s.healthy else 0)
+            w_aux.add_metric(labels, s.aux_streams)
+            for stage, seconds in (("input", s.stages.input_s), ("infer", s.stages.infer_s),
+                                   ("output", s.stages.output_s)):
+                w_stage.add_metric([*labels, stage], seconds)
+            w_queue.add_metric(labels, _buckets(s.queue_histogram), s.queue_histogram.sum_s)
+            w_compute.add_metric(labels, _buckets(s.compute_histogram),
+                                 s.compute_histogram.sum_s)
+            w_batch.add_metric(labels, _batch_size_buckets(s, bounds), s.inferences)
+    return list(f)
+
+
+class StatsCollector(Collector):
+    """Reads the repository's stats at scrape time, on the event loop that owns them."""
+
+    def __init__(self, repository: ModelRepository,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+        self._models = repository
+        self._loop = loop
+        self._timeout_s = timeout_s
+
+    async def _read(self) -> list[Metric]:
+        return families(self._models)
+
+    def collect(self) -> Iterable[Metric]:
+        loop = self._loop
+        if loop is None or _running_loop() is loop:
+            return families(self._models)
+        if loop.is_closed():
+            return []
+        return asyncio.run_coroutine_threadsafe(self._read(), loop).result(self._timeout_s)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes every few seconds would flood stderr; errors still surface as 500s."""
+
+
+class MetricsServer:
+    """The HTTP endpoint: `/metrics` (any path answers) on its own thread."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        family, address = _best_family(host, port)
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        self._httpd = make_server(address, port, make_wsgi_app(registry), Server,
+                                  handler_class=_QuietHandler)
+        self.port: int = self._httpd.server_port
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.1,),
+                                        name="trtserve-metrics", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def _best_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
+    info = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                              flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = info[0]
+    return family, str(sockaddr[0])
+
+
+def start_metrics(port: int, host: str, repository: ModelRepository) -> MetricsServer:
+    """Serve Prometheus metrics for `repository` on host:port (port 0: any free port).
+
+    Call on the event loop that owns the models: scrapes read their stats there.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(repository, _running_loop()))
+    ProcessCollector(namespace=PREFIX, registry=registry)
+    server = MetricsServer(host, port, registry)
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, server.port)
+    return server
