@@ -10,7 +10,7 @@ other KServe v2 / Triton server.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import numpy as np
@@ -59,24 +59,26 @@ def _channel(url: str, tls: bool, root_certificates: bytes | None, private_key: 
     return grpc.insecure_channel(url, options=options)
 
 
-class Client:
+class _BlockingClient:
+    """A channel, its stub, the auth metadata, and errors turned into InferenceError."""
+
     def __init__(
         self,
-        url: str = "127.0.0.1:8001",
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        tls: bool = False,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        stub_type: Any,
+        url: str,
+        token: str | None,
+        root_certificates: bytes | None,
+        private_key: bytes | None,
+        certificate_chain: bytes | None,
+        tls: bool,
+        max_message_bytes: int,
     ) -> None:
         self._channel = _channel(url, tls, root_certificates, private_key, certificate_chain,
                                  max_message_bytes)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._stub = stub_type(self._channel)
         self._metadata = _metadata(token)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -90,6 +92,24 @@ class Client:
             return method(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise InferenceError(e.code(), e.details() or "") from None
+
+
+class Client(_BlockingClient):
+    """trtserve.v1: Infer, Stats, ModelMetadata."""
+
+    def __init__(
+        self,
+        url: str = "127.0.0.1:8001",
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        tls: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(pb_grpc.InferenceServiceStub, url, token, root_certificates,
+                         private_key, certificate_chain, tls, max_message_bytes)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray],
               outputs: Sequence[str] | None = None, timeout: float | None = None,
@@ -198,7 +218,7 @@ def kserve_outputs(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:
     return result
 
 
-class KServeClient:
+class KServeClient(_BlockingClient):
     """KServe v2 / Open Inference Protocol over gRPC (`inference.GRPCInferenceService`).
 
     Works against trtserve and any other KServe v2 server (Triton included);
@@ -216,25 +236,8 @@ class KServeClient:
         tls: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._channel = _channel(url, tls, root_certificates, private_key, certificate_chain,
-                                 max_message_bytes)
-        self._stub = kpb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._metadata = _metadata(token)
-
-    def __enter__(self) -> KServeClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return method(request, timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise InferenceError(e.code(), e.details() or "") from None
+        super().__init__(kpb_grpc.GRPCInferenceServiceStub, url, token, root_certificates,
+                         private_key, certificate_chain, tls, max_message_bytes)
 
     def live(self, timeout: float | None = None) -> bool:
         return bool(self._call(self._stub.ServerLive, kpb.ServerLiveRequest(), timeout).live)
