@@ -7,7 +7,7 @@ GEN    := service/gen
 PROTOS := $(shell find protos -name '*.proto')
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto example serve test test-gpu lint typecheck bench clean
+.PHONY: help install proto example serve test test-gpu lint bench bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -51,12 +51,16 @@ test: install ## run the test suite (GPU tests skip without a GPU)
 test-gpu: install ## run only the GPU tests (needs an NVIDIA GPU)
 	$(PY) -m pytest -q -m gpu
 
-lint: install ## ruff and mypy
-	$(VENV)/bin/ruff check service client tests
+lint: install ## ruff, mypy, and mypy on the TensorRT modules against tensorrt-stubs
+	$(VENV)/bin/ruff check service client tests benchmarks
 	$(VENV)/bin/mypy service client
+	$(PY) -m pytest -q tests/test_typecheck.py
 
 bench: install ## CPU serving benchmarks; writes docs/benchmarks.md
 	$(PY) -m benchmarks.cpu
+
+bench-gpu: install ## GPU benchmark with the stand-in (needs a GPU and CuPy); writes docs/benchmarks-gpu.md
+	$(PY) -m benchmarks.gpu_standin
 
 clean: ## remove the venv, generated code and models
 	rm -rf $(VENV) $(GEN) models

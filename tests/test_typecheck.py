@@ -21,7 +21,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKED = ["service/backends/trt_api.py", "service/backends/trt_build.py"]
+CHECKED = [
+    "service/backends/trt_api.py",
+    "service/backends/trt_build.py",
+    "service/backends/tensorrt.py",
+    "service/backends/cuda.py",
+]
 STUB_PACKAGES = ("tensorrt", "tensorrt_bindings")
 
 pytest.importorskip("mypy", reason="mypy is not installed")

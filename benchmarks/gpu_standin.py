@@ -1,0 +1,607 @@
+"""GPU benchmark of trtserve's TensorRT execution path, with the GPU stand-in.
+
+The stand-in (tests/gpu/standin.py) is a TEST DOUBLE of a TensorRT engine whose
+execute_async_v3 launches a two-layer FP32 MLP as CuPy RawKernels on the worker's
+stream. Everything around it is the real thing: TrtExecutor, CudaRuntime, CUDA
+graphs, the batcher, the scheduler and the gRPC server. EVERY NUMBER HERE IS
+MEASURED WITH THE STAND-IN, NOT TENSORRT.
+
+    python -m benchmarks.gpu_standin [--output docs/benchmarks-gpu.md]
+
+Sections (sized to finish in a few minutes on one GPU):
+  1. CPU cost of one launch: CUDA graph launch vs plain execute_async_v3, batch 1 and 64;
+     and the executor's whole batch (gather, H2D, launch, D2H, wait) at both.
+  2. In-process throughput with 1, 2 and 4 workers (threads, own streams), small batches.
+  3. Served throughput (gRPC, dynamic batching, 256 concurrent clients in client
+     processes) over raw in-process throughput at the served mean batch size.
+  4. p50/p99 latency at a fixed request rate (open loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import multiprocessing
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LABEL = "stand-in, not TensorRT"
+FEATURES_IN = "input"
+
+
+@dataclass(frozen=True)
+class Dims:
+    in_features: int
+    hidden: int
+    out_features: int
+
+    @classmethod
+    def parse(cls, text: str) -> Dims:
+        a, b, c = (int(v) for v in text.split(":"))
+        return cls(a, b, c)
+
+    def __str__(self) -> str:
+        return f"{self.in_features}->{self.hidden}->{self.out_features}"
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _engine(dims: Dims, **options: Any) -> Any:
+    from tests.gpu.standin import StandinEngine
+
+    return StandinEngine(dims.in_features, dims.hidden, dims.out_features, **options)
+
+
+def _executor(engine: Any, cuda: Any, **options: Any) -> Any:
+    from service.backends.tensorrt import TrtExecutor, graph_buckets
+    from tests.doubles.trt import trt_module
+
+    options.setdefault("graph_batch_sizes", graph_buckets((), engine.batch[2]))
+    return TrtExecutor(engine, cuda, trt_module=trt_module, **options)
+
+
+def _rows(rows: int, features: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, features)).astype(np.float32)
+
+
+def _median_us(samples_ns: list[int]) -> float:
+    return statistics.median(samples_ns) / 1e3
+
+
+# --- 1. CPU cost of a launch ------------------------------------------------------------------
+
+
+def launch_cost(engine: Any, cuda: Any, rows: int, launches: int = 2000,
+                chunk: int = 25) -> dict[str, float]:
+    """Host time of one plain execute_async_v3 vs one cudaGraphLaunch of the same work."""
+    from tests.doubles.trt import ExecutionContextAllocationStrategy
+
+    stream = cuda.stream_create()
+    event = cuda.event_create()
+    memory_size = engine.get_device_memory_size_for_profile_v2(0)
+    buffers = [cuda.malloc(engine.batch[2] * engine.in_features * 4),
+               cuda.malloc(engine.batch[2] * engine.out_features * 4),
+               cuda.malloc(memory_size)]
+    context = engine.create_execution_context(
+        ExecutionContextAllocationStrategy.USER_MANAGED)
+    graph = graph_exec = None
+    try:
+        context.set_device_memory(buffers[2], memory_size)
+        assert context.set_optimization_profile_async(0, stream)
+        assert context.set_input_shape("input", (rows, engine.in_features))
+        assert context.set_tensor_address("input", buffers[0])
+        assert context.set_tensor_address("output", buffers[1])
+        cuda.memset_async(buffers[0], 0, engine.batch[2] * engine.in_features * 4, stream)
+        assert context.execute_async_v3(stream)  # warm-up after the shape change
+        cuda.begin_capture(stream)
+        assert context.execute_async_v3(stream)
+        graph = cuda.end_capture(stream)
+        graph_exec = cuda.graph_instantiate(graph)
+
+        def timed(launch: Callable[[], object]) -> list[int]:
+            samples = []
+            for i in range(launches):
+                t0 = time.perf_counter_ns()
+                launch()
+                samples.append(time.perf_counter_ns() - t0)
+                if i % chunk == chunk - 1:  # keep the launch queue short; not timed
+                    cuda.event_record(event, stream)
+                    cuda.event_synchronize(event)
+            return samples
+
+        for _ in range(2):  # warm both paths, then measure
+            plain = timed(lambda: context.execute_async_v3(stream))
+            graphed = timed(lambda: cuda.graph_launch(graph_exec, stream))
+        cuda.event_record(event, stream)
+        cuda.event_synchronize(event)
+        return {"plain_us": _median_us(plain), "graph_us": _median_us(graphed)}
+    finally:
+        if graph_exec is not None:
+            cuda.graph_exec_destroy(graph_exec)
+        if graph is not None:
+            cuda.graph_destroy(graph)
+        cuda.stream_synchronize(stream)
+        for ptr in buffers:
+            cuda.free(ptr)
+        cuda.event_destroy(event)
+        cuda.stream_destroy(stream)
+
+
+def batch_cost(engine: Any, cuda: Any, rows: int, cuda_graphs: bool, graph_io: bool = True,
+               batches: int = 300) -> dict[str, float]:
+    """The executor's whole batch: wall time per run() and GPU compute time (events)."""
+    ex = _executor(engine, cuda, cuda_graphs=cuda_graphs, graph_io=graph_io)
+    try:
+        x = _rows(rows, engine.in_features)
+        for _ in range(20):
+            ex.run({FEATURES_IN: [x]}, rows)
+        walls, computes = [], []
+        for _ in range(batches):
+            t0 = time.perf_counter_ns()
+            result = ex.run({FEATURES_IN: [x]}, rows)
+            walls.append(time.perf_counter_ns() - t0)
+            computes.append(result.compute_s)
+        return {"wall_us": _median_us(walls), "gpu_us": statistics.median(computes) * 1e6}
+    finally:
+        ex.close()
+
+
+# --- 2. in-process throughput -----------------------------------------------------------------
+
+
+def raw_throughput(engine: Any, cuda: Any, workers: int, rows: int,
+                   seconds: float = 2.0, graph_io: bool = True) -> dict[str, float]:
+    """Rows/s of `workers` executors, each driven by its own thread on its own stream."""
+    ready = threading.Barrier(workers + 1)
+    counts = [0] * workers
+    errors: list[BaseException] = []
+    stop_at = [0.0]
+
+    def drive(index: int) -> None:
+        try:
+            ex = _executor(engine, cuda, profile=index % engine.num_optimization_profiles,
+                           graph_io=graph_io)
+        except BaseException as err:
+            errors.append(err)
+            ready.abort()
+            return
+        try:
+            x = _rows(rows, engine.in_features, index)
+            for _ in range(5):  # capture and warm up
+                ex.run({FEATURES_IN: [x]}, rows)
+            ready.wait()
+            done = 0
+            while time.monotonic() < stop_at[0]:
+                ex.run({FEATURES_IN: [x]}, rows)
+                done += 1
+            counts[index] = done
+        except BaseException as err:
+            errors.append(err)
+        finally:
+            ex.close()
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    stop_at[0] = time.monotonic() + 3600
+    with suppress(threading.BrokenBarrierError):  # a worker failed: reported below
+        ready.wait()
+    start = time.monotonic()
+    stop_at[0] = start + seconds
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    elapsed = time.monotonic() - start
+    return {"rows_per_s": sum(counts) * rows / elapsed,
+            "batches_per_s": sum(counts) / elapsed}
+
+
+# --- 3 and 4. served --------------------------------------------------------------------------
+
+
+def _request_bytes(model: str, rows: int, features: int) -> bytes:
+    from client.convert import infer_request
+
+    return infer_request(model, {FEATURES_IN: _rows(rows, features)}).SerializeToString()
+
+
+def _closed_loop_client(url: str, request: bytes, concurrency: int, start_at: float,
+                        measure_from: float, stop_at: float, results: Any) -> None:
+    """One client process: `concurrency` requests always in flight until `stop_at`."""
+    import grpc
+
+    from service.gen.trtserve.v1 import inference_pb2 as pb
+    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+
+    message = pb.InferRequest.FromString(request)
+
+    async def main() -> tuple[int, list[float], int]:
+        options = [("grpc.max_receive_message_length", 64 << 20)]
+        async with grpc.aio.insecure_channel(url, options=options) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+            latencies: list[float] = []
+            errors = 0
+
+            async def loop() -> None:
+                nonlocal errors
+                while (t0 := time.monotonic()) < stop_at:
+                    try:
+                        await stub.Infer(message, timeout=30)
+                    except grpc.aio.AioRpcError:
+                        errors += 1
+                        continue
+                    t1 = time.monotonic()
+                    if t0 >= measure_from and t1 <= stop_at:
+                        latencies.append(t1 - t0)
+
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+            return len(latencies), latencies, errors
+
+    results.put(asyncio.run(main()))
+
+
+def _open_loop_client(url: str, request: bytes, rate: float, start_at: float,
+                      seconds: float, results: Any) -> None:
+    """One client process sending at a fixed rate; latency counts from the scheduled time."""
+    import grpc
+
+    from service.gen.trtserve.v1 import inference_pb2 as pb
+    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+
+    message = pb.InferRequest.FromString(request)
+
+    async def main() -> tuple[int, list[float], int]:
+        async with grpc.aio.insecure_channel(url) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            latencies: list[float] = []
+            errors = 0
+
+            async def one(scheduled: float) -> None:
+                nonlocal errors
+                try:
+                    await stub.Infer(message, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    return
+                latencies.append(time.monotonic() - scheduled)
+
+            tasks = []
+            count = int(rate * seconds)
+            for i in range(count):
+                scheduled = start_at + i / rate
+                await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
+                tasks.append(asyncio.create_task(one(scheduled)))
+            await asyncio.gather(*tasks)
+            return count, latencies, errors
+
+    results.put(asyncio.run(main()))
+
+
+@contextmanager
+def _served(engine: Any, workers: int, max_queue_delay_us: int) -> Iterator[Any]:
+    from tests.gpu.standin import serving_standin, standin_config
+
+    config = standin_config(workers=workers, max_queue_delay_us=max_queue_delay_us,
+                            max_queue_size=65536)
+    with serving_standin(engine, config, stats_window_s=60) as server:
+        yield server
+
+
+def _stats(url: str) -> Any:
+    from client.client import Client
+
+    with Client(url) as c:
+        return c.stats("standin").models[0]
+
+
+async def _thread_ident() -> int:
+    return threading.get_ident()
+
+
+def _thread_cpu_s(ident: int) -> float:
+    return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
+
+def served_throughput(engine: Any, workers: int, clients: int, processes: int,
+                      seconds: float, warmup_s: float = 1.5, max_queue_delay_us: int = 500,
+                      rows_per_request: int = 1,
+                      switch_interval_s: float | None = None) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
+    request = _request_bytes("standin", rows_per_request, engine.in_features)
+    default_switch = sys.getswitchinterval()
+    if switch_interval_s is not None:
+        sys.setswitchinterval(switch_interval_s)
+    try:
+        return _served_run(engine, workers, clients, processes, seconds, warmup_s,
+                           max_queue_delay_us, request, rows_per_request, context)
+    finally:
+        sys.setswitchinterval(default_switch)
+
+
+def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds: float,
+                warmup_s: float, max_queue_delay_us: int, request: bytes,
+                rows_per_request: int, context: Any) -> dict[str, float]:
+    with _served(engine, workers, max_queue_delay_us) as server:
+        loop_thread = server.call(_thread_ident())
+        # Warm every worker's graphs before the clock starts.
+        from client.client import Client
+
+        with Client(server.url) as c:
+            for rows in (1, 2, 4, 8, 16, 32, 64):
+                c.infer("standin", {FEATURES_IN: _rows(rows, engine.in_features)})
+        results = context.Queue()
+        start_at = time.monotonic() + 4.0  # spawned processes need time to import
+        measure_from, stop_at = start_at + warmup_s, start_at + warmup_s + seconds
+        procs = [context.Process(target=_closed_loop_client,
+                                 args=(server.url, request, clients // processes, start_at,
+                                       measure_from, stop_at, results))
+                 for _ in range(processes)]
+        for p in procs:
+            p.start()
+        time.sleep(max(0.0, measure_from - time.monotonic()))
+        before = _stats(server.url)
+        loop_cpu = _thread_cpu_s(loop_thread)
+        time.sleep(max(0.0, stop_at - time.monotonic()))
+        loop_cpu = _thread_cpu_s(loop_thread) - loop_cpu
+        after = _stats(server.url)
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(30)
+    completed = sum(o[0] for o in outcomes)
+    latencies = sorted(v for o in outcomes for v in o[1])
+    batches = after.batches - before.batches
+    rows = after.inferences - before.inferences
+    busy = after.busy_seconds - before.busy_seconds
+    return {
+        "rows_per_s": completed * rows_per_request / seconds,
+        "requests_per_s": completed / seconds,
+        "loop_cpu": loop_cpu / seconds,
+        "mean_batch": rows / batches if batches else 0.0,
+        "gpu_busy_per_worker": busy / seconds / workers,
+        "p50_ms": latencies[len(latencies) // 2] * 1e3 if latencies else 0.0,
+        "errors": float(sum(o[2] for o in outcomes)),
+        "graph_share": (after.graph_launches - before.graph_launches) / batches if batches
+        else 0.0,
+    }
+
+
+def fixed_rate_latency(engine: Any, workers: int, rate: float, processes: int,
+                       seconds: float, max_queue_delay_us: int = 500) -> dict[str, float]:
+    context = multiprocessing.get_context("spawn")
+    request = _request_bytes("standin", 1, engine.in_features)
+    with _served(engine, workers, max_queue_delay_us) as server:
+        from client.client import Client
+
+        with Client(server.url) as c:
+            for rows in (1, 2, 4, 8, 16, 32, 64):
+                c.infer("standin", {FEATURES_IN: _rows(rows, engine.in_features)})
+        results = context.Queue()
+        start_at = time.monotonic() + 4.0
+        procs = [context.Process(target=_open_loop_client,
+                                 args=(server.url, request, rate / processes,
+                                       start_at + 0.5 * i / rate, seconds, results))
+                 for i in range(processes)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=seconds + 120) for _ in procs]
+        for p in procs:
+            p.join(30)
+        stats = _stats(server.url)
+    latencies = np.array([v for o in outcomes for v in o[1]]) * 1e3
+    sent = sum(o[0] for o in outcomes)
+    return {
+        "rate": rate,
+        "sent": float(sent),
+        "answered": float(len(latencies)),
+        "errors": float(sum(o[2] for o in outcomes)),
+        "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else 0.0,
+        "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else 0.0,
+        "mean_batch": stats.mean_batch_size,
+    }
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def _device(cuda: Any) -> str:
+    from service.backends.cuda import runtime_module
+
+    rt = runtime_module()
+    err, driver = rt.cudaDriverGetVersion()
+    version = f"{driver // 1000}.{driver % 1000 // 10}" if err == rt.cudaError_t.cudaSuccess \
+        else "?"
+    return f"{cuda.device_name()} (CUDA driver API {version})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-gpu.md"))
+    parser.add_argument("--light", type=Dims.parse, default=Dims(512, 2048, 512),
+                        metavar="IN:HIDDEN:OUT", help="the stand-in MLP for most sections")
+    parser.add_argument("--heavy", type=Dims.parse, default=Dims(4096, 524288, 4096),
+                        metavar="IN:HIDDEN:OUT",
+                        help="a stand-in heavy enough that the GPU, not the frontend, limits "
+                        "served throughput (section 3)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="measured time per served run")
+    parser.add_argument("--clients", type=int, default=256)
+    parser.add_argument("--client-processes", type=int, default=8)
+    parser.add_argument("--serve-workers", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=1000.0, help="requests/s for section 4")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = 2.0
+
+    from service.backends.cuda import CudaRuntime
+
+    cuda = CudaRuntime(0)
+    cuda.set_device()
+    device = _device(cuda)
+    started = time.monotonic()
+    lines: list[str] = []
+
+    def say(text: str = "") -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    light = _engine(args.light, batch=(1, 32, 64))
+    try:
+        say(f"## 1. CPU cost per batch: CUDA graph launch vs plain enqueue ({LABEL})")
+        say()
+        say(f"Stand-in MLP {args.light} FP32. Launch = host time of one call, median of 2000. "
+            "Batch = TrtExecutor.run() wall time (gather, H2D, launch, D2H, event wait), "
+            "median of 300; GPU = its compute time from CUDA events.")
+        say()
+        say("| batch | plain execute_async_v3 (us) | graph launch (us) | plain / graph "
+            "| run() plain (us) | run() graph, copies outside (us) | run() graph with copies "
+            "(us) | GPU compute (us) |")
+        say("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        section1 = {}
+        for rows in (1, 64):
+            launch = launch_cost(light, cuda, rows)
+            plain = batch_cost(light, cuda, rows, cuda_graphs=False)
+            outside = batch_cost(light, cuda, rows, cuda_graphs=True, graph_io=False)
+            graphed = batch_cost(light, cuda, rows, cuda_graphs=True)
+            section1[rows] = launch
+            say(f"| {rows} | {launch['plain_us']:.1f} | {launch['graph_us']:.1f} | "
+                f"{launch['plain_us'] / launch['graph_us']:.1f}x | {plain['wall_us']:.0f} | "
+                f"{outside['wall_us']:.0f} | {graphed['wall_us']:.0f} | "
+                f"{graphed['gpu_us']:.0f} |")
+        ratio = section1[1]["plain_us"] / section1[1]["graph_us"]
+        say()
+        say(f"Target: graph launch >= 3x cheaper than plain enqueue at batch 1: "
+            f"{'met' if ratio >= 3 else 'MISSED'} ({ratio:.1f}x).")
+        say()
+
+        say(f"## 2. Throughput with 1, 2 and 4 workers, small batches ({LABEL})")
+        say()
+        say("Each worker: its own thread, TrtExecutor, non-blocking stream and CUDA graphs, "
+            "in one process (no gRPC). Rows/s over 2 s.")
+        say()
+        say("| batch | 1 worker (rows/s) | 2 workers | 4 workers | 2w / 1w | 4w / 1w |")
+        say("|---:|---:|---:|---:|---:|---:|")
+        scaling_ok = True
+        for rows in (1, 8, 64):
+            rates = {w: raw_throughput(light, cuda, w, rows)["rows_per_s"] for w in (1, 2, 4)}
+            if rows <= 8:
+                scaling_ok &= rates[2] > rates[1] and rates[4] > rates[1]
+            say(f"| {rows} | {rates[1]:,.0f} | {rates[2]:,.0f} | {rates[4]:,.0f} | "
+                f"{rates[2] / rates[1]:.2f} | {rates[4] / rates[1]:.2f} |")
+        rates = {w: raw_throughput(light, cuda, w, 1, graph_io=False)["rows_per_s"]
+                 for w in (1, 2, 4)}
+        say(f"| 1, copies outside the graph | {rates[1]:,.0f} | {rates[2]:,.0f} | "
+            f"{rates[4]:,.0f} | {rates[2] / rates[1]:.2f} | {rates[4] / rates[1]:.2f} |")
+        say()
+        say(f"Target: 2 and 4 workers above one worker's throughput for small batches "
+            f"(1 and 8): {'met' if scaling_ok else 'MISSED'}.")
+        say()
+
+        say(f"## 3. Served over raw throughput at saturation ({LABEL})")
+        say()
+        say(f"gRPC Infer (trtserve.v1, unary), {args.clients} concurrent clients in "
+            f"{args.client_processes} client processes on the same machine, "
+            f"{args.serve_workers} workers, dynamic batching (max batch 64, max queue delay "
+            f"500 us), {args.seconds:g} s measured. Raw = the same number of in-process "
+            "workers (no gRPC) at the served mean batch size. Event-loop thread CPU = CPU "
+            "time of the server's one asyncio thread over wall time. GPU busy = Stats' busy "
+            f"seconds per worker over wall time. The GPU-bound stand-in ({args.heavy}, "
+            f"{2 * 2 * args.heavy.in_features * args.heavy.hidden / 1e9:.1f} GFLOP per row) is "
+            "sized so the GPU, not the frontend, limits throughput.")
+        say()
+        say("| stand-in MLP | rows / request | served (rows/s) | requests/s | event-loop "
+            "thread CPU | mean batch | GPU busy / worker | raw at that batch (rows/s) "
+            "| served / raw |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        ratios = {}
+        runs = [("light", args.light, 1, None), ("light", args.light, 8, None),
+                ("light, GIL switch interval 0.5 ms", args.light, 1, 0.0005),
+                ("GPU-bound", args.heavy, 1, None)]
+        heavy = None
+        try:
+            for name, dims, per_request, switch in runs:
+                if dims == args.heavy:
+                    heavy = _engine(dims, batch=(1, 32, 64), host_weights=False)
+                    engine = heavy
+                else:
+                    engine = light
+                served = served_throughput(engine, args.serve_workers, args.clients,
+                                           args.client_processes, args.seconds,
+                                           rows_per_request=per_request,
+                                           switch_interval_s=switch)
+                batch = max(1, round(served["mean_batch"]))
+                raw = raw_throughput(engine, cuda, args.serve_workers, batch)
+                ratio = served["rows_per_s"] / raw["rows_per_s"]
+                ratios[(name, per_request)] = ratio
+                say(f"| {name} {dims} | {per_request} | {served['rows_per_s']:,.0f} | "
+                    f"{served['requests_per_s']:,.0f} | {served['loop_cpu']:.0%} | "
+                    f"{served['mean_batch']:.1f} | {served['gpu_busy_per_worker']:.0%} | "
+                    f"{raw['rows_per_s']:,.0f} | {ratio:.2f} |")
+                if served["errors"]:
+                    say(f"  ({served['errors']:.0f} requests failed)")
+        finally:
+            if heavy is not None:
+                heavy.close()
+        say()
+        light_ratio = ratios.get(("light", 1), 0.0)
+        heavy_ratio = ratios.get(("GPU-bound", 1), 0.0)
+        say(f"Target: served / raw >= 0.9 at saturation: light (1 row per request) "
+            f"{'met' if light_ratio >= 0.9 else 'MISSED'} ({light_ratio:.2f}); GPU-bound "
+            f"{'met' if heavy_ratio >= 0.9 else 'MISSED'} ({heavy_ratio:.2f}).")
+        say()
+
+        say(f"## 4. Latency at a fixed request rate ({LABEL})")
+        say()
+        latency = fixed_rate_latency(light, args.serve_workers, args.rate, 4, args.seconds)
+        say(f"Open loop: {args.rate:g} requests/s of 1 row for {args.seconds:g} s from 4 client "
+            f"processes, stand-in MLP {args.light}, {args.serve_workers} workers; latency from "
+            "each request's scheduled send time to its answer.")
+        say()
+        say("| rate (req/s) | sent | answered | errors | p50 (ms) | p99 (ms) | mean batch |")
+        say("|---:|---:|---:|---:|---:|---:|---:|")
+        say(f"| {latency['rate']:g} | {latency['sent']:.0f} | {latency['answered']:.0f} | "
+            f"{latency['errors']:.0f} | {latency['p50_ms']:.2f} | {latency['p99_ms']:.2f} | "
+            f"{latency['mean_batch']:.1f} |")
+        say()
+    finally:
+        light.close()
+
+    command = " ".join(["python", "-m", "benchmarks.gpu_standin",
+                        *(argv if argv is not None else sys.argv[1:])])
+    header = [
+        "# GPU benchmark: the TensorRT execution path with the GPU stand-in",
+        "",
+        "**Every figure on this page was measured with the GPU stand-in, not TensorRT.** "
+        "The stand-in (tests/gpu/standin.py) is a test double of a TensorRT engine whose "
+        "execute_async_v3 launches a two-layer FP32 MLP as CuPy RawKernels on the worker's "
+        "stream; everything around it is trtserve's own code (TrtExecutor, CudaRuntime, CUDA "
+        "graphs, batcher, scheduler, gRPC server). How to run it and read it: docs/gpu.md.",
+        "",
+        f"- command: `{command}`",
+        f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+        f"- device: {device}",
+        f"- host: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        f"- wall time of the whole run: {time.monotonic() - started:.0f} s",
+        "",
+    ]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(header + lines) + "\n")
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

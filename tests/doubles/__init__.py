@@ -1,0 +1,1 @@
+"""Test doubles: stand-ins for libraries and hardware the CI machine lacks."""

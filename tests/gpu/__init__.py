@@ -1,0 +1,1 @@
+"""GPU tests: they run on a machine with an NVIDIA GPU, CuPy and cuda-python."""
