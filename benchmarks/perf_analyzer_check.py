@@ -1,0 +1,150 @@
+"""perf_analyzer (Triton's own load tool) against trtserve, next to our bench tool.
+
+Serves a CPU model (ONNX Runtime) and, where a GPU and CuPy are present, the GPU
+stand-in (a test double of a TensorRT engine; its numbers are the stand-in's, not
+TensorRT's) from one trtserve, then runs for each model:
+
+  perf_analyzer -m NAME -i grpc -u HOST:PORT --concurrency-range 1:57:8 [--streaming]
+  trtserve-client bench --model NAME --protocol kserve --concurrency 1,9,...,57
+
+and writes docs/perf_analyzer.md with both tables and the command lines.
+perf_analyzer needs glibc 2.38 (the `perf-analyzer` wheel's binary); give its
+path with --perf-analyzer or PERF_ANALYZER.
+
+    python -m benchmarks.perf_analyzer_check --perf-analyzer /tmp/pa/perf_analyzer
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.config import ModelConfig
+from service.example_model import write_example
+from tests.conftest import server_config
+from tests.servers import ROOT, running_server
+
+CONCURRENCY = list(range(1, 58, 8))  # perf_analyzer's 1:57:8
+PA_LINE = re.compile(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec")
+
+
+def perf_analyzer(binary: str, url: str, model: str, streaming: bool, log: Path) -> list[dict]:
+    cmd = [binary, "-m", model, "-i", "grpc", "-u", url,
+           "--concurrency-range", f"{CONCURRENCY[0]}:{CONCURRENCY[-1]}:8",
+           "--measurement-interval", "2000", "--stability-percentage", "25",
+           "--max-trials", "6"]
+    if streaming:
+        cmd.append("--streaming")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log.write_text(" ".join(cmd) + "\n\n" + result.stdout + result.stderr)
+    rows = [{"concurrency": int(c), "throughput": float(t), "latency_us": int(lat)}
+            for c, t, lat in PA_LINE.findall(result.stdout)]
+    if result.returncode != 0 or not rows:
+        print(result.stdout[-3000:], result.stderr[-3000:], file=sys.stderr)
+    return rows
+
+
+def our_bench(url: str, model: str, streaming: bool) -> list[dict]:
+    del streaming  # our bench tool measures unary calls only
+    cmd = [sys.executable, "-m", "client.cli", "--url", url, "bench", "--model", model,
+           "--protocol", "kserve", "--concurrency", ",".join(map(str, CONCURRENCY)),
+           "--duration", "3", "--warmup", "1", "--json", "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if result.returncode != 0:
+        print(result.stderr[-3000:], file=sys.stderr)
+        return []
+    report = json.loads(result.stdout)
+    return [{"concurrency": int(r["load"]), "throughput": r["throughput_rps"],
+             "latency_us": r["latency_ms"]["p50"] * 1000,
+             "p99_us": r["latency_ms"]["p99"] * 1000} for r in report["results"]]
+
+
+def table(pa: list[dict], ours: list[dict]) -> list[str]:
+    by_c = {r["concurrency"]: r for r in ours}
+    lines = ["| concurrency | perf_analyzer infer/s | perf_analyzer avg latency (us) "
+             "| trtserve bench req/s | trtserve bench p50 (us) | ratio pa/ours |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in pa:
+        o = by_c.get(r["concurrency"])
+        if o:
+            lines.append(f"| {r['concurrency']} | {r['throughput']:,.0f} | {r['latency_us']:,} "
+                         f"| {o['throughput']:,.0f} | {o['latency_us']:,.0f} "
+                         f"| {r['throughput'] / max(o['throughput'], 1e-9):.2f} |")
+        else:
+            lines.append(f"| {r['concurrency']} | {r['throughput']:,.0f} | {r['latency_us']:,} "
+                         "| - | - | - |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--perf-analyzer", default=os.environ.get("PERF_ANALYZER",
+                                                                  "perf_analyzer"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "perf_analyzer.md"))
+    parser.add_argument("--logs", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--no-gpu", action="store_true")
+    args = parser.parse_args(argv)
+
+    onnx = write_example(Path("/tmp/trtserve-pa/example.onnx"))
+    cpu = ModelConfig(name="example", path=str(onnx), workers=4, max_queue_delay_us=0,
+                      intra_op_threads=2)
+    results: dict[str, dict[str, Any]] = {}
+    with running_server(server_config(cpu)) as server:
+        models = ["example"]
+        engine = None
+        if not args.no_gpu:
+            try:
+                from tests.gpu.standin import StandinEngine, standin_config, standin_model
+
+                engine = StandinEngine()
+            except Exception as e:  # no GPU/CuPy: the CPU model alone
+                print(f"GPU stand-in unavailable ({type(e).__name__}: {e}); CPU model only")
+        if engine is not None:
+            from service.model import ModelRuntime
+
+            config = standin_config(workers=2, max_queue_delay_us=0, max_queue_size=65536)
+            runtime = ModelRuntime(config, standin_model(config, engine))
+            server.call(server.server.models.add(runtime))
+            models.append("standin")
+        for model in models:
+            for streaming in (False, True):
+                key = f"{model}{' --streaming' if streaming else ''}"
+                log = Path(args.logs) / f"pa_{model}_{'stream' if streaming else 'unary'}.txt"
+                pa = perf_analyzer(args.perf_analyzer, server.url, model, streaming, log)
+                ours = our_bench(server.url, model, streaming) if not streaming else []
+                results[key] = {"pa": pa, "ours": ours}
+                print(key, json.dumps(results[key]), flush=True)
+        if engine is not None:
+            engine.close()
+
+    lines = ["# perf_analyzer against trtserve", "",
+             "Triton's perf_analyzer (2.60, from the `perf-analyzer` wheel), unchanged, "
+             "pointed at trtserve's KServe v2 endpoint, next to trtserve's own "
+             "`trtserve-client bench` over the same protocol, same server, same run.",
+             "Rows with the GPU stand-in measure trtserve's TensorRT path around a "
+             "stand-in engine (CuPy kernels), **not TensorRT**.", "",
+             f"- command: `python -m benchmarks.perf_analyzer_check --perf-analyzer PATH`",
+             f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
+             f"- host: {os.cpu_count()} CPUs, {platform.platform()}, Python "
+             f"{platform.python_version()}",
+             "- server: one trtserve process, `example` (ONNX Runtime, 4 workers x 2 threads) "
+             "and `standin` (2 workers, CUDA graphs); max_queue_delay_us=0", "",
+             "perf_analyzer's latency is its average; ours is the p50.", ""]
+    for key, r in results.items():
+        lines += [f"## {key}", "", *table(r["pa"], r["ours"]), ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0 if all(r["pa"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
