@@ -161,12 +161,19 @@ class Server:
         self._ready = False
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_period_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         try:
             await asyncio.wait_for(self.models.drain(), timeout=grace)
         except TimeoutError:
             log.warning("grace period of %.1fs ended with work in flight", grace)
         await self._server.stop(grace=1.0)
-        await self.models.stop()
+        # A stuck executor must not keep the process alive past the grace period:
+        # worker threads are daemons, so giving up on them lets the process exit.
+        try:
+            await asyncio.wait_for(self.models.stop(), timeout=max(1.0, deadline - loop.time()))
+        except TimeoutError:
+            log.error("workers did not stop within the grace period; exiting without them")
         if self._metrics is not None:
             self._metrics.shutdown()
         self._server = None

@@ -74,8 +74,19 @@ def decode(name: str, dtype: str, shape: Sequence[int], data: bytes) -> np.ndarr
             name,
             f"{len(data)} bytes of data, but shape {list(shape)} of {dtype} needs {expected}",
         )
-    array = np.frombuffer(data, dtype=np_dtype, count=count)
-    return array.reshape(tuple(shape))
+    return shaped(name, np.frombuffer(data, dtype=np_dtype, count=count), shape)
+
+
+def shaped(name: str, array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """array.reshape(shape), or a TensorError when numpy can't hold the shape at all.
+
+    A zero-size shape with huge other dimensions ([0, 2**62]) passes every byte-count
+    check, then numpy refuses it as too big: that is the client's error, not ours.
+    """
+    try:
+        return array.reshape(tuple(shape))
+    except ValueError:
+        raise TensorError(name, f"shape {list(shape)} is too large") from None
 
 
 def encode(array: np.ndarray) -> bytes:

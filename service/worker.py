@@ -109,7 +109,8 @@ class Worker:
                         rebuild_error="executor unavailable"))
                     continue
             try:
-                outcome = Outcome(batch, executor.run(batch.inputs(), batch.rows))
+                outcome = Outcome(batch, _checked(executor.run(batch.inputs(), batch.rows),
+                                                  batch.rows))
             except Exception as e:
                 log.exception("%s: batch of %d rows failed", self.name, batch.rows)
                 executor = self._rebuild(executor)
@@ -133,6 +134,19 @@ class Worker:
         except Exception:
             log.exception("%s: rebuilding the executor failed", self.name)
             return None
+
+
+class OutputRowsError(RuntimeError):
+    """An executor returned outputs whose rows do not match its batch."""
+
+
+def _checked(result: BatchResult, rows: int) -> BatchResult:
+    """Answers are sliced out of the outputs by row: any other length would misroute them."""
+    for name, array in result.outputs.items():
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise OutputRowsError(f"output '{name}' has shape {array.shape} for a batch of "
+                                  f"{rows} rows")
+    return result
 
 
 def _set_result(future: asyncio.Future[WorkerInfo], value: WorkerInfo) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from service.errors import TensorError
 from service.gen.inference import grpc_service_pb2 as pb
-from service.tensors import DTYPES, decode, dtype_name, encode
+from service.tensors import DTYPES, decode, dtype_name, encode, shaped
 
 # Every datatype string the protocol defines. BYTES is known (so its error
 # says "not supported" rather than "unknown") but has no entry in DTYPES.
@@ -236,7 +236,7 @@ def _decode_typed(
     count = math.prod(shape)
     if not tensor.HasField("contents"):
         if count == 0:
-            return np.empty(shape, dtype=np_dtype)
+            return shaped(name, np.empty(0, dtype=np_dtype), shape)
         raise TensorError(name, f"has no data: the request has no raw_input_contents and the "
                           f"input has no contents, but shape {list(shape)} needs {count} "
                           "elements")
@@ -262,7 +262,7 @@ def _decode_typed(
             raise TensorError(name, f"contents.{field} holds values outside the {datatype} "
                               f"range [{info.min}, {info.max}]")
         array = array.astype(np_dtype)
-    return array.reshape(shape)
+    return shaped(name, array, shape)
 
 
 def _requested(

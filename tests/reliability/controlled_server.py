@@ -1,0 +1,108 @@
+"""A real trtserve server process serving the controlled double, for signal tests.
+
+    python -m tests.reliability.controlled_server --port 8001 --sleep-ms 100
+
+The process runs `Server.serve_until_signal()` exactly as `trtserve serve`
+does; only the model differs (y = 2x + 1, slow on purpose, so a drain takes
+a known while).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.config import ServerConfig
+from service.server import Server
+from tests.doubles.controlled import ControlledBackend, Controls, controlled_model
+from tests.servers import ROOT, ServerProcess, free_port
+
+MODEL = "controlled"
+EXECUTED, BATCHES = "executed_rows", "batches"
+log = logging.getLogger(__name__)
+
+
+class ControlledServer(Server):
+    """A Server that also serves the double once it has started."""
+
+    def __init__(self, config: ServerConfig, double: ControlledBackend, workers: int,
+                 max_queue_delay_us: int) -> None:
+        super().__init__(config)
+        self._double = double
+        self._model = controlled_model(MODEL, workers=workers,
+                                       max_batch_size=double.max_batch_size,
+                                       max_queue_delay_us=max_queue_delay_us)
+
+    async def start(self) -> int:
+        port = await super().start()
+        await self.add_model(self._double.runtime(self._model))
+        return port
+
+    async def stop(self) -> None:
+        await super().stop()
+        # The test compares this with the answers its clients received.
+        executed, sizes = self._double.controls.snapshot()
+        log.info("%s %d %s %d", EXECUTED, executed, BATCHES, len(sizes))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--sleep-ms", type=float, default=0.0, help="per batch")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=4)
+    p.add_argument("--max-queue-delay-us", type=int, default=1000)
+    p.add_argument("--grace-period-s", type=float, default=10.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0,
+                          grace_period_s=args.grace_period_s)
+    double = ControlledBackend(Controls(sleep_s=args.sleep_ms / 1000),
+                               max_batch_size=args.max_batch_size)
+    server = ControlledServer(config, double, args.workers, args.max_queue_delay_us)
+    asyncio.run(server.serve_until_signal())
+    return 0
+
+
+class ControlledServerProcess(ServerProcess):
+    """`python -m tests.reliability.controlled_server` as a child process."""
+
+    def __init__(self, *args: str) -> None:  # deliberately not ServerProcess's command line
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "tests.reliability.controlled_server",
+               "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.url = f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the model itself (not only the server) is SERVING."""
+        end = time.monotonic() + timeout
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < end:
+                if self.proc.poll() is not None:
+                    out = self.proc.stdout.read() if self.proc.stdout else ""
+                    raise RuntimeError(f"server exited early:\n{out}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=MODEL), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError as e:
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
+                                        grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                time.sleep(0.05)
+        raise TimeoutError("server did not become ready")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
