@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
              "`trtserve-client bench` over the same protocol, same server, same run.",
              "Rows with the GPU stand-in measure trtserve's TensorRT path around a "
              "stand-in engine (CuPy kernels), **not TensorRT**.", "",
-             f"- command: `python -m benchmarks.perf_analyzer_check --perf-analyzer PATH`",
+             "- command: `python -m benchmarks.perf_analyzer_check --perf-analyzer PATH`",
              f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
              f"- host: {os.cpu_count()} CPUs, {platform.platform()}, Python "
              f"{platform.python_version()}",
