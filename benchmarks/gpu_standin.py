@@ -65,7 +65,8 @@ def _engine(dims: Dims, **options: Any) -> Any:
 
 
 def _executor(engine: Any, cuda: Any, **options: Any) -> Any:
-    from service.backends.tensorrt import TrtExecutor, graph_buckets
+    from service.backends.tensorrt import graph_buckets
+    from service.backends.trt_executor import TrtExecutor
     from tests.doubles.trt import trt_module
 
     options.setdefault("graph_batch_sizes", graph_buckets((), engine.batch[2]))

@@ -25,6 +25,7 @@ CHECKED = [
     "service/backends/trt_api.py",
     "service/backends/trt_build.py",
     "service/backends/tensorrt.py",
+    "service/backends/trt_executor.py",
     "service/backends/cuda.py",
 ]
 STUB_PACKAGES = ("tensorrt", "tensorrt_bindings")

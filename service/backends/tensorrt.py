@@ -1,66 +1,39 @@
-"""TensorRT execution: one deserialized engine, one `TrtExecutor` per worker.
+"""TensorRT models: one deserialized engine, one `TrtExecutor` per worker.
 
 `load` deserializes the engine once (building it first from an .onnx model with
 the model's build options and timing cache), so every worker's contexts share
 the engine's weights on the GPU, and hands out one executor factory per worker,
 profile-major: `workers` factories for profile 0, then as many for profile 1...
-
-A `TrtExecutor` belongs to one worker thread and owns, until `close()`:
-
-- one non-blocking CUDA stream, and `engine.num_aux_streams` more for TensorRT's
-  within-inference parallelism (`set_aux_streams`);
-- one device-memory block for activations, sized for its profile and shared by all
-  of its execution contexts (user-managed allocation): they never run at once;
-- one execution context for plain `execute_async_v3`, plus one per captured CUDA
-  graph (one per batch bucket), all bound to the worker's profile;
-- device buffers and pinned host staging buffers for every IO tensor, sized for the
-  profile's maximum shapes, allocated once;
-- four timing events, recorded around H2D, compute and D2H.
-
-Per batch: gather into pinned memory, then either one graph launch or the plain
-path, then a wait on the batch's last event (never a device-wide sync) and one
-allocation for the outputs. A graph (one per batch bucket; the batch is padded up
-to it) holds the H2D copies, the engine's work, the D2H copies and the four timing
-events, so a batch costs one launch and its busy time has no host gaps in it. The
-plain path records the events and copies around `execute_async_v3`, calling
-`set_input_shape` only when a shape changed. A bucket whose graph cannot be
-captured falls back to the plain path, and the batch that found out reports why
-(Stats show it).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import time
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.backends.base import (
-    BatchResult,
     Executor,
     ExecutorFactory,
     LoadedModel,
     ModelSpec,
     ProfileSpec,
-    WorkerInfo,
 )
-from service.backends.cuda import CudaError, CudaRuntime, Event, Graph, GraphExec
+from service.backends.cuda import CudaRuntime
 from service.backends.trt_api import (
     IOTensor,
-    dims_tuple,
     engine_io,
     gpu_present,
     import_tensorrt,
     library_info,
     profile_shapes,
 )
+from service.backends.trt_executor import Shape, TrtExecutor
 from service.config import BuildConfig, ModelConfig
 from service.errors import ConfigError
 from service.tensors import TensorSpec
@@ -70,10 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Shape = tuple[int, ...]
-_ALIGN = 256  # bytes: each output's offset in a batch's result block
 
-# TensorRT DataType names -> wire dtype names (service.tensors.DTYPES).
 _WIRE_DTYPES = {
     "FLOAT": "FP32",
     "HALF": "FP16",
@@ -98,12 +68,10 @@ _WIRE_FROM_NUMPY = {
 }
 
 
-class TensorRTError(RuntimeError):
-    """A TensorRT call failed (returned False or None); the message names the call."""
-
 
 class EngineLoadError(RuntimeError):
     """An engine could not be loaded for serving."""
+
 
 
 # ---------------------------------------------------------------------------------
@@ -206,488 +174,6 @@ def graph_buckets(configured: Iterable[int], max_batch: int) -> tuple[int, ...]:
         sizes = {2**i for i in range(max_batch.bit_length()) if 2**i <= max_batch}
         sizes.add(max_batch)
     return tuple(sorted(sizes))
-
-
-# ---------------------------------------------------------------------------------
-# The executor
-
-
-@dataclass
-class _Binding:
-    """One IO tensor's buffers on one worker, sized for the profile's maximum shape."""
-
-    tensor: IOTensor
-    device: int  # device pointer
-    host: np.ndarray  # pinned uint8 staging buffer
-    nbytes: int
-
-    def host_view(self, shape: Shape) -> np.ndarray:
-        count = math.prod(shape)
-        return self.host[: count * self.tensor.dtype.itemsize].view(self.tensor.dtype).reshape(
-            shape
-        )
-
-
-@dataclass
-class _CapturedGraph:
-    context: Any  # trt.IExecutionContext: the context the graph was captured with
-    graph: Graph
-    graph_exec: GraphExec
-    output_shapes: dict[str, Shape]
-    # True: the graph also copies the (padded) batch in and out and records the events.
-    with_io: bool
-
-
-class _CaptureFailed(Exception):
-    """A graph could not be captured; the message says why (it goes to Stats)."""
-
-
-class TrtExecutor:
-    """One worker's execution contexts, stream, buffers and graphs (see the module doc).
-
-    `engine` is a deserialized ICudaEngine (or a double with the same API), `cuda` a
-    CudaRuntime for the worker's device. Create, use and close it on one thread.
-    """
-
-    def __init__(
-        self,
-        engine: trt.ICudaEngine,
-        cuda: CudaRuntime,
-        *,
-        profile: int = 0,
-        graph_batch_sizes: Sequence[int] = (),
-        cuda_graphs: bool = True,
-        graph_io: bool = True,
-        trt_module: types.ModuleType | Any = None,
-        name: str = "",
-    ) -> None:
-        self._engine = engine
-        self._cuda = cuda
-        self._trt = trt_module if trt_module is not None else import_tensorrt()
-        self._graph_io = graph_io
-        self._profile = profile
-        self._name = name or f"profile {profile}"
-        self._stream: int | None = None
-        self._aux_streams: list[int] = []
-        self._memory: int | None = None
-        self._memory_size = 0
-        self._events: list[Event] = []
-        self._bindings: dict[str, _Binding] = {}
-        self._plain: Any = None  # trt.IExecutionContext for plain enqueue
-        self._plain_shapes: dict[str, Shape] = {}
-        self._plain_outputs: dict[str, Shape] = {}
-        self._graphs: dict[tuple[Shape, ...], _CapturedGraph] = {}
-        self._capture_failures: dict[tuple[Shape, ...], str] = {}
-        try:
-            self._open(graph_batch_sizes, cuda_graphs)
-        except BaseException:
-            try:
-                self.close()
-            except Exception:  # the error that stopped the start is the one to raise
-                log.exception("%s: freeing after a failed start failed too", self._name)
-            raise
-
-    # --- setup ----------------------------------------------------------------------
-
-    def _open(self, graph_batch_sizes: Sequence[int], cuda_graphs: bool) -> None:
-        cuda, engine = self._cuda, self._engine
-        cuda.set_device()
-        self._stream = cuda.stream_create()
-        for _ in range(engine.num_aux_streams):
-            self._aux_streams.append(cuda.stream_create())
-        for _ in range(4):
-            self._events.append(cuda.event_create())
-        self._ranges = profile_shapes(engine, self._profile)
-        tensors = engine_io(engine)
-        self._inputs = [t for t in tensors if t.mode == "input"]
-        self._outputs = [t for t in tensors if t.mode == "output"]
-        missing = [t.name for t in self._inputs if t.name not in self._ranges]
-        if missing:
-            raise TensorRTError(
-                f"{self._name}: inputs {missing} have no profile shapes; shape-tensor inputs "
-                "are not supported"
-            )
-        self._memory_size = _device_memory_size(engine, self._profile)
-        self._memory = cuda.malloc(self._memory_size)
-        # The plain context finds the output shapes for the profile's maximum input
-        # shapes, which size every buffer; the graphs' contexts come later, lazily.
-        self._plain = self._new_context(with_addresses=False)
-        max_shapes = {name: r[2] for name, r in self._ranges.items()}
-        self._set_shapes(self._plain, self._plain_shapes, max_shapes)
-        max_outputs = self._output_shapes(self._plain)
-        for tensor in tensors:
-            shape = max_shapes[tensor.name] if tensor.mode == "input" else max_outputs[tensor.name]
-            self._bindings[tensor.name] = self._allocate(tensor, shape)
-        self._plain_outputs = max_outputs
-        self._set_addresses(self._plain)
-        # Zeroed buffers: rows padded up to a bucket never hold garbage (NaN) values.
-        done = self._events[3]
-        cuda.event_record(done, self._stream)
-        cuda.event_synchronize(done)
-        low = max(r[0][0] for r in self._ranges.values())
-        high = min(r[2][0] for r in self._ranges.values())
-        self._buckets = (
-            tuple(sorted(b for b in set(graph_batch_sizes) if low <= b <= high))
-            if cuda_graphs else ()
-        )
-        self.info = WorkerInfo(
-            profile=self._profile,
-            device=f"cuda:{cuda.device}",
-            stream=hex(self._stream),
-            stream_non_blocking=cuda.stream_non_blocking(self._stream),
-            aux_streams=len(self._aux_streams),
-            min_batch_size=low,
-            max_batch_size=high,
-        )
-
-    def _allocate(self, tensor: IOTensor, shape: Shape) -> _Binding:
-        if any(d < 0 for d in shape):
-            raise TensorRTError(
-                f"{self._name}: output '{tensor.name}' has shape {list(shape)} at the profile's "
-                "maximum input shapes; data-dependent output shapes are not supported"
-            )
-        nbytes = math.prod(shape) * tensor.dtype.itemsize
-        device = self._cuda.malloc(nbytes)
-        try:
-            host = self._cuda.host_alloc(nbytes)
-        except BaseException:
-            self._cuda.free(device)
-            raise
-        binding = _Binding(tensor, device, host, nbytes)
-        host.fill(0)
-        assert self._stream is not None
-        self._cuda.memset_async(device, 0, nbytes, self._stream)
-        return binding
-
-    def _new_context(self, with_addresses: bool = True) -> trt.IExecutionContext:
-        """An execution context on the shared memory block, bound to this worker's profile."""
-        assert self._memory is not None and self._stream is not None
-        strategy = getattr(
-            getattr(self._trt, "ExecutionContextAllocationStrategy", None), "USER_MANAGED", None
-        )
-        if strategy is not None:
-            context = self._engine.create_execution_context(strategy)
-        else:  # libraries without allocation strategies
-            context = self._engine.create_execution_context_without_device_memory()
-        if context is None:
-            raise TensorRTError(
-                f"{self._name}: create_execution_context returned None (out of memory, or "
-                "TensorRT logged why)"
-            )
-        if hasattr(context, "set_device_memory"):
-            context.set_device_memory(self._memory, self._memory_size)
-        else:  # before TensorRT 10: a property, sized by the engine
-            legacy: Any = context
-            legacy.device_memory = self._memory
-        if not context.set_optimization_profile_async(self._profile, self._stream):
-            raise TensorRTError(
-                f"{self._name}: set_optimization_profile_async({self._profile}) returned False "
-                f"(the engine has {self._engine.num_optimization_profiles} profiles)"
-            )
-        if self._aux_streams:
-            context.set_aux_streams(self._aux_streams)
-        if with_addresses:
-            self._set_addresses(context)
-        return context
-
-    def _set_addresses(self, context: Any) -> None:
-        for name, binding in self._bindings.items():
-            if not context.set_tensor_address(name, binding.device):
-                raise TensorRTError(f"{self._name}: set_tensor_address('{name}') returned False")
-
-    def _set_shapes(
-        self, context: Any, current: dict[str, Shape], shapes: Mapping[str, Shape]
-    ) -> bool:
-        """Set the input shapes that differ from `current`; True if any did."""
-        changed = False
-        for name, shape in shapes.items():
-            if current.get(name) == shape:
-                continue
-            if not context.set_input_shape(name, shape):
-                low, _, high = self._ranges[name]
-                raise TensorRTError(
-                    f"{self._name}: set_input_shape('{name}', {list(shape)}) returned False; "
-                    f"profile {self._profile} takes {list(low)} to {list(high)}"
-                )
-            current[name] = shape
-            changed = True
-        return changed
-
-    def _output_shapes(self, context: Any) -> dict[str, Shape]:
-        unresolved = context.infer_shapes()
-        if unresolved:
-            raise TensorRTError(
-                f"{self._name}: infer_shapes could not resolve {list(unresolved)}"
-            )
-        shapes = {t.name: dims_tuple(context.get_tensor_shape(t.name)) for t in self._outputs}
-        for name, shape in shapes.items():
-            if not shape or any(d < 0 for d in shape):
-                raise TensorRTError(
-                    f"{self._name}: output '{name}' has shape {list(shape)}; data-dependent "
-                    "output shapes are not supported"
-                )
-        return shapes
-
-    def _enqueue(self, context: Any) -> None:
-        assert self._stream is not None
-        if not context.execute_async_v3(self._stream):
-            raise TensorRTError(
-                f"{self._name}: execute_async_v3 returned False (TensorRT logged why)"
-            )
-
-    # --- one batch --------------------------------------------------------------------
-
-    def _bucket(self, rows: int) -> int | None:
-        for bucket in self._buckets:
-            if bucket >= rows:
-                return bucket
-        return None
-
-    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
-        cuda, stream = self._cuda, self._stream
-        if stream is None:
-            raise TensorRTError(f"{self._name}: the executor is closed")
-        missing = [t.name for t in self._inputs if t.name not in inputs]
-        if missing:
-            raise TensorRTError(f"{self._name}: batch lacks inputs {missing}")
-        shapes: dict[str, Shape] = {}
-        for tensor in self._inputs:
-            parts = inputs[tensor.name]
-            shape = (rows, *parts[0].shape[1:])
-            low, _, high = self._ranges[tensor.name]
-            if len(shape) != len(low) or any(
-                not lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)
-            ):
-                raise TensorRTError(
-                    f"{self._name}: input '{tensor.name}' of shape {list(shape)} is outside "
-                    f"profile {self._profile}'s range {list(low)} to {list(high)}"
-                )
-            view = self._bindings[tensor.name].host_view(shape)
-            if len(parts) == 1:
-                np.copyto(view, parts[0])
-            else:
-                np.concatenate(parts, axis=0, out=view)
-            shapes[tensor.name] = shape
-
-        graph: _CapturedGraph | None = None
-        failure: tuple[int, str] | None = None
-        bucket = self._bucket(rows)
-        if bucket is not None:
-            padded = {name: (bucket, *shape[1:]) for name, shape in shapes.items()}
-            key = tuple(padded[t.name] for t in self._inputs)
-            graph = self._graphs.get(key)
-            if graph is None and key not in self._capture_failures:
-                try:
-                    graph = self._capture(key, padded)
-                except _CaptureFailed as err:
-                    reason = str(err)
-                    self._capture_failures[key] = reason
-                    failure = (bucket, reason)
-                    log.warning("%s: no CUDA graph for batch bucket %d, plain enqueue instead: "
-                                "%s", self._name, bucket, reason)
-        start, loaded, computed, done = self._events
-        if graph is not None and graph.with_io:
-            # One launch: H2D, the engine's work, D2H and the four events are its nodes.
-            cuda.graph_launch(graph.graph_exec, stream)
-            output_shapes = graph.output_shapes
-        else:
-            cuda.event_record(start, stream)
-            self._copy_inputs(shapes)
-            cuda.event_record(loaded, stream)
-            if graph is not None:
-                cuda.graph_launch(graph.graph_exec, stream)
-                output_shapes = graph.output_shapes
-            else:
-                if self._set_shapes(self._plain, self._plain_shapes, shapes):
-                    self._plain_outputs = self._output_shapes(self._plain)
-                self._enqueue(self._plain)
-                output_shapes = self._plain_outputs
-            cuda.event_record(computed, stream)
-            self._copy_outputs(output_shapes, rows)
-            cuda.event_record(done, stream)
-        cuda.event_synchronize(done)
-
-        # One allocation holds every output of the batch.
-        sizes = [rows * self._row_bytes(t, output_shapes) for t in self._outputs]
-        offsets = []
-        total = 0
-        for size in sizes:
-            offsets.append(total)
-            total += -(-size // _ALIGN) * _ALIGN
-        block = np.empty(total, dtype=np.uint8)
-        outputs = {}
-        for tensor, offset, size in zip(self._outputs, offsets, sizes, strict=True):
-            block[offset:offset + size] = self._bindings[tensor.name].host[:size]
-            shape = (rows, *output_shapes[tensor.name][1:])
-            outputs[tensor.name] = block[offset:offset + size].view(tensor.dtype).reshape(shape)
-        return BatchResult(
-            outputs=outputs,
-            compute_s=cuda.event_elapsed_s(loaded, computed),
-            graph_launch=graph is not None,
-            capture_failure=failure,
-            input_s=cuda.event_elapsed_s(start, loaded),
-            output_s=cuda.event_elapsed_s(computed, done),
-        )
-
-    @staticmethod
-    def _row_bytes(tensor: IOTensor, shapes: Mapping[str, Shape]) -> int:
-        return math.prod(shapes[tensor.name][1:]) * tensor.dtype.itemsize
-
-    def _copy_inputs(self, shapes: Mapping[str, Shape]) -> None:
-        assert self._stream is not None
-        for tensor in self._inputs:
-            binding = self._bindings[tensor.name]
-            nbytes = math.prod(shapes[tensor.name]) * tensor.dtype.itemsize
-            self._cuda.memcpy_h2d_async(binding.device, binding.host, nbytes, self._stream)
-
-    def _copy_outputs(self, shapes: Mapping[str, Shape], rows: int) -> None:
-        assert self._stream is not None
-        for tensor in self._outputs:
-            binding = self._bindings[tensor.name]
-            nbytes = rows * self._row_bytes(tensor, shapes)
-            self._cuda.memcpy_d2h_async(binding.host, binding.device, nbytes, self._stream)
-
-    # --- CUDA graphs ---------------------------------------------------------------------
-
-    def _capture(self, key: tuple[Shape, ...], shapes: Mapping[str, Shape]) -> _CapturedGraph:
-        """Capture a graph for one set of (padded) input shapes, on its own context.
-
-        The graph holds the batch's copies and timing events too (one launch per batch,
-        and busy time without host gaps); where CUDA refuses that, only the engine's
-        work, with copies and events around the launch as for plain enqueue.
-        """
-        context = self._new_context()
-        self._set_shapes(context, {}, shapes)
-        output_shapes = self._output_shapes(context)
-        # TensorRT does deferred work (allocation, shape-dependent setup) in the first
-        # enqueue after a shape change; that work must not land in the graph.
-        self._enqueue(context)
-        with_io_failure = ""
-        if self._graph_io:
-            try:
-                captured = self._record(context, shapes, output_shapes, with_io=True)
-            except _CaptureFailed as err:
-                with_io_failure = str(err)
-                log.warning("%s: CUDA graph with copies and events refused (%s); capturing "
-                            "the engine's work alone", self._name, err)
-            else:
-                self._graphs[key] = captured
-                return captured
-        try:
-            captured = self._record(context, shapes, output_shapes, with_io=False)
-        except _CaptureFailed as err:
-            detail = f" (with copies and events: {with_io_failure})" if with_io_failure else ""
-            raise _CaptureFailed(f"{err}{detail}") from None
-        self._graphs[key] = captured
-        return captured
-
-    def _record(self, context: Any, shapes: Mapping[str, Shape],
-                output_shapes: dict[str, Shape], with_io: bool) -> _CapturedGraph:
-        cuda, stream = self._cuda, self._stream
-        assert stream is not None
-        start, loaded, computed, done = self._events
-        try:
-            cuda.begin_capture(stream)
-        except CudaError as err:
-            cuda.clear_error()
-            raise _CaptureFailed(f"{err.name} beginning the capture") from None
-        enqueued, problem = False, ""
-        try:
-            if with_io:
-                cuda.event_record(start, stream, external=True)
-                self._copy_inputs(shapes)
-                cuda.event_record(loaded, stream, external=True)
-            enqueued = bool(context.execute_async_v3(stream))
-            if with_io and enqueued:
-                cuda.event_record(computed, stream, external=True)
-                self._copy_outputs(output_shapes, next(iter(shapes.values()))[0])
-                cuda.event_record(done, stream, external=True)
-        except CudaError as err:
-            problem = f"{err.call} failed while capturing: {err.name}"
-        except Exception as err:  # reported as the capture's failure; capture ends below
-            problem = f"execute_async_v3 raised {type(err).__name__}: {err}"
-        try:
-            graph = cuda.end_capture(stream)
-        except CudaError as err:
-            pending = cuda.clear_error()
-            if cuda.is_capturing(stream):
-                raise TensorRTError(
-                    f"{self._name}: stream still capturing after {err.name}"
-                ) from err
-            detail = problem or ("execute_async_v3 returned False" if not enqueued else "")
-            raise _CaptureFailed(
-                f"{err.name} ending the capture"
-                + (f" ({detail})" if detail else "")
-                + (f"; last error {pending}" if pending and pending != err.name else "")
-            ) from None
-        if problem or not enqueued:
-            cuda.graph_destroy(graph)
-            cuda.clear_error()
-            raise _CaptureFailed(problem or "execute_async_v3 returned False during capture")
-        try:
-            graph_exec = cuda.graph_instantiate(graph)
-        except CudaError as err:
-            cuda.graph_destroy(graph)
-            cuda.clear_error()
-            raise _CaptureFailed(f"{err.name} instantiating the graph") from None
-        return _CapturedGraph(context, graph, graph_exec, output_shapes, with_io)
-
-    # --- teardown ----------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Free everything this executor made: graphs, contexts, buffers, events, streams.
-
-        Waits for the worker's streams first (not the device). Every step is tried;
-        the first failure is raised at the end. Calling it again does nothing.
-        """
-        cuda = self._cuda
-        errors: list[BaseException] = []
-
-        def attempt(step: Callable[[], object]) -> None:
-            try:
-                step()
-            except Exception as err:  # keep freeing the rest; raised below
-                errors.append(err)
-
-        for stream in (self._stream, *self._aux_streams):
-            if stream is not None:
-                attempt(functools.partial(cuda.stream_synchronize, stream))
-        graphs, self._graphs = self._graphs, {}
-        for graph_exec, graph in [(g.graph_exec, g.graph) for g in graphs.values()]:
-            attempt(functools.partial(cuda.graph_exec_destroy, graph_exec))
-            attempt(functools.partial(cuda.graph_destroy, graph))
-        # TensorRT frees an execution context when its last reference goes.
-        graphs.clear()
-        self._plain = None
-        bindings, self._bindings = self._bindings, {}
-        for binding in bindings.values():
-            attempt(functools.partial(cuda.free, binding.device))
-            attempt(functools.partial(cuda.host_free, binding.host))
-        bindings.clear()
-        if self._memory is not None:
-            attempt(functools.partial(cuda.free, self._memory))
-            self._memory = None
-        events, self._events = self._events, []
-        for event in events:
-            attempt(functools.partial(cuda.event_destroy, event))
-        aux, self._aux_streams = self._aux_streams, []
-        for stream in aux:
-            attempt(functools.partial(cuda.stream_destroy, stream))
-        if self._stream is not None:
-            attempt(functools.partial(cuda.stream_destroy, self._stream))
-            self._stream = None
-        if errors:
-            raise errors[0]
-
-
-def _device_memory_size(engine: trt.ICudaEngine, profile: int) -> int:
-    """Activation memory one context of this profile needs (the V2 APIs count the
-    weight-streaming scratch too)."""
-    if hasattr(engine, "get_device_memory_size_for_profile_v2"):
-        return int(engine.get_device_memory_size_for_profile_v2(profile))
-    if hasattr(engine, "device_memory_size_v2"):
-        return int(engine.device_memory_size_v2)
-    return int(engine.device_memory_size)
 
 
 # ---------------------------------------------------------------------------------

@@ -18,13 +18,12 @@ from service.backends.base import LoadedModel
 from service.backends.tensorrt import (
     EngineHandle,
     EngineLoadError,
-    TensorRTError,
-    TrtExecutor,
     engine_spec,
     executor_factories,
     graph_buckets,
     manifest_spec,
 )
+from service.backends.trt_executor import TensorRTError, TrtExecutor
 from service.config import BuildConfig, ModelConfig
 from service.model import ModelRuntime
 from tests.doubles.trt import Call, HostCudaRuntime, RecordingEngine, trt_module

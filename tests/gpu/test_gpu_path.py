@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from service.backends.cuda import CudaRuntime, runtime_module
-from service.backends.tensorrt import TrtExecutor, graph_buckets
+from service.backends.tensorrt import graph_buckets
 from service.backends.trt_api import gpu_present
+from service.backends.trt_executor import TrtExecutor
 
 pytestmark = pytest.mark.gpu
 
