@@ -10,6 +10,7 @@ up, so a saturated server sends the biggest batches it can.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from service.batch import Batch, Request
 from service.errors import ResourceExhausted, Unavailable
 from service.scheduler import Scheduler
+from service.timer import PreciseTimer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,11 @@ class Batcher:
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
         self._loop = asyncio.get_running_loop()
+        self._timer: PreciseTimer | None = None
+        # The batch the batcher sleeps on (filling, or waiting for a worker), which
+        # arrivals join in place; see _arrival_can_wait.
+        self._forming: Batch | None = None
+        self._waiting_for_worker = False
 
     @property
     def depth(self) -> int:
@@ -71,7 +80,29 @@ class Batcher:
                 f"model '{self._model}' queue is full: {len(self._pending)} requests waiting "
                 f"(max_queue_size={self._policy.max_queue_size})")
         self._pending.append(request)
+        if self._arrival_can_wait(request):
+            return
         self.wake()
+
+    def _arrival_can_wait(self, request: Request) -> bool:
+        """Join the batch being formed in place; True when the batcher may sleep on.
+
+        While a batch fills, only a full batch (or a head that cannot join it)
+        ends the wait before its deadline; while every worker is busy, only a
+        worker freeing up does. An arrival that joins the batch here, as `_take`
+        would have, changes nothing else, so waking the batcher for it would
+        cost a loop iteration per request and form the same batch.
+        """
+        batch = self._forming
+        if batch is None:
+            return False
+        policy = self._policy
+        if len(self._pending) == 1 and request.shape_key == batch.shape_key \
+                and batch.rows + request.rows <= policy.max_batch_size:
+            batch.add(self._pending.pop())
+            return self._waiting_for_worker or batch.rows < policy.send_at
+        # It cannot join: a filling batch goes now; a batch waiting for a worker waits.
+        return self._waiting_for_worker
 
     def wake(self) -> None:
         """Something changed: a request arrived, a worker freed up, or we are closing."""
@@ -84,6 +115,15 @@ class Batcher:
         self.wake()
 
     async def run(self) -> None:
+        self._timer = PreciseTimer.create(self._loop, self.wake)
+        try:
+            await self._run()
+        finally:
+            if self._timer is not None:
+                self._timer.close()
+                self._timer = None
+
+    async def _run(self) -> None:
         while True:
             first = await self._first_request()
             if first is None:
@@ -102,17 +142,26 @@ class Batcher:
             else:
                 self._dispatch(worker, batch)
 
-    async def _sleep(self, timeout: float | None) -> None:
+    async def _sleep(self, timeout: float | None, deadline: float | None = None) -> None:
+        """Until `wake()`, or `timeout` seconds (`deadline` on the loop clock, if known)."""
         self._wakeup = self._loop.create_future()
-        timer = None
+        handle = None
         if timeout is not None:
-            timer = self._loop.call_later(timeout, self.wake)
+            if self._timer is not None:
+                # Left armed when something else wakes us first: a late fire is a
+                # spurious wake-up, which every caller tolerates (each re-checks
+                # its condition), and cheaper than a disarm per batch. Re-arming
+                # for the deadline it already holds is skipped.
+                self._timer.arm(deadline if deadline is not None
+                                else self._loop.time() + timeout)
+            else:
+                handle = self._loop.call_later(timeout, self.wake)
         try:
             await self._wakeup
         finally:
             self._wakeup = None
-            if timer is not None:
-                timer.cancel()
+            if handle is not None:
+                handle.cancel()
 
     def _live(self, request: Request) -> bool:
         """False (and the request dropped) if it was cancelled or its deadline passed."""
@@ -155,7 +204,11 @@ class Batcher:
             remaining = deadline - self._loop.time()
             if remaining <= 0 or self._closed:
                 return
-            await self._sleep(remaining)
+            self._forming = batch  # _take left nothing queued
+            try:
+                await self._sleep(remaining, deadline)
+            finally:
+                self._forming = None
 
     def _blocked(self, batch: Batch) -> bool:
         """The head of the queue can never join this batch, so waiting gains nothing."""
@@ -196,8 +249,13 @@ class Batcher:
                 return worker
             if not self._scheduler.can_ever_run(shapes):
                 return None
-            # Every fitting worker is busy: grow the batch while we wait.
-            await self._sleep(None)
+            # Every fitting worker is busy: the batch takes what queued meanwhile
+            # once one frees up (or on any other wake-up).
+            self._forming, self._waiting_for_worker = batch, True
+            try:
+                await self._sleep(None)
+            finally:
+                self._forming, self._waiting_for_worker = None, False
             self._take(batch, self._policy.max_batch_size)
 
     def _refuse(self, batch: Batch) -> None:

@@ -51,7 +51,9 @@ class ModelConfig:
     workers: int = 2
     # 0: the model's own maximum (its profiles' largest batch, or 64 for ONNX).
     max_batch_size: int = 0
-    max_queue_delay_us: int = 500
+    # 0: send what is queued as soon as a worker is free; batches still grow while
+    # every worker is busy. A delay trades latency at low load for bigger batches.
+    max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 4096  # requests waiting for a batch; more -> RESOURCE_EXHAUSTED
     max_rows_per_request: int = 0  # 0: max_batch_size

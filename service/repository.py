@@ -17,14 +17,15 @@ log = logging.getLogger(__name__)
 def load_backend(config: ModelConfig) -> LoadedModel:
     """Open a model file with its backend (blocking: run it off the event loop)."""
     backend = config.resolved_backend
+    # Imported on use: each backend pulls in its own runtime library.
     if backend == "onnxruntime":
-        from service.backends import onnxruntime
+        from service.backends.onnxruntime import load as load_onnxruntime
 
-        return onnxruntime.load(config)
+        return load_onnxruntime(config)
     if backend == "tensorrt":
-        from service.backends import tensorrt
+        from service.backends.tensorrt import load as load_tensorrt
 
-        return tensorrt.load(config)
+        return load_tensorrt(config)
     raise ConfigError(f"models.{config.name}.backend: unknown backend {backend!r}")
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -67,10 +68,18 @@ class ServerProcess:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-               "--metrics-port", "0", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True,
+        self._start(["service.cli", "serve", "--port", str(self.port), "--metrics-port", "0",
+                     *args], env)
+
+    def _start(self, module_args: list[str], env: dict[str, str] | None = None) -> None:
+        """Run `python -m MODULE ARGS...`, printing into a file.
+
+        A file, not a pipe: nobody reads a pipe while the server runs, and a
+        chatty server would block once the pipe's buffer filled.
+        """
+        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen([sys.executable, "-m", *module_args], cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})
         self.url = f"127.0.0.1:{self.port}"
 
@@ -82,7 +91,7 @@ class ServerProcess:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < end:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+                    raise RuntimeError(f"server exited early:\n{self.output()}")
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                     if status.status == health_pb2.HealthCheckResponse.SERVING:
@@ -95,8 +104,13 @@ class ServerProcess:
     def terminate(self, timeout: float = 60) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, self.output()
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        self._log.seek(0)
+        return self._log.read()
 
 
 def free_port() -> int:

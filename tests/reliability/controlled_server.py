@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import subprocess
 import sys
 import time
 
@@ -22,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.config import ServerConfig
 from service.server import Server
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model
-from tests.servers import ROOT, ServerProcess, free_port
+from tests.servers import ServerProcess, free_port
 
 MODEL = "controlled"
 EXECUTED, BATCHES = "executed_rows", "batches"
@@ -77,11 +76,7 @@ class ControlledServerProcess(ServerProcess):
 
     def __init__(self, *args: str) -> None:  # deliberately not ServerProcess's command line
         self.port = free_port()
-        cmd = [sys.executable, "-m", "tests.reliability.controlled_server",
-               "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.url = f"127.0.0.1:{self.port}"
+        self._start(["tests.reliability.controlled_server", "--port", str(self.port), *args])
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Until the model itself (not only the server) is SERVING."""
@@ -90,8 +85,7 @@ class ControlledServerProcess(ServerProcess):
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < end:
                 if self.proc.poll() is not None:
-                    out = self.proc.stdout.read() if self.proc.stdout else ""
-                    raise RuntimeError(f"server exited early:\n{out}")
+                    raise RuntimeError(f"server exited early:\n{self.output()}")
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(service=MODEL), timeout=1)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:

@@ -1,0 +1,69 @@
+"""A no-op trtserve.v1 server: the floor that gRPC in Python sets for any server here.
+
+`Infer` answers a fixed, pre-serialized response without decoding the request;
+`ModelMetadata` describes one FP32 input. Driving it with the same load
+generator as trtserve measures what the client, the loopback transport and
+grpc.aio cost on their own, so the benchmark can say which part of the
+end-to-end latency is trtserve's.
+
+    python -m benchmarks.grpc_floor --port 8301 --width 64 --out-width 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import grpc
+import numpy as np
+
+from service.gen.trtserve.v1 import inference_pb2 as pb
+
+
+def handlers(width: int, out_width: int) -> grpc.GenericRpcHandler:
+    metadata = pb.ModelMetadataResponse(
+        name="floor", backend="none", max_batch_size=64,
+        inputs=[pb.TensorMetadata(name="input", dtype=pb.DATA_TYPE_FP32, shape=[-1, width])],
+        outputs=[pb.TensorMetadata(name="output", dtype=pb.DATA_TYPE_FP32,
+                                   shape=[-1, out_width])])
+    answer = pb.InferResponse(model="floor")
+    answer.outputs.add(name="output", dtype=pb.DATA_TYPE_FP32, shape=[1, out_width],
+                       data=np.zeros(out_width, np.float32).tobytes())
+    answer_bytes = answer.SerializeToString()
+
+    async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return answer_bytes
+
+    async def model_metadata(request: pb.ModelMetadataRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        return metadata
+
+    return grpc.method_handlers_generic_handler("trtserve.v1.InferenceService", {
+        "Infer": grpc.unary_unary_rpc_method_handler(infer),
+        "ModelMetadata": grpc.unary_unary_rpc_method_handler(
+            model_metadata, request_deserializer=pb.ModelMetadataRequest.FromString,
+            response_serializer=pb.ModelMetadataResponse.SerializeToString),
+    })
+
+
+async def serve(port: int, width: int, out_width: int) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handlers(width, out_width),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"grpc floor: serving on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=8301)
+    parser.add_argument("--width", type=int, default=64, help="input features per row")
+    parser.add_argument("--out-width", type=int, default=16, help="output features per row")
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.width, args.out_width))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The batcher's hot-path pieces: the timerfd timer, and arrivals joining a batch in place.
+
+Both must leave behaviour as it was: the batches formed, and the queue limit
+counting only requests that no forming batch can take.
+"""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from service.batch import Request
+from service.batcher import Batcher, BatchPolicy, PreciseTimer
+from service.errors import ResourceExhausted
+from service.scheduler import Scheduler
+
+
+async def test_timer_fires_after_its_time_and_not_when_disarmed():
+    loop = asyncio.get_running_loop()
+    fired = asyncio.Event()
+    timer = PreciseTimer.create(loop, fired.set)
+    if timer is None:
+        pytest.skip("no timerfd here; the batcher uses loop timers")
+    try:
+        start = loop.time()
+        timer.arm(start + 0.0005)
+        await asyncio.wait_for(fired.wait(), timeout=10)
+        assert loop.time() >= start + 0.0005
+        assert not timer.armed
+
+        fired.clear()
+        timer.arm(loop.time() + 0.02)
+        timer.disarm()
+        await asyncio.sleep(0.1)
+        assert not fired.is_set()
+    finally:
+        timer.close()
+
+
+class Slot:
+    available = True
+
+    def accepts(self, shapes):
+        return True
+
+
+class Recorder:
+    def __init__(self, workers=1, **policy):
+        self.scheduler = Scheduler([Slot() for _ in range(workers)])
+        self.batches = []
+        self.batcher = Batcher("m", BatchPolicy(**policy), self.scheduler, self.dispatch,
+                               lambda request, reason: None)
+        self.task = asyncio.create_task(self.batcher.run())
+
+    def dispatch(self, worker, batch):
+        self.batches.append([r.rows for r in batch.requests])
+        for r in batch.requests:
+            r.future.set_result({})
+
+    def submit(self, rows=1, width=4):
+        loop = asyncio.get_running_loop()
+        x = np.zeros((rows, width), np.float32)
+        request = Request({"x": x}, rows, ((width,),), loop.time(), None, loop.create_future())
+        self.batcher.submit(request)
+        return request
+
+    async def settle(self):
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def close(self):
+        self.batcher.close()
+        for i in range(len(self.scheduler._workers)):
+            self.scheduler.release(i)
+        self.batcher.wake()
+        await asyncio.wait_for(self.task, 10)
+
+
+async def test_arrivals_join_a_filling_batch_and_do_not_count_as_queued():
+    h = Recorder(max_batch_size=8, max_queue_delay_s=60.0, max_queue_size=2)
+    requests = []
+    for _ in range(7):
+        requests.append(h.submit())
+        await h.settle()
+    assert h.batches == [] and h.batcher.depth == 0  # all in the forming batch
+    requests.append(h.submit())  # the eighth row fills it: it goes at once
+    await asyncio.wait_for(asyncio.gather(*(r.future for r in requests)), 10)
+    assert h.batches == [[1] * 8]
+    await h.close()
+
+
+async def test_a_request_that_cannot_join_sends_the_filling_batch():
+    h = Recorder(max_batch_size=8, max_queue_delay_s=60.0)
+    first = h.submit(rows=3)
+    await h.settle()
+    second = h.submit(rows=3, width=5)  # another shape: can never join
+    await asyncio.wait_for(first.future, 10)
+    assert h.batches == [[3]]  # the second now fills its own batch, for 60 s
+    await h.close()  # closing sends it
+    assert second.future.done() and h.batches == [[3], [3]]
+
+
+async def test_a_batch_waiting_for_a_worker_takes_arrivals_until_one_frees():
+    h = Recorder(workers=1, max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=1)
+    busy = h.scheduler.acquire({})  # the only worker is taken
+    assert busy == 0
+    requests = [h.submit()]
+    for _ in range(3):
+        await h.settle()
+        requests.append(h.submit())
+    await h.settle()
+    assert h.batches == [] and h.batcher.depth == 0
+    late = h.submit()  # the batch is full: this one queues
+    with pytest.raises(ResourceExhausted):
+        h.submit()
+    h.scheduler.release(0)
+    h.batcher.wake()
+    await asyncio.wait_for(asyncio.gather(*(r.future for r in requests)), 10)
+    assert h.batches[0] == [1, 1, 1, 1]
+    h.scheduler.release(0)
+    h.batcher.wake()
+    await asyncio.wait_for(late.future, 10)
+    await h.close()

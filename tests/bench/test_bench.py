@@ -1,0 +1,152 @@
+"""The load generator against a live in-process server (functional, never timed)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from client import cli
+from client.bench import (
+    BenchConfig,
+    BenchReport,
+    Level,
+    LevelResult,
+    TensorInfo,
+    _merge,
+    concrete_shape,
+    run,
+    table,
+    to_csv,
+    to_json,
+)
+from service.config import ModelConfig
+from tests.conftest import server_config
+from tests.servers import running_server
+
+
+@pytest.fixture(scope="module")
+def server(example_onnx):
+    config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=2,
+                                       max_batch_size=16, max_queue_delay_us=500))
+    with running_server(config) as s:
+        yield s
+
+
+def _has_kserve() -> bool:
+    try:
+        import service.frontends.kserve  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_closed_and_open_loop_levels_report_every_number(server):
+    config = BenchConfig(url=server.url, model="example",
+                         levels=(Level("closed", 4), Level("open", 50)),
+                         duration_s=0.6, warmup_s=0.2, processes=2, batch_rows=2)
+    report = run(config, progress=False)
+    assert [(r.mode, r.load) for r in report.results] == [("closed", 4), ("open", 50)]
+    for r in report.results:
+        assert r.requests > 0 and r.errors == {}
+        assert r.rows_per_s == pytest.approx(2 * r.throughput_rps)
+        assert set(r.latency_ms) == {"mean", "p50", "p90", "p95", "p99", "max"}
+        assert r.latency_ms["p50"] <= r.latency_ms["p99"] <= r.latency_ms["max"]
+        assert len(r.client_cpu) == 2
+        # trtserve's Stats say what batches the server formed while the level ran.
+        assert r.server_mean_batch is not None and r.server_mean_batch >= 2
+    assert report.results[1].send_lag_p99_ms is not None
+    text = table(report)
+    assert "closed c=4" in text and "open 50/s" in text
+
+
+@pytest.mark.skipif(not _has_kserve(), reason="the KServe v2 frontend is not present")
+def test_kserve_protocol_drives_the_same_server(server):
+    config = BenchConfig(url=server.url, model="example", levels=(Level("closed", 2),),
+                         protocol="kserve", duration_s=0.5, warmup_s=0.1)
+    (result,) = run(config, progress=False).results
+    assert result.requests > 0 and result.errors == {}
+
+
+def test_cli_prints_json_and_csv(server, capsys):
+    args = ["--url", server.url, "bench", "--model", "example", "--concurrency", "2",
+            "--duration", "0.4", "--warmup", "0.1", "--quiet"]
+    assert cli.main([*args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["config"]["model"] == "example" and data["config"]["url"] == server.url
+    assert data["results"][0]["requests"] > 0
+    assert data["machine"]["cpus"] >= 1
+    assert cli.main([*args, "--csv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("mode,load,processes") and lines[1].startswith("closed,2")
+
+
+def test_inputs_from_npy_files(server, tmp_path, capsys):
+    path = tmp_path / "x.npy"
+    np.save(path, np.ones((3, 64), np.float32))
+    assert cli.main(["--url", server.url, "bench", "--model", "example", "--input",
+                     f"input={path}", "--concurrency", "1", "--duration", "0.3", "--warmup",
+                     "0", "--quiet", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["requests"] > 0 and result["server_mean_batch"] >= 3
+
+
+def test_a_request_the_server_refuses_fails_before_the_run(server, tmp_path, capsys):
+    path = tmp_path / "bad.npy"
+    np.save(path, np.ones((1, 3), np.float32))
+    code = cli.main(["--url", server.url, "bench", "--model", "example", "--input",
+                     f"input={path}", "--duration", "0.2", "--quiet"])
+    assert code == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+
+
+def test_unknown_model_and_bad_flags(server, capsys):
+    assert cli.main(["--url", server.url, "bench", "--model", "nope", "--quiet"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert cli.main(["--url", server.url, "bench", "--model", "example",
+                     "--concurrency", "1.5", "--quiet"]) == 2
+    assert "whole numbers" in capsys.readouterr().err
+
+
+def test_dynamic_dimensions_need_a_shape():
+    t = TensorInfo("x", "FP32", (-1, -1, 3))
+    with pytest.raises(ValueError, match="--shape x="):
+        concrete_shape(t, 4, None)
+    assert concrete_shape(t, 4, (4, 7, 3)) == (4, 7, 3)
+    assert concrete_shape(TensorInfo("y", "INT64", (-1, 5)), 2, None) == (2, 5)
+    assert concrete_shape(TensorInfo("z", "FP32", (8, 5)), 2, None) == (8, 5)
+
+
+def test_merge_counts_errors_by_status_and_splits_nothing_twice():
+    config = BenchConfig(url="x", model="m", levels=(Level("closed", 3),), duration_s=2.0)
+    parts = [
+        {"latencies": np.array([0.001, 0.002]).tobytes(), "lags": b"",
+         "errors": {"UNAVAILABLE": 2}, "dropped": 0, "cpu": 0.5},
+        {"latencies": np.array([0.003]).tobytes(), "lags": b"",
+         "errors": {"UNAVAILABLE": 1, "DEADLINE_EXCEEDED": 4}, "dropped": 1, "cpu": 0.9},
+    ]
+    r = _merge(Level("closed", 3), config, parts, ((10, 20), (15, 60)))
+    assert r.requests == 3 and r.throughput_rps == pytest.approx(1.5)
+    assert r.errors == {"DEADLINE_EXCEEDED": 4, "UNAVAILABLE": 3}
+    assert r.latency_ms["p50"] == pytest.approx(2.0)
+    assert r.server_batches == 5 and r.server_mean_batch == pytest.approx(8.0)
+    assert r.client_bound and r.dropped == 1
+    report = BenchReport(config={"model": "m", "url": "x", "protocol": "v1", "batch_rows": 1,
+                                 "processes": 2, "warmup_s": 0, "duration_s": 2},
+                         results=[r], machine={"cpus": 2})
+    assert "UNAVAILABLE:3" in table(report) and "more --processes" in table(report)
+    assert "DEADLINE_EXCEEDED:4;UNAVAILABLE:3" in to_csv(report)
+    assert json.loads(to_json(report))["results"][0]["errors"]["UNAVAILABLE"] == 3
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="--protocol"):
+        BenchConfig(url="x", model="m", levels=(Level("closed", 1),), protocol="http")
+    with pytest.raises(ValueError, match="--processes"):
+        BenchConfig(url="x", model="m", levels=(Level("closed", 1),), processes=0)
+    with pytest.raises(ValueError, match="no load levels"):
+        BenchConfig(url="x", model="m", levels=())
+
+
+def test_level_result_label():
+    r = LevelResult("open", 250.0, 1, 1.0, 0, 0.0, 0.0, {}, {}, [0.1])
+    assert r.label == "250/s" and not r.client_bound
