@@ -318,7 +318,7 @@ def _thread_cpu_s(ident: int) -> float:
 
 
 def served_throughput(engine: Any, workers: int, clients: int, processes: int,
-                      seconds: float, warmup_s: float = 1.5, max_queue_delay_us: int = 500,
+                      seconds: float, warmup_s: float = 1.5, max_queue_delay_us: int = 0,
                       rows_per_request: int = 1,
                       switch_interval_s: float | None = None) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
@@ -381,7 +381,7 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
 
 
 def fixed_rate_latency(engine: Any, workers: int, rate: float, processes: int,
-                       seconds: float, max_queue_delay_us: int = 500) -> dict[str, float]:
+                       seconds: float, max_queue_delay_us: int = 0) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     request = _request_bytes("standin", 1, engine.in_features)
     with _served(engine, workers, max_queue_delay_us) as server:
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"gRPC Infer (trtserve.v1, unary), {args.clients} concurrent clients in "
             f"{args.client_processes} client processes on the same machine, "
             f"{args.serve_workers} workers, dynamic batching (max batch 64, max queue delay "
-            f"500 us), {args.seconds:g} s measured. Raw = the same number of in-process "
+            f"0 us, the default), {args.seconds:g} s measured. Raw = the same number of in-process "
             "workers (no gRPC) at the served mean batch size. Event-loop thread CPU = CPU "
             "time of the server's one asyncio thread over wall time. GPU busy = Stats' busy "
             f"seconds per worker over wall time. The GPU-bound stand-in ({args.heavy}, "
