@@ -3,10 +3,10 @@
 Requests are built by tritonclient (InferInput.set_data_from_numpy,
 InferRequestedOutput, its own request builder and its own message classes)
 and our responses are read back by tritonclient's InferResult. tritonclient's
-generated protos and ours define the same `inference.*` symbols, which one
-protobuf descriptor pool refuses to hold twice, so tritonclient runs in a
-child interpreter and only serialized messages cross over: exactly what
-travels on the wire between a tritonclient user and trtserve.
+side runs in a child interpreter and only serialized messages cross over:
+exactly what travels on the wire between a tritonclient user and trtserve.
+(tests/frontends/test_tritonclient.py drives a live server with tritonclient
+in this process, which trtserve's private descriptor pool allows.)
 """
 
 from __future__ import annotations

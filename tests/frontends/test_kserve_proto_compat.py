@@ -1,12 +1,12 @@
 """Our KServe v2 protos against tritonclient's: same wire contract, checked on
 the real descriptors.
 
-tritonclient ships its own generated copy of the same protos. Both define
-`inference.*` symbols, and one protobuf descriptor pool refuses a second
-definition of a symbol, so the two cannot be imported into one process. The
-tritonclient side therefore runs in a child interpreter that imports
-tritonclient the ordinary way and prints its FileDescriptorProtos, which are
-compared here with the descriptors our generated modules register.
+tritonclient ships its own generated copy of the same protos. Ours live in
+trtserve's private descriptor pool (service/descriptors.py), so both import
+into one process; the tritonclient side still runs in a child interpreter, so
+this test also holds where an application imports tritonclient alone. The child
+prints tritonclient's FileDescriptorProtos, which are compared here with the
+descriptors our generated modules register.
 """
 
 from __future__ import annotations
