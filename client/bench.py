@@ -30,7 +30,6 @@ import contextlib
 import csv
 import io
 import json
-import math
 import multiprocessing as mp
 import os
 import random
@@ -48,7 +47,7 @@ import grpc
 import numpy as np
 
 from client.client import DEFAULT_MAX_MESSAGE_BYTES
-from service.profile_cli import random_array
+from service.profile_cli import latency_summary_ms, random_array
 
 PROTOCOLS = ("v1", "kserve")
 V1_INFER = "/trtserve.v1.InferenceService/Infer"
@@ -540,15 +539,6 @@ def _child(config: BenchConfig, payloads: list[bytes], index: int, conn: Connect
 # --- the parent: levels, progress, merging ------------------------------------------------
 
 
-def _percentiles_ms(seconds: np.ndarray) -> dict[str, float]:
-    if seconds.size == 0:
-        return {k: math.nan for k in ("mean", "p50", "p90", "p95", "p99", "max")}
-    ms = seconds * 1e3
-    p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
-    return {"mean": float(ms.mean()), "p50": float(p50), "p90": float(p90),
-            "p95": float(p95), "p99": float(p99), "max": float(ms.max())}
-
-
 def _merge(level: Level, config: BenchConfig, parts: list[dict[str, Any]],
            batches: tuple[tuple[int, int] | None, tuple[int, int] | None]) -> LevelResult:
     latencies = np.concatenate([np.frombuffer(p["latencies"], dtype=np.float64)
@@ -562,7 +552,7 @@ def _merge(level: Level, config: BenchConfig, parts: list[dict[str, Any]],
         mode=level.mode, load=level.value, processes=config.processes, window_s=window,
         requests=int(latencies.size), throughput_rps=latencies.size / window,
         rows_per_s=latencies.size * config.batch_rows / window,
-        latency_ms=_percentiles_ms(latencies), errors=dict(sorted(errors.items())),
+        latency_ms=latency_summary_ms(latencies), errors=dict(sorted(errors.items())),
         client_cpu=[round(p["cpu"], 3) for p in parts],
         dropped=sum(p["dropped"] for p in parts),
         send_lag_p99_ms=float(np.percentile(lags, 99) * 1e3) if lags.size else None,

@@ -83,7 +83,8 @@ class ProfileReport:
     recommendation: Recommendation | None = None
 
 
-def _stats_ms(seconds: np.ndarray) -> dict[str, float]:
+def latency_summary_ms(seconds: np.ndarray) -> dict[str, float]:
+    """mean, p50, p90, p95, p99 and max of durations in seconds, as milliseconds."""
     if seconds.size == 0:
         return {k: math.nan for k in ("mean", "p50", "p90", "p95", "p99", "max")}
     ms = seconds * 1e3
@@ -209,8 +210,8 @@ def profile(config: ModelConfig, batch_sizes: Sequence[int], duration_s: float =
             result = SizeResult(
                 batch_size=size, workers=len(runners), batches=len(records),
                 window_s=duration_s, rows_per_s=len(records) * size / duration_s,
-                batches_per_s=len(records) / duration_s, latency_ms=_stats_ms(wall),
-                compute_ms=_stats_ms(compute))
+                batches_per_s=len(records) / duration_s, latency_ms=latency_summary_ms(wall),
+                compute_ms=latency_summary_ms(compute))
             report.results.append(result)
             if on_result is not None:
                 on_result(result)
