@@ -80,7 +80,7 @@ MODELS = {
 }
 WORKERS = 2
 MAX_BATCH = 64
-DELAY_US = 500  # the README's default max_queue_delay_us
+DELAY_US = 500  # a typical opportunistic-batching delay; the server default is 0
 
 
 @dataclass
@@ -741,8 +741,9 @@ def _render_overhead(data: dict[str, Any] | None) -> list[str]:
                      f"{_fmt_rounds([r['p50_ms'] * 1e3 for r in rounds], '{:.0f}')} | "
                      f"{compute:.0f} | {queue:.0f} | {over:.0f} | {floor:.0f} | "
                      f"{over - floor:.0f} | {_verdict(over < 300)} |")
-    lines += ["", f"With max_queue_delay_us {DELAY_US} (the README's default) a request alone "
-              "waits out the delay for company that never comes at concurrency 1; the queue "
+    lines += ["", f"With max_queue_delay_us {DELAY_US} (a typical batching delay; the "
+              "server's default is 0) a request alone waits out the delay for company that never "
+              "comes at concurrency 1; the queue "
               "column shows it. Delay 0 is what a latency-bound deployment would set."]
     return lines + _commands(data["commands"])
 
