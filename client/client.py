@@ -60,22 +60,27 @@ def _channel(url: str, tls: bool, root_certificates: bytes | None, private_key: 
 
 
 class _BlockingClient:
-    """A channel, its stub, the auth metadata, and errors turned into InferenceError."""
+    """A channel, its stub, the auth metadata, and errors turned into InferenceError.
+
+    Subclasses name the protocol's stub in `_stub_type`.
+    """
+
+    _stub_type: Any
 
     def __init__(
         self,
-        stub_type: Any,
-        url: str,
-        token: str | None,
-        root_certificates: bytes | None,
-        private_key: bytes | None,
-        certificate_chain: bytes | None,
-        tls: bool,
-        max_message_bytes: int,
+        url: str = "127.0.0.1:8001",
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        tls: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._channel = _channel(url, tls, root_certificates, private_key, certificate_chain,
                                  max_message_bytes)
-        self._stub = stub_type(self._channel)
+        self._stub = self._stub_type(self._channel)
         self._metadata = _metadata(token)
 
     def __enter__(self) -> Self:
@@ -97,19 +102,7 @@ class _BlockingClient:
 class Client(_BlockingClient):
     """trtserve.v1: Infer, Stats, ModelMetadata."""
 
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        tls: bool = False,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        super().__init__(pb_grpc.InferenceServiceStub, url, token, root_certificates,
-                         private_key, certificate_chain, tls, max_message_bytes)
+    _stub_type = pb_grpc.InferenceServiceStub
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray],
               outputs: Sequence[str] | None = None, timeout: float | None = None,
@@ -225,19 +218,7 @@ class KServeClient(_BlockingClient):
     numpy in, numpy out. Errors raise InferenceError with the gRPC status.
     """
 
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        tls: bool = False,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        super().__init__(kpb_grpc.GRPCInferenceServiceStub, url, token, root_certificates,
-                         private_key, certificate_chain, tls, max_message_bytes)
+    _stub_type = kpb_grpc.GRPCInferenceServiceStub
 
     def live(self, timeout: float | None = None) -> bool:
         return bool(self._call(self._stub.ServerLive, kpb.ServerLiveRequest(), timeout).live)
