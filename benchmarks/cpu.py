@@ -268,7 +268,10 @@ def pytriton_env(opts: Options, log: list[str]) -> tuple[str, dict[str, str]] | 
     if not list(Path(libdir).glob(f"libpython{version}*.so*")):
         return f"{libdir} holds no libpython{version}.so, which PyTriton's stub links"
     paths = [libdir, *filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(":"))]
-    return python, {"LD_LIBRARY_PATH": ":".join(paths), "PYTHONUNBUFFERED": "1"}
+    # Triton's gRPC runs as shipped: not with the transport settings trtserve's
+    # processes inherit from service/grpc_tuning.py (empty = gRPC's defaults).
+    return python, {"LD_LIBRARY_PATH": ":".join(paths), "PYTHONUNBUFFERED": "1",
+                    "GRPC_EXPERIMENTS": ""}
 
 
 @contextlib.contextmanager
@@ -454,32 +457,70 @@ def against_pytriton(opts: Options, models: dict[str, Path], log_dir: Path) -> d
     return out
 
 
-def overhead(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, Any]:
-    """p50 at concurrency 1 minus the backend's time, and the no-op gRPC floor."""
-    out: dict[str, Any] = {"delays": {}, "floor": [], "commands": []}
-    for i in range(opts.rounds):
-        _say(f"overhead: no-op gRPC server, round {i + 1}")
-        port = free_port()
-        child = Child(f"grpc-floor-{port}", [PY, "-m", "benchmarks.grpc_floor", "--port",
-                                             str(port)], log_dir)
+# The no-op server three ways, client and server alike: gRPC as shipped on
+# asyncio's loop; trtserve's transport settings (service/grpc_tuning.py) on
+# asyncio's loop; and both settings trtserve runs with (the floor it is held to).
+FLOORS = (
+    ("gRPC defaults, asyncio loop", "", "asyncio"),
+    ("trtserve's gRPC settings, asyncio loop", None, "asyncio"),
+    ("trtserve's gRPC settings, uvloop (as trtserve runs)", None, "auto"),
+)
+
+
+@contextlib.contextmanager
+def _grpc_experiments(value: str | None) -> Iterator[None]:
+    """GRPC_EXPERIMENTS for the processes started inside (None: leave as it is)."""
+    if value is None:
+        yield
+        return
+    saved = os.environ.get("GRPC_EXPERIMENTS")
+    os.environ["GRPC_EXPERIMENTS"] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["GRPC_EXPERIMENTS"]
+        else:
+            os.environ["GRPC_EXPERIMENTS"] = saved
+
+
+def floor(opts: Options, log_dir: Path, experiments: str | None, event_loop: str) -> Run:
+    """One closed-loop run at concurrency 1 against the no-op server."""
+    from client.bench import model_inputs
+
+    port = free_port()
+    cmd = [PY, "-m", "benchmarks.grpc_floor", "--port", str(port), "--event-loop", event_loop]
+    with _grpc_experiments(experiments):
+        child = Child(f"grpc-floor-{event_loop}-{port}", cmd, log_dir)
         try:
             served = Served(child, f"127.0.0.1:{port}", "floor",
                             "python -m benchmarks.grpc_floor")
             probe = BenchConfig(url=served.url, model="floor", levels=(Level("closed", 1),))
-            from client.bench import model_inputs
 
-            def ready(p: BenchConfig = probe) -> bool:
-                with grpc.insecure_channel(p.url) as channel:
-                    return bool(model_inputs(channel, p))
+            def ready() -> bool:
+                with grpc.insecure_channel(probe.url) as channel:
+                    return bool(model_inputs(channel, probe))
 
             _wait(child, ready, 60, "grpc floor")
             run = bench(served, opts, Level("closed", 1))
-            out["floor"].append(run.result.latency_ms["p50"])
-            if i == 0:
-                out["commands"] += [f"python -m benchmarks.grpc_floor --port {port}",
-                                    run.command]
         finally:
             child.stop()
+    prefix = "GRPC_EXPERIMENTS= " if experiments == "" else ""
+    run.command = (f"{prefix}python -m benchmarks.grpc_floor --port {port} --event-loop "
+                   f"{event_loop}\n{prefix}{run.command}")
+    return run
+
+
+def overhead(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, Any]:
+    """p50 at concurrency 1 minus the backend's time, and the no-op gRPC floor."""
+    out: dict[str, Any] = {"delays": {}, "floors": {}, "commands": []}
+    for i in range(opts.rounds):
+        for label, experiments, event_loop in FLOORS:
+            _say(f"overhead: no-op gRPC server, {label}, round {i + 1}")
+            run = floor(opts, log_dir, experiments, event_loop)
+            out["floors"].setdefault(label, []).append(run.result.latency_ms["p50"])
+            if i == 0:
+                out["commands"] += run.command.split("\n")
         for delay in (0, DELAY_US):
             for protocol in ("v1", "kserve"):
                 _say(f"overhead: delay {delay} us over {protocol}, round {i + 1}")
@@ -582,6 +623,9 @@ def render(results: dict[str, Any], opts: Options, machine: dict[str, Any], bega
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {platform.platform()}",
         f"- Python {machine['python']}, grpcio {machine['grpcio']}, onnxruntime "
         f"{_version('onnxruntime')}, numpy {np.__version__}",
+        f"- gRPC: trtserve, the no-op server and the load generator run with "
+        f"`GRPC_EXPERIMENTS={machine.get('grpc_experiments', '')}` (service/grpc_tuning.py) "
+        f"and trtserve on uvloop {_version('uvloop')}; PyTriton's Triton runs gRPC as shipped.",
         "- Backend: **ONNX Runtime on the CPU** (CPUExecutionProvider). Every server, the load "
         "generator and the in-process baseline share these cores.",
         f"- Each level: {opts.warmup_s:g} s warm-up, then {opts.duration_s:g} s measured; "
@@ -721,14 +765,20 @@ def _render_pytriton(data: dict[str, Any] | None) -> list[str]:
 def _render_overhead(data: dict[str, Any] | None) -> list[str]:
     if not data:
         return []
-    floor = _med(data["floor"]) * 1e3
+    floors = data["floors"]
+    floor = _med(floors[FLOORS[-1][0]]) * 1e3
     lines = ["### 4. Service overhead at concurrency 1 (model `light`; target < 300 us)", "",
              "Overhead = p50 end-to-end minus the backend's own p50 time for that batch "
              "(Stats compute_time). The no-op server (benchmarks/grpc_floor.py: grpc.aio "
-             "answering a fixed response, no decoding) measured with the same client gives the "
-             f"part that the Python gRPC stack and the client cost on their own: p50 "
-             f"{_fmt_rounds([f * 1e3 for f in data['floor']], '{:.0f}')} us.", "",
-             "| max_queue_delay_us / protocol | p50 end-to-end us | backend p50 us | "
+             "answering a fixed response, no decoding), driven by the same client, gives the "
+             "part that the Python gRPC stack and the client cost on their own. It runs three "
+             "ways, the client always with the same gRPC settings as the server:", "",
+             "| no-op server and client | p50 us | vs gRPC defaults |", "|---|---|---|"]
+    base = _med(floors[FLOORS[0][0]])
+    for label, rounds in floors.items():
+        lines.append(f"| {label} | {_fmt_rounds([f * 1e3 for f in rounds], '{:.0f}')} | "
+                     f"{_med(rounds) / base:.2f}x |")
+    lines += ["", "| max_queue_delay_us / protocol | p50 end-to-end us | backend p50 us | "
              "queue p50 us | overhead us | of which gRPC floor us | trtserve's own us | "
              "verdict |", "|---|---|---|---|---|---|---|---|"]
     for key, rounds in data["delays"].items():

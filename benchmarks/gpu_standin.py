@@ -19,6 +19,9 @@ Sections (sized to finish in a few minutes on one GPU):
 
 from __future__ import annotations
 
+# First, before grpc loads: the transport trtserve runs on (GRPC_EXPERIMENTS= for gRPC's own).
+from service import grpc_tuning  # noqa: F401  # isort: skip
+
 import argparse
 import asyncio
 import datetime
@@ -595,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}",
         f"- device: {device}",
         f"- host: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        "- gRPC: server and clients with "
+        f"`GRPC_EXPERIMENTS={os.environ.get('GRPC_EXPERIMENTS', '')}` "
+        "(service/grpc_tuning.py); the server on its default event loop (uvloop)",
         f"- wall time of the whole run: {time.monotonic() - started:.0f} s",
         "",
     ]

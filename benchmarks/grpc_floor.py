@@ -7,9 +7,17 @@ grpc.aio cost on their own, so the benchmark can say which part of the
 end-to-end latency is trtserve's.
 
     python -m benchmarks.grpc_floor --port 8301 --width 64 --out-width 16
+    python -m benchmarks.grpc_floor --port 8301 --event-loop asyncio
+    GRPC_EXPERIMENTS= python -m benchmarks.grpc_floor --port 8301   # gRPC's own defaults
+
+It runs on the gRPC transport and event loop trtserve runs on
+(service/grpc_tuning.py, `server.event_loop`), unless told otherwise.
 """
 
 from __future__ import annotations
+
+# First, before grpc loads: the transport trtserve runs on.
+from service import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
@@ -17,7 +25,9 @@ import asyncio
 import grpc
 import numpy as np
 
+from service.config import EVENT_LOOPS
 from service.gen.trtserve.v1 import inference_pb2 as pb
+from service.server import loop_factory
 
 
 def handlers(width: int, out_width: int) -> grpc.GenericRpcHandler:
@@ -61,8 +71,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8301)
     parser.add_argument("--width", type=int, default=64, help="input features per row")
     parser.add_argument("--out-width", type=int, default=16, help="output features per row")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                        help="as trtserve's server.event_loop (default: uvloop where installed)")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.width, args.out_width))
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        runner.run(serve(args.port, args.width, args.out_width))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ path with --perf-analyzer or PERF_ANALYZER.
 
 from __future__ import annotations
 
+# First, before grpc loads: the transport trtserve runs on (GRPC_EXPERIMENTS= for gRPC's own).
+from service import grpc_tuning  # noqa: F401  # isort: skip
+
 import argparse
 import datetime
 import json
@@ -27,18 +30,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.config import ModelConfig
+from service.config import EVENT_LOOPS, ModelConfig
 from service.example_model import write_example
 from tests.conftest import server_config
 from tests.servers import ROOT, running_server
 
-CONCURRENCY = list(range(1, 58, 8))  # perf_analyzer's 1:57:8
+RANGE = "1:57:8"  # perf_analyzer's --concurrency-range: start:end:step
 PA_LINE = re.compile(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec")
 
 
-def perf_analyzer(binary: str, url: str, model: str, streaming: bool, log: Path) -> list[dict]:
-    cmd = [binary, "-m", model, "-i", "grpc", "-u", url,
-           "--concurrency-range", f"{CONCURRENCY[0]}:{CONCURRENCY[-1]}:8",
+def levels(spec: str) -> list[int]:
+    start, end, step = (int(x) for x in spec.split(":"))
+    return list(range(start, end + 1, step))
+
+
+def perf_analyzer(binary: str, url: str, model: str, streaming: bool, log: Path,
+                  spec: str) -> list[dict]:
+    cmd = [binary, "-m", model, "-i", "grpc", "-u", url, "--concurrency-range", spec,
            "--measurement-interval", "2000", "--stability-percentage", "25",
            "--max-trials", "6"]
     if streaming:
@@ -52,10 +60,9 @@ def perf_analyzer(binary: str, url: str, model: str, streaming: bool, log: Path)
     return rows
 
 
-def our_bench(url: str, model: str, streaming: bool) -> list[dict]:
-    del streaming  # our bench tool measures unary calls only
+def our_bench(url: str, model: str, spec: str) -> list[dict]:
     cmd = [sys.executable, "-m", "client.cli", "--url", url, "bench", "--model", model,
-           "--protocol", "kserve", "--concurrency", ",".join(map(str, CONCURRENCY)),
+           "--protocol", "kserve", "--concurrency", ",".join(map(str, levels(spec))),
            "--duration", "3", "--warmup", "1", "--json", "--quiet"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     if result.returncode != 0:
@@ -92,13 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "perf_analyzer.md"))
     parser.add_argument("--logs", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--no-streaming", action="store_true", help="unary calls only")
+    parser.add_argument("--concurrency-range", default=RANGE, metavar="START:END:STEP")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
+                        help="the server's event loop (server.event_loop)")
     args = parser.parse_args(argv)
+    grpc_settings = os.environ.get("GRPC_EXPERIMENTS", "")
 
     onnx = write_example(Path("/tmp/trtserve-pa/example.onnx"))
     cpu = ModelConfig(name="example", path=str(onnx), workers=4, max_queue_delay_us=0,
                       intra_op_threads=2)
     results: dict[str, dict[str, Any]] = {}
-    with running_server(server_config(cpu)) as server:
+    with running_server(server_config(cpu, event_loop=args.event_loop)) as server:
         models = ["example"]
         engine = None
         if not args.no_gpu:
@@ -116,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             server.call(server.server.models.add(runtime))
             models.append("standin")
         for model in models:
-            for streaming in (False, True):
+            for streaming in (False,) if args.no_streaming else (False, True):
                 key = f"{model}{' --streaming' if streaming else ''}"
                 log = Path(args.logs) / f"pa_{model}_{'stream' if streaming else 'unary'}.txt"
-                pa = perf_analyzer(args.perf_analyzer, server.url, model, streaming, log)
-                ours = our_bench(server.url, model, streaming) if not streaming else []
+                pa = perf_analyzer(args.perf_analyzer, server.url, model, streaming, log,
+                                   args.concurrency_range)
+                # Our bench tool measures unary calls only.
+                ours = [] if streaming else our_bench(server.url, model, args.concurrency_range)
                 results[key] = {"pa": pa, "ours": ours}
                 print(key, json.dumps(results[key]), flush=True)
         if engine is not None:
@@ -137,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
              f"- host: {os.cpu_count()} CPUs, {platform.platform()}, Python "
              f"{platform.python_version()}",
              "- server: one trtserve process, `example` (ONNX Runtime, 4 workers x 2 threads) "
-             "and `standin` (2 workers, CUDA graphs); max_queue_delay_us=0", "",
+             "and `standin` (2 workers, CUDA graphs); max_queue_delay_us=0; event loop "
+             f"{type(server.loop).__module__}; GRPC_EXPERIMENTS={grpc_settings!r} "
+             "(service/grpc_tuning.py)", "",
              "perf_analyzer's latency is its average; ours is the p50.", ""]
     for key, r in results.items():
         lines += [f"## {key}", "", *table(r["pa"], r["ours"]), ""]

@@ -19,7 +19,9 @@ are not parsed (one probe answer is, before the run), so the client spends
 its time on gRPC alone. A process whose share of a closed-loop level is a
 single stream (concurrency 1) uses gRPC's blocking client in a thread, which
 costs less per call than asyncio's, so that level measures the server rather
-than the client.
+than the client. The load processes run gRPC's C core with the settings the
+server runs with (service/grpc_tuning.py; they inherit GRPC_EXPERIMENTS), and
+the report names them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import grpc
 import numpy as np
 
 from client.client import DEFAULT_MAX_MESSAGE_BYTES
+from service import grpc_tuning  # noqa: F401  # sets GRPC_EXPERIMENTS for the load processes
 from service.profile_cli import latency_summary_ms, random_array
 
 PROTOCOLS = ("v1", "kserve")
@@ -677,7 +680,8 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": model, "cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "grpcio": grpc.__version__}
+            "grpcio": grpc.__version__,
+            "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", "")}
 
 
 def _config_dict(config: BenchConfig) -> dict[str, Any]:

@@ -16,8 +16,8 @@ class Request:
     rows: int
     # Non-batch dimensions of every input; only requests with equal keys share a batch.
     shape_key: tuple[tuple[int, ...], ...]
-    arrival: float  # event-loop clock
-    deadline: float | None  # event-loop clock; None: no deadline
+    arrival: float  # serving clock (service.timer.now)
+    deadline: float | None  # serving clock; None: no deadline
     future: asyncio.Future[Outputs]
 
     def expired(self, now: float) -> bool:

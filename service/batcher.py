@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from service.batch import Batch, Request
 from service.errors import ResourceExhausted, Unavailable
 from service.scheduler import Scheduler
-from service.timer import PreciseTimer
+from service.timer import PreciseTimer, now
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Batcher:
                 self._dispatch(worker, batch)
 
     async def _sleep(self, timeout: float | None, deadline: float | None = None) -> None:
-        """Until `wake()`, or `timeout` seconds (`deadline` on the loop clock, if known)."""
+        """Until `wake()`, or `timeout` seconds (`deadline` on the serving clock, if known)."""
         self._wakeup = self._loop.create_future()
         handle = None
         if timeout is not None:
@@ -153,7 +153,7 @@ class Batcher:
                 # its condition), and cheaper than a disarm per batch. Re-arming
                 # for the deadline it already holds is skipped.
                 self._timer.arm(deadline if deadline is not None
-                                else self._loop.time() + timeout)
+                                else now() + timeout)
             else:
                 handle = self._loop.call_later(timeout, self.wake)
         try:
@@ -168,7 +168,7 @@ class Batcher:
         if request.future.done():
             self._drop(request, "cancelled")
             return False
-        if request.expired(self._loop.time()):
+        if request.expired(now()):
             self._drop(request, "deadline")
             return False
         return True
@@ -201,7 +201,7 @@ class Batcher:
             self._take(batch, policy.max_batch_size)
             if batch.rows >= policy.send_at or self._blocked(batch):
                 return
-            remaining = deadline - self._loop.time()
+            remaining = deadline - now()
             if remaining <= 0 or self._closed:
                 return
             self._forming = batch  # _take left nothing queued

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+# First, before any module imports grpc: it sets what gRPC's C core reads as grpc loads.
+from service import grpc_tuning  # noqa: F401  # isort: skip
+
 import argparse
 import asyncio
 import dataclasses
 import logging
 import sys
 
-from service.config import ModelConfig, ServerConfig, load_toml
+from service.config import EVENT_LOOPS, ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 
 # Flags that override a key of every model's config (flag dest == config key).
 MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "intra_op_threads", "cuda_graphs", "device")
-SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file")
+SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
+                "event_loop")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -47,6 +51,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = off)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
+    p.add_argument("--event-loop", choices=EVENT_LOOPS,
+                   help="uvloop (default where installed) or asyncio's own")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")
@@ -91,12 +97,13 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from service.server import Server
+    from service.server import Server, loop_factory
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(args)
-    asyncio.run(Server(config).serve_until_signal())
+    with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
+        runner.run(Server(config).serve_until_signal())
     return 0
 
 

@@ -120,6 +120,9 @@ class TlsConfig:
                  self.client_ca_file, "cert_file and key_file as well")
 
 
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -132,6 +135,9 @@ class ServerConfig:
     stats_window_s: float = 10.0
     auth_token_file: str = ""  # or the TRTSERVE_AUTH_TOKEN environment variable
     health_requires_auth: bool = False
+    # "uvloop" (libuv's event loop: less Python per call) where it is installed,
+    # else "asyncio"; "auto" picks.
+    event_loop: str = "auto"
     tls: TlsConfig = field(default_factory=TlsConfig)
     models: tuple[ModelConfig, ...] = ()
 
@@ -148,6 +154,8 @@ class ServerConfig:
                  self.max_concurrent_streams, "0 (default) or more")
         _require(self.stats_window_s > 0, "server.stats_window_s", self.stats_window_s,
                  "more than 0")
+        _require(self.event_loop in EVENT_LOOPS, "server.event_loop", self.event_loop,
+                 " or ".join(repr(e) for e in EVENT_LOOPS))
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")

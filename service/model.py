@@ -27,6 +27,7 @@ from service.errors import (
 from service.scheduler import Scheduler
 from service.stats import ModelCounters, WorkerStats
 from service.tensors import dtype_name
+from service.timer import now
 from service.worker import Outcome, Worker
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ class ModelRuntime:
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
-        `deadline` is on the event loop's clock. `dtypes` gives wire dtype names
+        `deadline` is on the serving clock (`service.timer.now`). `dtypes` gives wire dtype names
         where numpy can't tell them apart (BF16 travels as uint16).
         """
         if self._draining:
@@ -138,9 +139,8 @@ class ModelRuntime:
         if self._batcher is None or not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
         rows, shape_key = self.validate(inputs, dtypes or {})
-        loop = asyncio.get_running_loop()
-        request = Request(dict(inputs), rows, shape_key, loop.time(), deadline,
-                          loop.create_future())
+        request = Request(dict(inputs), rows, shape_key, now(), deadline,
+                          asyncio.get_running_loop().create_future())
         try:
             self._batcher.submit(request)
         except ResourceExhausted:
@@ -152,16 +152,16 @@ class ModelRuntime:
         except asyncio.CancelledError:
             # grpc.aio cancels the handler when its client cancels or its deadline
             # passes; the batcher then drops the request unexecuted (see _drop).
-            if request.expired(loop.time() + DEADLINE_CANCEL_SLACK_S):
+            if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
                 self.counters.deadline_exceeded += 1
             else:
                 self.counters.cancelled += 1
             raise
         except ServeError:
             self.counters.failure += 1
-            self.counters.failure_s += loop.time() - request.arrival
+            self.counters.failure_s += now() - request.arrival
             raise
-        elapsed = loop.time() - request.arrival
+        elapsed = now() - request.arrival
         self.counters.success += 1
         self.counters.success_s += elapsed
         self.counters.success_histogram.observe(elapsed)
@@ -214,10 +214,10 @@ class ModelRuntime:
     # --- batches -------------------------------------------------------------------
 
     def _dispatch(self, index: int, batch: Batch) -> None:
-        now = asyncio.get_running_loop().time()
+        dispatched = now()
         stats = self.worker_stats[index]
         for request in batch.requests:
-            stats.record_queue(now - request.arrival)
+            stats.record_queue(dispatched - request.arrival)
         stats.in_flight += 1
         assert self._idle is not None
         self._idle.clear()

@@ -9,14 +9,17 @@ then `server.stop(grace)`.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from service import auth, descriptors
 from service.config import ModelConfig, ServerConfig
@@ -94,15 +97,19 @@ class Server:
         """Bind, answer health, then load every model. Returns the bound port."""
         interceptors = self._interceptors()
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
+        services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.models), server)
-        self._add_kserve(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            InferenceService(self.models), services)
+        self._add_kserve(services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]
         # Our types live in trtserve's own pool; reflection describes from it.
         pool = descriptors.include(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
-        reflection.enable_server_reflection(names, server, pool=pool)
+        # What reflection.enable_server_reflection does for an aio server, through `services`.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(names, pool=pool),  # type: ignore[attr-defined]
+            services)
         self.port = self._bind(server)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
@@ -144,7 +151,7 @@ class Server:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _add_kserve(self, server: grpc.aio.Server) -> None:
+    def _add_kserve(self, server: _GenericHandlersOnly) -> None:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
         self._services.append(add_to_server(server, self.models,
                                             server_ready=lambda: self._ready))
@@ -186,10 +193,54 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
         await self.start()
         await self._stopping.wait()
         log.info("stopping: draining in-flight requests")
         await self.stop()
+
+
+class _GenericHandlersOnly:
+    """The server, as the generated `add_*_to_server` functions see it: generic handlers only.
+
+    Those functions also register each method with grpc.aio, which then keeps
+    one pending "next call" future per registered method (about 30 here) and
+    runs `asyncio.wait` over all of them for every call that arrives: about a
+    third of the event loop's Python time under load in the profile
+    (docs/benchmarks.md). Generic handlers share one future, and finding a
+    method in them is a dict lookup per service. Worth about 6% of throughput
+    at concurrency 128 on `light` in an A/B run.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Left out on purpose: the generic handler added alongside serves these methods."""
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `server.event_loop` names; None: asyncio's default.
+
+    uvloop runs the loop itself (epoll, callbacks, timers) in C: grpc.aio's
+    per-call tasks and callbacks cost less Python with it (docs/benchmarks.md,
+    "gRPC transport"). The serving clock does not depend on the choice
+    (service.timer.now).
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("server.event_loop: 'uvloop' is not installed "
+                              "(pip install uvloop), or choose 'asyncio'") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _is_loopback(host: str) -> bool:

@@ -39,7 +39,7 @@ def _load_libc() -> ctypes.PyDLL | None:
     if not sys.platform.startswith("linux"):
         return None
     if time.get_clock_info("monotonic").implementation != "clock_gettime(CLOCK_MONOTONIC)":
-        return None  # the loop's clock must be the clock the timer runs on
+        return None  # `now` must be the clock the timer runs on
     try:
         # PyDLL keeps the GIL across each call: timerfd_settime is a short syscall,
         # and releasing and retaking the GIL around it costs more than the call
@@ -54,6 +54,12 @@ def _load_libc() -> ctypes.PyDLL | None:
 
 
 _LIBC = _load_libc()
+
+# The serving clock: request arrivals, batch deadlines and call deadlines.
+# Not loop.time(): uvloop's loop clock counts whole milliseconds, cached once per
+# loop iteration, too coarse for sub-millisecond delays. The timerfd below is
+# armed on this same clock (CLOCK_MONOTONIC), as is asyncio's default loop.
+now = time.monotonic
 
 
 class PreciseTimer:
@@ -94,7 +100,7 @@ class PreciseTimer:
             return None
 
     def arm(self, when: float) -> None:
-        """Fire at `when` on the loop's clock (time.monotonic, i.e. CLOCK_MONOTONIC)."""
+        """Fire at `when` on the serving clock (`now`: CLOCK_MONOTONIC)."""
         if self.armed and when == self._when:
             return  # reprogramming the same expiry costs a system call (and, in a VM, more)
         self._when = when

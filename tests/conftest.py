@@ -1,3 +1,7 @@
+# First, before anything imports grpc: the servers in these tests run on the
+# gRPC settings `trtserve serve` runs on.
+from service import grpc_tuning  # noqa: F401  # isort: skip
+
 import dataclasses
 from pathlib import Path
 

@@ -18,18 +18,21 @@ from typing import Any, TypeVar
 import grpc
 
 from service.config import ServerConfig
-from service.server import Server
+from service.server import Server, loop_factory
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServerThread:
-    """A Server on its own event loop in a background thread, bound to a free port."""
+    """A Server on its own event loop in a background thread, bound to a free port.
+
+    The loop is the one `trtserve serve` would run for this config (uvloop by default).
+    """
 
     def __init__(self, config: ServerConfig) -> None:
         self.server = Server(config)
-        self.loop = asyncio.new_event_loop()
+        self.loop = (loop_factory(config.event_loop) or asyncio.new_event_loop)()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     @property

@@ -7,12 +7,11 @@ handling they have in common live here so that neither copies the other.
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 
 from service.errors import NotFound
 from service.model import ModelRuntime
+from service.timer import now
 
 # trtserve serves one version of each model. KServe clients may name it "1" or
 # leave the version empty.
@@ -20,11 +19,11 @@ MODEL_VERSION = "1"
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the event loop's clock (None: the client set none)."""
+    """The call's deadline on the serving clock (None: the client set none)."""
     remaining = context.time_remaining()
     if remaining is None:
         return None
-    return asyncio.get_running_loop().time() + remaining
+    return now() + remaining
 
 
 def check_version(model: str | None, version: str) -> None:

@@ -10,7 +10,6 @@ UNIMPLEMENTED saying so.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from typing import Any
@@ -27,6 +26,7 @@ from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.model import ModelRuntime
 from service.repository import ModelRepository
+from service.timer import now
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
@@ -69,7 +69,7 @@ def _deadline(request: pb.ModelInferRequest, call_deadline: float | None) -> flo
                               "(microseconds)")
     if micros == 0:  # as in Triton: no timeout
         return call_deadline
-    timeout = asyncio.get_running_loop().time() + micros / 1e6
+    timeout = now() + micros / 1e6
     return timeout if call_deadline is None else min(timeout, call_deadline)
 
 
@@ -220,9 +220,13 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
     setattr(KServeInferenceService, _rpc, _unimplemented(_rpc, _why))
 
 
-def add_to_server(server: grpc.aio.Server, repository: ModelRepository,
+def add_to_server(server: Any, repository: ModelRepository,
                   server_ready: Callable[[], bool] | None = None) -> str:
-    """Serve KServe v2 on `server`; returns the service's full name (for health and reflection)."""
+    """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
+
+    `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
+    take in its place (its two `add_*_handlers` methods).
+    """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeInferenceService(repository, server_ready), server)
     return SERVICE_NAME

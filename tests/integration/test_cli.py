@@ -49,6 +49,11 @@ def test_random_infer_then_stats_count_it(served):
     assert "worker" in table.stdout
 
 
+def test_the_server_runs_on_uvloop_with_trtserves_grpc_settings(served):
+    """What the benchmarks measure is what `trtserve serve` runs: say so in its log."""
+    assert "event loop: uvloop.Loop" in served.output()
+
+
 def test_metadata_and_health(served):
     md = json.loads(client(served.url, "metadata", "--model", "example").stdout)
     assert md["inputs"][0]["name"] == "input"

@@ -9,6 +9,7 @@ from service.batch import Request
 from service.batcher import Batcher, BatchPolicy
 from service.errors import ResourceExhausted, Unavailable
 from service.scheduler import Scheduler
+from service.timer import now
 
 
 class Slot:
@@ -43,7 +44,7 @@ class Harness:
     def submit(self, rows=1, width=4, deadline=None):
         loop = asyncio.get_running_loop()
         x = np.zeros((rows, width), np.float32)
-        r = Request({"x": x}, rows, ((width,),), loop.time(), deadline, loop.create_future())
+        r = Request({"x": x}, rows, ((width,),), now(), deadline, loop.create_future())
         self.batcher.submit(r)
         return r
 
@@ -89,14 +90,13 @@ async def test_partial_batch_waits_for_the_delay_then_goes():
 
 async def test_delay_is_counted_once_from_the_first_arrival():
     h = Harness(max_batch_size=8, max_queue_delay_s=0.3)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    start = now()
     h.submit()
     for _ in range(5):  # later arrivals must not push the deadline back
         await asyncio.sleep(0.04)
         h.submit()
     await asyncio.wait_for(h.dispatched.wait(), 2)
-    assert loop.time() - start < 0.3 + 0.15
+    assert now() - start < 0.3 + 0.15
     await h.close()
 
 
@@ -192,8 +192,7 @@ async def test_expired_request_is_not_executed():
     h = Harness(workers=1, max_batch_size=1, max_queue_delay_s=0)
     h.submit()
     await h.settle()
-    loop = asyncio.get_running_loop()
-    h.submit(deadline=loop.time() + 0.01)
+    h.submit(deadline=now() + 0.01)
     await asyncio.sleep(0.05)
     h.free(0)
     await h.settle()

@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from service.cli import build_config
+from service.cli import add_serve, build_config
 from service.config import ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 
@@ -66,14 +66,13 @@ def test_bad_files_are_refused_naming_the_key(tmp_path, text, words):
 
 
 def test_flags_override_the_file(tmp_path):
-    args = argparse.Namespace(
-        config=str(write(tmp_path, GOOD)), model=[("c", "c.onnx")], host=None, port=7000,
-        metrics_port=None, grace_period_s=None, auth_token_file=None, tls_cert=None,
-        tls_key=None, tls_client_ca=None, backend=None, workers=5, max_batch_size=None,
-        max_queue_delay_us=100, preferred_batch_sizes=None, max_queue_size=None,
-        max_rows_per_request=None, intra_op_threads=None, cuda_graphs=None, device=None)
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    args = parser.parse_args([
+        "serve", "--config", str(write(tmp_path, GOOD)), "--model", "c=c.onnx", "--port", "7000",
+        "--workers", "5", "--max-queue-delay-us", "100", "--event-loop", "asyncio"])
     config = build_config(args)
-    assert config.port == 7000
+    assert config.port == 7000 and config.event_loop == "asyncio"
     assert [m.name for m in config.models] == ["a", "b", "c"]
     assert all(m.workers == 5 and m.max_queue_delay_us == 100 for m in config.models)
 
