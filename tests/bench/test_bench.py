@@ -12,13 +12,13 @@ from client.bench import (
     Level,
     LevelResult,
     TensorInfo,
-    _merge,
     concrete_shape,
     run,
     table,
     to_csv,
     to_json,
 )
+from client.bench.processes import _merge
 from service.config import ModelConfig
 from tests.conftest import server_config
 from tests.servers import running_server
