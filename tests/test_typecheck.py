@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKED = [
     "service/backends/trt_api.py",
     "service/backends/trt_build.py",
+    "service/backends/trt_inspect.py",
+    "service/backends/trt_log.py",
     "service/backends/tensorrt.py",
     "service/backends/trt_executor.py",
     "service/backends/cuda.py",

@@ -10,33 +10,53 @@ layers TensorRT fused and the builder log.
 Works with `tensorrt` and `tensorrt_rtx`. TensorRT-RTX builds on a machine without a
 GPU, but its engines can be loaded (deserialized) only on a GPU; the manifest says
 what could not be checked and why.
+
+Options live in `trt_build_options`, the manifest's path and reading in
+`trt_manifest`, loading and describing an engine in `trt_inspect`, the captured
+builder log in `trt_log` and the MPS check in `trt_build_mps`. The names importers
+use are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
-import subprocess
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.backends.trt_api import (
     IOTensor,
-    Shape,
     engine_io,
-    gpu_present,
     import_tensorrt,
     library_info,
     network_io,
     profile_shapes,
+)
+from service.backends.trt_build_mps import _mps_thread_percentage
+from service.backends.trt_build_options import (
+    BuildError,
+    BuildOptions,
+    OptionError,
+    ShapeRange,
+    default_batch_opt,
+)
+from service.backends.trt_inspect import (
+    _deserialize,
+    _Deserialized,
+    _inspector_layers,
+    _logged_layers,
+    describe_engine,
+)
+from service.backends.trt_log import _CapturedLog
+from service.backends.trt_manifest import (
+    MANIFEST_VERSION,
+    _profile_json,
+    load_manifest,
+    manifest_path,
 )
 
 if TYPE_CHECKING:
@@ -44,163 +64,17 @@ if TYPE_CHECKING:
 
     import tensorrt as trt
 
-MANIFEST_VERSION = 1
-# Tensor cores run FP16/INT8 GEMMs best when the batch is a multiple of this.
-TENSOR_CORE_BATCH_MULTIPLE = 32
-MPS_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
-MPS_PIPE_DIRECTORY_ENV = "CUDA_MPS_PIPE_DIRECTORY"
-DEFAULT_MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
-# The builder log of a large model runs to thousands of lines; the manifest keeps a
-# readable slice: INFO and above, each line cut, the head and tail of the whole.
-_LOG_LINE_CHARS = 400
-_LOG_MAX_LINES = 400
-_LOG_SEVERITIES = ("INTERNAL_ERROR", "ERROR", "WARNING", "INFO")
-
-ShapeRange = tuple[Shape, Shape, Shape]
-
-
-class BuildError(RuntimeError):
-    """The model could not be turned into an engine (parse, shapes, MPS, or the build itself)."""
-
-
-class OptionError(ValueError):
-    """A build option is invalid. `field` names the BuildOptions field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.detail = message
-
-
-def default_batch_opt(low: int, high: int) -> int:
-    """OPT for a batch range: the largest multiple of 32 in [low, high], else high.
-
-    TensorRT tunes its kernels for OPT; a multiple of 32 suits tensor cores, and the
-    largest one suits a server whose batcher fills batches under load.
-    """
-    best = (high // TENSOR_CORE_BATCH_MULTIPLE) * TENSOR_CORE_BATCH_MULTIPLE
-    return best if best >= max(low, 1) else high
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """How to build an engine. Every field is checked when the options are made.
-
-    `batch` is (min, opt, max) for dimension 0 of every input. `shapes` gives full
-    (min, opt, max) shapes per input name, for inputs with other dynamic dimensions;
-    where both apply, dimension 0 of the shapes must agree with `batch`.
-    """
-
-    profiles: int = 1
-    batch: tuple[int, int, int] | None = None
-    shapes: Mapping[str, ShapeRange] = field(default_factory=dict)
-    max_aux_streams: int | None = None
-    fp16: bool = False
-    bf16: bool = False
-    strongly_typed: bool = False
-    builder_optimization_level: int | None = None
-    avg_timing_iterations: int | None = None
-    timing_cache: Path | None = None
-    mps_percentage: int | None = None
-    workspace_mib: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("profiles", self.profiles, low=1, optional=False)
-        _check_int("max_aux_streams", self.max_aux_streams, low=0)
-        _check_int("builder_optimization_level", self.builder_optimization_level, low=0, high=5)
-        _check_int("avg_timing_iterations", self.avg_timing_iterations, low=1)
-        _check_int("mps_percentage", self.mps_percentage, low=1, high=100)
-        _check_int("workspace_mib", self.workspace_mib, low=1)
-        for name in ("fp16", "bf16", "strongly_typed"):
-            if not isinstance(getattr(self, name), bool):
-                raise OptionError(name, f"expected True or False, got {getattr(self, name)!r}")
-        if self.strongly_typed and (self.fp16 or self.bf16):
-            raise OptionError(
-                "strongly_typed",
-                f"cannot be combined with fp16 or bf16 (got fp16={self.fp16}, "
-                f"bf16={self.bf16}): a strongly typed network takes its precisions from the model",
-            )
-        if self.batch is not None:
-            batch = tuple(self.batch)
-            if not (
-                len(batch) == 3
-                and all(_is_int(d) for d in batch)
-                and 1 <= batch[0] <= batch[1] <= batch[2]
-            ):
-                raise OptionError(
-                    "batch",
-                    "expected (min, opt, max) integers with 1 <= min <= opt <= max, "
-                    f"got {self.batch!r}",
-                )
-            object.__setattr__(self, "batch", batch)
-        object.__setattr__(
-            self, "shapes", {n: _check_shape_range(n, r) for n, r in self.shapes.items()}
-        )
-        if self.timing_cache is not None:
-            if not isinstance(self.timing_cache, (str, Path)):
-                raise OptionError("timing_cache", f"expected a path, got {self.timing_cache!r}")
-            object.__setattr__(self, "timing_cache", Path(self.timing_cache))
-
-    def to_json(self) -> dict[str, Any]:
-        options = asdict(self)
-        options["timing_cache"] = str(self.timing_cache) if self.timing_cache else None
-        options["shapes"] = {n: [list(s) for s in r] for n, r in self.shapes.items()}
-        options["batch"] = list(self.batch) if self.batch else None
-        return options
-
-
-def _check_int(
-    name: str, value: object, low: int, high: int | None = None, optional: bool = True
-) -> None:
-    if value is None and optional:
-        return
-    in_range = (
-        isinstance(value, int)
-        and not isinstance(value, bool)  # True is an int to Python, not a count to us
-        and low <= value
-        and (high is None or value <= high)
-    )
-    if not in_range:
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise OptionError(name, f"expected an integer {bounds}, got {value!r}")
-
-
-def _check_shape_range(name: str, shape_range: Any) -> ShapeRange:
-    """The range as tuples, checked: `shape_range` is whatever the caller passed."""
-    where = f"shapes[{name!r}]"
-    try:
-        low, opt, high = (tuple(shape) for shape in shape_range)
-    except (TypeError, ValueError):
-        raise OptionError(where, f"expected (min, opt, max) shapes, got {shape_range!r}") from None
-    if not all(_is_int(d) and d >= 1 for d in low + opt + high):
-        raise OptionError(where, f"dimensions must be positive integers, got {shape_range!r}")
-    if not len(low) == len(opt) == len(high):
-        raise OptionError(where, f"min, opt and max must have the same rank, got {shape_range!r}")
-    if any(not lo <= op <= hi for lo, op, hi in zip(low, opt, high, strict=True)):
-        raise OptionError(
-            where, f"min <= opt <= max must hold in every dimension, got {shape_range!r}"
-        )
-    return low, opt, high
-
-
-def manifest_path(engine_path: str | Path) -> Path:
-    """Where the manifest of an engine lives: the engine path with '.json' appended."""
-    return Path(f"{engine_path}.json")
-
-
-def load_manifest(engine_path: str | Path) -> dict[str, Any]:
-    """The manifest written by `build_engine` next to this engine."""
-    path = manifest_path(engine_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no manifest next to the engine: {path} (`trtserve build` writes one)"
-        )
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    return manifest
+__all__ = [
+    "BuildError",
+    "BuildOptions",
+    "OptionError",
+    "ShapeRange",
+    "build_engine",
+    "default_batch_opt",
+    "describe_engine",
+    "load_manifest",
+    "manifest_path",
+]
 
 
 # ---------------------------------------------------------------------------------
@@ -364,60 +238,6 @@ class _Settings:
 
     applied: dict[str, object] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _LogLine:
-    severity: str
-    message: str
-
-
-class _CapturedLog:
-    """Every builder message, captured through a trt.ILogger subclass."""
-
-    def __init__(self, trt_module: types.ModuleType) -> None:
-        self.lines: list[_LogLine] = []
-        lines = self.lines
-
-        # The base class comes from whichever library is installed, so the subclass
-        # is made here. TensorRT may log from its own threads; list.append is atomic.
-        class Logger(trt_module.ILogger):  # type: ignore[name-defined]
-            def __init__(self) -> None:
-                trt_module.ILogger.__init__(self)
-
-            def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-                lines.append(_LogLine(severity.name, msg))
-
-        self.logger: trt.ILogger = Logger()
-
-    def errors(self) -> str:
-        return " | ".join(
-            line.message for line in self.lines if line.severity in ("INTERNAL_ERROR", "ERROR")
-        )
-
-    def first_error(self) -> str | None:
-        errors = [m for m in self.lines if m.severity in ("INTERNAL_ERROR", "ERROR")]
-        return errors[0].message if errors else None
-
-    def matching(self, text: str) -> list[str]:
-        return [line.message for line in self.lines if text in line.message]
-
-    def split_lines(self) -> Iterator[tuple[str, str]]:
-        """(severity, text) per physical line: some messages span many lines."""
-        for line in self.lines:
-            for text in line.message.splitlines():
-                yield line.severity, text
-
-    def trimmed(self) -> list[str]:
-        kept = [
-            f"{severity}: {text[:_LOG_LINE_CHARS]}"
-            for severity, text in self.split_lines()
-            if severity in _LOG_SEVERITIES and text.strip()
-        ]
-        if len(kept) <= _LOG_MAX_LINES:
-            return kept
-        half = _LOG_MAX_LINES // 2
-        return [*kept[:half], f"... {len(kept) - 2 * half} lines left out ...", *kept[-half:]]
 
 
 def _parse_onnx(
@@ -598,256 +418,6 @@ def _save_timing_cache(config: trt.IBuilderConfig, load: _TimingCacheLoad) -> di
         "bytes_after": data.nbytes,
         "note": load.note,
     }
-
-
-# ---------------------------------------------------------------------------------
-# MPS
-
-
-@contextlib.contextmanager
-def _mps_thread_percentage(percentage: int | None) -> Iterator[None]:
-    """Set CUDA_MPS_ACTIVE_THREAD_PERCENTAGE while building, after checking MPS answers."""
-    if percentage is None:
-        yield
-        return
-    _require_mps_daemon()
-    previous = os.environ.get(MPS_PERCENTAGE_ENV)
-    os.environ[MPS_PERCENTAGE_ENV] = str(percentage)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(MPS_PERCENTAGE_ENV, None)
-        else:
-            os.environ[MPS_PERCENTAGE_ENV] = previous
-
-
-def _require_mps_daemon() -> None:
-    if not gpu_present():
-        raise BuildError(
-            "--mps-percentage needs an NVIDIA GPU with the MPS control daemon running; "
-            "this machine has no NVIDIA GPU"
-        )
-    pipe_directory = Path(os.environ.get(MPS_PIPE_DIRECTORY_ENV, DEFAULT_MPS_PIPE_DIRECTORY))
-    start_hint = "start it with `nvidia-cuda-mps-control -d` (see the README's MPS steps)"
-    # The daemon listens on a pipe named `control` in its pipe directory.
-    if not (pipe_directory / "control").exists():
-        raise BuildError(
-            f"--mps-percentage: no MPS control daemon answers in {pipe_directory} "
-            f"(set {MPS_PIPE_DIRECTORY_ENV} if it uses another directory); {start_hint}"
-        )
-    control = shutil.which("nvidia-cuda-mps-control")
-    if control is None:
-        return  # The pipe exists; without the client tool there is nothing more to ask.
-    try:
-        reply = subprocess.run(
-            [control],
-            input="get_server_list\n",
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise BuildError(
-            f"--mps-percentage: the MPS control daemon in {pipe_directory} did not answer "
-            f"within 10 s; {start_hint}"
-        ) from None
-    if reply.returncode != 0:
-        said = (reply.stderr or reply.stdout).strip()
-        raise BuildError(
-            f"--mps-percentage: the MPS control daemon in {pipe_directory} did not answer "
-            f"({said or f'exit code {reply.returncode}'}); {start_hint}"
-        )
-
-
-# ---------------------------------------------------------------------------------
-# Engine layers and fusions
-
-
-@dataclass(frozen=True)
-class EngineLayer:
-    """One layer of the built engine and the ONNX nodes it implements."""
-
-    name: str
-    type: str
-    onnx_layers: tuple[str, ...]
-
-    @property
-    def fused(self) -> bool:
-        # TensorRT names fused layers "a + b" (pointwise fusions "PWN(a, b)"); Myelin
-        # kernels keep a generated name but list every ONNX node they cover.
-        return (
-            len(self.onnx_layers) > 1
-            or " + " in self.name
-            or self.name.startswith("PWN(")
-            or "fused" in self.name.lower()
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.type,
-            "onnx_layers": list(self.onnx_layers),
-            "fused": self.fused,
-        }
-
-
-_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
-# ONELINE layer information, as the builder logs it at VERBOSE with DETAILED verbosity.
-_ONELINE_LAYER = re.compile(r"^Name: (?P<name>.+?), LayerType: (?P<type>[^,]*),")
-# TensorRT's "Engine Layer Information" lines: "Layer(CaskConvolution): conv0 + relu0, Tactic: ...".
-_ENGINE_LAYER = re.compile(r"^Layer\((?P<type>[^)]*)\): (?P<name>.+?), Tactic: ")
-
-
-def _logged_layers(log: _CapturedLog) -> list[EngineLayer]:
-    layers: dict[str, EngineLayer] = {}
-    for _, text in log.split_lines():
-        text = text.strip()
-        match = _ONELINE_LAYER.match(text) or _ENGINE_LAYER.match(text)
-        if match is None or match["name"] in layers:
-            continue
-        metadata = text.split("Metadata: ", 1)[1] if "Metadata: " in text else ""
-        layers[match["name"]] = EngineLayer(
-            match["name"], match["type"], tuple(_ONNX_LAYER.findall(metadata))
-        )
-    return list(layers.values())
-
-
-def _inspector_layers(trt_module: types.ModuleType, engine: trt.ICudaEngine) -> list[EngineLayer]:
-    inspector = engine.create_engine_inspector()
-    info = json.loads(inspector.get_engine_information(trt_module.LayerInformationFormat.JSON))
-    layers = []
-    for entry in info.get("Layers", []):
-        # With LAYER_NAMES_ONLY verbosity an entry is just the name.
-        if isinstance(entry, str):
-            layers.append(EngineLayer(entry, "", ()))
-        else:
-            metadata = str(entry.get("Metadata", ""))
-            layers.append(
-                EngineLayer(
-                    str(entry.get("Name", "")),
-                    str(entry.get("LayerType", "")),
-                    tuple(_ONNX_LAYER.findall(metadata)),
-                )
-            )
-    return layers
-
-
-# ---------------------------------------------------------------------------------
-# Loading an engine, and describing one
-
-
-@dataclass
-class _Deserialized:
-    # The runtime must outlive the engine it made, so they travel together.
-    runtime: trt.Runtime | None
-    engine: trt.ICudaEngine | None
-    error: str | None
-
-
-def _deserialize(trt_module: types.ModuleType, data: bytes | memoryview) -> _Deserialized:
-    """Load an engine if this machine can; else say why (TensorRT needs a CUDA device)."""
-    log = _CapturedLog(trt_module)
-    runtime = trt_module.Runtime(log.logger)
-    engine = runtime.deserialize_cuda_engine(data)
-    if engine is not None:
-        return _Deserialized(runtime, engine, None)
-    # The first error says why; later ones repeat it from deeper in the library.
-    reason = log.first_error() or "no reason logged"
-    if not gpu_present():
-        reason = f"this machine has no NVIDIA GPU, which loading an engine needs ({reason})"
-    return _Deserialized(None, None, reason)
-
-
-def _profile_json(index: int, shapes: Mapping[str, ShapeRange]) -> dict[str, Any]:
-    return {
-        "index": index,
-        "inputs": {
-            name: {"min": list(low), "opt": list(opt), "max": list(high)}
-            for name, (low, opt, high) in shapes.items()
-        },
-    }
-
-
-def describe_engine(engine_path: str | Path) -> str:
-    """A human-readable account of an engine: IO tensors, profiles, aux streams, layers.
-
-    Uses the engine itself (engine inspector) where it can be loaded, which needs a GPU;
-    otherwise the manifest written when it was built.
-    """
-    engine_path = Path(engine_path)
-    if not engine_path.is_file():
-        raise FileNotFoundError(f"engine not found: {engine_path}")
-    manifest = load_manifest(engine_path) if manifest_path(engine_path).is_file() else None
-    try:
-        trt_module = import_tensorrt()
-    except RuntimeError as err:
-        if manifest is None:
-            raise
-        return _format_description(engine_path, manifest, f"manifest ({err})")
-    loaded = _deserialize(trt_module, engine_path.read_bytes())
-    if loaded.engine is None:
-        if manifest is None:
-            raise BuildError(
-                f"cannot describe {engine_path}: the engine does not load here "
-                f"({loaded.error}) and there is no manifest {manifest_path(engine_path)}"
-            )
-        return _format_description(
-            engine_path,
-            manifest,
-            f"manifest {manifest_path(engine_path).name} (engine not loaded: {loaded.error})",
-        )
-    engine = loaded.engine
-    name, version = library_info(trt_module)
-    live = {
-        "library": {"name": name, "version": version},
-        "io_tensors": [t.to_json() for t in engine_io(engine)],
-        "profiles": [
-            _profile_json(i, profile_shapes(engine, i))
-            for i in range(engine.num_optimization_profiles)
-        ],
-        "aux_streams": {
-            "num_aux_streams": engine.num_aux_streams,
-            "max_aux_streams": (manifest or {}).get("aux_streams", {}).get("max_aux_streams"),
-        },
-        "layers": [layer.to_json() for layer in _inspector_layers(trt_module, engine)],
-    }
-    return _format_description(engine_path, live, "engine inspector")
-
-
-def _format_description(engine_path: Path, summary: Mapping[str, Any], source: str) -> str:
-    library = summary.get("library", {})
-    lines = [
-        f"engine       {engine_path} ({engine_path.stat().st_size:,} bytes)",
-        f"library      {library.get('name', '?')} {library.get('version', '?')}",
-        f"source       {source}",
-        "io tensors",
-    ]
-    for tensor in summary.get("io_tensors", []):
-        shape = "x".join(str(d) for d in tensor["shape"])
-        lines.append(f"  {tensor['mode']:<7} {tensor['name']:<24} {tensor['dtype']:<8} {shape}")
-    profiles = summary.get("profiles", [])
-    lines.append(f"profiles     {len(profiles)}")
-    for profile in profiles:
-        for name, shapes in profile["inputs"].items():
-            low, opt, high = ("x".join(map(str, shapes[k])) for k in ("min", "opt", "max"))
-            lines.append(f"  #{profile['index']:<3} {name:<24} min {low}  opt {opt}  max {high}")
-    aux = summary.get("aux_streams", {})
-    count, requested = aux.get("num_aux_streams"), aux.get("max_aux_streams")
-    lines.append(
-        f"aux streams  {'unknown' if count is None else count} (max_aux_streams requested: "
-        f"{'library default' if requested is None else requested})"
-    )
-    layers = summary.get("layers", [])
-    fused = [layer for layer in layers if layer["fused"]]
-    lines.append(f"layers       {len(layers)}, {len(fused)} fused (*)")
-    for layer in layers:
-        mark = "*" if layer["fused"] else " "
-        covers = f"  <- {' + '.join(layer['onnx_layers'])}" if layer["onnx_layers"] else ""
-        kind = f" [{layer['type']}]" if layer["type"] else ""
-        lines.append(f"  {mark} {layer['name']}{kind}{covers}")
-    return "\n".join(lines)
 
 
 def _write_atomically(path: Path, data: bytes | memoryview) -> None:
