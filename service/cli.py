@@ -19,7 +19,8 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "intra_op_threads", "cuda_graphs", "device")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
-                "event_loop")
+                "health_requires_auth", "event_loop", "max_receive_message_bytes",
+                "max_send_message_bytes", "max_concurrent_streams")
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -51,8 +52,16 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = off)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
+    p.add_argument("--health-requires-auth", action=argparse.BooleanOptionalAction,
+                   default=None, help="health checks need the token too (default no)")
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="uvloop (default where installed) or asyncio's own")
+    p.add_argument("--max-receive-message-bytes", type=int,
+                   help="largest request accepted (default 256 MiB)")
+    p.add_argument("--max-send-message-bytes", type=int,
+                   help="largest response sent (default 256 MiB)")
+    p.add_argument("--max-concurrent-streams", type=int,
+                   help="HTTP/2 streams per connection (default 0: gRPC's own)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")

@@ -1,8 +1,9 @@
 import argparse
+import dataclasses
 
 import pytest
 
-from service.cli import add_serve, build_config
+from service.cli import SERVER_FLAGS, add_serve, build_config
 from service.config import ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 
@@ -73,6 +74,7 @@ def test_flags_override_the_file(tmp_path):
         "--workers", "5", "--max-queue-delay-us", "100", "--event-loop", "asyncio"])
     config = build_config(args)
     assert config.port == 7000 and config.event_loop == "asyncio"
+    assert not config.health_requires_auth and config.max_concurrent_streams == 0
     assert [m.name for m in config.models] == ["a", "b", "c"]
     assert all(m.workers == 5 and m.max_queue_delay_us == 100 for m in config.models)
 
@@ -80,3 +82,19 @@ def test_flags_override_the_file(tmp_path):
 def test_defaults_are_valid():
     assert ServerConfig().host == "127.0.0.1"
     assert ModelConfig(name="m", path="m.onnx").max_queue_size > 0
+
+
+def test_every_server_key_but_tls_and_models_has_a_flag():
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    args = parser.parse_args([
+        "serve", "--model", "m=m.onnx", "--health-requires-auth",
+        "--max-receive-message-bytes", "4096", "--max-send-message-bytes", "8192",
+        "--max-concurrent-streams", "64", "--grace-period-s", "5"])
+    config = build_config(args)
+    assert config.health_requires_auth
+    assert (config.max_receive_message_bytes, config.max_send_message_bytes,
+            config.max_concurrent_streams, config.grace_period_s) == (4096, 8192, 64, 5.0)
+    keys = {f.name for f in dataclasses.fields(ServerConfig)} - {"tls", "models",
+                                                                  "stats_window_s"}
+    assert keys <= set(SERVER_FLAGS)
