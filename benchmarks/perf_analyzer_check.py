@@ -48,7 +48,7 @@ def perf_analyzer(binary: str, url: str, model: str, streaming: bool, log: Path,
                   spec: str) -> list[dict]:
     cmd = [binary, "-m", model, "-i", "grpc", "-u", url, "--concurrency-range", spec,
            "--measurement-interval", "2000", "--stability-percentage", "25",
-           "--max-trials", "6"]
+           "--max-trials", "10"]
     if streaming:
         cmd.append("--streaming")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
