@@ -257,6 +257,8 @@ class Batcher:
             finally:
                 self._forming, self._waiting_for_worker = None, False
             self._take(batch, self._policy.max_batch_size)
+            # Cut before asking again: the worker must be one that takes the cut batch.
+            self._trim_to_preferred(batch)
 
     def _refuse(self, batch: Batch) -> None:
         error = Unavailable(f"model '{self._model}' has no healthy worker for input shapes "

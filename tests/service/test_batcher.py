@@ -160,6 +160,23 @@ async def test_batch_keeps_growing_while_every_worker_is_busy():
     await h.close()
 
 
+async def test_a_batch_that_grew_while_workers_were_busy_is_cut_to_a_preferred_size():
+    h = Harness(workers=1, max_batch_size=16, max_queue_delay_s=0, preferred_batch_sizes=(4,))
+    h.submit()
+    await h.settle()
+    assert h.batches == [(0, [1])]  # the only worker is now busy
+    for _ in range(6):
+        h.submit()
+    await h.settle()
+    h.free(0)
+    await h.settle()
+    assert h.batches[1] == (0, [1] * 4)  # 6 waited; the largest preferred size goes
+    h.free(0)
+    await h.settle()
+    assert h.batches[2] == (0, [1, 1])  # the rest, in order, in the next batch
+    await h.close()
+
+
 async def test_full_queue_is_refused_with_its_depth():
     h = Harness(workers=1, max_batch_size=1, max_queue_delay_s=0, max_queue_size=2)
     h.submit()  # runs on the worker
