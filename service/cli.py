@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import sys
 
+from service.arg_types import int_list, name_path
 from service.config import EVENT_LOOPS, ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 
@@ -23,28 +24,12 @@ SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_fi
                 "max_send_message_bytes", "max_concurrent_streams")
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    return sizes
-
-
-def _model_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
-
-
 def add_serve(sub: argparse._SubParsersAction) -> None:
     # No abbreviations: `--auth-token SECRET` must not pass for `--auth-token-file`
     # (the secret would be visible in `ps` and echoed in the error).
     p = sub.add_parser("serve", help="serve models over gRPC (trtserve.v1 and KServe v2)",
                        allow_abbrev=False)
-    p.add_argument("--model", action="append", type=_model_arg, default=[],
+    p.add_argument("--model", action="append", type=name_path, default=[],
                    metavar="NAME=PATH", help="a model to serve (.onnx, .engine); repeatable")
     p.add_argument("--config", help="TOML file describing the server and models")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
@@ -71,7 +56,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="ONNX sessions, or TensorRT workers per optimization profile")
     g.add_argument("--max-batch-size", type=int)
     g.add_argument("--max-queue-delay-us", type=int)
-    g.add_argument("--preferred-batch-sizes", type=_sizes, metavar="N,N,...")
+    g.add_argument("--preferred-batch-sizes", type=int_list, metavar="N,N,...")
     g.add_argument("--max-queue-size", type=int)
     g.add_argument("--max-rows-per-request", type=int)
     g.add_argument("--intra-op-threads", type=int)

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from service.arg_types import name_path, size_list
 from service.config import ModelConfig
 from service.tensors import DTYPES, TensorSpec
 
@@ -304,24 +305,6 @@ def to_json(report: ProfileReport) -> str:
 # --- command line ----------------------------------------------------------------------------
 
 
-def _model_arg(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
-
-
-def _sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected sizes of at least 1, got {text!r}")
-    return sizes
-
-
 def _sample_shape(text: str) -> tuple[str, tuple[int, ...]]:
     name, sep, dims = text.partition("=")
     try:
@@ -336,8 +319,8 @@ def _sample_shape(text: str) -> tuple[str, tuple[int, ...]]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure a backend alone, in-process, per batch size",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=_model_arg, metavar="NAME=PATH")
-    p.add_argument("--batch-sizes", type=_sizes, metavar="N,N,...",
+    p.add_argument("--model", required=True, type=name_path, metavar="NAME=PATH")
+    p.add_argument("--batch-sizes", type=size_list, metavar="N,N,...",
                    help="default: powers of two up to the model's maximum batch")
     p.add_argument("--workers", type=int, default=ModelConfig.workers,
                    help="executors running at once, as `serve --workers` (default %(default)s)")

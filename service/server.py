@@ -9,7 +9,6 @@ then `server.stop(grace)`.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import ipaddress
 import logging
 import signal
@@ -233,14 +232,13 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if choice == "asyncio":
         return None
     try:
-        uvloop = importlib.import_module("uvloop")
+        import uvloop
     except ImportError:
         if choice == "uvloop":
             raise ConfigError("server.event_loop: 'uvloop' is not installed "
                               "(pip install uvloop), or choose 'asyncio'") from None
         return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    return uvloop.new_event_loop
 
 
 def _is_loopback(host: str) -> bool:

@@ -86,7 +86,8 @@ class ServerProcess:
                                      env={**os.environ, **(env or {})})
         self.url = f"127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 60, service: str = "") -> None:
+        """Until health says SERVING for `service` ("" is the server as a whole)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         end = time.monotonic() + timeout
@@ -96,12 +97,15 @@ class ServerProcess:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"server exited early:\n{self.output()}")
                 try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
                     if status.status == health_pb2.HealthCheckResponse.SERVING:
                         return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
+                except grpc.RpcError as e:
+                    # Not up yet, or the service not registered yet; anything else is real.
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
+                                        grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                time.sleep(0.05)
         raise TimeoutError("server did not become ready")
 
     def terminate(self, timeout: float = 60) -> tuple[int, str]:

@@ -11,24 +11,7 @@ import grpc
 from client.bench.config import PROTOCOLS, BenchConfig, Level
 from client.bench.processes import run
 from client.bench.report import table, to_csv, to_json
-
-
-def _numbers(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected numbers above 0, got {text!r}")
-    return values
-
-
-def _named(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name, value
+from service.arg_types import name_value, positive_numbers
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,19 +27,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="HOST:PORT (default: the top-level --url, else 127.0.0.1:8001)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="v1",
                    help="trtserve.v1 Infer, or KServe v2 ModelInfer (Triton, PyTriton, trtserve)")
-    p.add_argument("--concurrency", type=_numbers, metavar="N,N,...",
+    p.add_argument("--concurrency", type=positive_numbers, metavar="N,N,...",
                    help="closed loop: requests kept outstanding, one level each "
                         "(default 1,8,64,256 when no --rate)")
-    p.add_argument("--rate", type=_numbers, metavar="R,R,...",
+    p.add_argument("--rate", type=positive_numbers, metavar="R,R,...",
                    help="open loop: Poisson arrivals at R requests/s, one level each")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
     p.add_argument("--processes", type=int, default=1,
                    help="client processes sharing the load (use more when one is busy)")
     p.add_argument("--batch-rows", type=int, default=1, help="rows per request")
-    p.add_argument("--input", action="append", type=_named, default=[],
+    p.add_argument("--input", action="append", type=name_value, default=[],
                    metavar="NAME=FILE.npy", help="an input from a .npy file; repeatable")
-    p.add_argument("--shape", action="append", type=_named, default=[], metavar="NAME=D,D,...",
+    p.add_argument("--shape", action="append", type=name_value, default=[], metavar="NAME=D,D,...",
                    help="full shape of an input with dynamic non-batch dimensions")
     p.add_argument("--max-outstanding", type=int, default=10_000,
                    help="open loop: requests in flight per process at most")

@@ -16,6 +16,7 @@ from client import AsyncClient, Client, InferenceError
 from service.config import ModelConfig
 from service.stats import LATENCY_BUCKETS_S
 from tests.conftest import server_config
+from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, Controls, controlled_model
 from tests.servers import ServerProcess, free_port, running_server
 
 Labels = tuple[tuple[str, str], ...]
@@ -47,11 +48,15 @@ def served(example_onnx):
     config = server_config(
         ModelConfig(name="example", path=str(example_onnx), workers=2, max_batch_size=16,
                     max_queue_delay_us=1000),
-        ModelConfig(name="tiny", path=str(example_onnx), workers=1, max_batch_size=4,
-                    max_queue_size=1),
         metrics_port=metrics_port,
     )
+    # "tiny" overflows on purpose: one slow worker (a test double, 50 ms a batch),
+    # a queue of one, so a flood of requests is refused for certain, not by timing.
+    tiny = ControlledBackend(Controls(sleep_s=0.05)).runtime(
+        controlled_model("tiny", workers=1, max_batch_size=4, max_queue_size=1,
+                         max_queue_delay_us=0))
     with running_server(config) as s:
+        s.call(s.server.add_model(tiny))
         yield s, metrics_port
 
 
@@ -139,8 +144,8 @@ def test_refusals_are_counted_by_reason(served):
 
     async def flood() -> list[BaseException | dict[str, np.ndarray]]:
         async with AsyncClient(server.url) as c:
-            x = np.ones((4, 64), np.float32)
-            return await asyncio.gather(*(c.infer("tiny", {"input": x}) for _ in range(40)),
+            x = np.ones((4, WIDTH), np.float32)
+            return await asyncio.gather(*(c.infer("tiny", {INPUT: x}) for _ in range(40)),
                                         return_exceptions=True)
 
     results = asyncio.run(flood())

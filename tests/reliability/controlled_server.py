@@ -13,10 +13,6 @@ import argparse
 import asyncio
 import logging
 import sys
-import time
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.config import ServerConfig
 from service.server import Server
@@ -78,24 +74,9 @@ class ControlledServerProcess(ServerProcess):
         self.port = free_port()
         self._start(["tests.reliability.controlled_server", "--port", str(self.port), *args])
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 60, service: str = MODEL) -> None:
         """Until the model itself (not only the server) is SERVING."""
-        end = time.monotonic() + timeout
-        with grpc.insecure_channel(self.url) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < end:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited early:\n{self.output()}")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=MODEL), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError as e:
-                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND,
-                                        grpc.StatusCode.DEADLINE_EXCEEDED):
-                        raise
-                time.sleep(0.05)
-        raise TimeoutError("server did not become ready")
+        super().wait_ready(timeout, service)
 
 
 if __name__ == "__main__":
