@@ -308,10 +308,10 @@ class Run:
 
 
 def bench(served: Served, opts: Options, level: Level, protocol: str = "v1",
-          tree: bool = False, processes: int = 1) -> Run:
+          tree: bool = False, processes: int = 1, streaming: bool = False) -> Run:
     config = BenchConfig(url=served.url, model=served.model, levels=(level,), protocol=protocol,
                          duration_s=opts.duration_s, warmup_s=opts.warmup_s,
-                         processes=processes)
+                         processes=processes, streaming=streaming)
     peak = [served.child.rss(tree)]
     stop = threading.Event()
 
@@ -332,7 +332,8 @@ def bench(served: Served, opts: Options, level: Level, protocol: str = "v1",
     command = (f"trtserve-client --url {served.url} bench --model {served.model} "
                f"--protocol {protocol} {flag} {level.value:g} --duration {opts.duration_s:g} "
                f"--warmup {opts.warmup_s:g}" + (f" --processes {processes}"
-                                                  if processes > 1 else ""))
+                                                  if processes > 1 else "")
+               + (" --streaming" if streaming else ""))
     return Run(result, cpu, peak[0], command)
 
 
@@ -354,12 +355,16 @@ def served_over_raw(opts: Options, models: dict[str, Path], log_dir: Path) -> di
     out: dict[str, Any] = {"rounds": {}, "commands": []}
     # The default delay, and one long enough for a client's burst of re-sent
     # requests to gather (a heavy batch costs ~100 ms; 5 ms is 5% of it).
-    for name, delay in (("heavy", DELAY_US), ("heavy", 5000), ("medium", DELAY_US)):
+    # The last row sends the same load over InferStream (one stream per 64
+    # requests in flight) instead of one call per request.
+    for name, delay, streaming in (("heavy", DELAY_US, False), ("heavy", 5000, False),
+                                   ("medium", DELAY_US, False), ("heavy", DELAY_US, True)):
         rounds = []
+        row = f"{name}, delay {delay} us" + (", InferStream" if streaming else "")
         for i in range(opts.rounds):
-            _say(f"served over raw: {name}, delay {delay} us, round {i + 1}")
+            _say(f"served over raw: {row}, round {i + 1}")
             with trtserve(name, models[name], log_dir, delay_us=delay) as served:
-                run = bench(served, opts, Level("closed", 128))
+                run = bench(served, opts, Level("closed", 128), streaming=streaming)
                 s = stats(served)
                 histogram = dict(sorted(s.batch_size_histogram.items()))
             batch = round(run.result.server_mean_batch or MAX_BATCH)
@@ -382,7 +387,7 @@ def served_over_raw(opts: Options, models: dict[str, Path], log_dir: Path) -> di
                     f"trtserve profile --model {name}={_rel(str(models[name]))} --workers "
                     f"{WORKERS} --batch-sizes {batch} --duration {opts.duration_s:g} "
                     f"--warmup {opts.warmup_s:g}"]
-        out["rounds"][f"{name}, delay {delay} us"] = rounds
+        out["rounds"][row] = rounds
     return out
 
 
@@ -460,11 +465,13 @@ def against_pytriton(opts: Options, models: dict[str, Path], log_dir: Path) -> d
 # The no-op server three ways, client and server alike: gRPC as shipped on
 # asyncio's loop; trtserve's transport settings (service/grpc_tuning.py) on
 # asyncio's loop; and both settings trtserve runs with (the floor it is held to).
-FLOORS = (
-    ("gRPC defaults, asyncio loop", "", "asyncio"),
-    ("trtserve's gRPC settings, asyncio loop", None, "asyncio"),
-    ("trtserve's gRPC settings, uvloop (as trtserve runs)", None, "auto"),
+FLOORS = (  # label, GRPC_EXPERIMENTS (None: trtserve's), event loop, over InferStream
+    ("gRPC defaults, asyncio loop", "", "asyncio", False),
+    ("trtserve's gRPC settings, asyncio loop", None, "asyncio", False),
+    ("trtserve's gRPC settings, uvloop (as trtserve runs)", None, "auto", False),
+    ("the same, over InferStream (`--streaming`)", None, "auto", True),
 )
+UNARY_FLOOR, STREAM_FLOOR = FLOORS[2][0], FLOORS[3][0]
 
 
 @contextlib.contextmanager
@@ -484,7 +491,8 @@ def _grpc_experiments(value: str | None) -> Iterator[None]:
             os.environ["GRPC_EXPERIMENTS"] = saved
 
 
-def floor(opts: Options, log_dir: Path, experiments: str | None, event_loop: str) -> Run:
+def floor(opts: Options, log_dir: Path, experiments: str | None, event_loop: str,
+          streaming: bool = False) -> Run:
     """One closed-loop run at concurrency 1 against the no-op server."""
     from client.bench import model_inputs
 
@@ -502,7 +510,7 @@ def floor(opts: Options, log_dir: Path, experiments: str | None, event_loop: str
                     return bool(model_inputs(channel, probe))
 
             _wait(child, ready, 60, "grpc floor")
-            run = bench(served, opts, Level("closed", 1))
+            run = bench(served, opts, Level("closed", 1), streaming=streaming)
         finally:
             child.stop()
     prefix = "GRPC_EXPERIMENTS= " if experiments == "" else ""
@@ -515,26 +523,29 @@ def overhead(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str,
     """p50 at concurrency 1 minus the backend's time, and the no-op gRPC floor."""
     out: dict[str, Any] = {"delays": {}, "floors": {}, "commands": []}
     for i in range(opts.rounds):
-        for label, experiments, event_loop in FLOORS:
+        for label, experiments, event_loop, streaming in FLOORS:
             _say(f"overhead: no-op gRPC server, {label}, round {i + 1}")
-            run = floor(opts, log_dir, experiments, event_loop)
+            run = floor(opts, log_dir, experiments, event_loop, streaming)
             out["floors"].setdefault(label, []).append(run.result.latency_ms["p50"])
             if i == 0:
                 out["commands"] += run.command.split("\n")
-        for delay in (0, DELAY_US):
-            for protocol in ("v1", "kserve"):
-                _say(f"overhead: delay {delay} us over {protocol}, round {i + 1}")
-                with trtserve("light", models["light"], log_dir, delay_us=delay) as served:
-                    run = bench(served, opts, Level("closed", 1), protocol=protocol)
-                    s = stats(served)
-                out["delays"].setdefault(f"{delay}/{protocol}", []).append({
-                    "p50_ms": run.result.latency_ms["p50"],
-                    "compute_p50_us": s.compute_time.p50_us,
-                    "queue_p50_us": s.queue_time.p50_us,
-                    "client_cpu": run.result.client_cpu,
-                })
-                if i == 0:
-                    out["commands"] += [served.command, run.command]
+        for delay, protocol, streaming in ((0, "v1", False), (0, "kserve", False),
+                                           (0, "v1", True), (0, "kserve", True),
+                                           (DELAY_US, "v1", False), (DELAY_US, "kserve", False)):
+            way = protocol + (" stream" if streaming else "")
+            _say(f"overhead: delay {delay} us over {way}, round {i + 1}")
+            with trtserve("light", models["light"], log_dir, delay_us=delay) as served:
+                run = bench(served, opts, Level("closed", 1), protocol=protocol,
+                            streaming=streaming)
+                s = stats(served)
+            out["delays"].setdefault(f"{delay}/{way}", []).append({
+                "p50_ms": run.result.latency_ms["p50"],
+                "compute_p50_us": s.compute_time.p50_us,
+                "queue_p50_us": s.queue_time.p50_us,
+                "client_cpu": run.result.client_cpu,
+            })
+            if i == 0:
+                out["commands"] += [served.command, run.command]
     return out
 
 
@@ -665,7 +676,9 @@ def _render_served(data: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["### 1. Served over raw (target >= 0.85)", "",
              "Served: closed loop, concurrency 128, through gRPC (trtserve.v1) with dynamic "
-             "batching. Raw: `trtserve profile`, the same backend with the same workers running "
+             "batching, one call per request (`Infer`), or over `InferStream` where the row "
+             "says so (`bench --streaming`: the same 128 requests in flight on two streams). "
+             "Raw: `trtserve profile`, the same backend with the same workers running "
              "at once in-process, at the server's mean batch size (from Stats).", "",
              "| model | served rows/s | mean batch | raw rows/s at that batch | served/raw | "
              "p50 / p99 ms | client CPU | server CPU (cores) | verdict |",
@@ -766,13 +779,13 @@ def _render_overhead(data: dict[str, Any] | None) -> list[str]:
     if not data:
         return []
     floors = data["floors"]
-    floor = _med(floors[FLOORS[-1][0]]) * 1e3
     lines = ["### 4. Service overhead at concurrency 1 (model `light`; target < 300 us)", "",
              "Overhead = p50 end-to-end minus the backend's own p50 time for that batch "
              "(Stats compute_time). The no-op server (benchmarks/grpc_floor.py: grpc.aio "
              "answering a fixed response, no decoding), driven by the same client, gives the "
-             "part that the Python gRPC stack and the client cost on their own. It runs three "
-             "ways, the client always with the same gRPC settings as the server:", "",
+             "part that the Python gRPC stack and the client cost on their own. It runs four "
+             "ways, the client always with the same gRPC settings as the server; the last "
+             "sends its requests over one InferStream, as `bench --streaming` does:", "",
              "| no-op server and client | p50 us | vs gRPC defaults |", "|---|---|---|"]
     base = _med(floors[FLOORS[0][0]])
     for label, rounds in floors.items():
@@ -787,6 +800,9 @@ def _render_overhead(data: dict[str, Any] | None) -> list[str]:
         queue = _med([r["queue_p50_us"] for r in rounds])
         over = e2e - compute
         delay, protocol = key.split("/")
+        # Stream rows against the stream's floor, call rows against a call's.
+        floor = _med(floors.get(STREAM_FLOOR if "stream" in protocol else UNARY_FLOOR,
+                                [math.nan])) * 1e3
         lines.append(f"| {delay} / {protocol} | "
                      f"{_fmt_rounds([r['p50_ms'] * 1e3 for r in rounds], '{:.0f}')} | "
                      f"{compute:.0f} | {queue:.0f} | {over:.0f} | {floor:.0f} | "

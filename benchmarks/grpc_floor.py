@@ -1,10 +1,11 @@
 """A no-op trtserve.v1 server: the floor that gRPC in Python sets for any server here.
 
 `Infer` answers a fixed, pre-serialized response without decoding the request;
-`ModelMetadata` describes one FP32 input. Driving it with the same load
-generator as trtserve measures what the client, the loopback transport and
-grpc.aio cost on their own, so the benchmark can say which part of the
-end-to-end latency is trtserve's.
+`InferStream` answers each request on the stream with the same response and
+the request's id, one at a time; `ModelMetadata` describes one FP32 input.
+Driving it with the same load generator as trtserve measures what the
+client, the loopback transport and grpc.aio cost on their own, so the
+benchmark can say which part of the end-to-end latency is trtserve's.
 
     python -m benchmarks.grpc_floor --port 8301 --width 64 --out-width 16
     python -m benchmarks.grpc_floor --port 8301 --event-loop asyncio
@@ -21,6 +22,7 @@ from service import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -40,9 +42,18 @@ def handlers(width: int, out_width: int) -> grpc.GenericRpcHandler:
     answer.outputs.add(name="output", dtype=pb.DATA_TYPE_FP32, shape=[1, out_width],
                        data=np.zeros(out_width, np.float32).tobytes())
     answer_bytes = answer.SerializeToString()
+    # An InferStreamResponse is its id field followed by its response field, so
+    # the response part is serialized once and the id put in front per answer.
+    stream_answer = pb.InferStreamResponse(response=answer).SerializeToString()
 
     async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return answer_bytes
+
+    async def infer_stream(requests: AsyncIterator[bytes],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for raw in requests:
+            request_id = pb.InferRequest.FromString(raw).id
+            yield pb.InferStreamResponse(id=request_id).SerializeToString() + stream_answer
 
     async def model_metadata(request: pb.ModelMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
@@ -50,6 +61,7 @@ def handlers(width: int, out_width: int) -> grpc.GenericRpcHandler:
 
     return grpc.method_handlers_generic_handler("trtserve.v1.InferenceService", {
         "Infer": grpc.unary_unary_rpc_method_handler(infer),
+        "InferStream": grpc.stream_stream_rpc_method_handler(infer_stream),
         "ModelMetadata": grpc.unary_unary_rpc_method_handler(
             model_metadata, request_deserializer=pb.ModelMetadataRequest.FromString,
             response_serializer=pb.ModelMetadataResponse.SerializeToString),

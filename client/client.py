@@ -5,17 +5,21 @@ other KServe v2 / Triton server.
     from client import Client
     with Client("127.0.0.1:8001") as c:
         out = c.infer("example", {"input": np.ones((1, 64), np.float32)})
+
+`AsyncClient.stream()` puts many requests on one InferStream (client/stream.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Self
 
 import grpc
 import numpy as np
 
 from client.convert import infer_request, outputs_of
+from client.stream import InferStream
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.gen.inference import model_config_pb2 as kmc
@@ -159,6 +163,20 @@ class AsyncClient:
                     dtypes: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes)
         return outputs_of(await self._call(self._stub.Infer, request, timeout))
+
+    @contextlib.asynccontextmanager
+    async def stream(self) -> AsyncIterator[InferStream]:
+        """One InferStream for many `infer` calls in flight; see client/stream.py.
+
+        Leaving the block waits for every answer owed; an exception cancels the stream.
+        """
+        stream = InferStream(self._stub, self._metadata)
+        try:
+            yield stream
+        except BaseException:
+            await stream.abort()
+            raise
+        await stream.close()
 
     async def stats(self, model: str = "", timeout: float | None = None) -> pb.StatsResponse:
         return await self._call(self._stub.Stats, pb.StatsRequest(model=model), timeout)

@@ -57,6 +57,11 @@ class ModelConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 4096  # requests waiting for a batch; more -> RESOURCE_EXHAUSTED
     max_rows_per_request: int = 0  # 0: max_batch_size
+    # A batch expected (from the last batch of its size) to run in less than this
+    # runs on the event loop itself when no other batch of the model is running,
+    # sparing the two thread hand-offs. 0: always on a worker thread. Only
+    # executors that may run on any thread (ONNX Runtime) do it.
+    inline_below_us: int = 100
     intra_op_threads: int = 0  # ONNX Runtime threads per session; 0: cores / workers
     device: int = 0  # CUDA device ordinal (TensorRT)
     cuda_graphs: bool = True
@@ -86,6 +91,8 @@ class ModelConfig:
                  "at least 1")
         _require(self.max_rows_per_request >= 0, f"{key}.max_rows_per_request",
                  self.max_rows_per_request, "0 (max_batch_size) or more")
+        _require(self.inline_below_us >= 0, f"{key}.inline_below_us", self.inline_below_us,
+                 "0 (off) or more")
         _require(self.intra_op_threads >= 0, f"{key}.intra_op_threads", self.intra_op_threads,
                  "0 (automatic) or more")
         _require(all(s >= 1 for s in self.graph_batch_sizes), f"{key}.graph_batch_sizes",

@@ -149,6 +149,7 @@ class WorkerStats:
     errors: int = 0
     graph_launches: int = 0
     plain_enqueues: int = 0
+    inline_batches: int = 0  # run on the event loop (inline_below_us)
     rebuilds: int = 0
     in_flight: int = 0
     busy_s: float = 0.0

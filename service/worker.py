@@ -2,7 +2,10 @@
 
 Work crosses into the thread through its inbox (one batch at a time, as the
 scheduler only hands a batch to an idle worker) and comes back with a single
-`loop.call_soon_threadsafe` per batch. Nothing else touches the executor.
+`loop.call_soon_threadsafe` per batch. The thread builds (and rebuilds) the
+executor; the one other caller is `run_inline`, on the event loop, for an
+executor that allows it, and only while the scheduler has handed this worker
+that batch, so the thread is idle, waiting on its inbox.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class Worker:
         self._on_done = on_done
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._executor: Executor | None = None  # written by the thread only
+        # Set when a batch run on the loop failed: later ones go to the thread,
+        # which judges (and rebuilds) the executor; cleared by its next success.
+        self._inline_failed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[WorkerInfo] | None = None
 
@@ -76,6 +83,24 @@ class Worker:
     def submit(self, batch: Batch) -> None:
         self._inbox.put(batch)
 
+    def run_inline(self, batch: Batch) -> BatchResult | None:
+        """Run `batch` here, on the event loop; None when this worker can't (then submit it).
+
+        The caller holds this worker from the scheduler, so the thread has no
+        batch in hand. A failure is not judged here: the batch goes to the
+        thread, which runs it again and rebuilds the executor if it fails there.
+        """
+        executor = self._executor
+        if executor is None or not self.info.runs_on_any_thread or self._inline_failed:
+            return None
+        try:
+            return _checked(executor.run(batch.inputs(), batch.rows), batch.rows)
+        except Exception:
+            log.warning("%s: a batch of %d rows failed on the event loop; handing it to the "
+                        "worker's thread", self.name, batch.rows, exc_info=True)
+            self._inline_failed = True
+            return None
+
     async def stop(self) -> None:
         """Finish the batch in hand (if any), close the executor, join the thread."""
         self._inbox.put(None)
@@ -98,27 +123,28 @@ class Worker:
         except BaseException as e:  # reported to start(); the thread ends
             self._report(_set_exception, self._ready, e)
             return
+        self._executor = first
         self._report(_set_result, self._ready, first.info)
-        executor: Executor | None = first
         while (batch := self._inbox.get()) is not None:
-            if executor is None:
-                executor = self._try_build()
-                if executor is None:
+            if self._executor is None:
+                self._executor = self._try_build()
+                if self._executor is None:
                     self._report(self._on_done, self, Outcome(
                         batch, None, RuntimeError("worker could not be rebuilt"),
                         rebuild_error="executor unavailable"))
                     continue
             try:
-                outcome = Outcome(batch, _checked(executor.run(batch.inputs(), batch.rows),
+                outcome = Outcome(batch, _checked(self._executor.run(batch.inputs(), batch.rows),
                                                   batch.rows))
+                self._inline_failed = False
             except Exception as e:
                 log.exception("%s: batch of %d rows failed", self.name, batch.rows)
-                executor = self._rebuild(executor)
-                outcome = Outcome(batch, None, e, rebuilt=executor is not None,
-                                  rebuild_error="" if executor else "rebuild failed")
+                self._executor = self._rebuild(self._executor)
+                outcome = Outcome(batch, None, e, rebuilt=self._executor is not None,
+                                  rebuild_error="" if self._executor else "rebuild failed")
             self._report(self._on_done, self, outcome)
-        if executor is not None:
-            executor.close()
+        if self._executor is not None:
+            self._executor.close()
 
     def _rebuild(self, executor: Executor) -> Executor | None:
         """A failed batch may leave a context or stream in a bad state: start afresh."""

@@ -2,6 +2,7 @@
 
     trtserve-client bench --model example --concurrency 1,8,64,256 --duration 10
     trtserve-client bench --model example --rate 500,1000 --protocol kserve --processes 2
+    trtserve-client bench --model example --concurrency 1,64 --streaming
 
 Closed loop (`--concurrency`): that many requests are always outstanding;
 each answer sends the next. Open loop (`--rate`): requests leave at Poisson
@@ -22,6 +23,13 @@ costs less per call than asyncio's, so that level measures the server rather
 than the client. The load processes run gRPC's C core with the settings the
 server runs with (service/grpc_tuning.py; they inherit GRPC_EXPERIMENTS), and
 the report names them.
+
+`--streaming` sends the requests over the protocol's bidirectional stream
+(trtserve.v1 InferStream, KServe ModelStreamInfer) instead of one call each,
+matching answers by request id: closed loop keeps up to 64 requests in flight
+per stream, open loop puts one process's arrivals on one stream. A stream
+spares both sides gRPC's per-call work, so it is how a client that wants
+throughput (or the last ~100 us of latency) should call a Python server.
 """
 
 # The package, in the order a run goes:
@@ -29,10 +37,13 @@ the report names them.
 #   channels.py   gRPC channels, call metadata, each protocol's Infer method
 #   requests.py   the model's inputs, serialized requests, the probe; server Stats
 #   processes.py  the parent: client processes, each level, merging, progress
+#   recorder.py   a client process's window, what it saw, a precise sleeper
 #   load.py       one client process: closed loop, single stream, open loop
+#   streams.py    the same loads over a bidirectional stream (--streaming)
 #   report.py     machine info; the table, JSON and CSV
 #   cli.py        the flags, the config they make, the command
 
+from client.bench import streams
 from client.bench.channels import KSERVE_INFER, V1_INFER
 from client.bench.cli import cmd_bench, config_from_args, register
 from client.bench.config import (
@@ -80,6 +91,7 @@ __all__ = [
     "register",
     "run",
     "server_batches",
+    "streams",
     "table",
     "to_csv",
     "to_json",

@@ -11,6 +11,8 @@ from client.client import DEFAULT_MAX_MESSAGE_BYTES
 
 V1_INFER = "/trtserve.v1.InferenceService/Infer"
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
+V1_STREAM = "/trtserve.v1.InferenceService/InferStream"
+KSERVE_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
 
 def _channel_options() -> list[tuple[str, Any]]:
@@ -38,3 +40,7 @@ def _aio_channel(config: BenchConfig) -> grpc.aio.Channel:
 
 def _method(protocol: str) -> str:
     return V1_INFER if protocol == "v1" else KSERVE_INFER
+
+
+def _stream_method(protocol: str) -> str:
+    return V1_STREAM if protocol == "v1" else KSERVE_STREAM

@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 1,8,64,256 when no --rate)")
     p.add_argument("--rate", type=positive_numbers, metavar="R,R,...",
                    help="open loop: Poisson arrivals at R requests/s, one level each")
+    p.add_argument("--streaming", action="store_true",
+                   help="send over the protocol's bidirectional stream (InferStream, "
+                        "ModelStreamInfer), answers matched by request id, instead of one "
+                        "call per request")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per level")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
     p.add_argument("--processes", type=int, default=1,
@@ -67,7 +71,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         url=getattr(args, "url", None) or "127.0.0.1:8001", model=args.model,
         levels=tuple(levels), protocol=args.protocol, duration_s=args.duration,
-        warmup_s=args.warmup, processes=args.processes, batch_rows=args.batch_rows,
+        warmup_s=args.warmup, processes=args.processes, streaming=args.streaming,
+        batch_rows=args.batch_rows,
         input_files=tuple(args.input), shapes=shapes,
         timeout_s=getattr(args, "timeout", None) or 60.0,
         max_outstanding=args.max_outstanding, seed=args.seed,

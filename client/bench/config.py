@@ -38,6 +38,9 @@ class BenchConfig:
     duration_s: float = 10.0
     warmup_s: float = 2.0
     processes: int = 1
+    # Requests over the protocol's bidirectional stream (InferStream /
+    # ModelStreamInfer) instead of one call each.
+    streaming: bool = False
     batch_rows: int = 1
     # name -> .npy file; inputs not named get random data of the model's shapes.
     input_files: tuple[tuple[str, str], ...] = ()

@@ -1,65 +1,23 @@
-"""One client process: its window, its recorder and the loops that send the load.
+"""One client process: the loops that send the load, one call per request.
 
-Closed loop, a blocking single stream, open loop. The parent starts `_child`
+Closed loop, a blocking single stream, open loop (streams.py sends over a
+bidirectional stream instead). The parent starts `_child`
 in each client process ("spawn"), so it stays a module-level function.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import random
 import time
-from array import array
-from collections import Counter
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 import grpc
 
+from client.bench import streams
 from client.bench.channels import _aio_channel, _metadata, _method, _sync_channel
 from client.bench.config import BenchConfig, Level
-
-
-@dataclass
-class _Window:
-    start: float  # time.monotonic(), shared by every process on the machine
-    warm_end: float
-    end: float
-
-    def inside(self, t: float) -> bool:
-        return self.warm_end <= t <= self.end
-
-
-class _Recorder:
-    """What one process saw inside the window; progress goes to shared memory."""
-
-    def __init__(self, window: _Window, progress: Any, slot: int) -> None:
-        self.window = window
-        self.latencies = array("d")
-        self.lags = array("d")
-        self.errors: Counter[str] = Counter()
-        self.dropped = 0
-        self._progress = progress
-        self._slot = slot
-        self.cpu_start: float | None = None
-        self.cpu_end: float | None = None
-
-    def done(self, due: float, finished: float, code: str | None) -> None:
-        if not self.window.warm_end <= finished <= self.window.end:
-            return
-        if code is None:
-            self.latencies.append(finished - due)
-            self._progress[self._slot] += 1
-        else:
-            self.errors[code] += 1
-            self._progress[self._slot + 1] += 1
-
-    def mark_cpu(self, which: str) -> None:
-        times = os.times()
-        setattr(self, which, times.user + times.system)
-
+from client.bench.recorder import Recorder, Window, poisson_arrivals
 
 Call = grpc.aio.UnaryUnaryMultiCallable
 
@@ -72,7 +30,7 @@ async def _one(call: Call, payload: bytes, timeout: float, metadata: Any) -> str
     return None
 
 
-async def _closed(call: Call, payloads: list[bytes], level: Level, rec: _Recorder,
+async def _closed(call: Call, payloads: list[bytes], level: Level, rec: Recorder,
                   timeout: float, metadata: Any, first: int) -> None:
     end = rec.window.end
     n = len(payloads)
@@ -87,7 +45,7 @@ async def _closed(call: Call, payloads: list[bytes], level: Level, rec: _Recorde
     await asyncio.gather(*(stream(first + k) for k in range(int(level.value))))
 
 
-def _closed_sync(channel: grpc.Channel, protocol: str, payloads: list[bytes], rec: _Recorder,
+def _closed_sync(channel: grpc.Channel, protocol: str, payloads: list[bytes], rec: Recorder,
                  timeout: float, metadata: Any, first: int) -> None:
     """One stream with gRPC's blocking client: cheaper per call than asyncio's."""
     call = channel.unary_unary(_method(protocol), request_serializer=None,
@@ -108,42 +66,8 @@ def _closed_sync(channel: grpc.Channel, protocol: str, payloads: list[bytes], re
     rec.mark_cpu("cpu_end")
 
 
-class _Sleeper:
-    """Sleeps until a time on the loop's clock to the microsecond, where Linux allows.
-
-    asyncio.sleep rounds up to whole milliseconds in epoll, which would show
-    up as send lag (and latency, counted from the due time) in open loop.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        from service.timer import PreciseTimer
-
-        self._loop = loop
-        self._waiter: asyncio.Future[None] | None = None
-        self._timer = PreciseTimer.create(loop, self._fired)
-
-    def _fired(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def until(self, when: float) -> None:
-        if when <= self._loop.time():
-            return
-        if self._timer is None:
-            await asyncio.sleep(when - self._loop.time())
-            return
-        self._waiter = self._loop.create_future()
-        self._timer.arm(when)
-        await self._waiter
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.close()
-
-
-async def _open(call: Call, payloads: list[bytes], rate: float, rec: _Recorder,
+async def _open(call: Call, payloads: list[bytes], rate: float, rec: Recorder,
                 timeout: float, metadata: Any, max_outstanding: int, seed: int) -> None:
-    rng = random.Random(seed)
     tasks: set[asyncio.Task[None]] = set()
     n = len(payloads)
 
@@ -154,52 +78,47 @@ async def _open(call: Call, payloads: list[bytes], rate: float, rec: _Recorder,
         code = await _one(call, payloads[i % n], timeout, metadata)
         rec.done(due, time.monotonic(), code)
 
-    sleeper = _Sleeper(asyncio.get_running_loop())
-    due, i = rec.window.start, 0
-    try:
-        while due < rec.window.end:
-            now = time.monotonic()
-            while due <= now and due < rec.window.end:
-                if len(tasks) >= max_outstanding:
-                    if rec.window.inside(due):
-                        rec.dropped += 1
-                else:
-                    task = asyncio.create_task(request(due, i))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                i += 1
-                due += rng.expovariate(rate)
-            if due < rec.window.end:
-                await sleeper.until(due)
-    finally:
-        sleeper.close()
+    async for due, i in poisson_arrivals(rec.window, rate, seed):
+        if len(tasks) >= max_outstanding:
+            if rec.window.inside(due):
+                rec.dropped += 1
+            continue
+        task = asyncio.create_task(request(due, i))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
 
 
 async def _run_level(channel: grpc.aio.Channel, config: BenchConfig, payloads: list[bytes],
-                     level: Level, window: _Window, index: int, share: float,
+                     level: Level, window: Window, index: int, share: float,
                      progress: Any) -> dict[str, Any]:
     call = channel.unary_unary(_method(config.protocol), request_serializer=None,
                                response_deserializer=None)
-    rec = _Recorder(window, progress, 2 * index)
+    rec = Recorder(window, progress, 2 * index)
     loop = asyncio.get_running_loop()
     loop.call_at(window.warm_end, rec.mark_cpu, "cpu_start")
     loop.call_at(window.end, rec.mark_cpu, "cpu_end")
     await asyncio.sleep(max(0.0, window.start - time.monotonic()))
     metadata = _metadata(config)
-    if share > 0:
+    seed = config.seed * 1000 + index
+    if share > 0 and config.streaming:
+        if level.mode == "closed":
+            await streams.closed(channel, config, payloads, int(share), rec, first=index)
+        else:
+            await streams.open_loop(channel, config, payloads, share, rec, seed)
+    elif share > 0:
         if level.mode == "closed":
             await _closed(call, payloads, Level("closed", share), rec, config.timeout_s,
                           metadata, first=index)
         else:
             await _open(call, payloads, share, rec, config.timeout_s, metadata,
-                        config.max_outstanding, config.seed * 1000 + index)
+                        config.max_outstanding, seed)
     await asyncio.sleep(max(0.0, window.end - time.monotonic()) + 0.01)
     return _summary(rec)
 
 
-def _summary(rec: _Recorder) -> dict[str, Any]:
+def _summary(rec: Recorder) -> dict[str, Any]:
     cpu = (rec.cpu_end or 0.0) - (rec.cpu_start or 0.0)
     window = rec.window
     return {"latencies": rec.latencies.tobytes(), "lags": rec.lags.tobytes(),
@@ -207,10 +126,10 @@ def _summary(rec: _Recorder) -> dict[str, Any]:
             "cpu": cpu / (window.end - window.warm_end)}
 
 
-def _run_sync_level(config: BenchConfig, payloads: list[bytes], window: _Window, index: int,
+def _run_sync_level(config: BenchConfig, payloads: list[bytes], window: Window, index: int,
                     progress: Any) -> dict[str, Any]:
     """A single closed-loop stream on gRPC's blocking client (cheaper per call)."""
-    rec = _Recorder(window, progress, 2 * index)
+    rec = Recorder(window, progress, 2 * index)
     with _sync_channel(config) as channel:
         grpc.channel_ready_future(channel).result(config.timeout_s)
         time.sleep(max(0.0, window.start - time.monotonic()))
@@ -241,7 +160,7 @@ def _child(config: BenchConfig, payloads: list[bytes], index: int, conn: Connect
             share = _split(level, config.processes, index)
             # Channels per level, so a single-stream level runs with no asyncio
             # channel (and its polling) alive in the process.
-            if level.mode == "closed" and share == 1:
+            if level.mode == "closed" and share == 1 and not config.streaming:
                 result = await asyncio.to_thread(_run_sync_level, config, payloads, window,
                                                  index, progress)
             else:

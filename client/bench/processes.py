@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from client.bench.config import BenchConfig, BenchReport, Level, LevelResult
-from client.bench.load import _child, _Window
+from client.bench.load import _child
+from client.bench.recorder import Window
 from client.bench.report import _config_dict, machine_info
 from client.bench.requests import prepare, server_batches
 from service.profile_cli import latency_summary_ms
@@ -120,7 +121,7 @@ def _level(config: BenchConfig, level: Level, pipes: list[Connection], counters:
     for i in range(len(counters)):
         counters[i] = 0
     start = time.monotonic() + 0.2
-    window = _Window(start, start + config.warmup_s, start + config.warmup_s + config.duration_s)
+    window = Window(start, start + config.warmup_s, start + config.warmup_s + config.duration_s)
     for conn in pipes:
         conn.send((level, window))
     head = f"[{level.mode} {level.label}]"

@@ -75,6 +75,10 @@ class WorkerInfo:
     aux_streams: int = 0
     min_batch_size: int = 1
     max_batch_size: int = 1
+    # The executor may run a batch on another thread than the one that built it
+    # while that thread is idle (an ONNX Runtime session; never a TensorRT
+    # context, whose stream and graphs belong to the worker's thread).
+    runs_on_any_thread: bool = False
 
 
 @dataclass

@@ -56,7 +56,7 @@ class OrtExecutor:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self._session.get_outputs()]
-        self.info = WorkerInfo(device="cpu", max_batch_size=max_batch)
+        self.info = WorkerInfo(device="cpu", max_batch_size=max_batch, runs_on_any_thread=True)
 
     def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
         start = time.perf_counter()

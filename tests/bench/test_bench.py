@@ -1,7 +1,10 @@
 """The load generator against a live in-process server (functional, never timed)."""
 
+import asyncio
 import json
+import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -13,13 +16,17 @@ from client.bench import (
     LevelResult,
     TensorInfo,
     concrete_shape,
+    encode_request,
     run,
+    streams,
     table,
     to_csv,
     to_json,
 )
 from client.bench.processes import _merge
+from client.bench.recorder import Recorder, Window
 from service.config import ModelConfig
+from service.gen.trtserve.v1 import inference_pb2 as pb
 from tests.conftest import server_config
 from tests.servers import running_server
 
@@ -150,3 +157,91 @@ def test_config_is_validated():
 def test_level_result_label():
     r = LevelResult("open", 250.0, 1, 1.0, 0, 0.0, 0.0, {}, {}, [0.1])
     assert r.label == "250/s" and not r.client_bound
+
+
+# --- --streaming: the load over InferStream / ModelStreamInfer ------------------------
+
+
+@pytest.mark.parametrize("protocol", ["v1", "kserve"])
+def test_closed_and_open_loop_over_the_stream(server, protocol):
+    config = BenchConfig(url=server.url, model="example", protocol=protocol, streaming=True,
+                         levels=(Level("closed", 70), Level("open", 80)),
+                         duration_s=0.8, warmup_s=0.2, processes=1, batch_rows=2)
+    closed, open_ = run(config, progress=False).results
+    for r in (closed, open_):
+        assert r.requests > 0 and r.errors == {} and r.dropped == 0
+        assert r.rows_per_s == pytest.approx(2 * r.throughput_rps)
+        assert r.server_mean_batch is not None and r.server_mean_batch >= 2
+    # 70 slots ride two streams; with 70 in flight the batcher fills its batches.
+    assert closed.server_mean_batch > 2
+    assert open_.send_lag_p99_ms is not None
+
+
+def test_an_id_appended_to_a_serialized_request_is_its_id():
+    x = np.arange(6, dtype=np.float32).reshape(1, 6)
+    payload = encode_request("v1", "m", {"input": x}, {"input": "FP32"})
+    request = pb.InferRequest.FromString(payload + streams.id_suffix("v1", "17"))
+    assert request.id == "17" and request.model == "m"
+    assert np.frombuffer(request.inputs[0].data, np.float32).tolist() == x.ravel().tolist()
+    # Appended twice, the last one wins (a closed-loop slot's payload is built once).
+    twice = payload + streams.id_suffix("v1", "1") + streams.id_suffix("v1", "2")
+    assert pb.InferRequest.FromString(twice).id == "2"
+
+
+def test_answers_are_read_for_their_id_and_error():
+    read = streams.answer_reader("v1")
+    ok = pb.InferStreamResponse(id="4", response=pb.InferResponse(model="m"))
+    bad = pb.InferStreamResponse(id="5", error=pb.Error(code=3, message="no"))
+    assert read(ok.SerializeToString()) == ("4", None)
+    assert read(bad.SerializeToString()) == ("5", "INVALID_ARGUMENT")
+    from service.gen.inference import grpc_service_pb2 as kpb
+
+    read_k = streams.answer_reader("kserve")
+    k_bad = kpb.ModelStreamInferResponse(error_message="no",
+                                         infer_response=kpb.ModelInferResponse(id="9"))
+    assert read_k(k_bad.SerializeToString()) == ("9", "STREAM_ERROR")
+
+
+def _recorder(seconds: float) -> Recorder:
+    start = time.monotonic()
+    return Recorder(Window(start, start, start + seconds), [0, 0], 0)
+
+
+def test_refused_requests_are_counted_and_the_stream_carries_on(server):
+    """Every request the server refuses is one error by its status; none is lost."""
+    config = BenchConfig(url=server.url, model="example", levels=(Level("closed", 3),),
+                         streaming=True)
+    wrong = encode_request("v1", "example", {"input": np.ones((1, 5), np.float32)},
+                           {"input": "FP32"})
+    rec = _recorder(0.5)
+
+    async def drive() -> None:
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            await streams.closed(channel, config, [wrong], 3, rec, first=0)
+
+    asyncio.run(drive())
+    assert not rec.latencies
+    assert set(rec.errors) == {"INVALID_ARGUMENT"} and rec.errors["INVALID_ARGUMENT"] > 10
+
+
+def test_a_server_without_the_stream_counts_its_status_for_each_request():
+    config = BenchConfig(url="", model="m", levels=(Level("closed", 2),), streaming=True)
+    payload = encode_request("v1", "m", {"input": np.ones((1, 4), np.float32)},
+                             {"input": "FP32"})
+    rec = _recorder(0.3)
+
+    async def drive() -> None:
+        empty = grpc.aio.server()  # no services: every method is UNIMPLEMENTED
+        port = empty.add_insecure_port("127.0.0.1:0")
+        await empty.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                await streams.closed(channel, config, [payload], 2, rec, first=0)
+        finally:
+            await empty.stop(None)
+
+    asyncio.run(drive())
+    # Each failed stream owes its two requests; the pause between reopenings
+    # bounds how many streams a 0.3 s window tries.
+    failures = rec.errors["UNIMPLEMENTED"]
+    assert failures % 2 == 0 and 2 <= failures <= 2 * (0.3 / streams.REOPEN_PAUSE_S + 1)

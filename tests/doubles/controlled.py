@@ -3,10 +3,11 @@
 `ControlledBackend` computes y = 2x + 1 on one FP32 input x of shape [-1, 8],
 so any response can be checked against its own request. Through its shared
 `Controls` a test can make batches slow, hold them at a gate, fail the next N
-batches, fail any batch holding a poison value, fail executor builds, or
-return outputs one row short (a backend bug the worker must catch); and
-it can read back what actually ran: batch sizes, rows executed, the values of
-every failed batch, and any batch that reached the executor malformed.
+batches, fail any batch holding a poison value, fail executor builds, return
+outputs one row short (a backend bug the worker must catch), or let batches
+run on any thread; and it can read back what actually ran: batch sizes, rows
+executed, the thread each batch ran on, the values of every failed batch, and
+any batch that reached the executor malformed.
 
 It is a double, not a backend: Stats shows it as "controlled-double".
 """
@@ -50,6 +51,9 @@ class Controls:
     sleep_s: float = 0.0  # per batch, before computing
     poison: float | None = None  # a batch holding this value fails
     short_outputs: bool = False  # answer one row fewer than the batch has (a backend bug)
+    # Say the executor may run on any thread, as an ONNX Runtime session does,
+    # so the model may run quick batches on the event loop (inline_below_us).
+    any_thread: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _fail_batches: int = 0
     _fail_builds: int = 0
@@ -62,6 +66,7 @@ class Controls:
     failed_batches: list[np.ndarray] = field(default_factory=list)
     malformed: list[str] = field(default_factory=list)
     executed_values: list[np.ndarray] = field(default_factory=list)
+    ran_on: list[str] = field(default_factory=list)  # thread name of every batch that ran
     keep_values: bool = False  # record every executed batch's x (tests that need it)
 
     def __post_init__(self) -> None:
@@ -112,7 +117,8 @@ class ControlledExecutor:
     def __init__(self, controls: Controls, max_batch: int) -> None:
         controls._build()
         self._controls = controls
-        self.info = WorkerInfo(device="cpu", max_batch_size=max_batch)
+        self.info = WorkerInfo(device="cpu", max_batch_size=max_batch,
+                               runs_on_any_thread=controls.any_thread)
 
     def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
         c = self._controls
@@ -123,6 +129,8 @@ class ControlledExecutor:
                 c.malformed.append(problem)
             raise InjectedFailure(f"malformed batch reached the executor: {problem}")
         x = np.concatenate(inputs[INPUT])
+        with c._lock:
+            c.ran_on.append(threading.current_thread().name)
         c.started.set()
         if not c._gate.wait(timeout=60):
             raise InjectedFailure("gate never released")

@@ -137,3 +137,90 @@ def test_byte_length_mismatch_is_refused(server):
     with Client(server.url) as c:
         assert c.infer("example", {"input": np.ones((1, 64), np.float32)})["output"].shape \
             == (1, 16)
+
+
+# --- AsyncClient.stream(): many requests on one InferStream --------------------------
+
+
+def test_each_request_on_the_stream_gets_its_own_answer(server, reference):
+    rng = np.random.default_rng(3)
+    # Several rows per request, so a misrouted slice would show.
+    inputs = [rng.standard_normal((int(rng.integers(1, 4)), 64)).astype(np.float32)
+              for _ in range(300)]
+
+    async def run():
+        async with AsyncClient(server.url) as c, c.stream() as s:
+            return await asyncio.gather(*(s.infer("example", {"input": x}) for x in inputs))
+
+    outs = asyncio.run(run())
+    assert len(outs) == len(inputs)
+    for x, out in zip(inputs, outs, strict=True):
+        np.testing.assert_allclose(out["output"], reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_request_fails_alone_and_the_stream_carries_on(server, reference):
+    good = np.ones((2, 64), np.float32)
+
+    async def run():
+        async with AsyncClient(server.url) as c, c.stream() as s:
+            results = await asyncio.gather(
+                s.infer("example", {"input": good}),
+                s.infer("example", {"input": np.ones((1, 3), np.float32)}),
+                s.infer("nope", {"input": good}),
+                s.infer("example", {"input": good}),
+                return_exceptions=True)
+            after = await s.infer("example", {"input": good})
+        return results, after
+
+    (first, wrong_shape, unknown, last), after = asyncio.run(run())
+    for out in (first, last, after):
+        np.testing.assert_allclose(out["output"], reference(good), rtol=1e-5, atol=1e-5)
+    assert isinstance(wrong_shape, InferenceError)
+    assert wrong_shape.code == grpc.StatusCode.INVALID_ARGUMENT and "input" in wrong_shape.details
+    assert isinstance(unknown, InferenceError) and unknown.code == grpc.StatusCode.NOT_FOUND
+    assert "nope" in unknown.details
+
+
+def test_a_stream_the_server_refuses_fails_every_request_it_owes():
+    x = {"input": np.ones((1, 64), np.float32)}
+
+    async def run():
+        empty = grpc.aio.server()  # no services: InferStream is UNIMPLEMENTED
+        port = empty.add_insecure_port("127.0.0.1:0")
+        await empty.start()
+        try:
+            async with AsyncClient(f"127.0.0.1:{port}") as c:
+                async with c.stream() as s:
+                    first = await asyncio.gather(s.infer("example", x), return_exceptions=True)
+                    later = await asyncio.gather(s.infer("example", x), return_exceptions=True)
+                async with c.stream() as s:
+                    pair = await asyncio.gather(s.infer("example", x), s.infer("example", x),
+                                                return_exceptions=True)
+                return first + later, pair
+        finally:
+            await empty.stop(None)
+
+    (first, later), pair = asyncio.run(run())
+    assert isinstance(first, InferenceError) and first.code == grpc.StatusCode.UNIMPLEMENTED
+    # A call on a stream that has ended fails at once, with the reason it ended.
+    assert isinstance(later, InferenceError) and later.code == grpc.StatusCode.UNIMPLEMENTED
+    # With two writes racing the refusal, gRPC's core may end the call INTERNAL
+    # instead; either way each request owed fails, none hangs.
+    assert [type(r) for r in pair] == [InferenceError, InferenceError]
+    assert {r.code for r in pair} <= {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL}
+
+
+def test_a_timeout_gives_up_on_one_answer_only(server, reference):
+    async def run():
+        async with AsyncClient(server.url) as c, c.stream() as s:
+            x = {"input": np.ones((1, 64), np.float32)}
+            with pytest.raises(InferenceError) as gave_up:
+                await s.infer("example", x, timeout=0)
+            # The late answer to the abandoned request is dropped, not misrouted.
+            zeros = np.zeros((1, 64), np.float32)
+            out = await s.infer("example", {"input": zeros})
+        return gave_up.value, out, zeros
+
+    gave_up, out, zeros = asyncio.run(run())
+    assert gave_up.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    np.testing.assert_allclose(out["output"], reference(zeros), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,133 @@
+"""Quick batches on the event loop (`inline_below_us`), over real gRPC on loopback.
+
+A batch runs on the loop only when the executor allows any thread (ONNX
+Runtime; the controlled double when told to), the last batch of its size was
+quicker than the limit, and no other batch of the model is running.
+"""
+
+import asyncio
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from client import AsyncClient, Client
+from service.config import ModelConfig
+from tests.conftest import server_config
+from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
+from tests.reliability.harness import model_stats
+from tests.servers import running_server
+
+
+@pytest.mark.parametrize("limit_us", [100, 0])
+def test_onnx_runtime_batches_run_on_the_loop_once_measured_quick(example_onnx, limit_us):
+    config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=2,
+                                       inline_below_us=limit_us))
+    session = ort.InferenceSession(str(example_onnx), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    inputs = [rng.standard_normal((2, 64)).astype(np.float32) for _ in range(40)]
+    with running_server(config) as s, Client(s.url) as c:
+        outs = [c.infer("example", {"input": x})["output"] for x in inputs]
+        workers = c.stats("example").models[0].workers
+    for x, out in zip(inputs, outs, strict=True):
+        np.testing.assert_allclose(out, session.run(None, {"input": x})[0], rtol=1e-5,
+                                   atol=1e-5)
+    inline = sum(w.inline_batches for w in workers)
+    assert sum(w.batches for w in workers) == len(inputs)
+    if limit_us:
+        # The first batch of 2 rows runs on a worker's thread and is timed; a
+        # 2-row batch of this model takes tens of microseconds, so nearly every
+        # later one runs on the loop (one may go to a thread if a batch ran slow).
+        assert inline >= len(inputs) - 5
+    else:
+        assert inline == 0
+
+
+def _serve(controls: Controls, **model: object):
+    double = ControlledBackend(controls)
+    runtime = double.runtime(controlled_model(workers=2, max_queue_delay_us=0, **model))
+    server = running_server(server_config())
+    return double, runtime, server
+
+
+def _run_sequentially(url: str, xs: list[np.ndarray]) -> list[np.ndarray]:
+    with Client(url) as c:
+        return [c.infer("controlled", {"x": x})["y"] for x in xs]
+
+
+def _rows(i: int) -> np.ndarray:
+    return (100.0 * i + np.arange(8, dtype=np.float32)).reshape(1, 8)
+
+
+def test_a_batch_that_fails_on_the_loop_is_run_again_on_the_worker_thread():
+    controls = Controls(any_thread=True)
+    _, runtime, server = _serve(controls)
+    with server as s:
+        s.call(s.server.add_model(runtime))
+        first = _run_sequentially(s.url, [_rows(i) for i in range(5)])
+        assert controls.ran_on[0].startswith("controlled-worker-")
+        assert not controls.ran_on[-1].startswith("controlled-worker-")  # on the loop
+        controls.fail_next_batches(1)
+        before = len(controls.ran_on)
+        retried = _run_sequentially(s.url, [_rows(10)])
+        # Tried on the loop, failed, handed to a worker's thread, answered.
+        tried = controls.ran_on[before:]
+        assert len(tried) == 2 and not tried[0].startswith("controlled-worker-")
+        assert tried[1].startswith("controlled-worker-")
+        after = _run_sequentially(s.url, [_rows(i) for i in range(20, 25)])
+        stats = model_stats(s.url)
+    for i, y in zip([0, 1, 2, 3, 4, 10, 20, 21, 22, 23, 24], first + retried + after,
+                    strict=True):
+        np.testing.assert_array_equal(y, expected(_rows(i)))
+    assert len(controls.failed_batches) == 1
+    assert all(w.healthy and w.errors == 0 and w.rebuilds == 0 for w in stats.workers)
+    # The thread's success lets the loop run quick batches again.
+    assert not controls.ran_on[-1].startswith("controlled-worker-")
+
+
+@pytest.mark.parametrize("why", ["thread-bound executor", "slow batches"])
+def test_batches_stay_on_worker_threads(why):
+    controls = Controls(any_thread=why != "thread-bound executor",
+                        sleep_s=0.002 if why == "slow batches" else 0.0)
+    _, runtime, server = _serve(controls)
+    with server as s:
+        s.call(s.server.add_model(runtime))
+        ys = _run_sequentially(s.url, [_rows(i) for i in range(8)])
+        stats = model_stats(s.url)
+    for i, y in enumerate(ys):
+        np.testing.assert_array_equal(y, expected(_rows(i)))
+    assert all(name.startswith("controlled-worker-") for name in controls.ran_on)
+    assert sum(w.inline_batches for w in stats.workers) == 0
+
+
+def test_with_a_batch_running_the_next_goes_to_another_worker():
+    """Inline only while the model is otherwise idle: concurrent batches still spread."""
+    controls = Controls(any_thread=True)
+    _, runtime, server = _serve(controls)
+    with server as s:
+        s.call(s.server.add_model(runtime))
+        _run_sequentially(s.url, [_rows(i) for i in range(5)])  # time 1-row batches
+        assert not controls.ran_on[-1].startswith("controlled-worker-")  # quick: on the loop
+        before = len(controls.ran_on)
+        two = np.concatenate([_rows(2), _rows(2) + 1])
+        controls.hold()
+
+        async def run():
+            async with AsyncClient(s.url) as c:
+                # Two rows: a size never timed, so it goes to a worker's thread.
+                held = asyncio.create_task(c.infer("controlled", {"x": two}))
+                await asyncio.to_thread(controls.started.wait, 10)
+                # A worker's thread holds that batch at the gate; a 1-row batch,
+                # quick last time, must not run on the loop but on the other worker.
+                controls.started.clear()
+                second = asyncio.create_task(c.infer("controlled", {"x": _rows(3)}))
+                await asyncio.to_thread(controls.started.wait, 10)
+                controls.release()
+                return await held, await second
+
+        held, second = asyncio.run(run())
+    assert len(controls.ran_on[before:]) == 2
+    assert all(name.startswith("controlled-worker-") for name in controls.ran_on[before:])
+    assert controls.ran_on[before] != controls.ran_on[before + 1]
+    np.testing.assert_array_equal(held["y"], expected(two))
+    np.testing.assert_array_equal(second["y"], expected(_rows(3)))
