@@ -185,12 +185,13 @@ class Served:
 
 @contextlib.contextmanager
 def trtserve(model: str, path: Path, log_dir: Path, workers: int = WORKERS,
-             max_batch: int = MAX_BATCH, delay_us: int = DELAY_US) -> Iterator[Served]:
+             max_batch: int = MAX_BATCH, delay_us: int = DELAY_US,
+             extra: Sequence[str] = ()) -> Iterator[Served]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = free_port()
     flags = ["--model", f"{model}={path}", "--workers", str(workers), "--max-batch-size",
-             str(max_batch), "--max-queue-delay-us", str(delay_us)]
+             str(max_batch), "--max-queue-delay-us", str(delay_us), *extra]
     child = Child(f"trtserve-{model}-w{workers}-b{max_batch}-d{delay_us}-{port}",
                   [PY, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", "0",
                    "--log-level", "WARNING", *flags], log_dir)
@@ -529,12 +530,17 @@ def overhead(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str,
             out["floors"].setdefault(label, []).append(run.result.latency_ms["p50"])
             if i == 0:
                 out["commands"] += run.command.split("\n")
-        for delay, protocol, streaming in ((0, "v1", False), (0, "kserve", False),
-                                           (0, "v1", True), (0, "kserve", True),
-                                           (DELAY_US, "v1", False), (DELAY_US, "kserve", False)):
-            way = protocol + (" stream" if streaming else "")
+        # The "inline off" rows run every batch on a worker's thread, as before
+        # inline_below_us: what the two thread hand-offs cost, in the same run.
+        for delay, protocol, streaming, inline in (
+                (0, "v1", False, True), (0, "kserve", False, True), (0, "v1", True, True),
+                (0, "kserve", True, True), (0, "v1", False, False), (0, "v1", True, False),
+                (DELAY_US, "v1", False, True), (DELAY_US, "kserve", False, True)):
+            way = protocol + (" stream" if streaming else "") + ("" if inline else ", inline off")
             _say(f"overhead: delay {delay} us over {way}, round {i + 1}")
-            with trtserve("light", models["light"], log_dir, delay_us=delay) as served:
+            extra = () if inline else ("--inline-below-us", "0")
+            with trtserve("light", models["light"], log_dir, delay_us=delay,
+                          extra=extra) as served:
                 run = bench(served, opts, Level("closed", 1), protocol=protocol,
                             streaming=streaming)
                 s = stats(served)

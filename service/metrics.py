@@ -138,6 +138,8 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
     w_capture = f.gauge("worker_graph_capture_failures",
                         "Batch sizes whose CUDA graph capture failed (run without a graph).",
                         WORKER_LABELS)
+    w_inline = f.counter("worker_inline_batches", "Batches run on the event loop instead of "
+                         "the worker's thread (inline_below_us).", WORKER_LABELS)
     w_rebuilds = f.counter("worker_rebuilds", "Times the worker's executor was rebuilt after "
                            "a failure.", WORKER_LABELS)
     w_busy = f.counter("worker_busy_seconds", "Time the worker's stream (or session) was "
@@ -182,6 +184,7 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
             w_graphs.add_metric(labels, s.graph_launches)
             w_plain.add_metric(labels, s.plain_enqueues)
             w_capture.add_metric(labels, len(s.capture_failures))
+            w_inline.add_metric(labels, s.inline_batches)
             w_rebuilds.add_metric(labels, s.rebuilds)
             w_busy.add_metric(labels, s.busy_s)
             w_util.add_metric(labels, s.utilization()[0])

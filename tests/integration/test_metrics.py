@@ -113,6 +113,7 @@ def test_counters_match_stats_after_traffic(served):
         assert m["trtserve_worker_plain_enqueues_total"][labels] == w.plain_enqueues
         assert m["trtserve_worker_graph_capture_failures"][labels] == 0
         assert m["trtserve_worker_rebuilds_total"][labels] == w.rebuilds
+        assert m["trtserve_worker_inline_batches_total"][labels] == w.inline_batches
         assert m["trtserve_worker_busy_seconds_total"][labels] == pytest.approx(w.busy_seconds)
         assert m["trtserve_worker_healthy"][labels] == 1
         assert m["trtserve_worker_in_flight_batches"][labels] == 0
