@@ -4,7 +4,7 @@ Everything here runs on the event loop; workers report back through
 `_on_done`, one callback per batch. A batch expected to be quick, with the
 model otherwise idle, runs on the loop itself (`inline_below_us`): handing it
 to a worker's thread and back costs two thread wake-ups, which on a small
-model is more than the batch (35-80 us against ~30 us on the benchmark
+model is more than the batch (26-80 us of p50 against ~20 us on the benchmark
 machine, docs/benchmarks.md).
 """
 
