@@ -63,11 +63,10 @@ class InferStream:
         except TimeoutError:
             raise InferenceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                  f"no answer on the stream within {timeout} s") from None
-        except grpc.aio.AioRpcError:
-            # The write failed because the call has ended: report why it ended
-            # (a write to an ended call only says INTERNAL).
-            raise InferenceError(await self._call.code(),
-                                 await self._call.details() or "") from None
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The write failed because the call has ended (gRPC says INTERNAL, or
+            # "RPC already finished", depending on the race): report why it ended.
+            raise await self._ended() from None
         finally:
             self._owed.pop(request.id, None)
         return outputs_of(response)
@@ -95,10 +94,21 @@ class InferStream:
             self._fail(InferenceError(grpc.StatusCode.UNAVAILABLE, "the stream has ended"))
         except grpc.aio.AioRpcError:
             # The call's own status: a read racing a failed write may only say INTERNAL.
-            self._fail(InferenceError(await self._call.code(), await self._call.details() or ""))
+            self._fail(await self._ended())
         except asyncio.CancelledError:
             self._fail(InferenceError(grpc.StatusCode.CANCELLED, "the stream was closed"))
             raise
+
+    async def _ended(self) -> Exception:
+        """Why the call is over: the reader's verdict if it has one, else the call's status."""
+        from client.client import InferenceError
+
+        if self._failure is not None:
+            return self._failure
+        code = await self._call.code()
+        if code == grpc.StatusCode.OK:
+            return InferenceError(grpc.StatusCode.UNAVAILABLE, "the stream has ended")
+        return InferenceError(code, await self._call.details() or "")
 
     def _fail(self, error: Exception) -> None:
         """The stream is over: every answer still owed fails, and so does every later call."""

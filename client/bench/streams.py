@@ -111,8 +111,11 @@ class _Stream:
                 if due is not None:
                     self._on_answer(self, request_id, due, time.monotonic(), code)
             await writer
-        except grpc.aio.AioRpcError as e:
-            return e.code().name
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # A write racing the call's end fails with INTERNAL or "RPC already
+            # finished"; the call's own status says why it ended.
+            status = await call.code()
+            return None if status == grpc.StatusCode.OK else status.name
         finally:
             writer.cancel()
             call.cancel()  # a no-op once the call has ended
