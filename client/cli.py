@@ -105,14 +105,14 @@ def _stats_table(response: pb.StatsResponse) -> str:
                      f"deadline={m.deadline_exceeded} cancelled={m.cancelled}")
         header = (f"  {'worker':>6} {'profile':>7} {'device':>8} {'stream':>14} {'aux':>3} "
                   f"{'batches':>8} {'rows':>8} {'busy s':>8} {'util':>6} {'graphs':>7} "
-                  f"{'plain':>7} {'errors':>6} {'healthy':>7}")
+                  f"{'plain':>7} {'inline':>7} {'errors':>6} {'healthy':>7}")
         lines.append(header)
         for w in m.workers:
             lines.append(
                 f"  {w.index:>6} {w.profile:>7} {w.device:>8} {w.stream or '-':>14} "
                 f"{w.aux_streams:>3} {w.batches:>8} {w.inferences:>8} {w.busy_seconds:>8.3f} "
                 f"{w.utilization:>6.1%} {w.graph_launches:>7} {w.plain_enqueues:>7} "
-                f"{w.errors:>6} {'yes' if w.healthy else 'NO':>7}")
+                f"{w.inline_batches:>7} {w.errors:>6} {'yes' if w.healthy else 'NO':>7}")
             for f in w.capture_failures:
                 lines.append(f"         graph capture failed at batch {f.batch_size}: {f.reason}")
         sizes = sorted(m.batch_size_histogram.items())

@@ -46,7 +46,7 @@ def test_random_infer_then_stats_count_it(served):
     assert count(after) - count(before) == 4
     table = client(served.url, "stats")
     assert table.returncode == 0 and "model example (onnxruntime)" in table.stdout
-    assert "worker" in table.stdout
+    assert "worker" in table.stdout and "inline" in table.stdout
 
 
 def test_the_server_runs_on_uvloop_with_trtserves_grpc_settings(served):
