@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from client.convert import infer_request, outputs_of
+from client.errors import InferenceError
 from client.stream import InferStream
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -29,15 +30,6 @@ from service.tensors import DTYPES, decode, dtype_name, encode
 
 # Tensors can be large; match the server's default limits, not gRPC's 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-
-
-class InferenceError(Exception):
-    """A call failed; `code` is the gRPC status, `details` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
 
 
 def _options(max_message_bytes: int) -> list[tuple[str, Any]]:

@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 
 from client.convert import infer_request, outputs_of
+from client.errors import InferenceError
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -48,8 +49,6 @@ class InferStream:
                     outputs: Sequence[str] | None = None, timeout: float | None = None,
                     dtypes: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """As `AsyncClient.infer`; raises `InferenceError` for this request's error."""
-        from client.client import InferenceError
-
         if self._failure is not None:
             raise self._failure
         request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes)
@@ -79,8 +78,6 @@ class InferStream:
         await self._reader
 
     async def _read(self) -> None:
-        from client.client import InferenceError
-
         try:
             async for answer in self._call:
                 owed = self._owed.get(answer.id)
@@ -101,8 +98,6 @@ class InferStream:
 
     async def _ended(self) -> Exception:
         """Why the call is over: the reader's verdict if it has one, else the call's status."""
-        from client.client import InferenceError
-
         if self._failure is not None:
             return self._failure
         code = await self._call.code()

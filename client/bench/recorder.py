@@ -52,8 +52,6 @@ class Recorder:
         setattr(self, which, times.user + times.system)
 
 
-
-
 class Sleeper:
     """Sleeps until a time on the loop's clock to the microsecond, where Linux allows.
 
@@ -85,8 +83,6 @@ class Sleeper:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.close()
-
-
 
 
 async def poisson_arrivals(window: Window, rate: float, seed: int

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -41,13 +42,19 @@ _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 def id_suffix(protocol: str, request_id: str) -> bytes:
     """The serialized `id` field alone, to append to a serialized request."""
+    return _request_type(protocol)(id=request_id).SerializeToString()
+
+
+@functools.cache
+def _request_type(protocol: str) -> Any:
+    """The protocol's request message (open loop builds an id per request with it)."""
     if protocol == "v1":
         from service.gen.trtserve.v1 import inference_pb2 as pb
 
-        return pb.InferRequest(id=request_id).SerializeToString()
+        return pb.InferRequest
     from service.gen.inference import grpc_service_pb2 as kpb
 
-    return kpb.ModelInferRequest(id=request_id).SerializeToString()
+    return kpb.ModelInferRequest
 
 
 def answer_reader(protocol: str) -> Callable[[bytes], tuple[str, str | None]]:
