@@ -21,6 +21,8 @@ so the noise of a shared machine hits both sides alike; each is repeated
    benchmarks/grpc_floor.py) and what trtserve adds.
 5. Memory: server resident memory idle and under load, per worker.
 6. Where the event loop's time goes under load (cProfile of the loop thread).
+7. Many cores: served over raw as ONNX Runtime's intra-op threads and
+   spinning vary (on machines with 4 or more usable cores).
 
 PyTriton runs in its own virtual environment (default /tmp/pytriton-venv,
 created with a Python 3.12 from pyenv when missing): its Triton server copies
@@ -60,6 +62,7 @@ import psutil
 
 from client.bench import BenchConfig, Level, LevelResult, machine_info
 from client.bench import run as run_bench
+from service.backends.onnxruntime import default_threads, usable_cores
 from service.config import ModelConfig
 from service.example_model import write_example
 from service.profile_cli import profile
@@ -94,7 +97,7 @@ class Options:
     out: Path
     json_out: Path | None
     only: set[str]
-    render_only: Path | None = None
+    render_only: list[Path] | None = None
 
 
 # --- child processes ----------------------------------------------------------------------
@@ -360,35 +363,67 @@ def served_over_raw(opts: Options, models: dict[str, Path], log_dir: Path) -> di
     # requests in flight) instead of one call per request.
     for name, delay, streaming in (("heavy", DELAY_US, False), ("heavy", 5000, False),
                                    ("medium", DELAY_US, False), ("heavy", DELAY_US, True)):
-        rounds = []
         row = f"{name}, delay {delay} us" + (", InferStream" if streaming else "")
-        for i in range(opts.rounds):
-            _say(f"served over raw: {row}, round {i + 1}")
-            with trtserve(name, models[name], log_dir, delay_us=delay) as served:
-                run = bench(served, opts, Level("closed", 128), streaming=streaming)
-                s = stats(served)
-                histogram = dict(sorted(s.batch_size_histogram.items()))
-            batch = round(run.result.server_mean_batch or MAX_BATCH)
-            config = ModelConfig(name=name, path=str(models[name]), workers=WORKERS,
-                                 max_batch_size=MAX_BATCH)
-            raw = profile(config, [batch], opts.duration_s, opts.warmup_s).results[0]
-            rounds.append({
-                "served_rows_per_s": run.result.rows_per_s,
-                "mean_batch": run.result.server_mean_batch, "profiled_batch": batch,
-                "raw_rows_per_s": raw.rows_per_s,
-                "ratio": run.result.rows_per_s / raw.rows_per_s if raw.rows_per_s else math.nan,
-                "p50_ms": run.result.latency_ms["p50"], "p99_ms": run.result.latency_ms["p99"],
-                "client_cpu": run.result.client_cpu, "server_cpu": run.server_cpu,
-                "raw_batch_ms": raw.latency_ms["p50"], "histogram": histogram,
-                "errors": run.result.errors,
-            })
-            if i == 0:
-                out["commands"] += [
-                    served.command, run.command,
-                    f"trtserve profile --model {name}={_rel(str(models[name]))} --workers "
-                    f"{WORKERS} --batch-sizes {batch} --duration {opts.duration_s:g} "
-                    f"--warmup {opts.warmup_s:g}"]
-        out["rounds"][row] = rounds
+        out["rounds"][row] = [
+            _served_and_raw(opts, name, models[name], log_dir, row, i, out["commands"],
+                            delay=delay, streaming=streaming)
+            for i in range(opts.rounds)]
+    return out
+
+
+def _served_and_raw(opts: Options, name: str, path: Path, log_dir: Path, row: str,
+                    round_index: int, commands: list[str], delay: int = DELAY_US,
+                    streaming: bool = False, threads: int = 0,
+                    spinning: bool = False) -> dict[str, Any]:
+    """One round of served over raw: the server at concurrency 128, then the backend alone."""
+    _say(f"served over raw: {row}, round {round_index + 1}")
+    flags = [*(["--intra-op-threads", str(threads)] if threads else []),
+             *(["--intra-op-spinning"] if spinning else [])]
+    with trtserve(name, path, log_dir, delay_us=delay, extra=flags) as served:
+        run = bench(served, opts, Level("closed", 128), streaming=streaming)
+        s = stats(served)
+        histogram = dict(sorted(s.batch_size_histogram.items()))
+    batch = round(run.result.server_mean_batch or MAX_BATCH)
+    config = ModelConfig(name=name, path=str(path), workers=WORKERS, max_batch_size=MAX_BATCH,
+                         intra_op_threads=threads, intra_op_spinning=spinning)
+    raw = profile(config, [batch], opts.duration_s, opts.warmup_s).results[0]
+    if round_index == 0:
+        commands += [
+            served.command, run.command,
+            f"trtserve profile --model {name}={_rel(str(path))} --workers {WORKERS} "
+            f"--batch-sizes {batch} --duration {opts.duration_s:g} --warmup {opts.warmup_s:g}"
+            + "".join(f" {f}" for f in flags)]
+    return {
+        "served_rows_per_s": run.result.rows_per_s,
+        "mean_batch": run.result.server_mean_batch, "profiled_batch": batch,
+        "raw_rows_per_s": raw.rows_per_s,
+        "ratio": run.result.rows_per_s / raw.rows_per_s if raw.rows_per_s else math.nan,
+        "p50_ms": run.result.latency_ms["p50"], "p99_ms": run.result.latency_ms["p99"],
+        "client_cpu": run.result.client_cpu, "server_cpu": run.server_cpu,
+        "raw_batch_ms": raw.latency_ms["p50"], "histogram": histogram,
+        "errors": run.result.errors,
+    }
+
+
+def threads(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, Any]:
+    """Served over raw on `heavy` as ONNX Runtime's threads and spinning vary."""
+    cores = usable_cores()
+    out: dict[str, Any] = {"cores": cores, "rounds": {}, "commands": []}
+    if cores < 4:
+        # Every setting but "spinning" would be one thread per session, and a
+        # one-thread session has no pool to spin.
+        out["skipped"] = f"{cores} usable cores: every setting is one thread per session here"
+        return out
+    auto = default_threads(WORKERS)
+    for label, count, spinning in (
+            (f"default: {auto} per session (usable cores less one), sleeping", 0, False),
+            (f"{auto} per session, spinning", auto, True),
+            (f"{cores // WORKERS} per session (every core), spinning", cores // WORKERS, True),
+            ("1 per session", 1, False)):
+        out["rounds"][label] = [
+            _served_and_raw(opts, "heavy", models["heavy"], log_dir, f"threads: {label}", i,
+                            out["commands"], threads=count, spinning=spinning)
+            for i in range(opts.rounds)]
     return out
 
 
@@ -628,27 +663,35 @@ def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
+def bench_machine() -> dict[str, Any]:
+    """What the rendered page says of the machine, read where the numbers are measured
+    (`--render` may run elsewhere)."""
+    return {**machine_info(), "memory_gib": psutil.virtual_memory().total / 2**30,
+            "platform": platform.platform(), "onnxruntime": _version("onnxruntime"),
+            "numpy": np.__version__, "uvloop": _version("uvloop"),
+            "threads": default_threads(WORKERS)}
+
+
 def render(results: dict[str, Any], opts: Options, machine: dict[str, Any], began: str,
-           seconds: float) -> str:
-    threads = max(1, (os.cpu_count() or 1) // WORKERS)
+           seconds: float, generated: str | None = None) -> str:
     lines = [
-        f"Generated by `make bench` (`.venv/bin/python -m benchmarks.cpu"
-        f"{' --quick' if opts.duration_s < 4 else ''}`) on {began}, in {seconds / 60:.1f} "
-        "minutes.",
+        generated or f"Generated by `{_command_line(opts)}` on {began}, in "
+                     f"{seconds / 60:.1f} minutes.",
         "",
         f"- Machine: {machine['cpu'] or 'unknown CPU'}, {machine['cpus']} cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; {platform.platform()}",
+        f"{machine.get('memory_gib', math.nan):.0f} GiB; {machine.get('platform', '?')}",
         f"- Python {machine['python']}, grpcio {machine['grpcio']}, onnxruntime "
-        f"{_version('onnxruntime')}, numpy {np.__version__}",
+        f"{machine.get('onnxruntime', '?')}, numpy {machine.get('numpy', '?')}",
         f"- gRPC: trtserve, the no-op server and the load generator run with "
         f"`GRPC_EXPERIMENTS={machine.get('grpc_experiments', '')}` (service/grpc_tuning.py) "
-        f"and trtserve on uvloop {_version('uvloop')}; PyTriton's Triton runs gRPC as shipped.",
+        f"and trtserve on uvloop {machine.get('uvloop', '?')}; PyTriton's Triton runs gRPC "
+        "as shipped.",
         "- Backend: **ONNX Runtime on the CPU** (CPUExecutionProvider). Every server, the load "
         "generator and the in-process baseline share these cores.",
         f"- Each level: {opts.warmup_s:g} s warm-up, then {opts.duration_s:g} s measured; "
         f"{opts.rounds} round(s) of each comparison, every round shown (a / b).",
-        f"- Servers: {WORKERS} workers (ONNX Runtime sessions, {threads} "
-        f"intra-op thread(s) each), max_batch_size {MAX_BATCH}, max_queue_delay_us "
+        f"- Servers: {WORKERS} workers (ONNX Runtime sessions, {machine.get('threads', '?')} "
+        f"intra-op thread(s) each, not spinning), max_batch_size {MAX_BATCH}, max_queue_delay_us "
         f"{DELAY_US} unless a row says otherwise; 1 row per request.",
         "- Models (written by benchmarks/cpu.py with `service.example_model.make_mlp`, FP32, "
         "dynamic batch): " + "; ".join(
@@ -662,9 +705,28 @@ def render(results: dict[str, Any], opts: Options, machine: dict[str, Any], bega
     lines += _render_overhead(results.get("overhead"))
     lines += _render_memory(results.get("memory"))
     lines += _render_profile(results.get("loop_profile"))
+    lines += _render_threads(results.get("threads"))
     for key, why in (results.get("failed") or {}).items():
         lines += [f"**Step `{key}` failed**: {why}", ""]
     return "\n".join(lines)
+
+
+def _command_line(opts: Options) -> str:
+    """The command that measured these numbers (`make bench` for the defaults)."""
+    flags = []
+    if set(opts.only) != set(STEPS):
+        flags.append("--only " + ",".join(s for s in STEPS if s in opts.only))
+    if opts.rounds != 2:
+        flags.append(f"--rounds {opts.rounds}")
+    if opts.duration_s != 8.0:
+        flags.append(f"--duration {opts.duration_s:g}")
+    if opts.warmup_s != 2.0:
+        flags.append(f"--warmup {opts.warmup_s:g}")
+    if not opts.pytriton and "pytriton" in opts.only:
+        flags.append("--no-pytriton")
+    if not flags:
+        return "make bench` (`.venv/bin/python -m benchmarks.cpu"
+    return "python -m benchmarks.cpu " + " ".join(flags)
 
 
 def _version(module: str) -> str:
@@ -686,10 +748,18 @@ def _render_served(data: dict[str, Any] | None) -> list[str]:
              "says so (`bench --streaming`: the same 128 requests in flight on two streams). "
              "Raw: `trtserve profile`, the same backend with the same workers running "
              "at once in-process, at the server's mean batch size (from Stats).", "",
-             "| model | served rows/s | mean batch | raw rows/s at that batch | served/raw | "
+             *_served_table("model", data["rounds"])]
+    lines += ["", "Batch sizes the server formed (first round): share of batches of 1-8 rows, "
+              "9-32, 33-63 and exactly 64: " + "; ".join(
+                  f"{n}: {_buckets(r[0]['histogram'])}" for n, r in data["rounds"].items() if r)]
+    return lines + _commands(data["commands"])
+
+
+def _served_table(first: str, rows: dict[str, list[dict[str, Any]]]) -> list[str]:
+    lines = [f"| {first} | served rows/s | mean batch | raw rows/s at that batch | served/raw | "
              "p50 / p99 ms | client CPU | server CPU (cores) | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, rounds in data["rounds"].items():
+    for name, rounds in rows.items():
         ratio = _med([r["ratio"] for r in rounds])
         lines.append(
             f"| {name} | {_fmt_rounds([r['served_rows_per_s'] for r in rounds], '{:,.0f}')} | "
@@ -699,9 +769,20 @@ def _render_served(data: dict[str, Any] | None) -> list[str]:
             f"{rounds[0]['p50_ms']:.1f} / {rounds[0]['p99_ms']:.1f} | "
             f"{_fmt_rounds([max(r['client_cpu']) for r in rounds], '{:.0%}')} | "
             f"{_fmt_rounds([r['server_cpu'] for r in rounds])} | {_verdict(ratio >= 0.85)} |")
-    lines += ["", "Batch sizes the server formed (first round): share of batches of 1-8 rows, "
-              "9-32, 33-63 and exactly 64: " + "; ".join(
-                  f"{n}: {_buckets(r[0]['histogram'])}" for n, r in data["rounds"].items() if r)]
+    return lines
+
+
+def _render_threads(data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    lines = ["### 7. Many cores: ONNX Runtime's threads and the serving path (model `heavy`)",
+             ""]
+    if data.get("skipped"):
+        return [*lines, f"Not measured: {data['skipped']}.", ""]
+    lines += [f"Served over raw as in section 1 (concurrency 128, delay {DELAY_US} us, "
+              f"{WORKERS} workers), with {data['cores']} usable cores and the intra-op "
+              "threads per session and their spinning set as each row says, on both sides.",
+              "", *_served_table("intra-op threads", data["rounds"])]
     return lines + _commands(data["commands"])
 
 
@@ -869,7 +950,7 @@ def write_doc(body: str, path: Path) -> None:
 
 # --- main ---------------------------------------------------------------------------------------
 
-STEPS = ("served", "gain", "pytriton", "overhead", "memory", "profile")
+STEPS = ("served", "gain", "pytriton", "overhead", "memory", "profile", "threads")
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -889,8 +970,9 @@ def parse(argv: list[str] | None) -> Options:
     p.add_argument("--out", type=Path, default=DOC, help="document to write (default %(default)s)")
     p.add_argument("--json", type=Path, help="also write every number as JSON here (after "
                                             "each step)")
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="only rewrite the document from a --json file of an earlier run")
+    p.add_argument("--render", type=Path, metavar="JSON", nargs="+",
+                   help="only rewrite the document from --json files of earlier runs (several: "
+                        "their steps together, as separate runs measured them)")
     a = p.parse_args(argv)
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     if only - set(STEPS):
@@ -921,19 +1003,38 @@ RENDER = {
     "overhead": _render_overhead,
     "memory": _render_memory,
     "loop_profile": _render_profile,
+    "threads": _render_threads,
 }
+
+
+def render_saved(runs: list[dict[str, Any]], out: Path) -> str:
+    """The page for saved runs; several are shown together, each step from its own run."""
+    results: dict[str, Any] = {"failed": {}}
+    lines = []
+    for saved in runs:
+        was = saved["options"]
+        shown = Options(was["duration_s"], was["warmup_s"], was["rounds"], was["pytriton"],
+                        was["pytriton_python"], was["install_pytriton"], out, None,
+                        set(was["only"]))
+        results.update({k: v for k, v in saved["results"].items() if k != "failed"})
+        results["failed"].update(saved["results"].get("failed") or {})
+        lines.append(f"`{_command_line(shown)}` on {saved['began']}, in "
+                     f"{saved['seconds'] / 60:.1f} minutes")
+    first = runs[0]
+    was = first["options"]
+    shown = Options(was["duration_s"], was["warmup_s"], was["rounds"], was["pytriton"],
+                    was["pytriton_python"], was["install_pytriton"], out, None,
+                    {s for saved in runs for s in saved["options"]["only"]})
+    generated = None if len(runs) == 1 else \
+        "Generated by separate runs on one machine: " + "; ".join(lines) + "."
+    return render(results, shown, first["machine"], first["began"], first["seconds"],
+                  generated)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
     if opts.render_only is not None:
-        saved = json.loads(opts.render_only.read_text())
-        was = saved["options"]
-        shown = Options(was["duration_s"], was["warmup_s"], was["rounds"], was["pytriton"],
-                        was["pytriton_python"], was["install_pytriton"], opts.out, None,
-                        set(was["only"]))
-        body = render(saved["results"], shown, saved["machine"], saved["began"],
-                      saved["seconds"])
+        body = render_saved([json.loads(p.read_text()) for p in opts.render_only], opts.out)
         write_doc(body, opts.out)
         print(body)
         return 0
@@ -949,8 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": ("overhead", lambda: overhead(opts, models, log_dir)),
         "memory": ("memory", lambda: memory(opts, models, log_dir)),
         "profile": ("loop_profile", lambda: loop_profile(opts, models)),
+        "threads": ("threads", lambda: threads(opts, models, log_dir)),
     }
-    machine = machine_info()
+    machine = bench_machine()
     results: dict[str, Any] = {}
     failed: dict[str, str] = {}
     for step, (key, func) in steps.items():

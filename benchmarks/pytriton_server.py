@@ -43,6 +43,7 @@ def session(path: str, threads: int) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -75,12 +76,14 @@ def main() -> None:
     parser.add_argument("--metrics-port", type=int, default=8102)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0,
-                        help="ONNX Runtime threads per instance (0: cores / instances)")
+                        help="ONNX Runtime threads per instance (0: as trtserve, the usable "
+                             "cores less one, split between the instances)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
     args = parser.parse_args()
 
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.instances)
+    # The same default as service/backends/onnxruntime.py (this venv lacks trtserve).
+    threads = args.threads or max(1, (len(os.sched_getaffinity(0)) - 1) // args.instances)
     probe = session(args.model, 1)
     inputs, outputs = tensors(probe.get_inputs()), tensors(probe.get_outputs())
     del probe

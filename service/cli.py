@@ -18,7 +18,8 @@ from service.errors import ConfigError
 # Flags that override a key of every model's config (flag dest == config key).
 MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
-               "inline_below_us", "intra_op_threads", "cuda_graphs", "device")
+               "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
+               "device")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
                 "max_send_message_bytes", "max_concurrent_streams")
@@ -62,7 +63,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--inline-below-us", type=int,
                    help="run a batch expected to take less on the event loop when the model is "
                         "otherwise idle (ONNX Runtime; default 100, 0 = off)")
-    g.add_argument("--intra-op-threads", type=int)
+    g.add_argument("--intra-op-threads", type=int,
+                   help="ONNX Runtime threads per session (default 0: the usable cores less "
+                        "one, split between the workers)")
+    g.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=None,
+                   help="ONNX Runtime threads spin waiting for work (default no)")
     g.add_argument("--device", type=int, help="CUDA device ordinal")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--log-level", default="INFO")

@@ -62,7 +62,10 @@ class ModelConfig:
     # sparing the two thread hand-offs. 0: always on a worker thread. Only
     # executors that may run on any thread (ONNX Runtime) do it.
     inline_below_us: int = 100
-    intra_op_threads: int = 0  # ONNX Runtime threads per session; 0: cores / workers
+    # ONNX Runtime threads per session; 0: (usable cores - 1) / workers, at least 1.
+    intra_op_threads: int = 0
+    # Let ONNX Runtime's threads spin waiting for work (more CPU, a little less latency).
+    intra_op_spinning: bool = False
     device: int = 0  # CUDA device ordinal (TensorRT)
     cuda_graphs: bool = True
     # Batch buckets for CUDA graphs; batches are padded up to a bucket.

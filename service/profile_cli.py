@@ -328,7 +328,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per size")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"), default="auto")
     p.add_argument("--intra-op-threads", type=int, default=0,
-                   help="ONNX Runtime threads per session (0: cores / workers, as serve)")
+                   help="ONNX Runtime threads per session (0: as serve, the usable cores "
+                        "less one, split between the workers)")
+    p.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=False,
+                   help="ONNX Runtime threads spin waiting for work (default no, as serve)")
     p.add_argument("--device", type=int, default=0, help="CUDA device ordinal (TensorRT)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--sample-shape", action="append", type=_sample_shape, default=[],
@@ -365,7 +368,8 @@ def run_profile(args: argparse.Namespace) -> int:
     name, path = args.model
     try:
         config = ModelConfig(name=name, path=path, backend=args.backend, workers=args.workers,
-                             intra_op_threads=args.intra_op_threads, device=args.device,
+                             intra_op_threads=args.intra_op_threads,
+                             intra_op_spinning=args.intra_op_spinning, device=args.device,
                              cuda_graphs=args.cuda_graphs)
         low, top = _batch_range(config)
         sizes = args.batch_sizes or _powers_of_two(low, top)

@@ -1,8 +1,12 @@
 """ONNX Runtime on the CPU: the embedded default, so trtserve runs with no GPU.
 
 Each worker owns one InferenceSession. Sessions share nothing but the model
-file; intra-op threads are split between workers so they don't oversubscribe
-the cores.
+file. By default the intra-op threads split the cores this process may use
+between the workers, less one core for the event loop and gRPC, and the
+threads sleep instead of spinning between operators: on a 16-core host,
+sessions that took every core and spun served 0.67 of what they computed
+in-process, sessions on one thread each 1.00 (docs/benchmarks.md, "Many
+cores").
 """
 
 from __future__ import annotations
@@ -46,11 +50,28 @@ def _spec(node: ort.NodeArg, model: str) -> TensorSpec:
     return TensorSpec(node.name, dtype, shape)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as a container or taskset sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads(workers: int) -> int:
+    """Intra-op threads per session: the usable cores less one, split between the workers."""
+    return max(1, (usable_cores() - 1) // workers)
+
+
 class OrtExecutor:
-    def __init__(self, path: str, threads: int, max_batch: int) -> None:
+    def __init__(self, path: str, threads: int, max_batch: int, spinning: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # A spinning pool keeps its cores busy between operators and batches,
+        # taking them from the event loop, gRPC and whatever runs beside the
+        # server; sleeping costs a wake-up per parallel operator instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning",
+                                         "1" if spinning else "0")
         # Batches come one at a time per session; a parallel executor only adds overhead.
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -98,7 +119,7 @@ def load(config: ModelConfig) -> LoadedModel:
                 f"models.{config.name}.max_batch_size: got {config.max_batch_size}, but the "
                 f"model's first dimension is fixed at {max_batch}"
             )
-    threads = config.intra_op_threads or max(1, (os.cpu_count() or 1) // config.workers)
+    threads = config.intra_op_threads or default_threads(config.workers)
     spec = ModelSpec(
         backend="onnxruntime",
         platform="onnxruntime_onnx",
@@ -110,6 +131,6 @@ def load(config: ModelConfig) -> LoadedModel:
     )
 
     def factory() -> OrtExecutor:
-        return OrtExecutor(config.path, threads, max_batch)
+        return OrtExecutor(config.path, threads, max_batch, config.intra_op_spinning)
 
     return LoadedModel(spec=spec, factories=[factory] * config.workers)

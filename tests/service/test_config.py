@@ -77,6 +77,10 @@ def test_flags_override_the_file(tmp_path):
     assert not config.health_requires_auth and config.max_concurrent_streams == 0
     assert [m.name for m in config.models] == ["a", "b", "c"]
     assert all(m.workers == 5 and m.max_queue_delay_us == 100 for m in config.models)
+    assert not any(m.intra_op_spinning for m in config.models)
+    spinning = build_config(parser.parse_args(["serve", "--model", "m=m.onnx",
+                                               "--intra-op-spinning"]))
+    assert spinning.models[0].intra_op_spinning
 
 
 def test_defaults_are_valid():
