@@ -53,6 +53,8 @@ def test_a_full_file_loads(tmp_path):
     ("[[models]]\nname='a'\npath='a.onnx'\nworkers='2'\n", "models[0].workers"),
     ("[[models]]\nname='a'\npath='a.onnx'\nworkers=true\n", "models[0].workers"),
     ("[[models]]\nname='a'\npath='a.onnx'\nworkers=0\n", "workers"),
+    ("[[models]]\nname='a'\npath='a.onnx'\nintra_op_spinning='yes'\n",
+     "models[0].intra_op_spinning"),
     ("[[models]]\nname='a'\npath='a.onnx'\nbackend='tensorflow'\n", "backend"),
     ("[[models]]\nname='a'\npath='a.onnx'\n[[models]]\nname='a'\npath='b.onnx'\n", "unique"),
     ("[[models]]\nname='a'\npath='a.onnx'\n[models.build]\nprofile=2\n", "build"),
