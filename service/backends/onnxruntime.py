@@ -3,10 +3,10 @@
 Each worker owns one InferenceSession. Sessions share nothing but the model
 file. By default the intra-op threads split the cores this process may use
 between the workers, less one core for the event loop and gRPC, and the
-threads sleep instead of spinning between operators: on a 16-core host,
-sessions that took every core and spun served 0.67 of what they computed
-in-process, sessions on one thread each 1.00 (docs/benchmarks.md, "Many
-cores").
+threads sleep instead of spinning between operators. On a 16-core host,
+sessions that took every core and spun served 0.46-0.52 of what they
+computed in-process, and a quarter less than sessions that left one core
+(docs/benchmarks-16core.md, section 7).
 """
 
 from __future__ import annotations
