@@ -163,6 +163,9 @@ class ModelRuntime:
             self.counters.rejected_queue_full += 1
             raise
         self.counters.requests += 1
+        # How the request ended is counted here, once: the batcher may answer a
+        # request whose deadline passed in the queue just before grpc.aio cancels
+        # its handler for the same deadline, and only one of the two reaches us.
         try:
             outputs = await request.future
         except asyncio.CancelledError:
@@ -173,7 +176,9 @@ class ModelRuntime:
             else:
                 self.counters.cancelled += 1
             raise
-        except ServeError:
+        except ServeError as e:
+            if isinstance(e, DeadlineExceeded):
+                self.counters.deadline_exceeded += 1
             self.counters.failure += 1
             self.counters.failure_s += now() - request.arrival
             raise
@@ -274,7 +279,7 @@ class ModelRuntime:
         if reason == "cancelled":
             pass  # counted in infer(), where the cancellation arrived
         elif reason == "deadline":
-            self.counters.deadline_exceeded += 1
+            # Counted in infer(), which this exception (or a cancellation) reaches.
             if not request.future.done():
                 request.future.set_exception(DeadlineExceeded(
                     f"model '{self.name}': deadline passed while queued; not executed"))

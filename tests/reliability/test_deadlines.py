@@ -14,8 +14,10 @@ import pytest
 
 from client import AsyncClient, Client, InferenceError
 from client.convert import infer_request
+from service.errors import DeadlineExceeded
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from tests.doubles.controlled import expected
+from service.timer import now
+from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
 from tests.reliability.harness import model_stats, serve_controlled, wait_for
 
 
@@ -100,3 +102,39 @@ def test_a_deadline_long_enough_is_met_and_not_counted_as_exceeded(served):
                                           expected(x))
     stats = model_stats(served.url)
     assert (stats.deadline_exceeded, stats.cancelled, stats.inferences) == (0, 0, 12)
+
+
+def test_a_deadline_is_counted_once_when_the_cancellation_overtakes_the_drop():
+    """The batcher drops a request whose deadline passed; grpc.aio cancels its handler
+    for the same deadline before the handler sees the drop (a race CI once hit)."""
+    controls = Controls()
+    runtime = ControlledBackend(controls).runtime(controlled_model(max_batch_size=4))
+
+    async def scenario() -> BaseException | None:
+        await runtime.start()
+        try:
+            controls.hold()
+            blocker = asyncio.create_task(runtime.infer({"x": rows(1, 0)}))
+            await asyncio.to_thread(controls.started.wait, 10)
+            late = asyncio.create_task(runtime.infer({"x": rows(1, 9)}, deadline=now() + 0.05))
+            await asyncio.sleep(0.1)  # past its deadline, waiting for the held worker
+            batcher = runtime._batcher
+            assert batcher is not None
+            waiting = [*batcher._pending, *(batcher._forming.requests if batcher._forming
+                                            else [])]
+            (request,) = waiting
+            controls.release()
+            while not request.future.done():  # the batcher drops it ...
+                await asyncio.sleep(0)
+            late.cancel()  # ... and the cancellation reaches the handler first
+            with pytest.raises(asyncio.CancelledError):
+                await late
+            await blocker
+            return request.future.exception()
+        finally:
+            await runtime.stop()
+
+    dropped_with = asyncio.run(scenario())
+    assert isinstance(dropped_with, DeadlineExceeded)  # the drop came first
+    assert runtime.counters.deadline_exceeded == 1
+    assert (runtime.counters.cancelled, controls.snapshot()) == (0, (1, [1]))
