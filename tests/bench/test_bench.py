@@ -213,13 +213,15 @@ def test_refused_requests_are_counted_and_the_stream_carries_on(server):
                          streaming=True)
     wrong = encode_request("v1", "example", {"input": np.ones((1, 5), np.float32)},
                            {"input": "FP32"})
-    rec = _recorder(0.5)
 
-    async def drive() -> None:
+    async def drive() -> Recorder:
         async with grpc.aio.insecure_channel(server.url) as channel:
+            await channel.channel_ready()  # the window starts once connected
+            rec = _recorder(0.5)
             await streams.closed(channel, config, [wrong], 3, rec, first=0)
+            return rec
 
-    asyncio.run(drive())
+    rec = asyncio.run(drive())
     assert not rec.latencies
     assert set(rec.errors) == {"INVALID_ARGUMENT"} and rec.errors["INVALID_ARGUMENT"] > 10
 
@@ -228,20 +230,29 @@ def test_a_server_without_the_stream_counts_its_status_for_each_request():
     config = BenchConfig(url="", model="m", levels=(Level("closed", 2),), streaming=True)
     payload = encode_request("v1", "m", {"input": np.ones((1, 4), np.float32)},
                              {"input": "FP32"})
-    rec = _recorder(0.3)
+    window_s = 0.5
 
-    async def drive() -> None:
+    async def drive() -> Recorder:
         empty = grpc.aio.server()  # no services: every method is UNIMPLEMENTED
         port = empty.add_insecure_port("127.0.0.1:0")
         await empty.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                # The window starts once connected: a loaded machine may take
+                # longer than the window to connect, and count nothing.
+                await channel.channel_ready()
+                rec = _recorder(window_s)
                 await streams.closed(channel, config, [payload], 2, rec, first=0)
+                return rec
         finally:
             await empty.stop(None)
 
-    asyncio.run(drive())
+    rec = asyncio.run(drive())
     # Each failed stream owes its two requests; the pause between reopenings
-    # bounds how many streams a 0.3 s window tries.
-    failures = rec.errors["UNIMPLEMENTED"]
-    assert failures % 2 == 0 and 2 <= failures <= 2 * (0.3 / streams.REOPEN_PAUSE_S + 1)
+    # bounds how many streams the window tries. gRPC's core ends some refused
+    # streams INTERNAL instead (the client's writes race the refusal; most
+    # often on a loaded machine), and that is the status the bench must count.
+    assert set(rec.errors) <= {"UNIMPLEMENTED", "INTERNAL"}
+    failures = rec.errors["UNIMPLEMENTED"] + rec.errors["INTERNAL"]
+    assert failures % 2 == 0
+    assert 2 <= failures <= 2 * (window_s / streams.REOPEN_PAUSE_S + 1)
