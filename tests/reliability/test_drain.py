@@ -32,6 +32,8 @@ from tests.reliability.controlled_server import (
 
 CLIENTS = 24
 GRACE_S = 20.0
+# How far apart two answers the server sent together may be stamped by the clients.
+CLIENT_STAMP_SLACK_S = 0.1
 
 
 @dataclass
@@ -123,9 +125,13 @@ def test_sigterm_under_load_drains_then_exits_0():
         if o.code == grpc.StatusCode.UNAVAILABLE:
             continue
         # grpc core answers CANCELLED to calls that reach it while the listener
-        # closes, before any handler saw them (grpc/grpc#41785): allowed only
-        # once every accepted request has been answered.
-        assert o.code == grpc.StatusCode.CANCELLED and o.answered > drained_at, o
+        # closes, before any handler saw them (grpc/grpc#41785). The server closes
+        # it once every accepted request is answered, while the last answers may
+        # still be on their way: such a call was sent after the signal and came
+        # back with the last answers, give or take the clients' own scheduling
+        # (each answer is stamped when its coroutine resumes; 8 ms seen under load).
+        assert o.code == grpc.StatusCode.CANCELLED and o.sent > sigterm, o
+        assert o.answered > drained_at - CLIENT_STAMP_SLACK_S, o
     # The server executed exactly the rows that were answered: none lost, and
     # no refused or cancelled request ran.
     match = re.search(rf"{EXECUTED} (\d+) {BATCHES} (\d+)", log)
