@@ -126,7 +126,10 @@ class _Stream:
         finally:
             writer.cancel()
             call.cancel()  # a no-op once the call has ended
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            # The writer may have ended with the same race as above (it stops at
+            # its first failed write); the call's status already said why.
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError,
+                                     asyncio.InvalidStateError):
                 await writer
         return None
 
