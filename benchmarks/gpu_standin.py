@@ -296,11 +296,14 @@ def _open_loop_client(url: str, request: bytes, rate: float, start_at: float,
 
 
 @contextmanager
-def _served(engine: Any, workers: int, max_queue_delay_us: int) -> Iterator[Any]:
+def _served(engine: Any, workers: int, max_queue_delay_us: int,
+            inline_below_us: int | None = None) -> Iterator[Any]:
     from tests.gpu.standin import serving_standin, standin_config
 
+    options: dict[str, Any] = {} if inline_below_us is None else \
+        {"inline_below_us": inline_below_us}
     config = standin_config(workers=workers, max_queue_delay_us=max_queue_delay_us,
-                            max_queue_size=65536)
+                            max_queue_size=65536, **options)
     with serving_standin(engine, config, stats_window_s=60) as server:
         yield server
 
@@ -323,7 +326,8 @@ def _thread_cpu_s(ident: int) -> float:
 def served_throughput(engine: Any, workers: int, clients: int, processes: int,
                       seconds: float, warmup_s: float = 1.5, max_queue_delay_us: int = 0,
                       rows_per_request: int = 1,
-                      switch_interval_s: float | None = None) -> dict[str, float]:
+                      switch_interval_s: float | None = None,
+                      inline_below_us: int | None = None) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     request = _request_bytes("standin", rows_per_request, engine.in_features)
     default_switch = sys.getswitchinterval()
@@ -331,15 +335,17 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
         sys.setswitchinterval(switch_interval_s)
     try:
         return _served_run(engine, workers, clients, processes, seconds, warmup_s,
-                           max_queue_delay_us, request, rows_per_request, context)
+                           max_queue_delay_us, request, rows_per_request, context,
+                           inline_below_us)
     finally:
         sys.setswitchinterval(default_switch)
 
 
 def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds: float,
                 warmup_s: float, max_queue_delay_us: int, request: bytes,
-                rows_per_request: int, context: Any) -> dict[str, float]:
-    with _served(engine, workers, max_queue_delay_us) as server:
+                rows_per_request: int, context: Any,
+                inline_below_us: int | None = None) -> dict[str, float]:
+    with _served(engine, workers, max_queue_delay_us, inline_below_us) as server:
         loop_thread = server.call(_thread_ident())
         # Warm every worker's graphs before the clock starts.
         from client.client import Client
@@ -524,19 +530,24 @@ def main(argv: list[str] | None = None) -> int:
             "time of the server's one asyncio thread over wall time. GPU busy = Stats' busy "
             f"seconds per worker over wall time. The GPU-bound stand-in ({args.heavy}, "
             f"{2 * 2 * args.heavy.in_features * args.heavy.hidden / 1e9:.1f} GFLOP per row) is "
-            "sized so the GPU, not the frontend, limits throughput.")
+            "sized so the GPU, not the frontend, limits throughput. A light batch is quick "
+            "(under `inline_below_us`, 100 us of GPU time), so it waits for the quick batch "
+            "in flight rather than taking a second worker; the `inline_below_us 0` row "
+            "spreads every batch over the idle workers instead, as before that rule.")
         say()
         say("| stand-in MLP | rows / request | served (rows/s) | requests/s | event-loop "
             "thread CPU | mean batch | GPU busy / worker | raw at that batch (rows/s) "
             "| served / raw |")
         say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = {}
-        runs = [("light", args.light, 1, None), ("light", args.light, 8, None),
-                ("light, GIL switch interval 0.5 ms", args.light, 1, 0.0005),
-                ("GPU-bound", args.heavy, 1, None)]
+        runs = [("light", args.light, 1, None, None), ("light", args.light, 8, None, None),
+                ("light, inline_below_us 0", args.light, 1, None, 0),
+                ("light, inline_below_us 0", args.light, 8, None, 0),
+                ("light, GIL switch interval 0.5 ms", args.light, 1, 0.0005, None),
+                ("GPU-bound", args.heavy, 1, None, None)]
         heavy = None
         try:
-            for name, dims, per_request, switch in runs:
+            for name, dims, per_request, switch, inline_below_us in runs:
                 if dims == args.heavy:
                     heavy = _engine(dims, batch=(1, 32, 64), host_weights=False)
                     engine = heavy
@@ -545,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
                 served = served_throughput(engine, args.serve_workers, args.clients,
                                            args.client_processes, args.seconds,
                                            rows_per_request=per_request,
-                                           switch_interval_s=switch)
+                                           switch_interval_s=switch,
+                                           inline_below_us=inline_below_us)
                 batch = max(1, round(served["mean_batch"]))
                 raw = raw_throughput(engine, cuda, args.serve_workers, batch)
                 ratio = served["rows_per_s"] / raw["rows_per_s"]

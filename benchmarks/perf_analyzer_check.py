@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                         help="the server's event loop (server.event_loop)")
     args = parser.parse_args(argv)
+    Path(args.logs).mkdir(parents=True, exist_ok=True)
     grpc_settings = os.environ.get("GRPC_EXPERIMENTS", "")
 
     onnx = write_example(Path("/tmp/trtserve-pa/example.onnx"))

@@ -50,6 +50,7 @@ class Batcher:
         scheduler: Scheduler,
         dispatch: Callable[[int, Batch], None],
         drop: Callable[[Request, str], None],
+        hold: Callable[[Batch], float] = lambda batch: 0.0,
     ) -> None:
         self._model = model
         self._policy = policy
@@ -57,6 +58,10 @@ class Batcher:
         self._dispatch = dispatch
         # drop(request, reason): a request leaves unexecuted ("cancelled" / "deadline").
         self._drop = drop
+        # hold(batch): seconds the batch should still wait for a worker to free
+        # up although another one is idle, 0 for none (ModelRuntime: a quick
+        # batch waits for the quick batch in flight).
+        self._hold = hold
         self._pending: deque[Request] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
@@ -244,16 +249,17 @@ class Batcher:
         """A worker for the batch, or None when no healthy worker can ever run it."""
         while True:
             shapes = batch.shapes()
-            worker = self._scheduler.acquire(shapes)
+            hold_s = self._hold(batch)
+            worker = None if hold_s > 0 else self._scheduler.acquire(shapes)
             if worker is not None:
                 return worker
             if not self._scheduler.can_ever_run(shapes):
                 return None
-            # Every fitting worker is busy: the batch takes what queued meanwhile
-            # once one frees up (or on any other wake-up).
+            # Every fitting worker is busy (or the batch is held): it takes what
+            # queued meanwhile once one frees up (or on any other wake-up).
             self._forming, self._waiting_for_worker = batch, True
             try:
-                await self._sleep(None)
+                await self._sleep(hold_s if hold_s > 0 else None)
             finally:
                 self._forming, self._waiting_for_worker = None, False
             self._take(batch, self._policy.max_batch_size)

@@ -5,7 +5,10 @@ Everything here runs on the event loop; workers report back through
 model otherwise idle, runs on the loop itself (`inline_below_us`): handing it
 to a worker's thread and back costs two thread wake-ups, which on a small
 model is more than the batch (26-80 us of p50 against ~20 us on the benchmark
-machine, docs/benchmarks.md).
+machine, docs/benchmarks.md). Where a quick batch cannot run on the loop (a
+TensorRT worker owns its stream), it waits for the quick batch in flight rather
+than taking a second worker: it carries more rows, and the loop, not the
+backend, is what a quick batch costs (docs/benchmarks-gpu.md, section 3).
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ _Signature = tuple[tuple[str, np.dtype, tuple[int, ...], str | None], ...]
 # which predicts whether the next one is quick enough to run inline; bounded.
 _RunKey = tuple[int, tuple[tuple[int, ...], ...] | None]
 RUN_TIMES_KEPT = 4096
+# How long a quick batch waits for the quick batch in flight (see _hold_s). A
+# quick batch is answered within a few hundred microseconds of its dispatch
+# (its run plus two thread hand-offs), later when the loop is busy; one still
+# running after this has stalled (the first capture of a CUDA graph for its
+# size, a long GC pause), and the waiting batch takes an idle worker after all.
+# With the GPU stand-in at saturation, 1 ms ran out on a busy loop and kept
+# half of the gain that 5 ms keeps (docs/benchmarks-gpu.md, section 3).
+QUICK_HOLD_S = 0.005
 
 
 class ModelRuntime:
@@ -72,6 +83,11 @@ class ModelRuntime:
         self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
         self._run_s: dict[_RunKey, float] = {}
         self._inline_below_s = config.inline_below_us / 1e6
+        # Batches in flight that were not predicted quick, and when each worker's
+        # batch was dispatched; see _hold_s.
+        self._slow_in_flight = 0
+        self._dispatched_slow = [False] * len(self.workers)
+        self._dispatched_at = [0.0] * len(self.workers)
         self.scheduler = Scheduler(self.workers)
         self.max_batch_size = min(config.max_batch_size or self.spec.max_batch_size,
                                   self.spec.max_batch_size)
@@ -106,7 +122,7 @@ class ModelRuntime:
         self._idle = asyncio.Event()
         self._idle.set()
         self._batcher = Batcher(self.name, self.policy, self.scheduler, self._dispatch,
-                                self._drop)
+                                self._drop, self._hold_s)
         self._batcher_task = asyncio.create_task(self._batcher.run(), name=f"{self.name}-batcher")
         self.ready = True
 
@@ -253,8 +269,11 @@ class ModelRuntime:
     # --- batches -------------------------------------------------------------------
 
     def _dispatch(self, index: int, batch: Batch) -> None:
-        inline = self._quick_and_alone(batch)
-        dispatched = now()
+        quick = self._quick(batch)
+        inline = quick and not self.in_flight
+        self._dispatched_slow[index] = not quick
+        self._slow_in_flight += not quick
+        dispatched = self._dispatched_at[index] = now()
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
@@ -268,12 +287,31 @@ class ModelRuntime:
             return
         worker.submit(batch)
 
-    def _quick_and_alone(self, batch: Batch) -> bool:
-        """Whether `batch` may run on the loop: no other batch running, and quick last time."""
-        if self._inline_below_s <= 0 or self.in_flight:
+    def _quick(self, batch: Batch) -> bool:
+        """Whether the last batch of this size ran in under `inline_below_us`."""
+        if self._inline_below_s <= 0:
             return False
         last = self._run_s.get((batch.rows, batch.shape_key))
         return last is not None and last < self._inline_below_s
+
+    def _hold_s(self, batch: Batch) -> float:
+        """How much longer a quick batch waits for the batches in flight, all quick (0: none).
+
+        A second worker would run it alongside, but a quick batch costs the
+        event loop (a hand-off to a thread, a callback back, and the Python
+        around a launch) more than it costs the backend: at one row per request
+        every request would become a batch of its own. Waiting costs about one
+        quick batch's time and the batch takes along what queues meanwhile.
+        Behind a slow batch it does not wait, nor behind one that has stalled
+        (QUICK_HOLD_S).
+        """
+        if self._slow_in_flight or not self._quick(batch):
+            return 0.0
+        started = [self._dispatched_at[i] for i, s in enumerate(self.worker_stats)
+                   if s.in_flight]
+        if not started:
+            return 0.0
+        return max(0.0, min(started) + QUICK_HOLD_S - now())
 
     def _drop(self, request: Request, reason: str) -> None:
         if reason == "cancelled":
@@ -290,6 +328,8 @@ class ModelRuntime:
         index = worker.index
         stats = self.worker_stats[index]
         stats.in_flight -= 1
+        self._slow_in_flight -= self._dispatched_slow[index]
+        self._dispatched_slow[index] = False
         self.scheduler.release(index)
         batch = outcome.batch
         if outcome.result is not None:

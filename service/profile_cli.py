@@ -180,13 +180,17 @@ def profile(config: ModelConfig, batch_sizes: Sequence[int], duration_s: float =
             warmup_s: float = 1.0, sample_shapes: dict[str, tuple[int, ...]] | None = None,
             on_result: Callable[[SizeResult], None] | None = None) -> ProfileReport:
     """Measure `config`'s backend at each batch size with `config.workers` executors at once."""
+    from service.backends.onnxruntime import default_threads
     from service.repository import load_backend
 
     loaded = load_backend(config)
     spec = loaded.spec
+    threads = config.intra_op_threads
+    if spec.backend == "onnxruntime" and not threads:
+        threads = default_threads(config.workers)  # what each session was given
     report = ProfileReport(model=config.name, path=config.path, backend=spec.backend,
                            workers=len(loaded.factories),
-                           intra_op_threads=config.intra_op_threads,
+                           intra_op_threads=threads,
                            duration_s=duration_s, warmup_s=warmup_s)
     runners = [_Runner(i, f) for i, f in enumerate(loaded.factories)]
     try:
@@ -273,9 +277,9 @@ def _row(r: SizeResult) -> list[str]:
 
 
 def table(report: ProfileReport) -> str:
-    threads = report.intra_op_threads or "auto"
+    threads = f", intra-op threads {report.intra_op_threads}" if report.intra_op_threads else ""
     lines = [f"profile of '{report.model}' ({report.backend}, {report.path}): "
-             f"{report.workers} worker(s) running at once, intra-op threads {threads}, "
+             f"{report.workers} worker(s) running at once{threads}, "
              f"{report.warmup_s:g}s warm-up + {report.duration_s:g}s per batch size"]
     rows = [list(COLUMNS), *(_row(r) for r in report.results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]

@@ -57,13 +57,8 @@ Shape = tuple[int, ...]
 _ALIGN = 256  # bytes: each output's offset in a batch's result block
 
 
-_ALIGN = 256  # bytes: each output's offset in a batch's result block
-
-
-
 class TensorRTError(RuntimeError):
     """A TensorRT call failed (returned False or None); the message names the call."""
-
 
 
 # ---------------------------------------------------------------------------------

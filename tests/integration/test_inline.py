@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from client import AsyncClient, Client
+from service import model as model_module
 from service.config import ModelConfig
 from tests.conftest import server_config
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
@@ -141,3 +142,53 @@ def test_with_a_batch_running_the_next_goes_to_another_worker():
     assert controls.ran_on[before] != controls.ran_on[before + 1]
     np.testing.assert_array_equal(held["y"], expected(two))
     np.testing.assert_array_equal(second["y"], expected(_rows(3)))
+
+
+
+@pytest.mark.parametrize("stalled", [False, True])
+def test_a_quick_batch_waits_for_the_quick_batch_in_flight_unless_that_one_stalls(
+        monkeypatch, stalled):
+    """Thread-bound executor (as TensorRT's): quick batches go one at a time, and grow meanwhile.
+
+    The batch in flight is held at the gate for half a second: within the hold
+    limit (raised here to a minute) the next batch waits for it; past the
+    limit (the default 1 ms) that batch has stalled and the next takes the
+    idle worker.
+    """
+    if not stalled:
+        monkeypatch.setattr(model_module, "QUICK_HOLD_S", 60.0)
+    controls = Controls(any_thread=False)
+    _, runtime, server = _serve(controls)
+    with server as s:
+        s.call(s.server.add_model(runtime))
+        _run_sequentially(s.url, [_rows(i) for i in range(5)])  # time 1-row batches: quick
+        before = len(controls.ran_on)
+        controls.hold()
+
+        async def run():
+            async with AsyncClient(s.url) as c:
+                first = asyncio.create_task(c.infer("controlled", {"x": _rows(1)}))
+                await asyncio.to_thread(controls.started.wait, 10)
+                controls.started.clear()
+                later = [asyncio.create_task(c.infer("controlled", {"x": _rows(i)}))
+                         for i in (2, 3)]
+                started_meanwhile = await asyncio.to_thread(controls.started.wait, 0.5)
+                controls.release()
+                return started_meanwhile, await first, await asyncio.gather(*later)
+
+        started_meanwhile, first, later = asyncio.run(run())
+        stats = model_stats(s.url)
+    ran = controls.ran_on[before:]
+    if stalled:
+        # The second request went to the idle worker while the first was held.
+        assert started_meanwhile
+        assert ran[0] != ran[1]
+    else:
+        # The other worker stayed idle; the two waiting requests went as one batch.
+        assert not started_meanwhile
+        assert controls.batch_sizes[-2:] == [1, 2]
+        assert len(ran) == 2
+    np.testing.assert_array_equal(first["y"], expected(_rows(1)))
+    for i, answer in zip((2, 3), later, strict=True):
+        np.testing.assert_array_equal(answer["y"], expected(_rows(i)))
+    assert sum(w.inline_batches for w in stats.workers) == 0
