@@ -61,8 +61,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-queue-size", type=int)
     g.add_argument("--max-rows-per-request", type=int)
     g.add_argument("--inline-below-us", type=int,
-                   help="run a batch expected to take less on the event loop when the model is "
-                        "otherwise idle (ONNX Runtime; default 100, 0 = off)")
+                   help="a batch expected to take less is quick: ONNX Runtime runs it on the "
+                        "event loop when the model is otherwise idle, TensorRT holds it for "
+                        "the quick batch in flight (default 100, 0 = neither)")
     g.add_argument("--intra-op-threads", type=int,
                    help="ONNX Runtime threads per session (default 0: the usable cores less "
                         "one, split between the workers)")

@@ -58,9 +58,11 @@ class ModelConfig:
     max_queue_size: int = 4096  # requests waiting for a batch; more -> RESOURCE_EXHAUSTED
     max_rows_per_request: int = 0  # 0: max_batch_size
     # A batch expected (from the last batch of its size) to run in less than this
-    # runs on the event loop itself when no other batch of the model is running,
-    # sparing the two thread hand-offs. 0: always on a worker thread. Only
-    # executors that may run on any thread (ONNX Runtime) do it.
+    # is quick. It runs on the event loop itself when no other batch of the model
+    # is running, sparing the two thread hand-offs, where the executor may run on
+    # any thread (ONNX Runtime); elsewhere (TensorRT) it waits for the quick
+    # batch in flight rather than take a second worker (ModelRuntime._hold_s).
+    # 0: neither.
     inline_below_us: int = 100
     # ONNX Runtime threads per session; 0: (usable cores - 1) / workers, at least 1.
     intra_op_threads: int = 0
