@@ -224,6 +224,7 @@ def executor_factories(
                     handle.engine, cuda, profile=profile, graph_batch_sizes=graph_batch_sizes,
                     cuda_graphs=cuda_graphs, trt_module=trt_module,
                     name=f"{model} worker {index} (profile {profile})",
+                    capture_at_start=True,
                 )
 
             factories.append(factory)

@@ -20,7 +20,9 @@ events, so a batch costs one launch and its busy time has no host gaps in it. Th
 plain path records the events and copies around `execute_async_v3`, calling
 `set_input_shape` only when a shape changed. A bucket whose graph cannot be
 captured falls back to the plain path, and the batch that found out reports why
-(Stats show it).
+(Stats show it). A serving worker (`capture_at_start`) captures every bucket's
+graph at the profile's opt shapes when it starts; failures found then are
+reported with its first batches.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class TrtExecutor:
         graph_io: bool = True,
         trt_module: types.ModuleType | Any = None,
         name: str = "",
+        capture_at_start: bool = False,
     ) -> None:
         self._engine = engine
         self._cuda = cuda
@@ -131,8 +134,12 @@ class TrtExecutor:
         self._plain_outputs: dict[str, Shape] = {}
         self._graphs: dict[tuple[Shape, ...], _CapturedGraph] = {}
         self._capture_failures: dict[tuple[Shape, ...], str] = {}
+        # Capture failures found at start, reported with the next batches (Stats).
+        self._unreported: list[tuple[int, str]] = []
         try:
             self._open(graph_batch_sizes, cuda_graphs)
+            if capture_at_start:
+                self._capture_buckets()
         except BaseException:
             try:
                 self.close()
@@ -192,6 +199,25 @@ class TrtExecutor:
             min_batch_size=low,
             max_batch_size=high,
         )
+
+    def _capture_buckets(self) -> None:
+        """Capture every bucket's graph now, at the profile's opt shapes.
+
+        A capture takes a new context, a plain enqueue and the capture itself:
+        milliseconds on the worker's thread, which a batch that met a bucket
+        first would otherwise wait out, and a quick batch behind it too. Other
+        non-batch shapes are still captured when a batch first brings them.
+        """
+        for bucket in self._buckets:
+            shapes = {t.name: (bucket, *self._ranges[t.name][1][1:]) for t in self._inputs}
+            key = tuple(shapes[t.name] for t in self._inputs)
+            try:
+                self._capture(key, shapes)
+            except _CaptureFailed as err:
+                self._capture_failures[key] = str(err)
+                self._unreported.append((bucket, str(err)))
+                log.warning("%s: no CUDA graph for batch bucket %d, plain enqueue instead: %s",
+                            self._name, bucket, err)
 
     def _allocate(self, tensor: IOTensor, shape: Shape) -> _Binding:
         if any(d < 0 for d in shape):
@@ -338,6 +364,8 @@ class TrtExecutor:
                     failure = (bucket, reason)
                     log.warning("%s: no CUDA graph for batch bucket %d, plain enqueue instead: "
                                 "%s", self._name, bucket, reason)
+        if failure is None and self._unreported:
+            failure = self._unreported.pop(0)
         start, loaded, computed, done = self._events
         if graph is not None and graph.with_io:
             # One launch: H2D, the engine's work, D2H and the four events are its nodes.

@@ -279,6 +279,50 @@ def test_batches_beyond_every_bucket_use_plain_enqueue(engine: RecordingEngine,
         ex.close()
 
 
+# --- graphs captured at start (the serving path) -------------------------------------------
+
+
+def test_a_serving_executor_captures_every_bucket_at_start(engine: RecordingEngine,
+                                                           cuda: HostCudaRuntime) -> None:
+    ex = make(engine, cuda, capture_at_start=True)
+    try:
+        started = len(cuda.log)
+        assert len(calls(cuda.log, "cuda", "begin_capture")) == 4  # buckets 1, 2, 4, 8
+        for rows in (1, 2, 3, 5, 8):
+            inputs, x = batch(rows, seed=rows)
+            result = ex.run(inputs, rows)
+            np.testing.assert_array_equal(result.outputs["y"], 2 * x + 1)
+            assert result.graph_launch is True and result.capture_failure is None
+        # No batch waited for a capture.
+        assert not calls(cuda.log[started:], "cuda", "begin_capture")
+    finally:
+        ex.close()
+    assert cuda.live() == dict.fromkeys(cuda.live(), 0)
+
+
+def test_capture_failures_at_start_are_reported_with_the_first_batches(
+        engine: RecordingEngine, cuda: HostCudaRuntime) -> None:
+    cuda.fail_end_capture = "cudaErrorStreamCaptureInvalidated"
+    ex = make(engine, cuda, capture_at_start=True)
+    try:
+        captures = len(calls(cuda.log, "cuda", "begin_capture"))
+        cuda.fail_end_capture = None
+        reported = []
+        for seed in range(5):
+            inputs, x = batch(3, seed=seed)
+            result = ex.run(inputs, 3)
+            np.testing.assert_array_equal(result.outputs["y"], 2 * x + 1)
+            assert result.graph_launch is False  # bucket 4 failed at start: plain enqueue
+            if result.capture_failure is not None:
+                reported.append(result.capture_failure)
+        # One report per bucket, each once, with CUDA's reason; none captured again.
+        assert [bucket for bucket, _ in reported] == [1, 2, 4, 8]
+        assert all("cudaErrorStreamCaptureInvalidated" in why for _, why in reported)
+        assert len(calls(cuda.log, "cuda", "begin_capture")) == captures
+    finally:
+        ex.close()
+
+
 # --- capture failures -------------------------------------------------------------------
 
 
