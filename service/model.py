@@ -119,6 +119,8 @@ class ModelRuntime:
                 info.aux_streams
             stats.min_batch_size, stats.max_batch_size = info.min_batch_size, \
                 info.max_batch_size
+            for bucket, reason in info.capture_failures:
+                stats.record_capture_failure(bucket, reason)
         self._idle = asyncio.Event()
         self._idle.set()
         self._batcher = Batcher(self.name, self.policy, self.scheduler, self._dispatch,

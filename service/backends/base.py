@@ -79,6 +79,9 @@ class WorkerInfo:
     # while that thread is idle (an ONNX Runtime session; never a TensorRT
     # context, whose stream and graphs belong to the worker's thread).
     runs_on_any_thread: bool = False
+    # (batch bucket, reason) of each CUDA graph that could not be captured when
+    # the worker started; later batches report any found after.
+    capture_failures: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass

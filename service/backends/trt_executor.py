@@ -21,8 +21,9 @@ plain path records the events and copies around `execute_async_v3`, calling
 `set_input_shape` only when a shape changed. A bucket whose graph cannot be
 captured falls back to the plain path, and the batch that found out reports why
 (Stats show it). A serving worker (`capture_at_start`) captures every bucket's
-graph at the profile's opt shapes when it starts; failures found then are
-reported with its first batches.
+graph at the profile's opt shapes when it starts; failures found then are in
+its `info` (Stats from the start) and reported again with its first batches,
+which is how an executor rebuilt after a failure tells them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import logging
 import math
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,6 +105,8 @@ class TrtExecutor:
     CudaRuntime for the worker's device. Create, use and close it on one thread.
     """
 
+    info: WorkerInfo  # what Stats shows: set when the executor opens
+
     def __init__(
         self,
         engine: trt.ICudaEngine,
@@ -134,12 +137,14 @@ class TrtExecutor:
         self._plain_outputs: dict[str, Shape] = {}
         self._graphs: dict[tuple[Shape, ...], _CapturedGraph] = {}
         self._capture_failures: dict[tuple[Shape, ...], str] = {}
-        # Capture failures found at start, reported with the next batches (Stats).
+        # Capture failures found at start: in `info` (Stats at start) and reported
+        # again with the next batches, for an executor rebuilt after a failure.
         self._unreported: list[tuple[int, str]] = []
         try:
             self._open(graph_batch_sizes, cuda_graphs)
             if capture_at_start:
                 self._capture_buckets()
+                self.info = replace(self.info, capture_failures=tuple(self._unreported))
         except BaseException:
             try:
                 self.close()

@@ -323,6 +323,33 @@ def test_capture_failures_at_start_are_reported_with_the_first_batches(
         ex.close()
 
 
+async def test_capture_failures_at_start_show_in_stats_before_any_batch(
+        cuda: HostCudaRuntime) -> None:
+    engine = RecordingEngine(cuda, FEATURES, profiles=((1, 4, 8),))
+    handle = EngineHandle(engine)  # type: ignore[arg-type]
+    config = ModelConfig(name="double", path="double.engine", backend="tensorrt", workers=2)
+    cuda.fail_end_capture = "cudaErrorStreamCaptureUnsupported"
+    loaded = LoadedModel(engine_spec(engine, "double"),  # type: ignore[arg-type]
+                         executor_factories(handle, cuda, 2, (2, 8), True, trt_module, "double"),
+                         handle.close)
+    runtime = ModelRuntime(config, loaded)
+    await runtime.start()
+    try:
+        for stats in runtime.worker_stats:
+            assert stats.batches == 0
+            assert [f.batch_size for f in stats.capture_failures] == [2, 8]
+            assert all("cudaErrorStreamCaptureUnsupported" in f.reason
+                       for f in stats.capture_failures)
+        # A batch still runs (plain enqueue), and reports nothing twice.
+        cuda.fail_end_capture = None
+        out = await runtime.infer({"x": np.ones((2, FEATURES), np.float32)})
+        np.testing.assert_array_equal(out["y"], np.full((2, FEATURES), 3, np.float32))
+        assert sum(len(s.capture_failures) for s in runtime.worker_stats) == 4
+        assert sum(s.graph_launches for s in runtime.worker_stats) == 0
+    finally:
+        await runtime.stop()
+
+
 # --- capture failures -------------------------------------------------------------------
 
 
