@@ -309,11 +309,9 @@ class ModelRuntime:
         """
         if self._slow_in_flight or not self._quick(batch):
             return 0.0
-        started = [self._dispatched_at[i] for i, s in enumerate(self.worker_stats)
-                   if s.in_flight]
-        if not started:
-            return 0.0
-        return max(0.0, min(started) + QUICK_HOLD_S - now())
+        first = min((at for at, s in zip(self._dispatched_at, self.worker_stats, strict=True)
+                     if s.in_flight), default=None)
+        return 0.0 if first is None else max(0.0, first + QUICK_HOLD_S - now())
 
     def _drop(self, request: Request, reason: str) -> None:
         if reason == "cancelled":

@@ -216,13 +216,21 @@ class TrtExecutor:
         for bucket in self._buckets:
             shapes = {t.name: (bucket, *self._ranges[t.name][1][1:]) for t in self._inputs}
             key = tuple(shapes[t.name] for t in self._inputs)
-            try:
-                self._capture(key, shapes)
-            except _CaptureFailed as err:
-                self._capture_failures[key] = str(err)
-                self._unreported.append((bucket, str(err)))
-                log.warning("%s: no CUDA graph for batch bucket %d, plain enqueue instead: %s",
-                            self._name, bucket, err)
+            graph, reason = self._try_capture(bucket, key, shapes)
+            if graph is None:
+                self._unreported.append((bucket, reason))
+
+    def _try_capture(self, bucket: int, key: tuple[Shape, ...], shapes: Mapping[str, Shape]
+                     ) -> tuple[_CapturedGraph | None, str]:
+        """The bucket's graph, or None and why not; a failure is remembered, never retried."""
+        try:
+            return self._capture(key, shapes), ""
+        except _CaptureFailed as err:
+            reason = str(err)
+            self._capture_failures[key] = reason
+            log.warning("%s: no CUDA graph for batch bucket %d, plain enqueue instead: %s",
+                        self._name, bucket, reason)
+            return None, reason
 
     def _allocate(self, tensor: IOTensor, shape: Shape) -> _Binding:
         if any(d < 0 for d in shape):
@@ -361,14 +369,9 @@ class TrtExecutor:
             key = tuple(padded[t.name] for t in self._inputs)
             graph = self._graphs.get(key)
             if graph is None and key not in self._capture_failures:
-                try:
-                    graph = self._capture(key, padded)
-                except _CaptureFailed as err:
-                    reason = str(err)
-                    self._capture_failures[key] = reason
+                graph, reason = self._try_capture(bucket, key, padded)
+                if graph is None:
                     failure = (bucket, reason)
-                    log.warning("%s: no CUDA graph for batch bucket %d, plain enqueue instead: "
-                                "%s", self._name, bucket, reason)
         if failure is None and self._unreported:
             failure = self._unreported.pop(0)
         start, loaded, computed, done = self._events
