@@ -1,6 +1,6 @@
 """`make bench`: trtserve's serving benchmarks on the CPU (ONNX Runtime), in one go.
 
-    .venv/bin/python -m benchmarks.cpu            # everything, ~10 minutes
+    .venv/bin/python -m benchmarks.cpu            # everything, ~16 minutes
     .venv/bin/python -m benchmarks.cpu --quick    # a smoke run with short windows
 
 It writes the models it needs under models/bench/, starts every server as a
@@ -509,6 +509,9 @@ FLOORS = (  # label, GRPC_EXPERIMENTS (None: trtserve's), event loop, over Infer
     ("the same, over InferStream (`--streaming`)", None, "auto", True),
 )
 UNARY_FLOOR, STREAM_FLOOR = FLOORS[2][0], FLOORS[3][0]
+# The same server running `light` in its Infer handler and nothing else
+# (grpc_floor --onnx): the least a grpc.aio server can spend on that model.
+LEAN_FLOOR = "the same, running `light` in `Infer` (parse, one ONNX Runtime call, encode)"
 
 
 @contextlib.contextmanager
@@ -529,12 +532,14 @@ def _grpc_experiments(value: str | None) -> Iterator[None]:
 
 
 def floor(opts: Options, log_dir: Path, experiments: str | None, event_loop: str,
-          streaming: bool = False) -> Run:
-    """One closed-loop run at concurrency 1 against the no-op server."""
+          streaming: bool = False, onnx: Path | None = None) -> Run:
+    """One closed-loop run at concurrency 1 against the no-op server (or the lean one)."""
     from client.bench import model_inputs
 
     port = free_port()
     cmd = [PY, "-m", "benchmarks.grpc_floor", "--port", str(port), "--event-loop", event_loop]
+    if onnx is not None:
+        cmd += ["--onnx", str(onnx)]
     with _grpc_experiments(experiments):
         child = Child(f"grpc-floor-{event_loop}-{port}", cmd, log_dir)
         try:
@@ -551,8 +556,9 @@ def floor(opts: Options, log_dir: Path, experiments: str | None, event_loop: str
         finally:
             child.stop()
     prefix = "GRPC_EXPERIMENTS= " if experiments == "" else ""
+    lean = f" --onnx {_rel(str(onnx))}" if onnx is not None else ""
     run.command = (f"{prefix}python -m benchmarks.grpc_floor --port {port} --event-loop "
-                   f"{event_loop}\n{prefix}{run.command}")
+                   f"{event_loop}{lean}\n{prefix}{run.command}")
     return run
 
 
@@ -566,6 +572,11 @@ def overhead(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str,
             out["floors"].setdefault(label, []).append(run.result.latency_ms["p50"])
             if i == 0:
                 out["commands"] += run.command.split("\n")
+        _say(f"overhead: the lean server running light, round {i + 1}")
+        run = floor(opts, log_dir, None, "auto", onnx=models["light"])
+        out["floors"].setdefault(LEAN_FLOOR, []).append(run.result.latency_ms["p50"])
+        if i == 0:
+            out["commands"] += run.command.split("\n")
         # The "inline off" rows run every batch on a worker's thread, as before
         # inline_below_us: what the two thread hand-offs cost, in the same run.
         for delay, protocol, streaming, inline in (
@@ -872,8 +883,11 @@ def _render_overhead(data: dict[str, Any] | None) -> list[str]:
              "(Stats compute_time). The no-op server (benchmarks/grpc_floor.py: grpc.aio "
              "answering a fixed response, no decoding), driven by the same client, gives the "
              "part that the Python gRPC stack and the client cost on their own. It runs four "
-             "ways, the client always with the same gRPC settings as the server; the last "
-             "sends its requests over one InferStream, as `bench --streaming` does:", "",
+             "ways, the client always with the same gRPC settings as the server; the fourth "
+             "sends its requests over one InferStream, as `bench --streaming` does. The last "
+             "row is the same server running `light` in its `Infer` handler with nothing "
+             "around it (`--onnx`: no batcher, no checks, no statistics): the least any "
+             "grpc.aio server can spend on this model per call.", "",
              "| no-op server and client | p50 us | vs gRPC defaults |", "|---|---|---|"]
     base = _med(floors[FLOORS[0][0]])
     for label, rounds in floors.items():
@@ -895,6 +909,17 @@ def _render_overhead(data: dict[str, Any] | None) -> list[str]:
                      f"{_fmt_rounds([r['p50_ms'] * 1e3 for r in rounds], '{:.0f}')} | "
                      f"{compute:.0f} | {queue:.0f} | {over:.0f} | {floor:.0f} | "
                      f"{over - floor:.0f} | {_verdict(over < 300)} |")
+    lean, call = floors.get(LEAN_FLOOR), data["delays"].get("0/v1")
+    if lean and call:
+        # The lean server's backend call is trtserve's (same session settings).
+        compute = _med([r["compute_p50_us"] for r in call])
+        bound = _med(lean) * 1e3 - compute
+        lines += ["", f"The lean server's p50 less trtserve's backend p50 ({compute:.0f} us): "
+                  f"**{bound:.0f} us**, the overhead of a call with nothing but the model in "
+                  f"it; {'under' if bound < 300 else 'over'} the 300 us target before "
+                  "trtserve's batcher, checks and statistics add anything. trtserve's "
+                  f"`0 / v1` row is {_med([r['p50_ms'] for r in call]) * 1e3 - compute - bound:.0f}"
+                  " us above it."]
     lines += ["", f"With max_queue_delay_us {DELAY_US} (a typical batching delay; the "
               "server's default is 0) a request alone waits out the delay for company that never "
               "comes at concurrency 1; the queue "

@@ -7,7 +7,14 @@ Driving it with the same load generator as trtserve measures what the
 client, the loopback transport and grpc.aio cost on their own, so the
 benchmark can say which part of the end-to-end latency is trtserve's.
 
+With `--onnx PATH`, `Infer` runs the model instead: it parses the request,
+makes one ONNX Runtime call on the event loop (a session with the settings a
+trtserve worker uses) and encodes the answer; no batcher, no checks, no
+statistics. That is the least any server on grpc.aio can do for the model,
+so its latency bounds what trtserve could reach at concurrency 1.
+
     python -m benchmarks.grpc_floor --port 8301 --width 64 --out-width 16
+    python -m benchmarks.grpc_floor --port 8301 --onnx models/bench/light.onnx
     python -m benchmarks.grpc_floor --port 8301 --event-loop asyncio
     GRPC_EXPERIMENTS= python -m benchmarks.grpc_floor --port 8301   # gRPC's own defaults
 
@@ -22,17 +29,37 @@ from service import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 
+from service.backends.onnxruntime import OrtExecutor
 from service.config import EVENT_LOOPS
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.server import loop_factory
 
 
-def handlers(width: int, out_width: int) -> grpc.GenericRpcHandler:
+def run_model(path: str) -> Callable[[bytes], bytes]:
+    """Request bytes -> answer bytes through one ONNX Runtime call, nothing else."""
+    executor = OrtExecutor(path, threads=1, max_batch=64)
+
+    def infer(raw: bytes) -> bytes:
+        request = pb.InferRequest.FromString(raw)
+        inputs = {t.name: [np.frombuffer(t.data, np.float32).reshape(tuple(t.shape))]
+                  for t in request.inputs}
+        rows = request.inputs[0].shape[0]
+        answer = pb.InferResponse(model=request.model, id=request.id)
+        for name, array in executor.run(inputs, rows).outputs.items():
+            answer.outputs.add(name=name, dtype=pb.DATA_TYPE_FP32, shape=array.shape,
+                               data=array.tobytes())
+        return answer.SerializeToString()
+
+    return infer
+
+
+def handlers(width: int, out_width: int,
+             model: Callable[[bytes], bytes] | None = None) -> grpc.GenericRpcHandler:
     metadata = pb.ModelMetadataResponse(
         name="floor", backend="none", max_batch_size=64,
         inputs=[pb.TensorMetadata(name="input", dtype=pb.DATA_TYPE_FP32, shape=[-1, width])],
@@ -47,7 +74,7 @@ def handlers(width: int, out_width: int) -> grpc.GenericRpcHandler:
     stream_answer = pb.InferStreamResponse(response=answer).SerializeToString()
 
     async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return answer_bytes
+        return answer_bytes if model is None else model(request)
 
     async def infer_stream(requests: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -68,9 +95,10 @@ def handlers(width: int, out_width: int) -> grpc.GenericRpcHandler:
     })
 
 
-async def serve(port: int, width: int, out_width: int) -> None:
+async def serve(port: int, width: int, out_width: int, onnx: str | None = None) -> None:
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handlers(width, out_width),))
+    model = run_model(onnx) if onnx else None
+    server.add_generic_rpc_handlers((handlers(width, out_width, model),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"grpc floor: serving on 127.0.0.1:{port}", flush=True)
@@ -85,9 +113,12 @@ def main() -> None:
     parser.add_argument("--out-width", type=int, default=16, help="output features per row")
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                         help="as trtserve's server.event_loop (default: uvloop where installed)")
+    parser.add_argument("--onnx", metavar="PATH",
+                        help="run this model in Infer (FP32 input 'input' of --width features, "
+                             "output 'output' of --out-width) instead of a fixed answer")
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
-        runner.run(serve(args.port, args.width, args.out_width))
+        runner.run(serve(args.port, args.width, args.out_width, args.onnx))
 
 
 if __name__ == "__main__":

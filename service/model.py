@@ -354,7 +354,7 @@ class ModelRuntime:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:
-            self._batcher.wake()
+            self._batcher.worker_freed()
 
     def _fail_batch(self, worker: Worker, outcome: Outcome) -> None:
         index = worker.index

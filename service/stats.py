@@ -187,8 +187,10 @@ class WorkerStats:
         self.request_stages.add(input_s, compute_s, output_s, n=requests)
         self.compute_histogram.observe(compute_s)
         self.last_batch_unix_s = time.time()  # a timestamp for clients, not a duration
-        self.stages_by_batch_size.setdefault(rows, StageTotals()).add(input_s, compute_s,
-                                                                      output_s)
+        by_size = self.stages_by_batch_size.get(rows)
+        if by_size is None:
+            by_size = self.stages_by_batch_size[rows] = StageTotals()
+        by_size.add(input_s, compute_s, output_s)
         self.batches += 1
         self.requests += requests
         self.inferences += rows

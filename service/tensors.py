@@ -7,6 +7,7 @@ half of the FP32 pattern), converted with `bf16_to_fp32` / `fp32_to_bf16`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,11 +64,9 @@ def decode(name: str, dtype: str, shape: Sequence[int], data: bytes) -> np.ndarr
     np_dtype = DTYPES.get(dtype)
     if np_dtype is None:
         raise TensorError(name, f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPES)}")
-    if any(d < 0 for d in shape):
+    if min(shape, default=0) < 0:
         raise TensorError(name, f"shape {list(shape)} has a negative dimension")
-    count = 1
-    for d in shape:
-        count *= d
+    count = math.prod(shape)
     expected = count * np_dtype.itemsize
     if len(data) != expected:
         raise TensorError(

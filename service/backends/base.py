@@ -63,6 +63,9 @@ class ModelSpec:
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
 
 @dataclass(frozen=True)
 class WorkerInfo:

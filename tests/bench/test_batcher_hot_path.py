@@ -124,6 +124,58 @@ async def test_a_batch_waiting_for_a_worker_takes_arrivals_until_one_frees():
     await h.close()
 
 
+async def test_a_lone_request_at_an_idle_batcher_is_dispatched_by_submit():
+    h = Recorder(workers=1, max_batch_size=8, max_queue_delay_s=0.0)
+    await h.settle()  # the batcher's task waits for a first request
+    first = h.submit()
+    # No loop iteration has passed: submit dispatched it (and the recorder answered it).
+    assert h.batches == [[1]] and first.future.done()
+    # The only worker is busy now: these queue, in order, for the batcher's task.
+    second, third = h.submit(), h.submit()
+    assert h.batches == [[1]]
+    await h.settle()
+    assert h.batches == [[1]] and not second.future.done()
+    h.scheduler.release(0)
+    h.batcher.worker_freed()
+    await asyncio.wait_for(asyncio.gather(second.future, third.future), 10)
+    assert h.batches == [[1], [1, 1]]
+    await h.close()
+
+
+async def test_with_a_delay_only_a_request_that_fills_a_batch_skips_the_task():
+    h = Recorder(workers=1, max_batch_size=8, max_queue_delay_s=60.0)
+    await h.settle()
+    full = h.submit(rows=8)
+    assert h.batches == [[8]] and full.future.done()
+    h.scheduler.release(0)
+    lone = h.submit(rows=1)  # waits out the delay for company
+    await h.settle()
+    assert h.batches == [[8]] and not lone.future.done()
+    await h.close()
+    assert h.batches == [[8], [1]]
+
+
+async def test_a_request_past_its_deadline_on_arrival_is_left_to_the_task_to_drop():
+    dropped = []
+    scheduler = Scheduler([Slot()])
+    batches = []
+    batcher = Batcher("m", BatchPolicy(max_batch_size=8, max_queue_delay_s=0.0), scheduler,
+                      lambda worker, batch: batches.append(batch),
+                      lambda request, reason: dropped.append(reason))
+    task = asyncio.create_task(batcher.run())
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    arrival = now()
+    late = Request({"x": np.zeros((1, 4), np.float32)}, 1, ((4,),), arrival, arrival - 1.0,
+                   loop.create_future())
+    batcher.submit(late)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert batches == [] and dropped == ["deadline"]
+    batcher.close()
+    await asyncio.wait_for(task, 10)
+
+
 def test_batch_delay_is_kept_to_the_microsecond_on_uvloop():
     """uvloop's loop clock counts whole milliseconds; the batcher must not use it.
 
