@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from service.backends.base import ModelSpec
@@ -45,26 +47,25 @@ def encode_outputs(
 ) -> pb.InferResponse:
     """The outputs the request names, in its order; every output where it names none."""
     response = pb.InferResponse(model=request.model, id=request.id)
-    for name in request.outputs or [t.name for t in spec.outputs]:
-        tensor_spec = spec.output(name)
-        if tensor_spec is None:
-            raise TensorError(name, f"unknown output; model '{request.model}' gives "
-                              f"{[t.name for t in spec.outputs]}")
-        array = outputs[name]
-        response.outputs.add(name=name, dtype=_NAME_TO_ENUM[tensor_spec.dtype],
+    for tensor_spec in check_outputs(request, spec):
+        array = outputs[tensor_spec.name]
+        response.outputs.add(name=tensor_spec.name, dtype=_NAME_TO_ENUM[tensor_spec.dtype],
                              shape=array.shape, data=encode(array))
     return response
 
 
-def check_outputs(request: pb.InferRequest, spec: ModelSpec) -> None:
-    """Fail before execution when a requested output does not exist."""
+def check_outputs(request: pb.InferRequest, spec: ModelSpec) -> Sequence[TensorSpec]:
+    """The outputs to answer with; a TensorError, before execution, for one that does not exist."""
     if not request.outputs:  # most requests: every output
-        return
-    names = {t.name for t in spec.outputs}
+        return spec.outputs
+    wanted = []
     for name in request.outputs:
-        if name not in names:
+        tensor_spec = spec.output(name)
+        if tensor_spec is None:
             raise TensorError(name, f"unknown output; model '{request.model}' gives "
-                              f"{sorted(names)}")
+                              f"{sorted(t.name for t in spec.outputs)}")
+        wanted.append(tensor_spec)
+    return wanted
 
 
 def _percentiles(p: Percentiles) -> pb.Percentiles:
