@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from service.example_model import write_example
+
 OPSET = 17
 IR_VERSION = 8
 
-MLP_INPUT = "input"
-MLP_OUTPUT = "output"
 CONV_INPUT = "image"
 CONV_OUTPUT = "logits"
 
@@ -48,27 +48,12 @@ def mlp(
     out_features: int = 8,
     seed: int = 0,
 ) -> Path:
-    """Gemm+Relu then Gemm: input [batch, in_features] -> output [batch, out_features], FP32."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(_weights(rng, (in_features, hidden), in_features), "w0"),
-        numpy_helper.from_array(_weights(rng, (hidden,), 1) * 0.1, "b0"),
-        numpy_helper.from_array(_weights(rng, (hidden, out_features), hidden), "w1"),
-        numpy_helper.from_array(_weights(rng, (out_features,), 1) * 0.1, "b1"),
-    ]
-    nodes = [
-        helper.make_node("Gemm", [MLP_INPUT, "w0", "b0"], ["gemm0"], name="gemm0"),
-        helper.make_node("Relu", ["gemm0"], ["relu0"], name="relu0"),
-        helper.make_node("Gemm", ["relu0", "w1", "b1"], [MLP_OUTPUT], name="gemm1"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info(MLP_INPUT, TensorProto.FLOAT, ["batch", in_features])],
-        [helper.make_tensor_value_info(MLP_OUTPUT, TensorProto.FLOAT, ["batch", out_features])],
-        inits,
-    )
-    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+    """Gemm+Relu then Gemm: input [batch, in_features] -> output [batch, out_features], FP32.
+
+    The bundled example's generator, smaller by default.
+    """
+    return write_example(path, in_features=in_features, hidden=hidden,
+                         out_features=out_features, layers=2, seed=seed)
 
 
 def conv_net(
