@@ -918,7 +918,7 @@ def _render_overhead(data: dict[str, Any] | None) -> list[str]:
                   f"**{bound:.0f} us**, the overhead of a call with nothing but the model in "
                   f"it; {'under' if bound < 300 else 'over'} the 300 us target before "
                   "trtserve's batcher, checks and statistics add anything. trtserve's "
-                  f"`0 / v1` row is {_med([r['p50_ms'] for r in call]) * 1e3 - compute - bound:.0f}"
+                  f"`0 / v1` row is {(_med([r['p50_ms'] for r in call]) - _med(lean)) * 1e3:.0f}"
                   " us above it."]
     lines += ["", f"With max_queue_delay_us {DELAY_US} (a typical batching delay; the "
               "server's default is 0) a request alone waits out the delay for company that never "

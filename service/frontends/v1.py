@@ -24,10 +24,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         model = self._models.get(request.model)
-        convert.check_outputs(request, model.spec)
+        wanted = convert.check_outputs(request, model.spec)
         inputs, dtypes = convert.decode_inputs(request)
         outputs = await model.infer(inputs, deadline, dtypes)
-        return convert.encode_outputs(request, model.spec, outputs)
+        return convert.encode_outputs(request, wanted, outputs)
 
     @unary
     async def Infer(self, request: pb.InferRequest,

@@ -43,11 +43,11 @@ def decode_inputs(request: pb.InferRequest) -> tuple[dict[str, np.ndarray], dict
 
 
 def encode_outputs(
-    request: pb.InferRequest, spec: ModelSpec, outputs: dict[str, np.ndarray]
+    request: pb.InferRequest, wanted: Sequence[TensorSpec], outputs: dict[str, np.ndarray]
 ) -> pb.InferResponse:
-    """The outputs the request names, in its order; every output where it names none."""
+    """The answer with the `wanted` outputs (`check_outputs`), in that order."""
     response = pb.InferResponse(model=request.model, id=request.id)
-    for tensor_spec in check_outputs(request, spec):
+    for tensor_spec in wanted:
         array = outputs[tensor_spec.name]
         response.outputs.add(name=tensor_spec.name, dtype=_NAME_TO_ENUM[tensor_spec.dtype],
                              shape=array.shape, data=encode(array))
@@ -55,7 +55,10 @@ def encode_outputs(
 
 
 def check_outputs(request: pb.InferRequest, spec: ModelSpec) -> Sequence[TensorSpec]:
-    """The outputs to answer with; a TensorError, before execution, for one that does not exist."""
+    """The outputs to answer with: those the request names, in its order, else every one.
+
+    A TensorError, before execution, for a named output that does not exist.
+    """
     if not request.outputs:  # most requests: every output
         return spec.outputs
     wanted = []

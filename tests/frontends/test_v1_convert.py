@@ -17,7 +17,7 @@ OUTPUTS = {"a": np.arange(4, dtype=np.float32).reshape(2, 2),
 
 def _answer(*names: str) -> pb.InferResponse:
     request = pb.InferRequest(model="m", id="r", outputs=list(names))
-    return encode_outputs(request, SPEC, OUTPUTS)
+    return encode_outputs(request, check_outputs(request, SPEC), OUTPUTS)
 
 
 def test_no_named_output_answers_every_output_in_the_models_order():
