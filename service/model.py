@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from service.backends.base import LoadedModel, ModelSpec
+from service.backends.base import BatchResult, LoadedModel, ModelSpec
 from service.batch import Batch, Outputs, Request
 from service.batcher import Batcher, BatchPolicy
 from service.config import ModelConfig
 from service.errors import (
     BackendError,
     DeadlineExceeded,
+    InputRejected,
+    InvalidArgument,
     ResourceExhausted,
     ServeError,
     TensorError,
@@ -75,11 +78,15 @@ class ModelRuntime:
         per_profile = max(1, len(loaded.factories) // len(profiles))
         self.workers = [
             Worker(f"{self.name}-worker-{i}", i, factory,
-                   profiles[min(i // per_profile, len(profiles) - 1)], self._on_done)
+                   profiles[min(i // per_profile, len(profiles) - 1)], self._on_done,
+                   self._on_rebuilt)
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
         self._consecutive_failures = [0] * len(self.workers)
+        # Workers out of the rotation: the wait before the next rebuild, and its timer.
+        self._retry_delay_s = [config.worker_retry_backoff_s] * len(self.workers)
+        self._retry_timers: list[asyncio.TimerHandle | None] = [None] * len(self.workers)
         self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
         self._run_s: dict[_RunKey, float] = {}
         self._inline_below_s = config.inline_below_us / 1e6
@@ -105,7 +112,8 @@ class ModelRuntime:
         self.ready = False
         self._draining = False
         # Called on the event loop with (model name, serving) when the last healthy
-        # worker leaves the rotation; the server mirrors it in grpc.health.v1.
+        # worker leaves the rotation, and when a worker rejoins a model that had
+        # none; the server mirrors it in grpc.health.v1.
         self.on_health_change: Callable[[str, bool], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -140,6 +148,10 @@ class ModelRuntime:
 
     async def stop(self) -> None:
         await self.drain()
+        for i, timer in enumerate(self._retry_timers):
+            if timer is not None:
+                timer.cancel()
+                self._retry_timers[i] = None
         await asyncio.gather(*(w.stop() for w in self.workers))
         self._loaded.close()
 
@@ -333,54 +345,138 @@ class ModelRuntime:
         self.scheduler.release(index)
         batch = outcome.batch
         if outcome.result is not None:
-            self._consecutive_failures[index] = 0
-            result = outcome.result
-            stats.record_batch(batch.rows, len(batch.requests), result.compute_s,
-                               result.graph_launch, result.input_s, result.output_s)
+            self._succeeded(index, batch.rows, len(batch.requests), outcome.result)
             key = (batch.rows, batch.shape_key)
             if key in self._run_s or len(self._run_s) < RUN_TIMES_KEPT:
+                result = outcome.result
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
-            if result.capture_failure is not None:
-                stats.record_capture_failure(*result.capture_failure)
             offset = 0
             for request in batch.requests:
                 end = offset + request.rows
                 if not request.future.done():
                     request.future.set_result({k: v[offset:end] for k, v in
-                                               result.outputs.items()})
+                                               outcome.result.outputs.items()})
                 offset = end
+        elif outcome.parts is not None:
+            self._answer_parts(worker, outcome)
         else:
-            self._fail_batch(worker, outcome)
+            self._fail_batch(worker, outcome, batch.requests)
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:
             self._batcher.worker_freed()
 
-    def _fail_batch(self, worker: Worker, outcome: Outcome) -> None:
+    def _succeeded(self, index: int, rows: int, requests: int, result: BatchResult) -> None:
+        self._consecutive_failures[index] = 0
+        stats = self.worker_stats[index]
+        stats.record_batch(rows, requests, result.compute_s, result.graph_launch,
+                           result.input_s, result.output_s)
+        if result.capture_failure is not None:
+            stats.record_capture_failure(*result.capture_failure)
+
+    def _answer_parts(self, worker: Worker, outcome: Outcome) -> None:
+        """The backend refused the batch's input; its requests ran again one by one.
+
+        A refused input is the request's fault: INVALID_ARGUMENT with the
+        backend's reason, and the worker neither rebuilds nor counts a failure.
+        """
+        assert outcome.parts is not None
+        index = worker.index
+        failed = []
+        for request, part in zip(outcome.batch.requests, outcome.parts, strict=True):
+            if isinstance(part, BatchResult):
+                self._succeeded(index, request.rows, 1, part)
+                if not request.future.done():
+                    request.future.set_result(part.outputs)
+            elif isinstance(part, InputRejected):
+                self.worker_stats[index].rejected += 1
+                if not request.future.done():
+                    request.future.set_exception(InvalidArgument(
+                        f"model '{self.name}' cannot run this input: {part.reason}"))
+            else:
+                failed.append(request)
+        if outcome.error is not None:
+            self._fail_batch(worker, outcome, failed)
+
+    def _fail_batch(self, worker: Worker, outcome: Outcome, requests: list[Request]) -> None:
+        """The worker's own failure: its `requests` fail with INTERNAL, and it may leave."""
         index = worker.index
         stats = self.worker_stats[index]
         kind = type(outcome.error).__name__
+        rows = sum(r.rows for r in requests)
         # Stats reach clients: the exception's text (paths, internals) stays in the log.
-        stats.record_failure(f"{kind} on a batch of {outcome.batch.rows} rows; see the "
-                             "server log")
+        stats.record_failure(f"{kind} on a batch of {rows} rows; see the server log")
         self._consecutive_failures[index] += 1
         if outcome.rebuilt:
             stats.rebuilds += 1
-        if not outcome.rebuilt or \
-                self._consecutive_failures[index] >= self.config.max_worker_failures:
-            worker.healthy = False
-            stats.healthy = False
-            log.error("model '%s': worker %d taken out of rotation after %d consecutive "
-                      "failures", self.name, index, self._consecutive_failures[index])
-            if self.healthy_workers == 0 and self.on_health_change is not None:
-                self.on_health_change(self.name, False)
+        failures = self._consecutive_failures[index]
+        if not outcome.rebuilt:
+            self._take_out(worker, f"{outcome.rebuild_error} after {kind}")
+        elif failures >= self.config.max_worker_failures:
+            self._take_out(worker, f"{failures} consecutive failures, the last {kind}")
         error = BackendError(f"model '{self.name}': inference failed on worker {index} "
-                             f"({kind}); the batch of {outcome.batch.rows} rows was not "
-                             "completed")
-        self.counters.errors += len(outcome.batch.requests)
-        for request in outcome.batch.requests:
+                             f"({kind}); the batch of {rows} rows was not completed")
+        self.counters.errors += len(requests)
+        for request in requests:
             if not request.future.done():
                 request.future.set_exception(error)
+
+    # --- workers out of the rotation ---------------------------------------------------
+
+    def _take_out(self, worker: Worker, why: str) -> None:
+        """Take the worker out of the rotation; it is rebuilt after a backoff."""
+        index = worker.index
+        worker.healthy = False
+        stats = self.worker_stats[index]
+        stats.healthy = False
+        stats.last_error = f"out of the rotation: {why}"
+        log.error("model '%s': worker %d taken out of the rotation (%s); rebuilding it in "
+                  "%.3g s", self.name, index, why, self._retry_delay_s[index])
+        self._schedule_rebuild(index)
+        if self.healthy_workers == 0 and self.on_health_change is not None:
+            self.on_health_change(self.name, False)
+
+    def _schedule_rebuild(self, index: int) -> None:
+        delay = self._retry_delay_s[index]
+        stats = self.worker_stats[index]
+        stats.state = "backing_off"
+        stats.retry_at_s = time.monotonic() + delay
+        self._retry_timers[index] = asyncio.get_running_loop().call_later(
+            delay, self._rebuild, index)
+
+    def _rebuild(self, index: int) -> None:
+        self._retry_timers[index] = None
+        if self._draining:
+            return
+        stats = self.worker_stats[index]
+        stats.state, stats.retry_at_s = "rebuilding", 0.0
+        stats.retries += 1
+        self.workers[index].request_rebuild()
+
+    def _on_rebuilt(self, worker: Worker, error: str) -> None:
+        """A worker out of the rotation was rebuilt ('') or not (why)."""
+        index = worker.index
+        stats = self.worker_stats[index]
+        if error:
+            stats.last_error = f"out of the rotation: {error}"
+            self._retry_delay_s[index] = min(2 * self._retry_delay_s[index],
+                                             self.config.worker_retry_backoff_max_s)
+            log.error("model '%s': worker %d could not be rebuilt (%s); trying again in "
+                      "%.3g s", self.name, index, error, self._retry_delay_s[index])
+            if not self._draining:
+                self._schedule_rebuild(index)
+            return
+        was_serving = self.healthy_workers > 0
+        self._consecutive_failures[index] = 0
+        self._retry_delay_s[index] = self.config.worker_retry_backoff_s
+        stats.rebuilds += 1
+        stats.state, stats.healthy = "serving", True
+        worker.healthy = True
+        log.warning("model '%s': worker %d rebuilt, back in the rotation", self.name, index)
+        if not was_serving and self.on_health_change is not None:
+            self.on_health_change(self.name, True)
+        if self._batcher is not None:
+            self._batcher.worker_freed()
 
 
 def _wire_name(array: np.ndarray) -> str:
