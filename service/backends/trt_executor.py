@@ -50,6 +50,7 @@ from service.backends.trt_api import (
     import_tensorrt,
     profile_shapes,
 )
+from service.errors import InputRejected
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -62,6 +63,14 @@ _ALIGN = 256  # bytes: each output's offset in a batch's result block
 
 class TensorRTError(RuntimeError):
     """A TensorRT call failed (returned False or None); the message names the call."""
+
+
+class _ShapeRefused(TensorRTError):
+    """TensorRT refused a batch's input shapes (set_input_shape, infer_shapes).
+
+    Nothing has run on the device yet: the context is sound and a batch of
+    other shapes runs. In `run` it becomes InputRejected (the input's fault).
+    """
 
 
 # ---------------------------------------------------------------------------------
@@ -297,7 +306,7 @@ class TrtExecutor:
                 continue
             if not context.set_input_shape(name, shape):
                 low, _, high = self._ranges[name]
-                raise TensorRTError(
+                raise _ShapeRefused(
                     f"{self._name}: set_input_shape('{name}', {list(shape)}) returned False; "
                     f"profile {self._profile} takes {list(low)} to {list(high)}"
                 )
@@ -308,7 +317,7 @@ class TrtExecutor:
     def _output_shapes(self, context: Any) -> dict[str, Shape]:
         unresolved = context.infer_shapes()
         if unresolved:
-            raise TensorRTError(
+            raise _ShapeRefused(
                 f"{self._name}: infer_shapes could not resolve {list(unresolved)}"
             )
         shapes = {t.name: dims_tuple(context.get_tensor_shape(t.name)) for t in self._outputs}
@@ -336,8 +345,7 @@ class TrtExecutor:
         return None
 
     def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
-        cuda, stream = self._cuda, self._stream
-        if stream is None:
+        if self._stream is None:
             raise TensorRTError(f"{self._name}: the executor is closed")
         missing = [t.name for t in self._inputs if t.name not in inputs]
         if missing:
@@ -361,6 +369,17 @@ class TrtExecutor:
                 np.concatenate(parts, axis=0, out=view)
             shapes[tensor.name] = shape
 
+        try:
+            return self._run(shapes, rows)
+        except _ShapeRefused as err:
+            # The plain context may hold the refused shapes: set every shape next time.
+            self._plain_shapes.clear()
+            given = {name: list(shape) for name, shape in shapes.items()}
+            raise InputRejected(f"TensorRT cannot run input shapes {given}: {err}") from None
+
+    def _run(self, shapes: Mapping[str, Shape], rows: int) -> BatchResult:
+        cuda, stream = self._cuda, self._stream
+        assert stream is not None
         graph: _CapturedGraph | None = None
         failure: tuple[int, str] | None = None
         bucket = self._bucket(rows)
