@@ -20,9 +20,10 @@ import pytest
 from client import AsyncClient, Client, InferenceError
 from service.config import ModelConfig
 from tests.conftest import server_config
+from tests.integration.test_metrics import scrape
 from tests.onnx_models import LOOKUP_INPUT, TILES_INPUT, TILES_OUTPUT, lookup_net, tiled_net
 from tests.reliability.harness import SERVING, health_status, model_stats
-from tests.servers import running_server
+from tests.servers import free_port, running_server
 
 # Sizes validation accepts (height and width are dynamic) that the Reshape cannot tile.
 BAD_SIZES = [(1, 1), (3, 3), (321, 321), (33, 517)]
@@ -57,8 +58,9 @@ def test_many_inputs_the_model_cannot_run_never_take_it_out_of_service(tiled: Pa
     """Before: each failed with INTERNAL and cost a worker failure; 6 took the model down."""
     model = ModelConfig(name="tiled", path=str(tiled), workers=2, max_worker_failures=3,
                         max_batch_size=4)
-    with running_server(server_config(model)) as s, Client(s.url) as c, \
-            grpc.insecure_channel(s.url) as channel:
+    metrics_port = free_port()
+    with running_server(server_config(model, metrics_port=metrics_port)) as s, \
+            Client(s.url) as c, grpc.insecure_channel(s.url) as channel:
         bad = [BAD_SIZES[i % len(BAD_SIZES)] for i in range(4 * 2 * 3)]
         for height, width in bad:
             with pytest.raises(InferenceError) as err:
@@ -73,6 +75,10 @@ def test_many_inputs_the_model_cannot_run_never_take_it_out_of_service(tiled: Pa
         assert sum(w.rebuilds for w in stats.workers) == 0
         assert sum(w.errors for w in stats.workers) == 0
         assert sum(w.rejected for w in stats.workers) == len(bad)
+        metrics = scrape(metrics_port)
+        rejected = metrics["trtserve_worker_rejected_requests_total"]
+        assert sorted(rejected.values()) == sorted(float(w.rejected) for w in stats.workers)
+        assert sum(metrics["trtserve_worker_rebuilds_total"].values()) == 0
 
 
 def test_an_input_refused_on_the_event_loop_keeps_later_batches_there(lookup: Path):
