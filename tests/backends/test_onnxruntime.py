@@ -105,3 +105,20 @@ def test_a_reason_reaches_clients_without_paths_frames_or_length():
     assert "/src" not in reason and "/home" not in reason and "::" not in reason
     assert reason.startswith("size was bad at") and len(reason) == REASON_CHARS
     assert reason.endswith("...")
+
+
+def test_a_zero_dimension_a_convolution_cannot_take_is_rejected(tmp_path):
+    """The OCR detector's case: a dynamic dimension of 0 passes validation; Conv refuses it."""
+    import numpy as np
+
+    from service.errors import InputRejected
+    from tests.onnx_models import conv_net
+
+    executor = ort_backend.OrtExecutor(str(conv_net(tmp_path / "conv.onnx",
+                                                    dynamic_spatial=True)), 1, 8)
+    with pytest.raises(InputRejected) as err:
+        executor.run({"image": [np.zeros((1, 3, 0, 16), np.float32)]}, 1)
+    assert err.value.reason.startswith("Conv node '")
+    assert "Invalid input shape" in err.value.reason
+    assert executor.run({"image": [np.zeros((1, 3, 5, 7), np.float32)]}, 1) \
+        .outputs["logits"].shape == (1, 10)
