@@ -315,7 +315,16 @@ class TrtExecutor:
         return changed
 
     def _output_shapes(self, context: Any) -> dict[str, Shape]:
-        unresolved = context.infer_shapes()
+        """Output shapes for the input shapes set; _ShapeRefused when TensorRT can't tell.
+
+        At start (the profile's max shapes) that is a model trtserve cannot
+        serve; later, with those checked, it is shapes the network cannot run.
+        """
+        try:
+            unresolved = context.infer_shapes()
+        except Exception as err:  # TensorRT logs why; some versions raise as well
+            raise _ShapeRefused(f"{self._name}: infer_shapes raised {type(err).__name__}: "
+                                f"{err}") from None
         if unresolved:
             raise _ShapeRefused(
                 f"{self._name}: infer_shapes could not resolve {list(unresolved)}"
@@ -323,7 +332,7 @@ class TrtExecutor:
         shapes = {t.name: dims_tuple(context.get_tensor_shape(t.name)) for t in self._outputs}
         for name, shape in shapes.items():
             if not shape or any(d < 0 for d in shape):
-                raise TensorRTError(
+                raise _ShapeRefused(
                     f"{self._name}: output '{name}' has shape {list(shape)}; data-dependent "
                     "output shapes are not supported"
                 )

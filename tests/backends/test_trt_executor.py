@@ -510,6 +510,24 @@ def test_shapes_tensorrt_refuses_are_the_inputs_fault(engine: RecordingEngine,
         ex.close()
 
 
+def test_outputs_tensorrt_cannot_resolve_are_the_inputs_fault_and_never_stale(
+        engine: RecordingEngine, cuda: HostCudaRuntime) -> None:
+    """infer_shapes failing after set_input_shape took the shape: InputRejected, and the
+    same shape again is set and checked again, not run with the last batch's outputs."""
+    ex = make(engine, cuda, cuda_graphs=False)
+    try:
+        inputs, x = batch(2, seed=2)
+        ex.run(inputs, 2)
+        engine.unresolved_rows = {3}
+        for _ in range(2):
+            with pytest.raises(InputRejected, match=r"infer_shapes could not resolve \['y'\]"):
+                ex.run(batch(3)[0], 3)
+        assert not calls(engine.log, method="execute_async_v3")[1:]  # only the good batch
+        np.testing.assert_array_equal(ex.run(inputs, 2).outputs["y"], 2 * x + 1)
+    finally:
+        ex.close()
+
+
 def test_missing_input_raises(executor: TrtExecutor) -> None:
     with pytest.raises(TensorRTError, match="lacks inputs"):
         executor.run({}, 1)

@@ -294,6 +294,8 @@ class RecordingEngine:
         # Rows whose shape set_input_shape refuses although the profile covers them
         # (as TensorRT does for sizes a network cannot run).
         self.refused_rows: set[int] = set()
+        # Rows whose shape set_input_shape takes but infer_shapes cannot resolve.
+        self.unresolved_rows: set[int] = set()
         self.capture_behaviour = "ok"
         self.live_contexts: weakref.WeakSet[RecordingContext] = weakref.WeakSet()
         self.created = 0
@@ -384,6 +386,8 @@ class RecordingContext:
 
     def infer_shapes(self) -> list[str]:
         self._record("infer_shapes")
+        if "x" in self.shapes and self.shapes["x"][0] in self.engine.unresolved_rows:
+            return ["y"]
         return [] if "x" in self.shapes else ["x"]
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
