@@ -84,7 +84,8 @@ class ModelRuntime:
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
         self._consecutive_failures = [0] * len(self.workers)
-        # Workers out of the rotation: the wait before the next rebuild, and its timer.
+        # Workers out of the rotation: the wait before the next rebuild (doubled by
+        # each one, back to the start by a batch served), and its timer.
         self._retry_delay_s = [config.worker_retry_backoff_s] * len(self.workers)
         self._retry_timers: list[asyncio.TimerHandle | None] = [None] * len(self.workers)
         self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
@@ -368,6 +369,9 @@ class ModelRuntime:
 
     def _succeeded(self, index: int, rows: int, requests: int, result: BatchResult) -> None:
         self._consecutive_failures[index] = 0
+        # Only a batch served proves a rebuilt worker sound: one whose rebuilds
+        # succeed but whose batches keep failing still backs off further each time.
+        self._retry_delay_s[index] = self.config.worker_retry_backoff_s
         stats = self.worker_stats[index]
         stats.record_batch(rows, requests, result.compute_s, result.graph_launch,
                            result.input_s, result.output_s)
@@ -430,21 +434,24 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         stats.healthy = False
         stats.last_error = f"out of the rotation: {why}"
+        delay = self._schedule_rebuild(index)
         log.error("model '%s': worker %d taken out of the rotation (%s); rebuilding it in "
-                  "%.3g s", self.name, index, why, self._retry_delay_s[index])
-        self._schedule_rebuild(index)
+                  "%.3g s", self.name, index, why, delay)
         if self.healthy_workers == 0 and self.on_health_change is not None:
             self.on_health_change(self.name, False)
 
-    def _schedule_rebuild(self, index: int) -> None:
+    def _schedule_rebuild(self, index: int) -> float:
+        """Rebuild the worker after its backoff, which doubles for next time; the wait."""
         delay = self._retry_delay_s[index]
+        self._retry_delay_s[index] = min(2 * delay, self.config.worker_retry_backoff_max_s)
         stats = self.worker_stats[index]
         stats.state = "backing_off"
         stats.retry_at_s = time.monotonic() + delay
         self._retry_timers[index] = asyncio.get_running_loop().call_later(
-            delay, self._rebuild, index)
+            delay, self._start_rebuild, index)
+        return delay
 
-    def _rebuild(self, index: int) -> None:
+    def _start_rebuild(self, index: int) -> None:
         self._retry_timers[index] = None
         if self._draining:
             return
@@ -459,16 +466,14 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         if error:
             stats.last_error = f"out of the rotation: {error}"
-            self._retry_delay_s[index] = min(2 * self._retry_delay_s[index],
-                                             self.config.worker_retry_backoff_max_s)
+            if self._draining:
+                return
+            delay = self._schedule_rebuild(index)
             log.error("model '%s': worker %d could not be rebuilt (%s); trying again in "
-                      "%.3g s", self.name, index, error, self._retry_delay_s[index])
-            if not self._draining:
-                self._schedule_rebuild(index)
+                      "%.3g s", self.name, index, error, delay)
             return
         was_serving = self.healthy_workers > 0
         self._consecutive_failures[index] = 0
-        self._retry_delay_s[index] = self.config.worker_retry_backoff_s
         stats.rebuilds += 1
         stats.state, stats.healthy = "serving", True
         worker.healthy = True

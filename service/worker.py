@@ -52,6 +52,7 @@ class _Rebuild:
 
 _REBUILD = _Rebuild()
 
+
 class Worker:
     def __init__(
         self,
@@ -186,8 +187,9 @@ class Worker:
     def _run_alone(self, executor: Executor, batch: Batch, rejected: InputRejected) -> Outcome:
         """Run each request of a refused batch alone, so only those at fault fail."""
         if len(batch.requests) == 1:
-            log.warning("%s: the backend refused a request's input: %s", self.name,
-                        rejected.reason)
+            # The request's fault, answered INVALID_ARGUMENT: not worth a warning each.
+            log.info("%s: the backend refused a request's input: %s", self.name,
+                     rejected.reason)
             return Outcome(batch, None, parts=[rejected])
         parts: list[BatchResult | BaseException] = []
         for i, request in enumerate(batch.requests):
@@ -196,8 +198,8 @@ class Worker:
                     {name: [array] for name, array in request.inputs.items()}, request.rows),
                     request.rows))
             except InputRejected as e:
-                log.warning("%s: the backend refused a request's input: %s", self.name,
-                            e.reason)
+                log.info("%s: the backend refused a request's input: %s", self.name,
+                         e.reason)
                 parts.append(e)
             except Exception as e:
                 log.exception("%s: a request of %d rows failed on its own", self.name,

@@ -7,6 +7,7 @@ next N batches, or the next N executor builds (the rebuild after a failure).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -274,3 +275,24 @@ def test_a_pool_keeps_serving_while_one_worker_backs_off():
             x = unique_rows(i + 1, 2)
             np.testing.assert_array_equal(c.infer("controlled", {"x": x})["y"], expected(x))
         assert all(w.batches > 0 for w in model_stats(s.url).workers)
+
+
+def test_a_worker_that_fails_again_after_each_rebuild_backs_off_further(caplog):
+    """A rebuild that succeeds does not prove the worker sound, a batch served does: a
+    worker whose batches keep failing waits twice as long each time it leaves."""
+    caplog.set_level(logging.ERROR, logger="service.model")
+    with serve_controlled(workers=1, max_worker_failures=1, worker_retry_backoff_s=0.01,
+                          worker_retry_backoff_max_s=0.04) as s, Client(s.url) as c:
+        def leave_and_return() -> None:
+            s.controls.fail_next_batches(1)
+            with pytest.raises(InferenceError):
+                c.infer("controlled", {"x": unique_rows(0)})
+            wait_for(lambda: model_stats(s.url).workers[0].state == "serving")
+
+        for _ in range(4):
+            leave_and_return()
+        x = unique_rows(1)
+        np.testing.assert_array_equal(c.infer("controlled", {"x": x})["y"], expected(x))
+        leave_and_return()  # after a batch served: the initial wait again
+    waits = [r.args[-1] for r in caplog.records if "taken out of the rotation" in r.msg]
+    assert waits == [0.01, 0.02, 0.04, 0.04, 0.01]
