@@ -42,7 +42,8 @@ class _Flag:
 
 
 def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
-    """An argparse type that checks the text with `parse` and keeps the text."""
+    """An argparse type that checks the text with `parse` and keeps the text (argparse
+    then names the flag in the error, and a config file holds the same text)."""
 
     def check(text: str) -> str:
         try:
@@ -61,7 +62,7 @@ FLAGS = (
         "--batch",
         "MIN:OPT:MAX",
         "range of dimension 0 of every input; MIN:MAX picks OPT as a multiple of 32",
-        _checked(parse_batch_range),
+        _checked(lambda text: BuildOptions(batch=parse_batch_range(text))),
     ),
     _Flag(
         "shapes",
@@ -69,7 +70,7 @@ FLAGS = (
         "NAME=MIN:OPT:MAX",
         "range of an input with other dynamic dimensions, each shape like 1x3x224x224 "
         "(repeatable)",
-        _checked(parse_shape_range),
+        _checked(lambda text: BuildOptions(shapes=dict([parse_shape_range(text)]))),
     ),
     _Flag(
         "max_aux_streams",

@@ -444,3 +444,99 @@ def test_cli_bad_flags_name_the_flag(
 def test_cli_build_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli("build", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "x.engine")) == 1
     assert "ONNX model not found" in capsys.readouterr().err
+
+
+# --- issue 19, section 4: building from real models -----------------------------------
+
+
+def test_fused_layers_are_counted_once_whatever_the_profile_count(models: Path) -> None:
+    """Each profile has its own copy of every layer; the log lists them all."""
+    counts = {}
+    for profiles in (1, 4):
+        manifest = build_engine(
+            models / "conv.onnx",
+            models / f"conv_p{profiles}.engine",
+            BuildOptions(profiles=profiles, batch=(1, 8, 16)),
+        )
+        counts[profiles] = (len(manifest["layers"]), len(manifest["fused_layers"]))
+        assert not any("[profile" in layer["name"] for layer in manifest["layers"])
+    assert counts[1][1] > 0
+    assert counts[4] == counts[1]
+
+
+@pytest.fixture(scope="module")
+def aux_build(models: Path) -> tuple[Path, dict[str, Any]]:
+    engine = models / "conv_aux.engine"
+    options = BuildOptions(profiles=2, batch=(1, 8, 16), max_aux_streams=2)
+    return engine, build_engine(models / "conv.onnx", engine, options)
+
+
+def test_inspect_shows_why_multi_stream_is_off(aux_build: tuple[Path, dict[str, Any]]) -> None:
+    engine, manifest = aux_build
+    messages = manifest["aux_streams"]["builder_messages"]
+    # The builder says for each profile that it disabled multi-stream; the manifest once.
+    assert any("Multi stream is disabled" in m for m in messages), messages
+    assert len(messages) == len(set(messages))
+    text = describe_engine(engine)
+    for message in messages:
+        assert text.count(message) == 1, text
+
+
+def test_inspect_on_an_onnx_model_says_so(
+    models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli("inspect", str(models / "conv_dynamic.onnx")) == 0
+    out = capsys.readouterr().out
+    assert "is an ONNX model, not a TensorRT engine" in out and "trtserve build" in out
+    assert "input   image                    float    batchx3xheightxwidth" in out
+    assert "output  logits                   float    batchx10" in out
+
+
+def test_cli_build_without_a_batch_names_the_flags(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli("build", str(models / "mlp.onnx"), "-o", str(tmp_path / "x.engine")) == 1
+    err = capsys.readouterr().err
+    assert "pass --shape input=MIN:OPT:MAX" in err and "or --batch MIN:OPT:MAX" in err
+
+
+def test_cli_fp16_that_cannot_be_applied_fails_unless_allowed(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if _library_has_fp16_flag():
+        pytest.skip("the library applies fp16")
+    argv = ["build", str(models / "mlp.onnx"), "-o", str(tmp_path / "x.engine"), "--batch", "1:8"]
+    assert _cli(*argv, "--fp16") == 1
+    assert "fp16 was asked for but cannot be applied" in capsys.readouterr().err
+    assert not (tmp_path / "x.engine").exists()
+    assert _cli(*argv, "--fp16", "--allow-precision-fallback") == 0
+    assert "not applied    fp16: " in capsys.readouterr().out
+
+
+# Non-square ranges: height and width differ in every one of min, opt and max.
+_NON_SQUARE = ((1, 3, 8, 16), (2, 3, 16, 24), (4, 3, 32, 48))
+
+
+def test_dims_named_question_mark_are_not_taken_as_equal(models: Path, tmp_path: Path) -> None:
+    """Exporters name unknown dims "?"; TensorRT would build [N, 3, ?, ?] square only."""
+    model = onnx_models.conv_net(
+        tmp_path / "q.onnx", dynamic_spatial=True, spatial_names=("?", "?")
+    )
+    options = BuildOptions(shapes={"image": _NON_SQUARE})
+    manifest = build_engine(model, tmp_path / "q.engine", options)
+    assert manifest["profiles"][0]["inputs"]["image"]["opt"] == [2, 3, 16, 24]
+    assert manifest["settings"]["applied"]["unnamed_dimensions"] == ["image[2]", "image[3]"]
+
+
+def test_dims_sharing_a_real_name_must_be_equal_and_the_error_says_so(tmp_path: Path) -> None:
+    model = onnx_models.conv_net(
+        tmp_path / "side.onnx", dynamic_spatial=True, spatial_names=("side", "side")
+    )
+    with pytest.raises(
+        BuildError,
+        match=r"'image' dimension 2, 'image' dimension 3 share the name 'side'.*equal.*"
+        r"the min shapes give them \[8, 16\].*distinct names",
+    ):
+        build_engine(model, tmp_path / "side.engine", BuildOptions(shapes={"image": _NON_SQUARE}))
+    square = ((1, 3, 8, 8), (2, 3, 16, 16), (4, 3, 32, 32))
+    build_engine(model, tmp_path / "side.engine", BuildOptions(shapes={"image": square}))
