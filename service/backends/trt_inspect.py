@@ -178,6 +178,8 @@ def describe_engine(engine_path: str | Path) -> str:
         return _format_description(engine_path, manifest, f"manifest ({err})")
     loaded = _deserialize(trt_module, engine_path.read_bytes())
     if loaded.engine is None:
+        if manifest is None and _is_onnx_model(engine_path):
+            return describe_onnx(engine_path)
         if manifest is None:
             raise BuildError(
                 f"cannot describe {engine_path}: the engine does not load here "
@@ -271,6 +273,19 @@ def timing_cache_line(cache: Mapping[str, Any]) -> str:
             f"new cache saved: {cache.get('bytes_after')} bytes"
         )
     return f"{status}: saved {cache.get('bytes_after')} bytes ({cache['path']})"
+
+
+def _is_onnx_model(path: Path) -> bool:
+    """Whether the file reads as an ONNX model with a graph (whatever its name)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError):
+        return False
+    # Arbitrary bytes can decode as an empty message: a model has outputs.
+    return len(model.graph.output) > 0
 
 
 def describe_onnx(path: Path) -> str:

@@ -490,6 +490,11 @@ def test_inspect_on_an_onnx_model_says_so(
     assert "is an ONNX model, not a TensorRT engine" in out and "trtserve build" in out
     assert "input   image                    float    batchx3xheightxwidth" in out
     assert "output  logits                   float    batchx10" in out
+    # Named like an engine, it is still recognised, not a traceback.
+    disguised = models / "conv_dynamic_onnx.engine"
+    disguised.write_bytes((models / "conv_dynamic.onnx").read_bytes())
+    assert _cli("inspect", str(disguised)) == 0
+    assert "is an ONNX model, not a TensorRT engine" in capsys.readouterr().out
 
 
 def test_cli_build_without_a_batch_names_the_flags(
