@@ -52,8 +52,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     inspect = subparsers.add_parser(
         "inspect",
         help="describe a TensorRT engine",
-        description="Show an engine's IO tensors, profiles, aux streams and layers (fused "
-        "ones marked): from the engine where a GPU can load it, else from its manifest.",
+        description="Show an engine's IO tensors, profiles, aux streams (and the builder's "
+        "notes on them), settings not applied, timing-cache use and layers (fused ones "
+        "marked): from the engine where a GPU can load it, else from its manifest. Given "
+        "an ONNX model, say so and show its IO.",
     )
     inspect.add_argument("engine", type=Path, metavar="MODEL.engine")
     inspect.set_defaults(func=_run_inspect)
@@ -62,10 +64,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> BuildOptions:
     try:
         return build_options(BuildConfig(**build_overrides(args)))
-    except BuildConfigError as err:
+    except (BuildConfigError, OptionError) as err:
         parser.error(f"argument {flag_for(err.field)}: {err.detail}")  # exits with status 2
-    except OptionError as err:
-        parser.error(f"argument {flag_for(err.field)}: {err.detail}")
 
 
 def _run_build(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
