@@ -12,6 +12,7 @@ import logging
 import sys
 
 from service.arg_types import int_list, name_path
+from service.build_settings import add_build_flags, build_overrides
 from service.config import EVENT_LOOPS, ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 
@@ -71,6 +72,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="ONNX Runtime threads spin waiting for work (default no)")
     g.add_argument("--device", type=int, help="CUDA device ordinal")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
+    b = p.add_argument_group(
+        "engine build (an .onnx model served with --backend tensorrt; the same flags as "
+        "`trtserve build`, overriding [models.build] for every model)")
+    add_build_flags(b)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run_serve)
 
@@ -87,6 +92,10 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
             models.append(ModelConfig(name=name, path=path))
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     models = [dataclasses.replace(m, **overrides) for m in models]
+    build = build_overrides(args)
+    if build:
+        models = [dataclasses.replace(m, build=dataclasses.replace(m.build, **build))
+                  for m in models]
     server = {k: getattr(args, k) for k in SERVER_FLAGS if getattr(args, k) is not None}
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         server["tls"] = dataclasses.replace(

@@ -25,7 +25,9 @@ class BuildConfig:
     """How to build a TensorRT engine when a model's path is an .onnx file."""
 
     profiles: int = 1
-    batch: str = ""  # "MIN:OPT:MAX"; empty: 1:OPT:max_batch_size
+    batch: str = ""  # "MIN:OPT:MAX"; empty: 1:OPT:max_batch_size (64 if that is 0)
+    # Inputs with other dynamic dimensions: "NAME=MIN:OPT:MAX", shapes like 1x3x224x224.
+    shapes: tuple[str, ...] = ()
     max_aux_streams: int = -1  # -1: let TensorRT decide
     fp16: bool = False
     bf16: bool = False
@@ -34,12 +36,17 @@ class BuildConfig:
     avg_timing_iterations: int = -1
     timing_cache: str = ""  # empty: <model>.timing-cache next to the model
     mps_percentage: int = 0
+    workspace_mib: int = 0  # 0: the library's default
+    # fp16/bf16 that the library cannot apply: true builds anyway, in the model's precisions.
+    allow_precision_fallback: bool = False
     engine: str = ""  # empty: <model>.engine next to the model
 
     def __post_init__(self) -> None:
-        _require(self.profiles >= 1, "build.profiles", self.profiles, "at least 1")
-        _require(0 <= self.mps_percentage <= 100, "build.mps_percentage",
-                 self.mps_percentage, "between 0 (off) and 100")
+        # The same checks as `trtserve build` flags get (one definition, in
+        # build_settings); imported here because build_settings imports this module.
+        from service.build_settings import check_build_config
+
+        check_build_config(self)
 
 
 @dataclass(frozen=True)

@@ -64,13 +64,15 @@ def conv_net(
     classes: int = 10,
     seed: int = 0,
     dynamic_spatial: bool = False,
+    spatial_names: tuple[str, str] = ("height", "width"),
 ) -> Path:
     """Two Conv(+bias)+Relu blocks, GlobalAveragePool, Flatten, Gemm.
 
     Input [batch, channels, height, width] -> output [batch, classes], FP32. The Conv
     nodes carry a bias and feed a Relu, the pattern TensorRT fuses into one kernel,
     so the builder has fusions to report. With `dynamic_spatial`, height and width are
-    dynamic too (named "height" and "width"), for builds that need shape ranges.
+    dynamic too, named `spatial_names`, for builds that need shape ranges (exporters
+    often write ("?", "?"); one name for both says they are equal).
     """
     rng = np.random.default_rng(seed)
     c1, c2 = 8, 16
@@ -98,7 +100,7 @@ def conv_net(
             helper.make_tensor_value_info(
                 CONV_INPUT,
                 TensorProto.FLOAT,
-                ["batch", channels, "height", "width"]
+                ["batch", channels, *spatial_names]
                 if dynamic_spatial
                 else ["batch", channels, height, width],
             )

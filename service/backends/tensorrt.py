@@ -34,7 +34,7 @@ from service.backends.trt_api import (
     profile_shapes,
 )
 from service.backends.trt_executor import Shape, TrtExecutor
-from service.config import BuildConfig, ModelConfig
+from service.config import ModelConfig
 from service.errors import ConfigError
 from service.tensors import TensorSpec
 
@@ -253,41 +253,6 @@ class _TrtLogger:
         self.logger = Logger()
 
 
-def _build_options(build: BuildConfig, max_batch_size: int, timing_cache: Path) -> Any:
-    from service.backends.trt_build import BuildOptions, OptionError, default_batch_opt
-
-    batch: tuple[int, int, int] | None = None
-    if build.batch:
-        try:
-            parts = [int(p) for p in build.batch.split(":")]
-        except ValueError:
-            parts = []
-        if len(parts) == 2:
-            parts.insert(1, default_batch_opt(parts[0], parts[1]))
-        if len(parts) != 3:
-            raise ConfigError(f"build.batch: got {build.batch!r}, expected MIN:OPT:MAX")
-        batch = (parts[0], parts[1], parts[2])
-    elif max_batch_size:
-        batch = (1, default_batch_opt(1, max_batch_size), max_batch_size)
-    try:
-        return BuildOptions(
-            profiles=build.profiles,
-            batch=batch,
-            max_aux_streams=None if build.max_aux_streams < 0 else build.max_aux_streams,
-            fp16=build.fp16,
-            bf16=build.bf16,
-            strongly_typed=build.strongly_typed,
-            builder_optimization_level=None if build.builder_optimization_level < 0
-            else build.builder_optimization_level,
-            avg_timing_iterations=None if build.avg_timing_iterations < 0
-            else build.avg_timing_iterations,
-            timing_cache=timing_cache,
-            mps_percentage=build.mps_percentage or None,
-        )
-    except OptionError as err:
-        raise ConfigError(f"build.{err.field}: {err.detail}") from None
-
-
 def engine_for(config: ModelConfig) -> Path:
     """The engine file to serve: the model's path, or for an .onnx model the engine
     built from it (rebuilt unless one built with the same options and library exists)."""
@@ -295,11 +260,17 @@ def engine_for(config: ModelConfig) -> Path:
     if path.suffix.lower() != ".onnx":
         return path
     from service.backends.trt_build import BuildError, build_engine, load_manifest, manifest_path
+    from service.backends.trt_build_options import DynamicShapeError, OptionError
+    from service.build_settings import DEFAULT_MAX_BATCH, advice, build_options
 
     build = config.build
     engine = Path(build.engine) if build.engine else path.with_suffix(".engine")
-    cache = Path(build.timing_cache) if build.timing_cache else path.with_suffix(".timing-cache")
-    options = _build_options(build, config.max_batch_size, cache)
+    cache = path.with_suffix(".timing-cache")
+    try:
+        options = build_options(build, max_batch_size=config.max_batch_size or DEFAULT_MAX_BATCH,
+                                timing_cache=cache)
+    except OptionError as err:
+        raise ConfigError(f"model '{config.name}': build.{err.field}: {err.detail}") from None
     if engine.is_file() and manifest_path(engine).is_file() and \
             engine.stat().st_mtime >= path.stat().st_mtime:
         manifest = load_manifest(engine)
@@ -312,11 +283,17 @@ def engine_for(config: ModelConfig) -> Path:
     log.info("model '%s': building %s from %s", config.name, engine, path)
     try:
         manifest = build_engine(path, engine, options)
+    except DynamicShapeError as err:
+        # Name what `trtserve serve` and its config file take, not `trtserve build`'s flags.
+        raise EngineLoadError(
+            f"model '{config.name}': {advice(err, config_key='[models.build]')}") from None
     except BuildError as err:
         raise EngineLoadError(f"model '{config.name}': {err}") from None
     cache_use = manifest.get("timing_cache") or {}
     log.info("model '%s': built in %.1fs (timing cache %s)", config.name,
-             manifest.get("build_seconds", 0.0), "hit" if cache_use.get("hit") else "miss")
+             manifest.get("build_seconds", 0.0), cache_use.get("status", "not used"))
+    for setting, why in manifest["settings"]["unavailable"].items():
+        log.warning("model '%s': %s not applied: %s", config.name, setting, why)
     return engine
 
 
