@@ -32,11 +32,11 @@ class ProfileSpec:
 
     @property
     def min_batch(self) -> int:
-        return max((r[0][0] for r in self.ranges.values()), default=1)
+        return max((r[0][0] for r in self.ranges.values() if r[0]), default=1)
 
     @property
     def max_batch(self) -> int | None:
-        return min((r[2][0] for r in self.ranges.values()), default=None)
+        return min((r[2][0] for r in self.ranges.values() if r[2]), default=None)
 
     def accepts(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether every given input shape lies within this profile's range."""
