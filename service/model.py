@@ -33,7 +33,7 @@ from service.errors import (
 )
 from service.scheduler import Scheduler
 from service.stats import ModelCounters, WorkerStats
-from service.tensors import dtype_name
+from service.tensors import TensorSpec, dtype_name
 from service.timer import now
 from service.worker import Outcome, Worker
 
@@ -266,6 +266,7 @@ class ModelRuntime:
         elif len(rows_seen) > 1:
             raise TensorError(expected[0], f"inputs disagree on the number of rows: "
                               f"{sorted(rows_seen)}")
+        _check_named_dims(spec.inputs, inputs)
         rows = rows_seen.pop()
         if rows < self.spec.min_batch_size or rows > self.max_rows_per_request:
             raise TensorError(expected[0], f"{rows} rows; this model takes "
@@ -418,6 +419,25 @@ class ModelRuntime:
         for request in outcome.batch.requests:
             if not request.future.done():
                 request.future.set_exception(error)
+
+
+def _check_named_dims(tensors: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray]) -> None:
+    """Dimensions the model names alike ("N" of [N, 512] and [2, N, 128]) must agree.
+
+    The backend would fail the execution instead, as a server error, and take
+    the worker through a rebuild for a client's mistake.
+    """
+    seen: dict[str, tuple[int, str, int]] = {}
+    for tensor in tensors:
+        for axis, name in enumerate(tensor.dim_names):
+            if name is None:
+                continue
+            size = inputs[tensor.name].shape[axis]
+            first = seen.setdefault(name, (size, tensor.name, axis))
+            if first[0] != size:
+                raise TensorError(tensor.name, f"dimension {axis} ('{name}') is {size}, but "
+                                  f"dimension {first[2]} of '{first[1]}', which the model "
+                                  f"names alike, is {first[0]}")
 
 
 def _wire_name(array: np.ndarray) -> str:

@@ -55,7 +55,8 @@ def _spec(node: ort.NodeArg, model: str) -> TensorSpec:
     if dtype is None:
         raise ConfigError(f"model '{model}': tensor '{node.name}' has unsupported type {node.type}")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, dtype, shape)
+    names = tuple(d if isinstance(d, str) and d else None for d in node.shape)
+    return TensorSpec(node.name, dtype, shape, names if any(names) else ())
 
 
 def usable_cores() -> int:
