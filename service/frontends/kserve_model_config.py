@@ -123,8 +123,9 @@ def model_config(model: ModelRuntime) -> mc.ModelConfig:
         ))
     if spec.backend == "tensorrt":
         cuda = result.optimization.cuda
-        cuda.graphs = config.cuda_graphs
-        if config.cuda_graphs:
+        # Graph buckets pad the batch dimension: a model that does not batch has none.
+        cuda.graphs = config.cuda_graphs and batching
+        if cuda.graphs:
             for size in config.graph_batch_sizes:
                 cuda.graph_spec.add(batch_size=size)
     return result

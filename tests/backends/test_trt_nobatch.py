@@ -129,3 +129,23 @@ def test_a_real_vad_engine_is_built_and_described_as_not_batching(tmp_path: Path
                                                         ("new_state", (2, -1, 128))]
     assert spec.profiles[0].ranges["sr"] == ((), (), ())
     assert spec.profiles[0].accepts({"audio": (3, 512), "state": (2, 3, 128), "sr": ()})
+
+
+def test_kserve_config_of_an_engine_without_a_batch_dimension(cuda):
+    from service.frontends import kserve_model_config
+
+    engine = RecordingEngine(cuda, FEATURES, static_shape=(1, FEATURES))
+    spec = engine_spec(engine, "fixed")  # type: ignore[arg-type]
+    factories = executor_factories(EngineHandle(engine), cuda, 1, (1, 2),  # type: ignore[arg-type]
+                                   True, trt_module, "fixed", batching=spec.batching)
+    config = ModelConfig(name="fixed", path="fixed.plan", backend="tensorrt", workers=1,
+                         graph_batch_sizes=(1, 2))
+    described = kserve_model_config.model_config(ModelRuntime(config, LoadedModel(spec,
+                                                                                   factories)))
+    assert described.max_batch_size == 0
+    assert [list(i.dims) for i in described.input] == [[1, FEATURES]]
+    assert [list(o.dims) for o in described.output] == [[1, FEATURES]]
+    assert described.WhichOneof("scheduling_choice") is None
+    # Graph buckets pad dimension 0, which this engine has not: it runs plain enqueues.
+    assert not described.optimization.cuda.graphs
+    assert list(described.optimization.cuda.graph_spec) == []
