@@ -34,7 +34,11 @@ def _kserve_client(args: argparse.Namespace) -> KServeClient:
 
 def random_inputs(md: pb.ModelMetadataResponse, rows: int, seed: int = 0
                   ) -> dict[str, np.ndarray]:
-    """Random data of the model's shapes, dynamic dims set to 1 (batch dim to `rows`)."""
+    """Random data of the model's shapes, dynamic dims set to 1 (batch dim to `rows`).
+
+    A model that does not batch (metadata `batching` false, max_batch_size 0) takes
+    its full shapes: `rows` does not apply.
+    """
     return _random_arrays([(t.name, dtype_label(t.dtype), list(t.shape)) for t in md.inputs],
                           md.max_batch_size > 0, rows, seed)
 
@@ -95,7 +99,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def _stats_table(response: pb.StatsResponse) -> str:
     lines = []
     for m in response.models:
-        lines.append(f"model {m.name} ({m.backend}): requests={m.requests} "
+        batching = "" if m.batching else ", not batching: one request per execution"
+        lines.append(f"model {m.name} ({m.backend}{batching}): requests={m.requests} "
                      f"batches={m.batches} rows={m.inferences} "
                      f"mean_batch={m.mean_batch_size:.2f} errors={m.errors} "
                      f"queue_depth={m.queue_depth} util={m.utilization:.1%}")
@@ -133,7 +138,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_metadata(args: argparse.Namespace) -> int:
     with _client(args) as c:
         md = c.metadata(args.model)
-    print(json.dumps(MessageToDict(md, preserving_proto_field_name=True), indent=2))
+    described = MessageToDict(md, preserving_proto_field_name=True)
+    # Printed even when false (proto3 leaves out default values): a model that does
+    # not batch takes full shapes, and the reader needs to know which this is.
+    described["batching"] = md.batching
+    print(json.dumps(described, indent=2))
     return 0
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import sys
 
-from service.arg_types import int_list, name_path
+from service.arg_types import batching_mode, int_list, name_path
 from service.build_settings import add_build_flags, build_overrides
 from service.config import EVENT_LOOPS, ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
@@ -20,7 +20,7 @@ from service.errors import ConfigError
 MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
-               "device")
+               "device", "batching")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
                 "max_send_message_bytes", "max_concurrent_streams")
@@ -61,6 +61,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--preferred-batch-sizes", type=int_list, metavar="N,N,...")
     g.add_argument("--max-queue-size", type=int)
     g.add_argument("--max-rows-per-request", type=int)
+    g.add_argument("--batching", type=batching_mode, metavar="{auto,on,off}",
+                   help="stack requests into batches along dimension 0: auto (when every "
+                        "tensor's first dimension is dynamic), on (required) or off "
+                        "(each request runs alone, as Triton's max_batch_size 0)")
     g.add_argument("--inline-below-us", type=int,
                    help="a batch expected to take less is quick: ONNX Runtime runs it on the "
                         "event loop when the model is otherwise idle, TensorRT holds it for "

@@ -43,8 +43,12 @@ class Worker:
         factory: ExecutorFactory,
         profile: ProfileSpec,
         on_done: Callable[[Worker, Outcome], None],
+        batching: bool = True,
     ) -> None:
         self.name = name
+        # False: each batch is one request with its full shapes (no batch dimension),
+        # and its outputs are returned as the model produces them.
+        self.batching = batching
         self.index = index
         self.profile = profile
         self.info = WorkerInfo()
@@ -67,6 +71,8 @@ class Worker:
         return self.healthy
 
     def accepts(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        if not self.batching:
+            return self.profile.accepts(shapes)
         rows = next(iter(shapes.values()))[0] if shapes else 1
         if not self.info.min_batch_size <= rows <= self.info.max_batch_size:
             return False
@@ -94,7 +100,7 @@ class Worker:
         if executor is None or not self.info.runs_on_any_thread or self._inline_failed:
             return None
         try:
-            return _checked(executor.run(batch.inputs(), batch.rows), batch.rows)
+            return self._checked(executor.run(batch.inputs(), batch.rows), batch.rows)
         except Exception:
             log.warning("%s: a batch of %d rows failed on the event loop; handing it to the "
                         "worker's thread", self.name, batch.rows, exc_info=True)
@@ -134,8 +140,8 @@ class Worker:
                         rebuild_error="executor unavailable"))
                     continue
             try:
-                outcome = Outcome(batch, _checked(self._executor.run(batch.inputs(), batch.rows),
-                                                  batch.rows))
+                outcome = Outcome(batch, self._checked(
+                    self._executor.run(batch.inputs(), batch.rows), batch.rows))
                 self._inline_failed = False
             except Exception as e:
                 log.exception("%s: batch of %d rows failed", self.name, batch.rows)
@@ -145,6 +151,10 @@ class Worker:
             self._report(self._on_done, self, outcome)
         if self._executor is not None:
             self._executor.close()
+
+    def _checked(self, result: BatchResult, rows: int) -> BatchResult:
+        # Without batching nothing is sliced out by rows: any shape is the request's own.
+        return _checked(result, rows) if self.batching else result
 
     def _rebuild(self, executor: Executor) -> Executor | None:
         """A failed batch may leave a context or stream in a bad state: start afresh."""

@@ -23,6 +23,8 @@ from service.backends.base import (
     LoadedModel,
     ModelSpec,
     ProfileSpec,
+    check_unbatched_config,
+    decide_batching,
 )
 from service.backends.cuda import CudaRuntime
 from service.backends.trt_api import (
@@ -83,35 +85,31 @@ def model_spec(
     wire_dtypes: Mapping[str, str],
     profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]],
     model: str,
+    batching_mode: bool | str = "auto",
 ) -> ModelSpec:
     """A ModelSpec from an engine's IO tensors and its profiles' (min, opt, max) shapes.
 
-    Every IO tensor must carry the batch in dimension 0: the server splits outputs
-    between the requests of a batch along it.
+    The engine batches (the server stacks requests along dimension 0 and splits
+    outputs along it) when every IO tensor has a dynamic dimension 0 and
+    `batching_mode` (the model's `batching` key) allows it. An engine built
+    without a batch dimension (a scalar, a fixed or non-leading batch) runs each
+    request alone with its full shapes.
     """
     profile_specs = tuple(ProfileSpec(i, dict(shapes)) for i, shapes in enumerate(profiles))
     if not profile_specs:
         raise EngineLoadError(f"model '{model}': the engine has no optimization profile")
-    for tensor in io_tensors:
-        if not tensor.shape:
-            raise EngineLoadError(
-                f"model '{model}': tensor '{tensor.name}' is a scalar; every input and output "
-                "needs a batch dimension (dimension 0)"
-            )
     inputs = tuple(
         TensorSpec(t.name, wire_dtypes[t.name], t.shape) for t in io_tensors if t.mode == "input"
     )
     outputs = tuple(
         TensorSpec(t.name, wire_dtypes[t.name], t.shape) for t in io_tensors if t.mode == "output"
     )
-    fixed = [t.name for t in outputs if t.shape[0] != -1]
-    if fixed and any(p.min_batch != p.max_batch for p in profile_specs):
-        raise EngineLoadError(
-            f"model '{model}': outputs {fixed} have a fixed dimension 0 but the profiles "
-            "take a range of batch sizes; outputs must be batched along dimension 0"
-        )
-    max_batch = max(p.max_batch or 1 for p in profile_specs)
-    min_batch = min(p.min_batch for p in profile_specs)
+    batching = decide_batching(batching_mode, inputs + outputs, model)
+    if batching:
+        max_batch = max(p.max_batch or 1 for p in profile_specs)
+        min_batch = min(p.min_batch for p in profile_specs)
+    else:
+        max_batch = min_batch = 1  # a batch is one request
     return ModelSpec(
         backend="tensorrt",
         platform="tensorrt_plan",
@@ -120,10 +118,12 @@ def model_spec(
         max_batch_size=max_batch,
         min_batch_size=min_batch,
         profiles=profile_specs,
+        batching=batching,
     )
 
 
-def engine_spec(engine: trt.ICudaEngine, model: str) -> ModelSpec:
+def engine_spec(engine: trt.ICudaEngine, model: str,
+                batching_mode: bool | str = "auto") -> ModelSpec:
     """The ModelSpec of a deserialized engine (or anything with its tensor API)."""
     io_tensors = engine_io(engine)
     wire = {}
@@ -136,10 +136,11 @@ def engine_spec(engine: trt.ICudaEngine, model: str) -> ModelSpec:
             )
         wire[tensor.name] = _WIRE_DTYPES[name]
     profiles = [profile_shapes(engine, i) for i in range(engine.num_optimization_profiles)]
-    return model_spec(io_tensors, wire, profiles, model)
+    return model_spec(io_tensors, wire, profiles, model, batching_mode)
 
 
-def manifest_spec(manifest: Mapping[str, Any], model: str) -> ModelSpec:
+def manifest_spec(manifest: Mapping[str, Any], model: str,
+                  batching_mode: bool | str = "auto") -> ModelSpec:
     """The ModelSpec recorded in a build manifest (`trt_build.build_engine` writes one).
 
     For describing an engine where it cannot be deserialized (no GPU); serving
@@ -163,7 +164,7 @@ def manifest_spec(manifest: Mapping[str, Any], model: str) -> ModelSpec:
             name: (tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
             for name, r in profile["inputs"].items()
         })
-    return model_spec(io_tensors, wire, profiles, model)
+    return model_spec(io_tensors, wire, profiles, model, batching_mode)
 
 
 def graph_buckets(configured: Iterable[int], max_batch: int) -> tuple[int, ...]:
@@ -212,6 +213,7 @@ def executor_factories(
     cuda_graphs: bool,
     trt_module: types.ModuleType | Any,
     model: str,
+    batching: bool = True,
 ) -> list[ExecutorFactory]:
     """One factory per worker, profile-major (ModelRuntime assigns profiles that way)."""
     factories: list[ExecutorFactory] = []
@@ -224,7 +226,7 @@ def executor_factories(
                     handle.engine, cuda, profile=profile, graph_batch_sizes=graph_batch_sizes,
                     cuda_graphs=cuda_graphs, trt_module=trt_module,
                     name=f"{model} worker {index} (profile {profile})",
-                    capture_at_start=True,
+                    capture_at_start=True, batching=batching,
                 )
 
             factories.append(factory)
@@ -317,7 +319,9 @@ def load(config: ModelConfig) -> LoadedModel:
     if engine is None:
         reason = logger.errors[0] if logger.errors else "no reason logged"
         raise EngineLoadError(f"model '{config.name}': could not load {engine_path}: {reason}")
-    spec = engine_spec(engine, config.name)
+    spec = engine_spec(engine, config.name, config.batching)
+    if not spec.batching:
+        check_unbatched_config(config)
     name, version = library_info(trt_module)
     log.info("model '%s': %s loaded with %s %s in %.2fs: %d profiles, %d aux streams",
              config.name, engine_path, name, version, time.perf_counter() - started,
@@ -326,5 +330,5 @@ def load(config: ModelConfig) -> LoadedModel:
                             min(config.max_batch_size or spec.max_batch_size, spec.max_batch_size))
     handle = EngineHandle(engine, runtime, logger)
     factories = executor_factories(handle, cuda, config.workers, buckets, config.cuda_graphs,
-                                   trt_module, config.name)
+                                   trt_module, config.name, batching=spec.batching)
     return LoadedModel(spec=spec, factories=factories, close=handle.close)

@@ -382,7 +382,7 @@ def _input_ranges(io_tensors: list[IOTensor], options: BuildOptions) -> dict[str
             ranges[tensor.name] = _given_range(tensor, options.shapes[tensor.name], options.batch)
             continue
         low, opt, high = list(dims), list(dims), list(dims)
-        if dims[0] == -1 and options.batch is not None:
+        if dims and dims[0] == -1 and options.batch is not None:  # scalars have no dim 0
             low[0], opt[0], high[0] = options.batch
         dynamic = [i for i, d in enumerate(low) if d == -1]
         if dynamic:
@@ -407,7 +407,7 @@ def _given_range(
                 f"shapes for input {tensor.name!r} set dimension {axis} to "
                 f"{[s[axis] for s in given]}, but the model fixes it at {size}"
             )
-    if batch is not None and dims[0] == -1 and tuple(s[0] for s in given) != batch:
+    if batch is not None and dims and dims[0] == -1 and tuple(s[0] for s in given) != batch:
         raise BuildError(
             f"shapes for input {tensor.name!r} give dimension 0 as "
             f"{[s[0] for s in given]}, which disagrees with batch {list(batch)}"
