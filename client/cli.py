@@ -58,7 +58,9 @@ def random_inputs(md: pb.ModelMetadataResponse, rows: int, seed: int = 0,
     """Random data of the model's shapes; `shapes` (full shapes, by input) chosen by the caller.
 
     The batch dimension gets `rows`; other dynamic dimensions the opt shape of
-    the first TensorRT profile, else DEFAULT_DYNAMIC_DIM.
+    the first TensorRT profile, else DEFAULT_DYNAMIC_DIM. A model that does not
+    batch (metadata `batching` false, max_batch_size 0) takes its full shapes:
+    `rows` does not apply.
     """
     opt = {r.name: list(r.opt) for r in md.profiles[0].inputs} if md.profiles else {}
     return _random_arrays([(t.name, dtype_label(t.dtype), list(t.shape)) for t in md.inputs],
@@ -135,7 +137,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def _stats_table(response: pb.StatsResponse) -> str:
     lines = []
     for m in response.models:
-        lines.append(f"model {m.name} ({m.backend}): requests={m.requests} "
+        batching = "" if m.batching else ", not batching: one request per execution"
+        lines.append(f"model {m.name} ({m.backend}{batching}): requests={m.requests} "
                      f"batches={m.batches} rows={m.inferences} "
                      f"mean_batch={m.mean_batch_size:.2f} errors={m.errors} "
                      f"queue_depth={m.queue_depth} util={m.utilization:.1%}")
@@ -180,7 +183,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_metadata(args: argparse.Namespace) -> int:
     with _client(args) as c:
         md = c.metadata(args.model)
-    print(json.dumps(MessageToDict(md, preserving_proto_field_name=True), indent=2))
+    described = MessageToDict(md, preserving_proto_field_name=True)
+    # Printed even when false (proto3 leaves out default values): a model that does
+    # not batch takes full shapes, and the reader needs to know which this is.
+    described["batching"] = md.batching
+    print(json.dumps(described, indent=2))
     return 0
 
 

@@ -57,3 +57,12 @@ def positive_numbers(text: str) -> tuple[float, ...]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected numbers above 0, got {text!r}")
     return values
+
+
+def batching_mode(text: str) -> bool | str:
+    """auto, on or off: a model's `batching` key ("auto", True or False)."""
+    modes: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
+    mode = modes.get(text.lower())
+    if mode is None:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return mode

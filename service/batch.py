@@ -40,6 +40,10 @@ class Batch:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Full input shapes of the batch, as the executor will see them."""
         first = self.requests[0]
+        if len(self.requests) == 1:
+            # A request alone runs as given: also right for a model that does not
+            # batch, whose shapes may have no batch dimension at all.
+            return {name: a.shape for name, a in first.inputs.items()}
         return {name: (self.rows, *a.shape[1:]) for name, a in first.inputs.items()}
 
     def inputs(self) -> dict[str, list[np.ndarray]]:

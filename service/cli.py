@@ -11,7 +11,8 @@ import dataclasses
 import logging
 import sys
 
-from service.arg_types import int_list, name_path
+from service.arg_types import batching_mode, int_list, name_path
+from service.build_settings import add_build_flags, build_overrides
 from service.config import EVENT_LOOPS, ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 
@@ -19,7 +20,7 @@ from service.errors import ConfigError
 MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
-               "device")
+               "device", "batching")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
                 "max_send_message_bytes", "max_concurrent_streams")
@@ -60,6 +61,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--preferred-batch-sizes", type=int_list, metavar="N,N,...")
     g.add_argument("--max-queue-size", type=int)
     g.add_argument("--max-rows-per-request", type=int)
+    g.add_argument("--batching", type=batching_mode, metavar="{auto,on,off}",
+                   help="stack requests into batches along dimension 0: auto (when every "
+                        "tensor's first dimension is dynamic), on (required) or off "
+                        "(each request runs alone, as Triton's max_batch_size 0)")
     g.add_argument("--inline-below-us", type=int,
                    help="a batch expected to take less is quick: ONNX Runtime runs it on the "
                         "event loop when the model is otherwise idle, TensorRT holds it for "
@@ -71,6 +76,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="ONNX Runtime threads spin waiting for work (default no)")
     g.add_argument("--device", type=int, help="CUDA device ordinal")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
+    b = p.add_argument_group(
+        "engine build (an .onnx model served with --backend tensorrt; the same flags as "
+        "`trtserve build`, overriding [models.build] for every model)")
+    add_build_flags(b)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=run_serve)
 
@@ -87,6 +96,10 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
             models.append(ModelConfig(name=name, path=path))
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     models = [dataclasses.replace(m, **overrides) for m in models]
+    build = build_overrides(args)
+    if build:
+        models = [dataclasses.replace(m, build=dataclasses.replace(m.build, **build))
+                  for m in models]
     server = {k: getattr(args, k) for k in SERVER_FLAGS if getattr(args, k) is not None}
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         server["tls"] = dataclasses.replace(

@@ -25,7 +25,9 @@ class BuildConfig:
     """How to build a TensorRT engine when a model's path is an .onnx file."""
 
     profiles: int = 1
-    batch: str = ""  # "MIN:OPT:MAX"; empty: 1:OPT:max_batch_size
+    batch: str = ""  # "MIN:OPT:MAX"; empty: 1:OPT:max_batch_size (64 if that is 0)
+    # Inputs with other dynamic dimensions: "NAME=MIN:OPT:MAX", shapes like 1x3x224x224.
+    shapes: tuple[str, ...] = ()
     max_aux_streams: int = -1  # -1: let TensorRT decide
     fp16: bool = False
     bf16: bool = False
@@ -34,12 +36,17 @@ class BuildConfig:
     avg_timing_iterations: int = -1
     timing_cache: str = ""  # empty: <model>.timing-cache next to the model
     mps_percentage: int = 0
+    workspace_mib: int = 0  # 0: the library's default
+    # fp16/bf16 that the library cannot apply: true builds anyway, in the model's precisions.
+    allow_precision_fallback: bool = False
     engine: str = ""  # empty: <model>.engine next to the model
 
     def __post_init__(self) -> None:
-        _require(self.profiles >= 1, "build.profiles", self.profiles, "at least 1")
-        _require(0 <= self.mps_percentage <= 100, "build.mps_percentage",
-                 self.mps_percentage, "between 0 (off) and 100")
+        # The same checks as `trtserve build` flags get (one definition, in
+        # build_settings); imported here because build_settings imports this module.
+        from service.build_settings import check_build_config
+
+        check_build_config(self)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,12 @@ class ModelConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 4096  # requests waiting for a batch; more -> RESOURCE_EXHAUSTED
     max_rows_per_request: int = 0  # 0: max_batch_size
+    # Whether requests are stacked along dimension 0 into batches. "auto": when
+    # every input and output has a dynamic first dimension (for TensorRT, a
+    # batch range in every profile); false: never (Triton's max_batch_size 0),
+    # each request runs alone with its full shapes; true: required (a model
+    # that cannot batch is refused at start, naming the tensor).
+    batching: bool | str = "auto"
     # A batch expected (from the last batch of its size) to run in less than this
     # is quick. It runs on the event loop itself when no other batch of the model
     # is running, sparing the two thread hand-offs, where the executor may run on
@@ -101,6 +114,8 @@ class ModelConfig:
                  "at least 1")
         _require(self.max_rows_per_request >= 0, f"{key}.max_rows_per_request",
                  self.max_rows_per_request, "0 (max_batch_size) or more")
+        _require(self.batching == "auto" or isinstance(self.batching, bool),
+                 f"{key}.batching", self.batching, "\"auto\", true or false")
         _require(self.inline_below_us >= 0, f"{key}.inline_below_us", self.inline_below_us,
                  "0 (off) or more")
         _require(self.intra_op_threads >= 0, f"{key}.intra_op_threads", self.intra_op_threads,
@@ -215,7 +230,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         item = typing.get_args(hint)[0]
         return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{key}: unsupported type {hint}")
+        # A value of any one of the member types (`bool | str`), taken as it is.
+        members = typing.get_args(hint)
+        if not all(isinstance(m, type) and not dataclasses.is_dataclass(m) and
+                   typing.get_origin(m) is None for m in members):
+            raise ConfigError(f"{key}: unsupported type {hint}")
+        if any(isinstance(value, m) and not (m is int and isinstance(value, bool))
+               for m in members):
+            return value
+        raise ConfigError(f"{key}: expected {' or '.join(m.__name__ for m in members)}, "
+                          f"got {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     # bool is an int in Python; refuse `workers = true`.

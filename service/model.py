@@ -36,7 +36,7 @@ from service.errors import (
 )
 from service.scheduler import Scheduler
 from service.stats import ModelCounters, WorkerStats
-from service.tensors import dtype_name
+from service.tensors import TensorSpec, dtype_name
 from service.timer import now
 from service.worker import Outcome, Worker
 
@@ -79,7 +79,7 @@ class ModelRuntime:
         self.workers = [
             Worker(f"{self.name}-worker-{i}", i, factory,
                    profiles[min(i // per_profile, len(profiles) - 1)], self._on_done,
-                   self._on_rebuilt)
+                   self._on_rebuilt, batching=self.spec.batching)
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
@@ -88,6 +88,8 @@ class ModelRuntime:
         # each one, back to the start by a batch served), and its timer.
         self._retry_delay_s = [config.worker_retry_backoff_s] * len(self.workers)
         self._retry_timers: list[asyncio.TimerHandle | None] = [None] * len(self.workers)
+        # Outputs whose shape disagreed with the declaration, logged once each.
+        self._shape_warned: set[str] = set()
         self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
         self._run_s: dict[_RunKey, float] = {}
         self._inline_below_s = config.inline_below_us / 1e6
@@ -241,6 +243,7 @@ class ModelRuntime:
     def _check(self, inputs: Mapping[str, np.ndarray],
                dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
         spec = self.spec
+        batching = spec.batching
         expected = [t.name for t in spec.inputs]
         for name in inputs:
             if spec.input(name) is None:
@@ -260,14 +263,22 @@ class ModelRuntime:
                                   f"dimensions, the model takes {len(tensor.shape)}: "
                                   f"{list(tensor.shape)}")
             for axis, (got_dim, want) in enumerate(zip(array.shape, tensor.shape, strict=True)):
-                if axis > 0 and want != -1 and got_dim != want:
+                if (axis > 0 or not batching) and want != -1 and got_dim != want:
                     raise TensorError(tensor.name, f"shape {list(array.shape)} does not match "
                                       f"the model's {list(tensor.shape)} in dimension {axis}")
-            rows_seen.add(array.shape[0])
-            key.append(tuple(array.shape[1:]))
-        if len(rows_seen) > 1:
+            if batching:
+                rows_seen.add(array.shape[0])
+                key.append(tuple(array.shape[1:]))
+            else:
+                key.append(tuple(array.shape))
+        if not batching:
+            # One request, one execution, its full shapes as given: "rows" is 1 so
+            # that the batcher, whose batches hold at most 1, never merges two.
+            rows_seen = {1}
+        elif len(rows_seen) > 1:
             raise TensorError(expected[0], f"inputs disagree on the number of rows: "
                               f"{sorted(rows_seen)}")
+        _check_named_dims(spec.inputs, inputs)
         rows = rows_seen.pop()
         if rows < self.spec.min_batch_size or rows > self.max_rows_per_request:
             raise TensorError(expected[0], f"{rows} rows; this model takes "
@@ -345,19 +356,24 @@ class ModelRuntime:
         self._dispatched_slow[index] = False
         self.scheduler.release(index)
         batch = outcome.batch
-        if outcome.result is not None:
-            self._succeeded(index, batch.rows, len(batch.requests), outcome.result)
+        if (result := outcome.result) is not None:
+            self._succeeded(index, batch.rows, len(batch.requests), result)
             key = (batch.rows, batch.shape_key)
             if key in self._run_s or len(self._run_s) < RUN_TIMES_KEPT:
-                result = outcome.result
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
-            offset = 0
-            for request in batch.requests:
-                end = offset + request.rows
+            if self.spec.batching:
+                offset = 0
+                for request in batch.requests:
+                    end = offset + request.rows
+                    if not request.future.done():
+                        request.future.set_result({k: v[offset:end] for k, v in
+                                                   result.outputs.items()})
+                    offset = end
+            else:
+                self._note_output_shapes(result.outputs)
+                request = batch.requests[0]  # alone in its batch: the outputs are its own
                 if not request.future.done():
-                    request.future.set_result({k: v[offset:end] for k, v in
-                                               outcome.result.outputs.items()})
-                offset = end
+                    request.future.set_result(result.outputs)
         elif outcome.parts is not None:
             self._answer_parts(worker, outcome)
         else:
@@ -366,6 +382,26 @@ class ModelRuntime:
             self._idle.set()
         if self._batcher is not None:
             self._batcher.worker_freed()
+
+    def _note_output_shapes(self, outputs: Mapping[str, np.ndarray]) -> None:
+        """Log, once per output, an output whose shape disagrees with its declaration.
+
+        A model that does not batch returns its outputs as produced: exported
+        models often declare shapes their graph does not keep (ONNX Runtime
+        itself only warns), and the client gets what the model computed.
+        """
+        for name, array in outputs.items():
+            if name in self._shape_warned:
+                continue
+            declared = self.spec.output(name)
+            if declared is None or (array.ndim == len(declared.shape) and all(
+                    want in (-1, got) for got, want in zip(array.shape, declared.shape,
+                                                           strict=True))):
+                continue
+            self._shape_warned.add(name)
+            log.warning("model '%s': output '%s' came out with shape %s, but the model "
+                        "declares %s; returned as produced (logged once)", self.name, name,
+                        list(array.shape), list(declared.shape))
 
     def _succeeded(self, index: int, rows: int, requests: int, result: BatchResult) -> None:
         self._consecutive_failures[index] = 0
@@ -390,6 +426,8 @@ class ModelRuntime:
         for request, part in zip(outcome.batch.requests, outcome.parts, strict=True):
             if isinstance(part, BatchResult):
                 self._succeeded(index, request.rows, 1, part)
+                if not self.spec.batching:
+                    self._note_output_shapes(part.outputs)
                 if not request.future.done():
                     request.future.set_result(part.outputs)
             elif isinstance(part, InputRejected):
@@ -482,6 +520,25 @@ class ModelRuntime:
             self.on_health_change(self.name, True)
         if self._batcher is not None:
             self._batcher.worker_freed()
+
+
+def _check_named_dims(tensors: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray]) -> None:
+    """Dimensions the model names alike ("N" of [N, 512] and [2, N, 128]) must agree.
+
+    The backend would fail the execution instead, as a server error, and take
+    the worker through a rebuild for a client's mistake.
+    """
+    seen: dict[str, tuple[int, str, int]] = {}
+    for tensor in tensors:
+        for axis, name in enumerate(tensor.dim_names):
+            if name is None:
+                continue
+            size = inputs[tensor.name].shape[axis]
+            first = seen.setdefault(name, (size, tensor.name, axis))
+            if first[0] != size:
+                raise TensorError(tensor.name, f"dimension {axis} ('{name}') is {size}, but "
+                                  f"dimension {first[2]} of '{first[1]}', which the model "
+                                  f"names alike, is {first[0]}")
 
 
 def _wire_name(array: np.ndarray) -> str:

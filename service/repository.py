@@ -56,8 +56,9 @@ class ModelRepository:
         loaded = await asyncio.to_thread(load_backend, config)
         runtime = ModelRuntime(config, loaded, stats_window_s)
         await self.add(runtime)
-        log.info("model '%s' ready: %s, %d workers, max batch %d", config.name,
-                 runtime.spec.backend, len(runtime.workers), runtime.max_batch_size)
+        log.info("model '%s' ready: %s, %d workers, %s", config.name, runtime.spec.backend,
+                 len(runtime.workers), f"max batch {runtime.max_batch_size}"
+                 if runtime.spec.batching else "not batching (one request per execution)")
         return runtime
 
     async def drain(self) -> None:

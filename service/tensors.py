@@ -53,6 +53,9 @@ class TensorSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    # Per dimension, the model's name for a dynamic one ("N"), None elsewhere; empty
+    # where the backend names none. Dimensions of one name must agree in a request.
+    dim_names: tuple[str | None, ...] = ()
 
     @property
     def np_dtype(self) -> np.dtype:

@@ -62,8 +62,12 @@ class Worker:
         profile: ProfileSpec,
         on_done: Callable[[Worker, Outcome], None],
         on_rebuilt: Callable[[Worker, str], None] | None = None,
+        batching: bool = True,
     ) -> None:
         self.name = name
+        # False: each batch is one request with its full shapes (no batch dimension),
+        # and its outputs are returned as the model produces them.
+        self.batching = batching
         self.index = index
         self.profile = profile
         self.info = WorkerInfo()
@@ -88,6 +92,8 @@ class Worker:
         return self.healthy
 
     def accepts(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        if not self.batching:
+            return self.profile.accepts(shapes)
         rows = next(iter(shapes.values()))[0] if shapes else 1
         if not self.info.min_batch_size <= rows <= self.info.max_batch_size:
             return False
@@ -124,7 +130,7 @@ class Worker:
         if executor is None or not self.info.runs_on_any_thread or self._inline_failed:
             return None
         try:
-            return _checked(executor.run(batch.inputs(), batch.rows), batch.rows)
+            return self._checked(executor.run(batch.inputs(), batch.rows), batch.rows)
         except InputRejected:
             return None  # the executor is fine: later batches may still run here
         except Exception:
@@ -167,6 +173,10 @@ class Worker:
         if self._executor is not None:
             self._executor.close()
 
+    def _checked(self, result: BatchResult, rows: int) -> BatchResult:
+        # Without batching nothing is sliced out by rows: any shape is the request's own.
+        return _checked(result, rows) if self.batching else result
+
     def _run(self, batch: Batch) -> Outcome:
         if self._executor is None and self._rebuild():
             return Outcome(batch, None, RuntimeError("worker could not be rebuilt"),
@@ -174,8 +184,8 @@ class Worker:
         executor = self._executor
         assert executor is not None
         try:
-            outcome = Outcome(batch, _checked(executor.run(batch.inputs(), batch.rows),
-                                              batch.rows))
+            outcome = Outcome(batch, self._checked(executor.run(batch.inputs(), batch.rows),
+                                                   batch.rows))
         except InputRejected as e:
             outcome = self._run_alone(executor, batch, e)
         except Exception as e:
@@ -194,7 +204,7 @@ class Worker:
         parts: list[BatchResult | BaseException] = []
         for i, request in enumerate(batch.requests):
             try:
-                parts.append(_checked(executor.run(
+                parts.append(self._checked(executor.run(
                     {name: [array] for name, array in request.inputs.items()}, request.rows),
                     request.rows))
             except InputRejected as e:

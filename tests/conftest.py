@@ -1,6 +1,6 @@
 # First, before anything imports grpc: the servers in these tests run on the
 # gRPC settings `trtserve serve` runs on.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from service import grpc_tuning  # isort: skip
 
 import dataclasses
 from pathlib import Path
@@ -9,6 +9,10 @@ import pytest
 
 from service.config import ModelConfig, ServerConfig
 from service.example_model import write_example
+
+# In-process servers in these tests must run on the transport `trtserve serve` runs
+# on; a plugin or import that loads grpc first would silently change that.
+assert grpc_tuning.APPLIED_HERE, "grpc was imported before service.grpc_tuning"
 
 
 @pytest.fixture(scope="session")

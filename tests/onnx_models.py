@@ -64,13 +64,15 @@ def conv_net(
     classes: int = 10,
     seed: int = 0,
     dynamic_spatial: bool = False,
+    spatial_names: tuple[str, str] = ("height", "width"),
 ) -> Path:
     """Two Conv(+bias)+Relu blocks, GlobalAveragePool, Flatten, Gemm.
 
     Input [batch, channels, height, width] -> output [batch, classes], FP32. The Conv
     nodes carry a bias and feed a Relu, the pattern TensorRT fuses into one kernel,
     so the builder has fusions to report. With `dynamic_spatial`, height and width are
-    dynamic too (named "height" and "width"), for builds that need shape ranges.
+    dynamic too, named `spatial_names`, for builds that need shape ranges (exporters
+    often write ("?", "?"); one name for both says they are equal).
     """
     rng = np.random.default_rng(seed)
     c1, c2 = 8, 16
@@ -98,12 +100,82 @@ def conv_net(
             helper.make_tensor_value_info(
                 CONV_INPUT,
                 TensorProto.FLOAT,
-                ["batch", channels, "height", "width"]
+                ["batch", channels, *spatial_names]
                 if dynamic_spatial
                 else ["batch", channels, height, width],
             )
         ],
         [helper.make_tensor_value_info(CONV_OUTPUT, TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+VAD_INPUTS = ("audio", "state", "sr")
+VAD_OUTPUTS = ("prob", "new_state")
+
+
+def vad(path: str | Path, seed: int = 0) -> Path:
+    """A voice-activity model shaped like the real one, whose batch is not one axis.
+
+    Inputs: audio [N, 512] FP32, a recurrent state [2, N, 128] FP32 (its batch on
+    axis 1) and a scalar sample rate [] INT64. Outputs: prob [N, 1] and the new
+    state [2, N, 128]. prob = sigmoid(audio @ w + sr * 1e-5); new_state =
+    tanh(0.5 * state + mean(audio, axis 1)), so every input reaches an output.
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_weights(rng, (512, 1), 512), "w"),
+        numpy_helper.from_array(np.array(1e-5, np.float32), "sr_scale"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["audio", "w"], ["logit"]),
+        helper.make_node("Cast", ["sr"], ["sr_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["sr_f", "sr_scale"], ["sr_term"]),
+        helper.make_node("Add", ["logit", "sr_term"], ["biased"]),
+        helper.make_node("Sigmoid", ["biased"], ["prob"]),
+        helper.make_node("ReduceMean", ["audio"], ["level"], axes=[1], keepdims=1),  # [N, 1]
+        helper.make_node("Unsqueeze", ["level", "axis0"], ["level3"]),  # [1, N, 1]
+        helper.make_node("Mul", ["state", "half"], ["decayed"]),
+        helper.make_node("Add", ["decayed", "level3"], ["mixed"]),
+        helper.make_node("Tanh", ["mixed"], ["new_state"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "vad",
+        [helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["N", 512]),
+         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "N", 128]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("new_state", TensorProto.FLOAT, [2, "N", 128])],
+        inits,
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+OCR_INPUT = "image"
+OCR_OUTPUT = "logits"
+
+
+def ctc_ocr(path: str | Path, classes: int = 40, seed: int = 0) -> Path:
+    """A CTC OCR model fixed at batch 1 whose output comes out in another shape than declared.
+
+    Input [1, 1, 64, W] FP32 (W dynamic). The output is declared [1, seqlen] but
+    comes out [W, 1, classes], as the real model's does (ONNX Runtime only
+    warns): mean over the height, time first, then a projection to the classes.
+    """
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(_weights(rng, (1, classes), 1), "proj")]
+    nodes = [
+        helper.make_node("ReduceMean", [OCR_INPUT], ["column"], axes=[2], keepdims=0),  # [1,1,W]
+        helper.make_node("Transpose", ["column"], ["time_major"], perm=[2, 0, 1]),  # [W,1,1]
+        helper.make_node("MatMul", ["time_major", "proj"], [OCR_OUTPUT]),  # [W,1,classes]
+    ]
+    graph = helper.make_graph(
+        nodes, "ctc_ocr",
+        [helper.make_tensor_value_info(OCR_INPUT, TensorProto.FLOAT, [1, 1, 64, "W"])],
+        [helper.make_tensor_value_info(OCR_OUTPUT, TensorProto.FLOAT, [1, "seqlen"])],
         inits,
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from service.errors import ConfigError
+
+if TYPE_CHECKING:
+    from service.config import ModelConfig
 from service.tensors import TensorSpec
 
 # A shape range of one input for one profile: (min, opt, max) full shapes.
@@ -28,11 +32,11 @@ class ProfileSpec:
 
     @property
     def min_batch(self) -> int:
-        return max((r[0][0] for r in self.ranges.values()), default=1)
+        return max((r[0][0] for r in self.ranges.values() if r[0]), default=1)
 
     @property
     def max_batch(self) -> int | None:
-        return min((r[2][0] for r in self.ranges.values()), default=None)
+        return min((r[2][0] for r in self.ranges.values() if r[2]), default=None)
 
     def accepts(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         """Whether every given input shape lies within this profile's range."""
@@ -50,7 +54,13 @@ class ProfileSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a loaded model takes and gives; shapes include the batch dimension."""
+    """What a loaded model takes and gives.
+
+    With `batching`, every input and output carries the batch in dimension 0
+    and requests are stacked along it. Without (Triton's max_batch_size 0),
+    shapes are full shapes, each request runs alone as given and its outputs
+    come back as the model produces them.
+    """
 
     backend: str  # "onnxruntime" or "tensorrt"
     platform: str  # Triton-style: "onnxruntime_onnx" or "tensorrt_plan"
@@ -59,6 +69,7 @@ class ModelSpec:
     max_batch_size: int
     min_batch_size: int = 1
     profiles: tuple[ProfileSpec, ...] = (ProfileSpec(0),)
+    batching: bool = True
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -124,3 +135,35 @@ class LoadedModel:
     factories: list[ExecutorFactory]
     # Released when the model unloads (e.g. the deserialized TensorRT engine).
     close: Callable[[], None] = lambda: None
+
+
+def decide_batching(mode: bool | str, tensors: Sequence[TensorSpec], model: str,
+                    why_not: str = "") -> bool:
+    """Whether a model batches, from its `batching` key and its tensors' shapes.
+
+    A model can batch when every input and output has a dynamic first dimension
+    (and `why_not`, a backend's own reason, is empty). "auto" batches where it
+    can; False never does; True where it cannot is a config error naming the
+    tensor that stops it.
+    """
+    if mode is False:
+        return False
+    blocking = next((t for t in tensors if not t.shape or t.shape[0] != -1), None)
+    if blocking is None and not why_not:
+        return True
+    if mode is True:
+        reason = why_not
+        if blocking is not None:
+            reason = (f"tensor '{blocking.name}' has shape {list(blocking.shape)}, not a "
+                      "dynamic first dimension")
+        raise ConfigError(f"models.{model}.batching: got true, but the model cannot batch: "
+                          f"{reason}")
+    return False
+
+
+def check_unbatched_config(config: ModelConfig) -> None:
+    """Refuse batch settings for a model that does not batch (they could never apply)."""
+    if config.max_batch_size > 1:
+        raise ConfigError(f"models.{config.name}.max_batch_size: got {config.max_batch_size}, "
+                          "but the model does not batch (each request runs alone, as given); "
+                          "leave it at 0")

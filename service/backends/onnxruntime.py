@@ -19,7 +19,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from service.backends.base import BatchResult, LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
+from service.backends.base import (
+    BatchResult,
+    LoadedModel,
+    ModelSpec,
+    ProfileSpec,
+    WorkerInfo,
+    check_unbatched_config,
+    decide_batching,
+)
 from service.config import ModelConfig
 from service.errors import ConfigError, InputRejected
 from service.tensors import TensorSpec
@@ -48,7 +56,8 @@ def _spec(node: ort.NodeArg, model: str) -> TensorSpec:
     if dtype is None:
         raise ConfigError(f"model '{model}': tensor '{node.name}' has unsupported type {node.type}")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
-    return TensorSpec(node.name, dtype, shape)
+    names = tuple(d if isinstance(d, str) and d else None for d in node.shape)
+    return TensorSpec(node.name, dtype, shape, names if any(names) else ())
 
 
 def usable_cores() -> int:
@@ -146,20 +155,14 @@ def load(config: ModelConfig) -> LoadedModel:
     inputs = tuple(_spec(n, config.name) for n in probe.get_inputs())
     outputs = tuple(_spec(n, config.name) for n in probe.get_outputs())
     del probe
-    batched = all(t.shape and t.shape[0] == -1 for t in inputs + outputs)
-    if batched:
+    batching = decide_batching(config.batching, inputs + outputs, config.name)
+    if batching:
         max_batch = config.max_batch_size or DEFAULT_MAX_BATCH
     else:
-        # A fixed first dimension: the model takes exactly that many rows.
-        first = {t.shape[0] if t.shape else 1 for t in inputs}
-        if len(first) != 1 or -1 in first:
-            raise ConfigError(f"model '{config.name}': inputs disagree on the batch dimension")
-        max_batch = first.pop()
-        if config.max_batch_size and config.max_batch_size != max_batch:
-            raise ConfigError(
-                f"models.{config.name}.max_batch_size: got {config.max_batch_size}, but the "
-                f"model's first dimension is fixed at {max_batch}"
-            )
+        # Each request runs alone with its full shapes (Triton's max_batch_size 0):
+        # a batch is one request, whatever its shapes.
+        max_batch = 1
+        check_unbatched_config(config)
     threads = config.intra_op_threads or default_threads(config.workers)
     spec = ModelSpec(
         backend="onnxruntime",
@@ -167,8 +170,8 @@ def load(config: ModelConfig) -> LoadedModel:
         inputs=inputs,
         outputs=outputs,
         max_batch_size=max_batch,
-        min_batch_size=1 if batched else max_batch,
         profiles=(ProfileSpec(0),),
+        batching=batching,
     )
 
     def factory() -> OrtExecutor:

@@ -23,6 +23,8 @@ from service.backends.base import (
     LoadedModel,
     ModelSpec,
     ProfileSpec,
+    check_unbatched_config,
+    decide_batching,
 )
 from service.backends.cuda import CudaRuntime
 from service.backends.trt_api import (
@@ -34,7 +36,7 @@ from service.backends.trt_api import (
     profile_shapes,
 )
 from service.backends.trt_executor import Shape, TrtExecutor
-from service.config import BuildConfig, ModelConfig
+from service.config import ModelConfig
 from service.errors import ConfigError
 from service.tensors import TensorSpec
 
@@ -83,35 +85,31 @@ def model_spec(
     wire_dtypes: Mapping[str, str],
     profiles: Sequence[Mapping[str, tuple[Shape, Shape, Shape]]],
     model: str,
+    batching_mode: bool | str = "auto",
 ) -> ModelSpec:
     """A ModelSpec from an engine's IO tensors and its profiles' (min, opt, max) shapes.
 
-    Every IO tensor must carry the batch in dimension 0: the server splits outputs
-    between the requests of a batch along it.
+    The engine batches (the server stacks requests along dimension 0 and splits
+    outputs along it) when every IO tensor has a dynamic dimension 0 and
+    `batching_mode` (the model's `batching` key) allows it. An engine built
+    without a batch dimension (a scalar, a fixed or non-leading batch) runs each
+    request alone with its full shapes.
     """
     profile_specs = tuple(ProfileSpec(i, dict(shapes)) for i, shapes in enumerate(profiles))
     if not profile_specs:
         raise EngineLoadError(f"model '{model}': the engine has no optimization profile")
-    for tensor in io_tensors:
-        if not tensor.shape:
-            raise EngineLoadError(
-                f"model '{model}': tensor '{tensor.name}' is a scalar; every input and output "
-                "needs a batch dimension (dimension 0)"
-            )
     inputs = tuple(
         TensorSpec(t.name, wire_dtypes[t.name], t.shape) for t in io_tensors if t.mode == "input"
     )
     outputs = tuple(
         TensorSpec(t.name, wire_dtypes[t.name], t.shape) for t in io_tensors if t.mode == "output"
     )
-    fixed = [t.name for t in outputs if t.shape[0] != -1]
-    if fixed and any(p.min_batch != p.max_batch for p in profile_specs):
-        raise EngineLoadError(
-            f"model '{model}': outputs {fixed} have a fixed dimension 0 but the profiles "
-            "take a range of batch sizes; outputs must be batched along dimension 0"
-        )
-    max_batch = max(p.max_batch or 1 for p in profile_specs)
-    min_batch = min(p.min_batch for p in profile_specs)
+    batching = decide_batching(batching_mode, inputs + outputs, model)
+    if batching:
+        max_batch = max(p.max_batch or 1 for p in profile_specs)
+        min_batch = min(p.min_batch for p in profile_specs)
+    else:
+        max_batch = min_batch = 1  # a batch is one request
     return ModelSpec(
         backend="tensorrt",
         platform="tensorrt_plan",
@@ -120,10 +118,12 @@ def model_spec(
         max_batch_size=max_batch,
         min_batch_size=min_batch,
         profiles=profile_specs,
+        batching=batching,
     )
 
 
-def engine_spec(engine: trt.ICudaEngine, model: str) -> ModelSpec:
+def engine_spec(engine: trt.ICudaEngine, model: str,
+                batching_mode: bool | str = "auto") -> ModelSpec:
     """The ModelSpec of a deserialized engine (or anything with its tensor API)."""
     io_tensors = engine_io(engine)
     wire = {}
@@ -136,10 +136,11 @@ def engine_spec(engine: trt.ICudaEngine, model: str) -> ModelSpec:
             )
         wire[tensor.name] = _WIRE_DTYPES[name]
     profiles = [profile_shapes(engine, i) for i in range(engine.num_optimization_profiles)]
-    return model_spec(io_tensors, wire, profiles, model)
+    return model_spec(io_tensors, wire, profiles, model, batching_mode)
 
 
-def manifest_spec(manifest: Mapping[str, Any], model: str) -> ModelSpec:
+def manifest_spec(manifest: Mapping[str, Any], model: str,
+                  batching_mode: bool | str = "auto") -> ModelSpec:
     """The ModelSpec recorded in a build manifest (`trt_build.build_engine` writes one).
 
     For describing an engine where it cannot be deserialized (no GPU); serving
@@ -163,7 +164,7 @@ def manifest_spec(manifest: Mapping[str, Any], model: str) -> ModelSpec:
             name: (tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
             for name, r in profile["inputs"].items()
         })
-    return model_spec(io_tensors, wire, profiles, model)
+    return model_spec(io_tensors, wire, profiles, model, batching_mode)
 
 
 def graph_buckets(configured: Iterable[int], max_batch: int) -> tuple[int, ...]:
@@ -212,6 +213,7 @@ def executor_factories(
     cuda_graphs: bool,
     trt_module: types.ModuleType | Any,
     model: str,
+    batching: bool = True,
 ) -> list[ExecutorFactory]:
     """One factory per worker, profile-major (ModelRuntime assigns profiles that way)."""
     factories: list[ExecutorFactory] = []
@@ -224,7 +226,7 @@ def executor_factories(
                     handle.engine, cuda, profile=profile, graph_batch_sizes=graph_batch_sizes,
                     cuda_graphs=cuda_graphs, trt_module=trt_module,
                     name=f"{model} worker {index} (profile {profile})",
-                    capture_at_start=True,
+                    capture_at_start=True, batching=batching,
                 )
 
             factories.append(factory)
@@ -253,41 +255,6 @@ class _TrtLogger:
         self.logger = Logger()
 
 
-def _build_options(build: BuildConfig, max_batch_size: int, timing_cache: Path) -> Any:
-    from service.backends.trt_build import BuildOptions, OptionError, default_batch_opt
-
-    batch: tuple[int, int, int] | None = None
-    if build.batch:
-        try:
-            parts = [int(p) for p in build.batch.split(":")]
-        except ValueError:
-            parts = []
-        if len(parts) == 2:
-            parts.insert(1, default_batch_opt(parts[0], parts[1]))
-        if len(parts) != 3:
-            raise ConfigError(f"build.batch: got {build.batch!r}, expected MIN:OPT:MAX")
-        batch = (parts[0], parts[1], parts[2])
-    elif max_batch_size:
-        batch = (1, default_batch_opt(1, max_batch_size), max_batch_size)
-    try:
-        return BuildOptions(
-            profiles=build.profiles,
-            batch=batch,
-            max_aux_streams=None if build.max_aux_streams < 0 else build.max_aux_streams,
-            fp16=build.fp16,
-            bf16=build.bf16,
-            strongly_typed=build.strongly_typed,
-            builder_optimization_level=None if build.builder_optimization_level < 0
-            else build.builder_optimization_level,
-            avg_timing_iterations=None if build.avg_timing_iterations < 0
-            else build.avg_timing_iterations,
-            timing_cache=timing_cache,
-            mps_percentage=build.mps_percentage or None,
-        )
-    except OptionError as err:
-        raise ConfigError(f"build.{err.field}: {err.detail}") from None
-
-
 def engine_for(config: ModelConfig) -> Path:
     """The engine file to serve: the model's path, or for an .onnx model the engine
     built from it (rebuilt unless one built with the same options and library exists)."""
@@ -295,11 +262,17 @@ def engine_for(config: ModelConfig) -> Path:
     if path.suffix.lower() != ".onnx":
         return path
     from service.backends.trt_build import BuildError, build_engine, load_manifest, manifest_path
+    from service.backends.trt_build_options import DynamicShapeError, OptionError
+    from service.build_settings import DEFAULT_MAX_BATCH, advice, build_options
 
     build = config.build
     engine = Path(build.engine) if build.engine else path.with_suffix(".engine")
-    cache = Path(build.timing_cache) if build.timing_cache else path.with_suffix(".timing-cache")
-    options = _build_options(build, config.max_batch_size, cache)
+    cache = path.with_suffix(".timing-cache")
+    try:
+        options = build_options(build, max_batch_size=config.max_batch_size or DEFAULT_MAX_BATCH,
+                                timing_cache=cache)
+    except OptionError as err:
+        raise ConfigError(f"model '{config.name}': build.{err.field}: {err.detail}") from None
     if engine.is_file() and manifest_path(engine).is_file() and \
             engine.stat().st_mtime >= path.stat().st_mtime:
         manifest = load_manifest(engine)
@@ -312,11 +285,17 @@ def engine_for(config: ModelConfig) -> Path:
     log.info("model '%s': building %s from %s", config.name, engine, path)
     try:
         manifest = build_engine(path, engine, options)
+    except DynamicShapeError as err:
+        # Name what `trtserve serve` and its config file take, not `trtserve build`'s flags.
+        raise EngineLoadError(
+            f"model '{config.name}': {advice(err, config_key='[models.build]')}") from None
     except BuildError as err:
         raise EngineLoadError(f"model '{config.name}': {err}") from None
     cache_use = manifest.get("timing_cache") or {}
     log.info("model '%s': built in %.1fs (timing cache %s)", config.name,
-             manifest.get("build_seconds", 0.0), "hit" if cache_use.get("hit") else "miss")
+             manifest.get("build_seconds", 0.0), cache_use.get("status", "not used"))
+    for setting, why in manifest["settings"]["unavailable"].items():
+        log.warning("model '%s': %s not applied: %s", config.name, setting, why)
     return engine
 
 
@@ -340,7 +319,9 @@ def load(config: ModelConfig) -> LoadedModel:
     if engine is None:
         reason = logger.errors[0] if logger.errors else "no reason logged"
         raise EngineLoadError(f"model '{config.name}': could not load {engine_path}: {reason}")
-    spec = engine_spec(engine, config.name)
+    spec = engine_spec(engine, config.name, config.batching)
+    if not spec.batching:
+        check_unbatched_config(config)
     name, version = library_info(trt_module)
     log.info("model '%s': %s loaded with %s %s in %.2fs: %d profiles, %d aux streams",
              config.name, engine_path, name, version, time.perf_counter() - started,
@@ -349,5 +330,5 @@ def load(config: ModelConfig) -> LoadedModel:
                             min(config.max_batch_size or spec.max_batch_size, spec.max_batch_size))
     handle = EngineHandle(engine, runtime, logger)
     factories = executor_factories(handle, cuda, config.workers, buckets, config.cuda_graphs,
-                                   trt_module, config.name)
+                                   trt_module, config.name, batching=spec.batching)
     return LoadedModel(spec=spec, factories=factories, close=handle.close)

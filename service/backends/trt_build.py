@@ -40,6 +40,7 @@ from service.backends.trt_build_mps import _mps_thread_percentage
 from service.backends.trt_build_options import (
     BuildError,
     BuildOptions,
+    DynamicShapeError,
     OptionError,
     ShapeRange,
     default_batch_opt,
@@ -49,6 +50,8 @@ from service.backends.trt_inspect import (
     _Deserialized,
     _inspector_layers,
     _logged_layers,
+    _one_profile,
+    _without_profile_marks,
     describe_engine,
 )
 from service.backends.trt_log import _CapturedLog
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BuildError",
     "BuildOptions",
+    "DynamicShapeError",
     "OptionError",
     "ShapeRange",
     "build_engine",
@@ -138,6 +142,7 @@ def _build(trt_module: types.ModuleType, onnx_path: Path, options: BuildOptions)
         network, _parser = _parse_onnx(trt_module, builder, onnx_path, options, settings, log)
         io_tensors = network_io(network)
         ranges = _input_ranges(io_tensors, options)
+        _check_dimension_names(network, ranges)
         dynamic = {t.name for t in io_tensors if t.mode == "input" and -1 in t.shape}
         config = builder.create_builder_config()
         # DETAILED makes the builder log each engine layer with the ONNX nodes it
@@ -159,10 +164,12 @@ def _build(trt_module: types.ModuleType, onnx_path: Path, options: BuildOptions)
             raise BuildError(
                 f"TensorRT could not build {onnx_path}: {log.errors() or 'no reason logged'}"
             )
-        cache_report = _save_timing_cache(config, cache) if cache else None
-    library_warnings = sorted({str(w.message) for w in caught})
-    if cache_report is not None:
-        cache_report["library_notes"] = [w for w in library_warnings if "timing cache" in w.lower()]
+        library_warnings = sorted({str(w.message) for w in caught})
+        cache_report = (
+            _finish_timing_cache(trt_module, config, cache, library_warnings, log)
+            if cache
+            else None
+        )
     return _Built(
         memoryview(serialized),
         io_tensors,
@@ -188,11 +195,12 @@ def _manifest(
         io_tensors = engine_io(engine)
         profiles = [profile_shapes(engine, i) for i in range(engine.num_optimization_profiles)]
         layers = _inspector_layers(trt_module, engine) or _logged_layers(built.log)
+        layers = _one_profile(layers, engine.num_optimization_profiles)
     else:
         # What was asked for; the library builds exactly these or fails.
         io_tensors = built.io_tensors
         profiles = [dict(built.ranges) for _ in range(options.profiles)]
-        layers = _logged_layers(built.log)
+        layers = _one_profile(_logged_layers(built.log), options.profiles)
     name, version = library_info(trt_module)
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -214,8 +222,9 @@ def _manifest(
             "note": None
             if engine is not None
             else "known once the engine is loaded, which failed here (see deserialize_error)",
-            # The builder says why it did or did not use more streams ("[MS] ...").
-            "builder_messages": built.log.matching("[MS]"),
+            # The builder says why it did or did not use more streams ("[MS] ..."),
+            # once per profile.
+            "builder_messages": _without_profile_marks(built.log.matching("[MS]")),
         },
         "timing_cache": built.timing_cache,
         "mps": None
@@ -224,9 +233,11 @@ def _manifest(
             "active_thread_percentage": options.mps_percentage,
             "note": "applies only if the building process had not used CUDA before",
         },
+        # Each profile has its own copy of every layer; one copy is listed.
+        "layers_listed": f"profile 0 of {len(profiles)} (each profile has a copy)",
         "layers": [layer.to_json() for layer in layers],
         "fused_layers": [layer.to_json() for layer in layers if layer.fused],
-        "fusion_log": built.log.matching("Fusing "),
+        "fusion_log": _without_profile_marks(built.log.matching("Fusing ")),
         "library_warnings": built.library_warnings,
         "builder_log": built.log.trimmed(),
     }
@@ -261,7 +272,16 @@ def _parse_onnx(
             settings.applied["strongly_typed"] = True
     network = builder.create_network(flags)
     parser = trt_module.OnnxParser(network, log.logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    rewritten, unnamed = _without_unknown_dimension_names(onnx_path)
+    if unnamed:
+        settings.applied["unnamed_dimensions"] = unnamed
+    parsed = (
+        parser.parse_from_file(str(onnx_path))
+        if rewritten is None
+        # The path lets the parser find weights stored outside the model file.
+        else parser.parse(rewritten, str(onnx_path))
+    )
+    if not parsed:
         problems = []
         for index in range(parser.num_errors):
             error = parser.get_error(index)
@@ -283,6 +303,69 @@ def _parse_onnx(
     return network, parser
 
 
+# Exporters write "?" for a dimension they know nothing about, not as a name.
+_UNKNOWN_DIMENSION_NAMES = frozenset({"?"})
+
+
+def _without_unknown_dimension_names(onnx_path: Path) -> tuple[bytes | None, list[str]]:
+    """The model with input dimensions named "?" left unnamed, and which they were.
+
+    TensorRT's parser names each input dimension after its ONNX dim_param, and takes
+    dimensions with one name to be equal: an image input [N, 3, ?, ?] could then only
+    be square ("contradictory IOptimizationProfile" / "Dimensions with name ? must be
+    equal" at build time). The names must go before parsing: renaming the parsed
+    network's dimensions breaks TensorRT's shape analysis. (None, []) when no input
+    has such a name, so most models are parsed straight from their file.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        # Weights stored outside the file stay there: only the graph is read.
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except (DecodeError, OSError, ValueError):
+        return None, []  # not readable as ONNX: the parser will say why
+    unnamed = []
+    for value in model.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if dim.dim_param in _UNKNOWN_DIMENSION_NAMES:
+                dim.ClearField("dim_param")
+                unnamed.append(f"{value.name}[{axis}]")
+    if not unnamed:
+        return None, []
+    return model.SerializeToString(), unnamed
+
+
+def _check_dimension_names(
+    network: trt.INetworkDefinition, ranges: dict[str, ShapeRange]
+) -> None:
+    """Refuse ranges that give different sizes to dimensions sharing one name.
+
+    TensorRT builds such dimensions as equal and fails with a terse message about
+    the profile; this says which dimensions and what to do.
+    """
+    named: dict[str, list[tuple[str, int]]] = {}
+    for index in range(network.num_inputs):
+        tensor = network.get_input(index)
+        for axis in range(len(tensor.shape)):
+            name = tensor.get_dimension_name(axis)
+            if name and tensor.name in ranges:
+                named.setdefault(name, []).append((tensor.name, axis))
+    for name, dims in named.items():
+        if len(dims) < 2:
+            continue
+        for which, position in (("min", 0), ("opt", 1), ("max", 2)):
+            sizes = [ranges[tensor][position][axis] for tensor, axis in dims]
+            if len(set(sizes)) > 1:
+                where = ", ".join(f"{tensor!r} dimension {axis}" for tensor, axis in dims)
+                raise BuildError(
+                    f"dimensions {where} share the name {name!r} in the model, and TensorRT "
+                    f"builds dimensions with one name as equal, but the {which} shapes give "
+                    f"them {sizes}: give them equal sizes in every shape, or give the "
+                    "dimensions distinct names (ONNX dim_param) in the model"
+                )
+
+
 def _input_ranges(io_tensors: list[IOTensor], options: BuildOptions) -> dict[str, ShapeRange]:
     """(min, opt, max) for every input, from `batch` and `shapes` (static inputs: their shape)."""
     inputs = [t for t in io_tensors if t.mode == "input"]
@@ -299,15 +382,11 @@ def _input_ranges(io_tensors: list[IOTensor], options: BuildOptions) -> dict[str
             ranges[tensor.name] = _given_range(tensor, options.shapes[tensor.name], options.batch)
             continue
         low, opt, high = list(dims), list(dims), list(dims)
-        if dims[0] == -1 and options.batch is not None:
+        if dims and dims[0] == -1 and options.batch is not None:  # scalars have no dim 0
             low[0], opt[0], high[0] = options.batch
         dynamic = [i for i, d in enumerate(low) if d == -1]
         if dynamic:
-            hint = " or --batch MIN:OPT:MAX" if dynamic == [0] else ""
-            raise BuildError(
-                f"input {tensor.name!r} has shape {list(dims)} with dynamic dimension(s) "
-                f"{dynamic}; give its range with --shape {tensor.name}=MIN:OPT:MAX{hint}"
-            )
+            raise DynamicShapeError(tensor.name, dims, dynamic)
         ranges[tensor.name] = (tuple(low), tuple(opt), tuple(high))
     return ranges
 
@@ -328,7 +407,7 @@ def _given_range(
                 f"shapes for input {tensor.name!r} set dimension {axis} to "
                 f"{[s[axis] for s in given]}, but the model fixes it at {size}"
             )
-    if batch is not None and dims[0] == -1 and tuple(s[0] for s in given) != batch:
+    if batch is not None and dims and dims[0] == -1 and tuple(s[0] for s in given) != batch:
         raise BuildError(
             f"shapes for input {tensor.name!r} give dimension 0 as "
             f"{[s[0] for s in given]}, which disagrees with batch {list(batch)}"
@@ -355,8 +434,16 @@ def _apply_settings(
         # the model's types (strong typing).
         flag = getattr(trt_module.BuilderFlag, flag_name, None)
         if flag is None:
-            settings.unavailable[flag_name.lower()] = _missing(
-                trt_module, f"BuilderFlag.{flag_name}"
+            why = _missing(trt_module, f"BuilderFlag.{flag_name}")
+            if not options.allow_precision_fallback:
+                raise BuildError(
+                    f"{flag_name.lower()} was asked for but cannot be applied: {why} (it "
+                    "takes precisions from the model's types: convert the model, e.g. to "
+                    "FP16, instead); --allow-precision-fallback (build.allow_precision_fallback "
+                    "in a config file) builds in the model's own precisions anyway"
+                )
+            settings.unavailable[flag_name.lower()] = (
+                f"{why}; built in the model's own precisions (allow_precision_fallback)"
             )
         else:
             config.set_flag(flag)
@@ -389,7 +476,7 @@ def _apply_settings(
 class _TimingCacheLoad:
     path: Path
     bytes_before: int | None  # None: no file yet
-    loaded: bool
+    accepted: bool  # the library took the file's cache
     note: str | None
 
 
@@ -397,24 +484,63 @@ def _load_timing_cache(config: trt.IBuilderConfig, path: Path) -> _TimingCacheLo
     """Give the builder the cache at `path` if there is one, else an empty cache to fill."""
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
-    loaded = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+    accepted = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
     note = None
-    if data and not loaded:
+    if data and not accepted:
         # Made by another library version or GPU: start afresh, then overwrite it.
-        note = f"{path} did not match this library or GPU; a new cache was written"
+        note = f"{path} did not match this library or GPU; a new cache replaces it"
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    return _TimingCacheLoad(
-        path, len(data) if path.is_file() else None, bool(data) and loaded, note
-    )
+    return _TimingCacheLoad(path, len(data) if path.is_file() else None, bool(data) and accepted,
+                            note)
 
 
-def _save_timing_cache(config: trt.IBuilderConfig, load: _TimingCacheLoad) -> dict[str, Any]:
+# What libraries say when they do not use a timing cache at all: tensorrt_rtx warns
+# "Timing cache operations are no-ops in TensorRT-RTX" and logs the second.
+_CACHE_IGNORED_WARNING = ("timing cache", "no-op")
+_CACHE_IGNORED_LOG = "timing cache will not be used"
+
+
+def _finish_timing_cache(
+    trt_module: types.ModuleType,
+    config: trt.IBuilderConfig,
+    load: _TimingCacheLoad,
+    library_warnings: list[str],
+    log: _CapturedLog,
+) -> dict[str, Any]:
+    """Save the cache where the library used one; report what happened to it.
+
+    `status`: "ignored" (the library does not use timing caches: nothing was loaded or
+    saved, the file is left as it was), "loaded" (the file's cache was taken; whether
+    its entries fit this model's layers, the library does not say), "rejected" (the file
+    was made by another library version or GPU; a new cache replaced it) or "created".
+    """
+    notes = [w for w in library_warnings if all(k in w.lower() for k in _CACHE_IGNORED_WARNING)]
+    notes += [line.message for line in log.lines if _CACHE_IGNORED_LOG in line.message.lower()]
+    report: dict[str, Any] = {
+        "path": str(load.path),
+        "bytes_before": load.bytes_before,
+        "library_notes": notes,
+    }
+    if notes:
+        name, version = library_info(trt_module)
+        return report | {
+            "status": "ignored",
+            "saved": False,
+            "bytes_after": load.bytes_before,
+            "note": f"{name} {version} does not use timing caches (its own note: "
+            f"{notes[0]!r}); nothing was loaded or saved",
+        }
     data = memoryview(config.get_timing_cache().serialize())
     _write_atomically(load.path, data)
-    return {
-        "path": str(load.path),
-        "hit": load.loaded,
-        "bytes_before": load.bytes_before,
+    if load.accepted:
+        status = "loaded"
+    elif load.bytes_before:
+        status = "rejected"
+    else:
+        status = "created"
+    return report | {
+        "status": status,
+        "saved": True,
         "bytes_after": data.nbytes,
         "note": load.note,
     }

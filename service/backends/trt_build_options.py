@@ -23,6 +23,33 @@ class BuildError(RuntimeError):
     """The model could not be turned into an engine (parse, shapes, MPS, or the build itself)."""
 
 
+class DynamicShapeError(BuildError):
+    """An input has a dynamic dimension that no option gives a range for.
+
+    The message names the options abstractly ("a shape range", "the batch range"):
+    each front end (`trtserve build`, `trtserve serve`, a config file) says it again
+    with its own flag or key, from the fields here.
+    """
+
+    def __init__(self, tensor: str, shape: Shape, dynamic_axes: list[int]) -> None:
+        self.tensor = tensor
+        self.shape = tuple(shape)
+        self.dynamic_axes = list(dynamic_axes)
+        super().__init__(self.problem() + ": give its shape range" + (
+            " or the batch range" if self.batch_only else ""))
+
+    @property
+    def batch_only(self) -> bool:
+        """Only dimension 0 is dynamic, so a batch range alone would do."""
+        return self.dynamic_axes == [0]
+
+    def problem(self) -> str:
+        return (
+            f"input {self.tensor!r} has shape {list(self.shape)} with dynamic "
+            f"dimension(s) {self.dynamic_axes}"
+        )
+
+
 class OptionError(ValueError):
     """A build option is invalid. `field` names the BuildOptions field."""
 
@@ -65,6 +92,9 @@ class BuildOptions:
     builder_optimization_level: int | None = None
     avg_timing_iterations: int | None = None
     timing_cache: Path | None = None
+    # A requested fp16/bf16 the library cannot apply fails the build unless this is set
+    # (then the engine keeps the model's own precisions and the manifest says so).
+    allow_precision_fallback: bool = False
     mps_percentage: int | None = None
     workspace_mib: int | None = None
 
@@ -75,7 +105,7 @@ class BuildOptions:
         _check_int("avg_timing_iterations", self.avg_timing_iterations, low=1)
         _check_int("mps_percentage", self.mps_percentage, low=1, high=100)
         _check_int("workspace_mib", self.workspace_mib, low=1)
-        for name in ("fp16", "bf16", "strongly_typed"):
+        for name in ("fp16", "bf16", "strongly_typed", "allow_precision_fallback"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(name, f"expected True or False, got {getattr(self, name)!r}")
         if self.strongly_typed and (self.fp16 or self.bf16):
@@ -145,3 +175,52 @@ def _check_shape_range(name: str, shape_range: Any) -> ShapeRange:
             where, f"min <= opt <= max must hold in every dimension, got {shape_range!r}"
         )
     return low, opt, high
+
+
+# ---------------------------------------------------------------------------------
+# The text forms every front end shares: `trtserve build` and `trtserve serve` flags,
+# and `[models.build]` keys. Each raises OptionError naming the field.
+
+
+def parse_batch_range(text: str) -> tuple[int, int, int]:
+    """MIN:OPT:MAX, or MIN:MAX / MIN::MAX to let OPT default to a multiple of 32."""
+    parts = text.split(":")
+    try:
+        numbers = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        raise OptionError("batch", f"expected MIN:OPT:MAX integers, got {text!r}") from None
+    if len(numbers) == 2:
+        numbers.insert(1, None)
+    low, opt, high = numbers if len(numbers) == 3 else (None, None, None)
+    if low is None or high is None:
+        raise OptionError("batch", f"expected MIN:OPT:MAX or MIN:MAX, got {text!r}")
+    return low, opt if opt is not None else default_batch_opt(low, high), high
+
+
+def parse_shape_range(text: str) -> tuple[str, ShapeRange]:
+    """NAME=MIN:OPT:MAX with each shape written like 1x3x224x224."""
+    name, sep, ranges = text.partition("=")
+    shapes = ranges.split(":")
+    if not sep or not name or len(shapes) != 3:
+        raise OptionError(
+            "shapes", f"expected NAME=MIN:OPT:MAX (shapes like 1x3x224x224), got {text!r}"
+        )
+    try:
+        low, opt, high = (tuple(int(d) for d in shape.split("x")) for shape in shapes)
+    except ValueError:
+        raise OptionError(
+            "shapes",
+            f"shapes must be integers joined by 'x' (like 1x3x224x224), got {text!r}",
+        ) from None
+    return name.strip(), (low, opt, high)
+
+
+def parse_shape_ranges(texts: list[str] | tuple[str, ...]) -> dict[str, ShapeRange]:
+    """Several NAME=MIN:OPT:MAX, each input named once."""
+    shapes: dict[str, ShapeRange] = {}
+    for text in texts:
+        name, shape_range = parse_shape_range(text)
+        if name in shapes:
+            raise OptionError("shapes", f"{name!r} given more than once (in {list(texts)!r})")
+        shapes[name] = shape_range
+    return shapes

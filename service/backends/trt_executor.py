@@ -128,8 +128,13 @@ class TrtExecutor:
         trt_module: types.ModuleType | Any = None,
         name: str = "",
         capture_at_start: bool = False,
+        batching: bool = True,
     ) -> None:
         self._engine = engine
+        # False: an engine without a batch dimension (ModelSpec.batching): every
+        # batch is one request, run with its full shapes, and no CUDA graphs
+        # (their buckets pad dimension 0).
+        self._batching = batching
         self._cuda = cuda
         self._trt = trt_module if trt_module is not None else import_tensorrt()
         self._graph_io = graph_io
@@ -198,11 +203,14 @@ class TrtExecutor:
         done = self._events[3]
         cuda.event_record(done, self._stream)
         cuda.event_synchronize(done)
-        low = max(r[0][0] for r in self._ranges.values())
-        high = min(r[2][0] for r in self._ranges.values())
+        if self._batching:
+            low = max(r[0][0] for r in self._ranges.values())
+            high = min(r[2][0] for r in self._ranges.values())
+        else:
+            low = high = 1
         self._buckets = (
             tuple(sorted(b for b in set(graph_batch_sizes) if low <= b <= high))
-            if cuda_graphs else ()
+            if cuda_graphs and self._batching else ()
         )
         self.info = WorkerInfo(
             profile=self._profile,
@@ -331,7 +339,7 @@ class TrtExecutor:
             )
         shapes = {t.name: dims_tuple(context.get_tensor_shape(t.name)) for t in self._outputs}
         for name, shape in shapes.items():
-            if not shape or any(d < 0 for d in shape):
+            if (self._batching and not shape) or any(d < 0 for d in shape):
                 raise _ShapeRefused(
                     f"{self._name}: output '{name}' has shape {list(shape)}; data-dependent "
                     "output shapes are not supported"
@@ -362,7 +370,7 @@ class TrtExecutor:
         shapes: dict[str, Shape] = {}
         for tensor in self._inputs:
             parts = inputs[tensor.name]
-            shape = (rows, *parts[0].shape[1:])
+            shape = (rows, *parts[0].shape[1:]) if self._batching else parts[0].shape
             low, _, high = self._ranges[tensor.name]
             if len(shape) != len(low) or any(
                 not lo <= d <= hi for d, lo, hi in zip(shape, low, high, strict=True)
@@ -425,7 +433,7 @@ class TrtExecutor:
         cuda.event_synchronize(done)
 
         # One allocation holds every output of the batch.
-        sizes = [rows * self._row_bytes(t, output_shapes) for t in self._outputs]
+        sizes = [self._output_bytes(t, output_shapes, rows) for t in self._outputs]
         offsets = []
         total = 0
         for size in sizes:
@@ -435,7 +443,9 @@ class TrtExecutor:
         outputs = {}
         for tensor, offset, size in zip(self._outputs, offsets, sizes, strict=True):
             block[offset:offset + size] = self._bindings[tensor.name].host[:size]
-            shape = (rows, *output_shapes[tensor.name][1:])
+            shape = output_shapes[tensor.name]
+            if self._batching:
+                shape = (rows, *shape[1:])
             outputs[tensor.name] = block[offset:offset + size].view(tensor.dtype).reshape(shape)
         return BatchResult(
             outputs=outputs,
@@ -446,9 +456,12 @@ class TrtExecutor:
             output_s=cuda.event_elapsed_s(computed, done),
         )
 
-    @staticmethod
-    def _row_bytes(tensor: IOTensor, shapes: Mapping[str, Shape]) -> int:
-        return math.prod(shapes[tensor.name][1:]) * tensor.dtype.itemsize
+    def _output_bytes(self, tensor: IOTensor, shapes: Mapping[str, Shape], rows: int) -> int:
+        """Bytes of an output for `rows` rows (without batching: its full shape)."""
+        shape = shapes[tensor.name]
+        if self._batching:
+            return rows * math.prod(shape[1:]) * tensor.dtype.itemsize
+        return math.prod(shape) * tensor.dtype.itemsize
 
     def _copy_inputs(self, shapes: Mapping[str, Shape]) -> None:
         assert self._stream is not None
@@ -461,7 +474,7 @@ class TrtExecutor:
         assert self._stream is not None
         for tensor in self._outputs:
             binding = self._bindings[tensor.name]
-            nbytes = rows * self._row_bytes(tensor, shapes)
+            nbytes = self._output_bytes(tensor, shapes, rows)
             self._cuda.memcpy_d2h_async(binding.host, binding.device, nbytes, self._stream)
 
     # --- CUDA graphs ---------------------------------------------------------------------

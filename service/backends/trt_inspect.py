@@ -83,6 +83,35 @@ def _logged_layers(log: _CapturedLog) -> list[EngineLayer]:
     return list(layers.values())
 
 
+# Layers (and log lines) of profile N > 0 carry this mark in their names.
+_PROFILE_MARK = re.compile(r" \[profile \d+\]")
+
+
+def _one_profile(layers: list[EngineLayer], profiles: int) -> list[EngineLayer]:
+    """The layers of profile 0.
+
+    An engine holds one copy of its layers per optimization profile, and the builder
+    log and the engine inspector list them all, profile by profile: counting them
+    all would multiply every count by the number of profiles.
+    """
+    if profiles <= 1 or not layers:
+        return layers
+    size, rest = divmod(len(layers), profiles)
+    blocks = [layers[i * size : (i + 1) * size] for i in range(profiles)]
+    if rest == 0 and all(
+        [layer.type for layer in block] == [layer.type for layer in blocks[0]] for block in blocks
+    ):
+        return blocks[0]
+    # Not equal blocks (profiles built differently): drop the layers marked as another
+    # profile's, which TensorRT does where a layer keeps its ONNX name.
+    return [layer for layer in layers if not _PROFILE_MARK.search(layer.name)]
+
+
+def _without_profile_marks(messages: list[str]) -> list[str]:
+    """Messages the builder repeats for each profile, each once."""
+    return list(dict.fromkeys(_PROFILE_MARK.sub("", message) for message in messages))
+
+
 def _inspector_layers(trt_module: types.ModuleType, engine: trt.ICudaEngine) -> list[EngineLayer]:
     inspector = engine.create_engine_inspector()
     info = json.loads(inspector.get_engine_information(trt_module.LayerInformationFormat.JSON))
@@ -138,6 +167,8 @@ def describe_engine(engine_path: str | Path) -> str:
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise FileNotFoundError(f"engine not found: {engine_path}")
+    if engine_path.suffix.lower() == ".onnx":
+        return describe_onnx(engine_path)
     manifest = load_manifest(engine_path) if manifest_path(engine_path).is_file() else None
     try:
         trt_module = import_tensorrt()
@@ -147,6 +178,8 @@ def describe_engine(engine_path: str | Path) -> str:
         return _format_description(engine_path, manifest, f"manifest ({err})")
     loaded = _deserialize(trt_module, engine_path.read_bytes())
     if loaded.engine is None:
+        if manifest is None and _is_onnx_model(engine_path):
+            return describe_onnx(engine_path)
         if manifest is None:
             raise BuildError(
                 f"cannot describe {engine_path}: the engine does not load here "
@@ -167,10 +200,17 @@ def describe_engine(engine_path: str | Path) -> str:
             for i in range(engine.num_optimization_profiles)
         ],
         "aux_streams": {
+            **(manifest or {}).get("aux_streams", {}),
             "num_aux_streams": engine.num_aux_streams,
-            "max_aux_streams": (manifest or {}).get("aux_streams", {}).get("max_aux_streams"),
         },
-        "layers": [layer.to_json() for layer in _inspector_layers(trt_module, engine)],
+        "settings": (manifest or {}).get("settings", {}),
+        "timing_cache": (manifest or {}).get("timing_cache"),
+        "layers": [
+            layer.to_json()
+            for layer in _one_profile(
+                _inspector_layers(trt_module, engine), engine.num_optimization_profiles
+            )
+        ],
     }
     return _format_description(engine_path, live, "engine inspector")
 
@@ -198,12 +238,84 @@ def _format_description(engine_path: Path, summary: Mapping[str, Any], source: s
         f"aux streams  {'unknown' if count is None else count} (max_aux_streams requested: "
         f"{'library default' if requested is None else requested})"
     )
+    # Why the builder did or did not use more streams (e.g. "[MS] Multi stream is
+    # disabled ..."): the reason an engine has fewer aux streams than allowed.
+    lines.extend(f"  builder: {message}" for message in aux.get("builder_messages", []))
+    settings = summary.get("settings", {})
+    for setting, why in settings.get("unavailable", {}).items():
+        lines.append(f"not applied  {setting}: {why}")
+    cache = summary.get("timing_cache")
+    if cache:
+        lines.append(f"timing cache {timing_cache_line(cache)}")
     layers = summary.get("layers", [])
     fused = [layer for layer in layers if layer["fused"]]
-    lines.append(f"layers       {len(layers)}, {len(fused)} fused (*)")
+    per_profile = " per profile" if len(profiles) > 1 else ""
+    lines.append(f"layers       {len(layers)}{per_profile}, {len(fused)} fused (*)")
     for layer in layers:
         mark = "*" if layer["fused"] else " "
         covers = f"  <- {' + '.join(layer['onnx_layers'])}" if layer["onnx_layers"] else ""
         kind = f" [{layer['type']}]" if layer["type"] else ""
         lines.append(f"  {mark} {layer['name']}{kind}{covers}")
+    return "\n".join(lines)
+
+
+def timing_cache_line(cache: Mapping[str, Any]) -> str:
+    """What happened to the timing cache, in one line (`trtserve build` and `inspect`)."""
+    before = cache.get("bytes_before")
+    status = cache.get("status", "?")
+    if status == "ignored":
+        return f"ignored by this library ({cache['path']} neither loaded nor saved)"
+    if status == "loaded":
+        return f"loaded {before} bytes, saved {cache.get('bytes_after')} ({cache['path']})"
+    if status == "rejected":
+        return (
+            f"rejected ({cache['path']}: made by another library version or GPU), "
+            f"new cache saved: {cache.get('bytes_after')} bytes"
+        )
+    return f"{status}: saved {cache.get('bytes_after')} bytes ({cache['path']})"
+
+
+def _is_onnx_model(path: Path) -> bool:
+    """Whether the file reads as an ONNX model with a graph (whatever its name)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError):
+        return False
+    # Arbitrary bytes can decode as an empty message: a model has outputs.
+    return len(model.graph.output) > 0
+
+
+def describe_onnx(path: Path) -> str:
+    """What `inspect` says of an ONNX model: what it is, its IO, how to build an engine."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as err:
+        raise BuildError(
+            f"{path} is named like an ONNX model but does not load as one ({err})"
+        ) from None
+    opsets = model.opset_import
+    lines = [
+        f"{path} is an ONNX model, not a TensorRT engine: build one with "
+        f"`trtserve build {path} -o {path.with_suffix('.engine')}`",
+        "opset        " + ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in opsets),
+        "io tensors",
+    ]
+    initializers = {init.name for init in model.graph.initializer}
+    for mode, values in (("input", model.graph.input), ("output", model.graph.output)):
+        for value in values:
+            if value.name in initializers:
+                continue
+            tensor_type = value.type.tensor_type
+            dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
+            dims = [
+                str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in tensor_type.shape.dim
+            ]
+            lines.append(f"  {mode:<7} {value.name:<24} {dtype:<8} {'x'.join(dims) or 'scalar'}")
     return "\n".join(lines)

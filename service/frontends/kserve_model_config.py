@@ -8,8 +8,9 @@ The configuration says what trtserve really does with the model, in the shape
 Triton publishes it, so that perf_analyzer, model_analyzer and tritonclient
 read it unchanged:
 
-- `max_batch_size` is 0 when the model does not batch (its first dimension is
-  fixed); then `dims` are full shapes. Otherwise `dims` leave out the batch
+- `max_batch_size` is 0 when the model does not batch (ModelSpec.batching:
+  its tensors do not share a dynamic first dimension, or its config says
+  `batching = false`); then `dims` are full shapes. Otherwise `dims` leave out the batch
   dimension, as Triton's do.
 - `dynamic_batching` carries our preferred batch sizes, queue delay and queue
   bound (a full queue is refused: Triton's REJECT with max_queue_size).
@@ -43,9 +44,8 @@ def config_dtype(datatype: str) -> str:
 
 
 def batches(model: ModelRuntime) -> bool:
-    """Whether requests may carry a variable number of rows (a leading -1 everywhere)."""
-    tensors = (*model.spec.inputs, *model.spec.outputs)
-    return all(t.shape and t.shape[0] == -1 for t in tensors)
+    """Whether requests are batched along a leading dimension (ModelSpec.batching)."""
+    return model.spec.batching
 
 
 # --- metadata ----------------------------------------------------------------------
@@ -123,8 +123,9 @@ def model_config(model: ModelRuntime) -> mc.ModelConfig:
         ))
     if spec.backend == "tensorrt":
         cuda = result.optimization.cuda
-        cuda.graphs = config.cuda_graphs
-        if config.cuda_graphs:
+        # Graph buckets pad the batch dimension: a model that does not batch has none.
+        cuda.graphs = config.cuda_graphs and batching
+        if cuda.graphs:
             for size in config.graph_batch_sizes:
                 cuda.graph_spec.add(batch_size=size)
     return result

@@ -125,6 +125,7 @@ def model_stats(model: ModelRuntime) -> pb.ModelStats:
         graph_launches=sum(w.graph_launches for w in workers),
         plain_enqueues=sum(w.plain_enqueues for w in workers),
         workers=workers, mean_batch_size=inferences / batches if batches else 0.0,
+        batching=model.spec.batching,
     )
 
 
@@ -144,9 +145,12 @@ def model_metadata(model: ModelRuntime) -> pb.ModelMetadataResponse:
         name=model.name, backend=spec.backend,
         inputs=[_tensor_metadata(t) for t in spec.inputs],
         outputs=[_tensor_metadata(t) for t in spec.outputs],
-        min_batch_size=spec.min_batch_size, max_batch_size=model.max_batch_size,
-        profiles=profiles, preferred_batch_sizes=model.policy.preferred_batch_sizes,
+        min_batch_size=spec.min_batch_size if spec.batching else 0,
+        max_batch_size=model.max_batch_size if spec.batching else 0,
+        profiles=profiles,
+        preferred_batch_sizes=model.policy.preferred_batch_sizes if spec.batching else (),
         max_queue_delay_us=model.config.max_queue_delay_us, workers=len(model.workers),
+        batching=spec.batching,
     )
 
 

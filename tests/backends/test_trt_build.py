@@ -29,6 +29,7 @@ from service.backends.trt_api import (
 from service.backends.trt_build import (
     BuildError,
     BuildOptions,
+    DynamicShapeError,
     OptionError,
     build_engine,
     default_batch_opt,
@@ -171,18 +172,43 @@ def test_shape_ranges_for_other_dynamic_dims(models: Path) -> None:
 # --- timing cache ----------------------------------------------------------------------
 
 
-def test_timing_cache_is_written_then_reused(models: Path, tmp_path: Path) -> None:
+def _library_uses_timing_caches() -> bool:
+    # tensorrt_rtx keeps the timing-cache calls but says they are no-ops.
+    return library_info()[0] != "tensorrt_rtx"
+
+
+def test_timing_cache_is_written_then_loaded(models: Path, tmp_path: Path) -> None:
+    if not _library_uses_timing_caches():
+        pytest.skip(f"{library_info()[0]} does not use timing caches")
     cache = tmp_path / "model.timing-cache"
     options = BuildOptions(batch=(1, 8, 16), timing_cache=cache)
 
     first = build_engine(models / "mlp.onnx", tmp_path / "a.engine", options)["timing_cache"]
-    assert first["hit"] is False and first["bytes_before"] is None
+    assert first["status"] == "created" and first["bytes_before"] is None
     assert cache.is_file() and first["bytes_after"] == cache.stat().st_size > 0
 
     second = build_engine(models / "mlp.onnx", tmp_path / "b.engine", options)["timing_cache"]
-    assert second["hit"] is True
+    assert second["status"] == "loaded" and second["saved"]
     assert second["bytes_before"] == first["bytes_after"]
     assert second["bytes_after"] == cache.stat().st_size
+
+
+def test_a_library_that_ignores_timing_caches_says_so(models: Path, tmp_path: Path) -> None:
+    """tensorrt_rtx: never "hit", never a file written for a cache nothing used."""
+    if _library_uses_timing_caches():
+        pytest.skip(f"{library_info()[0]} uses timing caches")
+    cache = tmp_path / "model.timing-cache"
+    options = BuildOptions(batch=(1, 8, 16), timing_cache=cache)
+    first = build_engine(models / "mlp.onnx", tmp_path / "a.engine", options)["timing_cache"]
+    assert first["status"] == "ignored" and first["saved"] is False
+    assert "no-op" in " ".join(first["library_notes"]).lower()
+    assert not cache.exists()
+    # A cache another model's build left there is neither loaded nor touched.
+    cache.write_bytes(b"another model's timing cache")
+    conv_options = BuildOptions(batch=(1, 8, 16), timing_cache=cache)
+    second = build_engine(models / "conv.onnx", tmp_path / "c.engine", conv_options)
+    assert second["timing_cache"]["status"] == "ignored"
+    assert cache.read_bytes() == b"another model's timing cache"
 
 
 # --- what the build refuses ---------------------------------------------------------
@@ -269,7 +295,7 @@ def test_missing_onnx_file(tmp_path: Path) -> None:
 
 
 def test_dynamic_batch_needs_a_range(models: Path, tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match=r"input 'input' .* dynamic dimension\(s\) \[0\].*--batch"):
+    with pytest.raises(DynamicShapeError, match=r"input 'input' .* dynamic dimension\(s\) \[0\]"):
         build_engine(models / "mlp.onnx", tmp_path / "x.engine", BuildOptions())
 
 
@@ -295,12 +321,31 @@ def test_mps_without_a_daemon_is_refused(
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in os.environ
 
 
-def test_unavailable_precision_is_reported_not_hidden(models: Path, tmp_path: Path) -> None:
-    manifest = build_engine(
-        models / "mlp.onnx", tmp_path / "fp16.engine", BuildOptions(batch=(1, 1, 1), fp16=True)
-    )
+def _library_has_fp16_flag() -> bool:
+    return hasattr(import_tensorrt().BuilderFlag, "FP16")
+
+
+def test_unavailable_precision_is_an_error(models: Path, tmp_path: Path) -> None:
+    engine = tmp_path / "fp16.engine"
+    options = BuildOptions(batch=(1, 1, 1), fp16=True)
+    if _library_has_fp16_flag():
+        assert build_engine(models / "mlp.onnx", engine, options)["settings"]["applied"]["fp16"]
+        return
+    with pytest.raises(BuildError, match=r"fp16 was asked for but cannot be applied: .*"
+                       r"--allow-precision-fallback"):
+        build_engine(models / "mlp.onnx", engine, options)
+    assert not engine.exists()
+
+
+def test_precision_fallback_when_allowed_is_reported(models: Path, tmp_path: Path) -> None:
+    if _library_has_fp16_flag():
+        pytest.skip("the library applies fp16: nothing falls back")
+    options = BuildOptions(batch=(1, 1, 1), fp16=True, allow_precision_fallback=True)
+    manifest = build_engine(models / "mlp.onnx", tmp_path / "fp16.engine", options)
     settings = manifest["settings"]
-    assert ("fp16" in settings["applied"]) != ("fp16" in settings["unavailable"])
+    assert "fp16" not in settings["applied"]
+    assert "no BuilderFlag.FP16" in settings["unavailable"]["fp16"]
+    assert manifest["options"]["allow_precision_fallback"] is True
 
 
 def test_strongly_typed_and_builder_settings_are_applied(models: Path, tmp_path: Path) -> None:
@@ -365,10 +410,12 @@ def test_cli_build_and_inspect(
     argv += ["--batch", "1:64", "--max-aux-streams", "1", "--timing-cache", str(cache)]
     assert _cli(*argv) == 0
     out = capsys.readouterr().out
-    assert "profiles       2" in out and "opt 64x3x16x16" in out
-    assert "timing cache   miss" in out and "fused layers" in out
+    assert "profiles       2" in out and "opt 64x3x16x16" in out and "fused layers" in out
+    first = "created: saved" if _library_uses_timing_caches() else "ignored by this library"
+    assert f"timing cache   {first}" in out
     assert _cli(*argv) == 0
-    assert "timing cache   hit" in capsys.readouterr().out
+    second = "loaded" if _library_uses_timing_caches() else "ignored by this library"
+    assert f"timing cache   {second}" in capsys.readouterr().out
     assert _cli("inspect", str(engine)) == 0
     assert "profiles     2" in capsys.readouterr().out
 
@@ -397,3 +444,104 @@ def test_cli_bad_flags_name_the_flag(
 def test_cli_build_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli("build", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "x.engine")) == 1
     assert "ONNX model not found" in capsys.readouterr().err
+
+
+# --- issue 19, section 4: building from real models -----------------------------------
+
+
+def test_fused_layers_are_counted_once_whatever_the_profile_count(models: Path) -> None:
+    """Each profile has its own copy of every layer; the log lists them all."""
+    counts = {}
+    for profiles in (1, 4):
+        manifest = build_engine(
+            models / "conv.onnx",
+            models / f"conv_p{profiles}.engine",
+            BuildOptions(profiles=profiles, batch=(1, 8, 16)),
+        )
+        counts[profiles] = (len(manifest["layers"]), len(manifest["fused_layers"]))
+        assert not any("[profile" in layer["name"] for layer in manifest["layers"])
+    assert counts[1][1] > 0
+    assert counts[4] == counts[1]
+
+
+@pytest.fixture(scope="module")
+def aux_build(models: Path) -> tuple[Path, dict[str, Any]]:
+    engine = models / "conv_aux.engine"
+    options = BuildOptions(profiles=2, batch=(1, 8, 16), max_aux_streams=2)
+    return engine, build_engine(models / "conv.onnx", engine, options)
+
+
+def test_inspect_shows_why_multi_stream_is_off(aux_build: tuple[Path, dict[str, Any]]) -> None:
+    engine, manifest = aux_build
+    messages = manifest["aux_streams"]["builder_messages"]
+    # The builder says for each profile that it disabled multi-stream; the manifest once.
+    assert any("Multi stream is disabled" in m for m in messages), messages
+    assert len(messages) == len(set(messages))
+    text = describe_engine(engine)
+    for message in messages:
+        assert text.count(message) == 1, text
+
+
+def test_inspect_on_an_onnx_model_says_so(
+    models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli("inspect", str(models / "conv_dynamic.onnx")) == 0
+    out = capsys.readouterr().out
+    assert "is an ONNX model, not a TensorRT engine" in out and "trtserve build" in out
+    assert "input   image                    float    batchx3xheightxwidth" in out
+    assert "output  logits                   float    batchx10" in out
+    # Named like an engine, it is still recognised, not a traceback.
+    disguised = models / "conv_dynamic_onnx.engine"
+    disguised.write_bytes((models / "conv_dynamic.onnx").read_bytes())
+    assert _cli("inspect", str(disguised)) == 0
+    assert "is an ONNX model, not a TensorRT engine" in capsys.readouterr().out
+
+
+def test_cli_build_without_a_batch_names_the_flags(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli("build", str(models / "mlp.onnx"), "-o", str(tmp_path / "x.engine")) == 1
+    err = capsys.readouterr().err
+    assert "pass --shape input=MIN:OPT:MAX" in err and "or --batch MIN:OPT:MAX" in err
+
+
+def test_cli_fp16_that_cannot_be_applied_fails_unless_allowed(
+    models: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if _library_has_fp16_flag():
+        pytest.skip("the library applies fp16")
+    argv = ["build", str(models / "mlp.onnx"), "-o", str(tmp_path / "x.engine"), "--batch", "1:8"]
+    assert _cli(*argv, "--fp16") == 1
+    assert "fp16 was asked for but cannot be applied" in capsys.readouterr().err
+    assert not (tmp_path / "x.engine").exists()
+    assert _cli(*argv, "--fp16", "--allow-precision-fallback") == 0
+    assert "not applied    fp16: " in capsys.readouterr().out
+
+
+# Non-square ranges: height and width differ in every one of min, opt and max.
+_NON_SQUARE = ((1, 3, 8, 16), (2, 3, 16, 24), (4, 3, 32, 48))
+
+
+def test_dims_named_question_mark_are_not_taken_as_equal(models: Path, tmp_path: Path) -> None:
+    """Exporters name unknown dims "?"; TensorRT would build [N, 3, ?, ?] square only."""
+    model = onnx_models.conv_net(
+        tmp_path / "q.onnx", dynamic_spatial=True, spatial_names=("?", "?")
+    )
+    options = BuildOptions(shapes={"image": _NON_SQUARE})
+    manifest = build_engine(model, tmp_path / "q.engine", options)
+    assert manifest["profiles"][0]["inputs"]["image"]["opt"] == [2, 3, 16, 24]
+    assert manifest["settings"]["applied"]["unnamed_dimensions"] == ["image[2]", "image[3]"]
+
+
+def test_dims_sharing_a_real_name_must_be_equal_and_the_error_says_so(tmp_path: Path) -> None:
+    model = onnx_models.conv_net(
+        tmp_path / "side.onnx", dynamic_spatial=True, spatial_names=("side", "side")
+    )
+    with pytest.raises(
+        BuildError,
+        match=r"'image' dimension 2, 'image' dimension 3 share the name 'side'.*equal.*"
+        r"the min shapes give them \[8, 16\].*distinct names",
+    ):
+        build_engine(model, tmp_path / "side.engine", BuildOptions(shapes={"image": _NON_SQUARE}))
+    square = ((1, 3, 8, 8), (2, 3, 16, 16), (4, 3, 32, 32))
+    build_engine(model, tmp_path / "side.engine", BuildOptions(shapes={"image": square}))

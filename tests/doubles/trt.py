@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import itertools
+import math
 import time
 import types
 import weakref
@@ -270,6 +271,10 @@ class RecordingEngine:
     """An engine double: x [batch, features] -> y = 2x + 1, one (min, opt, max) batch
     range per profile.
 
+    With `static_shape`, x and y have that one shape and no dynamic dimension
+    (an engine built without a batch dimension; () is a scalar), and every
+    profile is that shape.
+
     Knobs a test sets: `profile_result` / `execute_result` (what those calls return),
     `capture_behaviour` ('ok', 'false': execute_async_v3 returns False while the
     stream is captured, 'raise': it raises).
@@ -281,8 +286,10 @@ class RecordingEngine:
         features: int = 4,
         profiles: Sequence[tuple[int, int, int]] = ((1, 4, 8),),
         num_aux_streams: int = 0,
+        static_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.cuda = cuda
+        self.static_shape = static_shape
         self.log = cuda.log
         self.features = features
         self.profiles = list(profiles)
@@ -312,15 +319,19 @@ class RecordingEngine:
         return DataType.FLOAT
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return (-1, self.features)
+        return self.static_shape if self.static_shape is not None else (-1, self.features)
 
     def is_shape_inference_io(self, name: str) -> bool:
         return False
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
+        if self.static_shape is not None:
+            return [self.static_shape] * 3
         return [(b, self.features) for b in self.profiles[profile]]
 
     def get_device_memory_size_for_profile_v2(self, profile: int) -> int:
+        if self.static_shape is not None:
+            return math.prod(self.static_shape) * 4
         return self.profiles[profile][2] * self.features * 4
 
     def create_execution_context(
@@ -376,6 +387,11 @@ class RecordingContext:
         if self.profile is None:
             self.engine.violations.append(f"{self.who}: set_input_shape before a profile")
             return False
+        if self.engine.static_shape is not None:
+            if tuple(shape) != self.engine.static_shape:
+                return False
+            self.shapes[name] = tuple(shape)
+            return True
         low, _, high = self.engine.profiles[self.profile]
         if len(shape) != 2 or not low <= shape[0] <= high or shape[1] != self.engine.features:
             return False
@@ -386,11 +402,13 @@ class RecordingContext:
 
     def infer_shapes(self) -> list[str]:
         self._record("infer_shapes")
-        if "x" in self.shapes and self.shapes["x"][0] in self.engine.unresolved_rows:
+        if self.shapes.get("x", ())[:1] and self.shapes["x"][0] in self.engine.unresolved_rows:
             return ["y"]
         return [] if "x" in self.shapes else ["x"]
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        if self.engine.static_shape is not None:
+            return self.engine.static_shape
         rows = self.shapes["x"][0] if "x" in self.shapes else -1
         return (rows, self.engine.features)
 
@@ -417,7 +435,8 @@ class RecordingContext:
         if not self.engine.execute_result:
             return False
         assert self.memory is not None
-        count = self.shapes["x"][0] * self.engine.features
+        count = math.prod(self.shapes["x"]) if self.engine.static_shape is not None \
+            else self.shapes["x"][0] * self.engine.features
         if count * 4 > self.memory[1]:
             self.engine.violations.append(f"{self.who}: device memory too small")
             return False

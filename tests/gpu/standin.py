@@ -362,14 +362,15 @@ def standin_model(config: ModelConfig, engine: StandinEngine,
     The engine stays its creator's to close; unloading the model only drops the
     handle's reference.
     """
-    spec = engine_spec(engine, config.name)  # type: ignore[arg-type]
+    spec = engine_spec(engine, config.name, config.batching)  # type: ignore[arg-type]
     spec = dataclasses.replace(spec, backend=LABEL, platform="standin_double")
     handle = EngineHandle(engine)  # type: ignore[arg-type]
     buckets = graph_buckets(config.graph_batch_sizes,
                             min(config.max_batch_size or spec.max_batch_size,
                                 spec.max_batch_size))
     factories = executor_factories(handle, cuda or CudaRuntime(config.device), config.workers,
-                                   buckets, config.cuda_graphs, trt_module, config.name)
+                                   buckets, config.cuda_graphs, trt_module, config.name,
+                                   batching=spec.batching)
     return LoadedModel(spec=spec, factories=factories, close=handle.close)
 
 

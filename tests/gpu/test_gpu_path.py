@@ -284,6 +284,37 @@ def test_served_results_equal_numpy_with_several_workers(engine: StandinEngine,
         assert len({w.stream for w in stats.workers}) == 4
 
 
+def test_served_without_batching_each_request_runs_alone_with_its_shape(
+        engine: StandinEngine, cuda: CudaRuntime) -> None:
+    """`batching = false` on the GPU: full shapes, plain enqueues, never two requests in one."""
+    config = standin_config(workers=2, max_queue_delay_us=2000, batching=False)
+    failures: list[str] = []
+    with serving_standin(engine, config) as server:
+
+        def client(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            with Client(server.url) as c:
+                for _ in range(20):
+                    x = random_rows(rng, int(rng.integers(1, 9)))
+                    out = c.infer("standin", {INPUT: x}, timeout=30)[OUTPUT]
+                    err = relative_error(out, engine.reference(x))
+                    if out.shape != (len(x), engine.out_features) or err >= TOLERANCE:
+                        failures.append(f"rows {len(x)}: shape {out.shape}, error {err}")
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        with Client(server.url) as c:
+            stats = c.stats("standin").models[0]
+            metadata = c.metadata("standin")
+        assert not failures, failures[:5]
+        assert not stats.batching and (metadata.batching, metadata.max_batch_size) == (False, 0)
+        assert stats.requests == stats.batches == 8 * 20 and stats.errors == 0
+        assert stats.graph_launches == 0 and stats.plain_enqueues == stats.batches
+
+
 def test_stats_busy_time_agrees_with_the_gpu(cuda: CudaRuntime) -> None:
     """Stats' busy seconds (CUDA events) against the kernels' own timestamps, and
     utilization against busy seconds over the window."""

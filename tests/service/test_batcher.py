@@ -89,14 +89,20 @@ async def test_partial_batch_waits_for_the_delay_then_goes():
 
 
 async def test_delay_is_counted_once_from_the_first_arrival():
-    h = Harness(max_batch_size=8, max_queue_delay_s=0.3)
+    # Arrivals every 0.1 s until 0.5 s. Counted from the first arrival, the 1 s
+    # delay ends at 1.0 s with all six in one batch; a batcher that ignored the
+    # delay would send the first alone, and one that restarted it on every
+    # arrival would wait until 1.5 s.
+    h = Harness(max_batch_size=8, max_queue_delay_s=1.0)
     start = now()
     h.submit()
-    for _ in range(5):  # later arrivals must not push the deadline back
-        await asyncio.sleep(0.04)
+    for _ in range(5):
+        await asyncio.sleep(0.1)
         h.submit()
-    await asyncio.wait_for(h.dispatched.wait(), 2)
-    assert now() - start < 0.3 + 0.15
+    await asyncio.wait_for(h.dispatched.wait(), 5)
+    waited = now() - start
+    assert h.batches == [(0, [1] * 6)]
+    assert 1.0 <= waited < 1.4, waited
     await h.close()
 
 

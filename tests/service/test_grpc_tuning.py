@@ -35,12 +35,6 @@ def test_a_setting_from_the_environment_wins_even_empty():
         "'-event_engine_dns' True"
 
 
-def test_this_test_session_runs_on_the_servers_transport():
-    # tests/conftest.py imports grpc_tuning before grpc: in-process servers here
-    # run on what `trtserve serve` runs on.
-    assert grpc_tuning.APPLIED_HERE
-
-
 def test_event_loop_choices():
     uvloop = pytest.importorskip("uvloop")
     assert loop_factory("asyncio") is None
