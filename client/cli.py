@@ -32,32 +32,68 @@ def _kserve_client(args: argparse.Namespace) -> KServeClient:
     return KServeClient(args.url, token=token, root_certificates=root, tls=args.tls)
 
 
-def random_inputs(md: pb.ModelMetadataResponse, rows: int, seed: int = 0
-                  ) -> dict[str, np.ndarray]:
-    """Random data of the model's shapes, dynamic dims set to 1 (batch dim to `rows`).
+# The size of a dynamic dimension (other than the batch) in made-up input, where no
+# TensorRT profile gives an opt shape: a multiple of 32, as the strided
+# convolutions and reshapes of vision models need (at 1 a YOLO or OCR model
+# refuses the input), and small enough to be quick. `--shape` chooses another.
+DEFAULT_DYNAMIC_DIM = 64
 
-    A model that does not batch (metadata `batching` false, max_batch_size 0) takes
-    its full shapes: `rows` does not apply.
+Shapes = dict[str, list[int]]
+
+
+def parse_shape(item: str) -> tuple[str, list[int]]:
+    """`NAME=1x3x640x640` -> ('NAME', [1, 3, 640, 640]); ValueError saying what is wrong."""
+    name, sep, dims = item.partition("=")
+    try:
+        shape = [int(d) for d in dims.lower().split("x")]
+    except ValueError:
+        shape = []
+    if not sep or not name or not shape or any(d < 0 for d in shape):
+        raise ValueError(f"--shape {item!r}: expected NAME=DIMS such as image=1x3x640x640")
+    return name, shape
+
+
+def random_inputs(md: pb.ModelMetadataResponse, rows: int, seed: int = 0,
+                  shapes: Shapes | None = None) -> dict[str, np.ndarray]:
+    """Random data of the model's shapes; `shapes` (full shapes, by input) chosen by the caller.
+
+    The batch dimension gets `rows`; other dynamic dimensions the opt shape of
+    the first TensorRT profile, else DEFAULT_DYNAMIC_DIM. A model that does not
+    batch (metadata `batching` false, max_batch_size 0) takes its full shapes:
+    `rows` does not apply.
     """
+    opt = {r.name: list(r.opt) for r in md.profiles[0].inputs} if md.profiles else {}
     return _random_arrays([(t.name, dtype_label(t.dtype), list(t.shape)) for t in md.inputs],
-                          md.max_batch_size > 0, rows, seed)
+                          md.max_batch_size > 0, rows, seed, shapes or {}, opt)
 
 
-def random_kserve_inputs(md: kpb.ModelMetadataResponse, rows: int, seed: int = 0
-                         ) -> dict[str, np.ndarray]:
+def random_kserve_inputs(md: kpb.ModelMetadataResponse, rows: int, seed: int = 0,
+                         shapes: Shapes | None = None) -> dict[str, np.ndarray]:
     """Like random_inputs, from KServe metadata: a leading -1 is the batch dimension."""
     tensors = [(t.name, t.datatype, list(t.shape)) for t in md.inputs]
     batched = all(shape and shape[0] == -1 for _, _, shape in tensors)
-    return _random_arrays(tensors, batched, rows, seed)
+    return _random_arrays(tensors, batched, rows, seed, shapes or {}, {})
 
 
 def _random_arrays(tensors: list[tuple[str, str, list[int]]], batched: bool, rows: int,
-                   seed: int) -> dict[str, np.ndarray]:
+                   seed: int, shapes: Shapes, opt: Shapes) -> dict[str, np.ndarray]:
+    names = [name for name, _, _ in tensors]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise ValueError(f"--shape names {unknown}, but the model's inputs are {names}")
     rng = np.random.default_rng(seed)
     inputs = {}
     for name, dtype_name, dims in tensors:
-        shape = [rows if i == 0 and batched else (d if d > 0 else 1)
-                 for i, d in enumerate(dims)]
+        shape = shapes.get(name)
+        if shape is None:
+            shape = [rows if i == 0 and batched else
+                     d if d > 0 else
+                     opt[name][i] if len(opt.get(name, ())) == len(dims) else
+                     DEFAULT_DYNAMIC_DIM
+                     for i, d in enumerate(dims)]
+        elif len(shape) != len(dims) or any(0 <= d != s for d, s in zip(dims, shape, strict=True)):
+            raise ValueError(f"--shape {name}={'x'.join(map(str, shape))}: the model takes "
+                             f"{name} of shape {dims} (-1: any size)")
         dtype = DTYPES[dtype_name]
         if dtype.kind == "f":
             inputs[name] = rng.standard_normal(shape).astype(dtype)
@@ -73,14 +109,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for item in args.input or []:
         name, _, path = item.partition("=")
         inputs[name] = np.load(path)
+    shapes = dict(parse_shape(item) for item in args.shape or [])
     if args.protocol == "kserve":
         with _kserve_client(args) as k:
             inputs = inputs or random_kserve_inputs(k.metadata(args.model), args.rows,
-                                                    args.seed)
+                                                    args.seed, shapes)
             outputs = k.infer(args.model, inputs, timeout=args.timeout)
     else:
         with _client(args) as c:
-            inputs = inputs or random_inputs(c.metadata(args.model), args.rows, args.seed)
+            inputs = inputs or random_inputs(c.metadata(args.model), args.rows, args.seed,
+                                             shapes)
             outputs = c.infer(args.model, inputs, timeout=args.timeout)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -118,6 +156,13 @@ def _stats_table(response: pb.StatsResponse) -> str:
                 f"{w.aux_streams:>3} {w.batches:>8} {w.inferences:>8} {w.busy_seconds:>8.3f} "
                 f"{w.utilization:>6.1%} {w.graph_launches:>7} {w.plain_enqueues:>7} "
                 f"{w.inline_batches:>7} {w.errors:>6} {'yes' if w.healthy else 'NO':>7}")
+            if not w.healthy:
+                retry = f", next rebuild in {w.retry_in_seconds:.1f} s" \
+                    if w.state == "backing_off" else ""
+                lines.append(f"         {w.state}{retry} (retries: {w.retries}): "
+                             f"{w.last_error}")
+            if w.rejected:
+                lines.append(f"         inputs the backend refused: {w.rejected}")
             for f in w.capture_failures:
                 lines.append(f"         graph capture failed at batch {f.batch_size}: {f.reason}")
         sizes = sorted(m.batch_size_histogram.items())
@@ -188,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
                    help="an input from a .npy file; repeatable (default: random data)")
+    p.add_argument("--shape", action="append", metavar="NAME=1x3x640x640",
+                   help="full shape of a random input; repeatable (default: the batch "
+                   "dimension --rows, other dynamic dimensions the TensorRT profile's opt "
+                   f"shape, else {DEFAULT_DYNAMIC_DIM})")
     p.add_argument("--rows", type=int, default=1, help="rows of random input")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", help="also save each output as NAME.npy here")
@@ -218,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except InferenceError as e:
+    except (InferenceError, ValueError) as e:
         print(f"trtserve-client: {e}", file=sys.stderr)
         return 1
 

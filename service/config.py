@@ -86,8 +86,13 @@ class ModelConfig:
     # Batch buckets for CUDA graphs; batches are padded up to a bucket.
     # Empty: powers of two up to max_batch_size.
     graph_batch_sizes: tuple[int, ...] = ()
-    # Consecutive failures after which a worker leaves the rotation.
+    # Consecutive failures after which a worker leaves the rotation. Inputs the
+    # backend refuses (INVALID_ARGUMENT) are the request's fault and never count.
     max_worker_failures: int = 3
+    # A worker out of the rotation is rebuilt after this long, then after twice
+    # as long for each rebuild that fails, up to the max; it rejoins on success.
+    worker_retry_backoff_s: float = 1.0
+    worker_retry_backoff_max_s: float = 60.0
     build: BuildConfig = field(default_factory=BuildConfig)
 
     def __post_init__(self) -> None:
@@ -119,6 +124,11 @@ class ModelConfig:
                  list(self.graph_batch_sizes), "sizes of at least 1")
         _require(self.max_worker_failures >= 1, f"{key}.max_worker_failures",
                  self.max_worker_failures, "at least 1")
+        _require(self.worker_retry_backoff_s > 0, f"{key}.worker_retry_backoff_s",
+                 self.worker_retry_backoff_s, "more than 0 seconds")
+        _require(self.worker_retry_backoff_max_s >= self.worker_retry_backoff_s,
+                 f"{key}.worker_retry_backoff_max_s", self.worker_retry_backoff_max_s,
+                 f"at least worker_retry_backoff_s ({self.worker_retry_backoff_s})")
 
     @property
     def resolved_backend(self) -> str:

@@ -7,6 +7,8 @@ and reaches clients only as a generic INTERNAL message.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 
@@ -60,3 +62,34 @@ class BackendError(ServeError):
 
 class ConfigError(ValueError):
     """Bad configuration, refused at start; the message names the key."""
+
+
+class InputRejected(InvalidArgument):
+    """The backend refused a batch because of its input, not because of its own state.
+
+    Raised by executors when the input passed validation (dynamic dimensions,
+    any values) but the model cannot run it: a Reshape that does not divide,
+    an index out of range. The worker and its executor are fine; the request is
+    at fault. `reason` is the backend's own words, cleaned for clients
+    (`client_reason`).
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = client_reason(reason)
+        super().__init__(self.reason)
+
+
+# A backend's reason reaches clients: at most this many characters of it.
+REASON_CHARS = 300
+# Source locations and C++ frames in backend messages ("/src/x/reshape.h:84 ns::f(...) ").
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[\w.+-]+){2,}(?::\d+)?")
+_FRAME = re.compile(r"\b\w+(?:::\w+)+(?:\([^()]*\))?(?:\s*const)?")
+
+
+def client_reason(text: str) -> str:
+    """A backend's error text as a client may see it: no paths or C++ frames, one line, short."""
+    text = _FRAME.sub("", _PATH.sub("", text))
+    text = " ".join(text.split())
+    if len(text) > REASON_CHARS:
+        text = text[:REASON_CHARS - 3].rstrip() + "..."
+    return text

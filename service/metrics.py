@@ -142,6 +142,10 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
                          "the worker's thread (inline_below_us).", WORKER_LABELS)
     w_rebuilds = f.counter("worker_rebuilds", "Times the worker's executor was rebuilt after "
                            "a failure.", WORKER_LABELS)
+    w_rejected = f.counter("worker_rejected_requests", "Requests whose input the backend "
+                           "refused (INVALID_ARGUMENT; not worker failures).", WORKER_LABELS)
+    w_retries = f.counter("worker_retries", "Rebuilds tried while the worker was out of the "
+                          "rotation.", WORKER_LABELS)
     w_busy = f.counter("worker_busy_seconds", "Time the worker's stream (or session) was "
                        "busy computing.", WORKER_LABELS)
     w_util = f.gauge("worker_utilization", "Busy fraction of the worker over the stats "
@@ -186,6 +190,8 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
             w_capture.add_metric(labels, len(s.capture_failures))
             w_inline.add_metric(labels, s.inline_batches)
             w_rebuilds.add_metric(labels, s.rebuilds)
+            w_rejected.add_metric(labels, s.rejected)
+            w_retries.add_metric(labels, s.retries)
             w_busy.add_metric(labels, s.busy_s)
             w_util.add_metric(labels, s.utilization()[0])
             w_in_flight.add_metric(labels, s.in_flight)

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from service.backends.base import LoadedModel, ModelSpec
+from service.backends.base import BatchResult, LoadedModel, ModelSpec
 from service.batch import Batch, Outputs, Request
 from service.batcher import Batcher, BatchPolicy
 from service.config import ModelConfig
 from service.errors import (
     BackendError,
     DeadlineExceeded,
+    InputRejected,
+    InvalidArgument,
     ResourceExhausted,
     ServeError,
     TensorError,
@@ -76,11 +79,15 @@ class ModelRuntime:
         self.workers = [
             Worker(f"{self.name}-worker-{i}", i, factory,
                    profiles[min(i // per_profile, len(profiles) - 1)], self._on_done,
-                   batching=self.spec.batching)
+                   self._on_rebuilt, batching=self.spec.batching)
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
         self._consecutive_failures = [0] * len(self.workers)
+        # Workers out of the rotation: the wait before the next rebuild (doubled by
+        # each one, back to the start by a batch served), and its timer.
+        self._retry_delay_s = [config.worker_retry_backoff_s] * len(self.workers)
+        self._retry_timers: list[asyncio.TimerHandle | None] = [None] * len(self.workers)
         # Outputs whose shape disagreed with the declaration, logged once each.
         self._shape_warned: set[str] = set()
         self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
@@ -108,7 +115,8 @@ class ModelRuntime:
         self.ready = False
         self._draining = False
         # Called on the event loop with (model name, serving) when the last healthy
-        # worker leaves the rotation; the server mirrors it in grpc.health.v1.
+        # worker leaves the rotation, and when a worker rejoins a model that had
+        # none; the server mirrors it in grpc.health.v1.
         self.on_health_change: Callable[[str, bool], None] | None = None
 
     # --- lifecycle -------------------------------------------------------------
@@ -143,6 +151,10 @@ class ModelRuntime:
 
     async def stop(self) -> None:
         await self.drain()
+        for i, timer in enumerate(self._retry_timers):
+            if timer is not None:
+                timer.cancel()
+                self._retry_timers[i] = None
         await asyncio.gather(*(w.stop() for w in self.workers))
         self._loaded.close()
 
@@ -344,16 +356,11 @@ class ModelRuntime:
         self._dispatched_slow[index] = False
         self.scheduler.release(index)
         batch = outcome.batch
-        if outcome.result is not None:
-            self._consecutive_failures[index] = 0
-            result = outcome.result
-            stats.record_batch(batch.rows, len(batch.requests), result.compute_s,
-                               result.graph_launch, result.input_s, result.output_s)
+        if (result := outcome.result) is not None:
+            self._succeeded(index, batch.rows, len(batch.requests), result)
             key = (batch.rows, batch.shape_key)
             if key in self._run_s or len(self._run_s) < RUN_TIMES_KEPT:
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
-            if result.capture_failure is not None:
-                stats.record_capture_failure(*result.capture_failure)
             if self.spec.batching:
                 offset = 0
                 for request in batch.requests:
@@ -367,8 +374,10 @@ class ModelRuntime:
                 request = batch.requests[0]  # alone in its batch: the outputs are its own
                 if not request.future.done():
                     request.future.set_result(result.outputs)
+        elif outcome.parts is not None:
+            self._answer_parts(worker, outcome)
         else:
-            self._fail_batch(worker, outcome)
+            self._fail_batch(worker, outcome, batch.requests)
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:
@@ -394,31 +403,123 @@ class ModelRuntime:
                         "declares %s; returned as produced (logged once)", self.name, name,
                         list(array.shape), list(declared.shape))
 
-    def _fail_batch(self, worker: Worker, outcome: Outcome) -> None:
+    def _succeeded(self, index: int, rows: int, requests: int, result: BatchResult) -> None:
+        self._consecutive_failures[index] = 0
+        # Only a batch served proves a rebuilt worker sound: one whose rebuilds
+        # succeed but whose batches keep failing still backs off further each time.
+        self._retry_delay_s[index] = self.config.worker_retry_backoff_s
+        stats = self.worker_stats[index]
+        stats.record_batch(rows, requests, result.compute_s, result.graph_launch,
+                           result.input_s, result.output_s)
+        if result.capture_failure is not None:
+            stats.record_capture_failure(*result.capture_failure)
+
+    def _answer_parts(self, worker: Worker, outcome: Outcome) -> None:
+        """The backend refused the batch's input; its requests ran again one by one.
+
+        A refused input is the request's fault: INVALID_ARGUMENT with the
+        backend's reason, and the worker neither rebuilds nor counts a failure.
+        """
+        assert outcome.parts is not None
+        index = worker.index
+        failed = []
+        for request, part in zip(outcome.batch.requests, outcome.parts, strict=True):
+            if isinstance(part, BatchResult):
+                self._succeeded(index, request.rows, 1, part)
+                if not self.spec.batching:
+                    self._note_output_shapes(part.outputs)
+                if not request.future.done():
+                    request.future.set_result(part.outputs)
+            elif isinstance(part, InputRejected):
+                self.worker_stats[index].rejected += 1
+                if not request.future.done():
+                    request.future.set_exception(InvalidArgument(
+                        f"model '{self.name}' cannot run this input: {part.reason}"))
+            else:
+                failed.append(request)
+        if outcome.error is not None:
+            self._fail_batch(worker, outcome, failed)
+
+    def _fail_batch(self, worker: Worker, outcome: Outcome, requests: list[Request]) -> None:
+        """The worker's own failure: its `requests` fail with INTERNAL, and it may leave."""
         index = worker.index
         stats = self.worker_stats[index]
         kind = type(outcome.error).__name__
+        rows = sum(r.rows for r in requests)
         # Stats reach clients: the exception's text (paths, internals) stays in the log.
-        stats.record_failure(f"{kind} on a batch of {outcome.batch.rows} rows; see the "
-                             "server log")
+        stats.record_failure(f"{kind} on a batch of {rows} rows; see the server log")
         self._consecutive_failures[index] += 1
         if outcome.rebuilt:
             stats.rebuilds += 1
-        if not outcome.rebuilt or \
-                self._consecutive_failures[index] >= self.config.max_worker_failures:
-            worker.healthy = False
-            stats.healthy = False
-            log.error("model '%s': worker %d taken out of rotation after %d consecutive "
-                      "failures", self.name, index, self._consecutive_failures[index])
-            if self.healthy_workers == 0 and self.on_health_change is not None:
-                self.on_health_change(self.name, False)
+        failures = self._consecutive_failures[index]
+        if not outcome.rebuilt:
+            self._take_out(worker, f"{outcome.rebuild_error} after {kind}")
+        elif failures >= self.config.max_worker_failures:
+            self._take_out(worker, f"{failures} consecutive failures, the last {kind}")
         error = BackendError(f"model '{self.name}': inference failed on worker {index} "
-                             f"({kind}); the batch of {outcome.batch.rows} rows was not "
-                             "completed")
-        self.counters.errors += len(outcome.batch.requests)
-        for request in outcome.batch.requests:
+                             f"({kind}); the batch of {rows} rows was not completed")
+        self.counters.errors += len(requests)
+        for request in requests:
             if not request.future.done():
                 request.future.set_exception(error)
+
+    # --- workers out of the rotation ---------------------------------------------------
+
+    def _take_out(self, worker: Worker, why: str) -> None:
+        """Take the worker out of the rotation; it is rebuilt after a backoff."""
+        index = worker.index
+        worker.healthy = False
+        stats = self.worker_stats[index]
+        stats.healthy = False
+        stats.last_error = f"out of the rotation: {why}"
+        delay = self._schedule_rebuild(index)
+        log.error("model '%s': worker %d taken out of the rotation (%s); rebuilding it in "
+                  "%.3g s", self.name, index, why, delay)
+        if self.healthy_workers == 0 and self.on_health_change is not None:
+            self.on_health_change(self.name, False)
+
+    def _schedule_rebuild(self, index: int) -> float:
+        """Rebuild the worker after its backoff, which doubles for next time; the wait."""
+        delay = self._retry_delay_s[index]
+        self._retry_delay_s[index] = min(2 * delay, self.config.worker_retry_backoff_max_s)
+        stats = self.worker_stats[index]
+        stats.state = "backing_off"
+        stats.retry_at_s = time.monotonic() + delay
+        self._retry_timers[index] = asyncio.get_running_loop().call_later(
+            delay, self._start_rebuild, index)
+        return delay
+
+    def _start_rebuild(self, index: int) -> None:
+        self._retry_timers[index] = None
+        if self._draining:
+            return
+        stats = self.worker_stats[index]
+        stats.state, stats.retry_at_s = "rebuilding", 0.0
+        stats.retries += 1
+        self.workers[index].request_rebuild()
+
+    def _on_rebuilt(self, worker: Worker, error: str) -> None:
+        """A worker out of the rotation was rebuilt ('') or not (why)."""
+        index = worker.index
+        stats = self.worker_stats[index]
+        if error:
+            stats.last_error = f"out of the rotation: {error}"
+            if self._draining:
+                return
+            delay = self._schedule_rebuild(index)
+            log.error("model '%s': worker %d could not be rebuilt (%s); trying again in "
+                      "%.3g s", self.name, index, error, delay)
+            return
+        was_serving = self.healthy_workers > 0
+        self._consecutive_failures[index] = 0
+        stats.rebuilds += 1
+        stats.state, stats.healthy = "serving", True
+        worker.healthy = True
+        log.warning("model '%s': worker %d rebuilt, back in the rotation", self.name, index)
+        if not was_serving and self.on_health_change is not None:
+            self.on_health_change(self.name, True)
+        if self._batcher is not None:
+            self._batcher.worker_freed()
 
 
 def _check_named_dims(tensors: tuple[TensorSpec, ...], inputs: Mapping[str, np.ndarray]) -> None:

@@ -155,6 +155,13 @@ class WorkerStats:
     busy_s: float = 0.0
     healthy: bool = True
     last_error: str = ""
+    # Requests whose input the backend refused (INVALID_ARGUMENT); not errors of the worker.
+    rejected: int = 0
+    # "serving", or out of the rotation: "backing_off" until the next rebuild, "rebuilding".
+    state: str = "serving"
+    # time.monotonic() of the next rebuild while backing off, else 0.
+    retry_at_s: float = 0.0
+    retries: int = 0  # rebuilds tried while out of the rotation
     histogram: Counter[int] = field(default_factory=Counter)
     queue_time: Samples = field(default_factory=Samples)
     compute_time: Samples = field(default_factory=Samples)
@@ -206,6 +213,10 @@ class WorkerStats:
     def record_failure(self, message: str) -> None:
         self.errors += 1
         self.last_error = message
+
+    def retry_in_s(self) -> float:
+        """Seconds until the next rebuild of a worker out of the rotation (0: none due)."""
+        return max(0.0, self.retry_at_s - time.monotonic()) if self.retry_at_s else 0.0
 
     def record_capture_failure(self, batch_size: int, reason: str) -> None:
         if not any(f.batch_size == batch_size for f in self.capture_failures):

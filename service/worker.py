@@ -6,6 +6,12 @@ scheduler only hands a batch to an idle worker) and comes back with a single
 executor; the one other caller is `run_inline`, on the event loop, for an
 executor that allows it, and only while the scheduler has handed this worker
 that batch, so the thread is idle, waiting on its inbox.
+
+A batch the backend refuses for its input (`InputRejected`) is the request's
+fault, not the executor's: the executor is kept, and when the batch holds
+several requests each runs again alone, so that only the ones at fault fail.
+Any other failure is the worker's: the executor is rebuilt. A worker out of
+the rotation is rebuilt again when the model asks (`request_rebuild`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 
 from service.backends.base import BatchResult, Executor, ExecutorFactory, ProfileSpec, WorkerInfo
 from service.batch import Batch
+from service.errors import InputRejected
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +40,17 @@ class Outcome:
     # After a failure the executor is rebuilt; these say how that went.
     rebuilt: bool = False
     rebuild_error: str = ""
+    # Set when the backend refused the batch's input and its requests ran again
+    # one by one: per request of the batch, its own result or its error (an
+    # InputRejected, or `error` for those a worker failure left unrun).
+    parts: list[BatchResult | BaseException] | None = None
+
+
+class _Rebuild:
+    """Put in a worker's inbox to have its thread rebuild the executor."""
+
+
+_REBUILD = _Rebuild()
 
 
 class Worker:
@@ -43,6 +61,7 @@ class Worker:
         factory: ExecutorFactory,
         profile: ProfileSpec,
         on_done: Callable[[Worker, Outcome], None],
+        on_rebuilt: Callable[[Worker, str], None] | None = None,
         batching: bool = True,
     ) -> None:
         self.name = name
@@ -55,7 +74,9 @@ class Worker:
         self.healthy = False  # until the executor exists
         self._factory = factory
         self._on_done = on_done
-        self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        # Called on the loop after `request_rebuild` with '' or why the build failed.
+        self._on_rebuilt = on_rebuilt
+        self._inbox: queue.SimpleQueue[Batch | _Rebuild | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._executor: Executor | None = None  # written by the thread only
         # Set when a batch run on the loop failed: later ones go to the thread,
@@ -89,18 +110,29 @@ class Worker:
     def submit(self, batch: Batch) -> None:
         self._inbox.put(batch)
 
+    def request_rebuild(self) -> None:
+        """Rebuild the executor on the worker's thread; `on_rebuilt` says how it went.
+
+        Only for a worker out of the rotation: the scheduler gives it no batch,
+        so the thread is idle and the rebuild waits for nothing.
+        """
+        self._inbox.put(_REBUILD)
+
     def run_inline(self, batch: Batch) -> BatchResult | None:
         """Run `batch` here, on the event loop; None when this worker can't (then submit it).
 
         The caller holds this worker from the scheduler, so the thread has no
         batch in hand. A failure is not judged here: the batch goes to the
-        thread, which runs it again and rebuilds the executor if it fails there.
+        thread, which runs it again and rebuilds the executor if it fails there
+        (or, for an input the backend refused, runs its requests one by one).
         """
         executor = self._executor
         if executor is None or not self.info.runs_on_any_thread or self._inline_failed:
             return None
         try:
             return self._checked(executor.run(batch.inputs(), batch.rows), batch.rows)
+        except InputRejected:
+            return None  # the executor is fine: later batches may still run here
         except Exception:
             log.warning("%s: a batch of %d rows failed on the event loop; handing it to the "
                         "worker's thread", self.name, batch.rows, exc_info=True)
@@ -131,24 +163,13 @@ class Worker:
             return
         self._executor = first
         self._report(_set_result, self._ready, first.info)
-        while (batch := self._inbox.get()) is not None:
-            if self._executor is None:
-                self._executor = self._try_build()
-                if self._executor is None:
-                    self._report(self._on_done, self, Outcome(
-                        batch, None, RuntimeError("worker could not be rebuilt"),
-                        rebuild_error="executor unavailable"))
-                    continue
-            try:
-                outcome = Outcome(batch, self._checked(
-                    self._executor.run(batch.inputs(), batch.rows), batch.rows))
-                self._inline_failed = False
-            except Exception as e:
-                log.exception("%s: batch of %d rows failed", self.name, batch.rows)
-                self._executor = self._rebuild(self._executor)
-                outcome = Outcome(batch, None, e, rebuilt=self._executor is not None,
-                                  rebuild_error="" if self._executor else "rebuild failed")
-            self._report(self._on_done, self, outcome)
+        while (item := self._inbox.get()) is not None:
+            if isinstance(item, _Rebuild):
+                error = self._rebuild()
+                if self._on_rebuilt is not None:
+                    self._report(self._on_rebuilt, self, error)
+                continue
+            self._report(self._on_done, self, self._run(item))
         if self._executor is not None:
             self._executor.close()
 
@@ -156,20 +177,67 @@ class Worker:
         # Without batching nothing is sliced out by rows: any shape is the request's own.
         return _checked(result, rows) if self.batching else result
 
-    def _rebuild(self, executor: Executor) -> Executor | None:
-        """A failed batch may leave a context or stream in a bad state: start afresh."""
+    def _run(self, batch: Batch) -> Outcome:
+        if self._executor is None and self._rebuild():
+            return Outcome(batch, None, RuntimeError("worker could not be rebuilt"),
+                           rebuild_error="executor unavailable")
+        executor = self._executor
+        assert executor is not None
         try:
-            executor.close()
-        except Exception:
-            log.exception("%s: closing the failed executor raised", self.name)
-        return self._try_build()
+            outcome = Outcome(batch, self._checked(executor.run(batch.inputs(), batch.rows),
+                                                   batch.rows))
+        except InputRejected as e:
+            outcome = self._run_alone(executor, batch, e)
+        except Exception as e:
+            log.exception("%s: batch of %d rows failed", self.name, batch.rows)
+            return self._failed(batch, e)
+        self._inline_failed = False
+        return outcome
 
-    def _try_build(self) -> Executor | None:
+    def _run_alone(self, executor: Executor, batch: Batch, rejected: InputRejected) -> Outcome:
+        """Run each request of a refused batch alone, so only those at fault fail."""
+        if len(batch.requests) == 1:
+            # The request's fault, answered INVALID_ARGUMENT: not worth a warning each.
+            log.info("%s: the backend refused a request's input: %s", self.name,
+                     rejected.reason)
+            return Outcome(batch, None, parts=[rejected])
+        parts: list[BatchResult | BaseException] = []
+        for i, request in enumerate(batch.requests):
+            try:
+                parts.append(self._checked(executor.run(
+                    {name: [array] for name, array in request.inputs.items()}, request.rows),
+                    request.rows))
+            except InputRejected as e:
+                log.info("%s: the backend refused a request's input: %s", self.name,
+                         e.reason)
+                parts.append(e)
+            except Exception as e:
+                log.exception("%s: a request of %d rows failed on its own", self.name,
+                              request.rows)
+                outcome = self._failed(batch, e)
+                outcome.parts = parts + [e] * (len(batch.requests) - i)
+                return outcome
+        return Outcome(batch, None, parts=parts)
+
+    def _failed(self, batch: Batch, error: Exception) -> Outcome:
+        """The worker's own failure: a context or stream may be in a bad state, start afresh."""
+        problem = self._rebuild()
+        return Outcome(batch, None, error, rebuilt=not problem, rebuild_error=problem)
+
+    def _rebuild(self) -> str:
+        """Close the executor (if any) and build a new one: '' or why that failed."""
+        if self._executor is not None:
+            try:
+                self._executor.close()
+            except Exception:
+                log.exception("%s: closing the failed executor raised", self.name)
+            self._executor = None
         try:
-            return self._factory()
-        except Exception:
+            self._executor = self._factory()
+        except Exception as e:
             log.exception("%s: rebuilding the executor failed", self.name)
-            return None
+            return f"{type(e).__name__} rebuilding the executor"
+        return ""
 
 
 class OutputRowsError(RuntimeError):

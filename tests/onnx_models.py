@@ -179,3 +179,63 @@ def ctc_ocr(path: str | Path, classes: int = 40, seed: int = 0) -> Path:
         inits,
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+TILES_INPUT = "image"
+TILES_OUTPUT = "tiles"
+TILE_PIXELS = 1024
+
+
+def tiled_net(path: str | Path) -> Path:
+    """Image [batch, 1, height, width] -> tiles [batch, pixels / 1024, 1024], doubled, FP32.
+
+    Height and width are dynamic, so validation accepts any size, but the
+    Reshape into tiles of 1024 pixels works only when height x width is a
+    multiple of 1024 (32x32, 64x64, 640x640; not 1x1, 3x3 or 321x321): a model
+    that fails on some dynamic sizes, as real vision models do (a YOLO model at
+    321x321, an OCR detector at 333x517).
+    """
+    tile = numpy_helper.from_array(np.array([0, -1, TILE_PIXELS], np.int64), "tile_shape")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [
+        helper.make_node("Reshape", [TILES_INPUT, "tile_shape"], ["flat_tiles"], name="tile"),
+        helper.make_node("Mul", ["flat_tiles", "two"], [TILES_OUTPUT], name="double"),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiled_net",
+        [helper.make_tensor_value_info(TILES_INPUT, TensorProto.FLOAT,
+                                       ["batch", 1, "height", "width"])],
+        [helper.make_tensor_value_info(TILES_OUTPUT, TensorProto.FLOAT,
+                                       ["batch", "tiles", TILE_PIXELS])],
+        [tile, two],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+LOOKUP_INPUT = "ids"
+LOOKUP_OUTPUT = "vectors"
+LOOKUP_ROWS = 10
+LOOKUP_WIDTH = 8
+
+
+def lookup_table() -> np.ndarray:
+    """The embedding table of `lookup_net`: row i holds 8 copies of i + 0.5."""
+    return np.repeat(np.arange(LOOKUP_ROWS, dtype=np.float32)[:, None] + 0.5, LOOKUP_WIDTH, 1)
+
+
+def lookup_net(path: str | Path, ids: int = 4) -> Path:
+    """Ids INT64 [batch, ids] -> vectors [batch, ids, 8] from a table of 10 rows (Gather).
+
+    An id outside [-10, 9] makes the Gather fail: a failure that follows one
+    request's values, so it can share a batch with good requests of the same shape.
+    """
+    table = numpy_helper.from_array(lookup_table(), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", LOOKUP_INPUT], [LOOKUP_OUTPUT], name="lookup")],
+        "lookup_net",
+        [helper.make_tensor_value_info(LOOKUP_INPUT, TensorProto.INT64, ["batch", ids])],
+        [helper.make_tensor_value_info(LOOKUP_OUTPUT, TensorProto.FLOAT,
+                                       ["batch", ids, LOOKUP_WIDTH])],
+        [table],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

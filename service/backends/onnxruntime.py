@@ -12,6 +12,7 @@ computed in-process, and a quarter less than sessions that left one core
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 
@@ -28,7 +29,7 @@ from service.backends.base import (
     decide_batching,
 )
 from service.config import ModelConfig
-from service.errors import ConfigError
+from service.errors import ConfigError, InputRejected
 from service.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
@@ -95,7 +96,13 @@ class OrtExecutor:
             for name, parts in inputs.items()
         }
         gathered = time.perf_counter()
-        values = self._session.run(self._outputs, feed)
+        try:
+            values = self._session.run(self._outputs, feed)
+        except (_ORT_INVALID_ARGUMENT, _ORT_FAIL) as err:
+            reason = rejection(err)
+            if reason is None:
+                raise
+            raise InputRejected(reason) from err
         done = time.perf_counter()
         return BatchResult(
             outputs=dict(zip(self._outputs, values, strict=True)),
@@ -106,6 +113,40 @@ class OrtExecutor:
     def close(self) -> None:
         # InferenceSession has no close(); dropping the last reference frees it.
         del self._session
+
+
+_ORT_INVALID_ARGUMENT = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+_ORT_FAIL = ort.capi.onnxruntime_pybind11_state.Fail
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. "
+                       r"Name:'([^']*)' Status Message: (.*)", re.DOTALL)
+# An allocation that failed inside a node is the process's trouble, not the input's.
+_ORT_MEMORY = ("allocate", "bad_alloc", "out of memory")
+
+
+def rejection(err: Exception) -> str | None:
+    """Why ONNX Runtime refused a batch's input, or None when the failure is not the input's.
+
+    ORT says INVALID_ARGUMENT for inputs it checks itself (rank, fixed
+    dimensions) and for a kernel refusing its operands (an index out of range);
+    a node that fails on the shapes it was given (a Reshape that does not
+    divide) is FAIL "while running <Op> node". Neither leaves the session in a
+    bad state: the next batch runs as if nothing happened. Other FAILs (an
+    allocation, the session itself) and every other category (EP failure,
+    RUNTIME_EXCEPTION) stay the worker's.
+    """
+    text = _ORT_PREFIX.sub("", str(err)).strip()
+    node = _ORT_NODE.match(text)
+    if node is not None:
+        op, name, message = node.groups()
+        # ORT_ENFORCE messages read "<file>:<line> <function> <condition> was false. <why>".
+        message = message.split(" was false. ", 1)[-1]
+        text = f"{op} node '{name}' failed: {message}"
+    elif isinstance(err, _ORT_FAIL):
+        return None
+    if any(word in text.lower() for word in _ORT_MEMORY):
+        return None
+    return text
 
 
 def load(config: ModelConfig) -> LoadedModel:

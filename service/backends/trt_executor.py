@@ -50,6 +50,7 @@ from service.backends.trt_api import (
     import_tensorrt,
     profile_shapes,
 )
+from service.errors import InputRejected
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -62,6 +63,14 @@ _ALIGN = 256  # bytes: each output's offset in a batch's result block
 
 class TensorRTError(RuntimeError):
     """A TensorRT call failed (returned False or None); the message names the call."""
+
+
+class _ShapeRefused(TensorRTError):
+    """TensorRT refused a batch's input shapes (set_input_shape, infer_shapes).
+
+    Nothing has run on the device yet: the context is sound and a batch of
+    other shapes runs. In `run` it becomes InputRejected (the input's fault).
+    """
 
 
 # ---------------------------------------------------------------------------------
@@ -305,7 +314,7 @@ class TrtExecutor:
                 continue
             if not context.set_input_shape(name, shape):
                 low, _, high = self._ranges[name]
-                raise TensorRTError(
+                raise _ShapeRefused(
                     f"{self._name}: set_input_shape('{name}', {list(shape)}) returned False; "
                     f"profile {self._profile} takes {list(low)} to {list(high)}"
                 )
@@ -314,15 +323,24 @@ class TrtExecutor:
         return changed
 
     def _output_shapes(self, context: Any) -> dict[str, Shape]:
-        unresolved = context.infer_shapes()
+        """Output shapes for the input shapes set; _ShapeRefused when TensorRT can't tell.
+
+        At start (the profile's max shapes) that is a model trtserve cannot
+        serve; later, with those checked, it is shapes the network cannot run.
+        """
+        try:
+            unresolved = context.infer_shapes()
+        except Exception as err:  # TensorRT logs why; some versions raise as well
+            raise _ShapeRefused(f"{self._name}: infer_shapes raised {type(err).__name__}: "
+                                f"{err}") from None
         if unresolved:
-            raise TensorRTError(
+            raise _ShapeRefused(
                 f"{self._name}: infer_shapes could not resolve {list(unresolved)}"
             )
         shapes = {t.name: dims_tuple(context.get_tensor_shape(t.name)) for t in self._outputs}
         for name, shape in shapes.items():
             if (self._batching and not shape) or any(d < 0 for d in shape):
-                raise TensorRTError(
+                raise _ShapeRefused(
                     f"{self._name}: output '{name}' has shape {list(shape)}; data-dependent "
                     "output shapes are not supported"
                 )
@@ -344,8 +362,7 @@ class TrtExecutor:
         return None
 
     def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
-        cuda, stream = self._cuda, self._stream
-        if stream is None:
+        if self._stream is None:
             raise TensorRTError(f"{self._name}: the executor is closed")
         missing = [t.name for t in self._inputs if t.name not in inputs]
         if missing:
@@ -369,6 +386,17 @@ class TrtExecutor:
                 np.concatenate(parts, axis=0, out=view)
             shapes[tensor.name] = shape
 
+        try:
+            return self._run(shapes, rows)
+        except _ShapeRefused as err:
+            # The plain context may hold the refused shapes: set every shape next time.
+            self._plain_shapes.clear()
+            given = {name: list(shape) for name, shape in shapes.items()}
+            raise InputRejected(f"TensorRT cannot run input shapes {given}: {err}") from None
+
+    def _run(self, shapes: Mapping[str, Shape], rows: int) -> BatchResult:
+        cuda, stream = self._cuda, self._stream
+        assert stream is not None
         graph: _CapturedGraph | None = None
         failure: tuple[int, str] | None = None
         bucket = self._bucket(rows)

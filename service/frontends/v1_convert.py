@@ -92,7 +92,8 @@ def worker_stats(stats: WorkerStats) -> pb.WorkerStats:
                           for f in stats.capture_failures],
         rebuilds=stats.rebuilds, healthy=stats.healthy, last_error=stats.last_error,
         min_batch_size=stats.min_batch_size, max_batch_size=stats.max_batch_size,
-        inline_batches=stats.inline_batches,
+        inline_batches=stats.inline_batches, rejected=stats.rejected, state=stats.state,
+        retry_in_seconds=stats.retry_in_s(), retries=stats.retries,
     )
 
 

@@ -47,3 +47,78 @@ def test_one_core_is_left_for_the_event_loop_and_grpc():
     cores = ort_backend.usable_cores()
     assert ort_backend.default_threads(1) == max(1, cores - 1)
     assert ort_backend.default_threads(cores) == 1
+
+
+def test_inputs_the_model_cannot_run_are_rejected_and_the_session_runs_on(tmp_path):
+    """A Reshape that does not divide, an id out of range, a wrong fixed dimension: the
+    input's fault (InputRejected, with ORT's reason cleaned of paths and C++ frames)."""
+    import numpy as np
+
+    from service.errors import InputRejected
+    from tests.onnx_models import lookup_net, tiled_net
+
+    tiled = ort_backend.OrtExecutor(str(tiled_net(tmp_path / "tiled.onnx")), 1, 8)
+    lookup = ort_backend.OrtExecutor(str(lookup_net(tmp_path / "lookup.onnx")), 1, 8)
+    cases = [
+        (tiled, {"image": [np.zeros((1, 1, 3, 3), np.float32)]},
+         "Reshape node 'tile' failed: The input tensor cannot be reshaped to the requested "
+         "shape. Input shape:{1,1,3,3}, requested shape:{1,-1,1024}"),
+        (lookup, {"ids": [np.array([[0, 10, 1, 2]], np.int64)]},
+         "Gather node 'lookup' failed: indices element out of data bounds, idx=10 must be "
+         "within the inclusive range [-10,9]"),
+        (tiled, {"image": [np.zeros((1, 2, 32, 32), np.float32)]},
+         "Got invalid dimensions for input: image for the following indices index: 1 Got: 2 "
+         "Expected: 1 Please fix either the inputs/outputs or the model."),
+    ]
+    for executor, feed, reason in cases:
+        with pytest.raises(InputRejected) as err:
+            executor.run(feed, 1)
+        assert err.value.reason == reason
+    ok = tiled.run({"image": [np.ones((2, 1, 32, 64), np.float32)]}, 2)
+    assert ok.outputs["tiles"].shape == (2, 2, 1024)
+
+
+def test_failures_that_are_not_the_inputs_stay_the_workers():
+    """An allocation failing inside a node, or a FAIL outside any node, is not the input's."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    oom = state.Fail(
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul "
+        "node. Name:'fc' Status Message: /onnxruntime_src/onnxruntime/core/framework/"
+        "bfc_arena.cc:376 void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool) "
+        "Failed to allocate memory for requested buffer of size 4294967296")
+    assert ort_backend.rejection(oom) is None
+    assert ort_backend.rejection(state.Fail("[ONNXRuntimeError] : 1 : FAIL : session")) is None
+    assert ort_backend.rejection(state.InvalidArgument(
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Invalid rank for input: x Got: 3 "
+        "Expected: 4 Please fix either the inputs/outputs or the model.")) == \
+        "Invalid rank for input: x Got: 3 Expected: 4 Please fix either the inputs/outputs " \
+        "or the model."
+
+
+def test_a_reason_reaches_clients_without_paths_frames_or_length():
+    from service.errors import REASON_CHARS, client_reason
+
+    text = ("/src/onnxruntime/core/x.h:84 onnxruntime::A::B(const onnxruntime::T&, bool) "
+            "size was bad\n at /home/build/model.onnx " + "x" * 1000)
+    reason = client_reason(text)
+    assert "/src" not in reason and "/home" not in reason and "::" not in reason
+    assert reason.startswith("size was bad at") and len(reason) == REASON_CHARS
+    assert reason.endswith("...")
+
+
+def test_a_zero_dimension_a_convolution_cannot_take_is_rejected(tmp_path):
+    """The OCR detector's case: a dynamic dimension of 0 passes validation; Conv refuses it."""
+    import numpy as np
+
+    from service.errors import InputRejected
+    from tests.onnx_models import conv_net
+
+    executor = ort_backend.OrtExecutor(str(conv_net(tmp_path / "conv.onnx",
+                                                    dynamic_spatial=True)), 1, 8)
+    with pytest.raises(InputRejected) as err:
+        executor.run({"image": [np.zeros((1, 3, 0, 16), np.float32)]}, 1)
+    assert err.value.reason.startswith("Conv node '")
+    assert "Invalid input shape" in err.value.reason
+    assert executor.run({"image": [np.zeros((1, 3, 5, 7), np.float32)]}, 1) \
+        .outputs["logits"].shape == (1, 10)

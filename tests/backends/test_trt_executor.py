@@ -25,6 +25,7 @@ from service.backends.tensorrt import (
 )
 from service.backends.trt_executor import TensorRTError, TrtExecutor
 from service.config import BuildConfig, ModelConfig
+from service.errors import InputRejected
 from service.model import ModelRuntime
 from tests.doubles.trt import Call, HostCudaRuntime, RecordingEngine, trt_module
 
@@ -489,6 +490,42 @@ def test_shape_outside_the_profile_raises(executor: TrtExecutor) -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(TensorRTError, match=r"input 'x' of shape \[9, 4\] is outside"):
         executor.run({"x": [rng.standard_normal((9, FEATURES)).astype(np.float32)]}, 9)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_shapes_tensorrt_refuses_are_the_inputs_fault(engine: RecordingEngine,
+                                                      cuda: HostCudaRuntime,
+                                                      cuda_graphs: bool) -> None:
+    """set_input_shape returning False for a shape inside the profile is InputRejected;
+    the executor keeps serving, and a refused shape is refused again (never stale)."""
+    ex = make(engine, cuda, cuda_graphs=cuda_graphs, graph_batch_sizes=(2, 4, 8))
+    try:
+        engine.refused_rows = {4}
+        for _ in range(2):
+            with pytest.raises(InputRejected, match=r"set_input_shape\('x', \[4, 4\]\)"):
+                ex.run(batch(4)[0], 4)
+            inputs, x = batch(2, seed=1)
+            np.testing.assert_array_equal(ex.run(inputs, 2).outputs["y"], 2 * x + 1)
+    finally:
+        ex.close()
+
+
+def test_outputs_tensorrt_cannot_resolve_are_the_inputs_fault_and_never_stale(
+        engine: RecordingEngine, cuda: HostCudaRuntime) -> None:
+    """infer_shapes failing after set_input_shape took the shape: InputRejected, and the
+    same shape again is set and checked again, not run with the last batch's outputs."""
+    ex = make(engine, cuda, cuda_graphs=False)
+    try:
+        inputs, x = batch(2, seed=2)
+        ex.run(inputs, 2)
+        engine.unresolved_rows = {3}
+        for _ in range(2):
+            with pytest.raises(InputRejected, match=r"infer_shapes could not resolve \['y'\]"):
+                ex.run(batch(3)[0], 3)
+        assert not calls(engine.log, method="execute_async_v3")[1:]  # only the good batch
+        np.testing.assert_array_equal(ex.run(inputs, 2).outputs["y"], 2 * x + 1)
+    finally:
+        ex.close()
 
 
 def test_missing_input_raises(executor: TrtExecutor) -> None:

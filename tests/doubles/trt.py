@@ -298,6 +298,11 @@ class RecordingEngine:
         self.num_io_tensors = 2
         self.profile_result = True
         self.execute_result = True
+        # Rows whose shape set_input_shape refuses although the profile covers them
+        # (as TensorRT does for sizes a network cannot run).
+        self.refused_rows: set[int] = set()
+        # Rows whose shape set_input_shape takes but infer_shapes cannot resolve.
+        self.unresolved_rows: set[int] = set()
         self.capture_behaviour = "ok"
         self.live_contexts: weakref.WeakSet[RecordingContext] = weakref.WeakSet()
         self.created = 0
@@ -390,11 +395,15 @@ class RecordingContext:
         low, _, high = self.engine.profiles[self.profile]
         if len(shape) != 2 or not low <= shape[0] <= high or shape[1] != self.engine.features:
             return False
+        if shape[0] in self.engine.refused_rows:
+            return False
         self.shapes[name] = tuple(shape)
         return True
 
     def infer_shapes(self) -> list[str]:
         self._record("infer_shapes")
+        if self.shapes.get("x", ())[:1] and self.shapes["x"][0] in self.engine.unresolved_rows:
+            return ["y"]
         return [] if "x" in self.shapes else ["x"]
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:

@@ -265,9 +265,10 @@ def test_cli_says_so_and_infers_with_full_shapes(server, capsys):
         assert cli.main(["--url", server.url, "infer", "--model", "vad", "--rows", "3",
                          "--protocol", protocol]) == 0
         out = capsys.readouterr().out
-        # Random inputs of the full shapes (dynamic dims 1): prob [1, 1].
-        assert "prob: dtype=float32 shape=[1, 1]" in out, out
-        assert "new_state: dtype=float32 shape=[2, 1, 128]" in out, out
+        # Random inputs of the full shapes (dynamic dims cli.DEFAULT_DYNAMIC_DIM, 64):
+        # prob [64, 1]; --rows does not apply.
+        assert "prob: dtype=float32 shape=[64, 1]" in out, out
+        assert "new_state: dtype=float32 shape=[2, 64, 128]" in out, out
 
 
 # --- configuration -----------------------------------------------------------------------

@@ -7,6 +7,7 @@ next N batches, or the next N executor builds (the rebuild after a failure).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import grpc
@@ -116,7 +117,8 @@ def test_a_failure_inside_a_stream_fails_only_that_request():
 
 
 def test_repeated_failures_take_the_worker_out_and_the_model_reports_it():
-    with serve_controlled(workers=1, max_worker_failures=3) as s, \
+    with serve_controlled(workers=1, max_worker_failures=3, worker_retry_backoff_s=3600,
+                          worker_retry_backoff_max_s=3600) as s, \
             grpc.insecure_channel(s.url) as channel, Client(s.url) as c:
         x = unique_rows(1)
         s.controls.fail_next_batches(2)
@@ -145,10 +147,15 @@ def test_repeated_failures_take_the_worker_out_and_the_model_reports_it():
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
         assert "no healthy worker" in err.value.details
         assert s.controls.snapshot()[0] == 1  # nothing ran after the one success
+        worker = model_stats(s.url).workers[0]
+        assert worker.state == "backing_off" and 3000 < worker.retry_in_seconds <= 3600
+        assert "3 consecutive failures" in worker.last_error
+        assert "InjectedFailure" in worker.last_error and "hunter2" not in worker.last_error
 
 
 def test_a_worker_whose_rebuild_fails_leaves_and_the_others_carry_on():
-    with serve_controlled(workers=2, max_batch_size=4) as s, \
+    with serve_controlled(workers=2, max_batch_size=4, worker_retry_backoff_s=3600,
+                          worker_retry_backoff_max_s=3600) as s, \
             grpc.insecure_channel(s.url) as channel, Client(s.url) as c:
         s.controls.fail_next_batches(1)
         s.controls.fail_next_builds(1)
@@ -212,3 +219,80 @@ def test_outputs_of_the_wrong_length_fail_the_batch_instead_of_misrouting():
         x = unique_rows(7, 3)
         with Client(s.url) as c:
             np.testing.assert_array_equal(c.infer("controlled", {"x": x})["y"], expected(x))
+
+
+def test_a_worker_out_of_the_rotation_is_rebuilt_after_a_backoff_and_the_model_recovers():
+    """Before: a worker that left the rotation never came back; the model stayed down."""
+    with serve_controlled(workers=1, max_worker_failures=1, worker_retry_backoff_s=0.01,
+                          worker_retry_backoff_max_s=0.05) as s, Client(s.url) as c, \
+            grpc.insecure_channel(s.url) as channel:
+        s.controls.fail_next_builds(10**9)  # every rebuild fails until the test says
+        s.controls.fail_next_batches(1)
+        with pytest.raises(InferenceError) as err:
+            c.infer("controlled", {"x": unique_rows(0)})
+        assert_internal_without_leak(err.value)
+        wait_for(lambda: health_status(channel, "controlled") == NOT_SERVING)
+        # Rebuilds are tried again and again, the wait doubling up to its cap.
+        wait_for(lambda: model_stats(s.url).workers[0].retries >= 5)
+        worker = model_stats(s.url).workers[0]
+        assert not worker.healthy and worker.state in ("backing_off", "rebuilding")
+        assert worker.retry_in_seconds <= 0.05
+        assert "rebuilding the executor" in worker.last_error
+        assert "hunter2" not in worker.last_error
+        with pytest.raises(InferenceError) as err:
+            c.infer("controlled", {"x": unique_rows(1)}, timeout=10)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+        s.controls.fail_next_builds(0)  # the fault is gone: the next rebuild succeeds
+        wait_for(lambda: health_status(channel, "controlled") == SERVING)
+        worker = model_stats(s.url).workers[0]
+        assert (worker.healthy, worker.state, worker.retry_in_seconds) == \
+            (True, "serving", 0.0)
+        for i in range(3):
+            x = unique_rows(10 + i, 2)
+            np.testing.assert_array_equal(c.infer("controlled", {"x": x})["y"], expected(x))
+        # Back in the rotation with a clean slate: one more failure takes it out again,
+        # and it comes back again, after the initial backoff.
+        s.controls.fail_next_batches(1)
+        with pytest.raises(InferenceError):
+            c.infer("controlled", {"x": unique_rows(20)})
+        wait_for(lambda: model_stats(s.url).workers[0].state == "serving")
+        x = unique_rows(21)
+        np.testing.assert_array_equal(c.infer("controlled", {"x": x})["y"], expected(x))
+        assert health_status(channel, "controlled") == SERVING
+
+
+def test_a_pool_keeps_serving_while_one_worker_backs_off():
+    with serve_controlled(workers=2, max_batch_size=4, max_worker_failures=1,
+                          worker_retry_backoff_s=0.01) as s, Client(s.url) as c, \
+            grpc.insecure_channel(s.url) as channel:
+        s.controls.fail_next_batches(1)
+        with pytest.raises(InferenceError):
+            c.infer("controlled", {"x": unique_rows(0)})
+        assert health_status(channel, "controlled") == SERVING
+        wait_for(lambda: all(w.healthy for w in model_stats(s.url).workers))
+        for i in range(4):
+            x = unique_rows(i + 1, 2)
+            np.testing.assert_array_equal(c.infer("controlled", {"x": x})["y"], expected(x))
+        assert all(w.batches > 0 for w in model_stats(s.url).workers)
+
+
+def test_a_worker_that_fails_again_after_each_rebuild_backs_off_further(caplog):
+    """A rebuild that succeeds does not prove the worker sound, a batch served does: a
+    worker whose batches keep failing waits twice as long each time it leaves."""
+    caplog.set_level(logging.ERROR, logger="service.model")
+    with serve_controlled(workers=1, max_worker_failures=1, worker_retry_backoff_s=0.01,
+                          worker_retry_backoff_max_s=0.04) as s, Client(s.url) as c:
+        def leave_and_return() -> None:
+            s.controls.fail_next_batches(1)
+            with pytest.raises(InferenceError):
+                c.infer("controlled", {"x": unique_rows(0)})
+            wait_for(lambda: model_stats(s.url).workers[0].state == "serving")
+
+        for _ in range(4):
+            leave_and_return()
+        x = unique_rows(1)
+        np.testing.assert_array_equal(c.infer("controlled", {"x": x})["y"], expected(x))
+        leave_and_return()  # after a batch served: the initial wait again
+    waits = [r.args[-1] for r in caplog.records if "taken out of the rotation" in r.msg]
+    assert waits == [0.01, 0.02, 0.04, 0.04, 0.01]

@@ -104,3 +104,19 @@ def test_every_server_key_but_tls_and_models_has_a_flag():
     keys = {f.name for f in dataclasses.fields(ServerConfig)} - {"tls", "models",
                                                                   "stats_window_s"}
     assert keys <= set(SERVER_FLAGS)
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    ("worker_retry_backoff_s = 0", "models.a.worker_retry_backoff_s: got 0"),
+    ("worker_retry_backoff_s = 2.0\nworker_retry_backoff_max_s = 1.5",
+     "models.a.worker_retry_backoff_max_s: got 1.5"),
+])
+def test_worker_backoff_keys_are_checked(tmp_path, settings, words):
+    with pytest.raises(ConfigError) as err:
+        load_toml(write(tmp_path, f"[[models]]\nname='a'\npath='a.onnx'\n{settings}\n"))
+    assert words in str(err.value)
+    config = load_toml(write(tmp_path, "[[models]]\nname='a'\npath='a.onnx'\n"
+                                       "worker_retry_backoff_s = 0.5\n"
+                                       "worker_retry_backoff_max_s = 30\n"))
+    assert (config.models[0].worker_retry_backoff_s,
+            config.models[0].worker_retry_backoff_max_s) == (0.5, 30.0)
