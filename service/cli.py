@@ -12,17 +12,27 @@ import logging
 import sys
 
 from service.arg_types import int_list, name_path
-from service.config import EVENT_LOOPS, ModelConfig, ServerConfig, load_toml
-from service.errors import ConfigError
+from service.config import (
+    EVENT_LOOPS,
+    MODEL_LOAD_FAILURE,
+    ModelConfig,
+    ServerConfig,
+    load_toml,
+)
+from service.errors import ConfigError, StartError, first_line
+from service.version import version
+
+log = logging.getLogger("trtserve")
 
 # Flags that override a key of every model's config (flag dest == config key).
 MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
-                "max_send_message_bytes", "max_concurrent_streams")
+                "max_send_message_bytes", "max_concurrent_streams", "model_load_failure")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +61,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")
+    p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
+                   help="a model that fails to load: exit (default) stops the server, skip "
+                        "serves the others")
     g = p.add_argument_group("model settings (override the config file for every model)")
     g.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
     g.add_argument("--workers", type=int,
@@ -71,7 +84,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="ONNX Runtime threads spin waiting for work (default no)")
     g.add_argument("--device", type=int, help="CUDA device ordinal")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="INFO by default; DEBUG also prints the traceback of a start error")
     p.set_defaults(func=run_serve)
 
 
@@ -102,7 +116,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 def run_serve(args: argparse.Namespace) -> int:
     from service.server import Server, loop_factory
 
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(args)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
@@ -111,16 +125,28 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 stopped by a signal (or a command done), 2 a start error (the
+    configuration, a model, a file or a port: one line says what to fix; argparse's
+    usage errors are 2 as well), 1 an unexpected error (one line; --log-level DEBUG
+    prints its traceback)."""
     parser = argparse.ArgumentParser(prog="trtserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
     _register_optional(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as e:
-        print(f"trtserve: configuration error: {e}", file=sys.stderr)
-        return 2
+    except StartError as e:
+        log.debug("start error", exc_info=True)
+        kind = "configuration error" if isinstance(e, ConfigError) else "cannot start"
+        print(f"trtserve: {kind}: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:
+        log.debug("unexpected error", exc_info=True)
+        print(f"trtserve: unexpected error: {type(e).__name__}: {first_line(e)} (run with "
+              "--log-level DEBUG for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:

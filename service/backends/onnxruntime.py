@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from service.backends.base import BatchResult, LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
 from service.config import ModelConfig
-from service.errors import ConfigError
+from service.errors import ConfigError, ModelLoadError
 from service.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
@@ -48,6 +48,17 @@ def _spec(node: ort.NodeArg, model: str) -> TensorSpec:
         raise ConfigError(f"model '{model}': tensor '{node.name}' has unsupported type {node.type}")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
     return TensorSpec(node.name, dtype, shape)
+
+
+def _ort_reason(error: Exception) -> str:
+    """ONNX Runtime's message without its code prefix: '[ONNXRuntimeError] : 7 :
+    INVALID_PROTOBUF : Load model from x failed:Protobuf parsing failed.'"""
+    text = " ".join(str(error).split())
+    _, sep, reason = text.partition(" failed:")
+    reason = reason if sep else text.rsplit(" : ", 1)[-1]
+    if "Protobuf parsing failed" in reason:
+        return "not an ONNX model (protobuf parsing failed); check the file or re-export it"
+    return reason
 
 
 def usable_cores() -> int:
@@ -101,7 +112,11 @@ class OrtExecutor:
 
 def load(config: ModelConfig) -> LoadedModel:
     """Read the model's IO once, then hand out one session factory per worker."""
-    probe = ort.InferenceSession(config.path, providers=["CPUExecutionProvider"])
+    try:
+        probe = ort.InferenceSession(config.path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail...)
+        raise ModelLoadError(config.name, config.path,
+                             f"ONNX Runtime cannot load it: {_ort_reason(e)}") from e
     inputs = tuple(_spec(n, config.name) for n in probe.get_inputs())
     outputs = tuple(_spec(n, config.name) for n in probe.get_outputs())
     del probe
