@@ -177,7 +177,7 @@ class Server:
             raise failed[0][1]
         for model, error in failed:
             self._load_failed(model, error)
-        if not len(self.models):
+        if self.models.failed and not len(self.models):
             raise StartError("no model could be loaded; the errors above say why")
 
     async def _load(self, config: ModelConfig) -> None:
