@@ -125,7 +125,17 @@ class ModelRepository:
             loaded.close()
             raise
         runtime = ModelRuntime(config, loaded, stats_window_s)
-        await self.add(runtime)
+        try:
+            await self.add(runtime)
+        except StartError:
+            raise
+        except Exception as e:  # a worker could not start (a CUDA context, a session...)
+            log.debug("model '%s': workers failed to start", config.name, exc_info=True)
+            self._models.pop(config.name, None)
+            await asyncio.gather(*(w.stop() for w in runtime.workers), return_exceptions=True)
+            loaded.close()
+            raise ModelLoadError(config.name, config.path, f"its workers did not start: "
+                                 f"{type(e).__name__}: {first_line(e)}") from e
         log.info("model '%s' ready: %s, %d workers, max batch %d", config.name,
                  runtime.spec.backend, len(runtime.workers), runtime.max_batch_size)
         return runtime

@@ -116,10 +116,10 @@ class Server:
         if _is_loopback(self.config.host):
             return
         if not self.config.tls.enabled:
-            log.warning("listening on %s without TLS: traffic can be read on the network",
+            log.warning("bound to %s without TLS: traffic can be read on the network",
                         self.config.host)
         if not has_token:
-            log.warning("listening on %s without an auth token: anyone who can reach the "
+            log.warning("bound to %s without an auth token: anyone who can reach the "
                         "port can run inference", self.config.host)
 
     async def start(self) -> int:

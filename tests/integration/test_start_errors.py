@@ -302,3 +302,23 @@ def test_ports_check_free_refuses_a_listening_port_and_allows_port_zero():
         with pytest.raises(PortInUse):
             check_free("0.0.0.0", port, "server.port")
 
+
+
+async def test_our_listener_does_not_share_its_port_even_with_a_reuseport_socket():
+    """The second line of defence, for a port taken between the probe and the bind:
+    with `ports.GRPC_OPTIONS` gRPC refuses a port whose holder set SO_REUSEPORT
+    (as every gRPC server does by default), where gRPC's default would share it."""
+    from service.ports import GRPC_OPTIONS
+
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        shared = grpc.aio.server()
+        assert shared.add_insecure_port(address)  # what a second server did before
+        await shared.stop(None)
+        ours = grpc.aio.server(options=list(GRPC_OPTIONS))
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            ours.add_insecure_port(address)
+        await ours.stop(None)
