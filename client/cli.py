@@ -229,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         # would. Python's own flush of stdout at exit must not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return SIGPIPE_EXIT
+    except OSError as e:  # a file named on the command line: --token-file, --input, --tls-ca
+        print(f"trtserve-client: {e.filename}: {e.strerror}" if e.filename
+              else f"trtserve-client: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -322,3 +322,43 @@ async def test_our_listener_does_not_share_its_port_even_with_a_reuseport_socket
         with pytest.raises(RuntimeError, match="Failed to bind"):
             ours.add_insecure_port(address)
         await ours.stop(None)
+
+
+def test_an_encrypted_key_is_refused_without_prompting(pem, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from service import tls
+    from service.config import TlsConfig
+
+    key = serialization.load_pem_private_key(pem["key"].read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    with pytest.raises(ConfigError, match=rf"server\.tls\.key_file: {encrypted} is encrypted"):
+        tls.check(TlsConfig(cert_file=str(pem["cert"]), key_file=str(encrypted)))
+    tls.check(TlsConfig(cert_file=str(pem["cert"]), key_file=str(pem["key"]),
+                        client_ca_file=str(pem["ca"])))  # the good set passes
+
+
+def test_the_metrics_port_cannot_be_the_grpc_port():
+    from service.config import ServerConfig
+
+    with pytest.raises(ConfigError, match=r"server\.metrics_port: got 9000, expected a port "
+                                          r"other than server\.port \(9000\)"):
+        ServerConfig(port=9000, metrics_port=9000)
+    ServerConfig(port=0, metrics_port=0)
+
+
+def test_debug_adds_the_traceback_to_the_one_line(tmp_path):
+    result = serve("--model", f"m={tmp_path / 'absent.onnx'}", "--log-level", "debug")
+    assert result.returncode == 2
+    assert "Traceback" in result.stderr and "ModelLoadError" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("trtserve: cannot start: model 'm'")
+
+
+def test_client_file_errors_are_one_line(served, tmp_path):
+    result = _client("--url", served.url, "--token-file", str(tmp_path / "absent"), "health")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == \
+        f"trtserve-client: {tmp_path / 'absent'}: No such file or directory"
