@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,10 @@ from client.convert import dtype_label
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.tensors import DTYPES
+from service.version import version
+
+# What a shell reports for a command killed by SIGPIPE: 128 + 13.
+SIGPIPE_EXIT = 128 + signal.SIGPIPE
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -207,7 +213,12 @@ def cmd_health(args: argparse.Namespace) -> int:
             status = stub.Check(health_pb2.HealthCheckRequest(service=args.service or ""),
                                 timeout=args.timeout or 5)
         except grpc.RpcError as e:
-            raise InferenceError(e.code(), e.details() or "") from None
+            details = e.details() or ""
+            if e.code() == grpc.StatusCode.NOT_FOUND and not details:
+                # grpc.health.v1 says NOT_FOUND with no message for a name it does not know.
+                details = (f"the server knows no service or model named '{args.service}' "
+                           "(health --service takes a model name or a gRPC service)")
+            raise InferenceError(e.code(), details or "no details from the server") from None
     name = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
     print(f"{args.service or 'server'}: {name}")
     return 0 if status.status == health_pb2.HealthCheckResponse.SERVING else 1
@@ -222,6 +233,7 @@ def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trtserve-client", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--url", default="127.0.0.1:8001", help="HOST:PORT of the server")
     parser.add_argument("--token-file", help="file holding the bearer token")
     parser.add_argument("--tls", action="store_true", help="use TLS (system roots)")
@@ -270,6 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     except (InferenceError, ValueError) as e:
         print(f"trtserve-client: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`... | head`): stop quietly, as a command killed by SIGPIPE
+        # would. Python's own flush of stdout at exit must not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
+    except OSError as e:  # a file named on the command line: --token-file, --input, --tls-ca
+        print(f"trtserve-client: {e.filename}: {e.strerror}" if e.filename
+              else f"trtserve-client: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

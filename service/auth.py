@@ -19,6 +19,9 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 def load_token(token_file: str) -> str | None:
     """The token from the file if given, else from TRTSERVE_AUTH_TOKEN; None: no auth.
 
+    A blank file or a set-but-blank variable is refused: a secret that came out
+    empty must not start an open server.
+
     Never from a command-line argument: those are visible in `ps` to every user.
     """
     if token_file:
@@ -30,8 +33,14 @@ def load_token(token_file: str) -> str | None:
         if not token:
             raise ConfigError(f"server.auth_token_file: {token_file} is empty")
         return _checked(token, f"server.auth_token_file ({token_file})")
-    token = os.environ.get(TOKEN_ENV, "").strip()
-    return _checked(token, TOKEN_ENV) if token else None
+    if TOKEN_ENV not in os.environ:
+        return None
+    token = os.environ[TOKEN_ENV].strip()
+    if not token:
+        # Set from a secret that came out blank: refuse, never fall back to no auth.
+        raise ConfigError(f"{TOKEN_ENV} is set but blank; set it to the token, or unset it "
+                          "to serve without authentication")
+    return _checked(token, TOKEN_ENV)
 
 
 def _checked(token: str, source: str) -> str:

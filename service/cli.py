@@ -13,17 +13,27 @@ import sys
 
 from service.arg_types import batching_mode, int_list, name_path
 from service.build_settings import add_build_flags, build_overrides
-from service.config import EVENT_LOOPS, ModelConfig, ServerConfig, load_toml
-from service.errors import ConfigError
+from service.config import (
+    EVENT_LOOPS,
+    MODEL_LOAD_FAILURE,
+    ModelConfig,
+    ServerConfig,
+    load_toml,
+)
+from service.errors import ConfigError, StartError, first_line
+from service.version import version
+
+log = logging.getLogger("trtserve")
 
 # Flags that override a key of every model's config (flag dest == config key).
 MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device", "batching")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
-                "max_send_message_bytes", "max_concurrent_streams")
+                "max_send_message_bytes", "max_concurrent_streams", "model_load_failure")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +62,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")
+    p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
+                   help="a model that fails to load: exit (default) stops the server, skip "
+                        "serves the others")
     g = p.add_argument_group("model settings (override the config file for every model)")
     g.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
     g.add_argument("--workers", type=int,
@@ -80,7 +93,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "engine build (an .onnx model served with --backend tensorrt; the same flags as "
         "`trtserve build`, overriding [models.build] for every model)")
     add_build_flags(b)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help="INFO by default; DEBUG also prints the traceback of a start error")
     p.set_defaults(func=run_serve)
 
 
@@ -115,7 +129,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 def run_serve(args: argparse.Namespace) -> int:
     from service.server import Server, loop_factory
 
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(args)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
@@ -124,16 +138,28 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 stopped by a signal (or a command done), 2 a start error (the
+    configuration, a model, a file or a port: one line says what to fix; argparse's
+    usage errors are 2 as well), 1 an unexpected error (one line; --log-level DEBUG
+    prints its traceback)."""
     parser = argparse.ArgumentParser(prog="trtserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve(sub)
     _register_optional(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as e:
-        print(f"trtserve: configuration error: {e}", file=sys.stderr)
-        return 2
+    except StartError as e:
+        log.debug("start error", exc_info=True)
+        kind = "configuration error" if isinstance(e, ConfigError) else "cannot start"
+        print(f"trtserve: {kind}: {e}", file=sys.stderr)
+        return e.exit_code
+    except Exception as e:
+        log.debug("unexpected error", exc_info=True)
+        print(f"trtserve: unexpected error: {type(e).__name__}: {first_line(e)} (run with "
+              "--log-level DEBUG for the traceback)", file=sys.stderr)
+        return 1
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:

@@ -110,6 +110,10 @@ class ModelConfig:
         _require(all(s >= 1 for s in self.preferred_batch_sizes),
                  f"{key}.preferred_batch_sizes", list(self.preferred_batch_sizes),
                  "sizes of at least 1")
+        _require(not self.max_batch_size or all(
+            s <= self.max_batch_size for s in self.preferred_batch_sizes),
+            f"{key}.preferred_batch_sizes", list(self.preferred_batch_sizes),
+            f"sizes of at most max_batch_size ({self.max_batch_size})")
         _require(self.max_queue_size >= 1, f"{key}.max_queue_size", self.max_queue_size,
                  "at least 1")
         _require(self.max_rows_per_request >= 0, f"{key}.max_rows_per_request",
@@ -158,6 +162,7 @@ class TlsConfig:
 
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+MODEL_LOAD_FAILURE = ("exit", "skip")
 
 
 @dataclass(frozen=True)
@@ -176,12 +181,18 @@ class ServerConfig:
     # else "asyncio"; "auto" picks.
     event_loop: str = "auto"
     tls: TlsConfig = field(default_factory=TlsConfig)
+    # A model that fails to load at start: "exit" stops the server (exit code 2),
+    # "skip" serves the others and reports that one NOT_SERVING with its reason.
+    model_load_failure: str = "exit"
     models: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "server.port", self.port, "0..65535")
         _require(0 <= self.metrics_port <= 65535, "server.metrics_port", self.metrics_port,
                  "0 (off) .. 65535")
+        _require(not self.metrics_port or self.metrics_port != self.port,
+                 "server.metrics_port", self.metrics_port,
+                 f"a port other than server.port ({self.port}), or 0 (off)")
         _require(self.grace_period_s >= 0, "server.grace_period_s", self.grace_period_s,
                  "0 or more")
         for key in ("max_receive_message_bytes", "max_send_message_bytes"):
@@ -193,6 +204,8 @@ class ServerConfig:
                  "more than 0")
         _require(self.event_loop in EVENT_LOOPS, "server.event_loop", self.event_loop,
                  " or ".join(repr(e) for e in EVENT_LOOPS))
+        _require(self.model_load_failure in MODEL_LOAD_FAILURE, "server.model_load_failure",
+                 self.model_load_failure, " or ".join(repr(e) for e in MODEL_LOAD_FAILURE))
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")
@@ -215,6 +228,11 @@ def from_mapping(cls: type[Any], data: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
     values = {name: _coerce(hints[name], value, f"{where}.{name}")
               for name, value in data.items()}
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}")
     return cls(**values)
 
 

@@ -60,7 +60,15 @@ class BackendError(ServeError):
     code = grpc.StatusCode.INTERNAL
 
 
-class ConfigError(ValueError):
+class StartError(Exception):
+    """The server cannot start. The message is one line for the operator: it names
+    the key, model, file or port and what to do; `trtserve` prints it and exits
+    with `exit_code` (2: fix the configuration or a file it names)."""
+
+    exit_code = 2
+
+
+class ConfigError(StartError, ValueError):
     """Bad configuration, refused at start; the message names the key."""
 
 
@@ -93,3 +101,25 @@ def client_reason(text: str) -> str:
     if len(text) > REASON_CHARS:
         text = text[:REASON_CHARS - 3].rstrip() + "..."
     return text
+
+
+class ModelLoadError(StartError):
+    """A configured model could not be loaded; the message names the model and its file."""
+
+    def __init__(self, model: str, path: str, problem: str) -> None:
+        super().__init__(f"model '{model}' ({path}): {problem}")
+        self.model = model
+        self.path = path
+        self.problem = problem
+
+
+class PortInUse(StartError):
+    """Another process listens on an address the server was told to bind."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries write several)."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return "no message"

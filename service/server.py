@@ -1,7 +1,8 @@
 """The gRPC server: servicers, health, reflection, security and the lifecycle.
 
-Start: bind and answer health (NOT_SERVING) first, then load the models and
-flip each to SERVING once its workers are up. Stop (SIGTERM/SIGINT): health to
+Start: check what can be checked (token, TLS files, ports, model files), bind
+and answer health (NOT_SERVING), then load the models and flip each to SERVING
+once its workers are up; "serving on" is logged only then. Stop (SIGTERM/SIGINT): health to
 NOT_SERVING, refuse new requests with UNAVAILABLE, answer every accepted one,
 then `server.stop(grace)`.
 """
@@ -13,22 +14,21 @@ import ipaddress
 import logging
 import signal
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from service import auth, descriptors
+from service import auth, descriptors, ports, tls
 from service.config import ModelConfig, ServerConfig
-from service.errors import ConfigError
+from service.errors import ConfigError, PortInUse, StartError
 from service.frontends.kserve import add_to_server
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from service.metrics import MetricsServer, start_metrics
 from service.model import ModelRuntime
-from service.repository import ModelRepository
+from service.repository import ModelRepository, check_model
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class Server:
     def _grpc_options(self) -> list[tuple[str, int]]:
         c = self.config
         options = [
+            *ports.GRPC_OPTIONS,
             ("grpc.max_receive_message_length", c.max_receive_message_bytes),
             ("grpc.max_send_message_length", c.max_send_message_bytes),
             # Many clients share one connection through HTTP/2 streams; keep it alive.
@@ -64,37 +65,69 @@ class Server:
             options.append(("grpc.max_concurrent_streams", c.max_concurrent_streams))
         return options
 
-    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        token = auth.load_token(self.config.auth_token_file)
+    def _interceptors(self, token: str | None) -> list[grpc.aio.ServerInterceptor]:
         if token is None:
             return []
         return [auth.TokenAuth(token, self.config.health_requires_auth)]
 
+    def _address(self) -> str:
+        c = self.config
+        return f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
+
     def _bind(self, server: grpc.aio.Server) -> int:
         c = self.config
-        address = f"{c.host}:{c.port}" if ":" not in c.host else f"[{c.host}]:{c.port}"
-        if c.tls.enabled:
-            ca = _read_pem("client_ca_file", c.tls.client_ca_file) \
-                if c.tls.client_ca_file else None
-            credentials = grpc.ssl_server_credentials(
-                [(_read_pem("key_file", c.tls.key_file), _read_pem("cert_file", c.tls.cert_file))],
-                root_certificates=ca, require_client_auth=ca is not None)
-            return server.add_secure_port(address, credentials)
-        return server.add_insecure_port(address)
+        try:
+            if c.tls.enabled:
+                return server.add_secure_port(self._address(), tls.server_credentials(c.tls))
+            return server.add_insecure_port(self._address())
+        except RuntimeError:
+            # ports.check_free passed, so another process took the port since.
+            raise PortInUse(f"server.port: cannot bind {self._address()}: in use by another "
+                            "process or not an address of this machine") from None
+
+    def _preflight(self) -> tuple[str | None, list[ModelConfig]]:
+        """Everything checkable before a model loads: the token, TLS files, ports and
+        model files. Returns the token and the models to load; raises a StartError."""
+        c = self.config
+        token = auth.load_token(c.auth_token_file)
+        tls.check(c.tls)
+        ports.check_free(c.host, c.port, "server.port")
+        if c.metrics_port:
+            ports.check_free(c.host, c.metrics_port, "server.metrics_port")
+        to_load = []
+        for model in c.models:
+            try:
+                check_model(model)
+            except StartError as e:
+                self._load_failed(model, e)
+                continue
+            to_load.append(model)
+        return token, to_load
+
+    def _load_failed(self, model: ModelConfig, error: StartError) -> None:
+        """Exit on the first model that fails, or skip it (server.model_load_failure)."""
+        if self.config.model_load_failure == "exit":
+            raise error
+        log.error("model '%s' skipped (server.model_load_failure = \"skip\"): %s",
+                  model.name, error)
+        self.models.failed[model.name] = str(error)
 
     def _warn_if_exposed(self, has_token: bool) -> None:
         if _is_loopback(self.config.host):
             return
         if not self.config.tls.enabled:
-            log.warning("listening on %s without TLS: traffic can be read on the network",
+            log.warning("bound to %s without TLS: traffic can be read on the network",
                         self.config.host)
         if not has_token:
-            log.warning("listening on %s without an auth token: anyone who can reach the "
+            log.warning("bound to %s without an auth token: anyone who can reach the "
                         "port can run inference", self.config.host)
 
     async def start(self) -> int:
-        """Bind, answer health, then load every model. Returns the bound port."""
-        interceptors = self._interceptors()
+        """Check, bind and answer health (NOT_SERVING), then load every model. Returns
+        the bound port. Raises a StartError (one line, naming what to fix) when the
+        server cannot start; it then holds no port and no model."""
+        token, to_load = self._preflight()
+        interceptors = self._interceptors(token)
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
@@ -111,21 +144,41 @@ class Server:
             services)
         self.port = self._bind(server)
         if self.port == 0:
-            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+            raise PortInUse(f"server.port: cannot bind {self._address()}")
         self._warn_if_exposed(bool(interceptors))
-        for name in ("", *self._services):
+        for name in ("", *self._services, *(m.name for m in self.config.models)):
             await self.health.set(name, NOT_SERVING)
         await server.start()
         self._server = server
-        log.info("listening on %s:%d", self.config.host, self.port)
-        self._start_metrics()
-        for model in self.config.models:
-            await self.health.set(model.name, NOT_SERVING)
-        await asyncio.gather(*(self._load(m) for m in self.config.models))
+        try:
+            self._start_metrics()
+            await self._load_all(to_load)
+        except BaseException:
+            await self.stop()
+            raise
         for name in ("", *self._services):
             await self.health.set(name, SERVING)
         self._ready = True
+        log.info("serving %d model(s) on %s:%d", len(self.models), self.config.host, self.port)
         return self.port
+
+    async def _load_all(self, configs: list[ModelConfig]) -> None:
+        log.info("loading %d model(s); health answers NOT_SERVING on port %d until they are "
+                 "loaded", len(configs), self.port)
+        results = await asyncio.gather(*(self._load(m) for m in configs), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, StartError):
+                raise result
+        failed = [(m, r) for m, r in zip(configs, results, strict=True)
+                  if isinstance(r, StartError)]
+        if failed and self.config.model_load_failure == "exit":
+            for _, error in failed[1:]:
+                log.error("%s", error)
+            raise failed[0][1]
+        for model, error in failed:
+            self._load_failed(model, error)
+        if self.models.failed and not len(self.models):
+            raise StartError("no model could be loaded; the errors above say why")
 
     async def _load(self, config: ModelConfig) -> None:
         """Load one model; it turns SERVING as soon as its workers are up."""
@@ -158,7 +211,12 @@ class Server:
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
             return
-        self._metrics = start_metrics(self.config.metrics_port, self.config.host, self.models)
+        try:
+            self._metrics = start_metrics(self.config.metrics_port, self.config.host,
+                                          self.models)
+        except OSError as e:
+            raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
+                            f"{self.config.metrics_port}: {e.strerror or e}") from None
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, answer accepted work, then close."""
@@ -249,9 +307,3 @@ def _is_loopback(host: str) -> bool:
     except ValueError:
         return False
 
-
-def _read_pem(key: str, path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(f"server.tls.{key}: cannot read {path}: {e.strerror}") from None

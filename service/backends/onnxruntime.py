@@ -29,7 +29,7 @@ from service.backends.base import (
     decide_batching,
 )
 from service.config import ModelConfig
-from service.errors import ConfigError, InputRejected
+from service.errors import ConfigError, InputRejected, ModelLoadError
 from service.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
@@ -58,6 +58,17 @@ def _spec(node: ort.NodeArg, model: str) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
     names = tuple(d if isinstance(d, str) and d else None for d in node.shape)
     return TensorSpec(node.name, dtype, shape, names if any(names) else ())
+
+
+def _ort_reason(error: Exception) -> str:
+    """ONNX Runtime's message without its code prefix: '[ONNXRuntimeError] : 7 :
+    INVALID_PROTOBUF : Load model from x failed:Protobuf parsing failed.'"""
+    text = " ".join(str(error).split())
+    _, sep, reason = text.partition(" failed:")
+    reason = reason if sep else text.rsplit(" : ", 1)[-1]
+    if "Protobuf parsing failed" in reason:
+        return "not an ONNX model (protobuf parsing failed); check the file or re-export it"
+    return reason
 
 
 def usable_cores() -> int:
@@ -151,7 +162,11 @@ def rejection(err: Exception) -> str | None:
 
 def load(config: ModelConfig) -> LoadedModel:
     """Read the model's IO once, then hand out one session factory per worker."""
-    probe = ort.InferenceSession(config.path, providers=["CPUExecutionProvider"])
+    try:
+        probe = ort.InferenceSession(config.path, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime's own exception types (InvalidProtobuf, Fail...)
+        raise ModelLoadError(config.name, config.path,
+                             f"ONNX Runtime cannot load it: {_ort_reason(e)}") from e
     inputs = tuple(_spec(n, config.name) for n in probe.get_inputs())
     outputs = tuple(_spec(n, config.name) for n in probe.get_outputs())
     del probe

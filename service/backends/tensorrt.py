@@ -37,7 +37,7 @@ from service.backends.trt_api import (
 )
 from service.backends.trt_executor import Shape, TrtExecutor
 from service.config import ModelConfig
-from service.errors import ConfigError
+from service.errors import ConfigError, StartError
 from service.tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -71,8 +71,8 @@ _WIRE_FROM_NUMPY = {
 
 
 
-class EngineLoadError(RuntimeError):
-    """An engine could not be loaded for serving."""
+class EngineLoadError(StartError, RuntimeError):
+    """An engine could not be loaded for serving; the message names the model."""
 
 
 

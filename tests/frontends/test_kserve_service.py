@@ -273,7 +273,7 @@ def _tensorrt_runtime(profiles: int, workers_per_profile: int) -> ModelRuntime:
     double = ControlledBackend(max_batch_size=32).load(profiles * workers_per_profile)
     config = ModelConfig(name="engine", path="/models/engine.plan", backend="tensorrt",
                          workers=workers_per_profile, device=1, max_batch_size=32,
-                         preferred_batch_sizes=(32, 16, 64), max_queue_delay_us=100,
+                         preferred_batch_sizes=(32, 16), max_queue_delay_us=100,
                          graph_batch_sizes=(1, 8, 32))
     runtime = ModelRuntime(config, LoadedModel(spec, double.factories))
     for stats in runtime.worker_stats:
