@@ -134,14 +134,8 @@ class Server:
             InferenceService(self.models), services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
-        names = [*self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME]
-        # Our types live in trtserve's own pool; reflection describes from it.
-        pool = descriptors.include(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
-        # What reflection.enable_server_reflection does for an aio server, through `services`.
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(names, pool=pool),  # type: ignore[attr-defined]
-            services)
+        _add_reflection(services, [
+            *self._services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name])
         self.port = self._bind(server)
         if self.port == 0:
             raise PortInUse(f"server.port: cannot bind {self._address()}")
@@ -277,6 +271,28 @@ class _GenericHandlersOnly:
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         """Left out on purpose: the generic handler added alongside serves these methods."""
+
+
+# grpc.reflection.v1 is v1alpha under another package name: the same messages,
+# field for field. grpcio-reflection serves only v1alpha, while newer grpcurl and
+# other tools ask for v1 first, so one servicer answers both.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection(services: _GenericHandlersOnly, served: list[str]) -> None:
+    """Server reflection (v1 and v1alpha) over `served` and itself, from trtserve's pool."""
+    names = [*served, reflection.SERVICE_NAME, REFLECTION_V1]
+    # Our types live in trtserve's own pool; reflection describes from it.
+    pool = descriptors.include(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+    servicer = reflection.aio.ReflectionServicer(names, pool=pool)  # type: ignore[attr-defined]
+    # What reflection.enable_server_reflection does for an aio server, through `services`.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, services)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    services.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": handler}),))
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -216,3 +216,22 @@ def test_a_grpcurl_style_client_resolves_every_kserve_type(server):
         assert config.fields_by_name["config"].message_type.full_name == "inference.ModelConfig"
         v1 = pool.FindServiceByName(V1)
         assert v1.methods_by_name["Stats"].output_type.full_name == "trtserve.v1.StatsResponse"
+
+
+def test_reflection_v1_answers_as_v1alpha_does(server):
+    """Newer grpcurl asks grpc.reflection.v1 first; its messages are v1alpha's, renamed."""
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        listed = next(iter(call(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")]), timeout=10)))
+        described = next(iter(call(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol=V1)]), timeout=10)))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {V1, KSERVE, "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in described.file_descriptor_response.file_descriptor_proto]
+    assert any(s.name == "InferenceService" for f in files for s in f.service)

@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from client import Client, InferenceError
 from client.convert import infer_request
@@ -176,6 +177,15 @@ def test_every_kind_of_rpc_is_refused_without_a_token(token_server):
         with pytest.raises(grpc.RpcError) as err:
             stub.Stats(pb.StatsRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for version in ("v1", "v1alpha"):  # reflection, both versions
+            reflect = channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            with pytest.raises(grpc.RpcError) as err:
+                list(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                             timeout=10))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, version
 
 
 def test_health_is_open_by_default(token_server):
