@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 
+from service import echo
 from service.backends.base import LoadedModel
 from service.config import ModelConfig
 from service.errors import ConfigError, NotFound
@@ -42,7 +43,7 @@ class ModelRepository:
     def get(self, name: str) -> ModelRuntime:
         model = self._models.get(name)
         if model is None:
-            raise NotFound(f"model '{name}' is not served here; served models: "
+            raise NotFound(f"model '{echo.text(name)}' is not served here; served models: "
                            f"{sorted(self._models)}")
         return model
 
