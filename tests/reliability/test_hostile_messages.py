@@ -18,6 +18,7 @@ import pytest
 
 from client.convert import infer_request
 from service import echo
+from service.frontends.malformed import COUNT_FROM_BYTES, MAX_FIELDS
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -154,7 +155,9 @@ def test_a_malformed_message_ends_a_kserve_stream_after_answering_those_before_i
 
 # --- item 3: many tensors, many dimensions ---------------------------------------------------
 
-MANY = 100_000
+# Tensors or names: many, yet under the limit on fields (malformed.MAX_FIELDS), so
+# that trtserve's own checks are what refuses them.
+MANY = 2_000
 
 
 def test_v1_many_tensors_are_refused_by_the_first_unknown_name_before_any_is_decoded(served):
@@ -228,6 +231,55 @@ def test_many_outputs_are_refused_by_the_first_repeat(served):
     code, message = refusal(pb_grpc.InferenceServiceStub(channel).Infer, request)
     assert code == INVALID
     assert "tensor 'y': requested more than once" in message
+
+
+def test_a_message_of_too_many_fields_is_refused_unparsed(served, caplog):
+    """A million empty tensors: refused after MAX_FIELDS of them were counted."""
+    _, channel = served
+    inputs = pb.InferRequest.DESCRIPTOR.fields_by_name["inputs"].number
+    data = pb.InferRequest(model=MODEL).SerializeToString() + _field(inputs, b"") * 1_000_000
+    with caplog.at_level(logging.DEBUG):
+        code, message = refusal(channel.unary_unary(V1 + "Infer"), data)
+    assert code == INVALID, message
+    assert f"malformed trtserve.v1.InferRequest message: its {len(data)} bytes hold more " \
+        f"than {MAX_FIELDS} fields" in message
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    still_serving(channel)
+
+
+def test_too_many_fields_in_a_kserve_stream_end_it_after_the_answers_before(served):
+    _, channel = served
+    good = kpb.ModelInferRequest(model_name=MODEL, id="k0")
+    good.inputs.add(name="x", datatype="FP32", shape=[2, 8])
+    good.raw_input_contents.append(X.tobytes())
+    flood = kpb.ModelInferRequest(model_name=MODEL)
+    flood.parameters["p"].bool_param = True
+    entry = flood.SerializeToString()[len(kpb.ModelInferRequest(
+        model_name=MODEL).SerializeToString()):]
+    call = channel.stream_stream(KSERVE + "ModelStreamInfer")
+    answers = []
+    flood_bytes = entry * (COUNT_FROM_BYTES // len(entry) + 1)  # 4 fields an entry
+    assert len(flood_bytes) // len(entry) * 4 > MAX_FIELDS
+    with pytest.raises(grpc.RpcError) as err:
+        for data in call(iter([good.SerializeToString(), flood_bytes]), timeout=30):
+            answers.append(kpb.ModelStreamInferResponse.FromString(data))
+    assert err.value.code() == INVALID, err.value.details()
+    assert "(message #2 on this stream)" in (err.value.details() or "")
+    assert f"more than {MAX_FIELDS} fields" in (err.value.details() or "")
+    assert [a.infer_response.id for a in answers] == ["k0"]
+
+
+def test_a_large_request_of_few_fields_is_served(served):
+    """Counting fields is for messages of COUNT_FROM_BYTES or more: a real one passes."""
+    _, channel = served
+    x = np.arange(16 * 8, dtype=np.float32).reshape(16, 8)
+    request = infer_request(MODEL, {"x": x})
+    request.id = "i" * COUNT_FROM_BYTES
+    assert request.ByteSize() > COUNT_FROM_BYTES
+    response = pb_grpc.InferenceServiceStub(channel).Infer(request, timeout=10)
+    (y,) = response.outputs
+    np.testing.assert_array_equal(np.frombuffer(y.data, np.float32).reshape(16, 8), expected(x))
+    assert response.id == request.id
 
 
 # --- item 7: long client strings ---------------------------------------------------------------
