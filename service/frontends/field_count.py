@@ -10,9 +10,14 @@ costs a bounded few milliseconds whatever its size.
 The walk descends into the fields the message's descriptor declares as
 messages (tensors, map entries, typed contents) and steps over everything
 else in one move: a bytes field or a packed array of numbers counts once,
-whatever its length. Anything the walk cannot follow (a truncated field, a
-group, a wire type that does not fit) ends it with "not too many", so that
-the real parser decides; it never accepts what the parser would refuse.
+whatever its length, except a shape (a repeated integer field named `shape`),
+whose dimensions count as fields: 64 MiB of one-byte dimensions parsed for
+1.5 s into 512 MB of int64. A packed varint takes 1 to 10 bytes, so a shape
+of n bytes counts as at least n / 10 dimensions, read in one move.
+
+Anything the walk cannot follow (a truncated field, a group, a wire type that
+does not fit) ends it with "not too many", so that the real parser decides;
+it never accepts what the parser would refuse.
 """
 
 from __future__ import annotations
@@ -21,16 +26,27 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 # Deeper than any request message of ours nests; recursion of types ends here.
 _MAX_DEPTH = 32
-# Per message type: field number -> the field's message type (None: not a message).
-_Plan = dict[int, "Descriptor | None"]
+# A plan's mark for a shape: its length in bytes / 10 is a count of dimensions.
+_DIMS = "dims"
+# Per message type: field number -> the field's message type, _DIMS, or None (other).
+_Plan = dict[int, "Descriptor | str | None"]
 _plans: dict[str, _Plan] = {}
+_INTEGERS = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+             FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64}
+
+
+def _kind(field: FieldDescriptor) -> Descriptor | str | None:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return field.message_type
+    if field.name == "shape" and field.type in _INTEGERS and field.is_repeated:
+        return _DIMS
+    return None
 
 
 def _plan(descriptor: Descriptor) -> _Plan:
     plan = _plans.get(descriptor.full_name)
     if plan is None:
-        plan = {f.number: f.message_type if f.type == FieldDescriptor.TYPE_MESSAGE else None
-                for f in descriptor.fields}
+        plan = {f.number: _kind(f) for f in descriptor.fields}
         _plans[descriptor.full_name] = plan
     return plan
 
@@ -84,6 +100,11 @@ def exceeds(data: bytes, descriptor: Descriptor, limit: int) -> bool:
                 return False
             inner = plan.get(tag >> 3)
             if inner is None:
+                pos += length
+            elif isinstance(inner, str):  # _DIMS, packed: at least one per 10 bytes
+                count += length // 10
+                if count > limit:
+                    return True
                 pos += length
             elif len(stack) < _MAX_DEPTH:
                 stack.append((end, plan))

@@ -33,9 +33,20 @@ def test_every_field_counts_at_every_depth():
 
 
 def test_a_packed_array_counts_once_whatever_its_length():
-    request = pb.InferRequest(model="m")
-    request.inputs.add(name="x", shape=[1] * 100_000, data=b"\0" * 100_000)
-    assert fields(request.SerializeToString(), V1) == 1 + 1 + 3
+    request = kpb.ModelInferRequest(model_name="m")  # 1
+    tensor = request.inputs.add(name="x", datatype="FP32")  # 3
+    tensor.contents.fp32_contents.extend([1.0] * 100_000)  # contents + the packed array: 2
+    assert fields(request.SerializeToString(), K) == 1 + 3 + 2
+
+
+def test_dimensions_count_as_fields_one_per_ten_bytes():
+    """Shapes are the one packed array counted by its length: a varint is 1-10 bytes."""
+    request = pb.InferRequest(model="m")  # 1
+    request.inputs.add(name="x", shape=[1] * 100_000)  # 1 + name 1 + shape 1 + 10,000
+    assert fields(request.SerializeToString(), V1) == 1 + 3 + 10_000
+    k = kpb.ModelInferRequest()
+    k.inputs.add(shape=[2**62] * 1_000)  # 9 bytes each: 900, more than a tenth
+    assert fields(k.SerializeToString(), K) == 1 + 1 + 900
 
 
 def test_fields_past_the_limit_are_never_read():
