@@ -11,6 +11,8 @@ import re
 
 import grpc
 
+from service import echo
+
 
 class ServeError(Exception):
     """Base of errors whose message is safe to send to a client."""
@@ -26,7 +28,8 @@ class TensorError(InvalidArgument):
     """A tensor of a request is wrong; the message names it."""
 
     def __init__(self, tensor: str, problem: str) -> None:
-        super().__init__(f"tensor '{tensor}': {problem}")
+        # The name is the client's: shortened, so the status always fits its trailer.
+        super().__init__(f"tensor '{echo.text(tensor)}': {problem}")
         self.tensor = tensor
 
 

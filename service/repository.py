@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from service import echo
 from service.backends.base import LoadedModel
 from service.config import ModelConfig
 from service.errors import ConfigError, ModelLoadError, NotFound, StartError, first_line
@@ -106,7 +107,7 @@ class ModelRepository:
             if name in self.failed:
                 raise NotFound(f"model '{name}' failed to load when the server started "
                                "(the server log says why)")
-            raise NotFound(f"model '{name}' is not served here; served models: "
+            raise NotFound(f"model '{echo.text(name)}' is not served here; served models: "
                            f"{sorted(self._models)}")
         return model
 

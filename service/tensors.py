@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service import echo
 from service.errors import TensorError
 
 # Wire name -> numpy dtype (little-endian). BF16 is carried as uint16.
@@ -68,13 +69,13 @@ def decode(name: str, dtype: str, shape: Sequence[int], data: bytes) -> np.ndarr
     if np_dtype is None:
         raise TensorError(name, f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     if min(shape, default=0) < 0:
-        raise TensorError(name, f"shape {list(shape)} has a negative dimension")
+        raise TensorError(name, f"shape {echo.dims(shape)} has a negative dimension")
     count = math.prod(shape)
     expected = count * np_dtype.itemsize
     if len(data) != expected:
         raise TensorError(
             name,
-            f"{len(data)} bytes of data, but shape {list(shape)} of {dtype} needs {expected}",
+            f"{len(data)} bytes of data, but shape {echo.dims(shape)} of {dtype} needs {expected}",
         )
     return shaped(name, np.frombuffer(data, dtype=np_dtype, count=count), shape)
 
@@ -88,7 +89,7 @@ def shaped(name: str, array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     try:
         return array.reshape(tuple(shape))
     except ValueError:
-        raise TensorError(name, f"shape {list(shape)} is too large") from None
+        raise TensorError(name, f"shape {echo.dims(shape)} is too large") from None
 
 
 def encode(array: np.ndarray) -> bytes:

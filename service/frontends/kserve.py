@@ -19,7 +19,13 @@ import grpc
 from service.errors import InvalidArgument, NotFound, ServeError
 from service.frontends import kserve_convert as convert
 from service.frontends import kserve_model_config as describe
-from service.frontends.common import MODEL_VERSION, check_version, deadline_of, is_ready
+from service.frontends.common import (
+    MODEL_VERSION,
+    check_inputs,
+    check_version,
+    deadline_of,
+    is_ready,
+)
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.inference import grpc_service_pb2 as pb
@@ -101,6 +107,8 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
         _check_parameters(request)
         deadline = _deadline(request, call_deadline)
+        convert.check_raw_contents(request)
+        check_inputs(model.name, model.spec, request.inputs)
         inputs = convert.decode_inputs(request)
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
         dtypes = {t.name: t.datatype for t in request.inputs}

@@ -27,6 +27,7 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
+from service import echo
 from service.errors import TensorError
 from service.gen.inference import grpc_service_pb2 as pb
 from service.tensors import DTYPES, decode, dtype_name, encode, shaped
@@ -105,22 +106,10 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     arrays. Raises TensorError naming the tensor for every
     malformed input; see the module docstring for the rules.
     """
+    check_raw_contents(request)
     inputs = request.inputs
     raw = request.raw_input_contents
     n_raw = len(raw)
-    if n_raw and n_raw != len(inputs):
-        if n_raw < len(inputs):
-            raise TensorError(
-                inputs[n_raw].name,
-                f"has no raw_input_contents entry: the request has {len(inputs)} inputs but "
-                f"{n_raw} raw_input_contents entries (one per input, in input order)",
-            )
-        # More blobs than inputs: no tensor is at fault, so none is named.
-        raise TensorError(
-            "",
-            f"the request has {n_raw} raw_input_contents entries but only {len(inputs)} "
-            "inputs (one entry per input, in input order)",
-        )
 
     arrays: dict[str, np.ndarray] = {}
     for index, tensor in enumerate(inputs):
@@ -138,7 +127,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             raise TensorError(name, _datatype_problem(datatype))
         shape = tuple(tensor.shape)
         if any(d < 0 for d in shape):
-            raise TensorError(name, f"shape {list(shape)} has a negative dimension; a request "
+            raise TensorError(name, f"shape {echo.dims(shape)} has a negative dimension; a request "
                               "gives concrete sizes")
         if n_raw:
             if tensor.HasField("contents"):
@@ -150,6 +139,25 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         else:
             arrays[name] = _decode_typed(tensor, datatype, np_dtype, shape)
     return arrays
+
+
+def check_raw_contents(request: pb.ModelInferRequest) -> None:
+    """Refuse a request whose raw_input_contents are not one per input (or none)."""
+    inputs = request.inputs
+    n_raw = len(request.raw_input_contents)
+    if n_raw and n_raw != len(inputs):
+        if n_raw < len(inputs):
+            raise TensorError(
+                inputs[n_raw].name,
+                f"has no raw_input_contents entry: the request has {len(inputs)} inputs but "
+                f"{n_raw} raw_input_contents entries (one per input, in input order)",
+            )
+        # More blobs than inputs: no tensor is at fault, so none is named.
+        raise TensorError(
+            "",
+            f"the request has {n_raw} raw_input_contents entries but only {len(inputs)} "
+            "inputs (one entry per input, in input order)",
+        )
 
 
 def check_requested_outputs(
@@ -217,7 +225,7 @@ def _datatype_problem(datatype: str) -> str:
     if datatype == "BYTES":
         return "datatype BYTES (strings) is not supported by trtserve"
     supported = [d for d in KSERVE_DATATYPES if d != "BYTES"]
-    return f"unknown datatype {datatype!r}; expected one of {supported}"
+    return f"unknown datatype {echo.text(datatype)!r}; expected one of {supported}"
 
 
 def _is_ml_bfloat16(dtype: np.dtype) -> bool:
@@ -238,7 +246,7 @@ def _decode_typed(
         if count == 0:
             return shaped(name, np.empty(0, dtype=np_dtype), shape)
         raise TensorError(name, f"has no data: the request has no raw_input_contents and the "
-                          f"input has no contents, but shape {list(shape)} needs {count} "
+                          f"input has no contents, but shape {echo.dims(shape)} needs {count} "
                           "elements")
     field = _TYPED_FIELD.get(datatype)
     if field is None:
@@ -252,7 +260,7 @@ def _decode_typed(
     values = getattr(contents, field)
     if len(values) != count:
         raise TensorError(name, f"contents.{field} has {len(values)} elements, but shape "
-                          f"{list(shape)} needs {count}")
+                          f"{echo.dims(shape)} needs {count}")
     wide = _FIELD_DTYPE[field]
     array = np.fromiter(values, dtype=wide, count=count)
     if wide != np_dtype:
@@ -323,6 +331,7 @@ def _check_typed_possible(name: str, datatype: str) -> None:
 __all__ = [
     "KSERVE_DATATYPES",
     "TensorError",
+    "check_raw_contents",
     "check_requested_outputs",
     "decode_inputs",
     "encode_outputs",

@@ -9,7 +9,7 @@ import grpc
 
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
-from service.frontends.common import deadline_of
+from service.frontends.common import check_inputs, deadline_of
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -25,6 +25,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         model = self._models.get(request.model)
         wanted = convert.check_outputs(request, model.spec)
+        check_inputs(model.name, model.spec, request.inputs)
         inputs, dtypes = convert.decode_inputs(request)
         outputs = await model.infer(inputs, deadline, dtypes)
         return convert.encode_outputs(request, wanted, outputs)

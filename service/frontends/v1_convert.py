@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from service import echo
 from service.backends.base import ModelSpec
 from service.errors import TensorError
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -36,10 +37,20 @@ def decode_inputs(request: pb.InferRequest) -> tuple[dict[str, np.ndarray], dict
             raise TensorError(name, "appears more than once in the request")
         dtype = _ENUM_TO_NAME.get(tensor.dtype)
         if dtype is None:
-            raise TensorError(name, f"dtype enum value {tensor.dtype} is not a known DataType")
+            raise TensorError(name, _dtype_problem(tensor.dtype))
         arrays[name] = decode(name, dtype, tensor.shape, tensor.data)
         dtypes[name] = dtype
     return arrays, dtypes
+
+
+def _dtype_problem(value: int) -> str:
+    expected = f"expected one of {sorted(_NAME_TO_ENUM)}"
+    if value == pb.DATA_TYPE_UNSPECIFIED:
+        # The enum field holds 32 bits: a larger value on the wire reads as its low
+        # 32 bits (2**40 as 0), so 0 does not prove the client sent 0.
+        return ("dtype is DATA_TYPE_UNSPECIFIED (0): not set, or a value outside the enum's "
+                f"32-bit range; {expected}")
+    return f"dtype enum value {value} is not a known DataType; {expected}"
 
 
 def encode_outputs(
@@ -57,16 +68,21 @@ def encode_outputs(
 def check_outputs(request: pb.InferRequest, spec: ModelSpec) -> Sequence[TensorSpec]:
     """The outputs to answer with: those the request names, in its order, else every one.
 
-    A TensorError, before execution, for a named output that does not exist.
+    A TensorError, before execution, for a named output that does not exist or
+    is named twice.
     """
     if not request.outputs:  # most requests: every output
         return spec.outputs
-    wanted = []
+    wanted: list[TensorSpec] = []
+    # Each output once, as KServe does: the n+1st name of a model with n outputs
+    # is unknown or a repeat, so a long list is refused after n+1 names.
     for name in request.outputs:
         tensor_spec = spec.output(name)
         if tensor_spec is None:
-            raise TensorError(name, f"unknown output; model '{request.model}' gives "
+            raise TensorError(name, f"unknown output; model '{echo.text(request.model)}' gives "
                               f"{sorted(t.name for t in spec.outputs)}")
+        if tensor_spec in wanted:
+            raise TensorError(name, "requested more than once")
         wanted.append(tensor_spec)
     return wanted
 

@@ -134,8 +134,8 @@ def v1_cases(draw: st.DrawFn, kind: str) -> Case:
                     [*x_words, f"dtype {dtype}", "FP32"])
     if kind == "unknown_dtype":
         value = draw(st.one_of(st.just(0), st.integers(len(pb.DataType.keys()), 2**31 - 1)))
-        return Case(kind, v1_request(x, dtype=value), INVALID,
-                    [*x_words, f"dtype enum value {value}"])
+        words = ["DATA_TYPE_UNSPECIFIED (0)"] if value == 0 else [f"dtype enum value {value}"]
+        return Case(kind, v1_request(x, dtype=value), INVALID, [*x_words, *words])
     if kind == "shape":
         shape = draw(wrong_shapes(n))
         data = np.zeros(math.prod(shape), np.float32).tobytes()
