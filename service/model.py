@@ -31,6 +31,7 @@ from service.errors import (
     TensorError,
     Unavailable,
 )
+from service.limits import InputLimits
 from service.scheduler import Scheduler
 from service.stats import ModelCounters, WorkerStats
 from service.tensors import dtype_name
@@ -81,6 +82,9 @@ class ModelRuntime:
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
         self._consecutive_failures = [0] * len(self.workers)
         self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
+        # Bytes and dimension bounds per input from the config (ConfigError here if
+        # they name inputs the model lacks).
+        self._limits = InputLimits(config, self.spec)
         self._run_s: dict[_RunKey, float] = {}
         self._inline_below_s = config.inline_below_us / 1e6
         # Batches in flight that were not predicted quick, and when each worker's
@@ -221,6 +225,7 @@ class ModelRuntime:
         if known is not None:
             return known
         result = self._check(inputs, dtypes)
+        self._limits.check(inputs)
         if len(self._validated) < VALIDATED_SIGNATURES:
             self._validated[signature] = result
         return result

@@ -7,9 +7,14 @@ handling they have in common live here so that neither copies the other.
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Mapping
 
+import grpc
+import numpy as np
+
+from service.batch import Outputs
 from service.errors import NotFound
+from service.limits import ByteBudget, request_bytes
 from service.model import ModelRuntime
 from service.timer import now
 
@@ -37,3 +42,20 @@ def check_version(model: str | None, version: str) -> None:
 def is_ready(model: ModelRuntime) -> bool:
     """Accepting requests, with at least one worker in the rotation."""
     return model.ready and model.healthy_workers > 0
+
+
+async def infer_within_budget(model: ModelRuntime, budget: ByteBudget,
+                              inputs: Mapping[str, np.ndarray], deadline: float | None,
+                              dtypes: Mapping[str, str]) -> Outputs:
+    """`model.infer`, holding the inputs' bytes in the server's budget until answered.
+
+    Validation comes first, so that a request that can never run is told so
+    (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The bytes are
+    released once, however the request ends: answered, failed, cancelled or
+    expired.
+    """
+    nbytes = request_bytes(inputs)
+    with budget.settle(nbytes):
+        model.validate(inputs, dtypes)
+        with budget.hold(nbytes):
+            return await model.infer(inputs, deadline, dtypes)
