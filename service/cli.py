@@ -58,7 +58,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "(default 4 MiB, 0 = glibc's own)")
     p.add_argument("--trim-after-request-bytes", type=int,
                    help="give free memory back to the system after a request with this many "
-                        "input bytes (default 16 MiB, 0 = never)")
+                        "input bytes (default 4 MiB, 0 = never)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")

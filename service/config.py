@@ -176,7 +176,7 @@ class ServerConfig:
     malloc_mmap_threshold_bytes: int = 4 * MIB
     # After a request whose inputs held at least this many bytes, glibc's free memory
     # is given back to the system (malloc_trim, off the event loop). 0: never.
-    trim_after_request_bytes: int = 16 * MIB
+    trim_after_request_bytes: int = 4 * MIB
     tls: TlsConfig = field(default_factory=TlsConfig)
     models: tuple[ModelConfig, ...] = ()
 
