@@ -55,7 +55,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "server; more are refused (default 1 GiB, 0 = no budget)")
     p.add_argument("--malloc-mmap-threshold-bytes", type=int,
                    help="glibc: blocks this large get their own mapping, returned when freed "
-                        "(default 4 MiB, 0 = glibc's own)")
+                        "(default 0: glibc's own, up to 32 MiB)")
     p.add_argument("--trim-after-request-bytes", type=int,
                    help="give free memory back to the system after a request with this many "
                         "input bytes (default 4 MiB, 0 = never)")

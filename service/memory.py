@@ -1,13 +1,14 @@
 """Giving memory back to the system after large requests (glibc's malloc; elsewhere a no-op).
 
-A large request leaves memory behind in three places: ONNX Runtime's CPU
-arena (off by default, `models.cpu_memory_arena`), glibc's heaps, whose mmap
-threshold rises to 32 MiB after the first large free so that later large
-tensors are carved from heaps that rarely shrink, and the heaps' free chunks
-between live ones. `tune_malloc` fixes the threshold (large blocks get their
-own mapping, returned when freed); `Trimmer` runs `malloc_trim(0)`, which
-returns the free pages inside every heap, after large requests. Measurements
-are in docs/reliability.md ("Memory").
+A large request leaves memory behind in ONNX Runtime's CPU arena (off by
+default, `models.cpu_memory_arena`) and in glibc's heaps: the free chunks
+between live ones stay resident, and so does the top of a heap below glibc's
+trim threshold, which rises with the large blocks freed (up to 64 MiB).
+`Trimmer` runs `malloc_trim(0)`, which returns the free pages inside every
+heap, after large requests. `tune_malloc` can also fix the mmap threshold
+(large blocks then get their own mapping, returned when freed), at the price
+of page faults on every large temporary. Measurements are in
+docs/reliability.md ("Memory").
 """
 
 from __future__ import annotations
