@@ -18,7 +18,8 @@ import pytest
 
 from client import AsyncClient, Client, InferenceError, KServeClient
 from service.config import ModelConfig, load_toml
-from service.errors import ConfigError
+from service.errors import ConfigError, TensorError
+from service.limits import ByteBudget
 from tests.conftest import server_config
 from tests.doubles.controlled import ControlledBackend, controlled_model, expected
 from tests.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
@@ -200,3 +201,39 @@ def test_request_bytes_in_flight_beyond_the_budget_are_resource_exhausted():
         assert held() == 0
         # The refused requests never reached the model: 16 + 8 + 4 + 4 + 32 rows did.
         assert model_stats(s.url).requests == 5
+
+
+def test_after_a_large_request_however_it_ended_memory_is_given_back(conv_onnx):
+    model = ModelConfig("conv", str(conv_onnx), workers=1)
+    with running_server(server_config(model, trim_after_request_bytes=4 * MIB)) as s, \
+            Client(s.url) as c:
+        trimmer = s.server.trimmer
+        if not trimmer.available:
+            pytest.skip("malloc_trim is glibc's")
+
+        def trims() -> int:
+            async def read() -> int:
+                return trimmer.trims
+            return s.call(read())
+
+        # 4.1 MiB under a name the model lacks: refused after decoding.
+        large = np.zeros((1, 3, 600, 600), np.float32)
+        refused(lambda: c.infer("conv", {"images": large}))
+        wait_for(lambda: trims() == 1, show=trims)
+        assert c.infer("conv", {CONV_INPUT: large})[CONV_OUTPUT].shape == (1, 10)
+        wait_for(lambda: trims() == 2, show=trims)
+
+
+def test_the_budget_reports_large_requests_done_however_they_end():
+    done: list[int] = []
+    budget = ByteBudget(0, large_bytes=100, on_large_done=lambda: done.append(1))
+    with budget.settle(100):
+        pass
+    with pytest.raises(TensorError), budget.settle(200):
+        raise TensorError("x", "refused")
+    with budget.settle(99):
+        pass
+    assert len(done) == 2
+    with budget.hold(10**12):  # no budget: anything fits
+        assert budget.held_bytes == 10**12
+    assert budget.held_bytes == 0
