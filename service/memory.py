@@ -92,6 +92,8 @@ class Trimmer:
 
     def _done(self, future: asyncio.Future[bool]) -> None:
         self._running = None
+        if future.cancelled():
+            return
         self.trims += 1
         if future.exception() is not None:
             log.error("malloc_trim failed", exc_info=future.exception())

@@ -24,6 +24,8 @@ from tests.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
 from tests.reliability.harness import eventually
 from tests.servers import ServerProcess
 
+pytestmark = pytest.mark.slow
+
 MIB = 1024 * 1024
 # What the process may keep after the bursts, over what it held after a warm-up:
 # what it kept was 1-62 MiB with the remedies, 1.2-1.3 GiB without.
