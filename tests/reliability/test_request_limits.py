@@ -9,6 +9,7 @@ so that the bytes in flight are exactly those of the requests the test sent.
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,7 @@ from tests.conftest import server_config
 from tests.doubles.controlled import ControlledBackend, controlled_model, expected
 from tests.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
 from tests.reliability.harness import model_stats, serve_controlled, wait_for
-from tests.servers import running_server
+from tests.servers import free_port, running_server
 
 MIB = 1024 * 1024
 
@@ -237,3 +238,18 @@ def test_the_budget_reports_large_requests_done_however_they_end():
     with budget.hold(10**12):  # no budget: anything fits
         assert budget.held_bytes == 10**12
     assert budget.held_bytes == 0
+
+
+def test_prometheus_shows_the_budget_and_its_refusals():
+    port = free_port()
+    with serve_controlled(server={"max_request_bytes_in_flight": 1024, "metrics_port": port},
+                          max_batch_size=64) as s, Client(s.url) as c:
+        refused(lambda: c.infer("controlled", {"x": x_of(33)}),
+                grpc.StatusCode.RESOURCE_EXHAUSTED)
+        np.testing.assert_array_equal(c.infer("controlled", {"x": x_of(2)})["y"],
+                                      expected(x_of(2)))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            lines = page.read().decode().splitlines()
+        assert "trtserve_request_bytes_budget 1024.0" in lines
+        assert "trtserve_request_bytes_in_flight 0.0" in lines
+        assert "trtserve_requests_over_budget_total 1.0" in lines
