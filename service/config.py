@@ -84,8 +84,9 @@ class ModelConfig:
     # {"images": (0, 3, 2048, 2048)}: dynamic non-batch dimensions bounded from config.
     max_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
     # ONNX Runtime's CPU memory arena: it keeps what the largest batch needed, for
-    # good; off, tensors go back to malloc (no slower on the models measured,
-    # docs/reliability.md "Memory").
+    # good. Off, tensors go back to malloc: no slower on small batches, while a batch
+    # with temporaries over 32 MiB faults them in on every run (about 2x on a conv
+    # batch of 8x3x224x224; docs/reliability.md, "Memory").
     cpu_memory_arena: bool = False
     build: BuildConfig = field(default_factory=BuildConfig)
 

@@ -78,7 +78,7 @@ class OrtExecutor:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The arena grows to what the largest batch needed and keeps it for good (a
         # detector at 3200x3200 left gigabytes); without it tensors go back to malloc,
-        # no slower on the models measured (docs/reliability.md, "Memory").
+        # no slower on small batches (docs/reliability.md, "Memory").
         options.enable_cpu_mem_arena = memory_arena
         self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self._session.get_outputs()]
