@@ -10,8 +10,7 @@ the budget, and retrying later may succeed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -73,10 +72,10 @@ def request_bytes(inputs: Mapping[str, np.ndarray]) -> int:
 class ByteBudget:
     """Input bytes of the requests accepted and not yet answered, over the whole server.
 
-    Owned by the event loop (no locks): frontends `hold` a request's bytes
-    while it is queued and executed. `on_large_done` runs after a request of at
-    least `large_bytes` has finished, however it ended (the server gives
-    memory back to the system there).
+    Owned by the event loop (no locks): frontends `acquire` a request's bytes
+    before it is queued and `release` them once it is answered.
+    `on_large_done` runs after a request of at least `large_bytes` has
+    finished, however it ended (the server gives memory back there).
     """
 
     def __init__(self, limit_bytes: int, large_bytes: int = 0,
@@ -87,9 +86,8 @@ class ByteBudget:
         self._large_bytes = large_bytes
         self._on_large_done = on_large_done
 
-    @contextmanager
-    def hold(self, nbytes: int) -> Iterator[None]:
-        """Count `nbytes` as in flight for the block; ResourceExhausted if they don't fit."""
+    def acquire(self, nbytes: int) -> None:
+        """Count `nbytes` as in flight; ResourceExhausted if they don't fit. Pair with release."""
         if self.limit_bytes and self.held_bytes + nbytes > self.limit_bytes:
             self.refused += 1
             if nbytes > self.limit_bytes:
@@ -101,17 +99,11 @@ class ByteBudget:
                 f"request needs {_size(nbytes)} more (max_request_bytes_in_flight = "
                 f"{_size(self.limit_bytes)}); retry later")
         self.held_bytes += nbytes
-        try:
-            yield
-        finally:
-            self.held_bytes -= nbytes
 
-    @contextmanager
-    def settle(self, nbytes: int) -> Iterator[None]:
-        """Around everything a request does: after a large one, `on_large_done`."""
-        try:
-            yield
-        finally:
-            if self._on_large_done is not None and self._large_bytes \
-                    and nbytes >= self._large_bytes:
-                self._on_large_done()
+    def release(self, nbytes: int) -> None:
+        self.held_bytes -= nbytes
+
+    def finished(self, nbytes: int) -> None:
+        """A request of `nbytes` is over, however it ended: after a large one, `on_large_done`."""
+        if self._on_large_done is not None and self._large_bytes and nbytes >= self._large_bytes:
+            self._on_large_done()

@@ -55,7 +55,12 @@ async def infer_within_budget(model: ModelRuntime, budget: ByteBudget,
     expired.
     """
     nbytes = request_bytes(inputs)
-    with budget.settle(nbytes):
+    try:
         model.validate(inputs, dtypes)
-        with budget.hold(nbytes):
+        budget.acquire(nbytes)
+        try:
             return await model.infer(inputs, deadline, dtypes)
+        finally:
+            budget.release(nbytes)
+    finally:
+        budget.finished(nbytes)

@@ -19,7 +19,7 @@ import pytest
 
 from client import AsyncClient, Client, InferenceError, KServeClient
 from service.config import ModelConfig, load_toml
-from service.errors import ConfigError, TensorError
+from service.errors import ConfigError
 from service.limits import ByteBudget
 from tests.conftest import server_config
 from tests.doubles.controlled import ControlledBackend, controlled_model, expected
@@ -225,19 +225,16 @@ def test_after_a_large_request_however_it_ended_memory_is_given_back(conv_onnx):
         wait_for(lambda: trims() == 2, show=trims)
 
 
-def test_the_budget_reports_large_requests_done_however_they_end():
+def test_the_budget_reports_large_requests_finished_and_refuses_only_with_a_limit():
     done: list[int] = []
     budget = ByteBudget(0, large_bytes=100, on_large_done=lambda: done.append(1))
-    with budget.settle(100):
-        pass
-    with pytest.raises(TensorError), budget.settle(200):
-        raise TensorError("x", "refused")
-    with budget.settle(99):
-        pass
+    for nbytes in (100, 200, 99):
+        budget.finished(nbytes)
     assert len(done) == 2
-    with budget.hold(10**12):  # no budget: anything fits
-        assert budget.held_bytes == 10**12
-    assert budget.held_bytes == 0
+    budget.acquire(10**12)  # no budget: anything fits
+    assert budget.held_bytes == 10**12
+    budget.release(10**12)
+    assert budget.held_bytes == 0 and budget.refused == 0
 
 
 def test_prometheus_shows_the_budget_and_its_refusals():
