@@ -22,7 +22,8 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "device")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
-                "max_send_message_bytes", "max_concurrent_streams")
+                "max_send_message_bytes", "max_concurrent_streams", "max_in_flight_per_stream",
+                "max_unsent_bytes_per_stream")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +49,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest response sent (default 256 MiB)")
     p.add_argument("--max-concurrent-streams", type=int,
                    help="HTTP/2 streams per connection (default 0: gRPC's own)")
+    p.add_argument("--max-in-flight-per-stream", type=int,
+                   help="requests in flight on one stream before it stops reading (default 1024)")
+    p.add_argument("--max-unsent-bytes-per-stream", type=int,
+                   help="answer bytes not yet sent on one stream before it stops reading "
+                        "(default 64 MiB)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")
