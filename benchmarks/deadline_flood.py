@@ -8,6 +8,7 @@ got and the server's Stats counters.
 
     python -m benchmarks.deadline_flood --seconds 10
     python -m benchmarks.deadline_flood --seconds 10 --grpc-experiments ''   # gRPC's defaults
+    python -m benchmarks.deadline_flood --seconds 8 --server probe   # which calls reach Python
 
 The server and both clients run with the same GRPC_EXPERIMENTS
 (`--grpc-experiments`; default: service/grpc_tuning.py's setting).
@@ -38,12 +39,14 @@ def _load(url: str, deadline_s: float | None, concurrency: int, seconds: float,
 
     request = infer_request("example", {"input": np.ones((1, 64), np.float32)}, [])
     codes: collections.Counter[str] = collections.Counter()
+    # Tags the valid calls, so that a server can tell them from the flood's.
+    metadata = (("x-valid", "1"),) if deadline_s is None else None
     details: collections.Counter[str] = collections.Counter()
 
     async def worker(stub: pb_grpc.InferenceServiceStub, end: float) -> None:
         while time.monotonic() < end:
             try:
-                await stub.Infer(request, timeout=deadline_s)
+                await stub.Infer(request, timeout=deadline_s, metadata=metadata)
                 codes["OK"] += 1
             except grpc.aio.AioRpcError as e:
                 codes[e.code().name] += 1
@@ -61,6 +64,41 @@ def _load(url: str, deadline_s: float | None, concurrency: int, seconds: float,
     out.put({"codes": dict(codes), "cancelled_details": dict(details.most_common(5))})
 
 
+_SERVERS = {"trtserve": "service.cli", "floor": "benchmarks.grpc_floor",
+            "probe": "benchmarks.flood_probe_server"}
+
+
+def _stats(url: str) -> dict[str, int]:
+    from client import Client
+
+    with Client(url) as c:
+        model = c.stats("example").models[0]
+    return {"requests": model.requests, "cancelled": model.cancelled,
+            "deadline_exceeded": model.deadline_exceeded}
+
+
+def _wait_serving(server: object) -> None:
+    """Until an Infer call answers (the floor server has no health service)."""
+    import grpc
+    import numpy as np
+
+    from client.convert import infer_request
+    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+
+    request = infer_request("example", {"input": np.ones((1, 64), np.float32)}, [])
+    end = time.monotonic() + 60
+    with grpc.insecure_channel(server.url) as channel:  # type: ignore[attr-defined]
+        stub = pb_grpc.InferenceServiceStub(channel)
+        while True:
+            try:
+                stub.Infer(request, timeout=2)
+                return
+            except grpc.RpcError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from service import grpc_tuning
 
@@ -70,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--valid", type=int, default=8, help="valid calls at a time")
     parser.add_argument("--flood-deadline-ms", type=float, default=1.0)
     parser.add_argument("--grpc-experiments", default=grpc_tuning.EXPERIMENTS)
+    parser.add_argument("--server", choices=tuple(_SERVERS), default="trtserve",
+                        help="floor: benchmarks/grpc_floor.py, a no-op grpc.aio server; "
+                             "probe: benchmarks/flood_probe_server.py, which counts the "
+                             "calls that reach Python")
     args = parser.parse_args(argv)
 
     os.environ["GRPC_EXPERIMENTS"] = args.grpc_experiments
@@ -78,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = write_example(Path(tmp) / "example.onnx")
-        server = ServerProcess(["--model", f"example={model}"],
-                               env={"GRPC_EXPERIMENTS": args.grpc_experiments})
+        env = {"GRPC_EXPERIMENTS": args.grpc_experiments}
+        server = ServerProcess(["--model", f"example={model}"], env=env)
+        if args.server != "trtserve":
+            server.terminate()
+            server._start([_SERVERS[args.server], "--port", str(server.port)], env)
         try:
-            server.wait_ready()
+            _wait_serving(server)
             ctx = multiprocessing.get_context("spawn")
             out: multiprocessing.Queue = ctx.Queue()
             procs = [ctx.Process(target=_load, args=(server.url, deadline, n, args.seconds,
@@ -93,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             results = [out.get(timeout=args.seconds + 120) for _ in procs]
             for p in procs:
                 p.join()
-            from client import Client
-            with Client(server.url) as c:
-                stats = c.stats("example").models[0]
+            stats = _stats(server.url) if args.server == "trtserve" else None
         finally:
             rc, log = server.terminate()
     # Which result is which: the flood's codes hold DEADLINE_EXCEEDED.
@@ -105,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "grpc_experiments": args.grpc_experiments,
         "flood": flood, "valid": valid,
         "valid_cancelled_pct": round(100 * valid["codes"].get("CANCELLED", 0) / max(total, 1), 3),
-        "server_stats": {"requests": stats.requests, "cancelled": stats.cancelled,
-                         "deadline_exceeded": stats.deadline_exceeded},
+        "server": args.server,
+        "server_stats": stats,
         "server_exit": rc,
         "server_log_tail": log.splitlines()[-8:],
     }, indent=1))
