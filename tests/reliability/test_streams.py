@@ -9,6 +9,7 @@ in memory (a fixed number of requests).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,16 @@ def server(example_onnx: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def executed(url: str) -> int:
+    """Requests the example model has accepted, once no more arrive (an earlier
+    test's stalled stream may still be finishing its requests in flight)."""
     with Client(url) as c:
-        return c.stats("example").models[0].requests
+        count = c.stats("example").models[0].requests
+        while True:
+            time.sleep(0.3)
+            now = c.stats("example").models[0].requests
+            if now == count:
+                return count
+            count = now
 
 
 def rss(server: ServerProcess) -> int:
