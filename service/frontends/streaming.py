@@ -6,8 +6,9 @@ answer only once the previous one was sent, and HTTP/2 flow control holds a
 send while the client does not read. While a stream holds its limit of
 requests in flight, or of answer bytes not yet sent, it stops reading its
 requests; gRPC then stops granting the client flow-control window and the
-client's writes wait. A client that sends and never reads therefore gets at
-most `max_in_flight` requests executed, and the server holds at most about
+client's writes wait. A client that sends and never reads therefore gets
+executed at most `max_in_flight` requests plus the answers its own HTTP/2
+receive window took before it closed, and the server holds at most about
 `max_unsent_bytes` of its answers (plus what gRPC buffers), whatever it sends.
 
 Ids. A request's id may not repeat the id of a request still in flight on the
