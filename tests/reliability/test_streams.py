@@ -93,15 +93,21 @@ def make_request(protocol: str, request_id: str, model: str = "example") -> Any:
             else kserve_request(request_id, model))
 
 
-async def send_without_reading(url: str, protocol: str, id_prefix: str, sent: int) -> int:
-    """Write up to `sent` requests (unique ids) on one stream, never reading; how many went.
+async def send_without_reading(server: ServerProcess, protocol: str, id_prefix: str,
+                               sent: int) -> tuple[int, int, int]:
+    """Write up to `sent` requests (unique ids) on one stream, never reading.
 
-    The client's receive window stays at HTTP/2's initial 64 KiB (no BDP probing, which
-    would grow it to megabytes): answers that fit in it are sent while the client never
-    reads, so it decides how many the server runs beyond its bound.
+    Returns how many were written, and, measured while the stream is still open
+    (the server frees what it holds once the call ends), the requests the server
+    executed and its RSS growth. The client's receive window stays at HTTP/2's
+    initial 64 KiB (no BDP probing, which would grow it to megabytes): answers
+    that fit in it are sent while the client never reads, so it decides how many
+    the server runs beyond its bound.
     """
-    async with grpc.aio.insecure_channel(url, options=[("grpc.http2.bdp_probe", 0)]) as channel:
-        call = open_stream(url, protocol, channel)
+    before, rss_before = await asyncio.to_thread(executed, server.url), rss(server)
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(server.url, options=options) as channel:
+        call = open_stream(server.url, protocol, channel)
         written = 0
         for i in range(sent):
             try:
@@ -110,8 +116,10 @@ async def send_without_reading(url: str, protocol: str, id_prefix: str, sent: in
             except TimeoutError:
                 break  # the server stopped reading: the bound holds
             written += 1
+        ran = await asyncio.to_thread(executed, server.url) - before
+        grown = rss(server) - rss_before
         call.cancel()
-        return written
+        return written, ran, grown
 
 
 @pytest.mark.parametrize("protocol", ["v1", "kserve"])
@@ -119,11 +127,8 @@ async def send_without_reading(url: str, protocol: str, id_prefix: str, sent: in
 def test_a_client_that_never_reads_cannot_make_the_server_execute_or_hold_more(
         server: ServerProcess, protocol: str, long_id: bool):
     sent = 2_000 if long_id else 20_000
-    before, rss_before = executed(server.url), rss(server)
-    written = asyncio.run(send_without_reading(
-        server.url, protocol, LONG_ID if long_id else "", sent))
-    ran = executed(server.url) - before
-    grown = rss(server) - rss_before
+    written, ran, grown = asyncio.run(send_without_reading(
+        server, protocol, LONG_ID if long_id else "", sent))
     # Today's code read and ran all of them, holding every answer.
     # The bound, plus the answers the client's 64 KiB window took before it closed
     # (about 300 short answers; none of 128 KiB), plus the writes in the pipe.
