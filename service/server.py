@@ -158,7 +158,7 @@ class Server:
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
             return
-        self._metrics = start_metrics(self.config.metrics_port, self.config.host, self.models)
+        self._metrics = start_metrics(self.config, self.models)
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, answer accepted work, then close."""

@@ -1,0 +1,309 @@
+"""The Prometheus endpoint's HTTP server: one thread, bounded connections and time.
+
+Why not prometheus_client's own server (`start_http_server`, which this
+replaced): it is a ThreadingWSGIServer, one thread per connection and no
+timeouts, so 1,000 half-sent requests made 1,000 threads, and when they
+completed every one of them rendered at once and stalled inference for
+15 s (issue 15). No HTTP server in our dependencies has a header timeout and a
+connection cap; a scrape is one GET, so this is asyncio's stream server on an
+event loop of its own, in one thread, with:
+
+- at most `max_connections` connections held; one more is answered 503 and
+  closed at once, so a flood costs a socket each, briefly, never a thread;
+- `timeout_s` to send a request's headers (a half-sent request is closed),
+  to take the response, and for an idle keep-alive connection; the TLS
+  handshake has the same bound;
+- headers of at most 8 KiB (more: 431 and closed);
+- one render shared by every scrape within `render_interval_s` (`Exposition`),
+  so N scrapers cost the serving loop one short read per interval, not N.
+
+Nothing here runs on the serving event loop except that read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from service import auth
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 8192
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+PATH = "/metrics"
+
+
+@dataclass(frozen=True)
+class ScrapeLimits:
+    """How much of this process one scraper, or all of them, can hold."""
+
+    max_connections: int = 16
+    timeout_s: float = 5.0  # headers in, response out, idle keep-alive, TLS handshake
+    render_interval_s: float = 1.0  # scrapes within it share one render; 0: every scrape
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: bytes
+    gzipped: bytes
+
+
+class RenderError(Exception):
+    """The exposition could not be rendered (the serving loop did not answer in time)."""
+
+
+class Exposition:
+    """The metrics text, rendered at most once per `interval_s`; concurrent scrapes share it.
+
+    Lives on the metrics thread's loop. `render` does the work (it reads the
+    serving loop's state there); a scrape that arrives while a render is in
+    flight waits for that one instead of starting another.
+    """
+
+    def __init__(self, render: Callable[[], Awaitable[bytes]], interval_s: float,
+                 timeout_s: float) -> None:
+        self._render = render
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._cached: Rendered | None = None
+        self._rendered_at = 0.0
+        self._in_flight: asyncio.Future[Rendered] | None = None
+        self.renders = 0  # how many renders ran (for tests and the storm benchmark)
+
+    async def get(self) -> Rendered:
+        now = time.monotonic()
+        if self._cached is not None and now - self._rendered_at < self._interval_s:
+            return self._cached
+        if self._in_flight is None:
+            self._in_flight = asyncio.ensure_future(self._fresh(now))
+            self._in_flight.add_done_callback(self._clear)
+        # shield: one scraper giving up must not cancel the render others wait for.
+        return await asyncio.shield(self._in_flight)
+
+    def _clear(self, future: asyncio.Future[Rendered]) -> None:
+        self._in_flight = None
+        if not future.cancelled():
+            future.exception()  # retrieved: a failed render is reported to each waiter
+
+    async def _fresh(self, started: float) -> Rendered:
+        self.renders += 1
+        try:
+            text = await asyncio.wait_for(self._render(), self._timeout_s)
+        except TimeoutError:
+            raise RenderError(f"the server's stats were not read within "
+                              f"{self._timeout_s:g} s") from None
+        rendered = Rendered(text, gzip.compress(text, compresslevel=5))
+        self._cached, self._rendered_at = rendered, started
+        return rendered
+
+
+@dataclass(frozen=True)
+class _Request:
+    method: str
+    path: str
+    keep_alive: bool
+    headers: dict[str, str]
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def _parse(head: bytes) -> _Request:
+    """The request line and headers of one HTTP/1.x request (a GET: no body)."""
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "undecodable request") from None
+    line, *lines = text.rstrip("\r\n").split("\r\n")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "malformed request line")
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for raw in lines:
+        name, colon, value = raw.partition(":")
+        if not colon or not name or name != name.strip():
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "malformed header")
+        headers[name.lower()] = value.strip()
+    # A body would be read as the next request: refuse any (a scrape has none).
+    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "a scrape request has no body")
+    connection = headers.get("connection", "").lower()
+    keep_alive = "close" not in connection if version == "HTTP/1.1" \
+        else "keep-alive" in connection
+    return _Request(method, target.split("?", 1)[0], keep_alive, headers)
+
+
+def _response(status: HTTPStatus, body: bytes, *, keep_alive: bool,
+              extra: tuple[tuple[bytes, bytes], ...] = (), head_only: bool = False) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status.value, status.phrase.encode()),
+             b"Content-Length: %d" % len(body),
+             b"Connection: " + (b"keep-alive" if keep_alive else b"close"),
+             *(name + b": " + value for name, value in extra)]
+    if not extra or all(name != b"Content-Type" for name, _ in extra):
+        lines.append(b"Content-Type: text/plain; charset=utf-8")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else body)
+
+
+def _plain(status: HTTPStatus, message: str, *, keep_alive: bool = False,
+           extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    return _response(status, message.encode() + b"\n", keep_alive=keep_alive, extra=extra)
+
+
+BUSY = _plain(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections to the metrics endpoint")
+
+
+def bind(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port)."""
+    try:
+        info = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_PASSIVE)
+        family, _, _, _, address = info[0]
+        return socket.create_server(address, family=family, backlog=backlog)
+    except OSError as e:
+        raise OSError(e.errno, f"metrics endpoint: cannot listen on {host}:{port}: "
+                               f"{e.strerror}") from None
+
+
+class MetricsServer:
+    """Serves `GET /metrics` from `exposition` on `sock`, on a thread and loop of its own."""
+
+    def __init__(self, sock: socket.socket, render: Callable[[], Awaitable[bytes]],
+                 limits: ScrapeLimits, *, token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self._sock = sock
+        self._limits = limits
+        self._token_digest = None if token is None else auth.digest(token.encode())
+        self._ssl = ssl_context
+        self.exposition = Exposition(render, limits.render_interval_s, limits.timeout_s)
+        self.port: int = sock.getsockname()[1]
+        self.host: str = sock.getsockname()[0]
+        self.open_connections = 0  # owned by the metrics loop
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="trtserve-metrics", daemon=True)
+        self._thread.start()
+        self._started.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            server = await asyncio.start_server(
+                self._connection, sock=self._sock, limit=MAX_HEADER_BYTES, ssl=self._ssl,
+                ssl_handshake_timeout=self._limits.timeout_s if self._ssl else None)
+        except BaseException as e:  # handed to the constructor, which raises it
+            self._failure = e
+            self._started.set()
+            return
+        self._started.set()
+        await self._stop.wait()
+        server.close()
+        # Connections still open (a scrape mid-response) end now, not with the process.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        if self.open_connections >= self._limits.max_connections:
+            writer.write(BUSY)  # a few bytes: the socket's buffer takes them at once
+            writer.close()
+            return
+        self.open_connections += 1
+        try:
+            await self._requests(reader, writer)
+        except (ConnectionError, ssl.SSLError, TimeoutError):
+            pass  # the peer went away or stalled: nothing to answer
+        except Exception:
+            log.exception("metrics endpoint: unexpected error")
+        finally:
+            self.open_connections -= 1
+            writer.transport.abort()
+
+    async def _requests(self, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        """Answer requests on one connection until it closes, errs or idles out."""
+        timeout_s = self._limits.timeout_s
+        while True:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+            except asyncio.IncompleteReadError:
+                return
+            except asyncio.LimitOverrunError:
+                await self._send(writer, _plain(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                                                f"request headers over {MAX_HEADER_BYTES} "
+                                                "bytes"))
+                return
+            try:
+                request = _parse(head)
+            except _BadRequest as e:
+                await self._send(writer, _plain(e.status, str(e)))
+                return
+            response = await self._answer(request)
+            await self._send(writer, response)
+            if not request.keep_alive:
+                return
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), self._limits.timeout_s)
+
+    async def _answer(self, request: _Request) -> bytes:
+        keep = request.keep_alive
+        if request.method not in ("GET", "HEAD"):
+            return _plain(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD", keep_alive=keep,
+                          extra=((b"Allow", b"GET, HEAD"),))
+        if request.path != PATH:
+            return _plain(HTTPStatus.NOT_FOUND, f"metrics are at {PATH}", keep_alive=keep)
+        if self._token_digest is not None and not auth.bearer_matches(
+                request.headers.get("authorization", ""), self._token_digest):
+            return _plain(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token: send "
+                          "'Authorization: Bearer <token>'", keep_alive=keep,
+                          extra=((b"WWW-Authenticate", b'Bearer realm="trtserve metrics"'),))
+        try:
+            rendered = await self.exposition.get()
+        except RenderError as e:
+            return _plain(HTTPStatus.SERVICE_UNAVAILABLE, str(e), keep_alive=keep)
+        except Exception:
+            log.exception("metrics endpoint: rendering failed")
+            return _plain(HTTPStatus.INTERNAL_SERVER_ERROR, "rendering the metrics failed",
+                          keep_alive=keep)
+        gzipped = "gzip" in request.headers.get("accept-encoding", "").lower()
+        body = rendered.gzipped if gzipped else rendered.text
+        extra = ((b"Content-Type", CONTENT_TYPE),
+                 *(((b"Content-Encoding", b"gzip"),) if gzipped else ()))
+        return _response(HTTPStatus.OK, body, keep_alive=keep, extra=extra,
+                         head_only=request.method == "HEAD")
+
+    def shutdown(self) -> None:
+        """Stop listening, drop open connections, end the thread (within 5 s)."""
+        if self._stop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=5)
+        self._sock.close()
