@@ -48,22 +48,8 @@ INVALID_MESSAGE = "invalid bearer token in 'authorization' metadata"
 SCHEME_MESSAGE = "'authorization' metadata must be 'Bearer <token>'"
 
 
-def digest(value: bytes) -> bytes:
-    """What tokens are compared by: SHA-256, so not even a token's length shows in timing."""
+def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
-
-
-_digest = digest
-
-
-def bearer_matches(header: str, expected_digest: bytes) -> bool:
-    """An HTTP `Authorization` value is `Bearer <token>` with the expected token.
-
-    Constant time, like the gRPC interceptor (the metrics endpoint uses this).
-    """
-    scheme, _, token = header.strip().partition(" ")
-    given = digest(token.strip().encode("latin-1", "replace"))
-    return hmac.compare_digest(given, expected_digest) and scheme.lower() == "bearer"
 
 
 def _deny_handlers(message: str) -> dict[tuple[bool, bool], grpc.RpcMethodHandler]:

@@ -15,13 +15,11 @@ GPU the worker's stream runs on). docs/protocols.md lists every metric.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
-import ssl
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import ProcessCollector, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -32,10 +30,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from service import auth
-from service.config import ServerConfig, TlsConfig
+from service.config import ServerConfig
 from service.errors import ConfigError
 from service.frontends.common import is_ready
-from service.metrics_http import PATH, MetricsServer, ScrapeLimits, bind
+from service.metrics_http import PATH, ScrapeLimits, bind
+from service.metrics_process import MetricsProcess, MetricsStartError
 from service.model import ModelRuntime
 from service.repository import ModelRepository
 from service.stats import DurationHistogram, WorkerStats
@@ -203,87 +202,44 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
     return list(f)
 
 
-class _Snapshot(Collector):
-    """Families read once, plus the process's own (CPU, memory, open files)."""
-
-    def __init__(self, families: list[Metric], process: ProcessCollector) -> None:
-        self._families = families
-        self._process = process
+class _Read(Collector):
+    def __init__(self, read: list[Metric]) -> None:
+        self._read = read
 
     def collect(self) -> Iterable[Metric]:
-        yield from self._families
-        yield from self._process.collect()
+        return self._read
 
 
-class Renderer:
-    """Renders the exposition on the metrics thread from a read on the serving loop.
+def render(models: Iterable[ModelRuntime]) -> bytes:
+    """The exposition text of every model's metrics. Call on the event loop.
 
-    Only `families` (plain attribute reads into Metric objects, well under a
-    millisecond for a few models) runs on the serving loop; the text is
-    formatted on the metrics thread. `Exposition` calls this at most once per
-    render interval, however many scrapers there are.
+    The metrics process asks for it at most once per render interval; the
+    process metrics (CPU, memory, files) it adds itself, from /proc.
     """
-
-    def __init__(self, repository: ModelRepository,
-                 serving_loop: asyncio.AbstractEventLoop | None) -> None:
-        self._models = repository
-        self._loop = serving_loop
-        self._process = ProcessCollector(namespace=PREFIX, registry=None)
-
-    async def _read(self) -> list[Metric]:
-        return families(self._models)
-
-    async def __call__(self) -> bytes:
-        if self._loop is None or self._loop is _running_loop():
-            read = families(self._models)
-        else:
-            read = await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(self._read(), self._loop))
-        return generate_latest(_Snapshot(read, self._process))
+    return generate_latest(_Read(families(models)))
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def tls_context(tls: TlsConfig) -> ssl.SSLContext:
-    """The gRPC server's certificate and key (and client CA: mutual TLS) for HTTPS."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"server.metrics_tls: cannot load server.tls.cert_file "
-                          f"{tls.cert_file} with its key_file {tls.key_file}: {e}") from None
-    if tls.client_ca_file:
-        try:
-            context.load_verify_locations(tls.client_ca_file)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"server.metrics_tls: cannot load server.tls.client_ca_file "
-                              f"{tls.client_ca_file}: {e}") from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def start_metrics(config: ServerConfig, repository: ModelRepository) -> MetricsServer:
+def start_metrics(config: ServerConfig, repository: ModelRepository) -> MetricsProcess:
     """Serve Prometheus metrics for `repository` on metrics_host:metrics_port.
 
-    Call on the event loop that owns the models: scrapes read their stats there.
+    Call on the event loop that owns the models: renders read their stats there.
+    The HTTP side runs in a child process (service/metrics_child.py).
     """
     token = auth.load_token(config.auth_token_file) if config.metrics_requires_auth else None
     if config.metrics_requires_auth and token is None:
         raise ConfigError(f"server.metrics_requires_auth: got True, but no token is set "
                           f"(server.auth_token_file or {auth.TOKEN_ENV})")
-    context = tls_context(config.tls) if config.metrics_tls else None
+    tls = {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file,
+           "client_ca_file": config.tls.client_ca_file} if config.metrics_tls else None
     limits = ScrapeLimits(config.metrics_max_connections, config.metrics_timeout_s,
                           config.metrics_render_interval_s)
     sock = bind(config.metrics_host, config.metrics_port, backlog=limits.max_connections)
-    server = MetricsServer(sock, Renderer(repository, _running_loop()), limits, token=token,
-                           ssl_context=context)
-    scheme = "https" if context else "http"
+    try:
+        server = MetricsProcess(sock, lambda: render(repository), limits, token=token, tls=tls)
+    except MetricsStartError as e:
+        sock.close()
+        raise ConfigError(str(e)) from None
+    scheme = "https" if tls else "http"
     log.info("Prometheus metrics on %s://%s:%d%s (%s)", scheme, config.metrics_host,
              server.port, PATH, "bearer token required" if token else "no token")
     if not _is_loopback(config.metrics_host) and token is None:

@@ -23,18 +23,16 @@ Nothing here runs on the serving event loop except that read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
+import hashlib
+import hmac
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-
-from service import auth
 
 log = logging.getLogger(__name__)
 
@@ -178,55 +176,44 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
                                f"{e.strerror}") from None
 
 
-class MetricsServer:
-    """Serves `GET /metrics` from `exposition` on `sock`, on a thread and loop of its own."""
+def _digest(value: bytes) -> bytes:
+    # As service/auth.py compares gRPC tokens (that module imports grpc, which this
+    # process has no other use for): SHA-256 digests in constant time.
+    return hashlib.sha256(value).digest()
+
+
+def bearer_matches(header: str, expected_digest: bytes) -> bool:
+    """An `Authorization` value is `Bearer <token>` with the expected token."""
+    scheme, _, token = header.strip().partition(" ")
+    given = _digest(token.strip().encode("latin-1", "replace"))
+    return hmac.compare_digest(given, expected_digest) and scheme.lower() == "bearer"
+
+
+class ScrapeServer:
+    """Serves `GET /metrics` from `render` on `sock`, on the running event loop."""
 
     def __init__(self, sock: socket.socket, render: Callable[[], Awaitable[bytes]],
                  limits: ScrapeLimits, *, token: str | None = None,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self._sock = sock
         self._limits = limits
-        self._token_digest = None if token is None else auth.digest(token.encode())
+        self._token_digest = None if token is None else _digest(token.encode())
         self._ssl = ssl_context
         self.exposition = Exposition(render, limits.render_interval_s, limits.timeout_s)
-        self.port: int = sock.getsockname()[1]
-        self.host: str = sock.getsockname()[0]
-        self.open_connections = 0  # owned by the metrics loop
-        self._loop = asyncio.new_event_loop()
-        self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._failure: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="trtserve-metrics", daemon=True)
-        self._thread.start()
-        self._started.wait()
-        if self._failure is not None:
-            raise self._failure
+        self.open_connections = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._serve())
-        finally:
-            self._loop.close()
+    async def start(self) -> asyncio.Server:
+        return await asyncio.start_server(
+            self._connection, sock=self._sock, limit=MAX_HEADER_BYTES, ssl=self._ssl,
+            ssl_handshake_timeout=self._limits.timeout_s if self._ssl else None)
 
-    async def _serve(self) -> None:
-        self._stop = asyncio.Event()
-        try:
-            server = await asyncio.start_server(
-                self._connection, sock=self._sock, limit=MAX_HEADER_BYTES, ssl=self._ssl,
-                ssl_handshake_timeout=self._limits.timeout_s if self._ssl else None)
-        except BaseException as e:  # handed to the constructor, which raises it
-            self._failure = e
-            self._started.set()
-            return
-        self._started.set()
-        await self._stop.wait()
+    async def close(self, server: asyncio.Server) -> None:
+        """Stop listening and drop every open connection."""
         server.close()
-        # Connections still open (a scrape mid-response) end now, not with the process.
-        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -235,6 +222,9 @@ class MetricsServer:
             writer.close()
             return
         self.open_connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             await self._requests(reader, writer)
         except (ConnectionError, ssl.SSLError, TimeoutError):
@@ -243,6 +233,7 @@ class MetricsServer:
             log.exception("metrics endpoint: unexpected error")
         finally:
             self.open_connections -= 1
+            self._tasks.discard(task)
             writer.transport.abort()
 
     async def _requests(self, reader: asyncio.StreamReader,
@@ -280,7 +271,7 @@ class MetricsServer:
                           extra=((b"Allow", b"GET, HEAD"),))
         if request.path != PATH:
             return _plain(HTTPStatus.NOT_FOUND, f"metrics are at {PATH}", keep_alive=keep)
-        if self._token_digest is not None and not auth.bearer_matches(
+        if self._token_digest is not None and not bearer_matches(
                 request.headers.get("authorization", ""), self._token_digest):
             return _plain(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token: send "
                           "'Authorization: Bearer <token>'", keep_alive=keep,
@@ -299,11 +290,3 @@ class MetricsServer:
                  *(((b"Content-Encoding", b"gzip"),) if gzipped else ()))
         return _response(HTTPStatus.OK, body, keep_alive=keep, extra=extra,
                          head_only=request.method == "HEAD")
-
-    def shutdown(self) -> None:
-        """Stop listening, drop open connections, end the thread (within 5 s)."""
-        if self._stop is not None and not self._loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed in between
-                self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=5)
-        self._sock.close()

@@ -26,7 +26,8 @@ from service.errors import ConfigError
 from service.frontends.kserve import add_to_server
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
-from service.metrics import MetricsServer, start_metrics
+from service.metrics import start_metrics
+from service.metrics_process import MetricsProcess
 from service.model import ModelRuntime
 from service.repository import ModelRepository
 
@@ -44,7 +45,7 @@ class Server:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._metrics: MetricsServer | None = None
+        self._metrics: MetricsProcess | None = None
         self._stopping = asyncio.Event()
         self._services: list[str] = [V1_SERVICE]
         self._background: set[asyncio.Task[None]] = set()

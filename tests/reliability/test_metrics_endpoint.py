@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import http.client
+import os
 import socket
 import ssl
 import threading
@@ -31,7 +32,7 @@ from service.repository import ModelRepository
 from tests.conftest import server_config
 from tests.reliability.certs import authority
 from tests.reliability.harness import SERVING, health_status
-from tests.servers import ServerThread, free_port, running_server
+from tests.servers import ServerProcess, ServerThread, free_port, running_server
 
 TOKEN = "metrics-Token_0123.~+/="
 HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: trtserve\r\n"  # no blank line: never ends
@@ -111,7 +112,9 @@ def test_half_sent_requests_hold_no_threads_and_inference_and_health_keep_answer
             assert most <= baseline + 1, f"{most - baseline} threads for 250 half-sent requests"
             inference_and_health_answer(s.url)
             metrics = s.server._metrics
-            assert metrics is not None and metrics.open_connections == max_connections
+            assert metrics is not None
+            # The scrapes are served by a process of their own, one thread.
+            assert psutil.Process(metrics.proc.pid).num_threads() == 1
 
             # Now every one of them completes at once.
             for sock in socks:
@@ -129,8 +132,9 @@ def test_half_sent_requests_hold_no_threads_and_inference_and_health_keep_answer
                 refused += head.startswith(b"HTTP/1.1 503") or not head
             assert (answered, refused) == (max_connections, 250 - max_connections)
             # Eight scrapes at once cost the serving loop one render.
-            assert metrics.exposition.renders == 1
+            assert metrics.renders == 1
             assert threading.active_count() <= baseline + 1
+            assert psutil.Process(metrics.proc.pid).num_threads() == 1
         finally:
             for sock in socks:
                 sock.close()
@@ -274,4 +278,33 @@ def test_scrapes_within_the_render_interval_share_one_render(example_onnx):
     with serving(example_onnx, metrics_render_interval_s=60.0) as (s, port):
         for _ in range(20):
             assert get(port)[0] == 200
-        assert s.server._metrics is not None and s.server._metrics.exposition.renders == 1
+        assert s.server._metrics is not None and s.server._metrics.renders == 1
+
+
+# --- the metrics process ------------------------------------------------------------
+
+
+def test_scrapes_run_in_a_lower_priority_process_that_ends_with_the_server(example_onnx):
+    with serving(example_onnx) as (s, port):
+        metrics = s.server._metrics
+        assert metrics is not None
+        child = psutil.Process(metrics.proc.pid)
+        assert child.ppid() == os.getpid() and child.nice() == os.nice(0) + 10
+        assert get(port)[0] == 200
+    assert metrics.proc.poll() is not None, "the metrics process outlived the server"
+
+
+def test_the_metrics_process_exits_when_the_server_is_killed(example_onnx):
+    metrics_port = free_port()
+    server = ServerProcess(["--model", f"example={example_onnx}", "--workers", "1",
+                            "--metrics-port", str(metrics_port)])
+    try:
+        server.wait_ready()
+        assert get(metrics_port)[0] == 200
+        [child] = psutil.Process(server.proc.pid).children()
+        server.proc.kill()
+        child.wait(timeout=10)  # psutil.TimeoutExpired: an orphan kept serving
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+        server.proc.wait()
