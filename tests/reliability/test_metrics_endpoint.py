@@ -8,6 +8,7 @@ thread each forever; the port bound the gRPC `--host`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import http.client
@@ -308,3 +309,18 @@ def test_the_metrics_process_exits_when_the_server_is_killed(example_onnx):
         if server.proc.poll() is None:
             server.proc.kill()
         server.proc.wait()
+
+
+def test_a_certificate_the_metrics_process_cannot_load_refuses_to_start(tmp_path):
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    config = ServerConfig(metrics_port=free_port(), metrics_tls=True,
+                          tls=TlsConfig(cert_file=str(cert), key_file=str(key)))
+
+    async def start() -> None:
+        start_metrics(config, ModelRepository())
+
+    with pytest.raises(ConfigError, match=r"server\.metrics_tls: cannot load") as err:
+        asyncio.run(start())
+    assert str(cert) in str(err.value)
