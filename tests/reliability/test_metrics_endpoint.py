@@ -295,6 +295,22 @@ def test_scrapes_run_in_a_lower_priority_process_that_ends_with_the_server(examp
     assert metrics.proc.poll() is not None, "the metrics process outlived the server"
 
 
+def test_a_metrics_process_that_dies_is_replaced(example_onnx):
+    with serving(example_onnx) as (s, port):
+        metrics = s.server._metrics
+        assert metrics is not None
+        first = metrics.proc
+        first.kill()
+        deadline, status = time.monotonic() + 20, 0
+        while time.monotonic() < deadline:
+            if metrics.restarts == 1:
+                status = get(port)[0]
+                break
+            time.sleep(0.05)
+        assert status == 200 and metrics.proc.pid != first.pid
+        inference_and_health_answer(s.url)
+
+
 def test_the_metrics_process_exits_when_the_server_is_killed(example_onnx):
     metrics_port = free_port()
     server = ServerProcess(["--model", f"example={example_onnx}", "--workers", "1",
