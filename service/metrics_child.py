@@ -2,7 +2,8 @@
 
 It serves HTTP on the listening socket the server bound (so bind errors are
 the server's, in its own words) and asks the server, over a socketpair, for
-the model metrics at most once per render interval. Everything a scraper can
+the model metrics at most once per render interval (pickled families, which
+it formats as text here). Everything a scraper can
 cost (connections, parsing, TLS, gzip, the process's own /proc readings)
 is paid here, in another process and at a lower CPU priority (nice 10), so
 no scrape load takes the serving process's GIL or event loop.
@@ -13,7 +14,8 @@ shows). It exits when the server closes the link (or dies).
 The link, both ways binary: the child sends b"S" + 8 zero bytes once it
 serves, or b"E" + 8-byte length + a UTF-8 message if it cannot; then
 b"R" + an 8-byte sequence number per render it needs, and the server
-answers each with the sequence number, an 8-byte length and the text.
+answers each with the sequence number, an 8-byte length and the pickled
+metric families (service.metrics.snapshot).
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import asyncio
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import ssl
 import sys
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import ProcessCollector, generate_latest
+from prometheus_client import Metric, ProcessCollector, generate_latest
 
 from service.metrics_http import ScrapeLimits, ScrapeServer
 
@@ -93,15 +97,16 @@ class ServerLink:
                 future.set_result(text)
 
 
-class _Process:
-    """prometheus_client's process metrics of the server (not of this child)."""
+class _Scrape:
+    """The server's model families, then its process metrics (not this child's)."""
 
-    def __init__(self, pid: int) -> None:
-        self._collector = ProcessCollector(namespace="trtserve", pid=lambda: pid,
-                                           registry=None)
+    def __init__(self, families: list[Metric], process: ProcessCollector) -> None:
+        self._families = families
+        self._process = process
 
-    def collect(self) -> Any:
-        return self._collector.collect()
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+        yield from self._process.collect()
 
 
 async def serve(setup: dict[str, Any]) -> None:
@@ -112,10 +117,15 @@ async def serve(setup: dict[str, Any]) -> None:
     try:
         tls = setup["tls"]
         context = tls_context(**tls) if tls else None
-        process = _Process(setup["server_pid"])
+        server_pid = setup["server_pid"]
+        process = ProcessCollector(namespace="trtserve", pid=lambda: server_pid, registry=None)
 
         async def render() -> bytes:
-            return await server.render() + generate_latest(process)
+            snapshot = await server.render()
+            # The server's own pickle (service.metrics.snapshot), over a socketpair only
+            # it holds; empty when its read failed (it logged why).
+            families = pickle.loads(snapshot) if snapshot else []
+            return generate_latest(_Scrape(families, process))
 
         scrapes = ScrapeServer(listener, render, ScrapeLimits(**setup["limits"]),
                                token=setup["token"], ssl_context=context)

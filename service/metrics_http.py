@@ -1,12 +1,13 @@
 """The Prometheus endpoint's HTTP server: one thread, bounded connections and time.
 
+It runs in the metrics process (service/metrics_child.py), never in the server.
 Why not prometheus_client's own server (`start_http_server`, which this
 replaced): it is a ThreadingWSGIServer, one thread per connection and no
 timeouts, so 1,000 half-sent requests made 1,000 threads, and when they
 completed every one of them rendered at once and stalled inference for
-15 s (issue 15). No HTTP server in our dependencies has a header timeout and a
-connection cap; a scrape is one GET, so this is asyncio's stream server on an
-event loop of its own, in one thread, with:
+15 s (issue 15). No HTTP server among our dependencies has a header timeout and
+a connection cap (adding aiohttp or uvicorn for one GET did not pay); a scrape
+is one GET, so this is asyncio's stream server, one event loop, with:
 
 - at most `max_connections` connections held; one more is answered 503 and
   closed at once, so a flood costs a socket each, briefly, never a thread;
@@ -17,7 +18,7 @@ event loop of its own, in one thread, with:
 - one render shared by every scrape within `render_interval_s` (`Exposition`),
   so N scrapers cost the serving loop one short read per interval, not N.
 
-Nothing here runs on the serving event loop except that read.
+The one render per interval is the server's only share of a scrape.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The server's side of the metrics process (service/metrics_child.py).
 
 The server binds the metrics socket, starts the child with it, and answers the
-child's render requests on its own event loop: one read of the stats and one
-formatting per request, and the child asks at most once per render interval
-however many scrapers it serves. Nothing else about a scrape happens here.
+child's render requests on its own event loop: one read of the stats, pickled
+(the child formats the text), and the child asks at most once per render
+interval however many scrapers it serves. Nothing else about a scrape happens here.
 """
 
 from __future__ import annotations
