@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gzip
 import http.client
+import logging
 import os
 import socket
 import ssl
@@ -193,11 +194,14 @@ def test_metrics_bind_loopback_by_default_not_the_grpc_host(example_onnx):
         assert listening == ["127.0.0.1"]
 
 
-def test_metrics_host_is_its_own_setting(example_onnx):
-    with serving(example_onnx, metrics_host="0.0.0.0") as (_, port):
+def test_metrics_host_is_its_own_setting(example_onnx, caplog):
+    with caplog.at_level(logging.WARNING, logger="service.metrics"), \
+            serving(example_onnx, metrics_host="0.0.0.0") as (_, port):
         listening = [c.laddr.ip for c in psutil.Process().net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         assert listening == ["0.0.0.0"]
+    assert any("metrics on 0.0.0.0 without a token" in r.getMessage()
+               for r in caplog.records)
 
 
 # --- token and TLS -------------------------------------------------------------------
