@@ -10,8 +10,10 @@ storm of `--scrapers` scrapers each fetching /metrics in a loop (a new
 connection per scrape, as a flood would), and quiet again. The scrapers run
 in a separate process, so their own CPU does not slow the callers' process;
 they do share the machine's cores with the server, as a storm would.
-`--half-sent N` adds N connections that send half a request and wait.
-Prints one JSON object.
+`--half-sent N` first opens N connections that each send half a request,
+counts the server's threads, then completes all N at once and measures
+inference latency right after (issue 15: 1,000 of them stalled inference
+for 15 s). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from client import AsyncClient
+from client import AsyncClient, Client
 from service.example_model import write_example
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +117,30 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60)
     raise RuntimeError("the server did not become ready")
 
 
+def _half_sent(url: str, metrics_port: int, n: int, clients: int, seconds: float,
+               server_pid: int) -> dict[str, object]:
+    held = []
+    for _ in range(n):
+        with contextlib.suppress(OSError):
+            s = socket.create_connection(("127.0.0.1", metrics_port), timeout=5)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            held.append(s)
+    time.sleep(2.0)  # the old server makes its threads as it accepts
+    threads = psutil.Process(server_pid).num_threads()
+    for s in held:
+        with contextlib.suppress(OSError):
+            s.sendall(b"\r\n")
+    start = time.perf_counter()
+    with Client(url) as c:  # the first call after they complete: the issue's stall
+        c.infer("example", {"input": np.ones((1, 64), np.float32)}, timeout=120)
+    first_ms = round((time.perf_counter() - start) * 1e3, 1)
+    latency = _summary(asyncio.run(_latencies(url, clients, seconds)), seconds)
+    for s in held:
+        s.close()
+    return {"connections": len(held), "server_threads_while_held": threads,
+            "first_call_after_completing_ms": first_ms, **latency}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server-root", default=str(ROOT),
@@ -146,12 +172,9 @@ def main() -> None:
                                              psutil.Process(proc.pid).num_threads()}
             result["quiet_before"] = _summary(
                 asyncio.run(_latencies(url, args.clients, args.seconds)), args.seconds)
-            held = []
-            for _ in range(args.half_sent):
-                with contextlib.suppress(OSError):
-                    s = socket.create_connection(("127.0.0.1", metrics_port), timeout=5)
-                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
-                    held.append(s)
+            if args.half_sent:
+                result["half_sent_completed"] = _half_sent(
+                    url, metrics_port, args.half_sent, args.clients, args.seconds, proc.pid)
             stop, counts = mp.Event(), mp.Value("q", 0)
             storm = mp.Process(target=_scrape_loop,
                                args=(metrics_port, args.scrapers, stop, counts), daemon=True)
@@ -165,8 +188,6 @@ def main() -> None:
             result["server_threads_in_storm"] = psutil.Process(proc.pid).num_threads()
             stop.set()
             storm.join(40)
-            for s in held:
-                s.close()
             result["quiet_after"] = _summary(
                 asyncio.run(_latencies(url, args.clients, args.seconds)), args.seconds)
             print(json.dumps(result, indent=2))
