@@ -281,8 +281,9 @@ def test_bad_requests_get_clear_statuses_and_good_ones_gzip(example_onnx):
 
 def test_scrapes_within_the_render_interval_share_one_render(example_onnx):
     with serving(example_onnx, metrics_render_interval_s=60.0) as (s, port):
-        for _ in range(20):
-            assert get(port)[0] == 200
+        answers = [get(port) for _ in range(20)]
+        assert [status for status, _, _ in answers] == [200] * 20, answers[0]
+        assert len({body for _, _, body in answers}) == 1  # the same text, twenty times
         assert s.server._metrics is not None and s.server._metrics.renders == 1
 
 
