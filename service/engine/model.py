@@ -1,11 +1,12 @@
 """A served model: validation, the batcher, the scheduler and the worker pool.
 
 Everything here runs on the event loop; workers report back through
-`_on_done`, one callback per batch. A batch expected to be quick, with the
-model otherwise idle, runs on the loop itself (`inline_below_us`): handing it
-to a worker's thread and back costs two thread wake-ups, which on a small
-model is more than the batch (26-80 us of p50 against ~20 us on the benchmark
-machine, docs/benchmarks.md). Where a quick batch cannot run on the loop (a
+`_on_done`, one callback per batch. The model is its batcher's Dispatcher
+(`dispatch`, `drop`, `hold_s`); the protocol side reaches it only through
+engine/local.py. A batch expected to be quick, with the model otherwise idle,
+runs on the loop itself (`inline_below_us`): handing it to a worker's thread and
+back costs two thread wake-ups, which on a small model is more than the batch
+(docs/benchmarks.md has the measurements). Where a quick batch cannot run on the loop (a
 TensorRT worker owns its stream), it waits for the quick batch in flight rather
 than taking a second worker: it carries more rows, and the loop, not the
 backend, is what a quick batch costs (docs/benchmarks-gpu.md, section 3).
@@ -17,13 +18,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
 from service.backends.base import BatchResult, LoadedModel, ModelSpec
-from service.batch import Batch, Outputs, Request
-from service.batcher import Batcher, BatchPolicy
 from service.config import ModelConfig
+from service.engine.api import (
+    MODEL_VERSION,
+    BatchingDescription,
+    ModelDescription,
+    ModelSnapshot,
+)
+from service.engine.batch import Batch, Outputs, Request, Validated
+from service.engine.batcher import Batcher, BatchPolicy
+from service.engine.scheduler import Scheduler
+from service.engine.stats import ModelCounters, Samples, WorkerStats
+from service.engine.timer import now
+from service.engine.worker import Outcome, Worker
 from service.errors import (
     BackendError,
     DeadlineExceeded,
@@ -35,11 +47,7 @@ from service.errors import (
     Unavailable,
 )
 from service.limits import InputLimits
-from service.scheduler import Scheduler
-from service.stats import ModelCounters, WorkerStats
 from service.tensors import TensorSpec, dtype_name
-from service.timer import now
-from service.worker import Outcome, Worker
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,6 @@ class ModelRuntime:
         self.config = config
         self.spec: ModelSpec = loaded.spec
         self._loaded = loaded
-        self._window_s = stats_window_s
         self.counters = ModelCounters()
         profiles = self.spec.profiles
         # Factories come profile-major: workers [0, k) on profile 0, [k, 2k) on 1, ...
@@ -84,6 +91,8 @@ class ModelRuntime:
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
+        # Batches handed to each worker and not finished (0 or 1: a worker runs one at a time).
+        self._in_flight = [0] * len(self.workers)
         self._consecutive_failures = [0] * len(self.workers)
         # Workers out of the rotation: the wait before the next rebuild (doubled by
         # each one, back to the start by a batch served), and its timer.
@@ -91,7 +100,7 @@ class ModelRuntime:
         self._retry_timers: list[asyncio.TimerHandle | None] = [None] * len(self.workers)
         # Outputs whose shape disagreed with the declaration, logged once each.
         self._shape_warned: set[str] = set()
-        self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
+        self._validated: dict[_Signature, Validated] = {}
         # Bytes and dimension bounds per input from the config (ConfigError here if
         # they name inputs the model lacks).
         self._limits = InputLimits(config, self.spec)
@@ -114,6 +123,7 @@ class ModelRuntime:
             max_queue_size=config.max_queue_size,
         )
         self._batcher: Batcher | None = None
+        self._description: ModelDescription | None = None
         self._batcher_task: asyncio.Task[None] | None = None
         self._idle: asyncio.Event | None = None
         self.ready = False
@@ -128,18 +138,10 @@ class ModelRuntime:
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers))
         for worker, stats in zip(self.workers, self.worker_stats, strict=True):
-            info = worker.info
-            stats.profile, stats.device, stats.stream = info.profile, info.device, info.stream
-            stats.stream_non_blocking, stats.aux_streams = info.stream_non_blocking, \
-                info.aux_streams
-            stats.min_batch_size, stats.max_batch_size = info.min_batch_size, \
-                info.max_batch_size
-            for bucket, reason in info.capture_failures:
-                stats.record_capture_failure(bucket, reason)
+            stats.started_on(worker.info)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._batcher = Batcher(self.name, self.policy, self.scheduler, self._dispatch,
-                                self._drop, self._hold_s)
+        self._batcher = Batcher(self.name, self.policy, self.scheduler, self)
         self._batcher_task = asyncio.create_task(self._batcher.run(), name=f"{self.name}-batcher")
         self.ready = True
 
@@ -170,28 +172,69 @@ class ModelRuntime:
 
     @property
     def in_flight(self) -> int:
-        return sum(s.in_flight for s in self.worker_stats)
+        return sum(self._in_flight)
 
     @property
     def healthy_workers(self) -> int:
         return sum(w.healthy for w in self.workers)
+
+    def description(self) -> ModelDescription:
+        """What the protocol side may know of this model; the same while it is loaded.
+
+        Computed once, once the workers have started (where each runs is known then):
+        frontends ask for it on every request.
+        """
+        if self._description is None or not self.ready:
+            self._description = self._describe()
+        return self._description
+
+    def _describe(self) -> ModelDescription:
+        return ModelDescription(
+            name=self.name, version=MODEL_VERSION, spec=self.spec, config=self.config,
+            batching=BatchingDescription(
+                max_batch_size=self.max_batch_size,
+                max_rows_per_request=self.max_rows_per_request,
+                max_queue_delay_s=self.policy.max_queue_delay_s,
+                preferred_batch_sizes=tuple(self.policy.preferred_batch_sizes),
+                max_queue_size=self.policy.max_queue_size),
+            # The profile a worker serves is the scheduler's (its ProfileSpec), whatever
+            # its executor reported.
+            workers=tuple(replace(s.info, profile=w.profile.index)
+                          for w, s in zip(self.workers, self.worker_stats, strict=True)))
+
+    def snapshot(self) -> ModelSnapshot:
+        """The model's counters and every worker's, read now (on the event loop)."""
+        queue, compute = Samples(), Samples()
+        for stats in self.worker_stats:
+            queue.extend(stats.queue_time)
+            compute.extend(stats.compute_time)
+        healthy = self.healthy_workers
+        return ModelSnapshot(
+            name=self.name, version=MODEL_VERSION, ready=self.ready and healthy > 0,
+            healthy_workers=healthy, queue_depth=self.queue_depth, in_flight=self.in_flight,
+            counters=self.counters.snapshot(),
+            workers=tuple(s.snapshot(n, w.healthy) for s, n, w in
+                          zip(self.worker_stats, self._in_flight, self.workers, strict=True)),
+            queue_time=queue.summary(), compute_time=compute.summary())
 
     async def infer(
         self,
         inputs: Mapping[str, np.ndarray],
         deadline: float | None = None,
         dtypes: Mapping[str, str] | None = None,
+        validated: Validated | None = None,
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
-        `deadline` is on the serving clock (`service.timer.now`). `dtypes` gives wire dtype names
-        where numpy can't tell them apart (BF16 travels as uint16).
+        `deadline` is on the serving clock (`service.engine.timer.now`). `dtypes` gives
+        wire dtype names where numpy can't tell them apart (BF16 travels as uint16).
+        `validated`: what `validate` answered for these inputs, if the caller asked.
         """
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
         if self._batcher is None or not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
-        rows, shape_key = self.validate(inputs, dtypes or {})
+        rows, shape_key = validated or self.validate(inputs, dtypes or {})
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
                           asyncio.get_running_loop().create_future())
         try:
@@ -207,7 +250,7 @@ class ModelRuntime:
             outputs = await request.future
         except asyncio.CancelledError:
             # grpc.aio cancels the handler when its client cancels or its deadline
-            # passes; the batcher then drops the request unexecuted (see _drop).
+            # passes; the batcher then drops the request unexecuted (see drop).
             if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
                 self.counters.deadline_exceeded += 1
             else:
@@ -225,9 +268,9 @@ class ModelRuntime:
         self.counters.success_histogram.observe(elapsed)
         return outputs
 
-    def validate(self, inputs: Mapping[str, np.ndarray],
-                 dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
-        """(rows, non-batch shape key) of a request; TensorError naming what is wrong.
+    def validate(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
+        """The request's rows and the shape key of batches it may join; TensorError naming
+        what is wrong.
 
         The answer depends only on the inputs' names, dtypes and shapes, and most
         requests repeat a few of those: an accepted signature is answered from
@@ -245,8 +288,7 @@ class ModelRuntime:
             self._validated[signature] = result
         return result
 
-    def _check(self, inputs: Mapping[str, np.ndarray],
-               dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    def _check(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
         spec = self.spec
         batching = spec.batching
         expected = [t.name for t in spec.inputs]
@@ -295,24 +337,28 @@ class ModelRuntime:
                       for p in spec.profiles}
             raise TensorError(expected[0], f"shapes {shapes} fit no optimization profile "
                               f"(min, max per profile: {ranges})")
-        return rows, tuple(key)
+        return Validated(rows, tuple(key))
 
-    # --- batches -------------------------------------------------------------------
+    # --- batches: the batcher's Dispatcher -------------------------------------------
 
-    def _dispatch(self, index: int, batch: Batch) -> None:
+    def dispatch(self, index: int, batch: Batch) -> None:
+        """Run the batch on worker `index` (which the batcher has acquired for it)."""
         quick = self._quick(batch)
-        inline = quick and not self.in_flight
-        self._dispatched_slow[index] = not quick
-        self._slow_in_flight += not quick
+        # A quick batch runs on the loop only while nothing else is in flight.
+        run_on_loop = quick and self.in_flight == 0
+        slow = not quick
+        self._dispatched_slow[index] = slow
+        if slow:
+            self._slow_in_flight += 1
         dispatched = self._dispatched_at[index] = now()
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
-        stats.in_flight += 1
+        self._in_flight[index] += 1
         assert self._idle is not None
         self._idle.clear()
         worker = self.workers[index]
-        if inline and (result := worker.run_inline(batch)) is not None:
+        if run_on_loop and (result := worker.run_inline(batch)) is not None:
             stats.inline_batches += 1
             self._on_done(worker, Outcome(batch, result))
             return
@@ -325,7 +371,7 @@ class ModelRuntime:
         last = self._run_s.get((batch.rows, batch.shape_key))
         return last is not None and last < self._inline_below_s
 
-    def _hold_s(self, batch: Batch) -> float:
+    def hold_s(self, batch: Batch) -> float:
         """How much longer a quick batch waits for the batches in flight, all quick (0: none).
 
         A second worker would run it alongside, but a quick batch costs the
@@ -338,47 +384,37 @@ class ModelRuntime:
         """
         if self._slow_in_flight or not self._quick(batch):
             return 0.0
-        first = min((at for at, s in zip(self._dispatched_at, self.worker_stats, strict=True)
-                     if s.in_flight), default=None)
+        first = min((at for at, n in zip(self._dispatched_at, self._in_flight, strict=True)
+                     if n), default=None)
         return 0.0 if first is None else max(0.0, first + QUICK_HOLD_S - now())
 
-    def _drop(self, request: Request, reason: str) -> None:
+    def drop(self, request: Request, reason: str) -> None:
+        """A request leaves the queue unexecuted: "cancelled", "deadline" or "unavailable"."""
         if reason == "cancelled":
             pass  # counted in infer(), where the cancellation arrived
         elif reason == "deadline":
             # Counted in infer(), which this exception (or a cancellation) reaches.
-            if not request.future.done():
-                request.future.set_exception(DeadlineExceeded(
-                    f"model '{self.name}': deadline passed while queued; not executed"))
-        else:
+            request.fail(DeadlineExceeded(
+                f"model '{self.name}': deadline passed while queued; not executed"))
+        else:  # "unavailable": the batcher fails it, naming the batch's shapes
             self.counters.errors += 1
 
     def _on_done(self, worker: Worker, outcome: Outcome) -> None:
         index = worker.index
-        stats = self.worker_stats[index]
-        stats.in_flight -= 1
-        self._slow_in_flight -= self._dispatched_slow[index]
-        self._dispatched_slow[index] = False
-        self.scheduler.release(index)
+        self._in_flight[index] -= 1
+        if self._dispatched_slow[index]:
+            self._slow_in_flight -= 1
+            self._dispatched_slow[index] = False
         batch = outcome.batch
         if (result := outcome.result) is not None:
             self._succeeded(index, batch.rows, len(batch.requests), result)
             key = (batch.rows, batch.shape_key)
             if key in self._run_s or len(self._run_s) < RUN_TIMES_KEPT:
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
-            if self.spec.batching:
-                offset = 0
-                for request in batch.requests:
-                    end = offset + request.rows
-                    if not request.future.done():
-                        request.future.set_result({k: v[offset:end] for k, v in
-                                                   result.outputs.items()})
-                    offset = end
-            else:
+            if not self.spec.batching:
                 self._note_output_shapes(result.outputs)
-                request = batch.requests[0]  # alone in its batch: the outputs are its own
-                if not request.future.done():
-                    request.future.set_result(result.outputs)
+            for request, outputs in batch.split(result.outputs, self.spec.batching):
+                request.answer(outputs)
         elif outcome.parts is not None:
             self._answer_parts(worker, outcome)
         else:
@@ -386,7 +422,9 @@ class ModelRuntime:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:
-            self._batcher.worker_freed()
+            self._batcher.worker_done(index)
+        else:
+            self.scheduler.release(index)
 
     def _note_output_shapes(self, outputs: Mapping[str, np.ndarray]) -> None:
         """Log, once per output, an output whose shape disagrees with its declaration.
@@ -433,13 +471,11 @@ class ModelRuntime:
                 self._succeeded(index, request.rows, 1, part)
                 if not self.spec.batching:
                     self._note_output_shapes(part.outputs)
-                if not request.future.done():
-                    request.future.set_result(part.outputs)
+                request.answer(part.outputs)
             elif isinstance(part, InputRejected):
                 self.worker_stats[index].rejected += 1
-                if not request.future.done():
-                    request.future.set_exception(InvalidArgument(
-                        f"model '{self.name}' cannot run this input: {part.reason}"))
+                request.fail(InvalidArgument(
+                    f"model '{self.name}' cannot run this input: {part.reason}"))
             else:
                 failed.append(request)
         if outcome.error is not None:
@@ -465,8 +501,7 @@ class ModelRuntime:
                              f"({kind}); the batch of {rows} rows was not completed")
         self.counters.errors += len(requests)
         for request in requests:
-            if not request.future.done():
-                request.future.set_exception(error)
+            request.fail(error)
 
     # --- workers out of the rotation ---------------------------------------------------
 
@@ -475,7 +510,6 @@ class ModelRuntime:
         index = worker.index
         worker.healthy = False
         stats = self.worker_stats[index]
-        stats.healthy = False
         stats.last_error = f"out of the rotation: {why}"
         delay = self._schedule_rebuild(index)
         log.error("model '%s': worker %d taken out of the rotation (%s); rebuilding it in "
@@ -518,7 +552,7 @@ class ModelRuntime:
         was_serving = self.healthy_workers > 0
         self._consecutive_failures[index] = 0
         stats.rebuilds += 1
-        stats.state, stats.healthy = "serving", True
+        stats.state = "serving"
         worker.healthy = True
         log.warning("model '%s': worker %d rebuilt, back in the rotation", self.name, index)
         if not was_serving and self.on_health_change is not None:
