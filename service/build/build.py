@@ -36,15 +36,6 @@ from service.backends.tensorrt.api import (
     network_io,
     profile_shapes,
 )
-from service.build.mps import _mps_thread_percentage
-from service.build.options import (
-    BuildError,
-    BuildOptions,
-    DynamicShapeError,
-    OptionError,
-    ShapeRange,
-    default_batch_opt,
-)
 from service.build.inspect import (
     _deserialize,
     _Deserialized,
@@ -60,6 +51,15 @@ from service.build.manifest import (
     _profile_json,
     load_manifest,
     manifest_path,
+)
+from service.build.mps import _mps_thread_percentage
+from service.build.options import (
+    BuildError,
+    BuildOptions,
+    DynamicShapeError,
+    OptionError,
+    ShapeRange,
+    default_batch_opt,
 )
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ from service.backends.tensorrt.api import (
     library_info,
     profile_shapes,
 )
-from service.build.options import BuildError
 from service.build.log import _CapturedLog
 from service.build.manifest import _profile_json, load_manifest, manifest_path
+from service.build.options import BuildError
 
 if TYPE_CHECKING:
     import types
