@@ -31,7 +31,7 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device", "batching")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
+SERVER_FLAGS = ("host", "port", "metrics_port", "http_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
                 "max_send_message_bytes", "max_concurrent_streams", "model_load_failure")
 
@@ -47,6 +47,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = off)")
+    p.add_argument("--http-port", type=int,
+                   help="KServe v2 HTTP/REST port (default 8000; 0 = off)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     p.add_argument("--health-requires-auth", action=argparse.BooleanOptionalAction,
@@ -54,7 +56,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="uvloop (default where installed) or asyncio's own")
     p.add_argument("--max-receive-message-bytes", type=int,
-                   help="largest request accepted (default 256 MiB)")
+                   help="largest request accepted, gRPC message or HTTP body "
+                   "(default 256 MiB)")
     p.add_argument("--max-send-message-bytes", type=int,
                    help="largest response sent (default 256 MiB)")
     p.add_argument("--max-concurrent-streams", type=int,

@@ -170,6 +170,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 8002  # 0: no Prometheus endpoint
+    # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
+    http_port: int = 8000
     grace_period_s: float = 30.0  # drain time on SIGTERM before in-flight work is abandoned
     max_receive_message_bytes: int = 256 * 1024 * 1024
     max_send_message_bytes: int = 256 * 1024 * 1024
@@ -193,6 +195,12 @@ class ServerConfig:
         _require(not self.metrics_port or self.metrics_port != self.port,
                  "server.metrics_port", self.metrics_port,
                  f"a port other than server.port ({self.port}), or 0 (off)")
+        _require(0 <= self.http_port <= 65535, "server.http_port", self.http_port,
+                 "0 (off) .. 65535")
+        _require(not self.http_port or self.http_port not in (self.port, self.metrics_port),
+                 "server.http_port", self.http_port,
+                 f"a port other than server.port ({self.port}) and server.metrics_port "
+                 f"({self.metrics_port}), or 0 (off)")
         _require(self.grace_period_s >= 0, "server.grace_period_s", self.grace_period_s,
                  "0 or more")
         for key in ("max_receive_message_bytes", "max_send_message_bytes"):
