@@ -246,7 +246,11 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl,
                            reuse_port=self._reuse_port)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
         self.port = int(self._runner.addresses[0][1])
         return self.port
 
