@@ -25,8 +25,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from service import auth, echo
-from service.engine.api import Engine, InferRequest
-from service.engine.timer import now
+from service.engine.api import Engine, InferRequest, now
 from service.errors import NotFound
 from service.frontends import kserve_json as kjson
 from service.frontends import kserve_model_config as describe
