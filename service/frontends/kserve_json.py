@@ -360,8 +360,9 @@ def error_body(message: str) -> bytes:
 
 def message_json(message: Message) -> dict[str, Any]:
     """A protobuf message as Triton writes it in JSON: proto field names, every field
-    (defaults included, which perf_analyzer expects), enums by name, 64-bit integers as
-    numbers (protobuf's json_format would write them as strings)."""
+    (defaults and unset messages included, which perf_analyzer expects) but the unset
+    choices of a oneof, enums by name, 64-bit integers as numbers (protobuf's
+    json_format would write them as strings)."""
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
         value = getattr(message, field.name)
@@ -370,8 +371,7 @@ def message_json(message: Message) -> dict[str, Any]:
             out[field.name] = {key: _value(value_field, item) for key, item in value.items()}
         elif field.is_repeated:
             out[field.name] = [_value(field, item) for item in value]
-        elif (field.message_type is not None or field.containing_oneof is not None) \
-                and not message.HasField(field.name):
+        elif field.containing_oneof is not None and not message.HasField(field.name):
             continue
         else:
             out[field.name] = _value(field, value)

@@ -122,7 +122,8 @@ def test_messages_are_written_as_triton_writes_them():
     assert written["max_batch_size"] == 0  # a default, still written
     assert written["input"][0]["dims"] == [-1, 2**40]  # int64 as numbers, not strings
     assert written["input"][0]["data_type"] == "TYPE_FP32"
-    assert "dynamic_batching" not in written  # an unset message stays out
+    assert "dynamic_batching" not in written  # an unset choice of a oneof stays out
+    assert written["optimization"]["priority"] == "PRIORITY_DEFAULT"  # unset: defaults
     stats = pb.ModelStatistics(name="m", inference_count=5, inference_stats=pb.InferStatistics(
         success=pb.StatisticDuration(count=1, ns=2)))
     assert kjson.message_json(stats)["inference_stats"]["queue"] == {"count": 0, "ns": 0}
