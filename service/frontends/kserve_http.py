@@ -26,7 +26,7 @@ from aiohttp import web
 
 from service import auth, echo
 from service.engine.api import Engine, InferRequest, now
-from service.errors import NotFound
+from service.errors import NotFound, ResourceExhausted
 from service.frontends import kserve_json as kjson
 from service.frontends import kserve_model_config as describe
 from service.frontends.common import check_inputs
@@ -60,13 +60,15 @@ class KServeHttp:
 
     def __init__(self, engine: Engine, server_ready: Callable[[], bool] | None = None,
                  token: str | None = None, health_requires_auth: bool = False,
-                 max_request_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_request_bytes: int = 256 * 1024 * 1024,
+                 max_response_bytes: int = 256 * 1024 * 1024) -> None:
         self._engine = engine
         # Whether the server has finished starting and is not draining.
         self._server_ready = server_ready or (lambda: True)
         self._token = auth.BearerToken(token) if token is not None else None
         self._open_health = not health_requires_auth
         self._max_request_bytes = max_request_bytes
+        self._max_response_bytes = max_response_bytes
         self._version = version()
 
     def app(self) -> web.Application:
@@ -182,6 +184,12 @@ class KServeHttp:
             model=name, version=version, inputs=parsed.inputs,
             outputs=tuple(o.name for o in plan), deadline=deadline))
         parts, json_length = kjson.encode_infer(parsed.id, result, plan)
+        size = sum(len(part) for part in parts)
+        if size > self._max_response_bytes:
+            # As gRPC refuses a response over max_send_message_bytes.
+            raise ResourceExhausted(f"the response ({size} bytes) is larger than the server "
+                                    f"sends ({self._max_response_bytes} bytes, "
+                                    "server.max_send_message_bytes)")
         response = web.Response(
             body=b"".join(parts),
             content_type=kjson.JSON_TYPE if json_length is None else kjson.BINARY_TYPE)

@@ -315,6 +315,17 @@ def test_a_body_over_the_limit_is_413_and_the_server_serves_on(url, reference):
                  ["data"], np.float32), reference(x).ravel(), rtol=1e-5, atol=1e-5)
 
 
+def test_an_answer_over_the_send_limit_is_429_as_in_grpc(example_onnx):
+    config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=1),
+                           http_port=free_port(), max_send_message_bytes=1024)
+    with running_server(config) as s:
+        url = f"127.0.0.1:{s.server.http_port}"
+        # 16 rows of 16 FP32 outputs: 1 KiB of output and its JSON header, over 1 KiB.
+        _error(http(url, "/v2/models/example/infer", infer_json(_x(16))), 429,
+               "max_send_message_bytes")
+        assert http(url, "/v2/models/example/infer", infer_json(_x(1))).status == 200
+
+
 def test_concurrent_clients_each_get_their_own_answer(url, reference):
     answers: dict[int, np.ndarray] = {}
 
