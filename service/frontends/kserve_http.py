@@ -18,6 +18,7 @@ its own runtime beside ours. docs/protocols.md gives the measurements.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Beyond the gRPC form's: the binary-tensor extension is HTTP's alone.
 HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
+# JSON parts larger than this are parsed off the event loop.
+PARSE_IN_THREAD_BYTES = 1024 * 1024
 # Paths answered without the token unless server.health_requires_auth.
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
@@ -176,8 +179,18 @@ class KServeHttp:
         body = await request.read()
         length = kjson.header_length(request.headers.get(kjson.HEADER_LENGTH), len(body))
         spec = model.spec
-        parsed = kjson.parse_infer(body, length,
-                                   check=lambda tensors: check_inputs(name, spec, tensors))
+
+        def parse() -> kjson.JsonInferRequest:
+            return kjson.parse_infer(body, length,
+                                     check=lambda tensors: check_inputs(name, spec, tensors))
+
+        if (len(body) if length is None else length) > PARSE_IN_THREAD_BYTES:
+            # Parsing megabytes of JSON numbers takes a second or more; in a thread the
+            # event loop keeps serving other requests meanwhile (it gets the GIL back
+            # every few milliseconds) instead of stopping for all of it.
+            parsed = await asyncio.to_thread(parse)
+        else:
+            parsed = parse()
         plan = kjson.plan_outputs(parsed, {t.name: t.dtype for t in spec.outputs})
         deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
         result = await self._engine.infer(InferRequest(

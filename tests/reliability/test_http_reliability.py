@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import threading
 from typing import Any
@@ -220,6 +221,29 @@ def test_a_timeout_that_passes_in_the_queue_is_504_and_never_runs():
         assert late.status == 504, late.body
         assert "deadline" in error_of(late).lower()
         assert s.controls.snapshot()[0] == 1  # the late request never ran
+
+
+def test_a_client_that_hangs_up_cancels_its_request_before_it_runs():
+    with serve(max_batch_size=1) as s:
+        url = http_url(s)
+        port = s.server.server.http_port
+        s.controls.hold()
+        holder = threading.Thread(target=http, args=(url, "/v2/models/controlled/infer",
+                                                     body(x_of(1, 0))))
+        holder.start()
+        assert s.controls.started.wait(10)
+        payload = json.dumps(body(x_of(1, 60))).encode()
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            gone.sendall(b"POST /v2/models/controlled/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" +
+                         payload)
+            wait_for(lambda: model_stats(s.url).requests == 2)
+        # The connection is closed with the request queued behind the held batch.
+        wait_for(lambda: model_stats(s.url).cancelled == 1)
+        s.controls.release()
+        holder.join(30)
+        assert s.controls.snapshot()[0] == 1  # the abandoned request never ran
 
 
 def test_a_failed_batch_is_500_with_a_generic_message_and_the_next_is_served():
