@@ -28,6 +28,7 @@ from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
 from service.frontends.kserve_http import HttpServer, KServeHttp
+from service.frontends.streaming import StreamLimits
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from service.limits import ByteBudget
@@ -148,7 +149,7 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.engine), services)
+            InferenceService(self.engine, self._stream_limits()), services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         _add_reflection(services, [
@@ -215,7 +216,12 @@ class Server:
     def _add_kserve(self, server: _GenericHandlersOnly) -> None:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
         self._services.append(add_to_server(server, self.engine,
-                                            server_ready=lambda: self._ready))
+                                            server_ready=lambda: self._ready,
+                                            stream_limits=self._stream_limits()))
+
+    def _stream_limits(self) -> StreamLimits:
+        return StreamLimits(max_in_flight=self.config.max_in_flight_per_stream,
+                            max_unsent_bytes=self.config.max_unsent_bytes_per_stream)
 
     async def _start_http(self, token: str | None) -> None:
         """KServe v2 over HTTP/REST on its own port: the same engine, token, TLS and limits."""
