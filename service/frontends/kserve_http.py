@@ -19,7 +19,6 @@ its own runtime beside ours. docs/protocols.md gives the measurements.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -34,8 +33,6 @@ from service.frontends.common import check_inputs
 from service.frontends.errors import http_status_of
 from service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
 from service.version import version
-
-log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Beyond the gRPC form's: the binary-tensor extension is HTTP's alone.
