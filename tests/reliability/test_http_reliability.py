@@ -199,6 +199,28 @@ def test_a_full_queue_is_429_and_accepted_requests_are_answered():
             np.testing.assert_array_equal(answer_y(answer), expected(x_of(1, i)))
 
 
+def test_the_engines_input_bounds_and_byte_budget_hold_over_http():
+    # 2 rows of 8 FP32 are 64 bytes: within the 64-byte input bound; 3 rows are not.
+    with serve({"max_request_bytes_in_flight": 100}, max_input_bytes=64, max_batch_size=4) as s:
+        url = http_url(s)
+        too_big = http(url, "/v2/models/controlled/infer", body(x_of(3)))
+        assert too_big.status == 400 and "tensor 'x'" in error_of(too_big)
+        assert "max_input_bytes" in error_of(too_big)
+        s.controls.hold()
+        holder = threading.Thread(target=http, args=(url, "/v2/models/controlled/infer",
+                                                     body(x_of(2))))
+        holder.start()
+        assert s.controls.started.wait(10)
+        # 64 bytes held; 64 more would pass the 100-byte budget.
+        over = http(url, "/v2/models/controlled/infer", body(x_of(2, 1)))
+        s.controls.release()
+        holder.join(30)
+        assert over.status == 429 and "too many request bytes in flight" in error_of(over)
+        np.testing.assert_array_equal(
+            answer_y(http(url, "/v2/models/controlled/infer", body(x_of(2)))),
+            expected(x_of(2)))
+
+
 def test_a_timeout_that_passes_in_the_queue_is_504_and_never_runs():
     with serve(max_batch_size=1) as s:
         url = http_url(s)
