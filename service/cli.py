@@ -12,7 +12,7 @@ import logging
 import sys
 
 from service.arg_types import batching_mode, int_list, name_path
-from service.build_settings import add_build_flags, build_overrides
+from service.build.settings import add_build_flags, build_overrides
 from service.config import (
     EVENT_LOOPS,
     MODEL_LOAD_FAILURE,
@@ -31,9 +31,12 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device", "batching", "max_input_bytes", "cpu_memory_arena")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "metrics_port", "http_port", "grace_period_s", "auth_token_file",
-                "health_requires_auth", "event_loop", "max_receive_message_bytes",
-                "max_send_message_bytes", "max_concurrent_streams", "model_load_failure",
+SERVER_FLAGS = ("host", "port", "http_port", "metrics_port", "metrics_host",
+                "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
+                "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
+                "auth_token_file", "health_requires_auth", "event_loop",
+                "max_receive_message_bytes", "max_send_message_bytes",
+                "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream")
@@ -50,6 +53,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = off)")
+    p.add_argument("--metrics-host",
+                   help="address the Prometheus port binds (default 127.0.0.1, not --host)")
+    p.add_argument("--metrics-requires-auth", action=argparse.BooleanOptionalAction,
+                   default=None, help="scrapes need the bearer token (default no)")
+    p.add_argument("--metrics-tls", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve metrics over HTTPS with --tls-cert/--tls-key (default no)")
+    p.add_argument("--metrics-max-connections", type=int,
+                   help="scrape connections held at once; more get 503 (default 16)")
+    p.add_argument("--metrics-timeout-s", type=float,
+                   help="to send a scrape's headers, take its response, or sit idle "
+                        "(default 5)")
+    p.add_argument("--metrics-render-interval-s", type=float,
+                   help="scrapes within it share one render (default 1; 0 = every scrape)")
     p.add_argument("--http-port", type=int,
                    help="KServe v2 HTTP/REST port (default 8000; 0 = off)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
-    from service import build_cli
+    from service.build import cli as build_cli
 
     build_cli.register(sub)
     import importlib

@@ -44,8 +44,8 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         # The same checks as `trtserve build` flags get (one definition, in
-        # build_settings); imported here because build_settings imports this module.
-        from service.build_settings import check_build_config
+        # build/settings.py); imported here because it imports this module.
+        from service.build.settings import check_build_config
 
         check_build_config(self)
 
@@ -190,6 +190,17 @@ class ServerConfig:
     metrics_port: int = 8002  # 0: no Prometheus endpoint
     # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
     http_port: int = 8000
+    # Its own address: loopback unless a scraper elsewhere must reach it (then
+    # metrics_requires_auth, TLS, or a NetworkPolicy).
+    metrics_host: str = "127.0.0.1"
+    metrics_requires_auth: bool = False  # the gRPC bearer token, as `Authorization: Bearer`
+    metrics_tls: bool = False  # HTTPS with server.tls's cert and key (and client CA: mTLS)
+    # Connections held at once; one more is answered 503 and closed.
+    metrics_max_connections: int = 16
+    # To send a request's headers, to take the response, idle keep-alive, TLS handshake.
+    metrics_timeout_s: float = 5.0
+    # Scrapes within this share one render; 0: every scrape renders (concurrent ones share).
+    metrics_render_interval_s: float = 1.0
     grace_period_s: float = 30.0  # drain time on SIGTERM before in-flight work is abandoned
     max_receive_message_bytes: int = 256 * 1024 * 1024
     max_send_message_bytes: int = 256 * 1024 * 1024
@@ -234,6 +245,16 @@ class ServerConfig:
                  "server.http_port", self.http_port,
                  f"a port other than server.port ({self.port}) and server.metrics_port "
                  f"({self.metrics_port}), or 0 (off)")
+        _require(bool(self.metrics_host), "server.metrics_host", self.metrics_host,
+                 "an address such as 127.0.0.1 (loopback) or 0.0.0.0 (every IPv4 interface)")
+        _require(not self.metrics_tls or self.tls.enabled, "server.metrics_tls",
+                 self.metrics_tls, "server.tls.cert_file and key_file as well")
+        _require(1 <= self.metrics_max_connections <= 10_000, "server.metrics_max_connections",
+                 self.metrics_max_connections, "1..10000")
+        _require(0 < self.metrics_timeout_s <= 600, "server.metrics_timeout_s",
+                 self.metrics_timeout_s, "more than 0 and at most 600 seconds")
+        _require(0 <= self.metrics_render_interval_s <= 60, "server.metrics_render_interval_s",
+                 self.metrics_render_interval_s, "0 (every scrape) .. 60 seconds")
         _require(self.grace_period_s >= 0, "server.grace_period_s", self.grace_period_s,
                  "0 or more")
         for key in ("max_receive_message_bytes", "max_send_message_bytes"):

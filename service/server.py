@@ -33,7 +33,8 @@ from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from service.limits import ByteBudget
 from service.memory import Trimmer
-from service.metrics import MetricsServer, start_metrics
+from service.metrics import start_metrics
+from service.metrics_process import MetricsProcess
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Server:
         self.http_port = 0
         self._http: HttpServer | None = None
         self._server: grpc.aio.Server | None = None
-        self._metrics: MetricsServer | None = None
+        self._metrics: MetricsProcess | None = None
         self._stopping = asyncio.Event()
         self._services: list[str] = [V1_SERVICE]
         self._background: set[asyncio.Task[None]] = set()
@@ -248,11 +249,11 @@ class Server:
         if not self.config.metrics_port:
             return
         try:
-            self._metrics = start_metrics(self.config.metrics_port, self.config.host,
-                                          self.engine)
+            self._metrics = start_metrics(self.config, self.engine)
         except OSError as e:
-            raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
-                            f"{self.config.metrics_port}: {e.strerror or e}") from None
+            raise PortInUse(f"server.metrics_port: cannot serve metrics on "
+                            f"{self.config.metrics_host}:{self.config.metrics_port}: "
+                            f"{e.strerror or e}") from None
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, answer accepted work, then close."""
@@ -341,6 +342,8 @@ def _add_reflection(services: _GenericHandlersOnly, served: list[str]) -> None:
     names = [*served, reflection.SERVICE_NAME, REFLECTION_V1]
     # Our types live in trtserve's own pool; reflection describes from it.
     pool = descriptors.include(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+    descriptors.include_renamed(reflection_pb2.DESCRIPTOR, "grpc.reflection.v1alpha",
+                                "grpc.reflection.v1", "grpc/reflection/v1/reflection.proto")
     servicer = reflection.aio.ReflectionServicer(names, pool=pool)  # type: ignore[attr-defined]
     # What reflection.enable_server_reflection does for an aio server, through `services`.
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, services)

@@ -89,6 +89,7 @@ def test_trtserve_args_make_a_valid_config(trtserve):
     assert [(m.name, m.path, m.resolved_backend) for m in config.models] == [
         (model, path, "tensorrt")]
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 8001, 8002)
+    assert (config.metrics_host, config.metrics_requires_auth) == ("0.0.0.0", True)
 
 
 def test_probes_are_native_grpc_health_checks_of_the_server_and_the_model(trtserve):
@@ -114,6 +115,16 @@ def test_prometheus_scrapes_the_metrics_port(pod, trtserve):
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(port)
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_metrics_on_the_pod_ip_require_the_token(trtserve):
+    """Prometheus reaches the pod IP, so metrics bind it; then scrapes need the token
+    (the default, loopback, would be unreachable; the pod IP without a token, open)."""
+    args = trtserve["args"]
+    assert flag(args, "--metrics-host") == "0.0.0.0"
+    assert "--metrics-requires-auth" in args and "--no-metrics-requires-auth" not in args
+    env = {e["name"]: e for e in trtserve["env"]}
+    assert env["TRTSERVE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
 
 
 def test_trtserve_and_the_engine_build_request_one_gpu(pod, trtserve):
@@ -226,12 +237,24 @@ def test_image_generates_protos_with_the_pinned_grpcio_tools():
     """The Dockerfile's grpcio-tools is pyproject's: generated code matches the runtime."""
     import tomllib
 
-    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]["dev"]
-    [pin] = [d for d in dev if d.startswith("grpcio-tools")]
+    codegen = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["codegen"]
+    [pin] = [d for d in codegen if d.startswith("grpcio-tools")]
     runs = " ".join(instructions("RUN"))
     assert f'"{pin}"' in runs
     assert "make proto" in runs
+
+
+def test_image_marks_the_stamp_that_make_proto_depends_on():
+    """The stamp the Dockerfile touches is the one the Makefile's generated code
+    depends on; any other and `make proto` would install the whole runtime first."""
+    makefile = (ROOT / "Makefile").read_text()
+    [prerequisites] = re.findall(r"^\$\(GEN\)/\.generated:(.*)$", makefile, re.MULTILINE)
+    stamps = re.findall(r"\$\(VENV\)/(\.installed[\w-]*)", prerequisites)
+    assert stamps, prerequisites
+    runs = " ".join(instructions("RUN"))
+    for stamp in stamps:
+        assert f"touch .venv/{stamp}" in runs, stamp
 
 
 def test_dockerignore_keeps_everything_the_dockerfile_copies():
