@@ -108,7 +108,9 @@ async def http_load(url: str, body: bytes, headers: dict[str, str], concurrency:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    # As tritonclient.http and perf_analyzer: no Accept-Encoding (aiohttp sends one).
+    async with aiohttp.ClientSession(connector=connector,
+                                     skip_auto_headers=("Accept-Encoding",)) as session:
         async def call() -> None:
             async with session.post(url, data=body, headers=headers) as r:
                 await r.read()

@@ -37,6 +37,8 @@ from service.version import version
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Beyond the gRPC form's: the binary-tensor extension is HTTP's alone.
 HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
+# Answers smaller than this are never compressed.
+COMPRESS_FROM_BYTES = 1024
 # JSON parts larger than this are parsed off the event loop.
 PARSE_IN_THREAD_BYTES = 1024 * 1024
 # Paths answered without the token unless server.health_requires_auth.
@@ -205,8 +207,10 @@ class KServeHttp:
             content_type=kjson.JSON_TYPE if json_length is None else kjson.BINARY_TYPE)
         if json_length is not None:
             response.headers[kjson.HEADER_LENGTH] = str(json_length)
-        if "Accept-Encoding" in request.headers:
+        if size >= COMPRESS_FROM_BYTES and "Accept-Encoding" in request.headers:
             # gzip or deflate, as the client asks (tritonclient's response_compression).
+            # Not below a kilobyte: there it costs more than it saves, and clients such
+            # as `requests` and aiohttp ask for it on every request by default.
             response.enable_compression()
         return response
 

@@ -134,7 +134,7 @@ def test_tritonclient_infer_equals_onnx_runtime(client, reference, binary_in, bi
 
 
 def test_tritonclient_compressed_request_and_response(client, reference):
-    x = _x(4, seed=7)
+    x = _x(16, seed=7)  # 1 KiB of output: large enough to be compressed
     for algorithm in ("gzip", "deflate"):
         result = client.infer("example", [_input(x)], request_compression_algorithm=algorithm,
                               response_compression_algorithm=algorithm)
@@ -223,6 +223,19 @@ def test_int64_json_input(url):
     assert out["name"] == LOOKUP_OUTPUT and out["shape"] == [2, 4, 8]
     np.testing.assert_array_equal(np.array(out["data"], np.float32).reshape(2, 4, 8),
                                   lookup_table()[np.array(ids)])
+
+
+def test_answers_are_compressed_when_asked_and_worth_it(url):
+    big, small = infer_json(_x(16)), infer_json(_x(1))
+    for body, compressed in ((big, True), (small, False)):
+        request = urllib.request.Request(f"http://{url}/v2/models/example/infer",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            raw = r.read()
+            assert (r.headers.get("Content-Encoding") == "gzip") == compressed
+        answer = json.loads(gzip.decompress(raw) if compressed else raw)
+        assert answer["outputs"][0]["shape"][0] == len(body["inputs"][0]["data"])
 
 
 def test_gzip_request_body(url, reference):
