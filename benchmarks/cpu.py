@@ -197,6 +197,7 @@ def trtserve(model: str, path: Path, log_dir: Path, workers: int = WORKERS,
              str(max_batch), "--max-queue-delay-us", str(delay_us), *extra]
     child = Child(f"trtserve-{model}-w{workers}-b{max_batch}-d{delay_us}-{port}",
                   [PY, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", "0",
+                   "--http-port", "0",
                    "--log-level", "WARNING", *flags], log_dir)
     url = f"127.0.0.1:{port}"
     try:

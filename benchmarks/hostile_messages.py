@@ -152,7 +152,8 @@ def main() -> None:
         limit = max(args.mb) * 1024 * 1024 + 1024
         server = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-             "--metrics-port", "0", "--model", f"{MODEL}={model}", "--workers", "1",
+             "--metrics-port", "0", "--http-port", "0", "--model", f"{MODEL}={model}",
+             "--workers", "1",
              "--max-receive-message-bytes", str(limit), "--log-level", "WARNING"])
         url = f"127.0.0.1:{port}"
         try:

@@ -5,6 +5,7 @@ stand-in (a test double of a TensorRT engine; its numbers are the stand-in's, no
 TensorRT's) from one trtserve, then runs for each model:
 
   perf_analyzer -m NAME -i grpc -u HOST:PORT --concurrency-range 1:57:8 [--streaming]
+  perf_analyzer -m NAME -i http -u HOST:HTTP_PORT --concurrency-range 1:57:8
   trtserve-client bench --model NAME --protocol kserve --concurrency 1,9,...,57
 
 and writes docs/perf_analyzer.md with both tables and the command lines.
@@ -33,7 +34,7 @@ from typing import Any
 from service.config import EVENT_LOOPS, ModelConfig
 from service.example_model import write_example
 from tests.conftest import server_config
-from tests.servers import ROOT, running_server
+from tests.servers import ROOT, free_port, running_server
 
 RANGE = "1:57:8"  # perf_analyzer's --concurrency-range: start:end:step
 PA_LINE = re.compile(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec")
@@ -45,8 +46,8 @@ def levels(spec: str) -> list[int]:
 
 
 def perf_analyzer(binary: str, url: str, model: str, streaming: bool, log: Path,
-                  spec: str) -> list[dict]:
-    cmd = [binary, "-m", model, "-i", "grpc", "-u", url, "--concurrency-range", spec,
+                  spec: str, protocol: str = "grpc") -> list[dict]:
+    cmd = [binary, "-m", model, "-i", protocol, "-u", url, "--concurrency-range", spec,
            "--measurement-interval", "2000", "--stability-percentage", "25",
            "--max-trials", "10"]
     if streaming:
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--no-gpu", action="store_true")
     parser.add_argument("--no-streaming", action="store_true", help="unary calls only")
+    parser.add_argument("--no-http", action="store_true",
+                        help="skip perf_analyzer -i http (KServe v2 over HTTP/REST)")
     parser.add_argument("--concurrency-range", default=RANGE, metavar="START:END:STEP")
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                         help="the server's event loop (server.event_loop)")
@@ -111,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     cpu = ModelConfig(name="example", path=str(onnx), workers=4, max_queue_delay_us=0,
                       intra_op_threads=2)
     results: dict[str, dict[str, Any]] = {}
-    with running_server(server_config(cpu, event_loop=args.event_loop)) as server:
+    http_port = 0 if args.no_http else free_port()
+    with running_server(server_config(cpu, event_loop=args.event_loop,
+                                      http_port=http_port)) as server:
         models = ["example"]
         engine = None
         if not args.no_gpu:
@@ -137,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
                 # Our bench tool measures unary calls only.
                 ours = [] if streaming else our_bench(server.url, model, args.concurrency_range)
                 results[key] = {"pa": pa, "ours": ours}
+                print(key, json.dumps(results[key]), flush=True)
+            if http_port:
+                # The same requests over HTTP/REST (JSON header, binary tensors); our
+                # bench column stays the gRPC one, for comparison.
+                key = f"{model} -i http"
+                log = Path(args.logs) / f"pa_{model}_http.txt"
+                pa = perf_analyzer(args.perf_analyzer, f"127.0.0.1:{server.server.http_port}",
+                                   model, False, log, args.concurrency_range, protocol="http")
+                results[key] = {"pa": pa, "ours": results[model]["ours"]}
                 print(key, json.dumps(results[key]), flush=True)
         if engine is not None:
             engine.close()

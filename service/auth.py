@@ -1,4 +1,5 @@
-"""Bearer-token authentication, checked once per call in a server interceptor."""
+"""Bearer-token authentication: one check (`BearerToken`) for every protocol; gRPC runs
+it once per call in a server interceptor, HTTP in a middleware (frontends/http.py)."""
 
 from __future__ import annotations
 
@@ -57,8 +58,40 @@ INVALID_MESSAGE = "invalid bearer token in 'authorization' metadata"
 SCHEME_MESSAGE = "'authorization' metadata must be 'Bearer <token>'"
 
 
+# The same problems, as an HTTP client is told them.
+HTTP_MESSAGES = {
+    "missing": "missing bearer token: send the header 'Authorization: Bearer <token>' "
+               "(the server requires a token)",
+    "invalid": "invalid bearer token in the 'Authorization' header",
+    "scheme": "the 'Authorization' header must be 'Bearer <token>'",
+}
+
+
 def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
+
+
+class BearerToken:
+    """Checks `Bearer <token>` credentials against the server's token.
+
+    Compared in constant time (of SHA-256 digests, so not even the token's
+    length shows in the timing).
+    """
+
+    def __init__(self, token: str) -> None:
+        self._expected = _digest(token.encode())
+
+    def problem(self, value: str | bytes | None) -> str:
+        """'' when `value` (an authorization header, None: absent) carries the token,
+        else what is wrong: "missing", "scheme" or "invalid"."""
+        if value is None:
+            return "missing"
+        given = value.encode() if isinstance(value, str) else value
+        scheme, _, token = given.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return "scheme"
+        # Constant time, so response timing does not reveal a prefix match.
+        return "" if hmac.compare_digest(_digest(token.strip()), self._expected) else "invalid"
 
 
 def _deny_handlers(message: str) -> dict[tuple[bool, bool], grpc.RpcMethodHandler]:
@@ -85,13 +118,12 @@ def _deny_handlers(message: str) -> dict[tuple[bool, bool], grpc.RpcMethodHandle
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Lets a call through only with `authorization: Bearer <token>` metadata.
 
-    The token is compared in constant time (of SHA-256 digests, so not even
-    its length shows in the timing). Health checks stay open unless
+    The token is checked by `BearerToken`. Health checks stay open unless
     `health_requires_auth`, so orchestrators can probe without the secret.
     """
 
     def __init__(self, token: str, health_requires_auth: bool = False) -> None:
-        self._expected = _digest(token.encode())
+        self._token = BearerToken(token)
         self._open_health = not health_requires_auth
         self._deny = {problem: _deny_handlers(message) for problem, message in (
             ("missing", MISSING_MESSAGE), ("invalid", INVALID_MESSAGE),
@@ -100,15 +132,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     def _problem(self, details: grpc.HandlerCallDetails) -> str:
         """'' when the call carries the right token, else what is wrong with it."""
         for key, value in details.invocation_metadata or ():
-            if key != "authorization":
-                continue
-            given = value.encode() if isinstance(value, str) else value
-            scheme, _, token = given.strip().partition(b" ")
-            if scheme.lower() != b"bearer":
-                return "scheme"
-            # Constant time, so response timing does not reveal a prefix match.
-            return "" if hmac.compare_digest(_digest(token.strip()), self._expected) \
-                else "invalid"
+            if key == "authorization":
+                return self._token.problem(value)
         return "missing"
 
     async def intercept_service(

@@ -31,11 +31,12 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device", "batching", "max_input_bytes", "cpu_memory_arena")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "metrics_port", "metrics_host", "metrics_requires_auth",
-                "metrics_tls", "metrics_max_connections", "metrics_timeout_s",
-                "metrics_render_interval_s", "grace_period_s", "auth_token_file",
-                "health_requires_auth", "event_loop", "max_receive_message_bytes",
-                "max_send_message_bytes", "max_concurrent_streams", "model_load_failure",
+SERVER_FLAGS = ("host", "port", "http_port", "metrics_port", "metrics_host",
+                "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
+                "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
+                "auth_token_file", "health_requires_auth", "event_loop",
+                "max_receive_message_bytes", "max_send_message_bytes",
+                "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream")
@@ -65,6 +66,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "(default 5)")
     p.add_argument("--metrics-render-interval-s", type=float,
                    help="scrapes within it share one render (default 1; 0 = every scrape)")
+    p.add_argument("--http-port", type=int,
+                   help="KServe v2 HTTP/REST port (default 8000; 0 = off)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     p.add_argument("--health-requires-auth", action=argparse.BooleanOptionalAction,
@@ -72,7 +75,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="uvloop (default where installed) or asyncio's own")
     p.add_argument("--max-receive-message-bytes", type=int,
-                   help="largest request accepted (default 256 MiB)")
+                   help="largest request accepted, gRPC message or HTTP body "
+                   "(default 256 MiB)")
     p.add_argument("--max-send-message-bytes", type=int,
                    help="largest response sent (default 256 MiB)")
     p.add_argument("--max-concurrent-streams", type=int,

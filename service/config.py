@@ -188,6 +188,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 8002  # 0: no Prometheus endpoint
+    # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
+    http_port: int = 8000
     # Its own address: loopback unless a scraper elsewhere must reach it (then
     # metrics_requires_auth, TLS, or a NetworkPolicy).
     metrics_host: str = "127.0.0.1"
@@ -237,6 +239,12 @@ class ServerConfig:
         _require(not self.metrics_port or self.metrics_port != self.port,
                  "server.metrics_port", self.metrics_port,
                  f"a port other than server.port ({self.port}), or 0 (off)")
+        _require(0 <= self.http_port <= 65535, "server.http_port", self.http_port,
+                 "0 (off) .. 65535")
+        _require(not self.http_port or self.http_port not in (self.port, self.metrics_port),
+                 "server.http_port", self.http_port,
+                 f"a port other than server.port ({self.port}) and server.metrics_port "
+                 f"({self.metrics_port}), or 0 (off)")
         _require(bool(self.metrics_host), "server.metrics_host", self.metrics_host,
                  "an address such as 127.0.0.1 (loopback) or 0.0.0.0 (every IPv4 interface)")
         _require(not self.metrics_tls or self.tls.enabled, "server.metrics_tls",

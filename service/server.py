@@ -27,6 +27,7 @@ from service.engine.repository import ModelRepository, check_model
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
+from service.frontends.kserve_http import HttpServer, KServeHttp
 from service.frontends.streaming import StreamLimits
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
@@ -56,6 +57,9 @@ class Server:
         self.engine.add_health_listener(self._on_model_health)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
+        # KServe v2 over HTTP/REST (server.http_port); 0 while off.
+        self.http_port = 0
+        self._http: HttpServer | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics: MetricsProcess | None = None
         self._stopping = asyncio.Event()
@@ -107,6 +111,8 @@ class Server:
         ports.check_free(c.host, c.port, "server.port")
         if c.metrics_port:
             ports.check_free(c.host, c.metrics_port, "server.metrics_port")
+        if c.http_port:
+            ports.check_free(c.host, c.http_port, "server.http_port")
         to_load = []
         for model in c.models:
             try:
@@ -159,6 +165,7 @@ class Server:
         self._server = server
         try:
             self._start_metrics()
+            await self._start_http(token)
             await self._load_all(to_load)
         except BaseException:
             await self.stop()
@@ -217,6 +224,27 @@ class Server:
         return StreamLimits(max_in_flight=self.config.max_in_flight_per_stream,
                             max_unsent_bytes=self.config.max_unsent_bytes_per_stream)
 
+    async def _start_http(self, token: str | None) -> None:
+        """KServe v2 over HTTP/REST on its own port: the same engine, token, TLS and limits."""
+        c = self.config
+        if not c.http_port:
+            return
+        api = KServeHttp(self.engine, server_ready=lambda: self._ready, token=token,
+                         health_requires_auth=c.health_requires_auth,
+                         max_request_bytes=c.max_receive_message_bytes,
+                         max_response_bytes=c.max_send_message_bytes)
+        context = tls.server_ssl_context(c.tls) if c.tls.enabled else None
+        self._http = HttpServer(api, c.host, c.http_port, context)
+        try:
+            self.http_port = await self._http.start()
+        except OSError as e:
+            self._http = None
+            # ports.check_free passed, so another process took the port since.
+            raise PortInUse(f"server.http_port: cannot bind {c.host}:{c.http_port}: "
+                            f"{e.strerror or e}") from None
+        log.info("KServe v2 HTTP/REST on %s:%d%s", c.host, self.http_port,
+                 " (TLS)" if context else "")
+
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
             return
@@ -241,6 +269,10 @@ class Server:
         except TimeoutError:
             log.warning("grace period of %.1fs ended with work in flight", grace)
         await self._server.stop(grace=1.0)
+        if self._http is not None:
+            # Accepted requests were answered in the drain; this closes the connections.
+            await self._http.stop()
+            self._http = None
         # A stuck executor must not keep the process alive past the grace period:
         # worker threads are daemons, so giving up on them lets the process exit.
         try:
@@ -349,4 +381,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-

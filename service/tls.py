@@ -29,6 +29,18 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
                                        require_client_auth=ca is not None)
 
 
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """An `ssl` server context for `tls` (enabled), for the HTTP frontend: the same
+    certificate, key and client CA as gRPC's credentials, after `check`."""
+    check(tls)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file:
+        context.load_verify_locations(cafile=tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def check(tls: TlsConfig) -> None:
     """Raise ConfigError naming the file unless the certificate, its key and the client
     CA (if set) load, and the key belongs to the certificate."""

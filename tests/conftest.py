@@ -22,5 +22,6 @@ def example_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def server_config(*models: ModelConfig, **server: object) -> ServerConfig:
     """A config bound to a free loopback port, without the metrics endpoint."""
-    base = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=10)
+    base = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0,
+                        grace_period_s=10)
     return dataclasses.replace(base, models=models, **server)

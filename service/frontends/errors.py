@@ -1,4 +1,4 @@
-"""One place that turns exceptions into gRPC statuses, for every servicer.
+"""One place that turns exceptions into gRPC statuses (and HTTP statuses), for every frontend.
 
 Known errors (service.errors.ServeError) carry messages written for clients.
 Anything else is logged with its traceback and answered with a generic
@@ -20,6 +20,37 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 INTERNAL_MESSAGE = "internal error; see the server log"
+
+
+# The HTTP status of each gRPC status, as Google's API design maps them
+# (google/rpc/code.proto), so that the REST and gRPC forms of a protocol answer
+# one error alike: a bad tensor is 400 / INVALID_ARGUMENT, a full queue 429 /
+# RESOURCE_EXHAUSTED, a draining model 503 / UNAVAILABLE.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
+
+def http_status_of(error: BaseException) -> tuple[int, str]:
+    """The HTTP status and client message of `error` (unexpected ones logged, generic)."""
+    code, message = status_of(error)
+    return HTTP_STATUS[code], message
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:

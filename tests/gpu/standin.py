@@ -387,7 +387,8 @@ def standin_config(name: str = "standin", **options: Any) -> ModelConfig:
 def serving_standin(engine: StandinEngine, config: ModelConfig,
                     stats_window_s: float = 10.0) -> Iterator[ServerThread]:
     """The real gRPC server (frontends, batcher, scheduler, workers) serving the stand-in."""
-    server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=10,
+    server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0,
+                                 grace_period_s=10,
                                  stats_window_s=stats_window_s)
     with running_server(server_config) as server:
         runtime = ModelRuntime(config, standin_model(config, engine), stats_window_s)

@@ -32,7 +32,7 @@ def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     """`trtserve serve ARGS` on a free port, expected to exit by itself."""
     return subprocess.run(
         [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0",
-         *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+         "--http-port", "0", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})})
 
 
@@ -156,7 +156,8 @@ def test_a_second_server_on_a_held_port_is_refused_and_the_first_keeps_all_traff
         first.wait_ready()
         second = subprocess.run(
             [sys.executable, "-m", "service.cli", "serve", "--model", f"m={example_onnx}",
-             "--workers", "1", "--port", str(first.port), "--metrics-port", "0"],
+             "--workers", "1", "--port", str(first.port), "--metrics-port", "0",
+             "--http-port", "0"],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         line = refusal(second)
         assert f"server.port: 127.0.0.1:{first.port} is in use by another process" in line
@@ -339,6 +340,28 @@ def test_an_encrypted_key_is_refused_without_prompting(pem, tmp_path):
         tls.check(TlsConfig(cert_file=str(pem["cert"]), key_file=str(encrypted)))
     tls.check(TlsConfig(cert_file=str(pem["cert"]), key_file=str(pem["key"]),
                         client_ca_file=str(pem["ca"])))  # the good set passes
+
+
+def test_a_held_http_port_is_refused_with_one_line(example_onnx):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        line = refusal(serve("--model", f"m={example_onnx}", "--http-port", str(port)))
+    assert f"server.http_port: 127.0.0.1:{port} is in use by another process" in line
+
+
+def test_the_http_port_cannot_be_another_port_of_the_server():
+    from service.config import ServerConfig
+
+    with pytest.raises(ConfigError, match=r"server\.http_port: got 9000, expected a port "
+                       r"other than server\.port \(9000\)"):
+        ServerConfig(port=9000, http_port=9000)
+    with pytest.raises(ConfigError, match=r"server\.http_port: got 9002"):
+        ServerConfig(port=9001, metrics_port=9002, http_port=9002)
+    with pytest.raises(ConfigError, match=r"server\.http_port: got 70000"):
+        ServerConfig(http_port=70000)
+    ServerConfig(port=9001, metrics_port=0, http_port=0)
 
 
 def test_the_metrics_port_cannot_be_the_grpc_port():

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0,
+    config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0, http_port=0,
                           grace_period_s=args.grace_period_s)
     double = ControlledBackend(Controls(sleep_s=args.sleep_ms / 1000),
                                max_batch_size=args.max_batch_size)

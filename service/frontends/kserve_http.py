@@ -1,0 +1,279 @@
+"""KServe v2 over HTTP/REST (the Open Inference Protocol's REST API, as Triton serves it).
+
+The same engine, auth, TLS, limits, deadlines and errors as the gRPC frontends,
+on its own port (`server.http_port`), served by aiohttp on the event loop that
+runs grpc.aio. Handlers convert, delegate, return: bodies go through
+kserve_json, models and statistics through kserve_model_config (as for gRPC),
+inference through `Engine.infer`, errors through frontends/errors.py (one
+table from gRPC codes to HTTP statuses, a body `{"error": "..."}`).
+
+Why aiohttp: it is an asyncio server (no second event loop or thread: it runs
+on uvloop beside grpc.aio, and its handlers await the engine directly), its
+HTTP parser is C (llhttp), it keeps connections alive, cancels a handler whose
+client went away, bounds request bodies, decompresses gzip/deflate bodies and
+compresses responses on request. An ASGI stack (Starlette under uvicorn) adds
+a layer of per-request dispatch over the same kind of parser; granian runs
+its own runtime beside ours. docs/protocols.md gives the measurements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from service import auth, echo
+from service.engine.api import Engine, InferRequest, now
+from service.errors import NotFound, ResourceExhausted
+from service.frontends import kserve_json as kjson
+from service.frontends import kserve_model_config as describe
+from service.frontends.common import check_inputs
+from service.frontends.errors import http_status_of
+from service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
+from service.version import version
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Beyond the gRPC form's: the binary-tensor extension is HTTP's alone.
+HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
+# Answers smaller than this are never compressed.
+COMPRESS_FROM_BYTES = 1024
+# JSON parts larger than this are parsed off the event loop.
+PARSE_IN_THREAD_BYTES = 1024 * 1024
+# Paths answered without the token unless server.health_requires_auth.
+_HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
+
+
+def _json(value: object, status: int = 200) -> web.Response:
+    return web.Response(body=kjson.dumps(value), status=status, content_type=kjson.JSON_TYPE)
+
+
+def error_response(status: int, message: str) -> web.Response:
+    response = web.Response(body=kjson.error_body(message), status=status,
+                            content_type=kjson.JSON_TYPE)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+class KServeHttp:
+    """The REST API's handlers over one engine."""
+
+    def __init__(self, engine: Engine, server_ready: Callable[[], bool] | None = None,
+                 token: str | None = None, health_requires_auth: bool = False,
+                 max_request_bytes: int = 256 * 1024 * 1024,
+                 max_response_bytes: int = 256 * 1024 * 1024) -> None:
+        self._engine = engine
+        # Whether the server has finished starting and is not draining.
+        self._server_ready = server_ready or (lambda: True)
+        self._token = auth.BearerToken(token) if token is not None else None
+        self._open_health = not health_requires_auth
+        self._max_request_bytes = max_request_bytes
+        self._max_response_bytes = max_response_bytes
+        self._version = version()
+
+    def app(self) -> web.Application:
+        # aiohttp refuses bodies above client_max_size while reading them (413).
+        app = web.Application(client_max_size=self._max_request_bytes,
+                              middlewares=[self._errors, self._auth])
+        get, post = web.get, web.post
+        versioned = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
+        app.add_routes([
+            get("/v2/health/live", self.live),
+            get("/v2/health/ready", self.ready),
+            get("/v2", self.server_metadata),
+            get("/v2/models/stats", self.statistics),
+            *(get(f"{base}/ready", self.model_ready) for base in versioned),
+            *(get(f"{base}/config", self.model_config) for base in versioned),
+            *(get(f"{base}/stats", self.statistics) for base in versioned),
+            *(post(f"{base}/infer", self.infer) for base in versioned),
+            *(get(base, self.model_metadata) for base in versioned),
+            *(web.route("*", path, _unimplemented(why)) for path, why in _NOT_IMPLEMENTED),
+        ])
+        return app
+
+    # --- middleware --------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error as KServe's `{"error": ...}` with the status the gRPC code maps to."""
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            # aiohttp's own answers (no route, wrong method, body too large) in our form.
+            return error_response(e.status, _http_problem(e, request, self._max_request_bytes))
+        except Exception as e:
+            status, message = http_status_of(e)
+            return error_response(status, message)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token is None or (self._open_health and request.path in _HEALTH_PATHS):
+            return await handler(request)
+        problem = self._token.problem(request.headers.get("Authorization"))
+        if problem:
+            return error_response(401, auth.HTTP_MESSAGES[problem])
+        return await handler(request)
+
+    # --- health ------------------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        # As KServe defines health answers: 200 true, 4xx false (Triton: 400).
+        if self._server_ready() and self._engine.ready(None):
+            return web.Response(status=200)
+        return error_response(400, "the server is not ready: models are loading, or it "
+                              "is draining")
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model, version = _names(request)
+        try:
+            self._engine.describe(model, version)
+            ready = self._engine.ready(model)
+        except NotFound as e:
+            return error_response(400, str(e))
+        if ready:
+            return web.Response(status=200)
+        return error_response(400, f"model '{echo.text(model)}' is not ready")
+
+    # --- metadata, configuration, statistics -------------------------------------------
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json({"name": SERVER_NAME, "version": self._version,
+                      "extensions": list(HTTP_EXTENSIONS)})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        model = self._engine.describe(*_names(request))
+        return _json(kjson.message_json(describe.model_metadata(model)))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        # Triton answers the configuration itself, not wrapped in {"config": ...}.
+        model = self._engine.describe(*_names(request))
+        return _json(kjson.message_json(describe.model_config(model)))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("model")
+        version = request.match_info.get("version", "")
+        if name is not None:
+            self._engine.describe(name, version)
+        snapshot = await self._engine.stats(name)
+        stats = [kjson.message_json(describe.model_statistics(m)) for m in snapshot.models]
+        return _json({"model_stats": stats})
+
+    # --- inference ---------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = _names(request)
+        model = self._engine.describe(name, version)
+        if request.content_length is not None and \
+                request.content_length > self._max_request_bytes:
+            # Refused from the header, before a byte of the body is read.
+            raise web.HTTPRequestEntityTooLarge(max_size=self._max_request_bytes,
+                                                actual_size=request.content_length)
+        body = await request.read()
+        length = kjson.header_length(request.headers.get(kjson.HEADER_LENGTH), len(body))
+        spec = model.spec
+
+        def parse() -> kjson.JsonInferRequest:
+            return kjson.parse_infer(body, length,
+                                     check=lambda tensors: check_inputs(name, spec, tensors))
+
+        if (len(body) if length is None else length) > PARSE_IN_THREAD_BYTES:
+            # Parsing megabytes of JSON numbers takes a second or more; in a thread the
+            # event loop keeps serving other requests meanwhile (it gets the GIL back
+            # every few milliseconds) instead of stopping for all of it.
+            parsed = await asyncio.to_thread(parse)
+        else:
+            parsed = parse()
+        plan = kjson.plan_outputs(parsed, {t.name: t.dtype for t in spec.outputs})
+        deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
+        result = await self._engine.infer(InferRequest(
+            model=name, version=version, inputs=parsed.inputs,
+            outputs=tuple(o.name for o in plan), deadline=deadline))
+        parts, json_length = kjson.encode_infer(parsed.id, result, plan)
+        size = sum(len(part) for part in parts)
+        if size > self._max_response_bytes:
+            # As gRPC refuses a response over max_send_message_bytes.
+            raise ResourceExhausted(f"the response ({size} bytes) is larger than the server "
+                                    f"sends ({self._max_response_bytes} bytes, "
+                                    "server.max_send_message_bytes)")
+        response = web.Response(
+            body=b"".join(parts),
+            content_type=kjson.JSON_TYPE if json_length is None else kjson.BINARY_TYPE)
+        if json_length is not None:
+            response.headers[kjson.HEADER_LENGTH] = str(json_length)
+        if size >= COMPRESS_FROM_BYTES and "Accept-Encoding" in request.headers:
+            # gzip or deflate, as the client asks (tritonclient's response_compression).
+            # Not below a kilobyte: there it costs more than it saves, and clients such
+            # as `requests` and aiohttp ask for it on every request by default.
+            response.enable_compression()
+        return response
+
+
+def _names(request: web.Request) -> tuple[str, str]:
+    return request.match_info["model"], request.match_info.get("version", "")
+
+
+def _http_problem(error: web.HTTPException, request: web.Request, max_bytes: int) -> str:
+    if error.status == 404:
+        return f"no such endpoint: {echo.text(request.path)}"
+    if error.status == 405:
+        return f"{request.method} is not allowed on {echo.text(request.path)}"
+    if error.status == 413:
+        return (f"the request body is larger than the server accepts ({max_bytes} bytes, "
+                "server.max_receive_message_bytes)")
+    return error.reason
+
+
+def _unimplemented(why: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        raise Unimplemented(f"{request.path} is not implemented by trtserve: {why}")
+
+    return handler
+
+
+_MODELS_FIXED = "models are fixed at start by the configuration"
+_NO_SHM = "shared-memory tensors are not supported"
+_NOT_IMPLEMENTED = (
+    ("/v2/repository/{tail:.*}", _MODELS_FIXED),
+    ("/v2/systemsharedmemory{tail:.*}", _NO_SHM),
+    ("/v2/cudasharedmemory{tail:.*}", _NO_SHM),
+    ("/v2/trace/setting", "tracing is not supported; use the Stats RPC and Prometheus metrics"),
+    ("/v2/models/{model}/trace/setting",
+     "tracing is not supported; use the Stats RPC and Prometheus metrics"),
+    ("/v2/logging", "log settings are set at start (command line and configuration)"),
+)
+
+
+class HttpServer:
+    """The REST API on `host:port`: started after gRPC binds, stopped after it drains."""
+
+    def __init__(self, api: KServeHttp, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+        # handler_cancellation: a client that hangs up cancels its request, as in gRPC.
+        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+        self._host, self._port = host, port
+        self._ssl = ssl_context
+        self._reuse_port = reuse_port
+        self.port = 0
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl,
+                           reuse_port=self._reuse_port)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
