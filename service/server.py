@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from service import auth, descriptors, ports, tls
 from service.config import ModelConfig, ServerConfig
+from service.engine.regions import RegionRegistry
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
@@ -41,6 +42,8 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.models = ModelRepository()
+        # Shared-memory regions clients registered; one registry for every protocol.
+        self.regions = RegionRegistry(config.shared_memory)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -200,7 +203,9 @@ class Server:
     def _add_kserve(self, server: _GenericHandlersOnly) -> None:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
         self._services.append(add_to_server(server, self.models,
-                                            server_ready=lambda: self._ready))
+                                            server_ready=lambda: self._ready,
+                                            regions=self.regions,
+                                            shared_memory=self.config.shared_memory))
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
@@ -234,6 +239,7 @@ class Server:
             log.error("workers did not stop within the grace period; exiting without them")
         if self._metrics is not None:
             self._metrics.shutdown()
+        self.regions.close()
         self._server = None
 
     def request_stop(self) -> None:

@@ -8,14 +8,19 @@ handling they have in common live here so that neither copies the other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, cast
 
 import grpc
+import numpy as np
 
 from service import echo
 from service.backends.base import ModelSpec
-from service.errors import NotFound, TensorError
+from service.engine import regions as regions_module
+from service.engine.api import RegionRef, TensorIn, TensorOut
+from service.engine.regions import RegionRegistry
+from service.errors import NotFound, PermissionDenied, TensorError
 from service.model import ModelRuntime
 from service.timer import now
 
@@ -83,3 +88,64 @@ def check_inputs(model: str, spec: ModelSpec, tensors: Iterable[WireTensor]) -> 
             raise TensorError(name, f"shape {echo.dims(tensor.shape)} has {ndim} dimensions, "
                               f"the model takes {want}: {list(tensor_spec.shape)}")
         seen.add(name)
+
+
+async def infer_with_regions(
+    model: ModelRuntime,
+    regions: RegionRegistry,
+    inputs: Mapping[str, TensorIn],
+    output_regions: Mapping[str, RegionRef],
+    deadline: float | None,
+) -> Mapping[str, np.ndarray | TensorOut]:
+    """Run a request whose tensors may live in shared-memory regions.
+
+    A request without references goes straight to the model; one with references
+    is resolved, run and answered through the engine's region registry, which keeps
+    its regions registered until its outputs are written.
+    """
+    dtypes = {name: t.dtype for name, t in inputs.items()}
+    if not output_regions and all(isinstance(t.data, np.ndarray) for t in inputs.values()):
+        arrays = {name: cast(np.ndarray, t.data) for name, t in inputs.items()}
+        return await model.infer(arrays, deadline, dtypes)
+
+    async def run(arrays: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        return await model.infer(arrays, deadline, dtypes)
+
+    return await regions_module.infer_with_regions(regions, inputs, output_regions, run)
+
+
+# Peers that share this host: gRPC names them "ipv4:127.x.x.x:port", "ipv6:[::1]:port"
+# or "unix:path" (also "unix-abstract:").
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string names a caller on this host (loopback or Unix socket)."""
+    kind, _, address = peer.partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    if kind == "ipv4":
+        host = address.rsplit(":", 1)[0]
+    elif kind == "ipv6":
+        host = address.rsplit("]", 1)[0].lstrip("[")
+    else:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def require_local_peer(context: grpc.aio.ServicerContext, allow_remote: bool, rpc: str) -> None:
+    """Refuse a register RPC from another host (PERMISSION_DENIED), unless configured.
+
+    A region is named by a key of this host's /dev/shm or a handle of this host's
+    GPU; a remote caller naming one is either mistaken or probing the server's memory.
+    """
+    if allow_remote:
+        return
+    peer = context.peer() or ""
+    if not is_local_peer(peer):
+        raise PermissionDenied(
+            f"{rpc} is taken only from callers on this host (loopback or a Unix socket); "
+            "shared memory cannot be shared with another host (server.shared_memory."
+            "allow_remote_register = true lifts this, e.g. behind a local proxy)")

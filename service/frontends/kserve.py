@@ -4,7 +4,7 @@ Convert, delegate, return: tensors go through kserve_convert, model
 descriptions and statistics through kserve_model_config, and inference through
 the same `ModelRuntime.infer` as trtserve.v1. Errors map to statuses in
 frontends/errors.py. RPCs for features trtserve does not have (model
-repository control, shared memory, tracing, log settings) answer
+repository control, tracing, log settings) answer
 UNIMPLEMENTED saying so.
 """
 
@@ -16,6 +16,9 @@ from typing import Any
 
 import grpc
 
+from service.config import SharedMemoryConfig
+from service.engine.api import TensorIn
+from service.engine.regions import CUDA, SYSTEM, RegionRegistry
 from service.errors import InvalidArgument, NotFound, ServeError
 from service.frontends import kserve_convert as convert
 from service.frontends import kserve_model_config as describe
@@ -24,7 +27,9 @@ from service.frontends.common import (
     check_inputs,
     check_version,
     deadline_of,
+    infer_with_regions,
     is_ready,
+    require_local_peer,
 )
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
@@ -38,7 +43,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
 # Only what is really implemented: perf_analyzer reads server-side times from
 # ModelStatistics because "statistics" is listed here.
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "system_shared_memory",
+              "cuda_shared_memory")
 # Request parameters asking for sequence batching, which trtserve does not do.
 _SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
 # Request parameter: microseconds the request may wait before it must have run.
@@ -88,8 +94,12 @@ def _check_parameters(request: pb.ModelInferRequest) -> None:
 
 class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository,
-                 server_ready: Callable[[], bool] | None = None) -> None:
+                 server_ready: Callable[[], bool] | None = None,
+                 regions: RegionRegistry | None = None,
+                 shared_memory: SharedMemoryConfig | None = None) -> None:
         self._models = repository
+        self._shared_memory = shared_memory or SharedMemoryConfig()
+        self._regions = regions or RegionRegistry(self._shared_memory)
         # Whether the server has finished starting (and is not draining); models
         # still loading are not in the repository yet, so it can't tell alone.
         self._server_ready = server_ready or (lambda: True)
@@ -107,12 +117,15 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
         _check_parameters(request)
         deadline = _deadline(request, call_deadline)
-        convert.check_raw_contents(request)
+        # Names and counts first: the raw-contents check reads every input's parameters.
         check_inputs(model.name, model.spec, request.inputs)
-        inputs = convert.decode_inputs(request)
+        convert.check_raw_contents(request)
+        decoded = convert.decode_inputs(request)
+        regions = convert.output_regions(request)
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
-        dtypes = {t.name: t.datatype for t in request.inputs}
-        outputs = await model.infer(inputs, deadline, dtypes)
+        inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
+                  for t in request.inputs}
+        outputs = await infer_with_regions(model, self._regions, inputs, regions, deadline)
         ordered = {t.name: outputs[t.name] for t in model.spec.outputs}
         return convert.encode_outputs(request, ordered, model.name, MODEL_VERSION, request.id,
                                       datatypes=output_dtypes)
@@ -202,6 +215,67 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             yield answer
 
 
+    # --- shared memory (Triton's system and CUDA shared-memory extensions) -------------
+
+    def _local_only(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        require_local_peer(context, self._shared_memory.allow_remote_register, rpc)
+
+    @unary
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._local_only(context, "SystemSharedMemoryRegister")
+        self._regions.register_system(request.name, request.key, request.offset,
+                                      request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @unary
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: grpc.aio.ServicerContext
+                                           ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions.unregister(request.name, SYSTEM)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @unary
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self._regions.status(request.name, SYSTEM):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset,
+                    byte_size=region.byte_size))
+        return response
+
+    @unary
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> pb.CudaSharedMemoryRegisterResponse:
+        self._local_only(context, "CudaSharedMemoryRegister")
+        self._regions.register_cuda(request.name, request.raw_handle, request.device_id,
+                                    request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @unary
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self._regions.unregister(request.name, CUDA)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    @unary
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: grpc.aio.ServicerContext
+                                     ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in self._regions.status(request.name, CUDA):
+            response.regions[region.name].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size))
+        return response
+
+
 def _unimplemented(rpc: str, why: str) -> Callable[..., Any]:
     async def method(self: KServeInferenceService, request: Any,
                      context: grpc.aio.ServicerContext) -> Any:
@@ -215,12 +289,6 @@ _NOT_IMPLEMENTED = {
     "RepositoryIndex": "models are fixed at start by the configuration",
     "RepositoryModelLoad": "models are fixed at start by the configuration",
     "RepositoryModelUnload": "models are fixed at start by the configuration",
-    "SystemSharedMemoryStatus": "shared-memory tensors are not supported",
-    "SystemSharedMemoryRegister": "shared-memory tensors are not supported",
-    "SystemSharedMemoryUnregister": "shared-memory tensors are not supported",
-    "CudaSharedMemoryStatus": "shared-memory tensors are not supported",
-    "CudaSharedMemoryRegister": "shared-memory tensors are not supported",
-    "CudaSharedMemoryUnregister": "shared-memory tensors are not supported",
     "TraceSetting": "tracing is not supported; use the Stats RPC and Prometheus metrics",
     "LogSettings": "log settings are set at start (command line and configuration)",
 }
@@ -229,12 +297,14 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
 
 
 def add_to_server(server: Any, repository: ModelRepository,
-                  server_ready: Callable[[], bool] | None = None) -> str:
+                  server_ready: Callable[[], bool] | None = None,
+                  regions: RegionRegistry | None = None,
+                  shared_memory: SharedMemoryConfig | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
     `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(repository, server_ready), server)
+        KServeInferenceService(repository, server_ready, regions, shared_memory), server)
     return SERVICE_NAME
