@@ -19,10 +19,10 @@ from service import echo
 from service.backends.base import ModelSpec
 from service.engine import regions as regions_module
 from service.engine.api import RegionRef, TensorIn, TensorOut
+from service.engine.model import ModelRuntime
 from service.engine.regions import RegionRegistry
+from service.engine.timer import now
 from service.errors import NotFound, PermissionDenied, TensorError
-from service.model import ModelRuntime
-from service.timer import now
 
 # trtserve serves one version of each model. KServe clients may name it "1" or
 # leave the version empty.
