@@ -35,14 +35,13 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from service import echo
 from service.config import SharedMemoryConfig
-from service.engine.api import RegionRef, TensorIn, TensorOut
+from service.engine.api import RegionRef, RegionStatus, RegionUsage, TensorIn, TensorOut
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -61,42 +60,6 @@ SHM_DIR = "/dev/shm"
 # NAME_MAX: the longest file name, so the longest key.
 MAX_KEY_CHARS = 255
 CUDA_IPC_HANDLE_BYTES = 64
-
-
-# --- what the registry reports ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RegionStatus:
-    """One registered region, as the status RPCs report it."""
-
-    name: str
-    kind: str  # "system" or "cuda"
-    byte_size: int
-    # System regions: the shared-memory key and the offset of the region in it.
-    key: str = ""
-    offset: int = 0
-    # CUDA regions: the device the memory lives on.
-    device_id: int = 0
-    # Requests using the region now (queued or running).
-    in_use: int = 0
-
-
-@dataclass(frozen=True)
-class RegionUsage:
-    """What regions spared the wire, since the start."""
-
-    regions: int
-    mapped_bytes: int
-    # Tensor bytes read from or written into regions: bytes that did not cross gRPC.
-    input_bytes: int
-    output_bytes: int
-    # Inputs handed to the batch as views of the region (no copy at all); the bytes
-    # path copies each input at least once out of its message.
-    zero_copy_inputs: int
-    # Tensors copied between host and device because the region and the backend
-    # live on different sides (a CUDA region served by the CPU backend).
-    host_copies: int
 
 
 # --- CUDA IPC (the part only a GPU can run) ---------------------------------------------

@@ -167,22 +167,26 @@ def check_raw_contents(request: pb.ModelInferRequest) -> None:
         raise TensorError(
             "",
             f"the request has {n_raw} raw_input_contents entries but only {len(inputs)} "
-            "inputs (one entry per input not in shared memory, in input order)",
+            "inputs (one entry per input, in input order)",
         )
     wire = [t for t in inputs if _SHARED_MEMORY_KEY not in t.parameters]
-    if n_raw != len(wire):
-        if n_raw < len(wire):
-            raise TensorError(
-                wire[n_raw].name,
-                f"has no raw_input_contents entry: the request has {len(wire)} inputs not in "
-                f"shared memory but {n_raw} raw_input_contents entries (one per input not in "
-                "shared memory, in input order)",
-            )
+    if n_raw == len(wire):
+        return
+    # The words of a request without shared memory stay as they were.
+    kind, rule = (("inputs", "one per input, in input order") if len(wire) == len(inputs)
+                  else ("inputs not in shared memory",
+                        "one per input not in shared memory, in input order"))
+    if n_raw < len(wire):
         raise TensorError(
-            "",
-            f"the request has {n_raw} raw_input_contents entries but only {len(wire)} inputs "
-            "not in shared memory (one entry per such input, in input order)",
+            wire[n_raw].name,
+            f"has no raw_input_contents entry: the request has {len(wire)} {kind} but "
+            f"{n_raw} raw_input_contents entries ({rule})",
         )
+    raise TensorError(
+        "",
+        f"the request has {n_raw} raw_input_contents entries but only {len(wire)} {kind} "
+        f"({rule})",
+    )
 
 
 def shared_memory_ref(name: str, params: Mapping[str, pb.InferParameter]) -> RegionRef | None:
