@@ -20,6 +20,7 @@ import numpy as np
 
 from client.convert import infer_request, outputs_of
 from client.errors import InferenceError
+from client.shared_memory import CudaRegion, RegionSlot, RegionTensor, SystemRegion
 from client.stream import InferStream
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -27,6 +28,8 @@ from service.gen.inference import model_config_pb2 as kmc
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from service.tensors import DTYPES, decode, dtype_name, encode
+
+Region = SystemRegion | CudaRegion
 
 # Tensors can be large; match the server's default limits, not gRPC's 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -100,11 +103,51 @@ class Client(_BlockingClient):
 
     _stub_type = pb_grpc.InferenceServiceStub
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+    def __init__(self, url: str = "127.0.0.1:8001", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        # Regions this client registered, by name: inputs that are views of them
+        # travel as references, and outputs written into them come back as views.
+        self._regions: dict[str, Region] = {}
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray | RegionTensor],
               outputs: Sequence[str] | None = None, timeout: float | None = None,
-              dtypes: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes)
-        return outputs_of(self._call(self._stub.Infer, request, timeout))
+              dtypes: Mapping[str, str] | None = None,
+              output_regions: Mapping[str, RegionSlot] | None = None) -> dict[str, np.ndarray]:
+        """Run one request. Inputs that are views of a registered system region (or
+        RegionTensors) are sent as references; `output_regions` has the server write
+        those outputs into a registered region (returned as views of it)."""
+        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes,
+                                regions=self._regions.values(), output_regions=output_regions)
+        return outputs_of(self._call(self._stub.Infer, request, timeout), self._regions)
+
+    def register_region(self, region: Region, timeout: float | None = None) -> None:
+        """Register a SystemRegion or CudaRegion with the server under its name."""
+        if isinstance(region, SystemRegion):
+            request: Any = pb.RegisterSystemRegionRequest(
+                name=region.name, key=region.key, byte_size=region.byte_size)
+            self._call(self._stub.RegisterSystemRegion, request, timeout)
+        else:
+            request = pb.RegisterCudaRegionRequest(
+                name=region.name, raw_handle=region.raw_handle, device_id=region.device_id,
+                byte_size=region.byte_size)
+            self._call(self._stub.RegisterCudaRegion, request, timeout)
+        self._regions[region.name] = region
+
+    def unregister_region(self, region: Region | str = "", timeout: float | None = None
+                          ) -> None:
+        """Unregister one region ("" : every region, this client's or not)."""
+        name = region if isinstance(region, str) else region.name
+        self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name), timeout)
+        if name:
+            self._regions.pop(name, None)
+        else:
+            self._regions.clear()
+
+    def region_status(self, name: str = "", timeout: float | None = None
+                      ) -> list[pb.Region]:
+        response = self._call(self._stub.RegionStatus, pb.RegionStatusRequest(name=name),
+                              timeout)
+        return list(response.regions)
 
     def stats(self, model: str = "", timeout: float | None = None) -> pb.StatsResponse:
         return self._call(self._stub.Stats, pb.StatsRequest(model=model), timeout)

@@ -7,10 +7,18 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from service.config import SharedMemoryConfig
+from service.engine.api import TensorIn
+from service.engine.regions import RegionRegistry
 from service.engine.repository import ModelRepository
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
-from service.frontends.common import check_inputs, deadline_of
+from service.frontends.common import (
+    check_inputs,
+    deadline_of,
+    infer_with_regions,
+    require_local_peer,
+)
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -18,16 +26,22 @@ from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, regions: RegionRegistry | None = None,
+                 shared_memory: SharedMemoryConfig | None = None) -> None:
         self._models = repository
+        self._shared_memory = shared_memory or SharedMemoryConfig()
+        self._regions = regions or RegionRegistry(self._shared_memory)
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
         model = self._models.get(request.model)
         wanted = convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
-        inputs, dtypes = convert.decode_inputs(request)
-        outputs = await model.infer(inputs, deadline, dtypes)
+        decoded, dtypes = convert.decode_inputs(request)
+        regions = convert.output_regions(request, model.spec)
+        inputs = {t.name: TensorIn(dtypes[t.name], tuple(t.shape), decoded[t.name])
+                  for t in request.inputs}
+        outputs = await infer_with_regions(model, self._regions, inputs, regions, deadline)
         return convert.encode_outputs(request, wanted, outputs)
 
     @unary
@@ -58,7 +72,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         models = [self._models.get(request.model)] if request.model else list(self._models)
         return pb.StatsResponse(models=[convert.model_stats(m) for m in models],
-                                uptime_seconds=time.monotonic() - self._started)
+                                uptime_seconds=time.monotonic() - self._started,
+                                shared_memory=convert.shared_memory_stats(self._regions.usage()))
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
@@ -66,3 +81,38 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if not request.model:
             raise NotFound("ModelMetadata needs a model name")
         return convert.model_metadata(self._models.get(request.model))
+
+    # --- shared-memory regions -------------------------------------------------------------
+
+    @unary
+    async def RegisterSystemRegion(self, request: pb.RegisterSystemRegionRequest,
+                                   context: grpc.aio.ServicerContext
+                                   ) -> pb.RegisterRegionResponse:
+        require_local_peer(context, self._shared_memory.allow_remote_register,
+                           "RegisterSystemRegion")
+        self._regions.register_system(request.name, request.key, request.offset,
+                                      request.byte_size)
+        return pb.RegisterRegionResponse()
+
+    @unary
+    async def RegisterCudaRegion(self, request: pb.RegisterCudaRegionRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.RegisterRegionResponse:
+        require_local_peer(context, self._shared_memory.allow_remote_register,
+                           "RegisterCudaRegion")
+        self._regions.register_cuda(request.name, request.raw_handle, request.device_id,
+                                    request.byte_size)
+        return pb.RegisterRegionResponse()
+
+    @unary
+    async def UnregisterRegion(self, request: pb.UnregisterRegionRequest,
+                               context: grpc.aio.ServicerContext) -> pb.UnregisterRegionResponse:
+        self._regions.unregister(request.name)
+        return pb.UnregisterRegionResponse()
+
+    @unary
+    async def RegionStatus(self, request: pb.RegionStatusRequest,
+                           context: grpc.aio.ServicerContext) -> pb.RegionStatusResponse:
+        return pb.RegionStatusResponse(regions=[
+            pb.Region(name=r.name, kind=r.kind, byte_size=r.byte_size, key=r.key,
+                      offset=r.offset, device_id=r.device_id, in_use=r.in_use)
+            for r in self._regions.status(request.name)])

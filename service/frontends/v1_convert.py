@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from service import echo
 from service.backends.base import ModelSpec
+from service.engine.api import RegionRef, RegionUsage, TensorOut
 from service.engine.model import ModelRuntime
 from service.engine.stats import Percentiles, WorkerStats
 from service.errors import TensorError
@@ -25,9 +26,11 @@ def dtype_enum(name: str) -> int:
     return _NAME_TO_ENUM[name]
 
 
-def decode_inputs(request: pb.InferRequest) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Inputs as read-only arrays over the message's bytes (no copy), and their dtypes."""
-    arrays: dict[str, np.ndarray] = {}
+def decode_inputs(request: pb.InferRequest
+                  ) -> tuple[dict[str, np.ndarray | RegionRef], dict[str, str]]:
+    """Inputs as read-only arrays over the message's bytes (no copy), or references into
+    shared-memory regions (the engine checks and reads them), and their dtypes."""
+    arrays: dict[str, np.ndarray | RegionRef] = {}
     dtypes: dict[str, str] = {}
     for tensor in request.inputs:
         name = tensor.name
@@ -38,7 +41,13 @@ def decode_inputs(request: pb.InferRequest) -> tuple[dict[str, np.ndarray], dict
         dtype = _ENUM_TO_NAME.get(tensor.dtype)
         if dtype is None:
             raise TensorError(name, _dtype_problem(tensor.dtype))
-        arrays[name] = decode(name, dtype, tensor.shape, tensor.data)
+        if tensor.WhichOneof("content") == "region":
+            if min(tensor.shape, default=0) < 0:
+                raise TensorError(name, f"shape {echo.dims(tensor.shape)} has a negative "
+                                  "dimension")
+            arrays[name] = _region_ref(tensor.region)
+        else:
+            arrays[name] = decode(name, dtype, tensor.shape, tensor.data)
         dtypes[name] = dtype
     return arrays, dtypes
 
@@ -53,15 +62,41 @@ def _dtype_problem(value: int) -> str:
     return f"dtype enum value {value} is not a known DataType; {expected}"
 
 
+def _region_ref(ref: pb.RegionRef) -> RegionRef:
+    return RegionRef(ref.region, ref.offset, ref.byte_size)
+
+
+def output_regions(request: pb.InferRequest, spec: ModelSpec) -> dict[str, RegionRef]:
+    """Outputs the request wants written into regions; a TensorError for unknown names."""
+    regions: dict[str, RegionRef] = {}
+    for name, ref in request.output_regions.items():
+        if spec.output(name) is None:
+            raise TensorError(name, f"output_regions names an unknown output; model "
+                              f"'{echo.text(request.model)}' gives "
+                              f"{sorted(t.name for t in spec.outputs)}")
+        regions[name] = _region_ref(ref)
+    return regions
+
+
 def encode_outputs(
-    request: pb.InferRequest, wanted: Sequence[TensorSpec], outputs: dict[str, np.ndarray]
+    request: pb.InferRequest, wanted: Sequence[TensorSpec],
+    outputs: Mapping[str, np.ndarray | TensorOut]
 ) -> pb.InferResponse:
-    """The answer with the `wanted` outputs (`check_outputs`), in that order."""
+    """The answer with the `wanted` outputs (`check_outputs`), in that order; outputs
+    written into a region carry where (Tensor.region) instead of their bytes."""
     response = pb.InferResponse(model=request.model, id=request.id)
     for tensor_spec in wanted:
         array = outputs[tensor_spec.name]
-        response.outputs.add(name=tensor_spec.name, dtype=_NAME_TO_ENUM[tensor_spec.dtype],
-                             shape=array.shape, data=encode(array))
+        dtype = _NAME_TO_ENUM[tensor_spec.dtype]
+        if isinstance(array, TensorOut):
+            ref = array.data
+            assert isinstance(ref, RegionRef)
+            response.outputs.add(name=tensor_spec.name, dtype=dtype, shape=array.shape,
+                                 region=pb.RegionRef(region=ref.region, offset=ref.offset,
+                                                     byte_size=ref.byte_size))
+            continue
+        response.outputs.add(name=tensor_spec.name, dtype=dtype, shape=array.shape,
+                             data=encode(array))
     return response
 
 
@@ -74,6 +109,11 @@ def check_outputs(request: pb.InferRequest, spec: ModelSpec) -> Sequence[TensorS
     if not request.outputs:  # most requests: every output
         return spec.outputs
     wanted: list[TensorSpec] = []
+    # Outputs written into regions are answered (with where) even when not named.
+    for name in request.output_regions:
+        tensor_spec = spec.output(name)
+        if tensor_spec is not None and name not in request.outputs:
+            wanted.append(tensor_spec)
     # Each output once, as KServe does: the n+1st name of a model with n outputs
     # is unknown or a repeat, so a long list is refused after n+1 names.
     for name in request.outputs:
@@ -85,6 +125,13 @@ def check_outputs(request: pb.InferRequest, spec: ModelSpec) -> Sequence[TensorS
             raise TensorError(name, "requested more than once")
         wanted.append(tensor_spec)
     return wanted
+
+
+def shared_memory_stats(usage: RegionUsage) -> pb.SharedMemoryStats:
+    return pb.SharedMemoryStats(
+        regions=usage.regions, mapped_bytes=usage.mapped_bytes, input_bytes=usage.input_bytes,
+        output_bytes=usage.output_bytes, zero_copy_inputs=usage.zero_copy_inputs,
+        host_copies=usage.host_copies)
 
 
 def _percentiles(p: Percentiles) -> pb.Percentiles:
@@ -171,4 +218,5 @@ def model_metadata(model: ModelRuntime) -> pb.ModelMetadataResponse:
 
 
 __all__ = ["check_outputs", "decode_inputs", "dtype_enum", "dtype_name", "encode_outputs",
-           "model_metadata", "model_stats", "worker_stats"]
+           "model_metadata", "model_stats", "output_regions", "shared_memory_stats",
+           "worker_stats"]
