@@ -41,7 +41,15 @@ import numpy as np
 
 from service import echo
 from service.config import SharedMemoryConfig
-from service.engine.api import RegionRef, RegionStatus, RegionUsage, TensorIn, TensorOut
+from service.engine.api import (
+    CUDA,
+    SYSTEM,
+    RegionRef,
+    RegionStatus,
+    RegionUsage,
+    TensorIn,
+    TensorOut,
+)
 from service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -52,8 +60,6 @@ from service.errors import (
 )
 from service.tensors import DTYPES, dtype_name
 
-SYSTEM = "system"
-CUDA = "cuda"
 KINDS = (SYSTEM, CUDA)
 # Where Linux keeps POSIX shared-memory objects (what shm_open opens).
 SHM_DIR = "/dev/shm"

@@ -1,32 +1,27 @@
-"""What every frontend shares: the call's deadline, model versions, readiness, and
-the checks of a request's tensors that come before any is decoded.
+"""What every frontend shares: the call's deadline, and the checks of a request's
+tensors that come before any is decoded.
 
 The frontends (trtserve.v1 and KServe v2) differ only in their messages; both
-hand decoded arrays to the same `ModelRuntime.infer`. The few pieces of call
-handling they have in common live here so that neither copies the other.
+hand decoded arrays to the same `Engine.infer` (service/engine/api.py). The few
+pieces of call handling they have in common live here so that neither copies
+the other. Model versions are the engine's (api.check_version), re-exported here.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, cast
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import grpc
-import numpy as np
 
 from service import echo
 from service.backends.base import ModelSpec
-from service.engine import regions as regions_module
-from service.engine.api import RegionRef, TensorIn, TensorOut
-from service.engine.model import ModelRuntime
-from service.engine.regions import RegionRegistry
-from service.engine.timer import now
-from service.errors import NotFound, PermissionDenied, TensorError
+from service.engine.api import MODEL_VERSION, check_version, now
+from service.errors import PermissionDenied, TensorError
 
-# trtserve serves one version of each model. KServe clients may name it "1" or
-# leave the version empty.
-MODEL_VERSION = "1"
+__all__ = ["MODEL_VERSION", "check_inputs", "check_version", "deadline_of", "is_local_peer",
+           "require_local_peer"]
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -35,21 +30,6 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     if remaining is None:
         return None
     return now() + remaining
-
-
-def check_version(model: str | None, version: str) -> None:
-    """Refuse any version but the one served ("" asks for it too); `model` None: any model."""
-    if version not in ("", MODEL_VERSION):
-        shown = echo.text(version)
-        subject = (f"model '{echo.text(model)}' has no version '{shown}'" if model is not None
-                   else f"no model has version '{shown}'")
-        raise NotFound(f"{subject}; trtserve serves version '{MODEL_VERSION}' of each model "
-                       "(or leave the version empty)")
-
-
-def is_ready(model: ModelRuntime) -> bool:
-    """Accepting requests, with at least one worker in the rotation."""
-    return model.ready and model.healthy_workers > 0
 
 
 class WireTensor(Protocol):
@@ -88,30 +68,6 @@ def check_inputs(model: str, spec: ModelSpec, tensors: Iterable[WireTensor]) -> 
             raise TensorError(name, f"shape {echo.dims(tensor.shape)} has {ndim} dimensions, "
                               f"the model takes {want}: {list(tensor_spec.shape)}")
         seen.add(name)
-
-
-async def infer_with_regions(
-    model: ModelRuntime,
-    regions: RegionRegistry,
-    inputs: Mapping[str, TensorIn],
-    output_regions: Mapping[str, RegionRef],
-    deadline: float | None,
-) -> Mapping[str, np.ndarray | TensorOut]:
-    """Run a request whose tensors may live in shared-memory regions.
-
-    A request without references goes straight to the model; one with references
-    is resolved, run and answered through the engine's region registry, which keeps
-    its regions registered until its outputs are written.
-    """
-    dtypes = {name: t.dtype for name, t in inputs.items()}
-    if not output_regions and all(isinstance(t.data, np.ndarray) for t in inputs.values()):
-        arrays = {name: cast(np.ndarray, t.data) for name, t in inputs.items()}
-        return await model.infer(arrays, deadline, dtypes)
-
-    async def run(arrays: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        return await model.infer(arrays, deadline, dtypes)
-
-    return await regions_module.infer_with_regions(regions, inputs, output_regions, run)
 
 
 # Peers that share this host: gRPC names them "ipv4:127.x.x.x:port", "ipv6:[::1]:port"

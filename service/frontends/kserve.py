@@ -2,7 +2,7 @@
 
 Convert, delegate, return: tensors go through kserve_convert, model
 descriptions and statistics through kserve_model_config, and inference through
-the same `ModelRuntime.infer` as trtserve.v1. Errors map to statuses in
+the same `Engine.infer` (service/engine/api.py) as trtserve.v1. Errors map to statuses in
 frontends/errors.py. RPCs for features trtserve does not have (model
 repository control, tracing, log settings) answer
 UNIMPLEMENTED saying so.
@@ -15,13 +15,20 @@ from importlib import metadata
 from typing import Any
 
 import grpc
+import numpy as np
 
 from service.config import SharedMemoryConfig
-from service.engine.api import TensorIn
-from service.engine.model import ModelRuntime
-from service.engine.regions import CUDA, SYSTEM, RegionRegistry
-from service.engine.repository import ModelRepository
-from service.engine.timer import now
+from service.engine.api import (
+    CUDA,
+    SYSTEM,
+    Engine,
+    InferRequest,
+    ModelDescription,
+    RegionRef,
+    TensorIn,
+    TensorOut,
+    now,
+)
 from service.errors import InvalidArgument, NotFound, ServeError
 from service.frontends import kserve_convert as convert
 from service.frontends import kserve_model_config as describe
@@ -30,8 +37,6 @@ from service.frontends.common import (
     check_inputs,
     check_version,
     deadline_of,
-    infer_with_regions,
-    is_ready,
     require_local_peer,
 )
 from service.frontends.errors import status_of, streaming, unary
@@ -93,22 +98,18 @@ def _check_parameters(request: pb.ModelInferRequest) -> None:
 
 
 class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository,
+    def __init__(self, engine: Engine,
                  server_ready: Callable[[], bool] | None = None,
-                 regions: RegionRegistry | None = None,
                  shared_memory: SharedMemoryConfig | None = None) -> None:
-        self._models = repository
+        self._engine = engine
         self._shared_memory = shared_memory or SharedMemoryConfig()
-        self._regions = regions or RegionRegistry(self._shared_memory)
         # Whether the server has finished starting (and is not draining); models
-        # still loading are not in the repository yet, so it can't tell alone.
+        # still loading are not in the engine yet, so it can't tell alone.
         self._server_ready = server_ready or (lambda: True)
         self._version = _version()
 
-    def _model(self, name: str, version: str) -> ModelRuntime:
-        model = self._models.get(name)
-        check_version(name, version)
-        return model
+    def _model(self, name: str, version: str) -> ModelDescription:
+        return self._engine.describe(name, version)
 
     async def _infer(self, request: pb.ModelInferRequest,
                      call_deadline: float | None) -> pb.ModelInferResponse:
@@ -121,12 +122,17 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         check_inputs(model.name, model.spec, request.inputs)
         convert.check_raw_contents(request)
         decoded = convert.decode_inputs(request)
-        regions = convert.output_regions(request)
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
         inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
                   for t in request.inputs}
-        outputs = await infer_with_regions(model, self._regions, inputs, regions, deadline)
-        ordered = {t.name: outputs[t.name] for t in model.spec.outputs}
+        # Every output, in the model's order: encode_outputs picks those asked for.
+        result = await self._engine.infer(InferRequest(
+            model.name, inputs, version=request.model_version,
+            output_regions=convert.output_regions(request), deadline=deadline))
+        ordered: dict[str, np.ndarray | TensorOut] = {}
+        for name, tensor in result.outputs.items():
+            # Written into a region: described, its bytes are in the client's memory.
+            ordered[name] = tensor if isinstance(tensor.data, RegionRef) else tensor.data
         return convert.encode_outputs(request, ordered, model.name, MODEL_VERSION, request.id,
                                       datatypes=output_dtypes)
 
@@ -140,7 +146,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        ready = self._server_ready() and all(is_ready(m) for m in self._models)
+        ready = self._server_ready() and self._engine.ready()
         return pb.ServerReadyResponse(ready=ready)
 
     @unary
@@ -149,10 +155,10 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # As Triton answers: an unknown model or version is not ready, not an error,
         # so that clients polling while models still load see False.
         try:
-            model = self._model(request.name, request.version)
+            self._model(request.name, request.version)
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=is_ready(model))
+        return pb.ModelReadyResponse(ready=self._engine.ready(request.name))
 
     # --- metadata and configuration ------------------------------------------------------
 
@@ -178,12 +184,12 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                               context: grpc.aio.ServicerContext
                               ) -> pb.ModelStatisticsResponse:
         if request.name:
-            models = [self._model(request.name, request.version)]
+            self._model(request.name, request.version)
         else:
             check_version(None, request.version)
-            models = list(self._models)
+        snapshot = await self._engine.stats(request.name or None)
         return pb.ModelStatisticsResponse(
-            model_stats=[describe.model_statistics(m) for m in models])
+            model_stats=[describe.model_statistics(m) for m in snapshot.models])
 
     # --- inference -----------------------------------------------------------------------
 
@@ -225,7 +231,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                          context: grpc.aio.ServicerContext
                                          ) -> pb.SystemSharedMemoryRegisterResponse:
         self._local_only(context, "SystemSharedMemoryRegister")
-        self._regions.register_system(request.name, request.key, request.offset,
+        await self._engine.register_system_region(request.name, request.key, request.offset,
                                       request.byte_size)
         return pb.SystemSharedMemoryRegisterResponse()
 
@@ -233,7 +239,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
                                            context: grpc.aio.ServicerContext
                                            ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self._regions.unregister(request.name, SYSTEM)
+        await self._engine.unregister_region(request.name, SYSTEM)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     @unary
@@ -241,7 +247,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                        context: grpc.aio.ServicerContext
                                        ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self._regions.status(request.name, SYSTEM):
+        for region in await self._engine.region_status(request.name, SYSTEM):
             response.regions[region.name].CopyFrom(
                 pb.SystemSharedMemoryStatusResponse.RegionStatus(
                     name=region.name, key=region.key, offset=region.offset,
@@ -253,7 +259,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                        context: grpc.aio.ServicerContext
                                        ) -> pb.CudaSharedMemoryRegisterResponse:
         self._local_only(context, "CudaSharedMemoryRegister")
-        self._regions.register_cuda(request.name, request.raw_handle, request.device_id,
+        await self._engine.register_cuda_region(request.name, request.raw_handle, request.device_id,
                                     request.byte_size)
         return pb.CudaSharedMemoryRegisterResponse()
 
@@ -261,7 +267,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
                                          context: grpc.aio.ServicerContext
                                          ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self._regions.unregister(request.name, CUDA)
+        await self._engine.unregister_region(request.name, CUDA)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     @unary
@@ -269,7 +275,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                      context: grpc.aio.ServicerContext
                                      ) -> pb.CudaSharedMemoryStatusResponse:
         response = pb.CudaSharedMemoryStatusResponse()
-        for region in self._regions.status(request.name, CUDA):
+        for region in await self._engine.region_status(request.name, CUDA):
             response.regions[region.name].CopyFrom(
                 pb.CudaSharedMemoryStatusResponse.RegionStatus(
                     name=region.name, device_id=region.device_id, byte_size=region.byte_size))
@@ -296,9 +302,8 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
     setattr(KServeInferenceService, _rpc, _unimplemented(_rpc, _why))
 
 
-def add_to_server(server: Any, repository: ModelRepository,
+def add_to_server(server: Any, engine: Engine,
                   server_ready: Callable[[], bool] | None = None,
-                  regions: RegionRegistry | None = None,
                   shared_memory: SharedMemoryConfig | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
@@ -306,5 +311,5 @@ def add_to_server(server: Any, repository: ModelRepository,
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(repository, server_ready, regions, shared_memory), server)
+        KServeInferenceService(engine, server_ready, shared_memory), server)
     return SERVICE_NAME

@@ -8,17 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 
 from service.config import SharedMemoryConfig
-from service.engine.api import TensorIn
-from service.engine.regions import RegionRegistry
-from service.engine.repository import ModelRepository
+from service.engine.api import Engine, InferRequest
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
-from service.frontends.common import (
-    check_inputs,
-    deadline_of,
-    infer_with_regions,
-    require_local_peer,
-)
+from service.frontends.common import check_inputs, deadline_of, require_local_peer
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -26,23 +19,20 @@ from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, regions: RegionRegistry | None = None,
-                 shared_memory: SharedMemoryConfig | None = None) -> None:
-        self._models = repository
+    def __init__(self, engine: Engine, shared_memory: SharedMemoryConfig | None = None) -> None:
+        self._engine = engine
         self._shared_memory = shared_memory or SharedMemoryConfig()
-        self._regions = regions or RegionRegistry(self._shared_memory)
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
-        model = self._models.get(request.model)
-        wanted = convert.check_outputs(request, model.spec)
+        model = self._engine.describe(request.model)
+        # Refused before any tensor is decoded: outputs the model lacks, inputs it can't take.
+        convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
-        decoded, dtypes = convert.decode_inputs(request)
-        regions = convert.output_regions(request, model.spec)
-        inputs = {t.name: TensorIn(dtypes[t.name], tuple(t.shape), decoded[t.name])
-                  for t in request.inputs}
-        outputs = await infer_with_regions(model, self._regions, inputs, regions, deadline)
-        return convert.encode_outputs(request, wanted, outputs)
+        result = await self._engine.infer(InferRequest(
+            request.model, convert.decode_inputs(request), outputs=tuple(request.outputs),
+            output_regions=convert.output_regions(request), deadline=deadline))
+        return convert.encode_outputs(request, result)
 
     @unary
     async def Infer(self, request: pb.InferRequest,
@@ -70,17 +60,19 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     @unary
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        models = [self._models.get(request.model)] if request.model else list(self._models)
-        return pb.StatsResponse(models=[convert.model_stats(m) for m in models],
-                                uptime_seconds=time.monotonic() - self._started,
-                                shared_memory=convert.shared_memory_stats(self._regions.usage()))
+        snapshot = await self._engine.stats(request.model or None)
+        return pb.StatsResponse(
+            models=[convert.model_stats(m, self._engine.describe(m.name))
+                    for m in snapshot.models],
+            uptime_seconds=time.monotonic() - self._started,
+            shared_memory=convert.shared_memory_stats(await self._engine.region_usage()))
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         if not request.model:
             raise NotFound("ModelMetadata needs a model name")
-        return convert.model_metadata(self._models.get(request.model))
+        return convert.model_metadata(self._engine.describe(request.model))
 
     # --- shared-memory regions -------------------------------------------------------------
 
@@ -90,8 +82,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                                    ) -> pb.RegisterRegionResponse:
         require_local_peer(context, self._shared_memory.allow_remote_register,
                            "RegisterSystemRegion")
-        self._regions.register_system(request.name, request.key, request.offset,
-                                      request.byte_size)
+        await self._engine.register_system_region(request.name, request.key, request.offset,
+                                                  request.byte_size)
         return pb.RegisterRegionResponse()
 
     @unary
@@ -99,20 +91,18 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                                  context: grpc.aio.ServicerContext) -> pb.RegisterRegionResponse:
         require_local_peer(context, self._shared_memory.allow_remote_register,
                            "RegisterCudaRegion")
-        self._regions.register_cuda(request.name, request.raw_handle, request.device_id,
-                                    request.byte_size)
+        await self._engine.register_cuda_region(request.name, request.raw_handle,
+                                                request.device_id, request.byte_size)
         return pb.RegisterRegionResponse()
 
     @unary
     async def UnregisterRegion(self, request: pb.UnregisterRegionRequest,
                                context: grpc.aio.ServicerContext) -> pb.UnregisterRegionResponse:
-        self._regions.unregister(request.name)
+        await self._engine.unregister_region(request.name)
         return pb.UnregisterRegionResponse()
 
     @unary
     async def RegionStatus(self, request: pb.RegionStatusRequest,
                            context: grpc.aio.ServicerContext) -> pb.RegionStatusResponse:
-        return pb.RegionStatusResponse(regions=[
-            pb.Region(name=r.name, kind=r.kind, byte_size=r.byte_size, key=r.key,
-                      offset=r.offset, device_id=r.device_id, in_use=r.in_use)
-            for r in self._regions.status(request.name)])
+        statuses = await self._engine.region_status(request.name)
+        return pb.RegionStatusResponse(regions=[convert.region(r) for r in statuses])

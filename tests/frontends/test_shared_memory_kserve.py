@@ -287,7 +287,7 @@ def _wait_until_in_use(server, name: str, count: int = 1) -> None:
 
 
 async def _status(server, name):
-    return server.server.regions.status(name)
+    return server.server.engine.regions.status(name)
 
 
 def _non_loopback_address() -> str | None:
