@@ -351,6 +351,9 @@ class RegionRegistry:
             raise InvalidArgument(f"shared-memory region '{echo.text(name)}': byte size "
                                   f"{byte_size} must be more than 0")
         limit = self._config.max_regions
+        if limit == 0:
+            raise FailedPrecondition("shared memory is turned off on this server "
+                                     "(server.shared_memory.max_regions = 0)")
         if len(self._regions) >= limit:
             raise ResourceExhausted(
                 f"shared-memory region '{echo.text(name)}': {len(self._regions)} regions are "
