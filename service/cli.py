@@ -37,7 +37,8 @@ SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_fi
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
                 "max_send_message_bytes", "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
-                "trim_after_request_bytes")
+                "trim_after_request_bytes", "max_in_flight_per_stream",
+                "max_unsent_bytes_per_stream")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +73,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trim-after-request-bytes", type=int,
                    help="give free memory back to the system after a request with this many "
                         "input bytes (default 4 MiB, 0 = never)")
+    p.add_argument("--max-in-flight-per-stream", type=int,
+                   help="requests in flight on one stream before it stops reading (default 1024)")
+    p.add_argument("--max-unsent-bytes-per-stream", type=int,
+                   help="answer bytes not yet sent on one stream before it stops reading "
+                        "(default 64 MiB)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")

@@ -214,6 +214,10 @@ class ServerConfig:
     max_receive_message_bytes: int = 256 * 1024 * 1024
     max_send_message_bytes: int = 256 * 1024 * 1024
     max_concurrent_streams: int = 0  # 0: gRPC's default
+    # What one InferStream / ModelStreamInfer may hold before it stops reading:
+    # requests read whose answer has not been sent, and bytes of answers not sent.
+    max_in_flight_per_stream: int = 1024
+    max_unsent_bytes_per_stream: int = 64 * 1024 * 1024
     stats_window_s: float = 10.0
     auth_token_file: str = ""  # or the TRTSERVE_AUTH_TOKEN environment variable
     health_requires_auth: bool = False
@@ -252,6 +256,10 @@ class ServerConfig:
                      "at least 1024")
         _require(self.max_concurrent_streams >= 0, "server.max_concurrent_streams",
                  self.max_concurrent_streams, "0 (default) or more")
+        _require(self.max_in_flight_per_stream >= 1, "server.max_in_flight_per_stream",
+                 self.max_in_flight_per_stream, "1 or more")
+        _require(self.max_unsent_bytes_per_stream >= 1, "server.max_unsent_bytes_per_stream",
+                 self.max_unsent_bytes_per_stream, "1 or more")
         _require(self.stats_window_s > 0, "server.stats_window_s", self.stats_window_s,
                  "more than 0")
         for key in ("max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",

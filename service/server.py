@@ -28,6 +28,7 @@ from service.engine.repository import ModelRepository, check_model
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
+from service.frontends.streaming import StreamLimits
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from service.limits import ByteBudget
@@ -145,7 +146,8 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.engine, self.config.shared_memory), services)
+            InferenceService(self.engine, self._stream_limits(), self.config.shared_memory),
+            services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         _add_reflection(services, [
@@ -212,7 +214,12 @@ class Server:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
         self._services.append(add_to_server(server, self.engine,
                                             server_ready=lambda: self._ready,
+                                            stream_limits=self._stream_limits(),
                                             shared_memory=self.config.shared_memory))
+
+    def _stream_limits(self) -> StreamLimits:
+        return StreamLimits(max_in_flight=self.config.max_in_flight_per_stream,
+                            max_unsent_bytes=self.config.max_unsent_bytes_per_stream)
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
