@@ -33,7 +33,9 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
 # Flags --shm-KEY that override server.shared_memory.KEY.
 SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
+SERVER_FLAGS = ("host", "port", "metrics_port", "metrics_host", "metrics_requires_auth",
+                "metrics_tls", "metrics_max_connections", "metrics_timeout_s",
+                "metrics_render_interval_s", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
                 "max_send_message_bytes", "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
@@ -52,6 +54,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = off)")
+    p.add_argument("--metrics-host",
+                   help="address the Prometheus port binds (default 127.0.0.1, not --host)")
+    p.add_argument("--metrics-requires-auth", action=argparse.BooleanOptionalAction,
+                   default=None, help="scrapes need the bearer token (default no)")
+    p.add_argument("--metrics-tls", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve metrics over HTTPS with --tls-cert/--tls-key (default no)")
+    p.add_argument("--metrics-max-connections", type=int,
+                   help="scrape connections held at once; more get 503 (default 16)")
+    p.add_argument("--metrics-timeout-s", type=float,
+                   help="to send a scrape's headers, take its response, or sit idle "
+                        "(default 5)")
+    p.add_argument("--metrics-render-interval-s", type=float,
+                   help="scrapes within it share one render (default 1; 0 = every scrape)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     p.add_argument("--health-requires-auth", action=argparse.BooleanOptionalAction,

@@ -33,7 +33,8 @@ from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from service.limits import ByteBudget
 from service.memory import Trimmer
-from service.metrics import MetricsServer, start_metrics
+from service.metrics import start_metrics
+from service.metrics_process import MetricsProcess
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Server:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._metrics: MetricsServer | None = None
+        self._metrics: MetricsProcess | None = None
         self._stopping = asyncio.Event()
         self._services: list[str] = [V1_SERVICE]
         self._background: set[asyncio.Task[None]] = set()
@@ -225,11 +226,11 @@ class Server:
         if not self.config.metrics_port:
             return
         try:
-            self._metrics = start_metrics(self.config.metrics_port, self.config.host,
-                                          self.engine)
+            self._metrics = start_metrics(self.config, self.engine)
         except OSError as e:
-            raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
-                            f"{self.config.metrics_port}: {e.strerror or e}") from None
+            raise PortInUse(f"server.metrics_port: cannot serve metrics on "
+                            f"{self.config.metrics_host}:{self.config.metrics_port}: "
+                            f"{e.strerror or e}") from None
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, answer accepted work, then close."""

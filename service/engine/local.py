@@ -91,53 +91,65 @@ class LocalEngine:
     # --- requests ------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResult:
-        runtime = self._runtime(request.model, request.version)
-        spec = runtime.spec
-        wanted = wanted_outputs(request.model, spec, request.outputs)
-        if request.output_regions:
-            wanted = _with_region_outputs(request.model, spec, wanted, request.outputs,
-                                          request.output_regions)
-        dtypes = {name: tensor.dtype for name, tensor in request.inputs.items()}
-        arrays = {name: t.data for name, t in request.inputs.items()
-                  if isinstance(t.data, np.ndarray)}
-        if len(arrays) == len(request.inputs) and not request.output_regions:
-            outputs: Mapping[str, np.ndarray | TensorOut] = await self._infer_within_budget(
-                runtime, arrays, request.deadline, dtypes)
-        else:
-            # Only bytes that crossed the wire count against the budget: region
-            # inputs are the client's memory, mapped, not held by the server.
-            wire_bytes = request_bytes(arrays)
-
-            async def run(resolved: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-                return await self._infer_within_budget(runtime, resolved, request.deadline,
-                                                       dtypes, wire_bytes)
-
-            outputs = await infer_with_regions(self._regions, request.inputs,
-                                               request.output_regions, run)
+        # On every request's path, at concurrency 1 too: kept to plain lookups.
+        runtime = self._repository.get(request.model)
+        if request.version:
+            check_version(request.model, request.version)
+        outputs_asked = request.outputs
+        wanted = wanted_outputs(request.model, runtime.spec, outputs_asked) if outputs_asked \
+            else runtime.spec.outputs
+        arrays: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        in_regions = False
+        for name, tensor in request.inputs.items():
+            data = tensor.data
+            if isinstance(data, RegionRef):
+                in_regions = True
+            else:
+                arrays[name] = data
+            dtypes[name] = tensor.dtype
+        if in_regions or request.output_regions:
+            return await self._infer_with_regions(runtime, request, wanted, arrays, dtypes)
+        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
         return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
 
-    async def _infer_within_budget(self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray],
-                                   deadline: float | None, dtypes: Mapping[str, str],
-                                   nbytes: int | None = None) -> Mapping[str, np.ndarray]:
-        """`runtime.infer`, holding the inputs' bytes in the server's budget until answered.
-
-        Validation comes first, so that a request that can never run is told so
-        (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The bytes are
-        released once, however the request ends: answered, failed, cancelled or
-        expired.
-        """
+    async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
+                   deadline: float | None, dtypes: Mapping[str, str],
+                   nbytes: int) -> Mapping[str, np.ndarray]:
+        """`runtime.infer`, holding `nbytes` in the server's budget of request bytes in
+        flight until answered. Validation comes first, so that a request that can never
+        run is told so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The
+        bytes are released once, however the request ends: answered, failed, cancelled
+        or expired."""
         budget = self._budget
-        if nbytes is None:
-            nbytes = request_bytes(inputs)
         try:
-            runtime.validate(inputs, dtypes)
+            runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                return await runtime.infer(inputs, deadline, dtypes)
+                return await runtime.infer(arrays, deadline, dtypes)
             finally:
                 budget.release(nbytes)
         finally:
             budget.finished(nbytes)
+
+    async def _infer_with_regions(self, runtime: ModelRuntime, request: InferRequest,
+                                  wanted: Sequence[TensorSpec], arrays: dict[str, np.ndarray],
+                                  dtypes: dict[str, str]) -> InferResult:
+        """A request naming shared-memory regions: references checked and resolved (inputs
+        as views of the regions), run, outputs written into their regions."""
+        if request.output_regions:
+            wanted = _with_region_outputs(request.model, runtime.spec, wanted, request.outputs,
+                                          request.output_regions)
+        # Only bytes that crossed the wire count against the budget: region inputs are
+        # the client's memory, mapped, not held by the server.
+        wire_bytes = request_bytes(arrays)
+
+        async def run(resolved: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            return await self._run(runtime, resolved, request.deadline, dtypes, wire_bytes)
+
+        outputs = await infer_with_regions(self._regions, request.inputs,
+                                           request.output_regions, run)
+        return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
 
     # --- shared-memory regions ----------------------------------------------------------
 
