@@ -120,9 +120,10 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
         _check_parameters(request)
         deadline = _deadline(request, call_deadline)
-        # Names and counts first: the raw-contents check reads every input's parameters.
-        check_inputs(model.name, model.spec, request.inputs)
+        # Every input's parameters are read here: their count is bounded by the
+        # request's field limit (frontends/field_count.py).
         convert.check_raw_contents(request)
+        check_inputs(model.name, model.spec, request.inputs)
         decoded = convert.decode_inputs(request)
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
         inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
