@@ -343,3 +343,32 @@ def test_register_needs_the_token_when_auth_is_on(example_onnx, regions, monkeyp
             assert _code(e) == "StatusCode.UNAUTHENTICATED"
             call({"authorization": "Bearer s3cret"})
         c.close()
+
+
+def test_shared_memory_over_model_stream_infer(client, regions, reference):
+    import queue
+
+    name, key, handle = regions(IN_BYTES + OUT_BYTES)
+    x = _x(6)
+    shm.set_shared_memory_region(handle, [x])
+    client.register_system_shared_memory(name, key, IN_BYTES + OUT_BYTES)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer("example", [_shm_input(name)],
+                                  outputs=[_shm_output(name, offset=IN_BYTES)], request_id="a")
+        client.async_stream_infer("example", [_shm_input("nope")], request_id="b")
+        got = dict.fromkeys(("a", "b"))
+        for _ in range(2):
+            result, error = answers.get(timeout=30)
+            if error is None:
+                got[result.get_response().id] = result
+            else:
+                got["b"] = error
+    finally:
+        client.stop_stream()
+    assert got["a"].get_output("output").shape == [ROWS, OUT]
+    np.testing.assert_allclose(
+        shm.get_contents_as_numpy(handle, np.float32, [ROWS, OUT], offset=IN_BYTES),
+        reference(x), rtol=1e-5, atol=1e-5)
+    assert "shared-memory region 'nope' is not registered" in str(got["b"])
