@@ -48,9 +48,9 @@ from service.tensors import TensorSpec
 __all__ = [
     "MODEL_VERSION", "BatchingDescription", "ByteBudgetSnapshot", "CaptureFailure",
     "DurationHistogram", "Engine", "FrontendSnapshot", "HealthListener", "InferRequest",
-    "InferResult", "ModelCountersSnapshot", "ModelDescription", "ModelSnapshot", "Percentiles",
-    "RegionRef", "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut", "WorkerInfo",
-    "WorkerSnapshot", "check_version", "now", "wanted_outputs",
+    "InferResult", "ModelCountersSnapshot", "ModelDescription", "ModelSnapshot", "ModelSpec",
+    "Percentiles", "RegionRef", "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut",
+    "WorkerInfo", "WorkerSnapshot", "check_version", "now", "wanted_outputs",
 ]
 
 # trtserve serves one version of each model. KServe clients may name it "1" or

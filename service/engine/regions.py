@@ -228,7 +228,7 @@ class CudaRegion(_Region):
 
 
 def _cuda_reason(error: Exception) -> str:
-    from service.backends.cuda import CudaError
+    from service.backends.tensorrt.cuda import CudaError
 
     if isinstance(error, CudaError):
         return error.name

@@ -6,11 +6,11 @@ import math
 from collections.abc import Sequence
 
 from service import echo
-from service.backends.base import ModelSpec
 from service.engine.api import (
     InferResult,
     ModelDescription,
     ModelSnapshot,
+    ModelSpec,
     Percentiles,
     RegionRef,
     RegionStatus,

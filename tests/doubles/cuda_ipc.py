@@ -14,7 +14,7 @@ import ctypes
 
 import numpy as np
 
-from service.backends.cuda import CudaError
+from service.backends.tensorrt.cuda import CudaError
 
 
 class HostCudaIpc:

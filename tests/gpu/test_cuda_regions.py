@@ -14,8 +14,8 @@ import textwrap
 
 import pytest
 
-from service.backends.cuda import runtime_module
-from service.backends.trt_api import gpu_present
+from service.backends.tensorrt.api import gpu_present
+from service.backends.tensorrt.cuda import runtime_module
 from service.config import ModelConfig
 from tests.conftest import server_config
 from tests.servers import ROOT, running_server
