@@ -70,13 +70,10 @@ class LocalEngine:
         return runtime
 
     def describe(self, model: str, version: str = "") -> ModelDescription:
-        runtime = self._runtime(model, version)
-        cached = self._descriptions.get(model)
-        if cached is not None and cached[0] is runtime:
-            return cached[1]
-        description = runtime.description()
-        self._descriptions[model] = (runtime, description)
-        return description
+        runtime = self._repository.get(model)  # NotFound naming the served models
+        if version:
+            check_version(model, version)
+        return runtime.description()
 
     def ready(self, model: str | None = None) -> bool:
         """Accepting requests, with at least one worker in the rotation (an unknown model:
@@ -123,10 +120,10 @@ class LocalEngine:
         or expired."""
         budget = self._budget
         try:
-            runtime.validate(arrays, dtypes)
+            validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                return await runtime.infer(arrays, deadline, dtypes)
+                return await runtime.infer(arrays, deadline, dtypes, validated)
             finally:
                 budget.release(nbytes)
         finally:

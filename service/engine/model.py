@@ -123,6 +123,7 @@ class ModelRuntime:
             max_queue_size=config.max_queue_size,
         )
         self._batcher: Batcher | None = None
+        self._description: ModelDescription | None = None
         self._batcher_task: asyncio.Task[None] | None = None
         self._idle: asyncio.Event | None = None
         self.ready = False
@@ -178,7 +179,16 @@ class ModelRuntime:
         return sum(w.healthy for w in self.workers)
 
     def description(self) -> ModelDescription:
-        """What the protocol side may know of this model; the same while it is loaded."""
+        """What the protocol side may know of this model; the same while it is loaded.
+
+        Computed once, once the workers have started (where each runs is known then):
+        frontends ask for it on every request.
+        """
+        if self._description is None or not self.ready:
+            self._description = self._describe()
+        return self._description
+
+    def _describe(self) -> ModelDescription:
         return ModelDescription(
             name=self.name, version=MODEL_VERSION, spec=self.spec, config=self.config,
             batching=BatchingDescription(
@@ -212,17 +222,19 @@ class ModelRuntime:
         inputs: Mapping[str, np.ndarray],
         deadline: float | None = None,
         dtypes: Mapping[str, str] | None = None,
+        validated: Validated | None = None,
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
         `deadline` is on the serving clock (`service.engine.timer.now`). `dtypes` gives
         wire dtype names where numpy can't tell them apart (BF16 travels as uint16).
+        `validated`: what `validate` answered for these inputs, if the caller asked.
         """
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
         if self._batcher is None or not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
-        rows, shape_key = self.validate(inputs, dtypes or {})
+        rows, shape_key = validated or self.validate(inputs, dtypes or {})
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
                           asyncio.get_running_loop().create_future())
         try:
