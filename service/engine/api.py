@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -120,10 +119,6 @@ class TensorIn:
     data: np.ndarray | RegionRef
 
 
-# Shared by every request that writes no output into a region (most): immutable.
-_NO_REGIONS: Mapping[str, RegionRef] = MappingProxyType({})
-
-
 @dataclass(frozen=True, slots=True)
 class InferRequest:
     """What a frontend asks of the engine for one request of one model."""
@@ -135,7 +130,7 @@ class InferRequest:
     # Outputs to return, in this order; empty: every output, in the model's order.
     outputs: Sequence[str] = ()
     # Outputs the engine writes into a region instead of returning them.
-    output_regions: Mapping[str, RegionRef] = field(default_factory=lambda: _NO_REGIONS)
+    output_regions: Mapping[str, RegionRef] = field(default_factory=dict)
     # Serving clock; None: no deadline.
     deadline: float | None = None
 
