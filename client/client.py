@@ -122,15 +122,8 @@ class Client(_BlockingClient):
 
     def register_region(self, region: Region, timeout: float | None = None) -> None:
         """Register a SystemRegion or CudaRegion with the server under its name."""
-        if isinstance(region, SystemRegion):
-            request: Any = pb.RegisterSystemRegionRequest(
-                name=region.name, key=region.key, byte_size=region.byte_size)
-            self._call(self._stub.RegisterSystemRegion, request, timeout)
-        else:
-            request = pb.RegisterCudaRegionRequest(
-                name=region.name, raw_handle=region.raw_handle, device_id=region.device_id,
-                byte_size=region.byte_size)
-            self._call(self._stub.RegisterCudaRegion, request, timeout)
+        method, request = _register_call(self._stub, region)
+        self._call(method, request, timeout)
         self._regions[region.name] = region
 
     def unregister_region(self, region: Region | str = "", timeout: float | None = None
@@ -157,6 +150,16 @@ class Client(_BlockingClient):
                           timeout)
 
 
+def _register_call(stub: Any, region: Region) -> tuple[Any, Any]:
+    """The register RPC of the region's kind, and its request."""
+    if isinstance(region, SystemRegion):
+        return stub.RegisterSystemRegion, pb.RegisterSystemRegionRequest(
+            name=region.name, key=region.key, byte_size=region.byte_size)
+    return stub.RegisterCudaRegion, pb.RegisterCudaRegionRequest(
+        name=region.name, raw_handle=region.raw_handle, device_id=region.device_id,
+        byte_size=region.byte_size)
+
+
 class AsyncClient:
     def __init__(
         self,
@@ -177,6 +180,8 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(url, options=options)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(token)
+        # As Client's: inputs that are views of these travel as references.
+        self._regions: dict[str, Region] = {}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -193,11 +198,30 @@ class AsyncClient:
         except grpc.aio.AioRpcError as e:
             raise InferenceError(e.code(), e.details() or "") from None
 
-    async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray | RegionTensor],
                     outputs: Sequence[str] | None = None, timeout: float | None = None,
-                    dtypes: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes)
-        return outputs_of(await self._call(self._stub.Infer, request, timeout))
+                    dtypes: Mapping[str, str] | None = None,
+                    output_regions: Mapping[str, RegionSlot] | None = None
+                    ) -> dict[str, np.ndarray]:
+        """As Client.infer: views of registered regions travel as references."""
+        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes,
+                                regions=self._regions.values(), output_regions=output_regions)
+        return outputs_of(await self._call(self._stub.Infer, request, timeout), self._regions)
+
+    async def register_region(self, region: Region, timeout: float | None = None) -> None:
+        method, request = _register_call(self._stub, region)
+        await self._call(method, request, timeout)
+        self._regions[region.name] = region
+
+    async def unregister_region(self, region: Region | str = "",
+                                timeout: float | None = None) -> None:
+        name = region if isinstance(region, str) else region.name
+        await self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name),
+                         timeout)
+        if name:
+            self._regions.pop(name, None)
+        else:
+            self._regions.clear()
 
     @contextlib.asynccontextmanager
     async def stream(self) -> AsyncIterator[InferStream]:

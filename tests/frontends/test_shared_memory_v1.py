@@ -138,3 +138,25 @@ def test_register_errors_have_their_codes(client, region):
         client._call(client._stub.RegisterCudaRegion, bad_len, 30)
     assert "the raw handle has 3 bytes" in str(e.value)
     assert [r.name for r in client.region_status()] == [region.name]
+
+
+def test_async_client_infers_from_and_into_a_region(server, region, reference):
+    import asyncio
+
+    from client import AsyncClient
+
+    x = region.array(np.float32, (ROWS, FEATURES))
+    x[:] = _x(3)
+
+    async def main() -> dict[str, np.ndarray]:
+        async with AsyncClient(server.url) as c:
+            await c.register_region(region)
+            try:
+                return await c.infer("example", {"input": x},
+                                     output_regions={"output": region.slot(IN_BYTES, OUT_BYTES)})
+            finally:
+                await c.unregister_region(region)
+
+    out = asyncio.run(main())
+    np.testing.assert_allclose(out["output"], reference(x), rtol=1e-5, atol=1e-5)
+    assert np.shares_memory(out["output"], region.array(np.uint8, (OUT_BYTES,), IN_BYTES))
