@@ -192,6 +192,9 @@ class RegionUsage:
     host_copies: int
 
 
+NO_REGIONS = RegionUsage(0, 0, 0, 0, 0, 0)
+
+
 # --- models ----------------------------------------------------------------------------
 
 
@@ -258,6 +261,8 @@ class StatsSnapshot:
     frontends: tuple[FrontendSnapshot, ...] = ()
     # The server-wide budget of request bytes in flight (service/limits.py).
     request_bytes: ByteBudgetSnapshot = _NO_BUDGET
+    # What shared-memory regions spared the wire (engine/regions.py).
+    shared_memory: RegionUsage = NO_REGIONS
 
 
 # --- the engine ------------------------------------------------------------------------
@@ -334,6 +339,3 @@ class Engine(Protocol):
         """Registered regions (one, or every one of `kind`); NotFound for an unknown name."""
         ...
 
-    async def region_usage(self) -> RegionUsage:
-        """What shared memory spared the wire since the start."""
-        ...

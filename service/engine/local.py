@@ -23,7 +23,6 @@ from service.engine.api import (
     ModelDescription,
     RegionRef,
     RegionStatus,
-    RegionUsage,
     StatsSnapshot,
     TensorOut,
     check_version,
@@ -169,9 +168,6 @@ class LocalEngine:
                             ) -> tuple[RegionStatus, ...]:
         return self._regions.status(name, kind)
 
-    async def region_usage(self) -> RegionUsage:
-        return self._regions.usage()
-
     def close(self) -> None:
         """Unmap every region (the server is stopping; nothing runs any more)."""
         self._regions.close()
@@ -181,7 +177,8 @@ class LocalEngine:
     async def stats(self, model: str | None = None) -> StatsSnapshot:
         runtimes = [self._repository.get(model)] if model is not None else list(self._repository)
         return StatsSnapshot(models=tuple(r.snapshot() for r in runtimes),
-                             request_bytes=self._budget.snapshot())
+                             request_bytes=self._budget.snapshot(),
+                             shared_memory=self._regions.usage())
 
     def add_health_listener(self, listener: HealthListener) -> None:
         """Call `listener(model, serving)` on this loop when a model loses its last healthy

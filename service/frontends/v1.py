@@ -68,7 +68,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             models=[convert.model_stats(m, self._engine.describe(m.name))
                     for m in snapshot.models],
             uptime_seconds=time.monotonic() - self._started,
-            shared_memory=convert.shared_memory_stats(await self._engine.region_usage()))
+            shared_memory=convert.shared_memory_stats(snapshot.shared_memory))
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,

@@ -92,6 +92,7 @@ def _code(error: pytest.ExceptionInfo[InferenceServerException]) -> str:
 
 
 def test_inputs_and_outputs_in_system_shared_memory(client, regions, reference):
+    # (Prometheus' view of the same counters: test_prometheus_counts_shared_memory.)
     in_name, in_key, in_handle = regions(IN_BYTES)
     out_name, out_key, out_handle = regions(OUT_BYTES)
     x = _x()
@@ -372,3 +373,29 @@ def test_shared_memory_over_model_stream_infer(client, regions, reference):
         shm.get_contents_as_numpy(handle, np.float32, [ROWS, OUT], offset=IN_BYTES),
         reference(x), rtol=1e-5, atol=1e-5)
     assert "shared-memory region 'nope' is not registered" in str(got["b"])
+
+
+def test_prometheus_counts_shared_memory(example_onnx, regions):
+    import urllib.request
+
+    from tests.servers import free_port
+
+    port = free_port()
+    config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=1),
+                           metrics_port=port)
+    name, key, handle = regions(IN_BYTES + OUT_BYTES)
+    shm.set_shared_memory_region(handle, [_x(7)])
+    with running_server(config) as s:
+        c = triton.InferenceServerClient(s.url)
+        c.register_system_shared_memory(name, key, IN_BYTES + OUT_BYTES)
+        c.infer("example", [_shm_input(name)], outputs=[_shm_output(name, offset=IN_BYTES)])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+            lines = page.read().decode().splitlines()
+        c.unregister_system_shared_memory()
+        c.close()
+    assert "trtserve_shared_memory_regions 1.0" in lines
+    assert f"trtserve_shared_memory_mapped_bytes {float(IN_BYTES + OUT_BYTES)}" in lines
+    assert f"trtserve_shared_memory_input_bytes_total {float(IN_BYTES)}" in lines
+    assert f"trtserve_shared_memory_output_bytes_total {float(OUT_BYTES)}" in lines
+    assert "trtserve_shared_memory_zero_copy_inputs_total 1.0" in lines
+    assert "trtserve_shared_memory_host_copies_total 0.0" in lines

@@ -109,7 +109,7 @@ async def test_regions_in_and_out_through_the_engine(served):
         assert (out.dtype, out.shape, out.data) == ("FP32", (2, WIDTH),
                                                    RegionRef("r0", nbytes, nbytes))
         np.testing.assert_array_equal(memory[2 * WIDTH:].reshape(2, WIDTH), expected(_rows(2)))
-        usage = await engine.region_usage()
+        usage = (await engine.stats()).shared_memory
         assert (usage.input_bytes, usage.output_bytes, usage.zero_copy_inputs) == (
             nbytes, nbytes, 1)
         # Unknown regions and outputs are refused naming the tensor; nothing runs.
