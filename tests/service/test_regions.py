@@ -8,6 +8,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from service.config import SharedMemoryConfig
 from service.engine.api import RegionRef, TensorIn, TensorOut
@@ -149,3 +151,48 @@ def test_cuda_handles_that_cannot_open_are_invalid_argument():
     with pytest.raises(InvalidArgument, match="device id -1"):
         registry.register_cuda("g", b"\x07" * 64, -1, 64)
     assert registry.status(None) == ()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(-8, 4000), size_off_by=st.sampled_from([0, 0, 0, 1, -1, 8, 5000]),
+       shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
+       dtype=st.sampled_from(["UINT8", "FP32", "FP64", "INT16"]),
+       output=st.booleans())
+def test_any_reference_is_read_exactly_or_refused(shm, offset, size_off_by, shape, dtype,
+                                                  output):
+    """Whatever a client names, the engine reads exactly those bytes or refuses with
+    INVALID_ARGUMENT; it never reads outside the region or crashes."""
+    itemsize = {"UINT8": 1, "FP32": 4, "FP64": 8, "INT16": 2}[dtype]
+    byte_size = int(np.prod(shape)) * itemsize + size_off_by
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 100, 3900)
+    raw = np.frombuffer(shm.buf, np.uint8)
+    raw[:] = np.arange(raw.size) % 251
+    ref = RegionRef("r", offset, byte_size)
+    inputs = {"x": TensorIn(dtype, tuple(shape), ref)}
+    outputs = {"y": RegionRef("r", offset, byte_size)} if output else {}
+    try:
+        with registry.lease(inputs, outputs) as lease:
+            got = lease.arrays["x"]
+            if output:
+                lease.write_outputs({"y": got.copy()})
+    except InvalidArgument as e:
+        assert "region 'r'" in str(e) or "shared-memory byte size" in str(e)
+    else:
+        assert offset >= 0 and offset + byte_size <= 3900 and size_off_by == 0
+        served.append(1)
+        assert got.nbytes == byte_size and got.shape == tuple(shape)
+        np.testing.assert_array_equal(got.reshape(-1).view(np.uint8),
+                                      raw[100 + offset:100 + offset + byte_size])
+    finally:
+        del raw
+        registry.close()
+
+
+served: list[int] = []
+
+
+def test_the_property_above_read_some_references():
+    # Run after it (file order): some generated references were valid and read.
+    assert served
