@@ -394,8 +394,12 @@ class RegionRegistry:
         for tensor_name, tensor in inputs.items():
             if isinstance(tensor.data, RegionRef):
                 region = self._regions[tensor.data.region]
-                arrays[tensor_name] = region.read(tensor.data, DTYPES[tensor.dtype],
-                                                  tensor.shape)
+                try:
+                    arrays[tensor_name] = region.read(tensor.data, DTYPES[tensor.dtype],
+                                                      tensor.shape)
+                except ValueError:  # numpy cannot hold the shape ([0, 2**62, 2**62])
+                    raise TensorError(tensor_name, f"shape {echo.dims(tensor.shape)} is too "
+                                      "large") from None
                 self._input_bytes += tensor.data.byte_size
                 if region.kind == SYSTEM:
                     self._zero_copy_inputs += 1

@@ -84,6 +84,16 @@ def test_a_region_in_use_cannot_be_unregistered(shm):
     assert registry.status(None) == ()
 
 
+def test_a_zero_size_shape_numpy_cannot_hold_is_invalid_argument(shm):
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    huge = TensorIn("FP32", (0, 2**62, 2**62), RegionRef("r", 0, 0))
+    with pytest.raises(InvalidArgument, match=r"tensor 'x': shape \[0, 4611686018427387904, "
+                       r"4611686018427387904\] is too large"), registry.lease({"x": huge}, {}):
+        pass
+    assert registry.status("r")[0].in_use == 0
+
+
 def test_a_failed_request_releases_its_regions(shm):
     registry = RegionRegistry()
     registry.register_system("r", shm.name, 0, 4096)
