@@ -20,6 +20,7 @@ import numpy as np
 
 from client.convert import infer_request, outputs_of
 from client.errors import InferenceError
+from client.shared_memory import CudaRegion, RegionSlot, RegionTensor, SystemRegion
 from client.stream import InferStream
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
@@ -27,6 +28,8 @@ from service.gen.inference import model_config_pb2 as kmc
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from service.tensors import DTYPES, decode, dtype_name, encode
+
+Region = SystemRegion | CudaRegion
 
 # Tensors can be large; match the server's default limits, not gRPC's 4 MiB.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -100,11 +103,44 @@ class Client(_BlockingClient):
 
     _stub_type = pb_grpc.InferenceServiceStub
 
-    def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+    def __init__(self, url: str = "127.0.0.1:8001", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        # Regions this client registered, by name: inputs that are views of them
+        # travel as references, and outputs written into them come back as views.
+        self._regions: dict[str, Region] = {}
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray | RegionTensor],
               outputs: Sequence[str] | None = None, timeout: float | None = None,
-              dtypes: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes)
-        return outputs_of(self._call(self._stub.Infer, request, timeout))
+              dtypes: Mapping[str, str] | None = None,
+              output_regions: Mapping[str, RegionSlot] | None = None) -> dict[str, np.ndarray]:
+        """Run one request. Inputs that are views of a registered system region (or
+        RegionTensors) are sent as references; `output_regions` has the server write
+        those outputs into a registered region (returned as views of it)."""
+        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes,
+                                regions=self._regions.values(), output_regions=output_regions)
+        return outputs_of(self._call(self._stub.Infer, request, timeout), self._regions)
+
+    def register_region(self, region: Region, timeout: float | None = None) -> None:
+        """Register a SystemRegion or CudaRegion with the server under its name."""
+        method, request = _register_call(self._stub, region)
+        self._call(method, request, timeout)
+        self._regions[region.name] = region
+
+    def unregister_region(self, region: Region | str = "", timeout: float | None = None
+                          ) -> None:
+        """Unregister one region ("" : every region, this client's or not)."""
+        name = region if isinstance(region, str) else region.name
+        self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name), timeout)
+        if name:
+            self._regions.pop(name, None)
+        else:
+            self._regions.clear()
+
+    def region_status(self, name: str = "", timeout: float | None = None
+                      ) -> list[pb.Region]:
+        response = self._call(self._stub.RegionStatus, pb.RegionStatusRequest(name=name),
+                              timeout)
+        return list(response.regions)
 
     def stats(self, model: str = "", timeout: float | None = None) -> pb.StatsResponse:
         return self._call(self._stub.Stats, pb.StatsRequest(model=model), timeout)
@@ -112,6 +148,16 @@ class Client(_BlockingClient):
     def metadata(self, model: str, timeout: float | None = None) -> pb.ModelMetadataResponse:
         return self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(model=model),
                           timeout)
+
+
+def _register_call(stub: Any, region: Region) -> tuple[Any, Any]:
+    """The register RPC of the region's kind, and its request."""
+    if isinstance(region, SystemRegion):
+        return stub.RegisterSystemRegion, pb.RegisterSystemRegionRequest(
+            name=region.name, key=region.key, byte_size=region.byte_size)
+    return stub.RegisterCudaRegion, pb.RegisterCudaRegionRequest(
+        name=region.name, raw_handle=region.raw_handle, device_id=region.device_id,
+        byte_size=region.byte_size)
 
 
 class AsyncClient:
@@ -134,6 +180,8 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(url, options=options)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._metadata = _metadata(token)
+        # As Client's: inputs that are views of these travel as references.
+        self._regions: dict[str, Region] = {}
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -150,11 +198,30 @@ class AsyncClient:
         except grpc.aio.AioRpcError as e:
             raise InferenceError(e.code(), e.details() or "") from None
 
-    async def infer(self, model: str, inputs: Mapping[str, np.ndarray],
+    async def infer(self, model: str, inputs: Mapping[str, np.ndarray | RegionTensor],
                     outputs: Sequence[str] | None = None, timeout: float | None = None,
-                    dtypes: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes)
-        return outputs_of(await self._call(self._stub.Infer, request, timeout))
+                    dtypes: Mapping[str, str] | None = None,
+                    output_regions: Mapping[str, RegionSlot] | None = None
+                    ) -> dict[str, np.ndarray]:
+        """As Client.infer: views of registered regions travel as references."""
+        request = infer_request(model, inputs, list(outputs or []), dtypes=dtypes,
+                                regions=self._regions.values(), output_regions=output_regions)
+        return outputs_of(await self._call(self._stub.Infer, request, timeout), self._regions)
+
+    async def register_region(self, region: Region, timeout: float | None = None) -> None:
+        method, request = _register_call(self._stub, region)
+        await self._call(method, request, timeout)
+        self._regions[region.name] = region
+
+    async def unregister_region(self, region: Region | str = "",
+                                timeout: float | None = None) -> None:
+        name = region if isinstance(region, str) else region.name
+        await self._call(self._stub.UnregisterRegion, pb.UnregisterRegionRequest(name=name),
+                         timeout)
+        if name:
+            self._regions.pop(name, None)
+        else:
+            self._regions.clear()
 
     @contextlib.asynccontextmanager
     async def stream(self) -> AsyncIterator[InferStream]:

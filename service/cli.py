@@ -30,6 +30,8 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device", "batching", "max_input_bytes", "cpu_memory_arena")
+# Flags --shm-KEY that override server.shared_memory.KEY.
+SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_FLAGS = ("host", "port", "http_port", "metrics_port", "metrics_host",
                 "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
@@ -98,6 +100,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")
+    p.add_argument("--shm-max-regions", type=int,
+                   help="shared-memory regions registered at once (default 64; 0 = shared "
+                        "memory off)")
+    p.add_argument("--shm-max-mapped-bytes", type=int,
+                   help="bytes mapped over every shared-memory region (default 16 GiB)")
+    p.add_argument("--shm-allow-remote-register", action="store_true", default=None,
+                   help="take shared-memory register calls from any peer, not only loopback "
+                        "and Unix sockets (e.g. behind a local proxy)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")
@@ -161,6 +171,10 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
             config.tls, cert_file=args.tls_cert or config.tls.cert_file,
             key_file=args.tls_key or config.tls.key_file,
             client_ca_file=args.tls_client_ca or config.tls.client_ca_file)
+    shm = {key: getattr(args, f"shm_{key}") for key in SHARED_MEMORY_FLAGS
+           if getattr(args, f"shm_{key}") is not None}
+    if shm:
+        server["shared_memory"] = dataclasses.replace(config.shared_memory, **shm)
     config = dataclasses.replace(config, models=tuple(models), **server)
     if not config.models:
         raise ConfigError("no models: pass --model NAME=PATH or a --config file with [[models]]")

@@ -179,6 +179,28 @@ class TlsConfig:
                  self.client_ca_file, "cert_file and key_file as well")
 
 
+@dataclass(frozen=True)
+class SharedMemoryConfig:
+    """Shared-memory tensors (KServe's system and CUDA shared-memory extensions, and
+    trtserve.v1's regions): limits on what clients may have the server map."""
+
+    # Regions registered at once, system and CUDA together; more -> RESOURCE_EXHAUSTED.
+    max_regions: int = 64
+    # Bytes mapped at once over every region; more -> RESOURCE_EXHAUSTED.
+    max_mapped_bytes: int = 16 * 1024**3
+    # Register RPCs are taken only from loopback and Unix-socket peers: a region is
+    # named by a key of this host's /dev/shm (or a CUDA handle of this host's GPU),
+    # which a remote caller cannot create. True takes them from any peer (behind a
+    # proxy that makes every caller look remote); the token still applies.
+    allow_remote_register: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_regions >= 0, "server.shared_memory.max_regions", self.max_regions,
+                 "0 (no regions: shared memory off) or more")
+        _require(self.max_mapped_bytes >= 0, "server.shared_memory.max_mapped_bytes",
+                 self.max_mapped_bytes, "0 or more bytes")
+
+
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 MODEL_LOAD_FAILURE = ("exit", "skip")
 
@@ -227,6 +249,7 @@ class ServerConfig:
     # is given back to the system (malloc_trim, off the event loop). 0: never.
     trim_after_request_bytes: int = 4 * MIB
     tls: TlsConfig = field(default_factory=TlsConfig)
+    shared_memory: SharedMemoryConfig = field(default_factory=SharedMemoryConfig)
     # A model that fails to load at start: "exit" stops the server (exit code 2),
     # "skip" serves the others and reports that one NOT_SERVING with its reason.
     model_load_failure: str = "exit"

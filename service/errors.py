@@ -37,6 +37,18 @@ class NotFound(ServeError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(ServeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ServeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class PermissionDenied(ServeError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(ServeError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

@@ -34,6 +34,7 @@ from service.engine.api import (
     DurationHistogram,
     Engine,
     ModelDescription,
+    RegionUsage,
     StatsSnapshot,
     WorkerSnapshot,
 )
@@ -226,6 +227,24 @@ def budget_families(budget: ByteBudgetSnapshot) -> list[Metric]:
     return list(f)
 
 
+def shared_memory_families(usage: RegionUsage) -> list[Metric]:
+    """Shared-memory regions now, and the tensor bytes they spared the wire."""
+    f = _Families()
+    f.gauge("shared_memory_regions", "Shared-memory regions registered.",
+            ()).add_metric((), usage.regions)
+    f.gauge("shared_memory_mapped_bytes", "Bytes mapped over every registered region.",
+            ()).add_metric((), usage.mapped_bytes)
+    f.counter("shared_memory_input_bytes", "Input bytes read from regions instead of "
+              "crossing gRPC.", ()).add_metric((), usage.input_bytes)
+    f.counter("shared_memory_output_bytes", "Output bytes written into regions instead of "
+              "crossing gRPC.", ()).add_metric((), usage.output_bytes)
+    f.counter("shared_memory_zero_copy_inputs", "Inputs handed to the batch as views of a "
+              "region, without a copy.", ()).add_metric((), usage.zero_copy_inputs)
+    f.counter("shared_memory_host_copies", "Tensors copied between host and device because "
+              "region and backend differ.", ()).add_metric((), usage.host_copies)
+    return list(f)
+
+
 async def snapshot(engine: Engine) -> bytes:
     """Every model's metric families, pickled for the metrics process. Call on the loop.
 
@@ -234,7 +253,8 @@ async def snapshot(engine: Engine) -> bytes:
     """
     stats = await engine.stats()
     descriptions = {m.name: engine.describe(m.name) for m in stats.models}
-    found = families(stats, descriptions) + budget_families(stats.request_bytes)
+    found = (families(stats, descriptions) + budget_families(stats.request_bytes)
+             + shared_memory_families(stats.shared_memory))
     return pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL)
 
 

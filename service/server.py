@@ -23,6 +23,7 @@ from service import auth, descriptors, ports, tls
 from service.config import ModelConfig, ServerConfig
 from service.engine.local import LocalEngine
 from service.engine.model import ModelRuntime
+from service.engine.regions import RegionRegistry
 from service.engine.repository import ModelRepository, check_model
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
@@ -53,7 +54,9 @@ class Server:
         self.budget = ByteBudget(config.max_request_bytes_in_flight,
                                  config.trim_after_request_bytes, self.trimmer.request)
         # What the frontends and metrics see of the models: plain data through one seam.
-        self.engine = LocalEngine(self.models, self.budget)
+        # Shared-memory regions clients register live in the engine, for every protocol.
+        self.engine = LocalEngine(self.models, self.budget,
+                                  RegionRegistry(config.shared_memory))
         self.engine.add_health_listener(self._on_model_health)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
@@ -150,7 +153,8 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.engine, self._stream_limits()), services)
+            InferenceService(self.engine, self._stream_limits(), self.config.shared_memory),
+            services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         _add_reflection(services, [
@@ -218,7 +222,8 @@ class Server:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
         self._services.append(add_to_server(server, self.engine,
                                             server_ready=lambda: self._ready,
-                                            stream_limits=self._stream_limits()))
+                                            stream_limits=self._stream_limits(),
+                                            shared_memory=self.config.shared_memory))
 
     def _stream_limits(self) -> StreamLimits:
         return StreamLimits(max_in_flight=self.config.max_in_flight_per_stream,
@@ -282,6 +287,7 @@ class Server:
         if self._metrics is not None:
             self._metrics.shutdown()
         self.trimmer.close()
+        self.engine.close()
         self._server = None
 
     def request_stop(self) -> None:

@@ -48,6 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-outstanding", type=int, default=10_000,
                    help="open loop: requests in flight per process at most")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-memory", choices=("none", "system", "cuda"), default="none",
+                   help="put inputs and outputs in registered shared-memory regions (system: "
+                        "POSIX shared memory; cuda: device memory, needs a GPU) and send "
+                        "only references, as perf_analyzer --shared-memory does")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print JSON instead of the table")
     out.add_argument("--csv", action="store_true", help="print CSV instead of the table")
@@ -78,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_outstanding=args.max_outstanding, seed=args.seed,
         token=Path(token_file).read_text().strip() if token_file else None,
         tls=bool(getattr(args, "tls", False)),
-        root_certificates=Path(ca).read_bytes() if ca else None)
+        root_certificates=Path(ca).read_bytes() if ca else None,
+        shared_memory=args.shared_memory)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

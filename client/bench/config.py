@@ -53,6 +53,8 @@ class BenchConfig:
     token: str | None = None
     tls: bool = False
     root_certificates: bytes | None = None
+    # "system" or "cuda": tensors in registered shared-memory regions, not in requests.
+    shared_memory: str = "none"
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +68,8 @@ class BenchConfig:
             (self.warmup_s >= 0, f"--warmup: got {self.warmup_s}, expected >= 0"),
             (self.processes >= 1, f"--processes: got {self.processes}, expected >= 1"),
             (self.batch_rows >= 1, f"--batch-rows: got {self.batch_rows}, expected >= 1"),
+            (self.shared_memory in ("none", "system", "cuda"),
+             f"--shared-memory: got {self.shared_memory!r}, expected none, system or cuda"),
         ]
         for ok, message in checks:
             if not ok:

@@ -76,7 +76,11 @@ class _Progress:
 
 def run(config: BenchConfig, progress: bool = True) -> BenchReport:
     """Run every level of `config` and return the merged results."""
-    payloads = prepare(config)
+    with contextlib.ExitStack() as stack:  # shared-memory regions, if any, until the end
+        return _run(config, prepare(config, stack), progress)
+
+
+def _run(config: BenchConfig, payloads: list[bytes], progress: bool) -> BenchReport:
     ctx = mp.get_context("spawn")  # gRPC's C core does not survive fork
     counters = ctx.Array("q", 2 * config.processes, lock=False)
     pipes, procs = [], []

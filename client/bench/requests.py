@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -96,19 +98,41 @@ def _check_answer(protocol: str, answer: bytes) -> int:
     return len(kpb.ModelInferResponse.FromString(answer).outputs)
 
 
-def prepare(config: BenchConfig, variants: int = 8) -> list[bytes]:
-    """Serialized requests to cycle through; one probe call checks they are accepted."""
+def prepare(config: BenchConfig, stack: contextlib.ExitStack[Any] | None = None,
+            variants: int = 8) -> list[bytes]:
+    """Serialized requests to cycle through; one probe call checks they are accepted.
+
+    With `config.shared_memory`, the tensors go into regions registered here and
+    unregistered when `stack` closes (it must be given then).
+    """
     with _sync_channel(config) as channel:
         inputs = model_inputs(channel, config)
         dtypes = {t.name: t.dtype for t in inputs}
-        payloads = [encode_request(config.protocol, config.model,
-                                   make_inputs(inputs, config, i), dtypes)
-                    for i in range(variants)]
+        arrays = [make_inputs(inputs, config, i) for i in range(variants)]
+        payloads = [encode_request(config.protocol, config.model, a, dtypes) for a in arrays]
         call = channel.unary_unary(_method(config.protocol), request_serializer=None,
-                               response_deserializer=None)
+                                   response_deserializer=None)
         answer = call(payloads[0], timeout=config.timeout_s, metadata=_metadata(config))
         if _check_answer(config.protocol, answer) == 0:
             raise ValueError(f"model '{config.model}' answered the probe with no outputs")
+        if config.shared_memory == "none":
+            return payloads
+        if stack is None:
+            raise ValueError("shared-memory regions need a stack to unregister them")
+        from client.bench.shared_memory import (
+            encode_region_request,
+            output_sizes,
+            regions_for,
+        )
+
+        sizes = output_sizes(config.protocol, answer)
+        # Its own channel: it must outlive this one, to unregister at the end.
+        register_channel: grpc.Channel = _sync_channel(config)
+        stack.callback(register_channel.close)
+        placed = stack.enter_context(regions_for(config, register_channel, arrays, sizes))
+        payloads = [encode_region_request(config.protocol, config.model, a, dtypes, p)
+                    for a, p in zip(arrays, placed, strict=True)]
+        answer = call(payloads[0], timeout=config.timeout_s, metadata=_metadata(config))
     return payloads
 
 

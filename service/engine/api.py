@@ -152,6 +152,49 @@ class InferResult:
     outputs: Mapping[str, TensorOut]
 
 
+# --- shared-memory regions ------------------------------------------------------------
+
+# Kinds of shared-memory region.
+SYSTEM = "system"  # a POSIX shared-memory object (shm_open key)
+CUDA = "cuda"  # device memory exported with cudaIpcGetMemHandle
+
+
+@dataclass(frozen=True)
+class RegionStatus:
+    """One registered region, as the status RPCs report it."""
+
+    name: str
+    kind: str  # "system" or "cuda"
+    byte_size: int
+    # System regions: the shared-memory key and the offset of the region in it.
+    key: str = ""
+    offset: int = 0
+    # CUDA regions: the device the memory lives on.
+    device_id: int = 0
+    # Requests using the region now (queued or running).
+    in_use: int = 0
+
+
+@dataclass(frozen=True)
+class RegionUsage:
+    """What regions spared the wire, since the start."""
+
+    regions: int
+    mapped_bytes: int
+    # Tensor bytes read from or written into regions: bytes that did not cross gRPC.
+    input_bytes: int
+    output_bytes: int
+    # Inputs handed to the batch as views of the region (no copy at all); the bytes
+    # path copies each input at least once out of its message.
+    zero_copy_inputs: int
+    # Tensors copied between host and device because the region and the backend
+    # live on different sides (a CUDA region served by the CPU backend).
+    host_copies: int
+
+
+NO_REGIONS = RegionUsage(0, 0, 0, 0, 0, 0)
+
+
 # --- models ----------------------------------------------------------------------------
 
 
@@ -218,6 +261,8 @@ class StatsSnapshot:
     frontends: tuple[FrontendSnapshot, ...] = ()
     # The server-wide budget of request bytes in flight (service/limits.py).
     request_bytes: ByteBudgetSnapshot = _NO_BUDGET
+    # What shared-memory regions spared the wire (engine/regions.py).
+    shared_memory: RegionUsage = NO_REGIONS
 
 
 # --- the engine ------------------------------------------------------------------------
@@ -263,3 +308,34 @@ class Engine(Protocol):
         """Call `listener(model, serving)` when a model loses its last healthy worker
         (False) or one rejoins a model that had none (True)."""
         ...
+
+    # Shared-memory regions live in the engine (engine.regions), so that every
+    # frontend process sees the same ones; frontends forward these calls.
+
+    async def register_system_region(self, name: str, key: str, offset: int,
+                                     byte_size: int) -> None:
+        """Map `byte_size` bytes from `offset` of the POSIX shared-memory object `key`.
+
+        InvalidArgument when the key cannot be opened or is too small; AlreadyExists
+        for a name in use; ResourceExhausted past server.shared_memory's limits.
+        """
+        ...
+
+    async def register_cuda_region(self, name: str, raw_handle: bytes, device_id: int,
+                                   byte_size: int) -> None:
+        """Open a cudaIpcMemHandle_t (64 raw bytes) of device memory on `device_id`."""
+        ...
+
+    async def unregister_region(self, name: str | None, kind: str | None = None) -> None:
+        """Unregister a region (None or "": every region of `kind`; kind None: both kinds).
+
+        FailedPrecondition while a request not yet answered uses it; an unknown
+        name is no error.
+        """
+        ...
+
+    async def region_status(self, name: str | None, kind: str | None = None
+                            ) -> tuple[RegionStatus, ...]:
+        """Registered regions (one, or every one of `kind`); NotFound for an unknown name."""
+        ...
+

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from service import echo
+from service.backends.base import ModelSpec
 from service.engine.api import (
     MODEL_VERSION,
     HealthListener,
@@ -20,12 +22,14 @@ from service.engine.api import (
     InferResult,
     ModelDescription,
     RegionRef,
+    RegionStatus,
     StatsSnapshot,
     TensorOut,
     check_version,
     wanted_outputs,
 )
 from service.engine.model import ModelRuntime
+from service.engine.regions import RegionRegistry, infer_with_regions
 from service.engine.repository import ModelRepository
 from service.errors import NotFound, TensorError
 from service.limits import ByteBudget, request_bytes
@@ -35,8 +39,12 @@ from service.tensors import TensorSpec
 class LocalEngine:
     """`Engine` for the models of `repository`, served on the caller's event loop."""
 
-    def __init__(self, repository: ModelRepository, budget: ByteBudget | None = None) -> None:
+    def __init__(self, repository: ModelRepository, budget: ByteBudget | None = None,
+                 regions: RegionRegistry | None = None) -> None:
         self._repository = repository
+        # Shared-memory regions clients registered, for every protocol (and, through
+        # the IPC engine, every frontend process).
+        self._regions = regions or RegionRegistry()
         # Input bytes of requests accepted and not yet answered, over every model and
         # protocol (max_request_bytes_in_flight).
         self._budget = budget or ByteBudget(0)
@@ -86,42 +94,91 @@ class LocalEngine:
         outputs_asked = request.outputs
         wanted = wanted_outputs(request.model, runtime.spec, outputs_asked) if outputs_asked \
             else runtime.spec.outputs
-        if request.output_regions:
-            name = next(iter(request.output_regions))
-            raise TensorError(name, "output to a shared-memory region: shared-memory regions "
-                              "are not supported")
         arrays: dict[str, np.ndarray] = {}
         dtypes: dict[str, str] = {}
+        in_regions = False
         for name, tensor in request.inputs.items():
             data = tensor.data
             if isinstance(data, RegionRef):
-                raise TensorError(name, f"shared-memory region '{data.region}': shared-memory "
-                                  "regions are not supported")
-            arrays[name] = data
+                in_regions = True
+            else:
+                arrays[name] = data
             dtypes[name] = tensor.dtype
-        # The server's budget of request bytes in flight holds the inputs until the request
-        # is answered. Validation comes first, so that a request that can never run is told
-        # so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The bytes are
-        # released once, however the request ends: answered, failed, cancelled or expired.
+        if in_regions or request.output_regions:
+            return await self._infer_with_regions(runtime, request, wanted, arrays, dtypes)
+        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
+        return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
+
+    async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
+                   deadline: float | None, dtypes: Mapping[str, str],
+                   nbytes: int) -> Mapping[str, np.ndarray]:
+        """`runtime.infer`, holding `nbytes` in the server's budget of request bytes in
+        flight until answered. Validation comes first, so that a request that can never
+        run is told so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The
+        bytes are released once, however the request ends: answered, failed, cancelled
+        or expired."""
         budget = self._budget
-        nbytes = request_bytes(arrays)
         try:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                outputs = await runtime.infer(arrays, request.deadline, dtypes, validated)
+                return await runtime.infer(arrays, deadline, dtypes, validated)
             finally:
                 budget.release(nbytes)
         finally:
             budget.finished(nbytes)
+
+    async def _infer_with_regions(self, runtime: ModelRuntime, request: InferRequest,
+                                  wanted: Sequence[TensorSpec], arrays: dict[str, np.ndarray],
+                                  dtypes: dict[str, str]) -> InferResult:
+        """A request naming shared-memory regions: references checked and resolved (inputs
+        as views of the regions), run, outputs written into their regions."""
+        if request.output_regions:
+            wanted = _with_region_outputs(request.model, runtime.spec, wanted, request.outputs,
+                                          request.output_regions)
+        # Only bytes that crossed the wire count against the budget: region inputs are
+        # the client's memory, mapped, not held by the server.
+        wire_bytes = request_bytes(arrays)
+
+        async def run(resolved: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+            return await self._run(runtime, resolved, request.deadline, dtypes, wire_bytes)
+
+        outputs = await infer_with_regions(self._regions, request.inputs,
+                                           request.output_regions, run)
         return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
+
+    # --- shared-memory regions ----------------------------------------------------------
+
+    @property
+    def regions(self) -> RegionRegistry:
+        return self._regions
+
+    async def register_system_region(self, name: str, key: str, offset: int,
+                                     byte_size: int) -> None:
+        self._regions.register_system(name, key, offset, byte_size)
+
+    async def register_cuda_region(self, name: str, raw_handle: bytes, device_id: int,
+                                   byte_size: int) -> None:
+        self._regions.register_cuda(name, raw_handle, device_id, byte_size)
+
+    async def unregister_region(self, name: str | None, kind: str | None = None) -> None:
+        self._regions.unregister(name, kind)
+
+    async def region_status(self, name: str | None, kind: str | None = None
+                            ) -> tuple[RegionStatus, ...]:
+        return self._regions.status(name, kind)
+
+    def close(self) -> None:
+        """Unmap every region (the server is stopping; nothing runs any more)."""
+        self._regions.close()
 
     # --- statistics and health -----------------------------------------------------------
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
         runtimes = [self._repository.get(model)] if model is not None else list(self._repository)
         return StatsSnapshot(models=tuple(r.snapshot() for r in runtimes),
-                             request_bytes=self._budget.snapshot())
+                             request_bytes=self._budget.snapshot(),
+                             shared_memory=self._regions.usage())
 
     def add_health_listener(self, listener: HealthListener) -> None:
         """Call `listener(model, serving)` on this loop when a model loses its last healthy
@@ -145,10 +202,28 @@ def _is_ready(runtime: ModelRuntime) -> bool:
 
 
 def _answer(wanted: Sequence[TensorSpec],
-            outputs: Mapping[str, np.ndarray]) -> dict[str, TensorOut]:
+            outputs: Mapping[str, np.ndarray | TensorOut]) -> dict[str, TensorOut]:
     result: dict[str, TensorOut] = {}
     for tensor_spec in wanted:
         array = outputs[tensor_spec.name]
-        result[tensor_spec.name] = TensorOut(tensor_spec.dtype, array.shape, array)
+        if isinstance(array, TensorOut):  # written into a region: where, not the bytes
+            result[tensor_spec.name] = TensorOut(tensor_spec.dtype, array.shape, array.data)
+        else:
+            result[tensor_spec.name] = TensorOut(tensor_spec.dtype, array.shape, array)
     return result
+
+
+def _with_region_outputs(model: str, spec: ModelSpec, wanted: Sequence[TensorSpec],
+                         asked: Sequence[str], regions: Mapping[str, RegionRef]
+                         ) -> Sequence[TensorSpec]:
+    """Outputs written into regions are answered (with where) even when not asked for."""
+    extra: list[TensorSpec] = []
+    for name in regions:
+        tensor_spec = spec.output(name)
+        if tensor_spec is None:
+            raise TensorError(name, f"output_regions names an unknown output; model "
+                              f"'{echo.text(model)}' gives {sorted(t.name for t in spec.outputs)}")
+        if asked and name not in asked:
+            extra.append(tensor_spec)
+    return [*wanted, *extra]
 

@@ -9,6 +9,7 @@ the other. Model versions are the engine's (api.check_version), re-exported here
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -16,9 +17,10 @@ import grpc
 
 from service import echo
 from service.engine.api import MODEL_VERSION, ModelSpec, check_version, now
-from service.errors import TensorError
+from service.errors import PermissionDenied, TensorError
 
-__all__ = ["MODEL_VERSION", "check_inputs", "check_version", "deadline_of"]
+__all__ = ["MODEL_VERSION", "check_inputs", "check_version", "deadline_of", "is_local_peer",
+           "require_local_peer"]
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -65,3 +67,40 @@ def check_inputs(model: str, spec: ModelSpec, tensors: Iterable[WireTensor]) -> 
             raise TensorError(name, f"shape {echo.dims(tensor.shape)} has {ndim} dimensions, "
                               f"the model takes {want}: {list(tensor_spec.shape)}")
         seen.add(name)
+
+
+# Peers that share this host: gRPC names them "ipv4:127.x.x.x:port", "ipv6:[::1]:port"
+# or "unix:path" (also "unix-abstract:").
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer string names a caller on this host (loopback or Unix socket)."""
+    kind, _, address = peer.partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    if kind == "ipv4":
+        host = address.rsplit(":", 1)[0]
+    elif kind == "ipv6":
+        host = address.rsplit("]", 1)[0].lstrip("[")
+    else:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def require_local_peer(context: grpc.aio.ServicerContext, allow_remote: bool, rpc: str) -> None:
+    """Refuse a register RPC from another host (PERMISSION_DENIED), unless configured.
+
+    A region is named by a key of this host's /dev/shm or a handle of this host's
+    GPU; a remote caller naming one is either mistaken or probing the server's memory.
+    """
+    if allow_remote:
+        return
+    peer = context.peer() or ""
+    if not is_local_peer(peer):
+        raise PermissionDenied(
+            f"{rpc} is taken only from callers on this host (loopback or a Unix socket); "
+            "shared memory cannot be shared with another host (server.shared_memory."
+            "allow_remote_register = true lifts this, e.g. behind a local proxy)")

@@ -4,7 +4,7 @@ Convert, delegate, return: tensors go through kserve_convert, model
 descriptions and statistics through kserve_model_config, and inference through
 the same `Engine.infer` (service/engine/api.py) as trtserve.v1. Errors map to statuses in
 frontends/errors.py. RPCs for features trtserve does not have (model
-repository control, shared memory, tracing, log settings) answer
+repository control, tracing, log settings) answer
 UNIMPLEMENTED saying so.
 """
 
@@ -17,7 +17,18 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service.engine.api import Engine, InferRequest, ModelDescription, TensorIn, now
+from service.config import SharedMemoryConfig
+from service.engine.api import (
+    CUDA,
+    SYSTEM,
+    Engine,
+    InferRequest,
+    ModelDescription,
+    RegionRef,
+    TensorIn,
+    TensorOut,
+    now,
+)
 from service.errors import InvalidArgument, NotFound, ServeError
 from service.frontends import kserve_convert as convert
 from service.frontends import kserve_model_config as describe
@@ -26,6 +37,7 @@ from service.frontends.common import (
     check_inputs,
     check_version,
     deadline_of,
+    require_local_peer,
 )
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
@@ -36,7 +48,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
 # Only what is really implemented: perf_analyzer reads server-side times from
 # ModelStatistics because "statistics" is listed here.
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("model_configuration", "statistics", "system_shared_memory",
+              "cuda_shared_memory")
 # Request parameters asking for sequence batching, which trtserve does not do.
 _SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
 # Request parameter: microseconds the request may wait before it must have run.
@@ -87,9 +100,11 @@ def _check_parameters(request: pb.ModelInferRequest) -> None:
 class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine,
                  server_ready: Callable[[], bool] | None = None,
-                 stream_limits: StreamLimits | None = None) -> None:
+                 stream_limits: StreamLimits | None = None,
+                 shared_memory: SharedMemoryConfig | None = None) -> None:
         self._engine = engine
         self._stream_limits = stream_limits or StreamLimits()
+        self._shared_memory = shared_memory or SharedMemoryConfig()
         # Whether the server has finished starting (and is not draining); models
         # still loading are not in the engine yet, so it can't tell alone.
         self._server_ready = server_ready or (lambda: True)
@@ -105,20 +120,22 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
         _check_parameters(request)
         deadline = _deadline(request, call_deadline)
+        # Every input's parameters are read here: their count is bounded by the
+        # request's field limit (frontends/field_count.py).
         convert.check_raw_contents(request)
         check_inputs(model.name, model.spec, request.inputs)
-        arrays = convert.decode_inputs(request)
+        decoded = convert.decode_inputs(request)
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
-        inputs = {t.name: TensorIn(t.datatype, arrays[t.name].shape, arrays[t.name])
+        inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
                   for t in request.inputs}
         # Every output, in the model's order: encode_outputs picks those asked for.
         result = await self._engine.infer(InferRequest(
-            model.name, inputs, version=request.model_version, deadline=deadline))
-        ordered: dict[str, np.ndarray] = {}
+            model.name, inputs, version=request.model_version,
+            output_regions=convert.output_regions(request), deadline=deadline))
+        ordered: dict[str, np.ndarray | TensorOut] = {}
         for name, tensor in result.outputs.items():
-            if not isinstance(tensor.data, np.ndarray):  # into a region; none asked for yet
-                raise TypeError(f"output '{name}' was not returned as an array")
-            ordered[name] = tensor.data
+            # Written into a region: described, its bytes are in the client's memory.
+            ordered[name] = tensor if isinstance(tensor.data, RegionRef) else tensor.data
         return convert.encode_outputs(request, ordered, model.name, MODEL_VERSION, request.id,
                                       datatypes=output_dtypes)
 
@@ -203,6 +220,67 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             yield answer
 
 
+    # --- shared memory (Triton's system and CUDA shared-memory extensions) -------------
+
+    def _local_only(self, context: grpc.aio.ServicerContext, rpc: str) -> None:
+        require_local_peer(context, self._shared_memory.allow_remote_register, rpc)
+
+    @unary
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._local_only(context, "SystemSharedMemoryRegister")
+        await self._engine.register_system_region(request.name, request.key, request.offset,
+                                                  request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @unary
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: grpc.aio.ServicerContext
+                                           ) -> pb.SystemSharedMemoryUnregisterResponse:
+        await self._engine.unregister_region(request.name, SYSTEM)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    @unary
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in await self._engine.region_status(request.name, SYSTEM):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset,
+                    byte_size=region.byte_size))
+        return response
+
+    @unary
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: grpc.aio.ServicerContext
+                                       ) -> pb.CudaSharedMemoryRegisterResponse:
+        self._local_only(context, "CudaSharedMemoryRegister")
+        await self._engine.register_cuda_region(request.name, request.raw_handle,
+                                                request.device_id, request.byte_size)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    @unary
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: grpc.aio.ServicerContext
+                                         ) -> pb.CudaSharedMemoryUnregisterResponse:
+        await self._engine.unregister_region(request.name, CUDA)
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+    @unary
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: grpc.aio.ServicerContext
+                                     ) -> pb.CudaSharedMemoryStatusResponse:
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in await self._engine.region_status(request.name, CUDA):
+            response.regions[region.name].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size))
+        return response
+
+
 def _stream_error(request: pb.ModelInferRequest, error: Exception
                   ) -> pb.ModelStreamInferResponse:
     """One request's error on a stream: the message, and the request's id and model."""
@@ -237,12 +315,6 @@ _NOT_IMPLEMENTED = {
     "RepositoryIndex": "models are fixed at start by the configuration",
     "RepositoryModelLoad": "models are fixed at start by the configuration",
     "RepositoryModelUnload": "models are fixed at start by the configuration",
-    "SystemSharedMemoryStatus": "shared-memory tensors are not supported",
-    "SystemSharedMemoryRegister": "shared-memory tensors are not supported",
-    "SystemSharedMemoryUnregister": "shared-memory tensors are not supported",
-    "CudaSharedMemoryStatus": "shared-memory tensors are not supported",
-    "CudaSharedMemoryRegister": "shared-memory tensors are not supported",
-    "CudaSharedMemoryUnregister": "shared-memory tensors are not supported",
     "TraceSetting": "tracing is not supported; use the Stats RPC and Prometheus metrics",
     "LogSettings": "log settings are set at start (command line and configuration)",
 }
@@ -252,12 +324,13 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
 
 def add_to_server(server: Any, engine: Engine,
                   server_ready: Callable[[], bool] | None = None,
-                  stream_limits: StreamLimits | None = None) -> str:
+                  stream_limits: StreamLimits | None = None,
+                  shared_memory: SharedMemoryConfig | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
     `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(engine, server_ready, stream_limits), server)
+        KServeInferenceService(engine, server_ready, stream_limits, shared_memory), server)
     return SERVICE_NAME

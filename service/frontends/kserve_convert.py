@@ -28,6 +28,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from service import echo
+from service.engine.api import RegionRef, TensorOut
 from service.errors import TensorError
 from service.gen.inference import grpc_service_pb2 as pb
 from service.tensors import DTYPES, decode, dtype_name, encode, shaped
@@ -69,8 +70,12 @@ _FIELD_DTYPE: dict[str, np.dtype] = {
 
 # Parameters that ask for features trtserve does not have. Ignoring them would
 # answer a different question than the one asked, so they are refused.
-_SHARED_MEMORY_KEY = "shared_memory_region"
 _CLASSIFICATION_KEY = "classification"
+# A tensor in a registered shared-memory region (Triton's shared-memory extensions):
+# its region, the offset in the region (default 0) and its size in bytes (required).
+_SHARED_MEMORY_KEY = "shared_memory_region"
+_SHARED_MEMORY_OFFSET_KEY = "shared_memory_offset"
+_SHARED_MEMORY_SIZE_KEY = "shared_memory_byte_size"
 _BINARY_DATA_KEY = "binary_data"
 
 
@@ -98,29 +103,31 @@ def to_kserve_datatype(dtype: np.dtype | type) -> str:
     return dtype_name(dtype)
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """The request's inputs as arrays, keyed by name, in request order.
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray | RegionRef]:
+    """The request's inputs as arrays (or region references), keyed by name, in request order.
 
     Raw inputs are read-only arrays over the bytes protobuf hands out for each
     raw_input_contents entry (numpy adds no copy); typed inputs are fresh
-    arrays. Raises TensorError naming the tensor for every
-    malformed input; see the module docstring for the rules.
+    arrays; inputs in a shared-memory region are references, which the engine
+    checks against the region and reads. Raises TensorError naming the tensor
+    for every malformed input; see the module docstring for the rules.
     """
     check_raw_contents(request)
     inputs = request.inputs
     raw = request.raw_input_contents
     n_raw = len(raw)
+    # As in Triton, raw_input_contents holds one entry per input that is not in
+    # shared memory, in input order (what tritonclient sends).
+    raw_index = 0
 
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, np.ndarray | RegionRef] = {}
     for index, tensor in enumerate(inputs):
         name = tensor.name
         if not name:
             raise TensorError("", f"input #{index} has an empty name")
         if name in arrays:
             raise TensorError(name, "appears more than once in the request's inputs")
-        if _SHARED_MEMORY_KEY in tensor.parameters:
-            raise TensorError(name, "shared-memory inputs are not supported; send the data in "
-                              "raw_input_contents or contents")
+        ref = shared_memory_ref(name, tensor.parameters)
         datatype = tensor.datatype
         np_dtype = DTYPES.get(datatype)
         if np_dtype is None:
@@ -129,35 +136,100 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         if any(d < 0 for d in shape):
             raise TensorError(name, f"shape {echo.dims(shape)} has a negative dimension; a request "
                               "gives concrete sizes")
-        if n_raw:
+        if ref is not None:
+            if tensor.HasField("contents"):
+                raise TensorError(name, "has typed contents and a shared-memory region; "
+                                  "send one or the other")
+            arrays[name] = ref
+        elif n_raw:
             if tensor.HasField("contents"):
                 raise TensorError(name, "has typed contents, but the request also uses "
                                   "raw_input_contents; use one or the other for all inputs")
             # Each read of a repeated bytes entry copies it out of the message
             # (upb), so it is read exactly once.
-            arrays[name] = decode(name, datatype, shape, raw[index])
+            arrays[name] = decode(name, datatype, shape, raw[raw_index])
+            raw_index += 1
         else:
             arrays[name] = _decode_typed(tensor, datatype, np_dtype, shape)
     return arrays
 
 
 def check_raw_contents(request: pb.ModelInferRequest) -> None:
-    """Refuse a request whose raw_input_contents are not one per input (or none)."""
-    inputs = request.inputs
+    """Refuse a request whose raw_input_contents are not one per input outside shared
+    memory (or none)."""
     n_raw = len(request.raw_input_contents)
-    if n_raw and n_raw != len(inputs):
-        if n_raw < len(inputs):
-            raise TensorError(
-                inputs[n_raw].name,
-                f"has no raw_input_contents entry: the request has {len(inputs)} inputs but "
-                f"{n_raw} raw_input_contents entries (one per input, in input order)",
-            )
+    if not n_raw:
+        return
+    inputs = request.inputs
+    # Cheap even for a hostile request: a count beyond the inputs is refused first.
+    if n_raw > len(inputs):
         # More blobs than inputs: no tensor is at fault, so none is named.
         raise TensorError(
             "",
             f"the request has {n_raw} raw_input_contents entries but only {len(inputs)} "
             "inputs (one entry per input, in input order)",
         )
+    wire = [t for t in inputs if _SHARED_MEMORY_KEY not in t.parameters]
+    if n_raw == len(wire):
+        return
+    # The words of a request without shared memory stay as they were.
+    kind, rule = (("inputs", "one per input, in input order") if len(wire) == len(inputs)
+                  else ("inputs not in shared memory",
+                        "one per input not in shared memory, in input order"))
+    if n_raw < len(wire):
+        raise TensorError(
+            wire[n_raw].name,
+            f"has no raw_input_contents entry: the request has {len(wire)} {kind} but "
+            f"{n_raw} raw_input_contents entries ({rule})",
+        )
+    raise TensorError(
+        "",
+        f"the request has {n_raw} raw_input_contents entries but only {len(wire)} {kind} "
+        f"({rule})",
+    )
+
+
+def shared_memory_ref(name: str, params: Mapping[str, pb.InferParameter]) -> RegionRef | None:
+    """The tensor's region reference from its shared_memory_* parameters; None: not in one."""
+    if _SHARED_MEMORY_KEY not in params:
+        for key in (_SHARED_MEMORY_OFFSET_KEY, _SHARED_MEMORY_SIZE_KEY):
+            if key in params:
+                raise TensorError(name, f"parameter {key} is set without "
+                                  f"{_SHARED_MEMORY_KEY}")
+        return None
+    region_param = params[_SHARED_MEMORY_KEY]
+    if region_param.WhichOneof("parameter_choice") != "string_param" \
+            or not region_param.string_param:
+        raise TensorError(name, f"parameter {_SHARED_MEMORY_KEY} must be a non-empty "
+                          "string_param naming a registered region")
+    if _SHARED_MEMORY_SIZE_KEY not in params:
+        raise TensorError(name, f"parameter {_SHARED_MEMORY_SIZE_KEY} is required with "
+                          f"{_SHARED_MEMORY_KEY}")
+    byte_size = _int_param(name, _SHARED_MEMORY_SIZE_KEY, params[_SHARED_MEMORY_SIZE_KEY])
+    offset = 0
+    if _SHARED_MEMORY_OFFSET_KEY in params:
+        offset = _int_param(name, _SHARED_MEMORY_OFFSET_KEY, params[_SHARED_MEMORY_OFFSET_KEY])
+    return RegionRef(region_param.string_param, offset, byte_size)
+
+
+def _int_param(name: str, key: str, param: pb.InferParameter) -> int:
+    kind = param.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise TensorError(name, f"parameter {key} must be an int64_param or uint64_param")
+    value: int = getattr(param, kind)
+    if value < 0:
+        raise TensorError(name, f"parameter {key} is {value}; it must not be negative")
+    return value
+
+
+def output_regions(request: pb.ModelInferRequest) -> dict[str, RegionRef]:
+    """Requested outputs that go into a shared-memory region, by name."""
+    regions: dict[str, RegionRef] = {}
+    for requested in request.outputs:
+        ref = shared_memory_ref(requested.name, requested.parameters)
+        if ref is not None:
+            regions[requested.name] = ref
+    return regions
 
 
 def check_requested_outputs(
@@ -173,7 +245,7 @@ def check_requested_outputs(
 
 def encode_outputs(
     request: pb.ModelInferRequest,
-    outputs: Mapping[str, np.ndarray],
+    outputs: Mapping[str, np.ndarray | TensorOut],
     model_name: str,
     model_version: str,
     request_id: str,
@@ -186,6 +258,10 @@ def encode_outputs(
     requested; all outputs (in `outputs` order) when none are requested. An
     output goes in `raw_output_contents` unless its request sets the
     parameter `binary_data` to false, in which case it goes in typed contents.
+
+    An output the engine wrote into a shared-memory region (a TensorOut) is
+    described (name, datatype, shape) with an empty raw_output_contents entry,
+    as Triton answers, so that clients index raw outputs by output position.
 
     `datatypes` gives an output's KServe datatype where the array's dtype
     alone cannot say it; the case that needs it is BF16, carried as uint16.
@@ -202,6 +278,12 @@ def encode_outputs(
     raw: list[bytes] = []
     for name, binary in ordered:
         array = outputs[name]
+        if isinstance(array, TensorOut):
+            declared = datatypes.get(name) if datatypes else None
+            response.outputs.add(name=name, datatype=declared or array.dtype,
+                                 shape=array.shape)
+            raw.append(b"")
+            continue
         datatype = _output_datatype(name, array, datatypes)
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if binary:
@@ -293,7 +375,8 @@ def _requested(
         if _CLASSIFICATION_KEY in params:
             raise TensorError(name, "the classification extension is not supported")
         if _SHARED_MEMORY_KEY in params:
-            raise TensorError(name, "shared-memory outputs are not supported")
+            wanted.append((name, True))  # described, with an empty raw entry
+            continue
         binary = True
         if _BINARY_DATA_KEY in params:
             param = params[_BINARY_DATA_KEY]
@@ -335,6 +418,8 @@ __all__ = [
     "check_requested_outputs",
     "decode_inputs",
     "encode_outputs",
+    "output_regions",
+    "shared_memory_ref",
     "to_kserve_datatype",
     "to_numpy_dtype",
 ]

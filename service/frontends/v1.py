@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from service.config import SharedMemoryConfig
 from service.engine.api import Engine, InferRequest
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
-from service.frontends.common import check_inputs, deadline_of
+from service.frontends.common import check_inputs, deadline_of, require_local_peer
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -18,9 +19,11 @@ from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine, stream_limits: StreamLimits | None = None) -> None:
+    def __init__(self, engine: Engine, stream_limits: StreamLimits | None = None,
+                 shared_memory: SharedMemoryConfig | None = None) -> None:
         self._engine = engine
         self._stream_limits = stream_limits or StreamLimits()
+        self._shared_memory = shared_memory or SharedMemoryConfig()
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
@@ -31,7 +34,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         result = await self._engine.infer(InferRequest(
             request.model, convert.decode_inputs(request),
             outputs=tuple(request.outputs) if request.outputs else (),
-            deadline=deadline))
+            output_regions=convert.output_regions(request), deadline=deadline))
         return convert.encode_outputs(request, result)
 
     @unary
@@ -64,7 +67,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return pb.StatsResponse(
             models=[convert.model_stats(m, self._engine.describe(m.name))
                     for m in snapshot.models],
-            uptime_seconds=time.monotonic() - self._started)
+            uptime_seconds=time.monotonic() - self._started,
+            shared_memory=convert.shared_memory_stats(snapshot.shared_memory))
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
@@ -72,6 +76,39 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if not request.model:
             raise NotFound("ModelMetadata needs a model name")
         return convert.model_metadata(self._engine.describe(request.model))
+
+    # --- shared-memory regions -------------------------------------------------------------
+
+    @unary
+    async def RegisterSystemRegion(self, request: pb.RegisterSystemRegionRequest,
+                                   context: grpc.aio.ServicerContext
+                                   ) -> pb.RegisterRegionResponse:
+        require_local_peer(context, self._shared_memory.allow_remote_register,
+                           "RegisterSystemRegion")
+        await self._engine.register_system_region(request.name, request.key, request.offset,
+                                                  request.byte_size)
+        return pb.RegisterRegionResponse()
+
+    @unary
+    async def RegisterCudaRegion(self, request: pb.RegisterCudaRegionRequest,
+                                 context: grpc.aio.ServicerContext) -> pb.RegisterRegionResponse:
+        require_local_peer(context, self._shared_memory.allow_remote_register,
+                           "RegisterCudaRegion")
+        await self._engine.register_cuda_region(request.name, request.raw_handle,
+                                                request.device_id, request.byte_size)
+        return pb.RegisterRegionResponse()
+
+    @unary
+    async def UnregisterRegion(self, request: pb.UnregisterRegionRequest,
+                               context: grpc.aio.ServicerContext) -> pb.UnregisterRegionResponse:
+        await self._engine.unregister_region(request.name)
+        return pb.UnregisterRegionResponse()
+
+    @unary
+    async def RegionStatus(self, request: pb.RegionStatusRequest,
+                           context: grpc.aio.ServicerContext) -> pb.RegionStatusResponse:
+        statuses = await self._engine.region_status(request.name)
+        return pb.RegionStatusResponse(regions=[convert.region(r) for r in statuses])
 
 
 def _stream_error(request: pb.InferRequest, error: Exception) -> pb.InferStreamResponse:

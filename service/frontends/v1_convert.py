@@ -5,14 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
-
+from service import echo
 from service.engine.api import (
     InferResult,
     ModelDescription,
     ModelSnapshot,
     ModelSpec,
     Percentiles,
+    RegionRef,
+    RegionStatus,
+    RegionUsage,
     TensorIn,
     WorkerSnapshot,
     wanted_outputs,
@@ -48,9 +50,24 @@ def decode_inputs(request: pb.InferRequest) -> dict[str, TensorIn]:
         dtype = _ENUM_TO_NAME.get(tensor.dtype)
         if dtype is None:
             raise TensorError(name, _dtype_problem(tensor.dtype))
+        if tensor.WhichOneof("content") == "region":
+            if min(tensor.shape, default=0) < 0:
+                raise TensorError(name, f"shape {echo.dims(tensor.shape)} has a negative "
+                                  "dimension")
+            arrays[name] = TensorIn(dtype, tuple(tensor.shape), _region_ref(tensor.region))
+            continue
         array = decode(name, dtype, tensor.shape, tensor.data)
         arrays[name] = TensorIn(dtype, array.shape, array)
     return arrays
+
+
+def _region_ref(ref: pb.RegionRef) -> RegionRef:
+    return RegionRef(ref.region, ref.offset, ref.byte_size)
+
+
+def output_regions(request: pb.InferRequest) -> dict[str, RegionRef]:
+    """Outputs the request wants written into regions (the engine checks the names)."""
+    return {name: _region_ref(ref) for name, ref in request.output_regions.items()}
 
 
 def _dtype_problem(value: int) -> str:
@@ -68,11 +85,27 @@ def encode_outputs(request: pb.InferRequest, result: InferResult) -> pb.InferRes
     response = pb.InferResponse(model=request.model, id=request.id)
     for name, tensor in result.outputs.items():
         array = tensor.data
-        if not isinstance(array, np.ndarray):  # written into a region; none are asked for yet
-            raise TypeError(f"output '{name}' was not returned as an array")
-        response.outputs.add(name=name, dtype=_NAME_TO_ENUM[tensor.dtype],
-                             shape=array.shape, data=encode(array))
+        dtype = _NAME_TO_ENUM[tensor.dtype]
+        if isinstance(array, RegionRef):  # written into a region: say where, not the bytes
+            response.outputs.add(name=name, dtype=dtype, shape=tensor.shape,
+                                 region=pb.RegionRef(region=array.region, offset=array.offset,
+                                                     byte_size=array.byte_size))
+            continue
+        response.outputs.add(name=name, dtype=dtype, shape=array.shape, data=encode(array))
     return response
+
+
+def shared_memory_stats(usage: RegionUsage) -> pb.SharedMemoryStats:
+    return pb.SharedMemoryStats(
+        regions=usage.regions, mapped_bytes=usage.mapped_bytes, input_bytes=usage.input_bytes,
+        output_bytes=usage.output_bytes, zero_copy_inputs=usage.zero_copy_inputs,
+        host_copies=usage.host_copies)
+
+
+def region(status: RegionStatus) -> pb.Region:
+    return pb.Region(name=status.name, kind=status.kind, byte_size=status.byte_size,
+                     key=status.key, offset=status.offset, device_id=status.device_id,
+                     in_use=status.in_use)
 
 
 def check_outputs(request: pb.InferRequest, spec: ModelSpec) -> Sequence[TensorSpec]:

@@ -256,3 +256,26 @@ def test_a_server_without_the_stream_counts_its_status_for_each_request():
     failures = rec.errors["UNIMPLEMENTED"] + rec.errors["INTERNAL"]
     assert failures % 2 == 0
     assert 2 <= failures <= 2 * (window_s / streams.REOPEN_PAUSE_S + 1)
+
+
+@pytest.mark.parametrize("protocol", ["v1", "kserve"])
+def test_shared_memory_system_sends_references_and_unregisters_at_the_end(server, protocol):
+    from client import Client
+
+    config = BenchConfig(url=server.url, model="example", levels=(Level("closed", 2),),
+                         protocol=protocol, duration_s=0.5, warmup_s=0.1,
+                         shared_memory="system")
+    with Client(server.url) as c:
+        before = c.stats().shared_memory
+        (result,) = run(config, progress=False).results
+        after = c.stats().shared_memory
+        assert c.region_status() == []  # every region unregistered when the run ended
+    assert result.requests > 0 and result.errors == {}
+    # Every request's input came from a region, none through gRPC.
+    assert after.zero_copy_inputs - before.zero_copy_inputs >= result.requests
+    assert after.output_bytes - before.output_bytes >= result.requests * 16 * 4
+
+
+def test_shared_memory_flag_is_checked():
+    with pytest.raises(ValueError, match="--shared-memory: got 'gpu'"):
+        BenchConfig(url="x", model="m", levels=(Level("closed", 1),), shared_memory="gpu")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.engine.api import RegionRef, TensorOut
 from service.errors import InvalidArgument
 from service.frontends.kserve_convert import (
     KSERVE_DATATYPES,
@@ -26,6 +27,7 @@ from service.frontends.kserve_convert import (
     check_requested_outputs,
     decode_inputs,
     encode_outputs,
+    output_regions,
     to_kserve_datatype,
     to_numpy_dtype,
 )
@@ -445,12 +447,43 @@ def test_empty_input_name() -> None:
                  "empty name")
 
 
-def test_shared_memory_input_is_refused() -> None:
+def test_shared_memory_input_becomes_a_region_reference() -> None:
     request = pb.ModelInferRequest()
     tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 2])
     tensor.parameters["shared_memory_region"].string_param = "region0"
     tensor.parameters["shared_memory_byte_size"].int64_param = 16
-    expect_error(request, "x", "shared-memory inputs are not supported")
+    tensor.parameters["shared_memory_offset"].int64_param = 32
+    assert decode_inputs(request) == {"x": RegionRef("region0", 32, 16)}
+
+
+def test_raw_contents_count_only_inputs_outside_shared_memory() -> None:
+    # As tritonclient sends them: the shared-memory input has no raw entry.
+    request = raw_request(("a", "FP32", F32), ("b", "FP32", F32))
+    request.inputs[0].parameters["shared_memory_region"].string_param = "r"
+    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = 16
+    del request.raw_input_contents[0]
+    decoded = decode_inputs(request)
+    assert decoded["a"] == RegionRef("r", 0, 16)
+    np.testing.assert_array_equal(decoded["b"], F32)
+
+
+@pytest.mark.parametrize(("params", "words"), [
+    ({"shared_memory_region": ("string_param", "r")}, "shared_memory_byte_size is required"),
+    ({"shared_memory_region": ("string_param", ""), "shared_memory_byte_size":
+      ("int64_param", 16)}, "must be a non-empty string_param"),
+    ({"shared_memory_region": ("string_param", "r"), "shared_memory_byte_size":
+      ("int64_param", -1)}, "shared_memory_byte_size is -1"),
+    ({"shared_memory_region": ("string_param", "r"), "shared_memory_byte_size":
+      ("string_param", "16")}, "must be an int64_param or uint64_param"),
+    ({"shared_memory_byte_size": ("int64_param", 16)}, "set without shared_memory_region"),
+])
+def test_bad_shared_memory_parameters(params: dict[str, tuple[str, object]],
+                                      words: str) -> None:
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[2, 2])
+    for key, (kind, value) in params.items():
+        setattr(tensor.parameters[key], kind, value)
+    expect_error(request, "x", words)
 
 
 # ---------------------------------------------------------------------------
@@ -492,10 +525,17 @@ def test_classification_is_refused() -> None:
     expect_output_error(request, "y", "classification extension is not supported")
 
 
-def test_shared_memory_output_is_refused() -> None:
-    request = requesting("y")
-    request.outputs[0].parameters["shared_memory_region"].string_param = "r"
-    expect_output_error(request, "y", "shared-memory outputs are not supported")
+def test_shared_memory_output_is_described_with_an_empty_raw_entry() -> None:
+    # As Triton answers: every output has a raw entry, so clients index by position.
+    request = requesting("h", "y")
+    request.outputs[1].parameters["shared_memory_region"].string_param = "r"
+    request.outputs[1].parameters["shared_memory_byte_size"].int64_param = 16
+    assert output_regions(request) == {"y": RegionRef("r", 0, 16)}
+    outputs = {"y": TensorOut("FP32", (2, 2), RegionRef("r", 0, 16)), "h": OUTPUTS["h"]}
+    response = encode_outputs(request, outputs, "m", "", "", datatypes={"y": "FP32"})
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("h", "FP16", [2]), ("y", "FP32", [2, 2])]
+    assert list(response.raw_output_contents) == [OUTPUTS["h"].tobytes(), b""]
 
 
 def test_binary_data_must_be_a_bool() -> None:

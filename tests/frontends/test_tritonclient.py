@@ -83,8 +83,9 @@ def test_server_metadata_lists_the_extensions_we_support(client):
     md = client.get_server_metadata(as_json=True)
     assert md["name"] == "trtserve"
     assert md["version"]
-    assert {"statistics", "model_configuration"} <= set(md["extensions"])
-    assert "system_shared_memory" not in md["extensions"]
+    assert {"statistics", "model_configuration", "system_shared_memory",
+            "cuda_shared_memory"} <= set(md["extensions"])
+    assert "sequence" not in md["extensions"]
 
 
 def test_model_metadata(client):

@@ -102,8 +102,26 @@ def test_every_server_key_but_tls_and_models_has_a_flag():
     assert (config.max_receive_message_bytes, config.max_send_message_bytes,
             config.max_concurrent_streams, config.grace_period_s) == (4096, 8192, 64, 5.0)
     keys = {f.name for f in dataclasses.fields(ServerConfig)} - {"tls", "models",
-                                                                  "stats_window_s"}
+                                                                  "stats_window_s",
+                                                                  "shared_memory"}
     assert keys <= set(SERVER_FLAGS)
+
+
+def test_shared_memory_keys_have_flags_and_are_checked(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    args = parser.parse_args([
+        "serve", "--model", "m=m.onnx", "--shm-max-regions", "3",
+        "--shm-max-mapped-bytes", "4096", "--shm-allow-remote-register"])
+    shm = build_config(args).shared_memory
+    assert (shm.max_regions, shm.max_mapped_bytes, shm.allow_remote_register) == (3, 4096, True)
+    path = tmp_path / "c.toml"
+    path.write_text("[server.shared_memory]\nmax_regions = -1\n")
+    with pytest.raises(ConfigError, match=r"server.shared_memory.max_regions: got -1"):
+        load_toml(path)
+    path.write_text("[server.shared_memory]\nmax_region = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['max_region'\]"):
+        load_toml(path)
 
 
 @pytest.mark.parametrize(("settings", "words"), [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from multiprocessing import shared_memory
 
 import numpy as np
 import pytest
@@ -93,14 +94,38 @@ async def test_outputs_are_checked_before_execution(served):
     assert list(result.outputs) == [OUTPUT]
 
 
-async def test_shared_memory_regions_are_refused_naming_the_tensor(served):
+async def test_regions_in_and_out_through_the_engine(served):
     engine, controls = served
-    region = RegionRef("r0", 0, 4 * WIDTH)
-    with pytest.raises(InvalidArgument, match=r"'x'.*region 'r0'.*not supported"):
-        await engine.infer(InferRequest("m", {INPUT: TensorIn("FP32", (1, WIDTH), region)}))
-    with pytest.raises(InvalidArgument, match=r"'y'.*not supported"):
-        await engine.infer(_request(_rows(1), output_regions={OUTPUT: region}))
-    assert controls.snapshot()[0] == 0
+    nbytes = 2 * 4 * WIDTH
+    shm = shared_memory.SharedMemory(create=True, size=2 * nbytes)
+    try:
+        memory = np.frombuffer(shm.buf, dtype=np.float32)
+        memory[:2 * WIDTH] = _rows(2).ravel()
+        await engine.register_system_region("r0", shm.name, 0, 2 * nbytes)
+        result = await engine.infer(InferRequest(
+            "m", {INPUT: TensorIn("FP32", (2, WIDTH), RegionRef("r0", 0, nbytes))},
+            output_regions={OUTPUT: RegionRef("r0", nbytes, nbytes)}))
+        out = result.outputs[OUTPUT]
+        assert (out.dtype, out.shape, out.data) == ("FP32", (2, WIDTH),
+                                                   RegionRef("r0", nbytes, nbytes))
+        np.testing.assert_array_equal(memory[2 * WIDTH:].reshape(2, WIDTH), expected(_rows(2)))
+        usage = (await engine.stats()).shared_memory
+        assert (usage.input_bytes, usage.output_bytes, usage.zero_copy_inputs) == (
+            nbytes, nbytes, 1)
+        # Unknown regions and outputs are refused naming the tensor; nothing runs.
+        ran = controls.snapshot()[0]
+        with pytest.raises(InvalidArgument, match=r"'x'.*region 'nope' is not registered"):
+            await engine.infer(InferRequest(
+                "m", {INPUT: TensorIn("FP32", (2, WIDTH), RegionRef("nope", 0, nbytes))}))
+        with pytest.raises(InvalidArgument, match=r"'z'.*output_regions names an unknown"):
+            await engine.infer(_request(_rows(1), output_regions={"z": RegionRef("r0", 0, 4)}))
+        assert controls.snapshot()[0] == ran
+        del memory
+        await engine.unregister_region(None)
+        assert await engine.region_status(None) == ()
+    finally:
+        shm.close()
+        shm.unlink()
 
 
 async def test_stats_are_a_snapshot_that_later_work_does_not_change(served):

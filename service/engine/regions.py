@@ -1,0 +1,470 @@
+"""Shared-memory regions that clients register, owned by the engine.
+
+A co-located client puts a tensor's bytes in memory the server can map (a POSIX
+shared-memory object, or device memory exported with a CUDA IPC handle) and
+sends only a reference: region name, offset, byte size (`api.RegionRef`). The
+registry lives in the engine, not in a frontend, so that every frontend process
+of one engine sees the same regions (frontends forward register, unregister and
+status through `engine.api.Engine`).
+
+Ownership: the registry, its regions and their counters are touched only on the
+engine's event loop. Worker threads see region memory only through the numpy
+views a request carries into its batch; those views are buffer exports of the
+region's mmap, so the mapping cannot be unmapped under them (Python's mmap
+refuses to close while exports exist, and frees itself when the last view goes).
+
+Unregistering a region that a request is using is refused (FAILED_PRECONDITION,
+naming the region and how many requests use it): the client unregisters once its
+requests are answered. A request still queued keeps the region until it is
+answered or dropped. Refusing, rather than waiting, keeps Unregister a quick
+call whose outcome does not depend on how long a queue is.
+
+System regions follow tritonclient's `shared_memory` utilities: the key names a
+POSIX shared-memory object (`shm_open(key)`, on Linux `/dev/shm/<key>`, with or
+without the leading slash), mapped once at register from `offset` for
+`byte_size` bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import os
+import stat
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+
+import numpy as np
+
+from service import echo
+from service.config import SharedMemoryConfig
+from service.engine.api import (
+    CUDA,
+    SYSTEM,
+    RegionRef,
+    RegionStatus,
+    RegionUsage,
+    TensorIn,
+    TensorOut,
+)
+from service.engine.cuda_ipc import CUDA_IPC_HANDLE_BYTES, CudaIpc, CudaRuntimeIpc
+from service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TensorError,
+)
+from service.tensors import DTYPES, dtype_name
+
+KINDS = (SYSTEM, CUDA)
+# Where Linux keeps POSIX shared-memory objects (what shm_open opens).
+SHM_DIR = "/dev/shm"
+# NAME_MAX: the longest file name, so the longest key.
+MAX_KEY_CHARS = 255
+
+
+# --- regions ----------------------------------------------------------------------------
+
+
+class _Region:
+    kind = ""
+
+    def __init__(self, name: str, byte_size: int) -> None:
+        self.name = name
+        self.byte_size = byte_size
+        self.in_use = 0
+
+    def check(self, ref: RegionRef, what: str) -> None:
+        """Refuse a reference outside the region (INVALID_ARGUMENT naming region and bound)."""
+        if ref.offset < 0 or ref.byte_size < 0:
+            raise InvalidArgument(f"{what}: shared-memory region '{echo.text(self.name)}': "
+                                  f"offset {ref.offset} and byte size {ref.byte_size} must not "
+                                  "be negative")
+        if ref.offset + ref.byte_size > self.byte_size:
+            raise InvalidArgument(
+                f"{what}: shared-memory region '{echo.text(self.name)}' holds {self.byte_size} "
+                f"bytes, but offset {ref.offset} + byte size {ref.byte_size} = "
+                f"{ref.offset + ref.byte_size} reaches past its end")
+
+    def status(self) -> RegionStatus:
+        raise NotImplementedError
+
+    def before_use(self) -> None:
+        """Check, once per request, that the region can still be read."""
+
+    def read(self, ref: RegionRef, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        raise NotImplementedError
+
+    def write(self, ref: RegionRef, array: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SystemRegion(_Region):
+    """`byte_size` bytes from `offset` of a POSIX shared-memory object, mapped once."""
+
+    kind = SYSTEM
+
+    def __init__(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        super().__init__(name, byte_size)
+        self.key = key
+        self.offset = offset
+        self._path = _shm_path(name, key)
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidArgument(
+                f"shared-memory region '{echo.text(name)}': cannot open key "
+                f"'{echo.text(key)}' ({SHM_DIR}): {e.strerror}; create it on this host first "
+                "(e.g. tritonclient.utils.shared_memory.create_shared_memory_region)") from None
+        try:
+            self._check_file(os.fstat(fd))
+            # mmap offsets are page-aligned: map from the page holding `offset`.
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            self._base = offset - start
+            self._map = mmap.mmap(fd, self._base + byte_size, flags=mmap.MAP_SHARED,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except BaseException:
+            os.close(fd)
+            raise
+        # Kept open to see the object's size before each request (before_use).
+        self._fd = fd
+
+    def _check_file(self, info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidArgument(f"shared-memory region '{echo.text(self.name)}': key "
+                                  f"'{echo.text(self.key)}' is not a shared-memory object")
+        if self.offset + self.byte_size > info.st_size:
+            raise InvalidArgument(
+                f"shared-memory region '{echo.text(self.name)}': key '{echo.text(self.key)}' "
+                f"holds {info.st_size} bytes, but offset {self.offset} + byte size "
+                f"{self.byte_size} = {self.offset + self.byte_size} reaches past its end")
+
+    def before_use(self) -> None:
+        # Touching a page past the end of a shrunk object is SIGBUS, which would take
+        # the whole server down: a client that truncated its object after registering
+        # gets INVALID_ARGUMENT instead. (A truncation racing a running batch cannot be
+        # caught this way; only the client that owns the object can do that to itself.)
+        self._check_file(os.fstat(self._fd))
+
+    def status(self) -> RegionStatus:
+        return RegionStatus(self.name, SYSTEM, self.byte_size, key=self.key, offset=self.offset,
+                            in_use=self.in_use)
+
+    def read(self, ref: RegionRef, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        count = ref.byte_size // dtype.itemsize if dtype.itemsize else 0
+        array = np.frombuffer(self._map, dtype=dtype, count=count,
+                              offset=self._base + ref.offset).reshape(shape)
+        # The client's memory: the model must never write into it.
+        array.flags.writeable = False
+        return array
+
+    def write(self, ref: RegionRef, array: np.ndarray) -> None:
+        dest = np.frombuffer(self._map, dtype=np.uint8, count=array.nbytes,
+                             offset=self._base + ref.offset)
+        dest[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+    def close(self) -> None:
+        os.close(self._fd)
+        # A batch of a cancelled request may still hold a view: then the mapping is
+        # freed when the last view is (mmap's own reference counting), never under it.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+
+
+class CudaRegion(_Region):
+    """Device memory another process exported with cudaIpcGetMemHandle.
+
+    The CPU backend reads inputs with one device-to-host copy and writes outputs
+    with one host-to-device copy (counted as host copies). TensorRT executors that
+    can bind device memory take `device_pointer` instead (the hook for zero copy).
+    """
+
+    kind = CUDA
+
+    def __init__(self, name: str, raw_handle: bytes, device_id: int, byte_size: int,
+                 ipc: CudaIpc) -> None:
+        super().__init__(name, byte_size)
+        if len(raw_handle) != CUDA_IPC_HANDLE_BYTES:
+            raise InvalidArgument(f"CUDA shared-memory region '{echo.text(name)}': the raw "
+                                  f"handle has {len(raw_handle)} bytes; a cudaIpcMemHandle_t "
+                                  f"has {CUDA_IPC_HANDLE_BYTES}")
+        if device_id < 0:
+            raise InvalidArgument(f"CUDA shared-memory region '{echo.text(name)}': device id "
+                                  f"{device_id} must not be negative")
+        self.device_id = device_id
+        self._ipc = ipc
+        try:
+            self.pointer = ipc.open(raw_handle, device_id)
+        except Exception as e:  # CudaError or no CUDA at all: the client's handle can't open
+            raise InvalidArgument(
+                f"CUDA shared-memory region '{echo.text(name)}': cannot open the IPC handle "
+                f"on device {device_id}: {_cuda_reason(e)}") from None
+
+    def device_pointer(self, ref: RegionRef) -> int:
+        return self.pointer + ref.offset
+
+    def status(self) -> RegionStatus:
+        return RegionStatus(self.name, CUDA, self.byte_size, device_id=self.device_id,
+                            in_use=self.in_use)
+
+    def read(self, ref: RegionRef, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty(shape, dtype=dtype)
+        self._ipc.to_host(self.device_pointer(ref), out, self.device_id)
+        out.flags.writeable = False
+        return out
+
+    def write(self, ref: RegionRef, array: np.ndarray) -> None:
+        self._ipc.to_device(self.device_pointer(ref), np.ascontiguousarray(array),
+                            self.device_id)
+
+    def close(self) -> None:
+        self._ipc.close(self.pointer, self.device_id)
+
+
+def _cuda_reason(error: Exception) -> str:
+    from service.backends.tensorrt.cuda import CudaError
+
+    if isinstance(error, CudaError):
+        return error.name
+    return "CUDA is not available in the server"
+
+
+def _shm_path(name: str, key: str) -> str:
+    """/dev/shm/<key>, for a key shm_open would take: one path component, no tricks."""
+    bare = key[1:] if key.startswith("/") else key
+    if not bare or len(bare) > MAX_KEY_CHARS or "/" in bare or "\0" in bare \
+            or bare in (".", ".."):
+        raise InvalidArgument(
+            f"shared-memory region '{echo.text(name)}': key '{echo.text(key)}' is not a "
+            f"shared-memory key (one name of 1-{MAX_KEY_CHARS} characters, optionally after "
+            "one leading '/', as shm_open takes)")
+    return os.path.join(SHM_DIR, bare)
+
+
+# --- the registry -----------------------------------------------------------------------
+
+
+class RegionRegistry:
+    """Every registered region of one engine, and what they spared the wire."""
+
+    def __init__(self, config: SharedMemoryConfig | None = None,
+                 cuda: CudaIpc | None = None) -> None:
+        self._config = config or SharedMemoryConfig()
+        self._cuda = cuda
+        self._regions: dict[str, _Region] = {}
+        self._mapped_bytes = 0
+        self._input_bytes = 0
+        self._output_bytes = 0
+        self._zero_copy_inputs = 0
+        self._host_copies = 0
+
+    # --- register, unregister, status ---------------------------------------------------
+
+    def _admit(self, name: str, byte_size: int, kind: str) -> None:
+        if not name:
+            raise InvalidArgument(f"{kind} shared-memory region: the name is empty")
+        if name in self._regions:
+            raise AlreadyExists(f"shared-memory region '{echo.text(name)}' is already "
+                                "registered; unregister it first")
+        if byte_size <= 0:
+            raise InvalidArgument(f"shared-memory region '{echo.text(name)}': byte size "
+                                  f"{byte_size} must be more than 0")
+        limit = self._config.max_regions
+        if limit == 0:
+            raise FailedPrecondition("shared memory is turned off on this server "
+                                     "(server.shared_memory.max_regions = 0)")
+        if len(self._regions) >= limit:
+            raise ResourceExhausted(
+                f"shared-memory region '{echo.text(name)}': {len(self._regions)} regions are "
+                f"registered, the server's limit (server.shared_memory.max_regions = {limit})")
+        if self._mapped_bytes + byte_size > self._config.max_mapped_bytes:
+            raise ResourceExhausted(
+                f"shared-memory region '{echo.text(name)}': {byte_size} more bytes would map "
+                f"{self._mapped_bytes + byte_size}, past the server's limit "
+                f"(server.shared_memory.max_mapped_bytes = {self._config.max_mapped_bytes})")
+
+    def register_system(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._admit(name, byte_size, SYSTEM)
+        if offset < 0:
+            raise InvalidArgument(f"shared-memory region '{echo.text(name)}': offset {offset} "
+                                  "must not be negative")
+        self._add(SystemRegion(name, key, offset, byte_size))
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int,
+                      byte_size: int) -> None:
+        self._admit(name, byte_size, CUDA)
+        self._add(CudaRegion(name, raw_handle, device_id, byte_size,
+                             self._cuda or CudaRuntimeIpc()))
+
+    def _add(self, region: _Region) -> None:
+        self._regions[region.name] = region
+        self._mapped_bytes += region.byte_size
+
+    def unregister(self, name: str | None, kind: str | None = None) -> None:
+        """Unregister one region, or every region of `kind` (None: of both) when `name`
+        is None or empty. An unknown name is not an error (as in Triton): the region
+        is not registered afterwards either way. A region in use is refused; with
+        `name` empty nothing is unregistered unless every region is free."""
+        if name:
+            region = self._regions.get(name)
+            if region is None or (kind is not None and region.kind != kind):
+                return
+            victims = [region]
+        else:
+            victims = [r for r in self._regions.values() if kind is None or r.kind == kind]
+        busy = [r for r in victims if r.in_use]
+        if busy:
+            shown = ", ".join(f"'{echo.text(r.name)}' ({r.in_use})" for r in busy[:4])
+            raise FailedPrecondition(
+                f"shared-memory region(s) in use by requests not yet answered: {shown}; "
+                "unregister once they are answered")
+        for region in victims:
+            del self._regions[region.name]
+            self._mapped_bytes -= region.byte_size
+            region.close()
+
+    def status(self, name: str | None, kind: str | None = None) -> tuple[RegionStatus, ...]:
+        if name:
+            region = self._regions.get(name)
+            if region is None or (kind is not None and region.kind != kind):
+                what = f"{kind} shared-memory" if kind else "shared-memory"
+                raise NotFound(f"no {what} region '{echo.text(name)}' is registered")
+            return (region.status(),)
+        return tuple(r.status() for r in self._regions.values()
+                     if kind is None or r.kind == kind)
+
+    def usage(self) -> RegionUsage:
+        return RegionUsage(len(self._regions), self._mapped_bytes, self._input_bytes,
+                           self._output_bytes, self._zero_copy_inputs, self._host_copies)
+
+    def close(self) -> None:
+        """Unmap every region (the engine is stopping; nothing runs any more)."""
+        for region in self._regions.values():
+            region.close()
+        self._regions.clear()
+        self._mapped_bytes = 0
+
+    # --- requests -------------------------------------------------------------------------
+
+    def _region(self, ref: RegionRef, what: str) -> _Region:
+        region = self._regions.get(ref.region)
+        if region is None:
+            raise InvalidArgument(f"{what}: shared-memory region '{echo.text(ref.region)}' is "
+                                  "not registered")
+        region.check(ref, what)
+        return region
+
+    @contextmanager
+    def lease(self, inputs: Mapping[str, TensorIn], output_regions: Mapping[str, RegionRef]
+              ) -> Iterator[Lease]:
+        """Resolve a request's references; its regions stay registered until the block ends.
+
+        Inputs become arrays (views of system regions, no copy); every reference is
+        checked first, so a bad one fails the request before anything is read.
+        """
+        regions: list[_Region] = []
+        arrays: dict[str, np.ndarray] = {}
+        for tensor_name, tensor in inputs.items():
+            if isinstance(tensor.data, np.ndarray):
+                arrays[tensor_name] = tensor.data
+                continue
+            ref = tensor.data
+            what = f"tensor '{echo.text(tensor_name)}'"
+            region = self._region(ref, what)
+            dtype = DTYPES[tensor.dtype]
+            needed = math.prod(tensor.shape) * dtype.itemsize
+            if ref.byte_size != needed:
+                raise TensorError(tensor_name, f"shared-memory byte size {ref.byte_size} does "
+                                  f"not match shape {echo.dims(tensor.shape)} of {tensor.dtype}, "
+                                  f"which needs {needed} bytes")
+            regions.append(region)
+        outputs: dict[str, tuple[_Region, RegionRef]] = {}
+        for tensor_name, ref in output_regions.items():
+            region = self._region(ref, f"output '{echo.text(tensor_name)}'")
+            outputs[tensor_name] = (region, ref)
+            regions.append(region)
+        for region in set(regions):
+            region.before_use()
+        for tensor_name, tensor in inputs.items():
+            if isinstance(tensor.data, RegionRef):
+                region = self._regions[tensor.data.region]
+                try:
+                    arrays[tensor_name] = region.read(tensor.data, DTYPES[tensor.dtype],
+                                                      tensor.shape)
+                except ValueError:  # numpy cannot hold the shape ([0, 2**62, 2**62])
+                    raise TensorError(tensor_name, f"shape {echo.dims(tensor.shape)} is too "
+                                      "large") from None
+                self._input_bytes += tensor.data.byte_size
+                if region.kind == SYSTEM:
+                    self._zero_copy_inputs += 1
+                else:
+                    self._host_copies += 1
+        for region in regions:
+            region.in_use += 1
+        try:
+            yield Lease(self, arrays, outputs)
+        finally:
+            for region in regions:
+                region.in_use -= 1
+
+    def _wrote(self, region: _Region, nbytes: int) -> None:
+        self._output_bytes += nbytes
+        if region.kind != SYSTEM:
+            self._host_copies += 1
+
+
+class Lease:
+    """A request's resolved inputs and the regions its outputs go to."""
+
+    def __init__(self, registry: RegionRegistry, arrays: dict[str, np.ndarray],
+                 outputs: Mapping[str, tuple[_Region, RegionRef]]) -> None:
+        self._registry = registry
+        self.arrays = arrays
+        self._outputs = outputs
+
+    def write_outputs(self, results: Mapping[str, np.ndarray]
+                      ) -> dict[str, np.ndarray | TensorOut]:
+        """Copy each output named with a region into it; the others stay arrays.
+
+        A region output is answered as a TensorOut (dtype, shape, and a reference
+        carrying the bytes written, which may be fewer than the client reserved).
+        """
+        answered: dict[str, np.ndarray | TensorOut] = dict(results)
+        for tensor_name, (region, ref) in self._outputs.items():
+            array = results[tensor_name]
+            if array.nbytes > ref.byte_size:
+                raise TensorError(tensor_name, f"the output has {array.nbytes} bytes (shape "
+                                  f"{echo.dims(array.shape)}), more than the "
+                                  f"{ref.byte_size} bytes given in shared-memory region "
+                                  f"'{echo.text(ref.region)}'")
+            region.write(ref, array)
+            self._registry._wrote(region, array.nbytes)
+            answered[tensor_name] = TensorOut(dtype_name(array.dtype), tuple(array.shape),
+                                              RegionRef(ref.region, ref.offset, array.nbytes))
+        return answered
+
+
+Run = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+
+
+async def infer_with_regions(registry: RegionRegistry, inputs: Mapping[str, TensorIn],
+                             output_regions: Mapping[str, RegionRef], run: Run
+                             ) -> dict[str, np.ndarray | TensorOut]:
+    """Resolve the request's references, run it, and write its region outputs.
+
+    The one place an engine runs a request that may name regions: the regions stay
+    registered (unregister is refused) from the check until the outputs are written.
+    """
+    with registry.lease(inputs, output_regions) as lease:
+        results = await run(lease.arrays)
+        return lease.write_outputs(results)
+
+
+__all__ = ["CUDA", "KINDS", "SYSTEM", "CudaIpc", "CudaRuntimeIpc", "Lease", "RegionRegistry",
+           "RegionStatus", "RegionUsage", "infer_with_regions"]

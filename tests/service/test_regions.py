@@ -1,0 +1,208 @@
+"""The engine's region registry on its own: real POSIX shared memory for system
+regions, a host-memory double for CUDA IPC (no GPU here; named as a double)."""
+
+from __future__ import annotations
+
+import asyncio
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.config import SharedMemoryConfig
+from service.engine.api import RegionRef, TensorIn, TensorOut
+from service.engine.regions import RegionRegistry, infer_with_regions
+from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tests.doubles.cuda_ipc import HostCudaIpc
+
+
+@pytest.fixture
+def shm():
+    block = shared_memory.SharedMemory(create=True, size=4096)
+    yield block
+    block.close()
+    block.unlink()
+
+
+def _run(registry, inputs, outputs, compute):
+    async def run(arrays):
+        return compute(arrays)
+
+    return asyncio.run(infer_with_regions(registry, inputs, outputs, run))
+
+
+def test_inputs_are_views_of_the_region_read_only_and_outputs_land_in_it(shm):
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    memory = np.frombuffer(shm.buf, np.float32)
+    memory[:4] = [1, 2, 3, 4]
+    seen = {}
+
+    def compute(arrays):
+        seen["x"] = arrays["x"]
+        return {"y": arrays["x"] * 10}
+
+    answer = _run(registry, {"x": TensorIn("FP32", (2, 2), RegionRef("r", 0, 16))},
+                  {"y": RegionRef("r", 1024, 64)}, compute)
+    assert not seen["x"].flags.writeable
+    memory[0] = 7  # the client writes: the view sees it (no copy was made)
+    assert seen["x"][0, 0] == 7
+    assert answer["y"] == TensorOut("FP32", (2, 2), RegionRef("r", 1024, 16))
+    np.testing.assert_array_equal(memory[256:260], [10, 20, 30, 40])
+    usage = registry.usage()
+    assert (usage.input_bytes, usage.output_bytes, usage.zero_copy_inputs,
+            usage.host_copies) == (16, 16, 1, 0)
+    seen.clear()
+    del memory
+    registry.close()
+
+
+def test_unaligned_offsets_of_object_and_reference(shm):
+    # Registered 100 bytes into the object (not page-aligned), referenced 3 bytes in.
+    registry = RegionRegistry()
+    registry.register_system("r", "/" + shm.name, 100, 1000)
+    np.frombuffer(shm.buf, np.uint8)[103:107] = [1, 2, 3, 4]
+    answer = _run(registry, {"x": TensorIn("UINT8", (4,), RegionRef("r", 3, 4))}, {},
+                  lambda arrays: {"y": arrays["x"].copy()})
+    np.testing.assert_array_equal(answer["y"], [1, 2, 3, 4])
+    registry.close()
+
+
+def test_a_region_in_use_cannot_be_unregistered(shm):
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    with registry.lease({"x": TensorIn("UINT8", (4,), RegionRef("r", 0, 4))}, {}):
+        assert registry.status("r")[0].in_use == 1
+        with pytest.raises(FailedPrecondition, match=r"'r' \(1\)"):
+            registry.unregister("r")
+        with pytest.raises(FailedPrecondition):
+            registry.unregister(None)
+    assert registry.status("r")[0].in_use == 0
+    registry.unregister("r")
+    assert registry.status(None) == ()
+
+
+def test_a_zero_size_shape_numpy_cannot_hold_is_invalid_argument(shm):
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    huge = TensorIn("FP32", (0, 2**62, 2**62), RegionRef("r", 0, 0))
+    with pytest.raises(InvalidArgument, match=r"tensor 'x': shape \[0, 4611686018427387904, "
+                       r"4611686018427387904\] is too large"), registry.lease({"x": huge}, {}):
+        pass
+    assert registry.status("r")[0].in_use == 0
+
+
+def test_a_failed_request_releases_its_regions(shm):
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+
+    def fail(arrays):
+        raise RuntimeError("backend failed")
+
+    with pytest.raises(RuntimeError):
+        _run(registry, {"x": TensorIn("UINT8", (4,), RegionRef("r", 0, 4))}, {}, fail)
+    registry.unregister("r")
+
+
+def test_unregister_while_a_view_is_alive_never_frees_it(shm):
+    # A cancelled request's batch may still read its view: the mapping outlives it.
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    np.frombuffer(shm.buf, np.uint8)[:4] = [9, 8, 7, 6]
+    with registry.lease({"x": TensorIn("UINT8", (4,), RegionRef("r", 0, 4))}, {}) as lease:
+        view = lease.arrays["x"]
+    registry.unregister("r")
+    np.testing.assert_array_equal(view, [9, 8, 7, 6])
+
+
+def test_limits_and_kinds():
+    ipc = HostCudaIpc()
+    registry = RegionRegistry(SharedMemoryConfig(max_regions=2, max_mapped_bytes=1000), ipc)
+    handle, _ = ipc.export(600)
+    registry.register_cuda("g", handle, 0, 600)
+    with pytest.raises(ResourceExhausted, match="max_mapped_bytes = 1000"):
+        registry.register_cuda("h", handle, 0, 600)
+    registry.register_cuda("h", handle, 0, 400)
+    with pytest.raises(ResourceExhausted, match="max_regions = 2"):
+        registry.register_cuda("i", handle, 0, 1)
+    with pytest.raises(FailedPrecondition, match="turned off"):
+        RegionRegistry(SharedMemoryConfig(max_regions=0)).register_cuda("g", handle, 0, 1)
+    # Unregistering the system kind leaves CUDA regions alone.
+    registry.unregister(None, "system")
+    assert [r.name for r in registry.status(None)] == ["g", "h"]
+    registry.unregister(None, "cuda")
+    assert ipc.calls.count("close") == 2 and not ipc.opened
+
+
+def test_cuda_region_with_the_ipc_double():
+    ipc = HostCudaIpc()
+    registry = RegionRegistry(cuda=ipc)
+    handle, device = ipc.export(64)
+    device.view(np.float32)[:4] = [1, 2, 3, 4]
+    registry.register_cuda("g", handle, 0, 64)
+    [status] = registry.status("g", "cuda")
+    assert (status.kind, status.device_id, status.byte_size) == ("cuda", 0, 64)
+    answer = _run(registry, {"x": TensorIn("FP32", (4,), RegionRef("g", 0, 16))},
+                  {"y": RegionRef("g", 32, 32)}, lambda arrays: {"y": arrays["x"] + 1})
+    assert answer["y"] == TensorOut("FP32", (4,), RegionRef("g", 32, 16))
+    np.testing.assert_array_equal(device.view(np.float32)[8:12], [2, 3, 4, 5])
+    # The CPU backend copies both ways, and Stats say so.
+    assert ipc.calls == ["open", "to_host", "to_device"]
+    assert registry.usage().host_copies == 2 and registry.usage().zero_copy_inputs == 0
+
+
+def test_cuda_handles_that_cannot_open_are_invalid_argument():
+    registry = RegionRegistry(cuda=HostCudaIpc())
+    with pytest.raises(InvalidArgument, match="cannot open the IPC handle on device 0: "
+                       "cudaErrorInvalidResourceHandle"):
+        registry.register_cuda("g", b"\x07" * 64, 0, 64)
+    with pytest.raises(InvalidArgument, match="device id -1"):
+        registry.register_cuda("g", b"\x07" * 64, -1, 64)
+    assert registry.status(None) == ()
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(offset=st.integers(-8, 4000), size_off_by=st.sampled_from([0, 0, 0, 1, -1, 8, 5000]),
+       shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
+       dtype=st.sampled_from(["UINT8", "FP32", "FP64", "INT16"]),
+       output=st.booleans())
+def test_any_reference_is_read_exactly_or_refused(shm, offset, size_off_by, shape, dtype,
+                                                  output):
+    """Whatever a client names, the engine reads exactly those bytes or refuses with
+    INVALID_ARGUMENT; it never reads outside the region or crashes."""
+    itemsize = {"UINT8": 1, "FP32": 4, "FP64": 8, "INT16": 2}[dtype]
+    byte_size = int(np.prod(shape)) * itemsize + size_off_by
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 100, 3900)
+    raw = np.frombuffer(shm.buf, np.uint8)
+    raw[:] = np.arange(raw.size) % 251
+    ref = RegionRef("r", offset, byte_size)
+    inputs = {"x": TensorIn(dtype, tuple(shape), ref)}
+    outputs = {"y": RegionRef("r", offset, byte_size)} if output else {}
+    try:
+        with registry.lease(inputs, outputs) as lease:
+            got = lease.arrays["x"]
+            if output:
+                lease.write_outputs({"y": got.copy()})
+    except InvalidArgument as e:
+        assert "region 'r'" in str(e) or "shared-memory byte size" in str(e)
+    else:
+        assert offset >= 0 and offset + byte_size <= 3900 and size_off_by == 0
+        served.append(1)
+        assert got.nbytes == byte_size and got.shape == tuple(shape)
+        np.testing.assert_array_equal(got.reshape(-1).view(np.uint8),
+                                      raw[100 + offset:100 + offset + byte_size])
+    finally:
+        del raw
+        registry.close()
+
+
+served: list[int] = []
+
+
+def test_the_property_above_read_some_references():
+    # Run after it (file order): some generated references were valid and read.
+    assert served
