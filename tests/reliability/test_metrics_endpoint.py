@@ -28,9 +28,10 @@ import pytest
 
 from client import Client
 from service.config import ModelConfig, ServerConfig, TlsConfig
+from service.engine.local import LocalEngine
+from service.engine.repository import ModelRepository
 from service.errors import ConfigError
 from service.metrics import start_metrics
-from service.repository import ModelRepository
 from tests.conftest import server_config
 from tests.reliability.certs import authority
 from tests.reliability.harness import SERVING, health_status
@@ -225,7 +226,7 @@ def test_requiring_the_token_without_one_is_a_config_error(monkeypatch):
     monkeypatch.delenv("TRTSERVE_AUTH_TOKEN", raising=False)
     config = ServerConfig(metrics_port=free_port(), metrics_requires_auth=True)
     with pytest.raises(ConfigError, match="metrics_requires_auth"):
-        start_metrics(config, ModelRepository())
+        start_metrics(config, LocalEngine(ModelRepository()))
 
 
 def test_metrics_over_tls_with_the_servers_certificate(example_onnx, tmp_path):
@@ -340,7 +341,7 @@ def test_a_certificate_the_metrics_process_cannot_load_refuses_to_start(tmp_path
                           tls=TlsConfig(cert_file=str(cert), key_file=str(key)))
 
     async def start() -> None:
-        start_metrics(config, ModelRepository())
+        start_metrics(config, LocalEngine(ModelRepository()))
 
     with pytest.raises(ConfigError, match=r"server\.metrics_tls: cannot load") as err:
         asyncio.run(start())
