@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from service.engine.api import (
-    MODEL_VERSION,
     HealthListener,
     InferRequest,
     InferResult,
     ModelDescription,
+    ModelState,
     RegionRef,
     StatsSnapshot,
     TensorOut,
@@ -27,7 +27,7 @@ from service.engine.api import (
 )
 from service.engine.model import ModelRuntime
 from service.engine.repository import ModelRepository
-from service.errors import NotFound, TensorError
+from service.errors import NotFound, PermissionDenied, TensorError
 from service.limits import ByteBudget, request_bytes
 from service.tensors import TensorSpec
 
@@ -35,8 +35,12 @@ from service.tensors import TensorSpec
 class LocalEngine:
     """`Engine` for the models of `repository`, served on the caller's event loop."""
 
-    def __init__(self, repository: ModelRepository, budget: ByteBudget | None = None) -> None:
+    def __init__(self, repository: ModelRepository, budget: ByteBudget | None = None,
+                 model_control: bool = True) -> None:
         self._repository = repository
+        # Whether clients may load, unload and reload models (server.model_control).
+        self._model_control = model_control
+        repository.on_switch = self._switched
         # Input bytes of requests accepted and not yet answered, over every model and
         # protocol (max_request_bytes_in_flight).
         self._budget = budget or ByteBudget(0)
@@ -57,7 +61,7 @@ class LocalEngine:
 
     def _runtime(self, model: str, version: str) -> ModelRuntime:
         runtime = self._repository.get(model)  # NotFound naming the served models
-        check_version(model, version)
+        check_version(model, version, runtime.version)
         return runtime
 
     def describe(self, model: str, version: str = "") -> ModelDescription:
@@ -99,7 +103,7 @@ class LocalEngine:
             arrays[name] = data
             dtypes[name] = tensor.dtype
         outputs = await self._infer_within_budget(runtime, arrays, request.deadline, dtypes)
-        return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
+        return InferResult(request.model, runtime.version, _answer(wanted, outputs))
 
     async def _infer_within_budget(self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray],
                                    deadline: float | None,
@@ -122,6 +126,44 @@ class LocalEngine:
                 budget.release(nbytes)
         finally:
             budget.finished(nbytes)
+
+    # --- model control -------------------------------------------------------------------
+
+    def _check_control(self, rpc: str) -> None:
+        if not self._model_control:
+            raise PermissionDenied(f"{rpc}: model control is off on this server "
+                                   "(server.model_control = false, --no-model-control)")
+
+    async def repository_index(self) -> Sequence[ModelState]:
+        return tuple(self._repository.index())
+
+    async def load_model(self, model: str, path: str = "") -> ModelState:
+        self._check_control("load")
+        runtime = await self._repository.load_named(model, path)
+        return self._repository.state(runtime.name)
+
+    async def unload_model(self, model: str) -> ModelState:
+        self._check_control("unload")
+        return await self._repository.unload(model)
+
+    async def reload_model(self, model: str, path: str = "") -> ModelState:
+        self._check_control("reload")
+        return await self.reload(model, path)
+
+    async def reload(self, model: str, path: str = "") -> ModelState:
+        """reload_model whatever server.model_control says: for the server's own file
+        watch (engine/watch.py), which the operator configured."""
+        runtime = await self._repository.reload(model, path)
+        return self._repository.state(runtime.name)
+
+    def _switched(self, model: str, runtime: ModelRuntime | None) -> None:
+        """The name points to another runtime (None: none): watch it, and tell the
+        listeners whether the model serves now."""
+        self._descriptions.pop(model, None)
+        if runtime is not None:
+            self.watch(runtime)
+        serving = runtime is not None and _is_ready(runtime)
+        self._health_changed(model, serving)
 
     # --- statistics and health -----------------------------------------------------------
 

@@ -227,7 +227,8 @@ def test_stream_answers_while_the_client_keeps_sending(stub):
 
 
 IMPLEMENTED = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
-               "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics"}
+               "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics",
+               "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
 
 
 def test_every_other_rpc_answers_unimplemented_saying_why(stub):
