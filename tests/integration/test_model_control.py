@@ -20,7 +20,6 @@ from client.cli import main as client_main
 from client.client import Client, InferenceError, KServeClient
 from service.config import ModelConfig
 from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import server_config
@@ -271,7 +270,7 @@ def test_a_reload_under_64_concurrent_clients_loses_nothing(versions):
                         if reloaded.is_set() and sum(
                                 v == "2" for v, _ in answers[index][-2:]) == 2:
                             return
-                except BaseException as e:  # noqa: BLE001 - reported below
+                except BaseException as e:
                     errors.append(e)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
