@@ -189,7 +189,7 @@ class ModelRepository:
             loaded.close()
             raise ModelLoadError(config.name, config.path, f"its workers did not start: "
                                  f"{type(e).__name__}: {first_line(e)}") from e
-        log.info("model '%s' version %s ready: %s, %d workers, %s", config.name, version,
+        log.info("model '%s' ready (version %s): %s, %d workers, %s", config.name, version,
                  runtime.spec.backend, len(runtime.workers), f"max batch {runtime.max_batch_size}"
                  if runtime.spec.batching else "not batching (one request per execution)")
         return runtime
