@@ -2,11 +2,10 @@
 (`--metrics-port`, default 8002; 0: off).
 
 Nothing on the request path touches Prometheus objects: the engine's stats
-snapshot (service/engine/api.py) is read when Prometheus scrapes. Those counters
-belong to the event loop, so a render (asked for by the metrics process) reads
-the snapshot on the loop: one short task per render, no locks on the hot path.
-Renders are shared by every scrape within a second (service/metrics_http.py),
-so scrapers cannot multiply that task.
+snapshot (service/engine/api.py) is read when Prometheus scrapes. The engine's
+counters belong to the event loop, so a render is answered on the loop: one
+short read per render, no locks on the hot path. Renders are shared by every scrape within a second
+(service/metrics_http.py), so scrapers cannot multiply that callback.
 
 Every name starts with `trtserve_`. Labels: `model`; per worker also `worker`
 (its index), `profile` (its optimization profile) and `device` ("cpu", or the
