@@ -244,8 +244,9 @@ CLIENTS = 64
 
 def test_a_reload_under_64_concurrent_clients_loses_nothing(versions):
     """Every request is answered, each by exactly one version (its offset and its
-    model_version agree), and no client sees version 1 after it has seen version 2."""
-    config = server_config(_model(versions[1], max_queue_delay_us=200))
+    model_version agree), and no client sees version 1 after it has seen version 2.
+    A queue delay of 5 ms keeps requests queued in the old version at the switch."""
+    config = server_config(_model(versions[1], max_queue_delay_us=5000))
     with running_server(config) as s:
         stop = threading.Event()
         reloaded = threading.Event()
@@ -296,9 +297,34 @@ def test_a_reload_under_64_concurrent_clients_loses_nothing(versions):
         assert not old.ready and old.in_flight == 0 and old.queue_depth == 0
         workers = [t for t in threading.enumerate() if t.name.startswith("m-worker-")]
         assert len(workers) == 2, [t.name for t in workers]
+        # Each version answered exactly the requests it took, and nothing failed.
+        new = s.server.models.get("m")
+        flat = [answer for seen in answers for answer in seen]
+        assert (old.counters.requests, old.counters.success) == (flat.count(("1", 1.0)),) * 2
+        assert (new.counters.requests, new.counters.success) == (flat.count(("2", 2.0)),) * 2
         with Client(s.url) as c:
             [stats] = c.stats("m").models
         assert stats.version == "2"
+
+
+def test_reloads_of_one_model_take_turns(versions):
+    with running_server(server_config(_model(versions[1]))) as s:
+        def reload(path: Path) -> str:
+            with Client(s.url) as c:
+                return c.reload_model("m", str(path)).version
+
+        results: list[str] = []
+        threads = [threading.Thread(target=lambda p=p: results.append(reload(p)))
+                   for p in (versions[2], versions[1], versions[2])]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(results) == ["2", "3", "4"]
+        with Client(s.url) as c:
+            assert [m.version for m in c.list_models()] == ["4"]
+        workers = [t for t in threading.enumerate() if t.name.startswith("m-worker-")]
+        assert len(workers) == 2, [t.name for t in workers]
 
 
 def test_an_unload_under_load_answers_what_it_accepted(versions):
