@@ -138,7 +138,9 @@ class Server:
                         self.config.host)
         if not has_token:
             log.warning("bound to %s without an auth token: anyone who can reach the "
-                        "port can run inference", self.config.host)
+                        "port can run inference%s", self.config.host,
+                        ", and load, unload and reload models from files on this host "
+                        "(server.model_control)" if self.config.model_control else "")
 
     async def start(self) -> int:
         """Check, bind and answer health (NOT_SERVING), then load every model. Returns
