@@ -23,8 +23,9 @@ from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import server_config
+from tests.integration.test_metrics import key, scrape
 from tests.onnx_models import offset_net
-from tests.servers import running_server
+from tests.servers import free_port, running_server
 
 FEATURES = 4
 TOKEN = "control-Token_0123"
@@ -394,3 +395,18 @@ def test_the_client_cli_lists_loads_and_reloads(versions, capsys):
         assert '"version": "3"' in capsys.readouterr().out
         assert client_main(["--url", s.url, "models", "reload", "nope"]) == 1
         assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_metrics_follow_a_reload(versions):
+    config = server_config(_model(versions[1]), metrics_port=free_port(),
+                           metrics_render_interval_s=0)
+    with running_server(config) as s, Client(s.url) as c:
+        _offset(c)
+        labels = {"model": "m", "backend": "onnxruntime", "platform": "onnxruntime_onnx"}
+        assert scrape(config.metrics_port)["trtserve_model_info"] == {
+            key(**labels, version="1"): 1}
+        c.reload_model("m", str(versions[2]))
+        samples = scrape(config.metrics_port)
+        assert samples["trtserve_model_info"] == {key(**labels, version="2"): 1}
+        # The new version's counters start at 0.
+        assert samples["trtserve_model_requests_total"][key(model="m")] == 0
