@@ -96,7 +96,7 @@ class _BlockingClient:
 
 
 class Client(_BlockingClient):
-    """trtserve.v1: Infer, Stats, ModelMetadata."""
+    """trtserve.v1: Infer, Stats, ModelMetadata, and model control."""
 
     _stub_type = pb_grpc.InferenceServiceStub
 
@@ -200,6 +200,26 @@ class AsyncClient:
                        ) -> pb.ModelMetadataResponse:
         return await self._call(self._stub.ModelMetadata,
                                 pb.ModelMetadataRequest(model=model), timeout)
+
+    # Model control, as in Client.
+
+    async def list_models(self, timeout: float | None = None) -> list[pb.ModelState]:
+        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return list(response.models)
+
+    async def load_model(self, model: str, path: str = "", timeout: float | None = None
+                         ) -> pb.ModelState:
+        request = pb.LoadModelRequest(model=model, path=path)
+        return (await self._call(self._stub.LoadModel, request, timeout)).model
+
+    async def unload_model(self, model: str, timeout: float | None = None) -> pb.ModelState:
+        request = pb.UnloadModelRequest(model=model)
+        return (await self._call(self._stub.UnloadModel, request, timeout)).model
+
+    async def reload_model(self, model: str, path: str = "", timeout: float | None = None
+                           ) -> pb.ModelState:
+        request = pb.ReloadModelRequest(model=model, path=path)
+        return (await self._call(self._stub.ReloadModel, request, timeout)).model
 
 
 def kserve_request(model: str, inputs: Mapping[str, np.ndarray],

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.cli import main as client_main
-from client.client import Client, InferenceError, KServeClient
+from client.client import AsyncClient, Client, InferenceError, KServeClient
 from service.config import ModelConfig
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -410,3 +410,15 @@ def test_metrics_follow_a_reload(versions):
         assert samples["trtserve_model_info"] == {key(**labels, version="2"): 1}
         # The new version's counters start at 0.
         assert samples["trtserve_model_requests_total"][key(model="m")] == 0
+
+
+def test_the_async_client_controls_models(versions):
+    async def control(url: str) -> None:
+        async with AsyncClient(url) as c:
+            assert (await c.reload_model("m", str(versions[2]))).version == "2"
+            assert [m.version for m in await c.list_models()] == ["2"]
+            assert (await c.unload_model("m")).state == "UNAVAILABLE"
+            assert (await c.load_model("m")).version == "3"
+
+    with running_server(server_config(_model(versions[1]))) as s:
+        asyncio.run(control(s.url))
