@@ -32,6 +32,7 @@ from service.errors import (
     ModelLoadError,
     NotFound,
     StartError,
+    Unavailable,
     first_line,
 )
 
@@ -128,6 +129,8 @@ class ModelRepository:
         self._locks: dict[str, asyncio.Lock] = {}
         # Old versions draining after a reload or unload; the server's stop waits for them.
         self._retiring: set[ModelRuntime] = set()
+        # Set by drain: the server is stopping, and a load finishing now is not served.
+        self._closing = False
         # Called on the loop with the runtime a name now points to (None: unloaded).
         self.on_switch: Callable[[str, ModelRuntime | None], None] | None = None
 
@@ -305,14 +308,20 @@ class ModelRepository:
     async def _build_for_client(self, config: ModelConfig) -> ModelRuntime:
         """_build for a run-time load: its failure is the client's LoadFailed."""
         version = str(self._versions.get(config.name, 0) + 1)
+        if self._closing:
+            raise Unavailable("the server is shutting down; models are not loaded")
         try:
             await asyncio.to_thread(check_model, config)
-            return await self._build(config, version)
+            runtime = await self._build(config, version)
         except StartError as e:
             log.error("model '%s': load failed: %s", config.name, e)
             still = ("the version served before still serves" if config.name in self._models
                      else "the model is not served")
             raise LoadFailed(f"{e}; {still}") from None
+        if self._closing:  # the server began to stop while this loaded: it is not served
+            await runtime.stop()
+            raise Unavailable("the server is shutting down; models are not loaded")
+        return runtime
 
     async def _retire(self, runtime: ModelRuntime) -> None:
         """Answer what the old runtime accepted, then stop it and free its executors."""
@@ -323,6 +332,7 @@ class ModelRepository:
             self._retiring.discard(runtime)
 
     async def drain(self) -> None:
+        self._closing = True
         await asyncio.gather(*(m.drain() for m in [*self._models.values(), *self._retiring]))
 
     async def stop(self) -> None:

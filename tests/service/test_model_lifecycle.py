@@ -1,0 +1,100 @@
+"""The repository's model control seen through LocalEngine (engine/api): health events,
+loads racing the server's stop, and the index. Real ONNX Runtime models."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.engine.api import InferRequest, TensorIn
+from service.engine.local import LocalEngine
+from service.engine.repository import ModelRepository
+from service.errors import LoadFailed, NotFound, PermissionDenied, Unavailable
+from tests.onnx_models import offset_net
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[int, Path]:
+    return {k: offset_net(tmp_path / f"plus{k}.onnx", float(k)) for k in (1, 2)}
+
+
+def _workers(name: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(f"{name}-worker-")]
+
+
+async def _offset(engine: LocalEngine, model: str = "m") -> tuple[str, float]:
+    x = np.zeros((1, 4), np.float32)
+    result = await engine.infer(InferRequest(model, {"input": TensorIn("FP32", x.shape, x)}))
+    data = result.outputs["output"].data
+    assert isinstance(data, np.ndarray)
+    return result.version, float(data[0, 0])
+
+
+async def test_listeners_hear_loads_reloads_and_unloads(files):
+    repository = ModelRepository()
+    engine = LocalEngine(repository)
+    heard: list[tuple[str, bool]] = []
+    engine.add_health_listener(lambda model, serving: heard.append((model, serving)))
+    try:
+        await engine.load_model("m", str(files[1]))
+        assert await _offset(engine) == ("1", 1.0)
+        await engine.reload_model("m", str(files[2]))
+        assert await _offset(engine) == ("2", 2.0)
+        await engine.unload_model("m")
+        with pytest.raises(NotFound, match="not loaded"):
+            await _offset(engine)
+        assert heard == [("m", True), ("m", True), ("m", False)]
+        assert not engine.ready("m") and engine.ready()
+        [state] = await engine.repository_index()
+        assert (state.name, state.version, state.state, state.path) == (
+            "m", "2", "UNAVAILABLE", str(files[2]))
+        assert _workers("m") == []
+    finally:
+        await repository.stop()
+
+
+async def test_a_load_that_ends_after_the_stop_began_is_not_served(files):
+    repository = ModelRepository()
+    engine = LocalEngine(repository)
+    load = asyncio.create_task(engine.load_model("late", str(files[1])))
+    await asyncio.sleep(0)  # the load has begun: it is reading the file off the loop
+    await repository.drain()
+    with pytest.raises(Unavailable, match="shutting down"):
+        await load
+    assert engine.models() == [] and _workers("late") == []
+    with pytest.raises(Unavailable):
+        await engine.load_model("later", str(files[1]))
+
+
+async def test_control_off_refuses_but_lists(files):
+    repository = ModelRepository()
+    await repository.load_named("m", str(files[1]))
+    engine = LocalEngine(repository, model_control=False)
+    try:
+        for call in (engine.load_model("m"), engine.unload_model("m"), engine.reload_model("m")):
+            with pytest.raises(PermissionDenied, match="model_control"):
+                await call
+        assert [s.state for s in await engine.repository_index()] == ["READY"]
+        # The server's own file watch reloads whatever model control says.
+        assert (await engine.reload("m", str(files[2]))).version == "2"
+    finally:
+        await repository.stop()
+
+
+async def test_a_failed_load_keeps_what_served(files, tmp_path):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"nope")
+    repository = ModelRepository()
+    engine = LocalEngine(repository)
+    try:
+        await engine.load_model("m", str(files[1]))
+        with pytest.raises(LoadFailed, match=r"model 'm' \(.*broken.onnx\).*still serves"):
+            await engine.load_model("m", str(broken))
+        assert await _offset(engine) == ("1", 1.0)
+        assert _workers("m") and len(_workers("m")) == 2
+    finally:
+        await repository.stop()
