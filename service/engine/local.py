@@ -67,7 +67,7 @@ class LocalEngine:
     def describe(self, model: str, version: str = "") -> ModelDescription:
         runtime = self._repository.get(model)  # NotFound naming the served models
         if version:
-            check_version(model, version)
+            check_version(model, version, runtime.version)
         return runtime.description()
 
     def ready(self, model: str | None = None) -> bool:
@@ -86,7 +86,7 @@ class LocalEngine:
         # On every request's path, at concurrency 1 too: kept to plain lookups.
         runtime = self._repository.get(request.model)
         if request.version:
-            check_version(request.model, request.version)
+            check_version(request.model, request.version, runtime.version)
         outputs_asked = request.outputs
         wanted = wanted_outputs(request.model, runtime.spec, outputs_asked) if outputs_asked \
             else runtime.spec.outputs

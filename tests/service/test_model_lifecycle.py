@@ -26,9 +26,10 @@ def _workers(name: str) -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith(f"{name}-worker-")]
 
 
-async def _offset(engine: LocalEngine, model: str = "m") -> tuple[str, float]:
+async def _offset(engine: LocalEngine, model: str = "m", version: str = "") -> tuple[str, float]:
     x = np.zeros((1, 4), np.float32)
-    result = await engine.infer(InferRequest(model, {"input": TensorIn("FP32", x.shape, x)}))
+    result = await engine.infer(InferRequest(model, {"input": TensorIn("FP32", x.shape, x)},
+                                             version=version))
     data = result.outputs["output"].data
     assert isinstance(data, np.ndarray)
     return result.version, float(data[0, 0])
@@ -44,6 +45,13 @@ async def test_listeners_hear_loads_reloads_and_unloads(files):
         assert await _offset(engine) == ("1", 1.0)
         await engine.reload_model("m", str(files[2]))
         assert await _offset(engine) == ("2", 2.0)
+        assert await _offset(engine, version="2") == ("2", 2.0)
+        assert engine.describe("m", "2").version == "2"
+        # The version replaced is gone, for requests and descriptions alike.
+        with pytest.raises(NotFound, match="no version '1'; version '2' is served"):
+            await _offset(engine, version="1")
+        with pytest.raises(NotFound, match="version '2' is served"):
+            engine.describe("m", "1")
         await engine.unload_model("m")
         with pytest.raises(NotFound, match="not loaded"):
             await _offset(engine)
