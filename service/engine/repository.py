@@ -112,6 +112,14 @@ def check_preferred_sizes(config: ModelConfig, max_batch_size: int) -> None:
             f"max batch size of {max_batch_size}")
 
 
+@dataclasses.dataclass
+class _Turn:
+    """One model's lock for load, unload and reload, and how many hold or wait for it."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class ModelRepository:
     def __init__(self, stats_window_s: float = 10.0) -> None:
         self._stats_window_s = stats_window_s
@@ -126,7 +134,7 @@ class ModelRepository:
         # Models not served: (state, why) for RepositoryIndex and NOT_FOUND messages.
         self._states: dict[str, tuple[str, str]] = {}
         # One load, unload or reload of a model at a time; others wait their turn.
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _Turn] = {}
         # Old versions draining after a reload or unload; the server's stop waits for them.
         self._retiring: set[ModelRuntime] = set()
         # Set by drain: the server is stopping, and a load finishing now is not served.
@@ -148,7 +156,7 @@ class ModelRepository:
                                "(the server log says why)")
             if name in self._states:
                 state, why = self._states[name]
-                raise NotFound(f"model '{name}' is not loaded ({state}: {why})")
+                raise NotFound(f"model '{echo.text(name)}' is not loaded ({state}: {why})")
             raise NotFound(f"model '{echo.text(name)}' is not served here; served models: "
                            f"{sorted(self._models)}")
         return model
@@ -218,9 +226,19 @@ class ModelRepository:
 
     @asynccontextmanager
     async def _turn(self, name: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(name, asyncio.Lock())
-        async with lock:
-            yield
+        """Hold the model's turn; the lock lives only while someone holds or waits for it,
+        so names asked for once (a typo, a failed load) leave nothing behind."""
+        turn = self._locks.get(name)
+        if turn is None:
+            turn = self._locks[name] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._locks[name]
 
     def state(self, name: str) -> ModelState:
         runtime = self._models.get(name)
