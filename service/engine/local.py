@@ -152,7 +152,6 @@ class LocalEngine:
     def _switched(self, model: str, runtime: ModelRuntime | None) -> None:
         """The name points to another runtime (None: none): watch it, and tell the
         listeners whether the model serves now."""
-        self._descriptions.pop(model, None)
         if runtime is not None:
             self.watch(runtime)
         serving = runtime is not None and _is_ready(runtime)
