@@ -14,6 +14,15 @@ from service.engine.api import InferRequest, TensorIn
 from service.engine.local import LocalEngine
 from service.engine.repository import ModelRepository
 from service.errors import LoadFailed, NotFound, PermissionDenied, Unavailable
+from tests.doubles.controlled import (
+    INPUT,
+    OUTPUT,
+    WIDTH,
+    ControlledBackend,
+    Controls,
+    controlled_model,
+    expected,
+)
 from tests.onnx_models import offset_net
 
 
@@ -105,4 +114,41 @@ async def test_a_failed_load_keeps_what_served(files, tmp_path):
         assert await _offset(engine) == ("1", 1.0)
         assert _workers("m") and len(_workers("m")) == 2
     finally:
+        await repository.stop()
+
+
+async def test_the_old_version_answers_what_it_accepted_after_the_switch(files):
+    """Version 1 (the controlled double) holds a batch at its gate; a reload switches
+    to version 2 meanwhile, which serves new requests at once, while the reload waits
+    for version 1 to answer, on version 1, every request it had accepted."""
+    controls = Controls()
+    repository = ModelRepository()
+    await repository.add(ControlledBackend(controls).runtime(controlled_model(
+        "m", workers=1, max_batch_size=2, max_queue_delay_us=0, inline_below_us=0)))
+    engine = LocalEngine(repository)
+    try:
+        controls.hold()
+        xs = [np.full((1, WIDTH), i, np.float32) for i in range(5)]
+        accepted = [asyncio.create_task(engine.infer(InferRequest(
+            "m", {INPUT: TensorIn("FP32", x.shape, x)}))) for x in xs]
+        # One batch is at the gate (in flight); the others wait in version 1's queue.
+        assert await asyncio.to_thread(controls.started.wait, 30)
+        reload = asyncio.create_task(engine.reload_model("m", str(files[2])))
+
+        async def switched() -> None:
+            while engine.describe("m").version != "2":
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(switched(), 30)
+        assert await _offset(engine) == ("2", 2.0)  # new requests: version 2, at once
+        assert not reload.done() and not any(t.done() for t in accepted)
+        controls.release()
+        for x, result in zip(xs, await asyncio.gather(*accepted), strict=True):
+            assert result.version == "1"
+            np.testing.assert_array_equal(result.outputs[OUTPUT].data, expected(x))
+        assert (await reload).version == "2"
+        assert controls.snapshot()[0] == len(xs)  # version 1 ran every row it accepted
+        assert len(_workers("m")) == 1  # its worker is gone; version 2's remains
+    finally:
+        controls.release()
         await repository.stop()
