@@ -1,4 +1,4 @@
-"""`trtserve-client`: infer, stats, metadata and health checks from the shell."""
+"""`trtserve-client`: infer, stats, metadata, health checks and model control from the shell."""
 
 from __future__ import annotations
 
@@ -224,6 +224,32 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _state_line(state: pb.ModelState) -> str:
+    version = f"version {state.version}" if state.version else "never loaded"
+    line = f"{state.name}: {state.state}, {version}, {state.path}"
+    return f"{line} ({state.reason})" if state.reason else line
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "list":
+            states = c.list_models(timeout=args.timeout)
+        elif args.action == "load":
+            states = [c.load_model(args.model, args.path, timeout=args.timeout)]
+        elif args.action == "unload":
+            states = [c.unload_model(args.model, timeout=args.timeout)]
+        else:
+            states = [c.reload_model(args.model, args.path, timeout=args.timeout)]
+    if args.json:
+        print(json.dumps([MessageToDict(s, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True)
+                          for s in states], indent=2))
+    else:
+        for state in states:
+            print(_state_line(state))
+    return 0
+
+
 def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str
          ) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(name, help=help)
@@ -268,6 +294,20 @@ def main(argv: list[str] | None = None) -> int:
 
     p = _add(sub, "health", cmd_health, "readiness through grpc.health.v1 (exit 0 if SERVING)")
     p.add_argument("--service", default="", help="a model name or service; empty: the server")
+
+    p = _add(sub, "models", cmd_models, "list, load, unload or reload models (model control)")
+    actions = p.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="every model the server knows, and its state")
+    listing.add_argument("--json", action="store_true")
+    for action, help in (("load", "load a model (a loaded one is reloaded)"),
+                         ("unload", "stop serving a model; its accepted requests are answered"),
+                         ("reload", "serve a new version of a loaded model, switched atomically")):
+        a = actions.add_parser(action, help=help)
+        a.add_argument("model")
+        if action != "unload":
+            a.add_argument("--path", default="",
+                           help="model file on the server's host (default: the model's own)")
+        a.add_argument("--json", action="store_true")
 
     try:
         from client import bench

@@ -99,7 +99,7 @@ class _BlockingClient:
 
 
 class Client(_BlockingClient):
-    """trtserve.v1: Infer, Stats, ModelMetadata."""
+    """trtserve.v1: Infer, Stats, ModelMetadata, and model control."""
 
     _stub_type = pb_grpc.InferenceServiceStub
 
@@ -148,6 +148,29 @@ class Client(_BlockingClient):
     def metadata(self, model: str, timeout: float | None = None) -> pb.ModelMetadataResponse:
         return self._call(self._stub.ModelMetadata, pb.ModelMetadataRequest(model=model),
                           timeout)
+
+    # Model control (the server's model_control): each answers once the operation is done.
+
+    def list_models(self, timeout: float | None = None) -> list[pb.ModelState]:
+        """Every model the server knows, loaded or not, with its version and state."""
+        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
+
+    def load_model(self, model: str, path: str = "", timeout: float | None = None
+                   ) -> pb.ModelState:
+        """Load `model` (from `path`, a file on the server's host; else its own file);
+        a loaded model is reloaded."""
+        request = pb.LoadModelRequest(model=model, path=path)
+        return self._call(self._stub.LoadModel, request, timeout).model
+
+    def unload_model(self, model: str, timeout: float | None = None) -> pb.ModelState:
+        request = pb.UnloadModelRequest(model=model)
+        return self._call(self._stub.UnloadModel, request, timeout).model
+
+    def reload_model(self, model: str, path: str = "", timeout: float | None = None
+                     ) -> pb.ModelState:
+        """A new version of a loaded model, switched to once it is up."""
+        request = pb.ReloadModelRequest(model=model, path=path)
+        return self._call(self._stub.ReloadModel, request, timeout).model
 
 
 def _register_call(stub: Any, region: Region) -> tuple[Any, Any]:
@@ -245,6 +268,26 @@ class AsyncClient:
         return await self._call(self._stub.ModelMetadata,
                                 pb.ModelMetadataRequest(model=model), timeout)
 
+    # Model control, as in Client.
+
+    async def list_models(self, timeout: float | None = None) -> list[pb.ModelState]:
+        response = await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return list(response.models)
+
+    async def load_model(self, model: str, path: str = "", timeout: float | None = None
+                         ) -> pb.ModelState:
+        request = pb.LoadModelRequest(model=model, path=path)
+        return (await self._call(self._stub.LoadModel, request, timeout)).model
+
+    async def unload_model(self, model: str, timeout: float | None = None) -> pb.ModelState:
+        request = pb.UnloadModelRequest(model=model)
+        return (await self._call(self._stub.UnloadModel, request, timeout)).model
+
+    async def reload_model(self, model: str, path: str = "", timeout: float | None = None
+                           ) -> pb.ModelState:
+        request = pb.ReloadModelRequest(model=model, path=path)
+        return (await self._call(self._stub.ReloadModel, request, timeout)).model
+
 
 def kserve_request(model: str, inputs: Mapping[str, np.ndarray],
                    outputs: Sequence[str] = (), request_id: str = "",
@@ -324,6 +367,22 @@ class KServeClient(_BlockingClient):
                    ) -> kpb.ModelStatisticsResponse:
         request = kpb.ModelStatisticsRequest(name=model, version=version)
         return self._call(self._stub.ModelStatistics, request, timeout)
+
+    def repository_index(self, ready: bool = False, timeout: float | None = None
+                         ) -> list[kpb.RepositoryIndexResponse.ModelIndex]:
+        request = kpb.RepositoryIndexRequest(ready=ready)
+        return list(self._call(self._stub.RepositoryIndex, request, timeout).models)
+
+    def load_model(self, model: str, path: str = "", timeout: float | None = None) -> None:
+        """RepositoryModelLoad; trtserve takes the model file as the `path` parameter."""
+        request = kpb.RepositoryModelLoadRequest(model_name=model)
+        if path:
+            request.parameters["path"].string_param = path
+        self._call(self._stub.RepositoryModelLoad, request, timeout)
+
+    def unload_model(self, model: str, timeout: float | None = None) -> None:
+        request = kpb.RepositoryModelUnloadRequest(model_name=model)
+        self._call(self._stub.RepositoryModelUnload, request, timeout)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray],
               outputs: Sequence[str] | None = None, timeout: float | None = None,

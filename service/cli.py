@@ -41,7 +41,7 @@ SERVER_FLAGS = ("host", "port", "http_port", "metrics_port", "metrics_host",
                 "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
-                "max_unsent_bytes_per_stream")
+                "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -111,6 +111,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")
+    p.add_argument("--model-control", action=argparse.BooleanOptionalAction, default=None,
+                   help="clients may load, unload and reload models at run time (KServe "
+                        "repository RPCs, trtserve.v1 LoadModel/...; default yes)")
+    p.add_argument("--model-watch-interval-s", type=float,
+                   help="reload a model when its file changes, checked this often "
+                        "(default 0 = no watching)")
     g = p.add_argument_group("model settings (override the config file for every model)")
     g.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
     g.add_argument("--workers", type=int,

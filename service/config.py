@@ -253,6 +253,13 @@ class ServerConfig:
     # A model that fails to load at start: "exit" stops the server (exit code 2),
     # "skip" serves the others and reports that one NOT_SERVING with its reason.
     model_load_failure: str = "exit"
+    # Clients may load, unload and reload models at run time (KServe's repository
+    # RPCs, trtserve.v1's LoadModel/UnloadModel/ReloadModel); the token applies when
+    # auth is on. Off: those RPCs answer PERMISSION_DENIED; RepositoryIndex still answers.
+    model_control: bool = True
+    # Every this many seconds, each served model's file is checked (size and mtime,
+    # off the event loop) and the model reloaded once a change has settled. 0: off.
+    model_watch_interval_s: float = 0.0
     models: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -299,6 +306,8 @@ class ServerConfig:
                  " or ".join(repr(e) for e in EVENT_LOOPS))
         _require(self.model_load_failure in MODEL_LOAD_FAILURE, "server.model_load_failure",
                  self.model_load_failure, " or ".join(repr(e) for e in MODEL_LOAD_FAILURE))
+        _require(self.model_watch_interval_s >= 0, "server.model_watch_interval_s",
+                 self.model_watch_interval_s, "0 (off) or more seconds")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")

@@ -65,6 +65,14 @@ class Unavailable(ServeError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class LoadFailed(ServeError):
+    """A model could not be loaded at run time (RepositoryModelLoad, a reload, the
+    file watch); what served before serves on. The message names the model, its file
+    and why: the client asked for that file, so it is theirs to see."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unauthenticated(ServeError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

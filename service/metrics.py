@@ -113,8 +113,9 @@ def families(snapshot: StatsSnapshot,
              descriptions: Mapping[str, ModelDescription]) -> list[Metric]:
     """Every metric of the models in `snapshot` (`descriptions` by name: backend, batch)."""
     f = _Families()
-    info = f.gauge("model_info", "A served model (value 1), with its backend and platform.",
-                   [*MODEL_LABELS, "backend", "platform"])
+    info = f.gauge("model_info", "A served model (value 1), with its backend, platform and "
+                   "the version served (one more per reload).",
+                   [*MODEL_LABELS, "backend", "platform", "version"])
     ready = f.gauge("model_ready", "1 while the model accepts requests and has a healthy "
                     "worker, else 0.", MODEL_LABELS)
     depth = f.gauge("model_queue_depth", "Requests waiting in the batcher's queue.",
@@ -176,7 +177,7 @@ def families(snapshot: StatsSnapshot,
         name, c = model.name, model.counters
         description = descriptions[name]
         spec = description.spec
-        info.add_metric([name, spec.backend, spec.platform], 1)
+        info.add_metric([name, spec.backend, spec.platform, model.version], 1)
         ready.add_metric([name], 1 if model.ready else 0)
         depth.add_metric([name], model.queue_depth)
         requests.add_metric([name], c.requests)

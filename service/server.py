@@ -25,6 +25,7 @@ from service.engine.local import LocalEngine
 from service.engine.model import ModelRuntime
 from service.engine.regions import RegionRegistry
 from service.engine.repository import ModelRepository, check_model
+from service.engine.watch import FileWatch
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
@@ -47,7 +48,9 @@ V1_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_
 class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.models = ModelRepository()
+        self.models = ModelRepository(config.stats_window_s)
+        for model in config.models:
+            self.models.know(model)
         # Request bytes in flight over both protocols; after a large request, glibc's
         # free memory goes back to the system.
         self.trimmer = Trimmer()
@@ -56,7 +59,8 @@ class Server:
         # What the frontends and metrics see of the models: plain data through one seam.
         # Shared-memory regions clients register live in the engine, for every protocol.
         self.engine = LocalEngine(self.models, self.budget,
-                                  RegionRegistry(config.shared_memory))
+                                  RegionRegistry(config.shared_memory),
+                                  model_control=config.model_control)
         self.engine.add_health_listener(self._on_model_health)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
@@ -70,6 +74,8 @@ class Server:
         self._background: set[asyncio.Task[None]] = set()
         # Every configured model loaded and not draining (KServe ServerReady).
         self._ready = False
+        self.watch: FileWatch | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         c = self.config
@@ -142,7 +148,9 @@ class Server:
                         self.config.host)
         if not has_token:
             log.warning("bound to %s without an auth token: anyone who can reach the "
-                        "port can run inference", self.config.host)
+                        "port can run inference%s", self.config.host,
+                        ", and load, unload and reload models from files on this host "
+                        "(server.model_control)" if self.config.model_control else "")
 
     async def start(self) -> int:
         """Check, bind and answer health (NOT_SERVING), then load every model. Returns
@@ -177,6 +185,7 @@ class Server:
         for name in ("", *self._services):
             await self.health.set(name, SERVING)
         self._ready = True
+        self._start_watch()
         log.info("serving %d model(s) on %s:%d", len(self.models), self.config.host, self.port)
         return self.port
 
@@ -199,10 +208,20 @@ class Server:
             raise StartError("no model could be loaded; the errors above say why")
 
     async def _load(self, config: ModelConfig) -> None:
-        """Load one model; it turns SERVING as soon as its workers are up."""
-        runtime = await self.models.load(config, self.config.stats_window_s)
-        self.engine.watch(runtime)
+        """Load one model; it turns SERVING as soon as its workers are up. (Models loaded,
+        reloaded or unloaded later are followed by the engine's health listener.)"""
+        await self.models.load(config, self.config.stats_window_s)
         await self.health.set(config.name, SERVING)
+
+    def _start_watch(self) -> None:
+        """Reload models whose file changed (server.model_watch_interval_s)."""
+        interval = self.config.model_watch_interval_s
+        if not interval:
+            return
+        served = lambda: [(m.name, m.config.path) for m in self.models]  # noqa: E731
+        self.watch = FileWatch(served, self.engine.reload, interval)
+        self._watch_task = asyncio.get_running_loop().create_task(self.watch.run(),
+                                                                  name="model-file-watch")
 
     async def add_model(self, runtime: ModelRuntime) -> None:
         """Serve a runtime built outside the config (tests, later hot loading)."""
@@ -211,8 +230,10 @@ class Server:
         await self.health.set(runtime.name, SERVING if runtime.healthy_workers else NOT_SERVING)
 
     def _on_model_health(self, name: str, serving: bool) -> None:
-        """A model lost (or regained) every healthy worker: say so in grpc.health.v1."""
-        log.warning("model '%s' is now %s", name, "SERVING" if serving else "NOT_SERVING")
+        """A model lost (or regained) every healthy worker, or was loaded, reloaded or
+        unloaded: say so in grpc.health.v1."""
+        log.log(logging.INFO if serving else logging.WARNING, "model '%s' is now %s", name,
+                "SERVING" if serving else "NOT_SERVING")
         task = asyncio.get_running_loop().create_task(
             self.health.set(name, SERVING if serving else NOT_SERVING))
         self._background.add(task)
@@ -265,6 +286,9 @@ class Server:
         if self._server is None:
             return
         self._ready = False
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            self._watch_task = None
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_period_s
         loop = asyncio.get_running_loop()

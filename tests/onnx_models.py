@@ -239,3 +239,15 @@ def lookup_net(path: str | Path, ids: int = 4) -> Path:
         [table],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def offset_net(path: str | Path, offset: float, features: int = 4) -> Path:
+    """input [batch, features] FP32 -> output = input + `offset`: two files with different
+    offsets are two versions of one model whose answers tell which one ran."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", features])
+    constant = numpy_helper.from_array(np.full((1, features), offset, np.float32), "offset")
+    graph = helper.make_graph([helper.make_node("Add", ["input", "offset"], ["output"])],
+                              "offset", [x], [y], [constant])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return _save(model, path)

@@ -46,11 +46,12 @@ from service.tensors import TensorSpec
 # The snapshots of telemetry are declared where the telemetry lives (engine/stats.py),
 # so that no field is declared twice; they are part of this contract all the same.
 __all__ = [
-    "MODEL_VERSION", "BatchingDescription", "ByteBudgetSnapshot", "CaptureFailure",
-    "DurationHistogram", "Engine", "FrontendSnapshot", "HealthListener", "InferRequest",
-    "InferResult", "ModelCountersSnapshot", "ModelDescription", "ModelSnapshot", "ModelSpec",
-    "Percentiles", "RegionRef", "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut",
-    "WorkerInfo", "WorkerSnapshot", "check_version", "now", "wanted_outputs",
+    "LOADING", "MODEL_VERSION", "READY", "UNAVAILABLE", "UNLOADING", "BatchingDescription",
+    "ByteBudgetSnapshot", "CaptureFailure", "DurationHistogram", "Engine", "FrontendSnapshot",
+    "HealthListener", "InferRequest", "InferResult", "ModelCountersSnapshot",
+    "ModelDescription", "ModelSnapshot", "ModelSpec", "ModelState", "Percentiles", "RegionRef",
+    "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut", "WorkerInfo", "WorkerSnapshot",
+    "check_version", "now", "wanted_outputs",
 ]
 
 # trtserve serves one version of each model. KServe clients may name it "1" or
@@ -58,14 +59,20 @@ __all__ = [
 MODEL_VERSION = "1"
 
 
-def check_version(model: str | None, version: str) -> None:
-    """Refuse any version but the one served ("" asks for it too); `model` None: any model."""
-    if version not in ("", MODEL_VERSION):
+def check_version(model: str | None, version: str, served: str = MODEL_VERSION) -> None:
+    """Refuse any version but the one served ("" asks for it too); `model` None: any model.
+
+    One version of a model is served at a time: a reload serves the next version
+    ("1", "2", ...) and a request naming an earlier one is NOT_FOUND, naming the
+    version served now.
+    """
+    if version not in ("", served):
         shown = echo.text(version)
-        subject = (f"model '{echo.text(model)}' has no version '{shown}'" if model is not None
-                   else f"no model has version '{shown}'")
-        raise NotFound(f"{subject}; trtserve serves version '{MODEL_VERSION}' of each model "
-                       "(or leave the version empty)")
+        if model is None:
+            raise NotFound(f"no model has version '{shown}'; trtserve serves one version of "
+                           "each model (leave the version empty)")
+        raise NotFound(f"model '{echo.text(model)}' has no version '{shown}'; version "
+                       f"'{served}' is served (or leave the version empty)")
 
 
 def wanted_outputs(model: str, spec: ModelSpec, names: Sequence[str]) -> Sequence[TensorSpec]:
@@ -222,6 +229,32 @@ class ModelDescription:
     workers: tuple[WorkerInfo, ...]
 
 
+# --- the model repository --------------------------------------------------------------
+
+# A model's state in the repository, as KServe's RepositoryIndex (Triton) names them.
+READY = "READY"
+LOADING = "LOADING"
+UNLOADING = "UNLOADING"
+UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """One model the repository knows: configured at start, or loaded at run time."""
+
+    name: str
+    # The version served now ("1", "2", ... one more for each load or reload that
+    # succeeded); the last one served when the model is not loaded; "" if never loaded.
+    version: str
+    # READY (served), LOADING (its first load is running), UNLOADING, UNAVAILABLE.
+    # A model being reloaded stays READY: its old version serves until the switch.
+    state: str
+    # The model file it is (or would be) loaded from.
+    path: str
+    # Why it is not READY ("unloaded", a load's error); "" when READY.
+    reason: str = ""
+
+
 # --- statistics ------------------------------------------------------------------------
 
 
@@ -306,7 +339,31 @@ class Engine(Protocol):
 
     def add_health_listener(self, listener: HealthListener) -> None:
         """Call `listener(model, serving)` when a model loses its last healthy worker
-        (False) or one rejoins a model that had none (True)."""
+        (False) or one rejoins a model that had none (True), and when a model is
+        loaded or reloaded (True, if a worker is healthy) or unloaded (False)."""
+        ...
+
+    # Model control (server.model_control; PermissionDenied when it is off). Each
+    # returns the model's state once the operation is done; LoadFailed when a load
+    # fails, with what served before still serving.
+
+    async def repository_index(self) -> Sequence[ModelState]:
+        """Every model the repository knows, loaded or not, by name."""
+        ...
+
+    async def load_model(self, model: str, path: str = "") -> ModelState:
+        """Load the model (from `path`, else its configured file); a model already
+        loaded is reloaded, as Triton does."""
+        ...
+
+    async def unload_model(self, model: str) -> ModelState:
+        """Stop serving the model: new requests NOT_FOUND, accepted ones answered,
+        then its workers stop and its memory is freed."""
+        ...
+
+    async def reload_model(self, model: str, path: str = "") -> ModelState:
+        """Serve a new version of a loaded model, built beside the old one; the switch
+        is one step; the old version answers what it accepted, then stops."""
         ...
 
     # Shared-memory regions live in the engine (engine.regions), so that every

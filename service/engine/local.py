@@ -16,11 +16,11 @@ import numpy as np
 from service import echo
 from service.backends.base import ModelSpec
 from service.engine.api import (
-    MODEL_VERSION,
     HealthListener,
     InferRequest,
     InferResult,
     ModelDescription,
+    ModelState,
     RegionRef,
     RegionStatus,
     StatsSnapshot,
@@ -31,7 +31,7 @@ from service.engine.api import (
 from service.engine.model import ModelRuntime
 from service.engine.regions import RegionRegistry, infer_with_regions
 from service.engine.repository import ModelRepository
-from service.errors import NotFound, TensorError
+from service.errors import NotFound, PermissionDenied, TensorError
 from service.limits import ByteBudget, request_bytes
 from service.tensors import TensorSpec
 
@@ -40,11 +40,14 @@ class LocalEngine:
     """`Engine` for the models of `repository`, served on the caller's event loop."""
 
     def __init__(self, repository: ModelRepository, budget: ByteBudget | None = None,
-                 regions: RegionRegistry | None = None) -> None:
+                 regions: RegionRegistry | None = None, model_control: bool = True) -> None:
         self._repository = repository
         # Shared-memory regions clients registered, for every protocol (and, through
         # the IPC engine, every frontend process).
         self._regions = regions or RegionRegistry()
+        # Whether clients may load, unload and reload models (server.model_control).
+        self._model_control = model_control
+        repository.on_switch = self._switched
         # Input bytes of requests accepted and not yet answered, over every model and
         # protocol (max_request_bytes_in_flight).
         self._budget = budget or ByteBudget(0)
@@ -65,13 +68,13 @@ class LocalEngine:
 
     def _runtime(self, model: str, version: str) -> ModelRuntime:
         runtime = self._repository.get(model)  # NotFound naming the served models
-        check_version(model, version)
+        check_version(model, version, runtime.version)
         return runtime
 
     def describe(self, model: str, version: str = "") -> ModelDescription:
         runtime = self._repository.get(model)  # NotFound naming the served models
         if version:
-            check_version(model, version)
+            check_version(model, version, runtime.version)
         return runtime.description()
 
     def ready(self, model: str | None = None) -> bool:
@@ -90,7 +93,7 @@ class LocalEngine:
         # On every request's path, at concurrency 1 too: kept to plain lookups.
         runtime = self._repository.get(request.model)
         if request.version:
-            check_version(request.model, request.version)
+            check_version(request.model, request.version, runtime.version)
         outputs_asked = request.outputs
         wanted = wanted_outputs(request.model, runtime.spec, outputs_asked) if outputs_asked \
             else runtime.spec.outputs
@@ -107,7 +110,7 @@ class LocalEngine:
         if in_regions or request.output_regions:
             return await self._infer_with_regions(runtime, request, wanted, arrays, dtypes)
         outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
-        return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
+        return InferResult(request.model, runtime.version, _answer(wanted, outputs))
 
     async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
                    deadline: float | None, dtypes: Mapping[str, str],
@@ -145,7 +148,44 @@ class LocalEngine:
 
         outputs = await infer_with_regions(self._regions, request.inputs,
                                            request.output_regions, run)
-        return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
+        return InferResult(request.model, runtime.version, _answer(wanted, outputs))
+
+    # --- model control -------------------------------------------------------------------
+
+    def _check_control(self, rpc: str) -> None:
+        if not self._model_control:
+            raise PermissionDenied(f"{rpc}: model control is off on this server "
+                                   "(server.model_control = false, --no-model-control)")
+
+    async def repository_index(self) -> Sequence[ModelState]:
+        return tuple(self._repository.index())
+
+    async def load_model(self, model: str, path: str = "") -> ModelState:
+        self._check_control("load")
+        runtime = await self._repository.load_named(model, path)
+        return self._repository.state(runtime.name)
+
+    async def unload_model(self, model: str) -> ModelState:
+        self._check_control("unload")
+        return await self._repository.unload(model)
+
+    async def reload_model(self, model: str, path: str = "") -> ModelState:
+        self._check_control("reload")
+        return await self.reload(model, path)
+
+    async def reload(self, model: str, path: str = "") -> ModelState:
+        """reload_model whatever server.model_control says: for the server's own file
+        watch (engine/watch.py), which the operator configured."""
+        runtime = await self._repository.reload(model, path)
+        return self._repository.state(runtime.name)
+
+    def _switched(self, model: str, runtime: ModelRuntime | None) -> None:
+        """The name points to another runtime (None: none): watch it, and tell the
+        listeners whether the model serves now."""
+        if runtime is not None:
+            self.watch(runtime)
+        serving = runtime is not None and _is_ready(runtime)
+        self._health_changed(model, serving)
 
     # --- shared-memory regions ----------------------------------------------------------
 

@@ -75,8 +75,11 @@ QUICK_HOLD_S = 0.005
 
 
 class ModelRuntime:
-    def __init__(self, config: ModelConfig, loaded: LoadedModel, stats_window_s: float = 10.0):
+    def __init__(self, config: ModelConfig, loaded: LoadedModel, stats_window_s: float = 10.0,
+                 version: str = MODEL_VERSION):
         self.name = config.name
+        # KServe's model version: "1", then one more for each reload (engine/repository.py).
+        self.version = version
         self.config = config
         self.spec: ModelSpec = loaded.spec
         self._loaded = loaded
@@ -190,7 +193,7 @@ class ModelRuntime:
 
     def _describe(self) -> ModelDescription:
         return ModelDescription(
-            name=self.name, version=MODEL_VERSION, spec=self.spec, config=self.config,
+            name=self.name, version=self.version, spec=self.spec, config=self.config,
             batching=BatchingDescription(
                 max_batch_size=self.max_batch_size,
                 max_rows_per_request=self.max_rows_per_request,
@@ -210,7 +213,7 @@ class ModelRuntime:
             compute.extend(stats.compute_time)
         healthy = self.healthy_workers
         return ModelSnapshot(
-            name=self.name, version=MODEL_VERSION, ready=self.ready and healthy > 0,
+            name=self.name, version=self.version, ready=self.ready and healthy > 0,
             healthy_workers=healthy, queue_depth=self.queue_depth, in_flight=self.in_flight,
             counters=self.counters.snapshot(),
             workers=tuple(s.snapshot(n, w.healthy) for s, n, w in

@@ -3,9 +3,9 @@
 Convert, delegate, return: tensors go through kserve_convert, model
 descriptions and statistics through kserve_model_config, and inference through
 the same `Engine.infer` (service/engine/api.py) as trtserve.v1. Errors map to statuses in
-frontends/errors.py. RPCs for features trtserve does not have (model
-repository control, tracing, log settings) answer
-UNIMPLEMENTED saying so.
+frontends/errors.py. The model repository RPCs go to the engine's
+model control (frontends/kserve_repository.py). RPCs for features trtserve does
+not have (tracing, log settings) answer UNIMPLEMENTED saying so.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from service.engine.api import (
 from service.errors import InvalidArgument, NotFound, ServeError
 from service.frontends import kserve_convert as convert
 from service.frontends import kserve_model_config as describe
+from service.frontends import kserve_repository as repository
 from service.frontends.common import (
-    MODEL_VERSION,
     check_inputs,
     check_version,
     deadline_of,
@@ -48,8 +48,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
 # Only what is really implemented: perf_analyzer reads server-side times from
 # ModelStatistics because "statistics" is listed here.
-EXTENSIONS = ("model_configuration", "statistics", "system_shared_memory",
-              "cuda_shared_memory")
+EXTENSIONS = ("model_configuration", "model_repository", "statistics",
+              "system_shared_memory", "cuda_shared_memory")
 # Request parameters asking for sequence batching, which trtserve does not do.
 _SEQUENCE_KEYS = ("sequence_id", "sequence_start", "sequence_end")
 # Request parameter: microseconds the request may wait before it must have run.
@@ -136,7 +136,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         for name, tensor in result.outputs.items():
             # Written into a region: described, its bytes are in the client's memory.
             ordered[name] = tensor if isinstance(tensor.data, RegionRef) else tensor.data
-        return convert.encode_outputs(request, ordered, model.name, MODEL_VERSION, request.id,
+        return convert.encode_outputs(request, ordered, model.name, result.version, request.id,
                                       datatypes=output_dtypes)
 
     # --- health ------------------------------------------------------------------------
@@ -193,6 +193,31 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         snapshot = await self._engine.stats(request.name or None)
         return pb.ModelStatisticsResponse(
             model_stats=[describe.model_statistics(m) for m in snapshot.models])
+
+    # --- model repository (frontends/kserve_repository.py) ---------------------------------
+
+    @unary
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        return repository.index(await self._engine.repository_index(), request.ready)
+
+    @unary
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> pb.RepositoryModelLoadResponse:
+        repository.check_name("RepositoryModelLoad", request.model_name)
+        path = repository.load_path(request.parameters)
+        await self._engine.load_model(request.model_name, path)
+        return pb.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext
+                                    ) -> pb.RepositoryModelUnloadResponse:
+        repository.check_name("RepositoryModelUnload", request.model_name)
+        repository.check_unload(request.parameters)
+        await self._engine.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
 
     # --- inference -----------------------------------------------------------------------
 
@@ -312,9 +337,6 @@ def _unimplemented(rpc: str, why: str) -> Callable[..., Any]:
 
 
 _NOT_IMPLEMENTED = {
-    "RepositoryIndex": "models are fixed at start by the configuration",
-    "RepositoryModelLoad": "models are fixed at start by the configuration",
-    "RepositoryModelUnload": "models are fixed at start by the configuration",
     "TraceSetting": "tracing is not supported; use the Stats RPC and Prometheus metrics",
     "LogSettings": "log settings are set at start (command line and configuration)",
 }

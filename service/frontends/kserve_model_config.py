@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.engine.api import MODEL_VERSION, ModelDescription, ModelSnapshot, StageTotals
+from service.engine.api import ModelDescription, ModelSnapshot, StageTotals
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import model_config_pb2 as mc
 from service.tensors import TensorSpec
@@ -58,7 +58,7 @@ def model_metadata(model: ModelDescription) -> pb.ModelMetadataResponse:
     """Name, version, platform and tensors; shapes include the batch dimension as -1."""
     spec = model.spec
     return pb.ModelMetadataResponse(
-        name=model.name, versions=[MODEL_VERSION], platform=spec.platform,
+        name=model.name, versions=[model.version], platform=spec.platform,
         inputs=[_tensor_metadata(t) for t in spec.inputs],
         outputs=[_tensor_metadata(t) for t in spec.outputs],
     )
@@ -160,7 +160,7 @@ def model_statistics(model: ModelSnapshot) -> pb.ModelStatistics:
             compute_output=_duration(t.count, t.output_s)))
     last = max((w.last_batch_unix_s for w in workers), default=0.0)
     return pb.ModelStatistics(
-        name=model.name, version=MODEL_VERSION,
+        name=model.name, version=model.version,
         last_inference=round(last * 1000),
         inference_count=sum(w.inferences for w in workers),
         execution_count=sum(w.batches for w in workers),

@@ -9,7 +9,7 @@ import grpc
 
 from service.config import SharedMemoryConfig
 from service.engine.api import Engine, InferRequest
-from service.errors import NotFound
+from service.errors import InvalidArgument, NotFound
 from service.frontends import v1_convert as convert
 from service.frontends.common import check_inputs, deadline_of, require_local_peer
 from service.frontends.errors import status_of, streaming, unary
@@ -109,6 +109,41 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                            context: grpc.aio.ServicerContext) -> pb.RegionStatusResponse:
         statuses = await self._engine.region_status(request.name)
         return pb.RegionStatusResponse(regions=[convert.region(r) for r in statuses])
+
+
+    # --- model control ---------------------------------------------------------------------
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        states = await self._engine.repository_index()
+        return pb.ListModelsResponse(models=[convert.model_state(s) for s in states])
+
+    @unary
+    async def LoadModel(self, request: pb.LoadModelRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ModelControlResponse:
+        _require_model("LoadModel", request.model)
+        state = await self._engine.load_model(request.model, request.path)
+        return pb.ModelControlResponse(model=convert.model_state(state))
+
+    @unary
+    async def UnloadModel(self, request: pb.UnloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelControlResponse:
+        _require_model("UnloadModel", request.model)
+        state = await self._engine.unload_model(request.model)
+        return pb.ModelControlResponse(model=convert.model_state(state))
+
+    @unary
+    async def ReloadModel(self, request: pb.ReloadModelRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ModelControlResponse:
+        _require_model("ReloadModel", request.model)
+        state = await self._engine.reload_model(request.model, request.path)
+        return pb.ModelControlResponse(model=convert.model_state(state))
+
+
+def _require_model(rpc: str, model: str) -> None:
+    if not model:
+        raise InvalidArgument(f"{rpc} needs a model name")
 
 
 def _stream_error(request: pb.InferRequest, error: Exception) -> pb.InferStreamResponse:

@@ -11,6 +11,7 @@ from service.engine.api import (
     ModelDescription,
     ModelSnapshot,
     ModelSpec,
+    ModelState,
     Percentiles,
     RegionRef,
     RegionStatus,
@@ -82,7 +83,8 @@ def _dtype_problem(value: int) -> str:
 
 def encode_outputs(request: pb.InferRequest, result: InferResult) -> pb.InferResponse:
     """The answer with the result's outputs, in its order (the engine keeps the request's)."""
-    response = pb.InferResponse(model=request.model, id=request.id)
+    response = pb.InferResponse(model=request.model, id=request.id,
+                                model_version=result.version)
     for name, tensor in result.outputs.items():
         array = tensor.data
         dtype = _NAME_TO_ENUM[tensor.dtype]
@@ -152,7 +154,8 @@ def model_stats(model: ModelSnapshot, description: ModelDescription) -> pb.Model
     inferences = sum(w.inferences for w in workers)
     c = model.counters
     return pb.ModelStats(
-        name=model.name, backend=description.spec.backend, queue_depth=model.queue_depth,
+        name=model.name, version=model.version, backend=description.spec.backend,
+        queue_depth=model.queue_depth,
         requests=c.requests, batches=batches, inferences=inferences,
         errors=c.errors, rejected_queue_full=c.rejected_queue_full,
         deadline_exceeded=c.deadline_exceeded, cancelled=c.cancelled,
@@ -183,7 +186,7 @@ def model_metadata(model: ModelDescription) -> pb.ModelMetadataResponse:
         ranges = [pb.ShapeRange(name=n, min=r[0], opt=r[1], max=r[2]) for n, r in p.ranges.items()]
         profiles.append(pb.Profile(index=p.index, inputs=ranges, workers=workers))
     return pb.ModelMetadataResponse(
-        name=model.name, backend=spec.backend,
+        name=model.name, version=model.version, backend=spec.backend,
         inputs=[_tensor_metadata(t) for t in spec.inputs],
         outputs=[_tensor_metadata(t) for t in spec.outputs],
         min_batch_size=spec.min_batch_size if spec.batching else 0,
@@ -212,3 +215,8 @@ def stream_answer_bytes(answer: pb.InferStreamResponse) -> int:
     for tensor in answer.response.outputs:
         size += math.prod(tensor.shape) * _ITEMSIZE.get(tensor.dtype, 8)
     return size
+
+
+def model_state(state: ModelState) -> pb.ModelState:
+    return pb.ModelState(name=state.name, version=state.version, state=state.state,
+                         path=state.path, reason=state.reason)

@@ -230,7 +230,8 @@ IMPLEMENTED = {"ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "Mod
                "ModelInfer", "ModelStreamInfer", "ModelConfig", "ModelStatistics",
                "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
                "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus",
-               "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister"}
+               "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+               "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"}
 
 
 def test_every_other_rpc_answers_unimplemented_saying_why(stub):

@@ -100,7 +100,7 @@ def test_counters_match_stats_after_traffic(served):
     assert m["trtserve_model_queue_depth"][model] == stats.queue_depth == 0
     assert m["trtserve_model_ready"][model] == 1
     assert m["trtserve_model_info"][key(model="example", backend="onnxruntime",
-                                        platform="onnxruntime_onnx")] == 1
+                                        platform="onnxruntime_onnx", version="1")] == 1
 
     assert len(stats.workers) == 2
     for w in stats.workers:

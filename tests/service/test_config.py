@@ -162,3 +162,17 @@ def test_metrics_flags_set_their_keys():
 def test_bad_metrics_settings_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"server.{key}: got {value!r}"):
         ServerConfig(**{key: value})
+
+
+def test_model_control_flags_set_their_keys(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    default = build_config(parser.parse_args(["serve", "--model", "m=m.onnx"]))
+    assert (default.model_control, default.model_watch_interval_s) == (True, 0.0)
+    config = build_config(parser.parse_args([
+        "serve", "--model", "m=m.onnx", "--no-model-control", "--model-watch-interval-s", "2"]))
+    assert (config.model_control, config.model_watch_interval_s) == (False, 2.0)
+    from_file = load_toml(write(tmp_path, "[server]\nmodel_control = false\n"))
+    assert not from_file.model_control
+    with pytest.raises(ConfigError, match=r"server.model_watch_interval_s: got -1"):
+        ServerConfig(model_watch_interval_s=-1)
