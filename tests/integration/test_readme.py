@@ -62,10 +62,7 @@ def test_snippet_runs_and_prints_what_it_says(served, snippet: str) -> None:
 
 
 def test_readme_lists_the_kserve_rpcs_that_are_not_implemented() -> None:
-    """The README's table of UNIMPLEMENTED RPCs and the servicer agree, both ways.
-
-    Shared memory is left out of the README's table while it is being implemented.
-    """
+    """The README's table of UNIMPLEMENTED RPCs and the servicer agree, both ways."""
     from service.frontends.kserve import _NOT_IMPLEMENTED
 
     readme = (ROOT / "README.md").read_text()
@@ -73,5 +70,4 @@ def test_readme_lists_the_kserve_rpcs_that_are_not_implemented() -> None:
     table = table[:table.index("\n\n", table.index("| RPC |"))]
     listed = set(re.findall(r"`(\w+)`", "\n".join(
         line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))))
-    unimplemented = {rpc for rpc in _NOT_IMPLEMENTED if "SharedMemory" not in rpc}
-    assert listed == unimplemented
+    assert listed == set(_NOT_IMPLEMENTED)
