@@ -17,9 +17,9 @@ from google.protobuf.json_format import MessageToDict
 
 from client.client import Client, InferenceError, KServeClient
 from client.convert import dtype_label
+from client.random_data import random_array
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.tensors import DTYPES
 from service.version import version
 
 # What a shell reports for a command killed by SIGPIPE: 128 + 13.
@@ -100,13 +100,7 @@ def _random_arrays(tensors: list[tuple[str, str, list[int]]], batched: bool, row
         elif len(shape) != len(dims) or any(0 <= d != s for d, s in zip(dims, shape, strict=True)):
             raise ValueError(f"--shape {name}={'x'.join(map(str, shape))}: the model takes "
                              f"{name} of shape {dims} (-1: any size)")
-        dtype = DTYPES[dtype_name]
-        if dtype.kind == "f":
-            inputs[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            inputs[name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            inputs[name] = rng.integers(0, 100, shape).astype(dtype)
+        inputs[name] = random_array(dtype_name, shape, rng)
     return inputs
 
 

@@ -26,28 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from client.random_data import random_array
 from service.arg_types import name_path, size_list
 from service.config import ModelConfig
-from service.tensors import DTYPES, TensorSpec
+from service.tensors import TensorSpec
 
 # max_batch_size: the smallest batch reaching this share of the best throughput.
 NEAR_PEAK = 0.95
 # Preferred sizes must reach at least this share of the best throughput.
 PREFERRED_FLOOR = 0.80
-
-
-def random_array(dtype: str, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """Random data of a wire dtype: normal floats, small integers, random booleans."""
-    if dtype == "BF16":
-        from service.tensors import fp32_to_bf16
-
-        return fp32_to_bf16(rng.standard_normal(shape).astype(np.float32))
-    np_dtype = DTYPES[dtype]
-    if np_dtype.kind == "f":
-        return rng.standard_normal(shape).astype(np_dtype)
-    if np_dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(np.bool_)
-    return rng.integers(0, 100, shape).astype(np_dtype)
 
 
 @dataclass
