@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -25,17 +25,21 @@ from service.version import version
 # What a shell reports for a command killed by SIGPIPE: 128 + 13.
 SIGPIPE_EXIT = 128 + signal.SIGPIPE
 
+C = TypeVar("C", Client, KServeClient)
 
-def _client(args: argparse.Namespace) -> Client:
+
+def _connect(kind: type[C], args: argparse.Namespace) -> C:
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return Client(args.url, token=token, root_certificates=root, tls=args.tls)
+    return kind(args.url, token=token, root_certificates=root, tls=args.tls)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return _connect(Client, args)
 
 
 def _kserve_client(args: argparse.Namespace) -> KServeClient:
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
-    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return KServeClient(args.url, token=token, root_certificates=root, tls=args.tls)
+    return _connect(KServeClient, args)
 
 
 # The size of a dynamic dimension (other than the batch) in made-up input, where no
