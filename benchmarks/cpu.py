@@ -65,7 +65,7 @@ from client.bench import run as run_bench
 from service.backends.onnxruntime import default_threads, usable_cores
 from service.config import ModelConfig
 from service.example_model import write_example
-from service.profile_cli import profile
+from service.sweep.runner import sweep as profile
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
