@@ -620,8 +620,7 @@ def memory(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, A
 
 def loop_profile(opts: Options, models: dict[str, Path]) -> dict[str, Any]:
     """cProfile of the server's event-loop thread while it serves concurrency 64."""
-    from tests.conftest import server_config
-    from tests.servers import running_server
+    from service.testing.servers import running_server, server_config
 
     _say("profile of the event loop under load")
     config = server_config(ModelConfig(name="light", path=str(models["light"]),

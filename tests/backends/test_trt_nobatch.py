@@ -1,6 +1,6 @@
 """TensorRT engines built without a batch dimension: described, validated and run as given.
 
-The executor runs on the CPU doubles (tests/doubles/trt.py) with a static-shape
+The executor runs on the CPU doubles (service/testing/trt_double.py) with a static-shape
 engine; real engines are built with TensorRT-RTX where it is installed, and read
 back from their build manifest (they cannot be deserialized without a GPU).
 """
@@ -19,8 +19,8 @@ from service.backends.trt_executor import TrtExecutor
 from service.config import ModelConfig
 from service.errors import ConfigError, TensorError
 from service.model import ModelRuntime
-from tests import onnx_models
-from tests.doubles.trt import HostCudaRuntime, RecordingEngine, trt_module
+from service.testing import onnx_models
+from service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4
 # No batch dimension at all (a scalar, a vector), and a fixed one.
