@@ -223,8 +223,8 @@ def budget_families(budget: ByteBudget) -> list[Metric]:
 def snapshot(models: Iterable[ModelRuntime], budget: ByteBudget | None = None) -> bytes:
     """Every model's metric families, pickled for the metrics process. Call on the loop.
 
-    Reading them is the part that must run here (about 1 ms for four models of
-    two workers); the text format (three times that) is the child's work.
+    Reading them is the part that must run here; the text format, which costs more,
+    is the child's work (timings: docs/reliability.md, "Metrics endpoint").
     """
     found = families(models)
     if budget is not None:
