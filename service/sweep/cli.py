@@ -25,7 +25,9 @@ def _sample_shape(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("profile", help="measure a backend alone, in-process, per batch size",
+    # `sweep`: the same command under a name that no TensorRT optimization profile shares.
+    p = sub.add_parser("profile", aliases=["sweep"],
+                       help="measure a backend alone, in-process, per batch size",
                        description=service.sweep.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=name_path, metavar="NAME=PATH")

@@ -86,3 +86,11 @@ def test_json_report_round_trips(example_onnx):
     report = sweep(config, [2, 4], duration_s=0.1, warmup_s=0)
     data = json.loads(to_json(report))
     assert data["skipped"] == {"4": report.skipped[4]}
+
+
+def test_sweep_is_another_name_for_the_profile_command(example_onnx, capsys):
+    """`profile` also names TensorRT optimization profiles; `sweep` says what this does."""
+    code = cli.main(["sweep", "--model", f"example={example_onnx}", "--batch-sizes", "2",
+                     "--workers", "1", "--duration", "0.1", "--warmup", "0", "--json"])
+    assert code == 0
+    assert [r["batch_size"] for r in json.loads(capsys.readouterr().out)["results"]] == [2]
