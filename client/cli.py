@@ -114,16 +114,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
         name, _, path = item.partition("=")
         inputs[name] = np.load(path)
     shapes = dict(parse_shape(item) for item in args.shape or [])
+    # Random BF16 inputs are uint16 bit patterns: labelled BF16, or they go as UINT16.
+    dtypes: dict[str, str] = {}
     if args.protocol == "kserve":
         with _kserve_client(args) as k:
-            inputs = inputs or random_kserve_inputs(k.metadata(args.model), args.rows,
-                                                    args.seed, shapes)
-            outputs = k.infer(args.model, inputs, timeout=args.timeout)
+            if not inputs:
+                kmd = k.metadata(args.model)
+                inputs = random_kserve_inputs(kmd, args.rows, args.seed, shapes)
+                dtypes = {t.name: "BF16" for t in kmd.inputs if t.datatype == "BF16"}
+            outputs = k.infer(args.model, inputs, timeout=args.timeout, dtypes=dtypes)
     else:
         with _client(args) as c:
-            inputs = inputs or random_inputs(c.metadata(args.model), args.rows, args.seed,
-                                             shapes)
-            outputs = c.infer(args.model, inputs, timeout=args.timeout)
+            if not inputs:
+                md = c.metadata(args.model)
+                inputs = random_inputs(md, args.rows, args.seed, shapes)
+                dtypes = {t.name: "BF16" for t in md.inputs if dtype_label(t.dtype) == "BF16"}
+            outputs = c.infer(args.model, inputs, timeout=args.timeout, dtypes=dtypes)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         for name, array in outputs.items():
