@@ -1,11 +1,10 @@
 """Prometheus metrics on their own address (`--metrics-host`, default 127.0.0.1) and port
 (`--metrics-port`, default 8002; 0: off).
 
-Nothing on the request path touches Prometheus objects: the service's own
-counters (service/stats.py) are read when Prometheus scrapes. Those counters
-belong to the event loop, so a render (on the metrics thread) hands the
-reading to the loop and waits for it: one short callback per render, no locks
-on the hot path. Renders are shared by every scrape within a second
+Nothing on the request path touches Prometheus objects: the engine's stats
+snapshot (service/engine/api.py) is read when Prometheus scrapes. The engine's
+counters belong to the event loop, so a render is answered on the loop: one
+short read per render, no locks on the hot path. Renders are shared by every scrape within a second
 (service/metrics_http.py), so scrapers cannot multiply that callback.
 
 Every name starts with `trtserve_`. Labels: `model`; per worker also `worker`
@@ -18,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import pickle
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -30,14 +29,17 @@ from prometheus_client.utils import floatToGoString
 
 from service import auth
 from service.config import ServerConfig
+from service.engine.api import (
+    ByteBudgetSnapshot,
+    DurationHistogram,
+    Engine,
+    ModelDescription,
+    StatsSnapshot,
+    WorkerSnapshot,
+)
 from service.errors import ConfigError
-from service.frontends.common import is_ready
-from service.limits import ByteBudget
 from service.metrics_http import PATH, ScrapeLimits, bind
 from service.metrics_process import MetricsProcess, MetricsStartError
-from service.model import ModelRuntime
-from service.repository import ModelRepository
-from service.stats import DurationHistogram, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,9 @@ def _batch_size_bounds(max_batch_size: int) -> list[int]:
     return bounds
 
 
-def _batch_size_buckets(stats: WorkerStats, bounds: Sequence[int]) -> list[tuple[str, float]]:
-    counts = stats.histogram
+def _batch_size_buckets(stats: WorkerSnapshot,
+                        bounds: Sequence[int]) -> list[tuple[str, float]]:
+    counts = stats.batch_sizes
     result: list[tuple[str, float]] = [
         (floatToGoString(bound), sum(n for size, n in counts.items() if size <= bound))
         for bound in bounds]
@@ -105,8 +108,9 @@ class _Families:
         return iter(self._all)
 
 
-def families(models: Iterable[ModelRuntime]) -> list[Metric]:
-    """Every metric, read from the models' stats now. Call on the event loop."""
+def families(snapshot: StatsSnapshot,
+             descriptions: Mapping[str, ModelDescription]) -> list[Metric]:
+    """Every metric of the models in `snapshot` (`descriptions` by name: backend, batch)."""
     f = _Families()
     info = f.gauge("model_info", "A served model (value 1), with its backend and platform.",
                    [*MODEL_LABELS, "backend", "platform"])
@@ -167,10 +171,12 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
                             WORKER_LABELS)
     w_batch = f.histogram("worker_batch_size", "Rows per completed batch.", WORKER_LABELS)
 
-    for model in models:
+    for model in snapshot.models:
         name, c = model.name, model.counters
-        info.add_metric([name, model.spec.backend, model.spec.platform], 1)
-        ready.add_metric([name], 1 if is_ready(model) else 0)
+        description = descriptions[name]
+        spec = description.spec
+        info.add_metric([name, spec.backend, spec.platform], 1)
+        ready.add_metric([name], 1 if model.ready else 0)
         depth.add_metric([name], model.queue_depth)
         requests.add_metric([name], c.requests)
         success.add_metric([name], c.success)
@@ -179,9 +185,9 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
                               ("cancelled", c.cancelled)):
             failures.add_metric([name, reason], value)
         latency.add_metric([name], _buckets(c.success_histogram), c.success_histogram.sum_s)
-        bounds = _batch_size_bounds(model.max_batch_size)
-        for s in model.worker_stats:
-            labels = [name, str(s.index), str(s.profile), s.device]
+        bounds = _batch_size_bounds(description.batching.max_batch_size)
+        for s in model.workers:
+            labels = [name, str(s.index), str(s.info.profile), s.info.device]
             w_requests.add_metric(labels, s.requests)
             w_batches.add_metric(labels, s.batches)
             w_rows.add_metric(labels, s.inferences)
@@ -194,10 +200,10 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
             w_rejected.add_metric(labels, s.rejected)
             w_retries.add_metric(labels, s.retries)
             w_busy.add_metric(labels, s.busy_s)
-            w_util.add_metric(labels, s.utilization()[0])
+            w_util.add_metric(labels, s.utilization)
             w_in_flight.add_metric(labels, s.in_flight)
             w_healthy.add_metric(labels, 1 if s.healthy else 0)
-            w_aux.add_metric(labels, s.aux_streams)
+            w_aux.add_metric(labels, s.info.aux_streams)
             for stage, seconds in (("input", s.stages.input_s), ("infer", s.stages.infer_s),
                                    ("output", s.stages.output_s)):
                 w_stage.add_metric([*labels, stage], seconds)
@@ -208,8 +214,8 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
     return list(f)
 
 
-def budget_families(budget: ByteBudget) -> list[Metric]:
-    """The server-wide budget of request bytes in flight. Call on the event loop."""
+def budget_families(budget: ByteBudgetSnapshot) -> list[Metric]:
+    """The server-wide budget of request bytes in flight."""
     f = _Families()
     f.gauge("request_bytes_in_flight", "Input bytes of accepted requests not yet answered.",
             ()).add_metric((), budget.held_bytes)
@@ -220,21 +226,20 @@ def budget_families(budget: ByteBudget) -> list[Metric]:
     return list(f)
 
 
-def snapshot(models: Iterable[ModelRuntime], budget: ByteBudget | None = None) -> bytes:
+async def snapshot(engine: Engine) -> bytes:
     """Every model's metric families, pickled for the metrics process. Call on the loop.
 
     Reading them is the part that must run here; the text format, which costs more,
     is the child's work (timings: docs/reliability.md, "Metrics endpoint").
     """
-    found = families(models)
-    if budget is not None:
-        found += budget_families(budget)
+    stats = await engine.stats()
+    descriptions = {m.name: engine.describe(m.name) for m in stats.models}
+    found = families(stats, descriptions) + budget_families(stats.request_bytes)
     return pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def start_metrics(config: ServerConfig, repository: ModelRepository,
-                  budget: ByteBudget | None = None) -> MetricsProcess:
-    """Serve Prometheus metrics for `repository` on metrics_host:metrics_port.
+def start_metrics(config: ServerConfig, engine: Engine) -> MetricsProcess:
+    """Serve Prometheus metrics for `engine` on metrics_host:metrics_port.
 
     Call on the event loop that owns the models: renders read their stats there.
     The HTTP side runs in a child process (service/metrics_child.py).
@@ -249,7 +254,7 @@ def start_metrics(config: ServerConfig, repository: ModelRepository,
                           config.metrics_render_interval_s)
     sock = bind(config.metrics_host, config.metrics_port, backlog=limits.max_connections)
     try:
-        server = MetricsProcess(sock, lambda: snapshot(repository, budget), limits,
+        server = MetricsProcess(sock, lambda: snapshot(engine), limits,
                                 token=token, tls=tls)
     except MetricsStartError as e:
         sock.close()

@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,7 +39,7 @@ class MetricsProcess:
     """The child that serves scrapes, the task that answers its render requests, and its
     restart when it dies on its own (after RESTART_DELAY_S, again and again)."""
 
-    def __init__(self, listener: socket.socket, render: Callable[[], bytes],
+    def __init__(self, listener: socket.socket, render: Callable[[], Awaitable[bytes]],
                  limits: ScrapeLimits, *, token: str | None,
                  tls: dict[str, str] | None) -> None:
         self.port: int = listener.getsockname()[1]
@@ -130,7 +130,7 @@ class MetricsProcess:
             while True:
                 frame = await reader.readexactly(9)
                 try:
-                    text = self._render()
+                    text = await self._render()
                 except Exception:  # the child serves what it has; the server goes on
                     log.exception("rendering metrics failed")
                     text = b""

@@ -21,6 +21,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from service import auth, descriptors, ports, tls
 from service.config import ModelConfig, ServerConfig
+from service.engine.local import LocalEngine
+from service.engine.model import ModelRuntime
+from service.engine.repository import ModelRepository, check_model
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
@@ -31,8 +34,6 @@ from service.limits import ByteBudget
 from service.memory import Trimmer
 from service.metrics import start_metrics
 from service.metrics_process import MetricsProcess
-from service.model import ModelRuntime
-from service.repository import ModelRepository, check_model
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class Server:
         self.trimmer = Trimmer()
         self.budget = ByteBudget(config.max_request_bytes_in_flight,
                                  config.trim_after_request_bytes, self.trimmer.request)
+        # What the frontends and metrics see of the models: plain data through one seam.
+        self.engine = LocalEngine(self.models, self.budget)
+        self.engine.add_health_listener(self._on_model_health)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -140,7 +144,7 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.models, self.budget, self._stream_limits()), services)
+            InferenceService(self.engine, self._stream_limits()), services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         _add_reflection(services, [
@@ -186,17 +190,14 @@ class Server:
     async def _load(self, config: ModelConfig) -> None:
         """Load one model; it turns SERVING as soon as its workers are up."""
         runtime = await self.models.load(config, self.config.stats_window_s)
-        self._watch_health(runtime)
+        self.engine.watch(runtime)
         await self.health.set(config.name, SERVING)
 
     async def add_model(self, runtime: ModelRuntime) -> None:
         """Serve a runtime built outside the config (tests, later hot loading)."""
         await self.models.add(runtime)
-        self._watch_health(runtime)
+        self.engine.watch(runtime)
         await self.health.set(runtime.name, SERVING if runtime.healthy_workers else NOT_SERVING)
-
-    def _watch_health(self, runtime: ModelRuntime) -> None:
-        runtime.on_health_change = self._on_model_health
 
     def _on_model_health(self, name: str, serving: bool) -> None:
         """A model lost (or regained) every healthy worker: say so in grpc.health.v1."""
@@ -208,9 +209,8 @@ class Server:
 
     def _add_kserve(self, server: _GenericHandlersOnly) -> None:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
-        self._services.append(add_to_server(server, self.models,
+        self._services.append(add_to_server(server, self.engine,
                                             server_ready=lambda: self._ready,
-                                            budget=self.budget,
                                             stream_limits=self._stream_limits()))
 
     def _stream_limits(self) -> StreamLimits:
@@ -221,7 +221,7 @@ class Server:
         if not self.config.metrics_port:
             return
         try:
-            self._metrics = start_metrics(self.config, self.models, self.budget)
+            self._metrics = start_metrics(self.config, self.engine)
         except OSError as e:
             raise PortInUse(f"server.metrics_port: cannot serve metrics on "
                             f"{self.config.metrics_host}:{self.config.metrics_port}: "
@@ -310,6 +310,8 @@ def _add_reflection(services: _GenericHandlersOnly, served: list[str]) -> None:
     names = [*served, reflection.SERVICE_NAME, REFLECTION_V1]
     # Our types live in trtserve's own pool; reflection describes from it.
     pool = descriptors.include(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+    descriptors.include_renamed(reflection_pb2.DESCRIPTOR, "grpc.reflection.v1alpha",
+                                "grpc.reflection.v1", "grpc/reflection/v1/reflection.proto")
     servicer = reflection.aio.ReflectionServicer(names, pool=pool)  # type: ignore[attr-defined]
     # What reflection.enable_server_reflection does for an aio server, through `services`.
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, services)
@@ -326,7 +328,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     uvloop runs the loop itself (epoll, callbacks, timers) in C: grpc.aio's
     per-call tasks and callbacks cost less Python with it (docs/benchmarks.md,
     "gRPC transport"). The serving clock does not depend on the choice
-    (service.timer.now).
+    (service.engine.timer.now).
     """
     if choice == "asyncio":
         return None

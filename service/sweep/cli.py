@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _batch_range(config: ModelConfig) -> tuple[int, int]:
-    from service.repository import load_backend
+    from service.engine.repository import load_backend
 
     loaded = load_backend(config)
     try:

@@ -35,7 +35,7 @@ class ExecutorThread:
     """One thread owning one executor, running batches back to back while the main
     thread asks it to.
 
-    Not a serving `Worker` (service/worker.py): that one takes one batch at a time
+    Not a serving `Worker` (service/engine/worker.py): that one takes one batch at a time
     from the event loop and reports each back; here each thread runs the same batch
     in a tight loop for a time window, so that what is measured is the backend and
     nothing in between.
@@ -111,7 +111,7 @@ def sweep(config: ModelConfig, batch_sizes: Sequence[int], duration_s: float = 3
             on_result: Callable[[SizeResult], None] | None = None) -> SweepReport:
     """Measure `config`'s backend at each batch size with `config.workers` executors at once."""
     from service.backends.onnxruntime import default_threads
-    from service.repository import load_backend
+    from service.engine.repository import load_backend
 
     loaded = load_backend(config)
     spec = loaded.spec

@@ -18,7 +18,7 @@ import pytest
 from client import Client, InferenceError
 from client.client import KServeClient
 from service import auth
-from service.backends.trt_api import gpu_present
+from service.backends.tensorrt.api import gpu_present
 from service.errors import ConfigError
 from service.testing.servers import ROOT, ServerProcess, free_port
 from tests.reliability.certs import authority

@@ -28,9 +28,10 @@ import pytest
 
 from client import Client
 from service.config import ModelConfig, ServerConfig, TlsConfig
+from service.engine.local import LocalEngine
+from service.engine.repository import ModelRepository
 from service.errors import ConfigError
 from service.metrics import start_metrics
-from service.repository import ModelRepository
 from service.testing.servers import (
     ServerProcess,
     ServerThread,
@@ -230,7 +231,7 @@ def test_requiring_the_token_without_one_is_a_config_error(monkeypatch):
     monkeypatch.delenv("TRTSERVE_AUTH_TOKEN", raising=False)
     config = ServerConfig(metrics_port=free_port(), metrics_requires_auth=True)
     with pytest.raises(ConfigError, match="metrics_requires_auth"):
-        start_metrics(config, ModelRepository())
+        start_metrics(config, LocalEngine(ModelRepository()))
 
 
 def test_metrics_over_tls_with_the_servers_certificate(example_onnx, tmp_path):
@@ -345,7 +346,7 @@ def test_a_certificate_the_metrics_process_cannot_load_refuses_to_start(tmp_path
                           tls=TlsConfig(cert_file=str(cert), key_file=str(key)))
 
     async def start() -> None:
-        start_metrics(config, ModelRepository())
+        start_metrics(config, LocalEngine(ModelRepository()))
 
     with pytest.raises(ConfigError, match=r"server\.metrics_tls: cannot load") as err:
         asyncio.run(start())

@@ -17,13 +17,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
 from service.backends.base import BatchResult, LoadedModel, ModelSpec
-from service.batch import Batch, Outputs, Request
-from service.batcher import Batcher, BatchPolicy
 from service.config import ModelConfig
+from service.engine.api import (
+    MODEL_VERSION,
+    BatchingDescription,
+    ModelDescription,
+    ModelSnapshot,
+)
+from service.engine.batch import Batch, Outputs, Request, Validated
+from service.engine.batcher import Batcher, BatchPolicy
+from service.engine.scheduler import Scheduler
+from service.engine.stats import ModelCounters, Samples, WorkerStats
+from service.engine.timer import now
+from service.engine.worker import Outcome, Worker
 from service.errors import (
     BackendError,
     DeadlineExceeded,
@@ -35,11 +46,7 @@ from service.errors import (
     Unavailable,
 )
 from service.limits import InputLimits
-from service.scheduler import Scheduler
-from service.stats import ModelCounters, WorkerStats
 from service.tensors import TensorSpec, dtype_name
-from service.timer import now
-from service.worker import Outcome, Worker
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,6 @@ class ModelRuntime:
         self.config = config
         self.spec: ModelSpec = loaded.spec
         self._loaded = loaded
-        self._window_s = stats_window_s
         self.counters = ModelCounters()
         profiles = self.spec.profiles
         # Factories come profile-major: workers [0, k) on profile 0, [k, 2k) on 1, ...
@@ -84,6 +90,8 @@ class ModelRuntime:
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
+        # Batches handed to each worker and not finished (0 or 1: a worker runs one at a time).
+        self._in_flight = [0] * len(self.workers)
         self._consecutive_failures = [0] * len(self.workers)
         # Workers out of the rotation: the wait before the next rebuild (doubled by
         # each one, back to the start by a batch served), and its timer.
@@ -91,7 +99,7 @@ class ModelRuntime:
         self._retry_timers: list[asyncio.TimerHandle | None] = [None] * len(self.workers)
         # Outputs whose shape disagreed with the declaration, logged once each.
         self._shape_warned: set[str] = set()
-        self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
+        self._validated: dict[_Signature, Validated] = {}
         # Bytes and dimension bounds per input from the config (ConfigError here if
         # they name inputs the model lacks).
         self._limits = InputLimits(config, self.spec)
@@ -128,18 +136,10 @@ class ModelRuntime:
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers))
         for worker, stats in zip(self.workers, self.worker_stats, strict=True):
-            info = worker.info
-            stats.profile, stats.device, stats.stream = info.profile, info.device, info.stream
-            stats.stream_non_blocking, stats.aux_streams = info.stream_non_blocking, \
-                info.aux_streams
-            stats.min_batch_size, stats.max_batch_size = info.min_batch_size, \
-                info.max_batch_size
-            for bucket, reason in info.capture_failures:
-                stats.record_capture_failure(bucket, reason)
+            stats.started_on(worker.info)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._batcher = Batcher(self.name, self.policy, self.scheduler, self._dispatch,
-                                self._drop, self._hold_s)
+        self._batcher = Batcher(self.name, self.policy, self.scheduler, self)
         self._batcher_task = asyncio.create_task(self._batcher.run(), name=f"{self.name}-batcher")
         self.ready = True
 
@@ -170,11 +170,41 @@ class ModelRuntime:
 
     @property
     def in_flight(self) -> int:
-        return sum(s.in_flight for s in self.worker_stats)
+        return sum(self._in_flight)
 
     @property
     def healthy_workers(self) -> int:
         return sum(w.healthy for w in self.workers)
+
+    def description(self) -> ModelDescription:
+        """What the protocol side may know of this model; the same while it is loaded."""
+        return ModelDescription(
+            name=self.name, version=MODEL_VERSION, spec=self.spec, config=self.config,
+            batching=BatchingDescription(
+                max_batch_size=self.max_batch_size,
+                max_rows_per_request=self.max_rows_per_request,
+                max_queue_delay_s=self.policy.max_queue_delay_s,
+                preferred_batch_sizes=tuple(self.policy.preferred_batch_sizes),
+                max_queue_size=self.policy.max_queue_size),
+            # The profile a worker serves is the scheduler's (its ProfileSpec), whatever
+            # its executor reported.
+            workers=tuple(replace(s.info, profile=w.profile.index)
+                          for w, s in zip(self.workers, self.worker_stats, strict=True)))
+
+    def snapshot(self) -> ModelSnapshot:
+        """The model's counters and every worker's, read now (on the event loop)."""
+        queue, compute = Samples(), Samples()
+        for stats in self.worker_stats:
+            queue.extend(stats.queue_time)
+            compute.extend(stats.compute_time)
+        healthy = self.healthy_workers
+        return ModelSnapshot(
+            name=self.name, version=MODEL_VERSION, ready=self.ready and healthy > 0,
+            healthy_workers=healthy, queue_depth=self.queue_depth, in_flight=self.in_flight,
+            counters=self.counters.snapshot(),
+            workers=tuple(s.snapshot(n, w.healthy) for s, n, w in
+                          zip(self.worker_stats, self._in_flight, self.workers, strict=True)),
+            queue_time=queue.summary(), compute_time=compute.summary())
 
     async def infer(
         self,
@@ -184,8 +214,8 @@ class ModelRuntime:
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
-        `deadline` is on the serving clock (`service.timer.now`). `dtypes` gives wire dtype names
-        where numpy can't tell them apart (BF16 travels as uint16).
+        `deadline` is on the serving clock (`service.engine.timer.now`). `dtypes` gives
+        wire dtype names where numpy can't tell them apart (BF16 travels as uint16).
         """
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
@@ -207,7 +237,7 @@ class ModelRuntime:
             outputs = await request.future
         except asyncio.CancelledError:
             # grpc.aio cancels the handler when its client cancels or its deadline
-            # passes; the batcher then drops the request unexecuted (see _drop).
+            # passes; the batcher then drops the request unexecuted (see drop).
             if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
                 self.counters.deadline_exceeded += 1
             else:
@@ -225,9 +255,9 @@ class ModelRuntime:
         self.counters.success_histogram.observe(elapsed)
         return outputs
 
-    def validate(self, inputs: Mapping[str, np.ndarray],
-                 dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
-        """(rows, non-batch shape key) of a request; TensorError naming what is wrong.
+    def validate(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
+        """The request's rows and the shape key of batches it may join; TensorError naming
+        what is wrong.
 
         The answer depends only on the inputs' names, dtypes and shapes, and most
         requests repeat a few of those: an accepted signature is answered from
@@ -245,8 +275,7 @@ class ModelRuntime:
             self._validated[signature] = result
         return result
 
-    def _check(self, inputs: Mapping[str, np.ndarray],
-               dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    def _check(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
         spec = self.spec
         batching = spec.batching
         expected = [t.name for t in spec.inputs]
@@ -295,11 +324,12 @@ class ModelRuntime:
                       for p in spec.profiles}
             raise TensorError(expected[0], f"shapes {shapes} fit no optimization profile "
                               f"(min, max per profile: {ranges})")
-        return rows, tuple(key)
+        return Validated(rows, tuple(key))
 
-    # --- batches -------------------------------------------------------------------
+    # --- batches: the batcher's Dispatcher -------------------------------------------
 
-    def _dispatch(self, index: int, batch: Batch) -> None:
+    def dispatch(self, index: int, batch: Batch) -> None:
+        """Run the batch on worker `index` (which the batcher has acquired for it)."""
         quick = self._quick(batch)
         inline = quick and not self.in_flight
         self._dispatched_slow[index] = not quick
@@ -308,7 +338,7 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
-        stats.in_flight += 1
+        self._in_flight[index] += 1
         assert self._idle is not None
         self._idle.clear()
         worker = self.workers[index]
@@ -325,7 +355,7 @@ class ModelRuntime:
         last = self._run_s.get((batch.rows, batch.shape_key))
         return last is not None and last < self._inline_below_s
 
-    def _hold_s(self, batch: Batch) -> float:
+    def hold_s(self, batch: Batch) -> float:
         """How much longer a quick batch waits for the batches in flight, all quick (0: none).
 
         A second worker would run it alongside, but a quick batch costs the
@@ -338,47 +368,36 @@ class ModelRuntime:
         """
         if self._slow_in_flight or not self._quick(batch):
             return 0.0
-        first = min((at for at, s in zip(self._dispatched_at, self.worker_stats, strict=True)
-                     if s.in_flight), default=None)
+        first = min((at for at, n in zip(self._dispatched_at, self._in_flight, strict=True)
+                     if n), default=None)
         return 0.0 if first is None else max(0.0, first + QUICK_HOLD_S - now())
 
-    def _drop(self, request: Request, reason: str) -> None:
+    def drop(self, request: Request, reason: str) -> None:
+        """A request leaves the queue unexecuted: "cancelled", "deadline" or "unavailable"."""
         if reason == "cancelled":
             pass  # counted in infer(), where the cancellation arrived
         elif reason == "deadline":
             # Counted in infer(), which this exception (or a cancellation) reaches.
-            if not request.future.done():
-                request.future.set_exception(DeadlineExceeded(
-                    f"model '{self.name}': deadline passed while queued; not executed"))
-        else:
+            request.fail(DeadlineExceeded(
+                f"model '{self.name}': deadline passed while queued; not executed"))
+        else:  # "unavailable": the batcher fails it, naming the batch's shapes
             self.counters.errors += 1
 
     def _on_done(self, worker: Worker, outcome: Outcome) -> None:
         index = worker.index
-        stats = self.worker_stats[index]
-        stats.in_flight -= 1
+        self._in_flight[index] -= 1
         self._slow_in_flight -= self._dispatched_slow[index]
         self._dispatched_slow[index] = False
-        self.scheduler.release(index)
         batch = outcome.batch
         if (result := outcome.result) is not None:
             self._succeeded(index, batch.rows, len(batch.requests), result)
             key = (batch.rows, batch.shape_key)
             if key in self._run_s or len(self._run_s) < RUN_TIMES_KEPT:
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
-            if self.spec.batching:
-                offset = 0
-                for request in batch.requests:
-                    end = offset + request.rows
-                    if not request.future.done():
-                        request.future.set_result({k: v[offset:end] for k, v in
-                                                   result.outputs.items()})
-                    offset = end
-            else:
+            if not self.spec.batching:
                 self._note_output_shapes(result.outputs)
-                request = batch.requests[0]  # alone in its batch: the outputs are its own
-                if not request.future.done():
-                    request.future.set_result(result.outputs)
+            for request, outputs in batch.split(result.outputs, self.spec.batching):
+                request.answer(outputs)
         elif outcome.parts is not None:
             self._answer_parts(worker, outcome)
         else:
@@ -386,7 +405,9 @@ class ModelRuntime:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:
-            self._batcher.worker_freed()
+            self._batcher.worker_done(index)
+        else:
+            self.scheduler.release(index)
 
     def _note_output_shapes(self, outputs: Mapping[str, np.ndarray]) -> None:
         """Log, once per output, an output whose shape disagrees with its declaration.
@@ -433,13 +454,11 @@ class ModelRuntime:
                 self._succeeded(index, request.rows, 1, part)
                 if not self.spec.batching:
                     self._note_output_shapes(part.outputs)
-                if not request.future.done():
-                    request.future.set_result(part.outputs)
+                request.answer(part.outputs)
             elif isinstance(part, InputRejected):
                 self.worker_stats[index].rejected += 1
-                if not request.future.done():
-                    request.future.set_exception(InvalidArgument(
-                        f"model '{self.name}' cannot run this input: {part.reason}"))
+                request.fail(InvalidArgument(
+                    f"model '{self.name}' cannot run this input: {part.reason}"))
             else:
                 failed.append(request)
         if outcome.error is not None:
@@ -465,8 +484,7 @@ class ModelRuntime:
                              f"({kind}); the batch of {rows} rows was not completed")
         self.counters.errors += len(requests)
         for request in requests:
-            if not request.future.done():
-                request.future.set_exception(error)
+            request.fail(error)
 
     # --- workers out of the rotation ---------------------------------------------------
 
@@ -475,7 +493,6 @@ class ModelRuntime:
         index = worker.index
         worker.healthy = False
         stats = self.worker_stats[index]
-        stats.healthy = False
         stats.last_error = f"out of the rotation: {why}"
         delay = self._schedule_rebuild(index)
         log.error("model '%s': worker %d taken out of the rotation (%s); rebuilding it in "
@@ -518,7 +535,7 @@ class ModelRuntime:
         was_serving = self.healthy_workers > 0
         self._consecutive_failures[index] = 0
         stats.rebuilds += 1
-        stats.state, stats.healthy = "serving", True
+        stats.state = "serving"
         worker.healthy = True
         log.warning("model '%s': worker %d rebuilt, back in the rotation", self.name, index)
         if not was_serving and self.on_health_change is not None:
