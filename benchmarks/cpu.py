@@ -65,7 +65,7 @@ from client.bench import run as run_bench
 from service.backends.onnxruntime import default_threads, usable_cores
 from service.config import ModelConfig
 from service.example_model import write_example
-from service.profile_cli import profile
+from service.sweep.runner import sweep as profile
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -621,8 +621,7 @@ def memory(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, A
 
 def loop_profile(opts: Options, models: dict[str, Path]) -> dict[str, Any]:
     """cProfile of the server's event-loop thread while it serves concurrency 64."""
-    from tests.conftest import server_config
-    from tests.servers import running_server
+    from service.testing.servers import running_server, server_config
 
     _say("profile of the event loop under load")
     config = server_config(ModelConfig(name="light", path=str(models["light"]),

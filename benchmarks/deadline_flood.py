@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ["GRPC_EXPERIMENTS"] = args.grpc_experiments
     from service.example_model import write_example
-    from tests.servers import ServerProcess
+    from service.testing.servers import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         model = write_example(Path(tmp) / "example.onnx")

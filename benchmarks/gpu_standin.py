@@ -1,6 +1,6 @@
 """GPU benchmark of trtserve's TensorRT execution path, with the GPU stand-in.
 
-The stand-in (tests/gpu/standin.py) is a TEST DOUBLE of a TensorRT engine whose
+The stand-in (service/testing/gpu_standin.py) is a TEST DOUBLE of a TensorRT engine whose
 execute_async_v3 launches a two-layer FP32 MLP as CuPy RawKernels on the worker's
 stream. Everything around it is the real thing: TrtExecutor, CudaRuntime, CUDA
 graphs, the batcher, the scheduler and the gRPC server. EVERY NUMBER HERE IS
@@ -62,7 +62,7 @@ class Dims:
 
 
 def _engine(dims: Dims, **options: Any) -> Any:
-    from tests.gpu.standin import StandinEngine
+    from service.testing.gpu_standin import StandinEngine
 
     return StandinEngine(dims.in_features, dims.hidden, dims.out_features, **options)
 
@@ -70,7 +70,7 @@ def _engine(dims: Dims, **options: Any) -> Any:
 def _executor(engine: Any, cuda: Any, **options: Any) -> Any:
     from service.backends.tensorrt.executor import TrtExecutor
     from service.backends.tensorrt.load import graph_buckets
-    from tests.doubles.trt import trt_module
+    from service.testing.trt_double import trt_module
 
     options.setdefault("graph_batch_sizes", graph_buckets((), engine.batch[2]))
     return TrtExecutor(engine, cuda, trt_module=trt_module, **options)
@@ -90,7 +90,7 @@ def _median_us(samples_ns: list[int]) -> float:
 def launch_cost(engine: Any, cuda: Any, rows: int, launches: int = 2000,
                 chunk: int = 25) -> dict[str, float]:
     """Host time of one plain execute_async_v3 vs one cudaGraphLaunch of the same work."""
-    from tests.doubles.trt import ExecutionContextAllocationStrategy
+    from service.testing.trt_double import ExecutionContextAllocationStrategy
 
     stream = cuda.stream_create()
     event = cuda.event_create()
@@ -298,7 +298,7 @@ def _open_loop_client(url: str, request: bytes, rate: float, start_at: float,
 @contextmanager
 def _served(engine: Any, workers: int, max_queue_delay_us: int,
             inline_below_us: int | None = None) -> Iterator[Any]:
-    from tests.gpu.standin import serving_standin, standin_config
+    from service.testing.gpu_standin import serving_standin, standin_config
 
     options: dict[str, Any] = {} if inline_below_us is None else \
         {"inline_below_us": inline_below_us}
@@ -601,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         "# GPU benchmark: the TensorRT execution path with the GPU stand-in",
         "",
         "**Every figure on this page was measured with the GPU stand-in, not TensorRT.** "
-        "The stand-in (tests/gpu/standin.py) is a test double of a TensorRT engine whose "
+        "The stand-in (service/testing/gpu_standin.py) is a test double of a TensorRT engine whose "
         "execute_async_v3 launches a two-layer FP32 MLP as CuPy RawKernels on the worker's "
         "stream; everything around it is trtserve's own code (TrtExecutor, CudaRuntime, CUDA "
         "graphs, batcher, scheduler, gRPC server). How to run it and read it: docs/gpu.md.",

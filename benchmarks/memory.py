@@ -30,7 +30,7 @@ import numpy as np
 import psutil
 
 from client import AsyncClient, InferenceError
-from tests.onnx_models import conv_net
+from service.testing.onnx_models import conv_net
 
 MIB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from service.example_model import write_example
 from service.memory import tune_malloc
-from tests.onnx_models import conv_net
+from service.testing.onnx_models import conv_net
 
 MODES = ("arena", "default", "mmap4")
 

@@ -33,8 +33,7 @@ from typing import Any
 
 from service.config import EVENT_LOOPS, ModelConfig
 from service.example_model import write_example
-from tests.conftest import server_config
-from tests.servers import ROOT, free_port, running_server
+from service.testing.servers import ROOT, free_port, running_server, server_config
 
 RANGE = "1:57:8"  # perf_analyzer's --concurrency-range: start:end:step
 PA_LINE = re.compile(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec")
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = None
         if not args.no_gpu:
             try:
-                from tests.gpu.standin import StandinEngine, standin_config, standin_model
+                from service.testing.gpu_standin import StandinEngine, standin_config, standin_model
 
                 engine = StandinEngine()
             except Exception as e:  # no GPU/CuPy: the CPU model alone

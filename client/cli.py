@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -17,25 +17,29 @@ from google.protobuf.json_format import MessageToDict
 
 from client.client import Client, InferenceError, KServeClient
 from client.convert import dtype_label
+from client.random_data import random_array
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.tensors import DTYPES
 from service.version import version
 
 # What a shell reports for a command killed by SIGPIPE: 128 + 13.
 SIGPIPE_EXIT = 128 + signal.SIGPIPE
 
+C = TypeVar("C", Client, KServeClient)
 
-def _client(args: argparse.Namespace) -> Client:
+
+def _connect(kind: type[C], args: argparse.Namespace) -> C:
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return Client(args.url, token=token, root_certificates=root, tls=args.tls)
+    return kind(args.url, token=token, root_certificates=root, tls=args.tls)
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return _connect(Client, args)
 
 
 def _kserve_client(args: argparse.Namespace) -> KServeClient:
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
-    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return KServeClient(args.url, token=token, root_certificates=root, tls=args.tls)
+    return _connect(KServeClient, args)
 
 
 # The size of a dynamic dimension (other than the batch) in made-up input, where no
@@ -100,13 +104,7 @@ def _random_arrays(tensors: list[tuple[str, str, list[int]]], batched: bool, row
         elif len(shape) != len(dims) or any(0 <= d != s for d, s in zip(dims, shape, strict=True)):
             raise ValueError(f"--shape {name}={'x'.join(map(str, shape))}: the model takes "
                              f"{name} of shape {dims} (-1: any size)")
-        dtype = DTYPES[dtype_name]
-        if dtype.kind == "f":
-            inputs[name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype.kind == "b":
-            inputs[name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            inputs[name] = rng.integers(0, 100, shape).astype(dtype)
+        inputs[name] = random_array(dtype_name, shape, rng)
     return inputs
 
 
@@ -116,16 +114,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
         name, _, path = item.partition("=")
         inputs[name] = np.load(path)
     shapes = dict(parse_shape(item) for item in args.shape or [])
+    # Random BF16 inputs are uint16 bit patterns: labelled BF16, or they go as UINT16.
+    dtypes: dict[str, str] = {}
     if args.protocol == "kserve":
         with _kserve_client(args) as k:
-            inputs = inputs or random_kserve_inputs(k.metadata(args.model), args.rows,
-                                                    args.seed, shapes)
-            outputs = k.infer(args.model, inputs, timeout=args.timeout)
+            if not inputs:
+                kmd = k.metadata(args.model)
+                inputs = random_kserve_inputs(kmd, args.rows, args.seed, shapes)
+                dtypes = {t.name: "BF16" for t in kmd.inputs if t.datatype == "BF16"}
+            outputs = k.infer(args.model, inputs, timeout=args.timeout, dtypes=dtypes)
     else:
         with _client(args) as c:
-            inputs = inputs or random_inputs(c.metadata(args.model), args.rows, args.seed,
-                                             shapes)
-            outputs = c.infer(args.model, inputs, timeout=args.timeout)
+            if not inputs:
+                md = c.metadata(args.model)
+                inputs = random_inputs(md, args.rows, args.seed, shapes)
+                dtypes = {t.name: "BF16" for t in md.inputs if dtype_label(t.dtype) == "BF16"}
+            outputs = c.infer(args.model, inputs, timeout=args.timeout, dtypes=dtypes)
     if args.output_dir:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         for name, array in outputs.items():

@@ -18,8 +18,10 @@ from typing import Any, Self
 import grpc
 import numpy as np
 
+from client.channels import DEFAULT_MAX_MESSAGE_BYTES, Endpoint
 from client.convert import infer_request, outputs_of
 from client.errors import InferenceError
+from client.kserve_convert import kserve_outputs, kserve_request
 from client.shared_memory import CudaRegion, RegionSlot, RegionTensor, SystemRegion
 from client.stream import InferStream
 from service.gen.inference import grpc_service_pb2 as kpb
@@ -27,44 +29,19 @@ from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.gen.inference import model_config_pb2 as kmc
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.tensors import DTYPES, decode, dtype_name, encode
 
 Region = SystemRegion | CudaRegion
 
-# Tensors can be large; match the server's default limits, not gRPC's 4 MiB.
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
+class _Connection:
+    """A channel, its stub and the auth metadata: what every client is built from.
 
-def _options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
-
-
-def _credentials(root_certificates: bytes | None, private_key: bytes | None,
-                 certificate_chain: bytes | None) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-
-
-def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("authorization", f"Bearer {token}"),) if token else None
-
-
-def _channel(url: str, tls: bool, root_certificates: bytes | None, private_key: bytes | None,
-             certificate_chain: bytes | None, max_message_bytes: int) -> grpc.Channel:
-    options = _options(max_message_bytes)
-    if tls or root_certificates:
-        creds = _credentials(root_certificates, private_key, certificate_chain)
-        return grpc.secure_channel(url, creds, options=options)
-    return grpc.insecure_channel(url, options=options)
-
-
-class _BlockingClient:
-    """A channel, its stub, the auth metadata, and errors turned into InferenceError.
-
-    Subclasses name the protocol's stub in `_stub_type`.
+    Subclasses name the protocol's stub in `_stub_type`, and `AsyncClient` opens an
+    asyncio channel instead of a blocking one.
     """
 
     _stub_type: Any
+    _asyncio = False
 
     def __init__(
         self,
@@ -77,10 +54,16 @@ class _BlockingClient:
         tls: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        self._channel = _channel(url, tls, root_certificates, private_key, certificate_chain,
-                                 max_message_bytes)
+        endpoint = Endpoint(url, token, root_certificates, private_key, certificate_chain, tls,
+                            max_message_bytes)
+        # Any: a blocking or an asyncio channel; each subclass uses the one it opened.
+        self._channel: Any = endpoint.aio_channel() if self._asyncio else endpoint.channel()
         self._stub = self._stub_type(self._channel)
-        self._metadata = _metadata(token)
+        self._metadata = endpoint.metadata()
+
+
+class _BlockingClient(_Connection):
+    """A blocking client: errors turned into InferenceError."""
 
     def __enter__(self) -> Self:
         return self
@@ -183,26 +166,14 @@ def _register_call(stub: Any, region: Region) -> tuple[Any, Any]:
         byte_size=region.byte_size)
 
 
-class AsyncClient:
-    def __init__(
-        self,
-        url: str = "127.0.0.1:8001",
-        *,
-        token: str | None = None,
-        root_certificates: bytes | None = None,
-        private_key: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        tls: bool = False,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    ) -> None:
-        options = _options(max_message_bytes)
-        if tls or root_certificates:
-            creds = _credentials(root_certificates, private_key, certificate_chain)
-            self._channel = grpc.aio.secure_channel(url, creds, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(url, options=options)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._metadata = _metadata(token)
+class AsyncClient(_Connection):
+    """trtserve.v1 on asyncio: Infer, InferStream, Stats, ModelMetadata."""
+
+    _stub_type = pb_grpc.InferenceServiceStub
+    _asyncio = True
+
+    def __init__(self, url: str = "127.0.0.1:8001", **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
         # As Client's: inputs that are views of these travel as references.
         self._regions: dict[str, Region] = {}
 
@@ -287,48 +258,6 @@ class AsyncClient:
                            ) -> pb.ModelState:
         request = pb.ReloadModelRequest(model=model, path=path)
         return (await self._call(self._stub.ReloadModel, request, timeout)).model
-
-
-def kserve_request(model: str, inputs: Mapping[str, np.ndarray],
-                   outputs: Sequence[str] = (), request_id: str = "",
-                   dtypes: Mapping[str, str] | None = None) -> kpb.ModelInferRequest:
-    """A ModelInferRequest carrying every input as raw little-endian bytes.
-
-    `dtypes` names wire types numpy can't express ({"x": "BF16"} for uint16 bit patterns).
-    """
-    request = kpb.ModelInferRequest(model_name=model, id=request_id)
-    for name, array in inputs.items():
-        array = np.asarray(array)
-        datatype = (dtypes or {}).get(name) or dtype_name(array.dtype)
-        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-        request.raw_input_contents.append(encode(array))
-    for name in outputs:
-        request.outputs.add(name=name)
-    return request
-
-
-# Typed contents field of each datatype (FP16/BF16 only ever travel raw).
-_TYPED_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-                "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-                "UINT16": "uint_contents", "UINT32": "uint_contents",
-                "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
-
-
-def kserve_outputs(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:
-    """Outputs by name; raw_output_contents[i] belongs to outputs[i], typed contents after.
-
-    BF16 outputs come back as uint16 bit patterns (service.tensors.bf16_to_fp32 widens them).
-    """
-    result = {}
-    raw = response.raw_output_contents
-    for index, tensor in enumerate(response.outputs):
-        shape = tuple(tensor.shape)
-        if index < len(raw):
-            result[tensor.name] = decode(tensor.name, tensor.datatype, shape, raw[index])
-        else:
-            values = getattr(tensor.contents, _TYPED_FIELD[tensor.datatype])
-            result[tensor.name] = np.array(values, dtype=DTYPES[tensor.datatype]).reshape(shape)
-    return result
 
 
 class KServeClient(_BlockingClient):

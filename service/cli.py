@@ -233,12 +233,12 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
     import importlib
 
     try:
-        profile_cli = importlib.import_module("service.profile_cli")
+        sweep_cli = importlib.import_module("service.sweep.cli")
     except ModuleNotFoundError as e:
-        if e.name != "service.profile_cli":
+        if e.name not in ("service.sweep", "service.sweep.cli"):
             raise
     else:
-        profile_cli.register(sub)
+        sweep_cli.register(sub)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ class ModelConfig:
     max_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
     # ONNX Runtime's CPU memory arena: it keeps what the largest batch needed, for
     # good. Off, tensors go back to malloc: no slower on small batches, while a batch
-    # with temporaries over 32 MiB faults them in on every run (about 2x on a conv
-    # batch of 8x3x224x224; docs/reliability.md, "Memory").
+    # with temporaries over 32 MiB faults them in on every run, much slower (a conv
+    # batch of 8x3x224x224: docs/reliability.md, "Memory").
     cpu_memory_arena: bool = False
     build: BuildConfig = field(default_factory=BuildConfig)
 
@@ -243,7 +243,7 @@ class ServerConfig:
     # glibc: allocations of at least this many bytes get their own mapping, returned to
     # the system when freed. 0: glibc's own threshold, which rises with the blocks freed
     # up to 32 MiB. Lower keeps less resident between requests but costs page faults on
-    # every large temporary (a 224x224 conv batch took 1.7x as long with 32 MiB).
+    # every large temporary, several times slower (docs/reliability.md, "Memory").
     malloc_mmap_threshold_bytes: int = 0
     # After a request whose inputs held at least this many bytes, glibc's free memory
     # is given back to the system (malloc_trim, off the event loop). 0: never.

@@ -249,8 +249,8 @@ def shared_memory_families(usage: RegionUsage) -> list[Metric]:
 async def snapshot(engine: Engine) -> bytes:
     """Every model's metric families, pickled for the metrics process. Call on the loop.
 
-    Reading them is the part that must run here (about 1 ms for four models of
-    two workers); the text format (three times that) is the child's work.
+    Reading them is the part that must run here; the text format, which costs more,
+    is the child's work (timings: docs/reliability.md, "Metrics endpoint").
     """
     stats = await engine.stats()
     descriptions = {m.name: engine.describe(m.name) for m in stats.models}

@@ -2,12 +2,10 @@
 # gRPC settings `trtserve serve` runs on.
 from service import grpc_tuning  # isort: skip
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
-from service.config import ModelConfig, ServerConfig
 from service.example_model import write_example
 
 # In-process servers in these tests must run on the transport `trtserve serve` runs
@@ -18,10 +16,3 @@ assert grpc_tuning.APPLIED_HERE, "grpc was imported before service.grpc_tuning"
 @pytest.fixture(scope="session")
 def example_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_example(tmp_path_factory.mktemp("models") / "example.onnx")
-
-
-def server_config(*models: ModelConfig, **server: object) -> ServerConfig:
-    """A config bound to a free loopback port, without the metrics endpoint."""
-    base = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0,
-                        grace_period_s=10)
-    return dataclasses.replace(base, models=models, **server)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from service import cli
-from tests.servers import ROOT
+from service.testing.servers import ROOT
 
 DEPLOY = ROOT / "deploy"
 MANIFEST = DEPLOY / "kubernetes" / "sidecar.yaml"

@@ -29,7 +29,7 @@ the report names them.
 matching answers by request id: closed loop keeps up to 64 requests in flight
 per stream, open loop puts one process's arrivals on one stream. A stream
 spares both sides gRPC's per-call work, so it is how a client that wants
-throughput (or the last ~100 us of latency) should call a Python server.
+throughput (or the last bit of latency) should call a Python server.
 """
 
 # The package, in the order a run goes:

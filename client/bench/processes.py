@@ -17,7 +17,7 @@ from client.bench.load import _child
 from client.bench.recorder import Window
 from client.bench.report import _config_dict, machine_info
 from client.bench.requests import prepare, server_batches
-from service.profile_cli import latency_summary_ms
+from client.latency import latency_summary_ms
 
 
 def _merge(level: Level, config: BenchConfig, parts: list[dict[str, Any]],

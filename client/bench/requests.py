@@ -11,7 +11,7 @@ import numpy as np
 
 from client.bench.channels import _metadata, _method, _sync_channel
 from client.bench.config import BenchConfig, TensorInfo
-from service.profile_cli import random_array
+from client.random_data import random_array
 
 
 def concrete_shape(tensor: TensorInfo, rows: int, override: tuple[int, ...] | None

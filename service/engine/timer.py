@@ -1,10 +1,11 @@
 """A one-shot event-loop timer with microsecond precision (a Linux timerfd).
 
 asyncio's own timers end in an epoll wait whose timeout counts whole
-milliseconds, so a 500 us `max_queue_delay_us` would really last about 1.1 ms.
-A timerfd expires on the kernel's high-resolution clock and wakes epoll as a
-readable descriptor. Where there is none (not Linux, or a loop without
-add_reader), `PreciseTimer.create` returns None and callers use `call_later`.
+milliseconds, so a 500 us `max_queue_delay_us` would really last more than a
+millisecond (measured: docs/benchmarks.md, "The hot path"). A timerfd expires
+on the kernel's high-resolution clock and wakes epoll as a readable descriptor.
+Where there is none (not Linux, or a loop without add_reader),
+`PreciseTimer.create` returns None and callers use `call_later`.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class PreciseTimer:
     """A one-shot timer with microsecond precision: a Linux timerfd read by the loop.
 
     asyncio's own timers end in an epoll wait whose timeout counts whole
-    milliseconds, so a 500 us `max_queue_delay_us` would really last about
-    1.1 ms. A timerfd expires on the kernel's high-resolution clock and wakes
+    milliseconds, so a 500 us `max_queue_delay_us` would really last more than a
+    millisecond. A timerfd expires on the kernel's high-resolution clock and wakes
     epoll as a readable descriptor. `create` returns None where there is no
     timerfd (not Linux, or a loop without add_reader); callers then use
     `loop.call_later`.

@@ -23,7 +23,8 @@ The same deserializer refuses, unparsed, a message of more than MAX_FIELDS
 fields (tensors, names, map entries, numbers sent unpacked: see
 field_count.py), which no real request comes near: parsing them is what a
 message of many tiny fields costs the event loop. Only messages of at least
-COUNT_FROM_BYTES are counted; a smaller one parses in about 2 ms at worst.
+COUNT_FROM_BYTES are counted; a smaller one parses quickly even at worst (the
+timings: docs/reliability.md, "Hostile messages at the protocol edge").
 
 Nothing is logged: malformed input is the client's mistake, not the server's.
 """
@@ -43,11 +44,11 @@ from service.frontends import field_count
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # Fields a request message may hold, at any depth (field_count.exceeds). A
-# request with 500 inputs of 8 fields each holds about 4,000; counting up to
-# the limit takes about 8 ms on a 2-core VM (docs/reliability.md).
+# request with 500 inputs of 8 fields each holds about 4,000. What counting up
+# to the limit costs: docs/reliability.md, "Hostile messages at the protocol edge".
 MAX_FIELDS = 16_384
-# Messages smaller than this are not counted: at most ~32,000 fields, parsed
-# in about 2 ms at the worst (empty tensors).
+# Messages smaller than this are not counted: at most ~32,000 fields (empty
+# tensors), cheap to parse even so (docs/reliability.md, same section).
 COUNT_FROM_BYTES = 64 * 1024
 
 _UNPARSEABLE = ("are not a valid protobuf encoding of it (garbage, truncated, or a string "

@@ -55,7 +55,7 @@ def test_inputs_the_model_cannot_run_are_rejected_and_the_session_runs_on(tmp_pa
     import numpy as np
 
     from service.errors import InputRejected
-    from tests.onnx_models import lookup_net, tiled_net
+    from service.testing.onnx_models import lookup_net, tiled_net
 
     tiled = ort_backend.OrtExecutor(str(tiled_net(tmp_path / "tiled.onnx")), 1, 8)
     lookup = ort_backend.OrtExecutor(str(lookup_net(tmp_path / "lookup.onnx")), 1, 8)
@@ -112,7 +112,7 @@ def test_a_zero_dimension_a_convolution_cannot_take_is_rejected(tmp_path):
     import numpy as np
 
     from service.errors import InputRejected
-    from tests.onnx_models import conv_net
+    from service.testing.onnx_models import conv_net
 
     executor = ort_backend.OrtExecutor(str(conv_net(tmp_path / "conv.onnx",
                                                     dynamic_spatial=True)), 1, 8)

@@ -37,7 +37,7 @@ from service.build.build import (
     load_manifest,
     manifest_path,
 )
-from tests import onnx_models
+from service.testing import onnx_models
 
 
 @pytest.fixture(scope="module")

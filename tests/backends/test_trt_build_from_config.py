@@ -23,7 +23,7 @@ from service.build.build import load_manifest
 from service.config import ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 from service.example_model import write_example
-from tests import onnx_models
+from service.testing import onnx_models
 
 IMAGE_RANGE = "image=1x3x8x8:2x3x16x16:4x3x32x32"
 

@@ -1,6 +1,6 @@
 """The TensorRT executor's call protocol, against recording doubles (no GPU, no TensorRT).
 
-The doubles (tests/doubles/trt.py) log every call of the CUDA runtime and of every
+The doubles (service/testing/trt_double.py) log every call of the CUDA runtime and of every
 execution context in one ordered list; these tests read that log.
 """
 
@@ -27,7 +27,7 @@ from service.backends.tensorrt.load import (
 from service.config import BuildConfig, ModelConfig
 from service.engine.model import ModelRuntime
 from service.errors import InputRejected
-from tests.doubles.trt import Call, HostCudaRuntime, RecordingEngine, trt_module
+from service.testing.trt_double import Call, HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4
 
@@ -661,7 +661,7 @@ needs_trt = pytest.mark.skipif(not _rtx_available(), reason="needs tensorrt or t
 @pytest.fixture(scope="module")
 def built_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from service.build.build import BuildOptions, build_engine
-    from tests.onnx_models import mlp
+    from service.testing.onnx_models import mlp
 
     folder = tmp_path_factory.mktemp("engine")
     onnx_path = mlp(folder / "mlp.onnx", in_features=32, out_features=8)
@@ -702,7 +702,7 @@ def test_load_builds_an_onnx_model_first_with_its_timing_cache(tmp_path: Path) -
     from service.backends.tensorrt.api import gpu_present
     from service.build import serving
     from service.build.build import load_manifest
-    from tests.onnx_models import mlp
+    from service.testing.onnx_models import mlp
 
     onnx_path = mlp(tmp_path / "m.onnx", in_features=16, out_features=4)
     config = ModelConfig(name="m", path=str(onnx_path), backend="tensorrt", max_batch_size=32,

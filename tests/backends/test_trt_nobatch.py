@@ -1,6 +1,6 @@
 """TensorRT engines built without a batch dimension: described, validated and run as given.
 
-The executor runs on the CPU doubles (tests/doubles/trt.py) with a static-shape
+The executor runs on the CPU doubles (service/testing/trt_double.py) with a static-shape
 engine; real engines are built with TensorRT-RTX where it is installed, and read
 back from their build manifest (they cannot be deserialized without a GPU).
 """
@@ -24,8 +24,8 @@ from service.backends.tensorrt.load import (
 from service.config import ModelConfig
 from service.engine.model import ModelRuntime
 from service.errors import ConfigError, TensorError
-from tests import onnx_models
-from tests.doubles.trt import HostCudaRuntime, RecordingEngine, trt_module
+from service.testing import onnx_models
+from service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4
 # No batch dimension at all (a scalar, a vector), and a fixed one.

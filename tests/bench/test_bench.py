@@ -27,8 +27,7 @@ from client.bench.processes import _merge
 from client.bench.recorder import Recorder, Window
 from service.config import ModelConfig
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from tests.conftest import server_config
-from tests.servers import running_server
+from service.testing.servers import running_server, server_config
 
 
 @pytest.fixture(scope="module")

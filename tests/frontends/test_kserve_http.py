@@ -21,9 +21,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from service.config import ModelConfig
-from tests.conftest import server_config
-from tests.onnx_models import LOOKUP_INPUT, LOOKUP_OUTPUT, lookup_net, lookup_table
-from tests.servers import free_port, running_server
+from service.testing.onnx_models import LOOKUP_INPUT, LOOKUP_OUTPUT, lookup_net, lookup_table
+from service.testing.servers import free_port, running_server, server_config
 
 HEADER = "Inference-Header-Content-Length"
 

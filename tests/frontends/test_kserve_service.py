@@ -26,9 +26,8 @@ from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.gen.inference import model_config_pb2 as mc
 from service.tensors import TensorSpec
-from tests.conftest import server_config
+from service.testing.servers import running_server, server_config
 from tests.doubles.controlled import ControlledBackend
-from tests.servers import running_server
 
 FIXED_ROWS = 4
 

@@ -15,8 +15,7 @@ from client.shared_memory import RegionSlot, RegionTensor, SystemRegion
 from service.config import ModelConfig
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from tests.conftest import server_config
-from tests.servers import running_server
+from service.testing.servers import running_server, server_config
 
 ROWS, FEATURES, OUT = 4, 64, 16
 IN_BYTES, OUT_BYTES = ROWS * FEATURES * 4, ROWS * OUT * 4

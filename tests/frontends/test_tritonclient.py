@@ -19,8 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.config import ModelConfig
 from service.example_model import write_example
-from tests.conftest import server_config
-from tests.servers import running_server
+from service.testing.servers import running_server, server_config
 
 WIDE = 8192  # features per row of the "wide" model: 256 rows are 8 MiB each way
 

@@ -17,8 +17,7 @@ import pytest
 from service.backends.tensorrt.api import gpu_present
 from service.backends.tensorrt.cuda import runtime_module
 from service.config import ModelConfig
-from tests.conftest import server_config
-from tests.servers import ROOT, running_server
+from service.testing.servers import ROOT, running_server, server_config
 
 pytestmark = pytest.mark.gpu
 

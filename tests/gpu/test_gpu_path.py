@@ -29,8 +29,7 @@ except RuntimeError as err:
     pytest.skip(str(err), allow_module_level=True)
 
 from client.client import Client  # noqa: E402
-from tests.doubles.trt import trt_module  # noqa: E402
-from tests.gpu.standin import (  # noqa: E402
+from service.testing.gpu_standin import (  # noqa: E402
     INPUT,
     LABEL,
     OUTPUT,
@@ -38,6 +37,7 @@ from tests.gpu.standin import (  # noqa: E402
     serving_standin,
     standin_config,
 )
+from service.testing.trt_double import trt_module  # noqa: E402
 
 # FP32 with different summation orders: far under this (METHOD.md: FP32 lands << 1e-3).
 TOLERANCE = 1e-5

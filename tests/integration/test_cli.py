@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.servers import ROOT, ServerProcess
+from service.testing.servers import ROOT, ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """`trtserve-client infer` without an input makes one the model can run.
 
 Before, every dynamic dimension was 1: a model whose dynamic sizes must be
-multiples of 32 (tests/onnx_models.tiled_net) failed each such call, and the
+multiples of 32 (service/testing/onnx_models.tiled_net) failed each such call, and the
 README's smoke test took the model down by itself.
 """
 
@@ -13,9 +13,8 @@ import pytest
 from client import cli
 from service.config import ModelConfig
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from tests.conftest import server_config
-from tests.onnx_models import tiled_net
-from tests.servers import running_server
+from service.testing.onnx_models import tiled_net
+from service.testing.servers import running_server, server_config
 
 
 @pytest.fixture(scope="module")

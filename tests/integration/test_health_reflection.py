@@ -32,9 +32,8 @@ from service.config import ModelConfig
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.server import Server
-from tests.conftest import server_config
+from service.testing.servers import free_port, running_server, server_config
 from tests.doubles.controlled import ControlledBackend, controlled_model, expected
-from tests.servers import free_port, running_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

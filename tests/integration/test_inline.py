@@ -14,10 +14,9 @@ import pytest
 from client import AsyncClient, Client
 from service.config import ModelConfig
 from service.engine import model as model_module
-from tests.conftest import server_config
+from service.testing.servers import running_server, server_config
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
 from tests.reliability.harness import model_stats
-from tests.servers import running_server
 
 
 # A limit far above this model's tens of microseconds: the test is about where

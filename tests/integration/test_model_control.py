@@ -22,10 +22,9 @@ from service.config import ModelConfig
 from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from tests.conftest import server_config
+from service.testing.onnx_models import offset_net
+from service.testing.servers import free_port, running_server, server_config
 from tests.integration.test_metrics import key, scrape
-from tests.onnx_models import offset_net
-from tests.servers import free_port, running_server
 
 FEATURES = 4
 TOKEN = "control-Token_0123"

@@ -1,7 +1,7 @@
 """Models that do not batch on the first axis (Triton's max_batch_size 0), over real gRPC.
 
 Issue 19, section 5: two real models that trtserve could not serve, reproduced
-by generated ONNX models (tests/onnx_models.py): a voice-activity model whose
+by generated ONNX models (service/testing/onnx_models.py): a voice-activity model whose
 recurrent state carries the batch on axis 1 beside a scalar sample rate, and a
 CTC OCR model fixed at batch 1 whose output comes out in another shape than it
 declares. Each request runs alone with its full shapes; answers are checked
@@ -28,9 +28,8 @@ from service.engine.repository import load_backend
 from service.errors import ConfigError
 from service.gen.inference import model_config_pb2 as mc
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from tests import onnx_models
-from tests.conftest import server_config
-from tests.servers import ServerThread, running_server
+from service.testing import onnx_models
+from service.testing.servers import ServerThread, running_server, server_config
 
 OCR_CLASSES = 40
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.servers import ROOT, ServerProcess
+from service.testing.servers import ROOT, ServerProcess
 
 ADDRESS = "127.0.0.1:8001"
 

@@ -9,8 +9,7 @@ import pytest
 
 from client import AsyncClient, Client, InferenceError
 from service.config import ModelConfig
-from tests.conftest import server_config
-from tests.servers import running_server
+from service.testing.servers import running_server, server_config
 
 
 @pytest.fixture(scope="module")

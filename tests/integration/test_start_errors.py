@@ -20,9 +20,9 @@ from client.client import KServeClient
 from service import auth
 from service.backends.tensorrt.api import gpu_present
 from service.errors import ConfigError
+from service.testing.servers import ROOT, ServerProcess, free_port
 from tests.reliability.certs import authority
 from tests.reliability.harness import NOT_SERVING, SERVING, health_status
-from tests.servers import ROOT, ServerProcess, free_port
 
 NO_TENSORRT = ROOT / "tests" / "doubles" / "no_tensorrt"
 X = np.zeros((2, 64), np.float32)

@@ -16,8 +16,8 @@ import sys
 
 from service.config import ServerConfig
 from service.server import Server
+from service.testing.servers import ServerProcess, free_port
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model
-from tests.servers import ServerProcess, free_port
 
 MODEL = "controlled"
 EXECUTED, BATCHES = "executed_rows", "batches"

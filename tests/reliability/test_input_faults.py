@@ -1,6 +1,6 @@
 """Inputs that pass validation but that the model cannot run are the request's fault.
 
-Real ONNX Runtime on generated models (tests/onnx_models.py): `tiled_net` fails
+Real ONNX Runtime on generated models (service/testing/onnx_models.py): `tiled_net` fails
 its Reshape unless height x width is a multiple of 1024, `lookup_net` fails its
 Gather on an id out of range. Such a request gets INVALID_ARGUMENT with the
 backend's reason; its worker keeps its session and its place in the rotation,
@@ -19,11 +19,16 @@ import pytest
 
 from client import AsyncClient, Client, InferenceError
 from service.config import ModelConfig
-from tests.conftest import server_config
+from service.testing.onnx_models import (
+    LOOKUP_INPUT,
+    TILES_INPUT,
+    TILES_OUTPUT,
+    lookup_net,
+    tiled_net,
+)
+from service.testing.servers import free_port, running_server, server_config
 from tests.integration.test_metrics import scrape
-from tests.onnx_models import LOOKUP_INPUT, TILES_INPUT, TILES_OUTPUT, lookup_net, tiled_net
 from tests.reliability.harness import SERVING, health_status, model_stats
-from tests.servers import free_port, running_server
 
 # Sizes validation accepts (height and width are dynamic) that the Reshape cannot tile.
 BAD_SIZES = [(1, 1), (3, 3), (321, 321), (33, 517)]

@@ -20,9 +20,9 @@ import psutil
 import pytest
 
 from client import AsyncClient, Client, InferenceError
-from tests.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
+from service.testing.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
+from service.testing.servers import ServerProcess
 from tests.reliability.harness import eventually
-from tests.servers import ServerProcess
 
 pytestmark = pytest.mark.slow
 

@@ -32,10 +32,15 @@ from service.engine.local import LocalEngine
 from service.engine.repository import ModelRepository
 from service.errors import ConfigError
 from service.metrics import start_metrics
-from tests.conftest import server_config
+from service.testing.servers import (
+    ServerProcess,
+    ServerThread,
+    free_port,
+    running_server,
+    server_config,
+)
 from tests.reliability.certs import authority
 from tests.reliability.harness import SERVING, health_status
-from tests.servers import ServerProcess, ServerThread, free_port, running_server
 
 TOKEN = "metrics-Token_0123.~+/="
 HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: trtserve\r\n"  # no blank line: never ends

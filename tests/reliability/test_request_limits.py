@@ -21,11 +21,10 @@ from client import AsyncClient, Client, InferenceError, KServeClient
 from service.config import ModelConfig, load_toml
 from service.errors import ConfigError
 from service.limits import ByteBudget
-from tests.conftest import server_config
+from service.testing.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
+from service.testing.servers import free_port, running_server, server_config
 from tests.doubles.controlled import ControlledBackend, controlled_model, expected
-from tests.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
 from tests.reliability.harness import model_stats, serve_controlled, wait_for
-from tests.servers import free_port, running_server
 
 MIB = 1024 * 1024
 

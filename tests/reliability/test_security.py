@@ -18,10 +18,10 @@ from service.errors import ConfigError
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from service.server import _is_loopback
+from service.testing.servers import ServerProcess
 from tests.doubles.controlled import expected
 from tests.reliability.certs import authority
 from tests.reliability.harness import SERVING, health_status, serve_controlled
-from tests.servers import ServerProcess
 
 TOKEN = "s3cret-Token_0123.~+/="
 X = np.arange(16, dtype=np.float32).reshape(2, 8)

@@ -25,7 +25,7 @@ from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from tests.servers import ServerProcess
+from service.testing.servers import ServerProcess
 
 IN_FLIGHT = 64  # server.max_in_flight_per_stream for these tests
 UNSENT_BYTES = 4 * 1024 * 1024  # server.max_unsent_bytes_per_stream

@@ -11,7 +11,7 @@ from service import grpc_tuning
 from service.config import ServerConfig
 from service.errors import ConfigError
 from service.server import loop_factory
-from tests.servers import ROOT
+from service.testing.servers import ROOT
 
 PROBE = ("import os, sys; import service.cli, grpc, service.grpc_tuning as g; "
          "print(repr(os.environ.get('GRPC_EXPERIMENTS')), g.APPLIED_HERE)")

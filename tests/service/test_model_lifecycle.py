@@ -14,6 +14,7 @@ from service.engine.api import InferRequest, TensorIn
 from service.engine.local import LocalEngine
 from service.engine.repository import ModelRepository
 from service.errors import LoadFailed, NotFound, PermissionDenied, Unavailable
+from service.testing.onnx_models import offset_net
 from tests.doubles.controlled import (
     INPUT,
     OUTPUT,
@@ -23,7 +24,6 @@ from tests.doubles.controlled import (
     controlled_model,
     expected,
 )
-from tests.onnx_models import offset_net
 
 
 @pytest.fixture

@@ -43,13 +43,13 @@ from service.backends.tensorrt.load import (
 )
 from service.config import ModelConfig, ServerConfig
 from service.engine.model import ModelRuntime
-from tests.doubles.trt import (
+from service.testing.servers import ServerThread, running_server
+from service.testing.trt_double import (
     DataType,
     ExecutionContextAllocationStrategy,
     TensorIOMode,
     trt_module,
 )
-from tests.servers import ServerThread, running_server
 
 LABEL = "gpu-standin-double"
 INPUT, OUTPUT = "input", "output"
@@ -367,9 +367,9 @@ def standin_model(config: ModelConfig, engine: StandinEngine,
     The engine stays its creator's to close; unloading the model only drops the
     handle's reference.
     """
-    spec = engine_spec(engine, config.name, config.batching)  # type: ignore[arg-type]
+    spec = engine_spec(engine, config.name, config.batching)
     spec = dataclasses.replace(spec, backend=LABEL, platform="standin_double")
-    handle = EngineHandle(engine)  # type: ignore[arg-type]
+    handle = EngineHandle(engine)
     buckets = graph_buckets(config.graph_batch_sizes,
                             min(config.max_batch_size or spec.max_batch_size,
                                 spec.max_batch_size))

@@ -45,7 +45,7 @@ def _floats(ptr: int, count: int) -> np.ndarray:
 
 @dataclass
 class _Graph:
-    ops: list[Callable[[], None]] = field(default_factory=list)
+    ops: list[Callable[[], object]] = field(default_factory=list)
 
 
 class HostCudaRuntime:
@@ -71,7 +71,7 @@ class HostCudaRuntime:
     def _record(self, method: str, *args: Any) -> None:
         self.log.append(Call("cuda", method, args))
 
-    def enqueue(self, stream: int, op: Callable[[], None]) -> None:
+    def enqueue(self, stream: int, op: Callable[[], object]) -> None:
         """Run `op` now, or record it if `stream` is being captured."""
         if stream not in self.streams:
             raise CudaError("enqueue", "cudaErrorInvalidResourceHandle")

@@ -6,7 +6,8 @@ import pytest
 
 from service import cli
 from service.config import ModelConfig
-from service.profile_cli import SizeResult, profile, recommend, table, to_json
+from service.sweep.report import SizeResult, recommend, table, to_json
+from service.sweep.runner import sweep
 
 
 def _result(size, rows_per_s, p99=1.0):
@@ -14,10 +15,10 @@ def _result(size, rows_per_s, p99=1.0):
     return SizeResult(size, 1, 10, 1.0, rows_per_s, rows_per_s / size, lat, lat)
 
 
-def test_profile_measures_each_size_with_every_worker(example_onnx):
+def test_the_sweep_measures_each_size_with_every_worker(example_onnx):
     config = ModelConfig(name="example", path=str(example_onnx), workers=2, max_batch_size=8)
     seen = []
-    report = profile(config, [4, 1, 16], duration_s=0.3, warmup_s=0.05, on_result=seen.append)
+    report = sweep(config, [4, 1, 16], duration_s=0.3, warmup_s=0.05, on_result=seen.append)
     assert [r.batch_size for r in report.results] == [1, 4]
     assert seen == report.results
     assert 16 in report.skipped and "batch range" in report.skipped[16]
@@ -82,6 +83,14 @@ def test_recommendation_respects_a_latency_budget():
 
 def test_json_report_round_trips(example_onnx):
     config = ModelConfig(name="example", path=str(example_onnx), workers=1, max_batch_size=2)
-    report = profile(config, [2, 4], duration_s=0.1, warmup_s=0)
+    report = sweep(config, [2, 4], duration_s=0.1, warmup_s=0)
     data = json.loads(to_json(report))
     assert data["skipped"] == {"4": report.skipped[4]}
+
+
+def test_sweep_is_another_name_for_the_profile_command(example_onnx, capsys):
+    """`profile` also names TensorRT optimization profiles; `sweep` says what this does."""
+    code = cli.main(["sweep", "--model", f"example={example_onnx}", "--batch-sizes", "2",
+                     "--workers", "1", "--duration", "0.1", "--warmup", "0", "--json"])
+    assert code == 0
+    assert [r["batch_size"] for r in json.loads(capsys.readouterr().out)["results"]] == [2]

@@ -1,8 +1,14 @@
-"""Real trtserve servers for tests: in a thread of this process, or as a subprocess."""
+"""Real trtserve servers for tests and benchmarks: in a thread of this process, or
+as a subprocess, on free loopback ports."""
 
 from __future__ import annotations
 
+# Before anything imports grpc: these servers run on the gRPC settings `trtserve
+# serve` runs on.
+from service import grpc_tuning  # noqa: F401  # isort: skip
+
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -17,11 +23,19 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.config import ServerConfig
+from service.config import ModelConfig, ServerConfig
 from service.server import Server, loop_factory
 
 T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent
+# The repository: where `python -m service.cli` runs from.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def server_config(*models: ModelConfig, **server: Any) -> ServerConfig:
+    """A config bound to a free loopback port, without the metrics endpoint."""
+    base = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0,
+                        grace_period_s=10)
+    return dataclasses.replace(base, models=models, **server)
 
 
 class ServerThread:
