@@ -136,12 +136,11 @@ def test_a_client_that_never_reads_cannot_make_the_server_execute_or_hold_more(
     assert grown < 48 * MIB, f"server RSS grew {grown / MIB:.0f} MiB"
     if long_id:  # 2,000 x 64 KiB does not fit in gRPC's windows: the writes stall
         assert written < sent, f"the server read all {sent} requests of a client that never reads"
-        # An answer holds the id twice on trtserve.v1 (answer and response), once on
-        # KServe: the bytes bound stops the v1 stream first. The client's 64 KiB
-        # window takes at most one more answer.
-        answer_bytes = len(LONG_ID) * (2 if protocol == "v1" else 1)
-        assert ran <= min(IN_FLIGHT, UNSENT_BYTES // answer_bytes + 1) + 4, \
-            f"{ran} requests executed"
+        # The bytes bound counts answers, which exist only once their requests ran:
+        # requests read while none had answered yet may all run (up to the request
+        # bound; seen on a loaded machine: 40 and 64 of 64), but the server then stops
+        # reading, and what it holds stays within the bytes bound (RSS above).
+        assert ran <= IN_FLIGHT + 4, f"{ran} requests executed"
     # The server still serves, the stalled stream's work done or dropped.
     with Client(server.url) as c:
         assert c.infer("example", {"input": np.ones((1, 64), np.float32)}, timeout=10)
