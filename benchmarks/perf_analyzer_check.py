@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # no GPU/CuPy: the CPU model alone
                 print(f"GPU stand-in unavailable ({type(e).__name__}: {e}); CPU model only")
         if engine is not None:
-            from service.model import ModelRuntime
+            from service.engine.model import ModelRuntime
 
             config = standin_config(workers=2, max_queue_delay_us=0, max_queue_size=65536)
             runtime = ModelRuntime(config, standin_model(config, engine))

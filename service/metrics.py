@@ -1,7 +1,7 @@
 """Prometheus metrics on their own HTTP port (`--metrics-port`, default 8002; 0: off).
 
 Nothing on the request path touches Prometheus objects: a custom collector
-reads the service's own counters (service/stats.py) when Prometheus scrapes.
+reads the service's own counters (service/engine/stats.py) when Prometheus scrapes.
 Those counters belong to the event loop, so the scrape (on the HTTP server's
 thread) hands the reading to the loop and waits for it: one short callback per
 scrape, no locks on the hot path.
@@ -31,10 +31,10 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from service.engine.model import ModelRuntime
+from service.engine.repository import ModelRepository
+from service.engine.stats import DurationHistogram, WorkerStats
 from service.frontends.common import is_ready
-from service.model import ModelRuntime
-from service.repository import ModelRepository
-from service.stats import DurationHistogram, WorkerStats
 
 log = logging.getLogger(__name__)
 

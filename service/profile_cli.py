@@ -181,7 +181,7 @@ def profile(config: ModelConfig, batch_sizes: Sequence[int], duration_s: float =
             on_result: Callable[[SizeResult], None] | None = None) -> ProfileReport:
     """Measure `config`'s backend at each batch size with `config.workers` executors at once."""
     from service.backends.onnxruntime import default_threads
-    from service.repository import load_backend
+    from service.engine.repository import load_backend
 
     loaded = load_backend(config)
     spec = loaded.spec
@@ -348,7 +348,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _batch_range(config: ModelConfig) -> tuple[int, int]:
-    from service.repository import load_backend
+    from service.engine.repository import load_backend
 
     loaded = load_backend(config)
     try:

@@ -21,14 +21,14 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from service import auth, descriptors, ports, tls
 from service.config import ModelConfig, ServerConfig
+from service.engine.model import ModelRuntime
+from service.engine.repository import ModelRepository, check_model
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from service.metrics import MetricsServer, start_metrics
-from service.model import ModelRuntime
-from service.repository import ModelRepository, check_model
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     uvloop runs the loop itself (epoll, callbacks, timers) in C: grpc.aio's
     per-call tasks and callbacks cost less Python with it (docs/benchmarks.md,
     "gRPC transport"). The serving clock does not depend on the choice
-    (service.timer.now).
+    (service.engine.timer.now).
     """
     if choice == "asyncio":
         return None

@@ -60,7 +60,7 @@ class Sleeper:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        from service.timer import PreciseTimer
+        from service.engine.timer import PreciseTimer
 
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None

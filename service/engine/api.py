@@ -14,7 +14,7 @@ homes implement it, as vLLM's engine clients do:
 Everything here is immutable data that can cross a process boundary as it is:
 numbers, strings, tuples, frozen dataclasses, numpy arrays, and references into
 shared-memory regions (`RegionRef`). Times are on the serving clock
-(`service.timer.now`, CLOCK_MONOTONIC), which every process on the host shares,
+(`service.engine.timer.now`, CLOCK_MONOTONIC), which every process on the host shares,
 so a deadline means the same instant in the frontend and in the engine.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from service.backends.base import ModelSpec
 from service.config import ModelConfig
-from service.stats import DurationHistogram, Percentiles
+from service.engine.stats import DurationHistogram, Percentiles
 
 # --- tensors ---------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ import grpc
 
 from service import echo
 from service.backends.base import ModelSpec
+from service.engine.model import ModelRuntime
+from service.engine.timer import now
 from service.errors import NotFound, TensorError
-from service.model import ModelRuntime
-from service.timer import now
 
 # trtserve serves one version of each model. KServe clients may name it "1" or
 # leave the version empty.

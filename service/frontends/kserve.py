@@ -16,6 +16,9 @@ from typing import Any
 
 import grpc
 
+from service.engine.model import ModelRuntime
+from service.engine.repository import ModelRepository
+from service.engine.timer import now
 from service.errors import InvalidArgument, NotFound, ServeError
 from service.frontends import kserve_convert as convert
 from service.frontends import kserve_model_config as describe
@@ -30,9 +33,6 @@ from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.model import ModelRuntime
-from service.repository import ModelRepository
-from service.timer import now
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"

@@ -29,11 +29,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from service.engine.model import ModelRuntime
+from service.engine.stats import StageTotals
 from service.frontends.common import MODEL_VERSION
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import model_config_pb2 as mc
-from service.model import ModelRuntime
-from service.stats import StageTotals
 from service.tensors import TensorSpec
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from service.engine.repository import ModelRepository
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
 from service.frontends.common import check_inputs, deadline_of
@@ -14,7 +15,6 @@ from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.repository import ModelRepository
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):

@@ -8,10 +8,10 @@ import numpy as np
 
 from service import echo
 from service.backends.base import ModelSpec
+from service.engine.model import ModelRuntime
+from service.engine.stats import Percentiles, WorkerStats
 from service.errors import TensorError
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.model import ModelRuntime
-from service.stats import Percentiles, WorkerStats
 from service.tensors import DTYPES, TensorSpec, decode, dtype_name, encode
 
 # Wire enum <-> dtype name. The enum's names are DATA_TYPE_<NAME>.
@@ -115,7 +115,7 @@ def worker_stats(stats: WorkerStats) -> pb.WorkerStats:
 
 def model_stats(model: ModelRuntime) -> pb.ModelStats:
     workers = [worker_stats(s) for s in model.worker_stats]
-    from service.stats import Samples
+    from service.engine.stats import Samples
 
     queue, compute = Samples(), Samples()
     histogram: dict[int, int] = {}

@@ -25,8 +25,8 @@ from service.backends.tensorrt import (
 )
 from service.backends.trt_executor import TensorRTError, TrtExecutor
 from service.config import BuildConfig, ModelConfig
+from service.engine.model import ModelRuntime
 from service.errors import InputRejected
-from service.model import ModelRuntime
 from tests.doubles.trt import Call, HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4

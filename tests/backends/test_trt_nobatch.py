@@ -17,8 +17,8 @@ from service.backends.base import LoadedModel
 from service.backends.tensorrt import EngineHandle, engine_spec, executor_factories, manifest_spec
 from service.backends.trt_executor import TrtExecutor
 from service.config import ModelConfig
+from service.engine.model import ModelRuntime
 from service.errors import ConfigError, TensorError
-from service.model import ModelRuntime
 from tests import onnx_models
 from tests.doubles.trt import HostCudaRuntime, RecordingEngine, trt_module
 

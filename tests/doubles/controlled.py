@@ -23,7 +23,7 @@ import numpy as np
 
 from service.backends.base import BatchResult, LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
 from service.config import ModelConfig
-from service.model import ModelRuntime
+from service.engine.model import ModelRuntime
 from service.tensors import TensorSpec
 
 INPUT = "x"

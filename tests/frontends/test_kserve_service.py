@@ -20,11 +20,11 @@ from onnx import TensorProto, helper
 
 from service.backends.base import LoadedModel, ModelSpec, ProfileSpec
 from service.config import ModelConfig
+from service.engine.model import ModelRuntime
 from service.frontends import kserve, kserve_model_config
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 from service.gen.inference import model_config_pb2 as mc
-from service.model import ModelRuntime
 from service.tensors import TensorSpec
 from tests.conftest import server_config
 from tests.doubles.controlled import ControlledBackend

@@ -37,7 +37,7 @@ from service.backends.base import LoadedModel
 from service.backends.cuda import CudaRuntime, runtime_module
 from service.backends.tensorrt import EngineHandle, engine_spec, executor_factories, graph_buckets
 from service.config import ModelConfig, ServerConfig
-from service.model import ModelRuntime
+from service.engine.model import ModelRuntime
 from tests.doubles.trt import (
     DataType,
     ExecutionContextAllocationStrategy,

@@ -14,7 +14,7 @@ from prometheus_client.utils import floatToGoString
 
 from client import AsyncClient, Client, InferenceError
 from service.config import ModelConfig
-from service.stats import LATENCY_BUCKETS_S
+from service.engine.stats import LATENCY_BUCKETS_S
 from tests.conftest import server_config
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, Controls, controlled_model
 from tests.servers import ServerProcess, free_port, running_server

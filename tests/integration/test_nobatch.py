@@ -24,10 +24,10 @@ import pytest
 from client import AsyncClient, Client, InferenceError
 from client.client import KServeClient
 from service.config import ModelConfig, load_toml
+from service.engine.repository import load_backend
 from service.errors import ConfigError
 from service.gen.inference import model_config_pb2 as mc
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.repository import load_backend
 from tests import onnx_models
 from tests.conftest import server_config
 from tests.servers import ServerThread, running_server
@@ -173,7 +173,7 @@ def test_ocr_outputs_come_back_as_produced_and_the_mismatch_is_logged_once(ocr_s
     reference = _session(models["ocr"])
     rng = np.random.default_rng(3)
     widths = [16, 40, 16, 7, 64, 16]
-    with caplog.at_level(logging.WARNING, logger="service.model"), Client(server.url) as c, \
+    with caplog.at_level(logging.WARNING, logger="service.engine.model"), Client(server.url) as c, \
             KServeClient(server.url) as k:
         for i, width in enumerate(widths):
             image = rng.standard_normal((1, 1, 64, width)).astype(np.float32)

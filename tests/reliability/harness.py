@@ -11,8 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import Client
+from service.engine.model import ModelRuntime
 from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.model import ModelRuntime
 from tests.conftest import server_config
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model
 from tests.servers import ServerThread, running_server

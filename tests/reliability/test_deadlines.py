@@ -14,9 +14,9 @@ import pytest
 
 from client import AsyncClient, Client, InferenceError
 from client.convert import infer_request
+from service.engine.timer import now
 from service.errors import DeadlineExceeded
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.timer import now
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
 from tests.reliability.harness import model_stats, serve_controlled, wait_for
 

@@ -5,11 +5,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.batch import Request
-from service.batcher import Batcher, BatchPolicy
+from service.engine.batch import Request
+from service.engine.batcher import Batcher, BatchPolicy
+from service.engine.scheduler import Scheduler
+from service.engine.timer import now
 from service.errors import ResourceExhausted, Unavailable
-from service.scheduler import Scheduler
-from service.timer import now
 
 
 class Slot:

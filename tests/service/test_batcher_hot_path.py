@@ -9,11 +9,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.batch import Request
-from service.batcher import Batcher, BatchPolicy, PreciseTimer
+from service.engine.batch import Request
+from service.engine.batcher import Batcher, BatchPolicy, PreciseTimer
+from service.engine.scheduler import Scheduler
+from service.engine.timer import now
 from service.errors import ResourceExhausted
-from service.scheduler import Scheduler
-from service.timer import now
 
 
 async def test_timer_fires_after_its_time_and_not_when_disarmed():

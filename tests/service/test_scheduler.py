@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from service.scheduler import Scheduler
+from service.engine.scheduler import Scheduler
 
 
 @dataclass

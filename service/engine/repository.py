@@ -10,8 +10,8 @@ from pathlib import Path
 from service import echo
 from service.backends.base import LoadedModel
 from service.config import ModelConfig
+from service.engine.model import ModelRuntime
 from service.errors import ConfigError, ModelLoadError, NotFound, StartError, first_line
-from service.model import ModelRuntime
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from service.backends.base import BatchResult, Executor, ExecutorFactory, ProfileSpec, WorkerInfo
-from service.batch import Batch
+from service.engine.batch import Batch
 from service.errors import InputRejected
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.batch import Batch, Request
+from service.engine.batch import Batch, Request
+from service.engine.scheduler import Scheduler
+from service.engine.timer import PreciseTimer, now
 from service.errors import ResourceExhausted, Unavailable
-from service.scheduler import Scheduler
-from service.timer import PreciseTimer, now
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,13 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from service.backends.base import BatchResult, LoadedModel, ModelSpec
-from service.batch import Batch, Outputs, Request
-from service.batcher import Batcher, BatchPolicy
 from service.config import ModelConfig
+from service.engine.batch import Batch, Outputs, Request
+from service.engine.batcher import Batcher, BatchPolicy
+from service.engine.scheduler import Scheduler
+from service.engine.stats import ModelCounters, WorkerStats
+from service.engine.timer import now
+from service.engine.worker import Outcome, Worker
 from service.errors import (
     BackendError,
     DeadlineExceeded,
@@ -34,11 +38,7 @@ from service.errors import (
     TensorError,
     Unavailable,
 )
-from service.scheduler import Scheduler
-from service.stats import ModelCounters, WorkerStats
 from service.tensors import TensorSpec, dtype_name
-from service.timer import now
-from service.worker import Outcome, Worker
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ class ModelRuntime:
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
-        `deadline` is on the serving clock (`service.timer.now`). `dtypes` gives wire dtype names
-        where numpy can't tell them apart (BF16 travels as uint16).
+        `deadline` is on the serving clock (`service.engine.timer.now`). `dtypes` gives
+        wire dtype names where numpy can't tell them apart (BF16 travels as uint16).
         """
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")

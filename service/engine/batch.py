@@ -16,7 +16,7 @@ class Request:
     rows: int
     # Non-batch dimensions of every input; only requests with equal keys share a batch.
     shape_key: tuple[tuple[int, ...], ...]
-    arrival: float  # serving clock (service.timer.now)
+    arrival: float  # serving clock (service.engine.timer.now)
     deadline: float | None  # serving clock; None: no deadline
     future: asyncio.Future[Outputs]
 
