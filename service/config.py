@@ -8,6 +8,7 @@ the key and the value received. Every key is documented in the README.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -163,6 +164,9 @@ class TlsConfig:
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 MODEL_LOAD_FAILURE = ("exit", "skip")
+MAX_FRONTENDS = 64
+# "auto" stops here: past it the engine's one event loop, not the frontends, is the limit.
+MAX_AUTO_FRONTENDS = 8
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,13 @@ class ServerConfig:
     # A model that fails to load at start: "exit" stops the server (exit code 2),
     # "skip" serves the others and reports that one NOT_SERVING with its reason.
     model_load_failure: str = "exit"
+    # Processes that accept gRPC on the port: 1 serves everything in one process;
+    # N > 1 runs the engine in the main process and N frontend processes
+    # (docs/processes.md). "auto": 1 on a host of 2 usable cores or fewer, else
+    # half the usable cores, at most MAX_AUTO_FRONTENDS.
+    frontends: int | str = "auto"
+    # Shared memory for each frontend's large tensors, each way (allocated as used).
+    frontend_arena_mib: int = 64
     models: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -206,9 +217,25 @@ class ServerConfig:
                  " or ".join(repr(e) for e in EVENT_LOOPS))
         _require(self.model_load_failure in MODEL_LOAD_FAILURE, "server.model_load_failure",
                  self.model_load_failure, " or ".join(repr(e) for e in MODEL_LOAD_FAILURE))
+        _require(self.frontends == "auto" or (
+            isinstance(self.frontends, int) and not isinstance(self.frontends, bool)
+            and 1 <= self.frontends <= MAX_FRONTENDS),
+            "server.frontends", self.frontends, f"'auto' or 1..{MAX_FRONTENDS}")
+        _require(1 <= self.frontend_arena_mib <= 65536, "server.frontend_arena_mib",
+                 self.frontend_arena_mib, "1..65536")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")
+
+
+    @property
+    def resolved_frontends(self) -> int:
+        """The number of frontend processes `frontends` means on this host."""
+        if isinstance(self.frontends, int):
+            return self.frontends
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return 1 if cores <= 2 else min(MAX_AUTO_FRONTENDS, cores // 2)
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:

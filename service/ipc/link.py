@@ -133,7 +133,7 @@ class _Unpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "copyreg" and name == "_reconstructor":
             return super().find_class(module, name)
-        if module.startswith(_MODULES) and not name.startswith("_") or (
+        if (module.startswith(_MODULES) and not name.startswith("_")) or (
                 module.startswith("numpy") and name in ("_reconstruct", "_frombuffer")):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"link payload names {module}.{name}, which it may not")

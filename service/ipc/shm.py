@@ -23,6 +23,7 @@ never a limit.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections import deque
@@ -127,11 +128,8 @@ class Arena:
     def close(self) -> None:
         """Unmap and close; views still alive keep the memory mapped until they go."""
         self._bytes = np.empty(0, np.uint8)
-        try:
+        # A view still alive keeps the mapping (BufferError): it goes with the last one.
+        with contextlib.suppress(BufferError):
             self._map.close()
-        except BufferError:
-            pass  # a view is still alive: the mapping goes with the last one
-        try:
+        with contextlib.suppress(OSError):
             os.close(self.fd)
-        except OSError:
-            pass

@@ -1,0 +1,250 @@
+"""The `Engine` seen from a frontend process: the engine runs in the main process.
+
+Requests go over the link (service/ipc/link.py) as descriptors, large inputs
+through this frontend's input arena; each request's future is keyed by its id
+and resolved by the engine's one reply. `describe` and `ready` are answered
+here, from what the engine pushes (descriptions, health), so the request path
+waits on nothing but the reply.
+
+When the client gives up (grpc.aio cancels the handler: a cancel or the
+deadline), the request's cancel reaches the engine, which takes it out of its
+batch; its input range stays allocated until the engine's reply, because the
+engine may read it until then. When the engine goes away, every request in
+flight fails UNAVAILABLE, every model turns NOT_SERVING and `lost` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Sequence
+
+import grpc
+
+from service.config import ServerConfig
+from service.engine.api import (
+    HealthListener,
+    InferRequest,
+    InferResult,
+    ModelDescription,
+    StatsSnapshot,
+    TensorOut,
+)
+from service.errors import NotFound, ServeError, Unavailable
+from service.gen.trtserve.internal import link_pb2
+from service.ipc import codec
+from service.ipc.link import Link, decode_payload, open_link
+from service.ipc.shm import Arena
+
+log = logging.getLogger(__name__)
+
+K = link_pb2.Control
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _Failed(ServeError):
+    """An error the engine answered, with its status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Pending:
+    __slots__ = ("future", "offsets")
+
+    def __init__(self, future: asyncio.Future[InferResult], offsets: list[int]) -> None:
+        self.future = future
+        self.offsets = offsets
+
+
+class RemoteEngine:
+    """Implements engine/api.py's `Engine` over the link to the engine process."""
+
+    def __init__(self, inputs: Arena, outputs: Arena,
+                 inline_max_bytes: int = codec.INLINE_MAX_BYTES) -> None:
+        self._inputs = inputs
+        self._outputs = outputs
+        self.inline_max_bytes = inline_max_bytes
+        self._link: Link | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._queries: dict[int, asyncio.Future[object]] = {}
+        self._descriptions: dict[str, ModelDescription] = {}
+        self._health: dict[str, bool] = {}
+        self._listeners: list[HealthListener] = []
+        loop = asyncio.get_running_loop()
+        self.config: asyncio.Future[ServerConfig] = loop.create_future()
+        self.drain_requested = asyncio.Event()
+        self.lost = asyncio.Event()
+
+    async def connect(self, sock: socket.socket) -> ServerConfig:
+        """Open the link; returns the server config the engine sends first."""
+        self._link = await open_link(sock, self._on_frame, self._on_lost)
+        return await self.config
+
+    def ready_to_serve(self) -> None:
+        """Tell the engine this frontend has bound its port and serves."""
+        self._send_control(K(kind=K.READY, pid=os.getpid()))
+
+    # --- Engine ---
+
+    def models(self) -> Sequence[str]:
+        return tuple(self._descriptions)
+
+    def describe(self, model: str, version: str = "") -> ModelDescription:
+        description = self._descriptions.get(model)
+        if description is None:
+            raise NotFound(f"model '{model}' is not served")
+        if version and version != description.version:
+            raise NotFound(f"model '{model}' has no version '{version}'")
+        return description
+
+    def ready(self, model: str | None = None) -> bool:
+        if self.lost.is_set():
+            return False
+        if model is None:
+            return self._health.get("", False)
+        return self._health.get(model, False)
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        link = self._link
+        if link is None or link.closed:
+            raise Unavailable("the engine process is not reachable")
+        rid = next(self._ids)
+        frame = link.outgoing()
+        message = frame.requests.add()
+        message.id = rid
+        message.model = request.model
+        message.version = request.version
+        if request.outputs:
+            message.outputs[:] = request.outputs
+        if request.deadline is not None:
+            message.deadline = request.deadline
+        offsets: list[int] = []
+        try:
+            for name, tensor in request.inputs.items():
+                offset = codec.put(message.inputs.add(), name, tensor.dtype, tensor.shape,
+                                   tensor.data, self._inputs, self.inline_max_bytes)
+                if offset is not None:
+                    offsets.append(offset)
+        except BaseException:
+            for offset in offsets:
+                self._inputs.free(offset)
+            del frame.requests[-1]
+            raise
+        future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending(future, offsets)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not future.done() and not link.closed:
+                link.outgoing().cancels.append(rid)
+            raise
+
+    async def stats(self, model: str | None = None) -> StatsSnapshot:
+        link = self._link
+        if link is None or link.closed:
+            raise Unavailable("the engine process is not reachable")
+        qid = next(self._ids)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queries[qid] = future
+        link.outgoing().controls.append(K(kind=K.STATS_QUERY, id=qid, model=model or ""))
+        try:
+            answer = await future
+        finally:
+            self._queries.pop(qid, None)
+        if isinstance(answer, ServeError):
+            raise answer
+        assert isinstance(answer, StatsSnapshot)
+        return answer
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        self._listeners.append(listener)
+
+    # --- from the engine ---
+
+    def _on_frame(self, frame: link_pb2.Frame) -> None:
+        if frame.controls:
+            for control in frame.controls:
+                self._control(control)
+        releases: list[int] = []
+        for reply in frame.replies:
+            pending = self._pending.pop(reply.id, None)
+            if pending is None:
+                continue
+            for offset in pending.offsets:
+                self._inputs.free(offset)
+            outcome = self._outcome(reply, releases)
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+        if releases and self._link is not None and not self._link.closed:
+            out = self._link.outgoing().releases
+            for offset in releases:
+                out.add(offset=offset)
+
+    def _outcome(self, reply: link_pb2.Reply, releases: list[int]) -> InferResult | ServeError:
+        if reply.code:
+            return _Failed(_CODES.get(reply.code, grpc.StatusCode.INTERNAL), reply.message)
+        outputs = {}
+        for t in reply.outputs:
+            dtype, shape, data = codec.take(t, self._outputs, copy=True)
+            if t.WhichOneof("data") == "arena":
+                releases.append(t.arena.offset)
+            outputs[t.name] = TensorOut(dtype, shape, data)
+        return InferResult(model=reply.model, version=reply.version, outputs=outputs)
+
+    def _control(self, c: link_pb2.Control) -> None:
+        kind = c.kind
+        if kind == K.MODELS:
+            descriptions = decode_payload(c.payload)
+            self._descriptions = {d.name: d for d in descriptions}
+        elif kind == K.HEALTH:
+            self._set_health(c.model, c.serving)
+        elif kind == K.STATS:
+            future = self._queries.get(c.id)
+            if future is not None and not future.done():
+                future.set_result(decode_payload(c.payload))
+        elif kind == K.CONFIG:
+            if not self.config.done():
+                self.config.set_result(decode_payload(c.payload))
+        elif kind == K.DRAIN:
+            self.drain_requested.set()
+
+    def _set_health(self, model: str, serving: bool) -> None:
+        if self._health.get(model) == serving:
+            return
+        self._health[model] = serving
+        for listener in self._listeners:
+            listener(model, serving)
+
+    def _send_control(self, control: link_pb2.Control) -> None:
+        if self._link is not None and not self._link.closed:
+            self._link.outgoing().controls.append(control)
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        """The engine is gone: fail what waits on it, and stop serving."""
+        error = Unavailable("the engine process exited")
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._pending.clear()
+        for future in self._queries.values():
+            if not future.done():
+                future.set_exception(error)
+        if not self.config.done():
+            self.config.set_exception(ConnectionError("the engine closed the link"))
+        self.lost.set()
+        for model in ("", *self._descriptions):
+            self._set_health(model, False)
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
