@@ -29,11 +29,13 @@ log = logging.getLogger("trtserve")
 MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "preferred_batch_sizes", "max_queue_size", "max_rows_per_request",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
-               "device", "batching")
+               "device", "batching", "max_input_bytes", "cpu_memory_arena")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
-                "max_send_message_bytes", "max_concurrent_streams", "model_load_failure")
+                "max_send_message_bytes", "max_concurrent_streams", "model_load_failure",
+                "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
+                "trim_after_request_bytes")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +61,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest response sent (default 256 MiB)")
     p.add_argument("--max-concurrent-streams", type=int,
                    help="HTTP/2 streams per connection (default 0: gRPC's own)")
+    p.add_argument("--max-request-bytes-in-flight", type=int,
+                   help="input bytes of accepted requests not yet answered, over the whole "
+                        "server; more are refused (default 1 GiB, 0 = no budget)")
+    p.add_argument("--malloc-mmap-threshold-bytes", type=int,
+                   help="glibc: blocks this large get their own mapping, returned when freed "
+                        "(default 0: glibc's own, up to 32 MiB)")
+    p.add_argument("--trim-after-request-bytes", type=int,
+                   help="give free memory back to the system after a request with this many "
+                        "input bytes (default 4 MiB, 0 = never)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")
@@ -87,6 +98,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "one, split between the workers)")
     g.add_argument("--intra-op-spinning", action=argparse.BooleanOptionalAction, default=None,
                    help="ONNX Runtime threads spin waiting for work (default no)")
+    g.add_argument("--max-input-bytes", type=int,
+                   help="largest input tensor of one request (default 64 MiB, 0 = no limit)")
+    g.add_argument("--cpu-memory-arena", action=argparse.BooleanOptionalAction, default=None,
+                   help="ONNX Runtime's CPU memory arena, which keeps what the largest batch "
+                        "needed (default no)")
     g.add_argument("--device", type=int, help="CUDA device ordinal")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     b = p.add_argument_group(
@@ -127,11 +143,14 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from service.memory import tune_malloc
     from service.server import Server, loop_factory
 
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(args)
+    # The process's allocator, before the server allocates anything large.
+    tune_malloc(config.malloc_mmap_threshold_bytes)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         runner.run(Server(config).serve_until_signal())
     return 0

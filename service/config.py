@@ -19,6 +19,7 @@ from typing import Any
 from service.errors import ConfigError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,18 @@ class ModelConfig:
     # as long for each rebuild that fails, up to the max; it rejoins on success.
     worker_retry_backoff_s: float = 1.0
     worker_retry_backoff_max_s: float = 60.0
+    # The largest input tensor one request may carry, in bytes; 0: no limit. What a
+    # request costs is a multiple of its input (activations): 117 MB of image took a
+    # detector to 5.5 GB. 64 MiB still takes 64 images of 3x224x224 FP32 at once.
+    max_input_bytes: int = 64 * MIB
+    # Per input, the largest size of each dimension (0: no bound), e.g.
+    # {"images": (0, 3, 2048, 2048)}: dynamic non-batch dimensions bounded from config.
+    max_input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, hash=False)
+    # ONNX Runtime's CPU memory arena: it keeps what the largest batch needed, for
+    # good. Off, tensors go back to malloc: no slower on small batches, while a batch
+    # with temporaries over 32 MiB faults them in on every run (about 2x on a conv
+    # batch of 8x3x224x224; docs/reliability.md, "Memory").
+    cpu_memory_arena: bool = False
     build: BuildConfig = field(default_factory=BuildConfig)
 
     def __post_init__(self) -> None:
@@ -134,6 +147,11 @@ class ModelConfig:
         _require(self.worker_retry_backoff_max_s >= self.worker_retry_backoff_s,
                  f"{key}.worker_retry_backoff_max_s", self.worker_retry_backoff_max_s,
                  f"at least worker_retry_backoff_s ({self.worker_retry_backoff_s})")
+        _require(self.max_input_bytes >= 0, f"{key}.max_input_bytes", self.max_input_bytes,
+                 "0 (no limit) or more")
+        for tensor, dims in self.max_input_shapes.items():
+            _require(all(d >= 0 for d in dims), f"{key}.max_input_shapes.{tensor}", list(dims),
+                     "sizes of 0 (no bound) or more")
 
     @property
     def resolved_backend(self) -> str:
@@ -184,6 +202,17 @@ class ServerConfig:
     # "uvloop" (libuv's event loop: less Python per call) where it is installed,
     # else "asyncio"; "auto" picks.
     event_loop: str = "auto"
+    # Bytes of input tensors held by accepted requests until they are answered, over
+    # every model, protocol and stream; more -> RESOURCE_EXHAUSTED. 0: no budget.
+    max_request_bytes_in_flight: int = 1024 * MIB
+    # glibc: allocations of at least this many bytes get their own mapping, returned to
+    # the system when freed. 0: glibc's own threshold, which rises with the blocks freed
+    # up to 32 MiB. Lower keeps less resident between requests but costs page faults on
+    # every large temporary (a 224x224 conv batch took 1.7x as long with 32 MiB).
+    malloc_mmap_threshold_bytes: int = 0
+    # After a request whose inputs held at least this many bytes, glibc's free memory
+    # is given back to the system (malloc_trim, off the event loop). 0: never.
+    trim_after_request_bytes: int = 4 * MIB
     tls: TlsConfig = field(default_factory=TlsConfig)
     # A model that fails to load at start: "exit" stops the server (exit code 2),
     # "skip" serves the others and reports that one NOT_SERVING with its reason.
@@ -213,6 +242,10 @@ class ServerConfig:
                  self.max_concurrent_streams, "0 (default) or more")
         _require(self.stats_window_s > 0, "server.stats_window_s", self.stats_window_s,
                  "more than 0")
+        for key in ("max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
+                    "trim_after_request_bytes"):
+            _require(getattr(self, key) >= 0, f"server.{key}", getattr(self, key),
+                     "0 (off) or more")
         _require(self.event_loop in EVENT_LOOPS, "server.event_loop", self.event_loop,
                  " or ".join(repr(e) for e in EVENT_LOOPS))
         _require(self.model_load_failure in MODEL_LOAD_FAILURE, "server.model_load_failure",
@@ -274,6 +307,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         item = typing.get_args(hint)[0]
         return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        key_type, value_type = typing.get_args(hint)
+        return {_coerce(key_type, k, key): _coerce(value_type, v, f"{key}.{k}")
+                for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         # A value of any one of the member types (`bool | str`), taken as it is.
         members = typing.get_args(hint)

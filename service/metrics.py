@@ -35,6 +35,7 @@ from service.engine.model import ModelRuntime
 from service.engine.repository import ModelRepository
 from service.engine.stats import DurationHistogram, WorkerStats
 from service.frontends.common import is_ready
+from service.limits import ByteBudget
 
 log = logging.getLogger(__name__)
 
@@ -207,23 +208,42 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
     return list(f)
 
 
+def budget_families(budget: ByteBudget) -> list[Metric]:
+    """The server-wide budget of request bytes in flight. Call on the event loop."""
+    f = _Families()
+    f.gauge("request_bytes_in_flight", "Input bytes of accepted requests not yet answered.",
+            ()).add_metric((), budget.held_bytes)
+    f.gauge("request_bytes_budget", "max_request_bytes_in_flight (0: no budget).",
+            ()).add_metric((), budget.limit_bytes)
+    f.counter("requests_over_budget", "Requests refused because their bytes did not fit "
+              "the budget (RESOURCE_EXHAUSTED).", ()).add_metric((), budget.refused)
+    return list(f)
+
+
 class StatsCollector(Collector):
     """Reads the repository's stats at scrape time, on the event loop that owns them."""
 
     def __init__(self, repository: ModelRepository,
                  loop: asyncio.AbstractEventLoop | None = None,
-                 timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+                 timeout_s: float = SCRAPE_TIMEOUT_S, budget: ByteBudget | None = None) -> None:
         self._models = repository
         self._loop = loop
         self._timeout_s = timeout_s
+        self._budget = budget
+
+    def _families(self) -> list[Metric]:
+        found = families(self._models)
+        if self._budget is not None:
+            found += budget_families(self._budget)
+        return found
 
     async def _read(self) -> list[Metric]:
-        return families(self._models)
+        return self._families()
 
     def collect(self) -> Iterable[Metric]:
         loop = self._loop
         if loop is None or _running_loop() is loop:
-            return families(self._models)
+            return self._families()
         if loop.is_closed():
             return []
         return asyncio.run_coroutine_threadsafe(self._read(), loop).result(self._timeout_s)
@@ -270,13 +290,14 @@ def _best_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
     return family, str(sockaddr[0])
 
 
-def start_metrics(port: int, host: str, repository: ModelRepository) -> MetricsServer:
-    """Serve Prometheus metrics for `repository` on host:port (port 0: any free port).
+def start_metrics(port: int, host: str, repository: ModelRepository,
+                  budget: ByteBudget | None = None) -> MetricsServer:
+    """Serve Prometheus metrics for `repository` (and `budget`) on host:port (0: any free port).
 
     Call on the event loop that owns the models: scrapes read their stats there.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(repository, _running_loop()))
+    registry.register(StatsCollector(repository, _running_loop(), budget=budget))
     ProcessCollector(namespace=PREFIX, registry=registry)
     server = MetricsServer(host, port, registry)
     log.info("Prometheus metrics on http://%s:%d/metrics", host, server.port)

@@ -28,6 +28,8 @@ from service.frontends import malformed
 from service.frontends.kserve import add_to_server
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
+from service.limits import ByteBudget
+from service.memory import Trimmer
 from service.metrics import MetricsServer, start_metrics
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.models = ModelRepository()
+        # Request bytes in flight over both protocols; after a large request, glibc's
+        # free memory goes back to the system.
+        self.trimmer = Trimmer()
+        self.budget = ByteBudget(config.max_request_bytes_in_flight,
+                                 config.trim_after_request_bytes, self.trimmer.request)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -131,7 +138,7 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.models), services)
+            InferenceService(self.models, self.budget), services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         _add_reflection(services, [
@@ -200,14 +207,16 @@ class Server:
     def _add_kserve(self, server: _GenericHandlersOnly) -> None:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
         self._services.append(add_to_server(server, self.models,
-                                            server_ready=lambda: self._ready))
+                                            server_ready=lambda: self._ready,
+                                            budget=self.budget))
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
             return
         try:
             self._metrics = start_metrics(self.config.metrics_port, self.config.host,
-                                          self.models)
+                                          self.models,
+                                          self.budget)
         except OSError as e:
             raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
                             f"{self.config.metrics_port}: {e.strerror or e}") from None
@@ -234,6 +243,7 @@ class Server:
             log.error("workers did not stop within the grace period; exiting without them")
         if self._metrics is not None:
             self._metrics.shutdown()
+        self.trimmer.close()
         self._server = None
 
     def request_stop(self) -> None:

@@ -84,7 +84,8 @@ def default_threads(workers: int) -> int:
 
 
 class OrtExecutor:
-    def __init__(self, path: str, threads: int, max_batch: int, spinning: bool = False) -> None:
+    def __init__(self, path: str, threads: int, max_batch: int, spinning: bool = False,
+                 memory_arena: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -96,6 +97,10 @@ class OrtExecutor:
         # Batches come one at a time per session; a parallel executor only adds overhead.
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The arena grows to what the largest batch needed and keeps it for good (a
+        # detector at 3200x3200 left gigabytes); without it tensors go back to malloc,
+        # no slower on small batches (docs/reliability.md, "Memory").
+        options.enable_cpu_mem_arena = memory_arena
         self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self._session.get_outputs()]
         self.info = WorkerInfo(device="cpu", max_batch_size=max_batch, runs_on_any_thread=True)
@@ -190,6 +195,7 @@ def load(config: ModelConfig) -> LoadedModel:
     )
 
     def factory() -> OrtExecutor:
-        return OrtExecutor(config.path, threads, max_batch, config.intra_op_spinning)
+        return OrtExecutor(config.path, threads, max_batch, config.intra_op_spinning,
+                           config.cpu_memory_arena)
 
     return LoadedModel(spec=spec, factories=[factory] * config.workers)

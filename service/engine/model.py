@@ -38,6 +38,7 @@ from service.errors import (
     TensorError,
     Unavailable,
 )
+from service.limits import InputLimits
 from service.tensors import TensorSpec, dtype_name
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class ModelRuntime:
         # Outputs whose shape disagreed with the declaration, logged once each.
         self._shape_warned: set[str] = set()
         self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
+        # Bytes and dimension bounds per input from the config (ConfigError here if
+        # they name inputs the model lacks).
+        self._limits = InputLimits(config, self.spec)
         self._run_s: dict[_RunKey, float] = {}
         self._inline_below_s = config.inline_below_us / 1e6
         # Batches in flight that were not predicted quick, and when each worker's
@@ -236,6 +240,7 @@ class ModelRuntime:
         if known is not None:
             return known
         result = self._check(inputs, dtypes)
+        self._limits.check(inputs)
         if len(self._validated) < VALIDATED_SIGNATURES:
             self._validated[signature] = result
         return result

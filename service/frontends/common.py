@@ -8,16 +8,19 @@ handling they have in common live here so that neither copies the other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import grpc
+import numpy as np
 
 from service import echo
 from service.backends.base import ModelSpec
+from service.engine.batch import Outputs
 from service.engine.model import ModelRuntime
 from service.engine.timer import now
 from service.errors import NotFound, TensorError
+from service.limits import ByteBudget, request_bytes
 
 # trtserve serves one version of each model. KServe clients may name it "1" or
 # leave the version empty.
@@ -83,3 +86,25 @@ def check_inputs(model: str, spec: ModelSpec, tensors: Iterable[WireTensor]) -> 
             raise TensorError(name, f"shape {echo.dims(tensor.shape)} has {ndim} dimensions, "
                               f"the model takes {want}: {list(tensor_spec.shape)}")
         seen.add(name)
+
+
+async def infer_within_budget(model: ModelRuntime, budget: ByteBudget,
+                              inputs: Mapping[str, np.ndarray], deadline: float | None,
+                              dtypes: Mapping[str, str]) -> Outputs:
+    """`model.infer`, holding the inputs' bytes in the server's budget until answered.
+
+    Validation comes first, so that a request that can never run is told so
+    (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The bytes are
+    released once, however the request ends: answered, failed, cancelled or
+    expired.
+    """
+    nbytes = request_bytes(inputs)
+    try:
+        model.validate(inputs, dtypes)
+        budget.acquire(nbytes)
+        try:
+            return await model.infer(inputs, deadline, dtypes)
+        finally:
+            budget.release(nbytes)
+    finally:
+        budget.finished(nbytes)

@@ -36,11 +36,15 @@ def unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             return await method(self, request, context)
-        except ServeError as e:
-            await context.abort(e.code, str(e))
-        except Exception as e:  # the generic INTERNAL promised above
+        except Exception as e:  # known errors, or the generic INTERNAL promised above
             code, message = status_of(e)
-            await context.abort(code, message)
+        # grpc.aio keeps the abort's exception, and with its traceback this frame, in the
+        # call's state, which lives in reference cycles that only the garbage collector
+        # frees: neither the request nor the error (whose traceback holds the decoded
+        # tensors) may stay reachable from here, or a large request's bytes stay resident
+        # long after its answer. Hence the abort outside the except block, and the del.
+        del request
+        await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")
 
     return wrapper
@@ -55,10 +59,10 @@ def streaming(method: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIte
         try:
             async for item in method(self, request, context):
                 yield item
-        except ServeError as e:
-            await context.abort(e.code, str(e))
+            return
         except Exception as e:
             code, message = status_of(e)
-            await context.abort(code, message)
+        del request
+        await context.abort(code, message)  # outside the except block: see `unary`
 
     return wrapper

@@ -27,12 +27,14 @@ from service.frontends.common import (
     check_inputs,
     check_version,
     deadline_of,
+    infer_within_budget,
     is_ready,
 )
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from service.limits import ByteBudget
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
@@ -88,8 +90,10 @@ def _check_parameters(request: pb.ModelInferRequest) -> None:
 
 class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository,
-                 server_ready: Callable[[], bool] | None = None) -> None:
+                 server_ready: Callable[[], bool] | None = None,
+                 budget: ByteBudget | None = None) -> None:
         self._models = repository
+        self._budget = budget or ByteBudget(0)
         # Whether the server has finished starting (and is not draining); models
         # still loading are not in the repository yet, so it can't tell alone.
         self._server_ready = server_ready or (lambda: True)
@@ -112,7 +116,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         inputs = convert.decode_inputs(request)
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
         dtypes = {t.name: t.datatype for t in request.inputs}
-        outputs = await model.infer(inputs, deadline, dtypes)
+        outputs = await infer_within_budget(model, self._budget, inputs, deadline, dtypes)
         ordered = {t.name: outputs[t.name] for t in model.spec.outputs}
         return convert.encode_outputs(request, ordered, model.name, MODEL_VERSION, request.id,
                                       datatypes=output_dtypes)
@@ -229,12 +233,13 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
 
 
 def add_to_server(server: Any, repository: ModelRepository,
-                  server_ready: Callable[[], bool] | None = None) -> str:
+                  server_ready: Callable[[], bool] | None = None,
+                  budget: ByteBudget | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
     `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(repository, server_ready), server)
+        KServeInferenceService(repository, server_ready, budget), server)
     return SERVICE_NAME

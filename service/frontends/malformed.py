@@ -104,7 +104,9 @@ def _unary_request(behavior: Callable[..., Any]) -> Callable[..., Any] | None:
                                 ) -> AsyncIterator[Any]:
             if type(request) is Malformed:
                 await context.abort(_INVALID, request.problem())
-            async for response in behavior(request, context):
+            responses = behavior(request, context)
+            del request  # as in `answer` below
+            async for response in responses:
                 yield response
 
         return answer_stream
@@ -112,7 +114,12 @@ def _unary_request(behavior: Callable[..., Any]) -> Callable[..., Any] | None:
         async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if type(request) is Malformed:
                 await context.abort(_INVALID, request.problem())
-            return await behavior(request, context)
+            call = behavior(request, context)
+            # An abort's traceback runs through this frame and grpc.aio keeps it in
+            # reference cycles: holding the request here would keep a large request's
+            # bytes resident (frontends/errors.py says more).
+            del request
+            return await call
 
         return answer
     return None

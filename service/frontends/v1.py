@@ -10,16 +10,18 @@ import grpc
 from service.engine.repository import ModelRepository
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
-from service.frontends.common import check_inputs, deadline_of
+from service.frontends.common import check_inputs, deadline_of, infer_within_budget
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from service.limits import ByteBudget
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, budget: ByteBudget | None = None) -> None:
         self._models = repository
+        self._budget = budget or ByteBudget(0)
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
@@ -27,7 +29,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         wanted = convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
         inputs, dtypes = convert.decode_inputs(request)
-        outputs = await model.infer(inputs, deadline, dtypes)
+        outputs = await infer_within_budget(model, self._budget, inputs, deadline, dtypes)
         return convert.encode_outputs(request, wanted, outputs)
 
     @unary

@@ -1,0 +1,106 @@
+"""Giving memory back to the system after large requests (glibc's malloc; elsewhere a no-op).
+
+A large request leaves memory behind in ONNX Runtime's CPU arena (off by
+default, `models.cpu_memory_arena`) and in glibc's heaps: the free chunks
+between live ones stay resident, and so does the top of a heap below glibc's
+trim threshold, which rises with the large blocks freed (up to 64 MiB).
+`Trimmer` runs `malloc_trim(0)`, which returns the free pages inside every
+heap, after large requests. `tune_malloc` can also fix the mmap threshold
+(large blocks then get their own mapping, returned when freed), at the price
+of page faults on every large temporary. Measurements are in
+docs/reliability.md ("Memory").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+# mallopt parameter, from glibc's malloc.h.
+_M_MMAP_THRESHOLD = -3
+# Coalesce the trims of a burst: one after its large requests went quiet this long.
+TRIM_DELAY_S = 0.05
+
+
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.gnu_get_libc_version  # noqa: B018 - present only in glibc
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _glibc()
+
+
+def tune_malloc(mmap_threshold_bytes: int) -> bool:
+    """Fix glibc's mmap threshold for this process; False where not glibc.
+
+    A threshold set explicitly also turns off glibc's dynamic raising of it.
+    """
+    if _LIBC is None or mmap_threshold_bytes <= 0:
+        return False
+    ok = bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold_bytes)))
+    if not ok:
+        log.warning("mallopt refused an mmap threshold of %d bytes", mmap_threshold_bytes)
+    return ok
+
+
+def trim() -> bool:
+    """Return glibc's free memory to the system; whether any was (False where not glibc)."""
+    return _LIBC is not None and bool(_LIBC.malloc_trim(0))
+
+
+class Trimmer:
+    """Runs `trim` in a thread shortly after large requests, once per burst (event loop owned)."""
+
+    def __init__(self) -> None:
+        self.trims = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: asyncio.Future[bool] | None = None
+        self._again = False
+
+    @property
+    def available(self) -> bool:
+        return _LIBC is not None
+
+    def request(self) -> None:
+        """Trim soon: after TRIM_DELAY_S without another request, or after the running trim."""
+        if not self.available:
+            return
+        if self._running is not None:
+            self._again = True
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        self._again = False
+        # malloc_trim walks every heap (milliseconds on a large one): not on the loop.
+        self._running = asyncio.get_running_loop().run_in_executor(None, trim)
+        self._running.add_done_callback(self._done)
+
+    def _done(self, future: asyncio.Future[bool]) -> None:
+        self._running = None
+        if future.cancelled():
+            return
+        self.trims += 1
+        if future.exception() is not None:
+            log.error("malloc_trim failed", exc_info=future.exception())
+        if self._again:
+            self.request()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
