@@ -11,6 +11,7 @@ the budget, and retrying later may succeed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -69,6 +70,13 @@ def request_bytes(inputs: Mapping[str, np.ndarray]) -> int:
     return sum(a.nbytes for a in inputs.values())
 
 
+@dataclass(frozen=True)
+class ByteBudgetSnapshot:
+    held_bytes: int
+    limit_bytes: int  # 0: no budget
+    refused: int
+
+
 class ByteBudget:
     """Input bytes of the requests accepted and not yet answered, over the whole server.
 
@@ -99,6 +107,9 @@ class ByteBudget:
                 f"request needs {_size(nbytes)} more (max_request_bytes_in_flight = "
                 f"{_size(self.limit_bytes)}); retry later")
         self.held_bytes += nbytes
+
+    def snapshot(self) -> ByteBudgetSnapshot:
+        return ByteBudgetSnapshot(self.held_bytes, self.limit_bytes, self.refused)
 
     def release(self, nbytes: int) -> None:
         self.held_bytes -= nbytes

@@ -1,10 +1,10 @@
 """Prometheus metrics on their own HTTP port (`--metrics-port`, default 8002; 0: off).
 
 Nothing on the request path touches Prometheus objects: a custom collector
-reads the service's own counters (service/engine/stats.py) when Prometheus scrapes.
-Those counters belong to the event loop, so the scrape (on the HTTP server's
-thread) hands the reading to the loop and waits for it: one short callback per
-scrape, no locks on the hot path.
+reads the engine's stats snapshot (service/engine/api.py) when Prometheus
+scrapes. The engine's counters belong to the event loop, so the scrape (on the
+HTTP server's thread) asks for the snapshot on the loop and waits for it: one
+short callback per scrape, no locks on the hot path.
 
 Every name starts with `trtserve_`. Labels: `model`; per worker also `worker`
 (its index), `profile` (its optimization profile) and `device` ("cpu", or the
@@ -17,7 +17,7 @@ import asyncio
 import logging
 import socket
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
@@ -31,11 +31,14 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from service.engine.model import ModelRuntime
-from service.engine.repository import ModelRepository
-from service.engine.stats import DurationHistogram, WorkerStats
-from service.frontends.common import is_ready
-from service.limits import ByteBudget
+from service.engine.api import (
+    ByteBudgetSnapshot,
+    DurationHistogram,
+    Engine,
+    ModelDescription,
+    StatsSnapshot,
+    WorkerSnapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,9 @@ def _batch_size_bounds(max_batch_size: int) -> list[int]:
     return bounds
 
 
-def _batch_size_buckets(stats: WorkerStats, bounds: Sequence[int]) -> list[tuple[str, float]]:
-    counts = stats.histogram
+def _batch_size_buckets(stats: WorkerSnapshot,
+                        bounds: Sequence[int]) -> list[tuple[str, float]]:
+    counts = stats.batch_sizes
     result: list[tuple[str, float]] = [
         (floatToGoString(bound), sum(n for size, n in counts.items() if size <= bound))
         for bound in bounds]
@@ -105,8 +109,9 @@ class _Families:
         return iter(self._all)
 
 
-def families(models: Iterable[ModelRuntime]) -> list[Metric]:
-    """Every metric, read from the models' stats now. Call on the event loop."""
+def families(snapshot: StatsSnapshot,
+             descriptions: Mapping[str, ModelDescription]) -> list[Metric]:
+    """Every metric of the models in `snapshot` (`descriptions` by name: backend, batch)."""
     f = _Families()
     info = f.gauge("model_info", "A served model (value 1), with its backend and platform.",
                    [*MODEL_LABELS, "backend", "platform"])
@@ -167,10 +172,12 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
                             WORKER_LABELS)
     w_batch = f.histogram("worker_batch_size", "Rows per completed batch.", WORKER_LABELS)
 
-    for model in models:
+    for model in snapshot.models:
         name, c = model.name, model.counters
-        info.add_metric([name, model.spec.backend, model.spec.platform], 1)
-        ready.add_metric([name], 1 if is_ready(model) else 0)
+        description = descriptions[name]
+        spec = description.spec
+        info.add_metric([name, spec.backend, spec.platform], 1)
+        ready.add_metric([name], 1 if model.ready else 0)
         depth.add_metric([name], model.queue_depth)
         requests.add_metric([name], c.requests)
         success.add_metric([name], c.success)
@@ -179,9 +186,9 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
                               ("cancelled", c.cancelled)):
             failures.add_metric([name, reason], value)
         latency.add_metric([name], _buckets(c.success_histogram), c.success_histogram.sum_s)
-        bounds = _batch_size_bounds(model.max_batch_size)
-        for s in model.worker_stats:
-            labels = [name, str(s.index), str(s.profile), s.device]
+        bounds = _batch_size_bounds(description.batching.max_batch_size)
+        for s in model.workers:
+            labels = [name, str(s.index), str(s.info.profile), s.info.device]
             w_requests.add_metric(labels, s.requests)
             w_batches.add_metric(labels, s.batches)
             w_rows.add_metric(labels, s.inferences)
@@ -194,10 +201,10 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
             w_rejected.add_metric(labels, s.rejected)
             w_retries.add_metric(labels, s.retries)
             w_busy.add_metric(labels, s.busy_s)
-            w_util.add_metric(labels, s.utilization()[0])
+            w_util.add_metric(labels, s.utilization)
             w_in_flight.add_metric(labels, s.in_flight)
             w_healthy.add_metric(labels, 1 if s.healthy else 0)
-            w_aux.add_metric(labels, s.aux_streams)
+            w_aux.add_metric(labels, s.info.aux_streams)
             for stage, seconds in (("input", s.stages.input_s), ("infer", s.stages.infer_s),
                                    ("output", s.stages.output_s)):
                 w_stage.add_metric([*labels, stage], seconds)
@@ -208,8 +215,8 @@ def families(models: Iterable[ModelRuntime]) -> list[Metric]:
     return list(f)
 
 
-def budget_families(budget: ByteBudget) -> list[Metric]:
-    """The server-wide budget of request bytes in flight. Call on the event loop."""
+def budget_families(budget: ByteBudgetSnapshot) -> list[Metric]:
+    """The server-wide budget of request bytes in flight."""
     f = _Families()
     f.gauge("request_bytes_in_flight", "Input bytes of accepted requests not yet answered.",
             ()).add_metric((), budget.held_bytes)
@@ -221,29 +228,27 @@ def budget_families(budget: ByteBudget) -> list[Metric]:
 
 
 class StatsCollector(Collector):
-    """Reads the repository's stats at scrape time, on the event loop that owns them."""
+    """Reads the engine's stats snapshot at scrape time, on the event loop that owns it."""
 
-    def __init__(self, repository: ModelRepository,
-                 loop: asyncio.AbstractEventLoop | None = None,
-                 timeout_s: float = SCRAPE_TIMEOUT_S, budget: ByteBudget | None = None) -> None:
-        self._models = repository
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None,
+                 timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
+        self._engine = engine
         self._loop = loop
         self._timeout_s = timeout_s
-        self._budget = budget
-
-    def _families(self) -> list[Metric]:
-        found = families(self._models)
-        if self._budget is not None:
-            found += budget_families(self._budget)
-        return found
 
     async def _read(self) -> list[Metric]:
-        return self._families()
+        snapshot = await self._engine.stats()
+        descriptions = {m.name: self._engine.describe(m.name) for m in snapshot.models}
+        return families(snapshot, descriptions) + budget_families(snapshot.request_bytes)
 
     def collect(self) -> Iterable[Metric]:
         loop = self._loop
-        if loop is None or _running_loop() is loop:
-            return self._families()
+        if loop is None:
+            return asyncio.run(self._read())
+        if _running_loop() is loop:
+            # The snapshot is awaited on this loop, which a call from the loop's own
+            # thread would block: scrapes come from the HTTP server's threads.
+            raise RuntimeError("metrics are collected from another thread than the loop's")
         if loop.is_closed():
             return []
         return asyncio.run_coroutine_threadsafe(self._read(), loop).result(self._timeout_s)
@@ -290,14 +295,13 @@ def _best_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
     return family, str(sockaddr[0])
 
 
-def start_metrics(port: int, host: str, repository: ModelRepository,
-                  budget: ByteBudget | None = None) -> MetricsServer:
-    """Serve Prometheus metrics for `repository` (and `budget`) on host:port (0: any free port).
+def start_metrics(port: int, host: str, engine: Engine) -> MetricsServer:
+    """Serve Prometheus metrics for `engine` on host:port (port 0: any free port).
 
-    Call on the event loop that owns the models: scrapes read their stats there.
+    Call on the event loop that serves the engine: scrapes read its stats there.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(repository, _running_loop(), budget=budget))
+    registry.register(StatsCollector(engine, _running_loop()))
     ProcessCollector(namespace=PREFIX, registry=registry)
     server = MetricsServer(host, port, registry)
     log.info("Prometheus metrics on http://%s:%d/metrics", host, server.port)

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from service import auth, descriptors, ports, tls
 from service.config import ModelConfig, ServerConfig
+from service.engine.local import LocalEngine
 from service.engine.model import ModelRuntime
 from service.engine.repository import ModelRepository, check_model
 from service.errors import ConfigError, PortInUse, StartError
@@ -48,6 +49,9 @@ class Server:
         self.trimmer = Trimmer()
         self.budget = ByteBudget(config.max_request_bytes_in_flight,
                                  config.trim_after_request_bytes, self.trimmer.request)
+        # What the frontends and metrics see of the models: plain data through one seam.
+        self.engine = LocalEngine(self.models, self.budget)
+        self.engine.add_health_listener(self._on_model_health)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -138,7 +142,7 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.models, self.budget), services)
+            InferenceService(self.engine), services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         _add_reflection(services, [
@@ -184,17 +188,14 @@ class Server:
     async def _load(self, config: ModelConfig) -> None:
         """Load one model; it turns SERVING as soon as its workers are up."""
         runtime = await self.models.load(config, self.config.stats_window_s)
-        self._watch_health(runtime)
+        self.engine.watch(runtime)
         await self.health.set(config.name, SERVING)
 
     async def add_model(self, runtime: ModelRuntime) -> None:
         """Serve a runtime built outside the config (tests, later hot loading)."""
         await self.models.add(runtime)
-        self._watch_health(runtime)
+        self.engine.watch(runtime)
         await self.health.set(runtime.name, SERVING if runtime.healthy_workers else NOT_SERVING)
-
-    def _watch_health(self, runtime: ModelRuntime) -> None:
-        runtime.on_health_change = self._on_model_health
 
     def _on_model_health(self, name: str, serving: bool) -> None:
         """A model lost (or regained) every healthy worker: say so in grpc.health.v1."""
@@ -206,17 +207,15 @@ class Server:
 
     def _add_kserve(self, server: _GenericHandlersOnly) -> None:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
-        self._services.append(add_to_server(server, self.models,
-                                            server_ready=lambda: self._ready,
-                                            budget=self.budget))
+        self._services.append(add_to_server(server, self.engine,
+                                            server_ready=lambda: self._ready))
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
             return
         try:
             self._metrics = start_metrics(self.config.metrics_port, self.config.host,
-                                          self.models,
-                                          self.budget)
+                                          self.engine)
         except OSError as e:
             raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
                             f"{self.config.metrics_port}: {e.strerror or e}") from None

@@ -14,7 +14,7 @@ homes implement it, as vLLM's engine clients do:
 Everything here is immutable data that can cross a process boundary as it is:
 numbers, strings, tuples, frozen dataclasses, numpy arrays, and references into
 shared-memory regions (`RegionRef`). Times are on the serving clock
-(`service.engine.timer.now`, CLOCK_MONOTONIC), which every process on the host shares,
+(`now` here, CLOCK_MONOTONIC), which every process on the host shares,
 so a deadline means the same instant in the frontend and in the engine.
 """
 
@@ -26,9 +26,66 @@ from typing import Protocol
 
 import numpy as np
 
-from service.backends.base import ModelSpec
+from service import echo
+from service.backends.base import ModelSpec, WorkerInfo
 from service.config import ModelConfig
-from service.engine.stats import DurationHistogram, Percentiles
+from service.engine.stats import (
+    CaptureFailure,
+    DurationHistogram,
+    ModelCountersSnapshot,
+    Percentiles,
+    StageTotals,
+    WorkerSnapshot,
+)
+from service.engine.timer import now
+from service.errors import NotFound, TensorError
+from service.limits import ByteBudgetSnapshot
+from service.tensors import TensorSpec
+
+# The snapshots of telemetry are declared where the telemetry lives (engine/stats.py),
+# so that no field is declared twice; they are part of this contract all the same.
+__all__ = [
+    "MODEL_VERSION", "BatchingDescription", "ByteBudgetSnapshot", "CaptureFailure",
+    "DurationHistogram", "Engine", "FrontendSnapshot", "HealthListener", "InferRequest",
+    "InferResult", "ModelCountersSnapshot", "ModelDescription", "ModelSnapshot", "Percentiles",
+    "RegionRef", "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut", "WorkerInfo",
+    "WorkerSnapshot", "check_version", "now", "wanted_outputs",
+]
+
+# trtserve serves one version of each model. KServe clients may name it "1" or
+# leave the version empty.
+MODEL_VERSION = "1"
+
+
+def check_version(model: str | None, version: str) -> None:
+    """Refuse any version but the one served ("" asks for it too); `model` None: any model."""
+    if version not in ("", MODEL_VERSION):
+        shown = echo.text(version)
+        subject = (f"model '{echo.text(model)}' has no version '{shown}'" if model is not None
+                   else f"no model has version '{shown}'")
+        raise NotFound(f"{subject}; trtserve serves version '{MODEL_VERSION}' of each model "
+                       "(or leave the version empty)")
+
+
+def wanted_outputs(model: str, spec: ModelSpec, names: Sequence[str]) -> Sequence[TensorSpec]:
+    """The outputs to answer with: those `names` asks for, in its order, else every one.
+
+    A TensorError, before execution, for a named output that does not exist or
+    is named twice. Each output once, as KServe does: the n+1st name of a model
+    with n outputs is unknown or a repeat, so a long list is refused after n+1 names.
+    """
+    if not names:  # most requests: every output
+        return spec.outputs
+    wanted: list[TensorSpec] = []
+    for name in names:
+        tensor_spec = spec.output(name)
+        if tensor_spec is None:
+            raise TensorError(name, f"unknown output; model '{echo.text(model)}' gives "
+                              f"{sorted(t.name for t in spec.outputs)}")
+        if tensor_spec in wanted:
+            raise TensorError(name, "requested more than once")
+        wanted.append(tensor_spec)
+    return wanted
 
 # --- tensors ---------------------------------------------------------------------------
 
@@ -109,15 +166,6 @@ class BatchingDescription:
 
 
 @dataclass(frozen=True)
-class WorkerDescription:
-    """Where one worker runs: one execution context on one stream, or one session."""
-
-    index: int
-    profile: int
-    device: str
-
-
-@dataclass(frozen=True)
 class ModelDescription:
     """A served model as the protocol side sees it; unchanged while the model is loaded."""
 
@@ -126,84 +174,11 @@ class ModelDescription:
     spec: ModelSpec
     config: ModelConfig
     batching: BatchingDescription
-    workers: tuple[WorkerDescription, ...]
+    # Where each worker runs, by worker index.
+    workers: tuple[WorkerInfo, ...]
 
 
 # --- statistics ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StageTotals:
-    """Cumulative seconds of batch stages, as Triton's statistics count them."""
-
-    count: int = 0
-    input_s: float = 0.0
-    infer_s: float = 0.0
-    output_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class CaptureFailure:
-    batch_size: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class WorkerSnapshot:
-    """One worker (one stream or session) at the moment of the snapshot."""
-
-    index: int
-    profile: int
-    device: str
-    stream: str
-    stream_non_blocking: bool
-    aux_streams: int
-    min_batch_size: int
-    max_batch_size: int
-    requests: int
-    batches: int
-    inferences: int
-    errors: int
-    rejected: int
-    graph_launches: int
-    plain_enqueues: int
-    inline_batches: int
-    rebuilds: int
-    retries: int
-    in_flight: int
-    busy_s: float
-    utilization: float
-    window_s: float
-    healthy: bool
-    state: str
-    retry_in_s: float
-    last_error: str
-    # rows -> batches of that size
-    batch_sizes: Mapping[int, int]
-    queue_time: Percentiles
-    compute_time: Percentiles
-    capture_failures: tuple[CaptureFailure, ...]
-    queue_s_total: float
-    stages: StageTotals
-    request_stages: StageTotals
-    stages_by_batch_size: Mapping[int, StageTotals]
-    queue_histogram: DurationHistogram
-    compute_histogram: DurationHistogram
-    last_batch_unix_s: float
-
-
-@dataclass(frozen=True)
-class ModelCountersSnapshot:
-    requests: int
-    errors: int
-    success: int
-    success_s: float
-    failure: int
-    failure_s: float
-    success_histogram: DurationHistogram
-    rejected_queue_full: int
-    deadline_exceeded: int
-    cancelled: int
 
 
 @dataclass(frozen=True)
@@ -213,9 +188,13 @@ class ModelSnapshot:
     ready: bool
     healthy_workers: int
     queue_depth: int
+    # Batches handed to workers and not finished.
     in_flight: int
     counters: ModelCountersSnapshot
     workers: tuple[WorkerSnapshot, ...]
+    # Over the recent requests (batches) of every worker together.
+    queue_time: Percentiles
+    compute_time: Percentiles
 
 
 @dataclass(frozen=True)
@@ -229,10 +208,15 @@ class FrontendSnapshot:
     cpu_s: float
 
 
+_NO_BUDGET = ByteBudgetSnapshot(held_bytes=0, limit_bytes=0, refused=0)
+
+
 @dataclass(frozen=True)
 class StatsSnapshot:
     models: tuple[ModelSnapshot, ...]
     frontends: tuple[FrontendSnapshot, ...] = ()
+    # The server-wide budget of request bytes in flight (service/limits.py).
+    request_bytes: ByteBudgetSnapshot = _NO_BUDGET
 
 
 # --- the engine ------------------------------------------------------------------------

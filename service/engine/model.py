@@ -17,15 +17,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
 from service.backends.base import BatchResult, LoadedModel, ModelSpec
 from service.config import ModelConfig
+from service.engine.api import (
+    MODEL_VERSION,
+    BatchingDescription,
+    ModelDescription,
+    ModelSnapshot,
+)
 from service.engine.batch import Batch, Outputs, Request
 from service.engine.batcher import Batcher, BatchPolicy
 from service.engine.scheduler import Scheduler
-from service.engine.stats import ModelCounters, WorkerStats
+from service.engine.stats import ModelCounters, Samples, WorkerStats
 from service.engine.timer import now
 from service.engine.worker import Outcome, Worker
 from service.errors import (
@@ -72,7 +79,6 @@ class ModelRuntime:
         self.config = config
         self.spec: ModelSpec = loaded.spec
         self._loaded = loaded
-        self._window_s = stats_window_s
         self.counters = ModelCounters()
         profiles = self.spec.profiles
         # Factories come profile-major: workers [0, k) on profile 0, [k, 2k) on 1, ...
@@ -84,6 +90,8 @@ class ModelRuntime:
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
+        # Batches handed to each worker and not finished (0 or 1: a worker runs one at a time).
+        self._in_flight = [0] * len(self.workers)
         self._consecutive_failures = [0] * len(self.workers)
         # Workers out of the rotation: the wait before the next rebuild (doubled by
         # each one, back to the start by a batch served), and its timer.
@@ -128,14 +136,7 @@ class ModelRuntime:
     async def start(self) -> None:
         await asyncio.gather(*(w.start() for w in self.workers))
         for worker, stats in zip(self.workers, self.worker_stats, strict=True):
-            info = worker.info
-            stats.profile, stats.device, stats.stream = info.profile, info.device, info.stream
-            stats.stream_non_blocking, stats.aux_streams = info.stream_non_blocking, \
-                info.aux_streams
-            stats.min_batch_size, stats.max_batch_size = info.min_batch_size, \
-                info.max_batch_size
-            for bucket, reason in info.capture_failures:
-                stats.record_capture_failure(bucket, reason)
+            stats.started_on(worker.info)
         self._idle = asyncio.Event()
         self._idle.set()
         self._batcher = Batcher(self.name, self.policy, self.scheduler, self._dispatch,
@@ -170,11 +171,41 @@ class ModelRuntime:
 
     @property
     def in_flight(self) -> int:
-        return sum(s.in_flight for s in self.worker_stats)
+        return sum(self._in_flight)
 
     @property
     def healthy_workers(self) -> int:
         return sum(w.healthy for w in self.workers)
+
+    def description(self) -> ModelDescription:
+        """What the protocol side may know of this model; the same while it is loaded."""
+        return ModelDescription(
+            name=self.name, version=MODEL_VERSION, spec=self.spec, config=self.config,
+            batching=BatchingDescription(
+                max_batch_size=self.max_batch_size,
+                max_rows_per_request=self.max_rows_per_request,
+                max_queue_delay_s=self.policy.max_queue_delay_s,
+                preferred_batch_sizes=tuple(self.policy.preferred_batch_sizes),
+                max_queue_size=self.policy.max_queue_size),
+            # The profile a worker serves is the scheduler's (its ProfileSpec), whatever
+            # its executor reported.
+            workers=tuple(replace(s.info, profile=w.profile.index)
+                          for w, s in zip(self.workers, self.worker_stats, strict=True)))
+
+    def snapshot(self) -> ModelSnapshot:
+        """The model's counters and every worker's, read now (on the event loop)."""
+        queue, compute = Samples(), Samples()
+        for stats in self.worker_stats:
+            queue.extend(stats.queue_time)
+            compute.extend(stats.compute_time)
+        healthy = self.healthy_workers
+        return ModelSnapshot(
+            name=self.name, version=MODEL_VERSION, ready=self.ready and healthy > 0,
+            healthy_workers=healthy, queue_depth=self.queue_depth, in_flight=self.in_flight,
+            counters=self.counters.snapshot(),
+            workers=tuple(s.snapshot(n, w.healthy) for s, n, w in
+                          zip(self.worker_stats, self._in_flight, self.workers, strict=True)),
+            queue_time=queue.summary(), compute_time=compute.summary())
 
     async def infer(
         self,
@@ -308,7 +339,7 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
-        stats.in_flight += 1
+        self._in_flight[index] += 1
         assert self._idle is not None
         self._idle.clear()
         worker = self.workers[index]
@@ -338,8 +369,8 @@ class ModelRuntime:
         """
         if self._slow_in_flight or not self._quick(batch):
             return 0.0
-        first = min((at for at, s in zip(self._dispatched_at, self.worker_stats, strict=True)
-                     if s.in_flight), default=None)
+        first = min((at for at, n in zip(self._dispatched_at, self._in_flight, strict=True)
+                     if n), default=None)
         return 0.0 if first is None else max(0.0, first + QUICK_HOLD_S - now())
 
     def _drop(self, request: Request, reason: str) -> None:
@@ -355,8 +386,7 @@ class ModelRuntime:
 
     def _on_done(self, worker: Worker, outcome: Outcome) -> None:
         index = worker.index
-        stats = self.worker_stats[index]
-        stats.in_flight -= 1
+        self._in_flight[index] -= 1
         self._slow_in_flight -= self._dispatched_slow[index]
         self._dispatched_slow[index] = False
         self.scheduler.release(index)
@@ -475,7 +505,6 @@ class ModelRuntime:
         index = worker.index
         worker.healthy = False
         stats = self.worker_stats[index]
-        stats.healthy = False
         stats.last_error = f"out of the rotation: {why}"
         delay = self._schedule_rebuild(index)
         log.error("model '%s': worker %d taken out of the rotation (%s); rebuilding it in "
@@ -518,7 +547,7 @@ class ModelRuntime:
         was_serving = self.healthy_workers > 0
         self._consecutive_failures[index] = 0
         stats.rebuilds += 1
-        stats.state, stats.healthy = "serving", True
+        stats.state = "serving"
         worker.healthy = True
         log.warning("model '%s': worker %d rebuilt, back in the rotation", self.name, index)
         if not was_serving and self.on_health_change is not None:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import bisect
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from service.backends.base import WorkerInfo
 
 # Percentiles are over the most recent samples; a bounded window keeps memory
 # flat under any load and makes the numbers describe the present.
@@ -106,14 +109,17 @@ class DurationHistogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    def copy(self) -> DurationHistogram:
+        return DurationHistogram(self.bounds, list(self.counts), self.sum_s)
 
-@dataclass
+
+@dataclass(frozen=True)
 class CaptureFailure:
     batch_size: int
     reason: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class StageTotals:
     """Cumulative seconds of a batch's stages, as Triton's statistics report them."""
 
@@ -122,6 +128,20 @@ class StageTotals:
     infer_s: float = 0.0
     output_s: float = 0.0
 
+    def __add__(self, other: StageTotals) -> StageTotals:
+        return StageTotals(self.count + other.count, self.input_s + other.input_s,
+                           self.infer_s + other.infer_s, self.output_s + other.output_s)
+
+
+class _StageSums:
+    """The running sums behind a StageTotals: added to per batch, read as a snapshot."""
+
+    __slots__ = ("count", "infer_s", "input_s", "output_s")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.input_s = self.infer_s = self.output_s = 0.0
+
     def add(self, input_s: float, infer_s: float, output_s: float, n: int = 1) -> None:
         """Count `n` events that each took these times (n requests sharing one batch)."""
         self.count += n
@@ -129,58 +149,105 @@ class StageTotals:
         self.infer_s += n * infer_s
         self.output_s += n * output_s
 
+    def snapshot(self) -> StageTotals:
+        return StageTotals(self.count, self.input_s, self.infer_s, self.output_s)
 
-@dataclass
-class WorkerStats:
-    """One worker's stream (GPU) or session (CPU)."""
+
+@dataclass(frozen=True)
+class WorkerSnapshot:
+    """One worker (one stream or session) at the moment of the snapshot.
+
+    `in_flight` and `healthy` are the model's control state, read when the
+    snapshot is taken; the rest is the worker's telemetry.
+    """
 
     index: int
+    # Where the worker runs (profile, device, stream, batch range), as it reported at start.
+    info: WorkerInfo
+    requests: int
+    batches: int
+    inferences: int
+    errors: int
+    rejected: int
+    graph_launches: int
+    plain_enqueues: int
+    inline_batches: int
+    rebuilds: int
+    retries: int
+    in_flight: int
+    busy_s: float
+    utilization: float
     window_s: float
-    profile: int = 0
-    device: str = "cpu"
-    stream: str = ""
-    stream_non_blocking: bool = False
-    aux_streams: int = 0
-    min_batch_size: int = 1
-    max_batch_size: int = 1
-    requests: int = 0
-    batches: int = 0
-    inferences: int = 0
-    errors: int = 0
-    graph_launches: int = 0
-    plain_enqueues: int = 0
-    inline_batches: int = 0  # run on the event loop (inline_below_us)
-    rebuilds: int = 0
-    in_flight: int = 0
-    busy_s: float = 0.0
-    healthy: bool = True
-    last_error: str = ""
-    # Requests whose input the backend refused (INVALID_ARGUMENT); not errors of the worker.
-    rejected: int = 0
-    # "serving", or out of the rotation: "backing_off" until the next rebuild, "rebuilding".
-    state: str = "serving"
-    # time.monotonic() of the next rebuild while backing off, else 0.
-    retry_at_s: float = 0.0
-    retries: int = 0  # rebuilds tried while out of the rotation
-    histogram: Counter[int] = field(default_factory=Counter)
-    queue_time: Samples = field(default_factory=Samples)
-    compute_time: Samples = field(default_factory=Samples)
-    capture_failures: list[CaptureFailure] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
-    # Cumulative totals (never windowed), for Prometheus counters and Triton statistics.
-    queue_s_total: float = 0.0
-    stages: StageTotals = field(default_factory=StageTotals)
-    stages_by_batch_size: dict[int, StageTotals] = field(default_factory=dict)
-    # Stages counted once per request (each request of a batch spent the batch's
-    # times), as Triton's inference_stats count them; `stages` counts per batch.
-    request_stages: StageTotals = field(default_factory=StageTotals)
-    queue_histogram: DurationHistogram = field(default_factory=DurationHistogram)
-    compute_histogram: DurationHistogram = field(default_factory=DurationHistogram)
-    # Wall clock (seconds since the epoch) when the last successful batch finished.
-    last_batch_unix_s: float = 0.0
+    healthy: bool
+    state: str
+    retry_in_s: float
+    last_error: str
+    # rows -> batches of that size
+    batch_sizes: Mapping[int, int]
+    queue_time: Percentiles
+    compute_time: Percentiles
+    capture_failures: tuple[CaptureFailure, ...]
+    queue_s_total: float
+    stages: StageTotals
+    request_stages: StageTotals
+    stages_by_batch_size: Mapping[int, StageTotals]
+    queue_histogram: DurationHistogram
+    compute_histogram: DurationHistogram
+    last_batch_unix_s: float
 
-    def __post_init__(self) -> None:
-        self.busy = BusyWindow(self.window_s)
+
+class WorkerStats:
+    """One worker's stream (GPU) or session (CPU): what it has done, owned by the event loop.
+
+    Where the worker runs is its `info` (set when it has started); whether it is
+    in the rotation and what it has in flight is the model's to know, not
+    telemetry's, and comes in when a snapshot is taken.
+    """
+
+    def __init__(self, index: int, window_s: float) -> None:
+        self.index = index
+        self.window_s = window_s
+        self.info = WorkerInfo()
+        self.requests = 0
+        self.batches = 0
+        self.inferences = 0
+        self.errors = 0
+        self.graph_launches = 0
+        self.plain_enqueues = 0
+        self.inline_batches = 0  # run on the event loop (inline_below_us)
+        self.rebuilds = 0
+        self.busy_s = 0.0
+        self.last_error = ""
+        # Requests whose input the backend refused (INVALID_ARGUMENT); not errors of the worker.
+        self.rejected = 0
+        # "serving", or out of the rotation: "backing_off" until the next rebuild, "rebuilding".
+        self.state = "serving"
+        # time.monotonic() of the next rebuild while backing off, else 0.
+        self.retry_at_s = 0.0
+        self.retries = 0  # rebuilds tried while out of the rotation
+        self.histogram: Counter[int] = Counter()
+        self.queue_time = Samples()
+        self.compute_time = Samples()
+        self.capture_failures: list[CaptureFailure] = []
+        self.started = time.monotonic()
+        # Cumulative totals (never windowed), for Prometheus counters and Triton statistics.
+        self.queue_s_total = 0.0
+        self.stages = _StageSums()
+        self.stages_by_batch_size: dict[int, _StageSums] = {}
+        # Stages counted once per request (each request of a batch spent the batch's
+        # times), as Triton's inference_stats count them; `stages` counts per batch.
+        self.request_stages = _StageSums()
+        self.queue_histogram = DurationHistogram()
+        self.compute_histogram = DurationHistogram()
+        # Wall clock (seconds since the epoch) when the last successful batch finished.
+        self.last_batch_unix_s = 0.0
+        self.busy = BusyWindow(window_s)
+
+    def started_on(self, info: WorkerInfo) -> None:
+        """The worker has started: where it runs, and the graphs it could not capture."""
+        self.info = info
+        for bucket, reason in info.capture_failures:
+            self.record_capture_failure(bucket, reason)
 
     def record_queue(self, seconds: float) -> None:
         self.queue_time.add(seconds)
@@ -196,7 +263,7 @@ class WorkerStats:
         self.last_batch_unix_s = time.time()  # a timestamp for clients, not a duration
         by_size = self.stages_by_batch_size.get(rows)
         if by_size is None:
-            by_size = self.stages_by_batch_size[rows] = StageTotals()
+            by_size = self.stages_by_batch_size[rows] = _StageSums()
         by_size.add(input_s, compute_s, output_s)
         self.batches += 1
         self.requests += requests
@@ -225,6 +292,25 @@ class WorkerStats:
     def utilization(self) -> tuple[float, float]:
         return self.busy.utilization(time.monotonic(), self.started)
 
+    def snapshot(self, in_flight: int, healthy: bool) -> WorkerSnapshot:
+        utilization, window = self.utilization()
+        return WorkerSnapshot(
+            index=self.index, info=self.info, requests=self.requests, batches=self.batches,
+            inferences=self.inferences, errors=self.errors, rejected=self.rejected,
+            graph_launches=self.graph_launches, plain_enqueues=self.plain_enqueues,
+            inline_batches=self.inline_batches, rebuilds=self.rebuilds, retries=self.retries,
+            in_flight=in_flight, busy_s=self.busy_s, utilization=utilization, window_s=window,
+            healthy=healthy, state=self.state, retry_in_s=self.retry_in_s(),
+            last_error=self.last_error, batch_sizes=dict(self.histogram),
+            queue_time=self.queue_time.summary(), compute_time=self.compute_time.summary(),
+            capture_failures=tuple(self.capture_failures), queue_s_total=self.queue_s_total,
+            stages=self.stages.snapshot(), request_stages=self.request_stages.snapshot(),
+            stages_by_batch_size={size: sums.snapshot() for size, sums
+                                  in sorted(self.stages_by_batch_size.items())},
+            queue_histogram=self.queue_histogram.copy(),
+            compute_histogram=self.compute_histogram.copy(),
+            last_batch_unix_s=self.last_batch_unix_s)
+
 
 @dataclass
 class ModelCounters:
@@ -243,3 +329,25 @@ class ModelCounters:
     rejected_queue_full: int = 0
     deadline_exceeded: int = 0
     cancelled: int = 0
+
+    def snapshot(self) -> ModelCountersSnapshot:
+        return ModelCountersSnapshot(
+            requests=self.requests, errors=self.errors, success=self.success,
+            success_s=self.success_s, failure=self.failure, failure_s=self.failure_s,
+            success_histogram=self.success_histogram.copy(),
+            rejected_queue_full=self.rejected_queue_full,
+            deadline_exceeded=self.deadline_exceeded, cancelled=self.cancelled)
+
+
+@dataclass(frozen=True)
+class ModelCountersSnapshot:
+    requests: int
+    errors: int
+    success: int
+    success_s: float
+    failure: int
+    failure_s: float
+    success_histogram: DurationHistogram
+    rejected_queue_full: int
+    deadline_exceeded: int
+    cancelled: int

@@ -2,7 +2,7 @@
 
 Convert, delegate, return: tensors go through kserve_convert, model
 descriptions and statistics through kserve_model_config, and inference through
-the same `ModelRuntime.infer` as trtserve.v1. Errors map to statuses in
+the same `Engine.infer` (service/engine/api.py) as trtserve.v1. Errors map to statuses in
 frontends/errors.py. RPCs for features trtserve does not have (model
 repository control, shared memory, tracing, log settings) answer
 UNIMPLEMENTED saying so.
@@ -15,10 +15,9 @@ from importlib import metadata
 from typing import Any
 
 import grpc
+import numpy as np
 
-from service.engine.model import ModelRuntime
-from service.engine.repository import ModelRepository
-from service.engine.timer import now
+from service.engine.api import Engine, InferRequest, ModelDescription, TensorIn, now
 from service.errors import InvalidArgument, NotFound, ServeError
 from service.frontends import kserve_convert as convert
 from service.frontends import kserve_model_config as describe
@@ -27,14 +26,11 @@ from service.frontends.common import (
     check_inputs,
     check_version,
     deadline_of,
-    infer_within_budget,
-    is_ready,
 )
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.limits import ByteBudget
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
@@ -89,20 +85,16 @@ def _check_parameters(request: pb.ModelInferRequest) -> None:
 
 
 class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository,
-                 server_ready: Callable[[], bool] | None = None,
-                 budget: ByteBudget | None = None) -> None:
-        self._models = repository
-        self._budget = budget or ByteBudget(0)
+    def __init__(self, engine: Engine,
+                 server_ready: Callable[[], bool] | None = None) -> None:
+        self._engine = engine
         # Whether the server has finished starting (and is not draining); models
-        # still loading are not in the repository yet, so it can't tell alone.
+        # still loading are not in the engine yet, so it can't tell alone.
         self._server_ready = server_ready or (lambda: True)
         self._version = _version()
 
-    def _model(self, name: str, version: str) -> ModelRuntime:
-        model = self._models.get(name)
-        check_version(name, version)
-        return model
+    def _model(self, name: str, version: str) -> ModelDescription:
+        return self._engine.describe(name, version)
 
     async def _infer(self, request: pb.ModelInferRequest,
                      call_deadline: float | None) -> pb.ModelInferResponse:
@@ -113,11 +105,18 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         deadline = _deadline(request, call_deadline)
         convert.check_raw_contents(request)
         check_inputs(model.name, model.spec, request.inputs)
-        inputs = convert.decode_inputs(request)
+        arrays = convert.decode_inputs(request)
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
-        dtypes = {t.name: t.datatype for t in request.inputs}
-        outputs = await infer_within_budget(model, self._budget, inputs, deadline, dtypes)
-        ordered = {t.name: outputs[t.name] for t in model.spec.outputs}
+        inputs = {t.name: TensorIn(t.datatype, arrays[t.name].shape, arrays[t.name])
+                  for t in request.inputs}
+        # Every output, in the model's order: encode_outputs picks those asked for.
+        result = await self._engine.infer(InferRequest(
+            model.name, inputs, version=request.model_version, deadline=deadline))
+        ordered: dict[str, np.ndarray] = {}
+        for name, tensor in result.outputs.items():
+            if not isinstance(tensor.data, np.ndarray):  # into a region; none asked for yet
+                raise TypeError(f"output '{name}' was not returned as an array")
+            ordered[name] = tensor.data
         return convert.encode_outputs(request, ordered, model.name, MODEL_VERSION, request.id,
                                       datatypes=output_dtypes)
 
@@ -131,7 +130,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        ready = self._server_ready() and all(is_ready(m) for m in self._models)
+        ready = self._server_ready() and self._engine.ready()
         return pb.ServerReadyResponse(ready=ready)
 
     @unary
@@ -140,10 +139,10 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # As Triton answers: an unknown model or version is not ready, not an error,
         # so that clients polling while models still load see False.
         try:
-            model = self._model(request.name, request.version)
+            self._model(request.name, request.version)
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=is_ready(model))
+        return pb.ModelReadyResponse(ready=self._engine.ready(request.name))
 
     # --- metadata and configuration ------------------------------------------------------
 
@@ -169,12 +168,12 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                               context: grpc.aio.ServicerContext
                               ) -> pb.ModelStatisticsResponse:
         if request.name:
-            models = [self._model(request.name, request.version)]
+            self._model(request.name, request.version)
         else:
             check_version(None, request.version)
-            models = list(self._models)
+        snapshot = await self._engine.stats(request.name or None)
         return pb.ModelStatisticsResponse(
-            model_stats=[describe.model_statistics(m) for m in models])
+            model_stats=[describe.model_statistics(m) for m in snapshot.models])
 
     # --- inference -----------------------------------------------------------------------
 
@@ -232,14 +231,13 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
     setattr(KServeInferenceService, _rpc, _unimplemented(_rpc, _why))
 
 
-def add_to_server(server: Any, repository: ModelRepository,
-                  server_ready: Callable[[], bool] | None = None,
-                  budget: ByteBudget | None = None) -> str:
+def add_to_server(server: Any, engine: Engine,
+                  server_ready: Callable[[], bool] | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
     `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(repository, server_ready, budget), server)
+        KServeInferenceService(engine, server_ready), server)
     return SERVICE_NAME

@@ -1,8 +1,9 @@
 """A served model, described in KServe v2 / Triton terms: metadata, configuration, statistics.
 
-Pure conversion from `ModelRuntime` (its spec, config, batch policy, workers
-and stats) to the messages of `inference.GRPCInferenceService`; the servicer
-in kserve.py only looks models up and calls these.
+Pure conversion from the engine's `ModelDescription` (spec, config, batching,
+workers) and `ModelSnapshot` (statistics) to the messages of
+`inference.GRPCInferenceService`; the servicer in kserve.py only asks the
+engine for those and calls these.
 
 The configuration says what trtserve really does with the model, in the shape
 Triton publishes it, so that perf_analyzer, model_analyzer and tritonclient
@@ -29,9 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.engine.model import ModelRuntime
-from service.engine.stats import StageTotals
-from service.frontends.common import MODEL_VERSION
+from service.engine.api import MODEL_VERSION, ModelDescription, ModelSnapshot, StageTotals
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import model_config_pb2 as mc
 from service.tensors import TensorSpec
@@ -43,7 +42,7 @@ def config_dtype(datatype: str) -> str:
     return "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
 
 
-def batches(model: ModelRuntime) -> bool:
+def batches(model: ModelDescription) -> bool:
     """Whether requests are batched along a leading dimension (ModelSpec.batching)."""
     return model.spec.batching
 
@@ -55,7 +54,7 @@ def _tensor_metadata(t: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.dtype, shape=t.shape)
 
 
-def model_metadata(model: ModelRuntime) -> pb.ModelMetadataResponse:
+def model_metadata(model: ModelDescription) -> pb.ModelMetadataResponse:
     """Name, version, platform and tensors; shapes include the batch dimension as -1."""
     spec = model.spec
     return pb.ModelMetadataResponse(
@@ -80,12 +79,12 @@ def _gpu_of(device: str, configured: int) -> int | None:
     return int(ordinal) if ordinal.isdigit() else configured
 
 
-def _instance_groups(model: ModelRuntime) -> list[mc.ModelInstanceGroup]:
+def _instance_groups(model: ModelDescription) -> list[mc.ModelInstanceGroup]:
     """One group per (device, profile), in worker order."""
     groups: dict[tuple[int | None, int], list[int]] = {}
-    for worker, stats in zip(model.workers, model.worker_stats, strict=True):
-        key = (_gpu_of(stats.device, model.config.device), worker.profile.index)
-        groups.setdefault(key, []).append(worker.index)
+    for index, worker in enumerate(model.workers):
+        key = (_gpu_of(worker.device, model.config.device), worker.profile)
+        groups.setdefault(key, []).append(index)
     tensorrt = model.spec.backend == "tensorrt"
     result = []
     for i, ((gpu, profile), workers) in enumerate(groups.items()):
@@ -100,12 +99,12 @@ def _instance_groups(model: ModelRuntime) -> list[mc.ModelInstanceGroup]:
     return result
 
 
-def model_config(model: ModelRuntime) -> mc.ModelConfig:
+def model_config(model: ModelDescription) -> mc.ModelConfig:
     spec, config = model.spec, model.config
     batching = batches(model)
     result = mc.ModelConfig(
         name=model.name, platform=spec.platform, backend=spec.backend,
-        max_batch_size=model.max_batch_size if batching else 0,
+        max_batch_size=model.batching.max_batch_size if batching else 0,
         input=[mc.ModelInput(name=t.name, data_type=config_dtype(t.dtype),
                              dims=_dims(t, batching)) for t in spec.inputs],
         output=[mc.ModelOutput(name=t.name, data_type=config_dtype(t.dtype),
@@ -117,7 +116,7 @@ def model_config(model: ModelRuntime) -> mc.ModelConfig:
     if batching:
         # Without batching every batch is one request, so no dynamic batcher is described.
         result.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(
-            preferred_batch_size=model.policy.preferred_batch_sizes,
+            preferred_batch_size=model.batching.preferred_batch_sizes,
             max_queue_delay_microseconds=config.max_queue_delay_us,
             default_queue_policy=mc.ModelQueuePolicy(max_queue_size=config.max_queue_size),
         ))
@@ -143,17 +142,11 @@ def _duration(count: int, seconds: float) -> pb.StatisticDuration:
 
 
 def _sum_stages(stages: Iterable[StageTotals]) -> StageTotals:
-    total = StageTotals()
-    for s in stages:
-        total.count += s.count
-        total.input_s += s.input_s
-        total.infer_s += s.infer_s
-        total.output_s += s.output_s
-    return total
+    return sum(stages, StageTotals())
 
 
-def model_statistics(model: ModelRuntime) -> pb.ModelStatistics:
-    workers = model.worker_stats
+def model_statistics(model: ModelSnapshot) -> pb.ModelStatistics:
+    workers = model.workers
     c = model.counters
     per_request = _sum_stages(w.request_stages for w in workers)
     sizes = sorted({size for w in workers for size in w.stages_by_batch_size})

@@ -7,30 +7,30 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from service.engine.repository import ModelRepository
+from service.engine.api import Engine, InferRequest
 from service.errors import NotFound
 from service.frontends import v1_convert as convert
-from service.frontends.common import check_inputs, deadline_of, infer_within_budget
+from service.frontends.common import check_inputs, deadline_of
 from service.frontends.errors import status_of, streaming, unary
 from service.frontends.streaming import answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.limits import ByteBudget
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, budget: ByteBudget | None = None) -> None:
-        self._models = repository
-        self._budget = budget or ByteBudget(0)
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
-        model = self._models.get(request.model)
-        wanted = convert.check_outputs(request, model.spec)
+        model = self._engine.describe(request.model)
+        # Refused before any tensor is decoded: outputs the model lacks, inputs it can't take.
+        convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
-        inputs, dtypes = convert.decode_inputs(request)
-        outputs = await infer_within_budget(model, self._budget, inputs, deadline, dtypes)
-        return convert.encode_outputs(request, wanted, outputs)
+        result = await self._engine.infer(InferRequest(
+            request.model, convert.decode_inputs(request), outputs=tuple(request.outputs),
+            deadline=deadline))
+        return convert.encode_outputs(request, result)
 
     @unary
     async def Infer(self, request: pb.InferRequest,
@@ -58,13 +58,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     @unary
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        models = [self._models.get(request.model)] if request.model else list(self._models)
-        return pb.StatsResponse(models=[convert.model_stats(m) for m in models],
-                                uptime_seconds=time.monotonic() - self._started)
+        snapshot = await self._engine.stats(request.model or None)
+        return pb.StatsResponse(
+            models=[convert.model_stats(m, self._engine.describe(m.name))
+                    for m in snapshot.models],
+            uptime_seconds=time.monotonic() - self._started)
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         if not request.model:
             raise NotFound("ModelMetadata needs a model name")
-        return convert.model_metadata(self._models.get(request.model))
+        return convert.model_metadata(self._engine.describe(request.model))

@@ -635,8 +635,8 @@ async def test_served_through_model_runtime(cuda: HostCudaRuntime) -> None:
         for x, out in zip(xs, outs, strict=True):
             np.testing.assert_array_equal(out["y"], 2 * x + 1)
         assert sum(s.graph_launches for s in runtime.worker_stats) > 0
-        assert all(s.stream_non_blocking for s in runtime.worker_stats)
-        assert [s.profile for s in runtime.worker_stats] == [0, 0, 1, 1]
+        assert all(s.info.stream_non_blocking for s in runtime.worker_stats)
+        assert [s.info.profile for s in runtime.worker_stats] == [0, 0, 1, 1]
     finally:
         await runtime.stop()
     assert cuda.live() == dict.fromkeys(cuda.live(), 0)

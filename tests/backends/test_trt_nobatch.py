@@ -140,8 +140,8 @@ def test_kserve_config_of_an_engine_without_a_batch_dimension(cuda):
                                    True, trt_module, "fixed", batching=spec.batching)
     config = ModelConfig(name="fixed", path="fixed.plan", backend="tensorrt", workers=1,
                          graph_batch_sizes=(1, 2))
-    described = kserve_model_config.model_config(ModelRuntime(config, LoadedModel(spec,
-                                                                                   factories)))
+    described = kserve_model_config.model_config(
+        ModelRuntime(config, LoadedModel(spec, factories)).description())
     assert described.max_batch_size == 0
     assert [list(i.dims) for i in described.input] == [[1, FEATURES]]
     assert [list(o.dims) for o in described.output] == [[1, FEATURES]]

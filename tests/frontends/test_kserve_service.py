@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from service.backends.base import LoadedModel, ModelSpec, ProfileSpec
+from service.backends.base import LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
 from service.config import ModelConfig
 from service.engine.model import ModelRuntime
 from service.frontends import kserve, kserve_model_config
@@ -277,13 +277,13 @@ def _tensorrt_runtime(profiles: int, workers_per_profile: int) -> ModelRuntime:
                          graph_batch_sizes=(1, 8, 32))
     runtime = ModelRuntime(config, LoadedModel(spec, double.factories))
     for stats in runtime.worker_stats:
-        stats.device = "cuda:1"
+        stats.info = WorkerInfo(device="cuda:1")
     return runtime
 
 
 def test_config_of_a_tensorrt_engine_names_each_groups_profile():
     config = kserve_model_config.model_config(_tensorrt_runtime(profiles=2,
-                                                                workers_per_profile=2))
+                                                                workers_per_profile=2).description())
     assert (config.platform, config.backend, config.max_batch_size) == (
         "tensorrt_plan", "tensorrt", 32)
     assert config.default_model_filename == "engine.plan"
@@ -301,7 +301,7 @@ def test_config_of_a_tensorrt_engine_names_each_groups_profile():
 
 
 def test_statistics_of_an_idle_model_are_zero():
-    stats = kserve_model_config.model_statistics(_tensorrt_runtime(1, 1))
+    stats = kserve_model_config.model_statistics(_tensorrt_runtime(1, 1).snapshot())
     assert (stats.name, stats.version, stats.last_inference) == ("engine", "1", 0)
     assert stats.inference_count == stats.execution_count == 0
     assert not stats.batch_stats

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from service.backends.base import ModelSpec
+from service.engine.api import InferResult, TensorOut
 from service.errors import TensorError
 from service.frontends.v1_convert import check_outputs, encode_outputs
 from service.gen.trtserve.v1 import inference_pb2 as pb
@@ -16,8 +17,12 @@ OUTPUTS = {"a": np.arange(4, dtype=np.float32).reshape(2, 2),
 
 
 def _answer(*names: str) -> pb.InferResponse:
+    """What trtserve.v1 answers: the outputs the engine picks (wanted_outputs), encoded."""
     request = pb.InferRequest(model="m", id="r", outputs=list(names))
-    return encode_outputs(request, check_outputs(request, SPEC), OUTPUTS)
+    result = InferResult("m", "1", {t.name: TensorOut(t.dtype, OUTPUTS[t.name].shape,
+                                                      OUTPUTS[t.name])
+                                    for t in check_outputs(request, SPEC)})
+    return encode_outputs(request, result)
 
 
 def test_no_named_output_answers_every_output_in_the_models_order():

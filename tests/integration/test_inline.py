@@ -12,8 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from client import AsyncClient, Client
-from service import model as model_module
 from service.config import ModelConfig
+from service.engine import model as model_module
 from tests.conftest import server_config
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
 from tests.reliability.harness import model_stats

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from service import model
+from service.engine import model
 from service.errors import TensorError
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model
 
