@@ -19,9 +19,13 @@ import signal
 import socket
 import sys
 
+from service import auth, tls
+from service.config import ServerConfig
 from service.engine.remote import RemoteEngine
 from service.ipc.shm import Arena
+from service.memory import tune_malloc
 from service.processes import log_format
+from service.server import NOT_SERVING, SERVING, Server, loop_factory
 
 log = logging.getLogger("trtserve.frontend")
 
@@ -37,8 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--event-loop", default="auto")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level, format=log_format(f"frontend-{args.index}"))
-    from service.server import loop_factory
-
     try:
         with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
             return runner.run(_serve(args))
@@ -47,9 +49,49 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    from service.server import FrontendServer
+class FrontendServer(Server):
+    """The gRPC side of `Server` over a `RemoteEngine`: no models here, health from the engine.
 
+    Its port is shared with the other frontends (SO_REUSEPORT); the engine process
+    checked and holds it, checked the models and serves metrics. What it checks
+    itself is what it uses: the token and the TLS files.
+    """
+
+    def __init__(self, config: ServerConfig, engine: RemoteEngine) -> None:
+        super().__init__(config)
+        self.remote = engine
+        self.engine = engine  # type: ignore[assignment]
+        engine.add_health_listener(self._on_engine_health)
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        return [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in super()._grpc_options()]
+
+    async def start(self) -> int:
+        token = auth.load_token(self.config.auth_token_file)
+        tls.check(self.config.tls)
+        await self._start_grpc(token)
+        # What the engine said before the port was bound.
+        for model in self.remote.models():
+            if self.remote.ready(model):
+                await self.health.set(model, SERVING)
+        if self.remote.ready():
+            await self._set_serving(True)
+        return self.port
+
+    def _on_engine_health(self, model: str, serving: bool) -> None:
+        if self._server is None or not (self._ready or serving or model):
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._set_serving(serving) if not model else
+            self.health.set(model, SERVING if serving else NOT_SERVING))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _drain(self) -> None:
+        await self.remote.drain()
+
+
+async def _serve(args: argparse.Namespace) -> int:
     engine = RemoteEngine(Arena(args.inputs_fd, args.arena_bytes),
                           Arena(args.outputs_fd, args.arena_bytes))
     sock = socket.socket(fileno=args.link_fd)
@@ -59,6 +101,7 @@ async def _serve(args: argparse.Namespace) -> int:
     except ConnectionError:
         log.error("the engine process went away before this frontend started")
         return 1
+    tune_malloc(config.malloc_mmap_threshold_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,6 +38,7 @@ from service.config import ServerConfig
 from service.engine.host import EngineHost, FrontendPort
 from service.errors import PortInUse, StartError
 from service.ipc.shm import Arena
+from service.metrics import start_metrics
 from service.server import Server
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ EXIT_MARGIN_S = 5.0
 
 
 def log_format(process: str) -> str:
-    """The log line format of one process of the server; the name says which."""
-    return f"%(asctime)s %(levelname)s {process} %(name)s: %(message)s"
+    """The log line format of one process of the server; the name says which ("": the
+    only process)."""
+    return f"%(asctime)s %(levelname)s {process + ' ' if process else ''}%(name)s: %(message)s"
 
 
 @dataclass
@@ -105,6 +107,17 @@ class EngineServer(Server):
         assert self.host is not None
         name = config.name  # type: ignore[attr-defined]
         self.host.set_health(name, self.engine.ready(name))
+
+    def _start_metrics(self) -> None:
+        """Metrics come from this process, which sees every model and every frontend."""
+        if not self.config.metrics_port:
+            return
+        assert self.host is not None
+        try:
+            self._metrics = start_metrics(self.config.metrics_port, self.config.host, self.host)
+        except OSError as e:
+            raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
+                            f"{self.config.metrics_port}: {e.strerror or e}") from None
 
     def _reserve_port(self) -> int:
         """Bind (without listening) every address of host:port with SO_REUSEPORT.

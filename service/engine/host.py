@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -27,8 +27,10 @@ from service.config import ServerConfig
 from service.engine.api import (
     Engine,
     FrontendSnapshot,
+    HealthListener,
     InferRequest,
     InferResult,
+    ModelDescription,
     StatsSnapshot,
     TensorIn,
 )
@@ -234,6 +236,23 @@ class EngineHost:
 
     def frontends(self) -> tuple[FrontendSnapshot, ...]:
         return tuple(p.snapshot() for p in sorted(self.ports.values(), key=lambda p: p.index))
+
+    # --- Engine, as metrics see it: the engine's, with the frontends' rows in its stats ---
+
+    def models(self) -> Sequence[str]:
+        return self.engine.models()
+
+    def describe(self, model: str, version: str = "") -> ModelDescription:
+        return self.engine.describe(model, version)
+
+    def ready(self, model: str | None = None) -> bool:
+        return self.engine.ready(model)
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        return await self.engine.infer(request)
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        self.engine.add_health_listener(listener)
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
         snapshot = await self.engine.stats(model)

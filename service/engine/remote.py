@@ -80,6 +80,10 @@ class RemoteEngine:
         self.config: asyncio.Future[ServerConfig] = loop.create_future()
         self.drain_requested = asyncio.Event()
         self.lost = asyncio.Event()
+        self._draining = False
+        # Set whenever no request is waiting for the engine's reply.
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def connect(self, sock: socket.socket) -> ServerConfig:
         """Open the link; returns the server config the engine sends first."""
@@ -114,6 +118,9 @@ class RemoteEngine:
         link = self._link
         if link is None or link.closed:
             raise Unavailable("the engine process is not reachable")
+        if self._draining:
+            raise Unavailable(f"model '{request.model}' is shutting down; not accepting "
+                              "requests")
         rid = next(self._ids)
         frame = link.outgoing()
         message = frame.requests.add()
@@ -138,6 +145,7 @@ class RemoteEngine:
             raise
         future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(future, offsets)
+        self._idle.clear()
         try:
             return await future
         except asyncio.CancelledError:
@@ -165,6 +173,11 @@ class RemoteEngine:
     def add_health_listener(self, listener: HealthListener) -> None:
         self._listeners.append(listener)
 
+    async def drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE); return once every accepted one is answered."""
+        self._draining = True
+        await self._idle.wait()
+
     # --- from the engine ---
 
     def _on_frame(self, frame: link_pb2.Frame) -> None:
@@ -185,6 +198,8 @@ class RemoteEngine:
                 pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
+        if not self._pending:
+            self._idle.set()
         if releases and self._link is not None and not self._link.closed:
             out = self._link.outgoing().releases
             for offset in releases:
@@ -236,6 +251,7 @@ class RemoteEngine:
             if not pending.future.done():
                 pending.future.set_exception(error)
         self._pending.clear()
+        self._idle.set()
         for future in self._queries.values():
             if not future.done():
                 future.set_exception(error)

@@ -46,7 +46,7 @@ class Link(asyncio.Protocol):
                  on_lost: Callable[[BaseException | None], None]) -> None:
         self._on_frame = on_frame
         self._on_lost = on_lost
-        self._transport: asyncio.Transport | None = None
+        self._transport: Any = None
         self._buffer = bytearray()
         self._pending: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -57,7 +57,7 @@ class Link(asyncio.Protocol):
     # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # asyncio's or uvloop's (which is no asyncio.Transport subclass): write/close alike.
         self._transport = transport
         self._loop = asyncio.get_running_loop()
 
