@@ -35,6 +35,7 @@ from service.engine.api import (
     ByteBudgetSnapshot,
     DurationHistogram,
     Engine,
+    FrontendSnapshot,
     ModelDescription,
     StatsSnapshot,
     WorkerSnapshot,
@@ -227,6 +228,26 @@ def budget_families(budget: ByteBudgetSnapshot) -> list[Metric]:
     return list(f)
 
 
+def frontend_families(frontends: Sequence[FrontendSnapshot]) -> list[Metric]:
+    """One row per frontend process (server.frontends > 1; none in one process)."""
+    if not frontends:
+        return []
+    f = _Families()
+    labels = ("frontend", "pid")
+    requests = f.counter("frontend_requests", "Requests a frontend process passed to the "
+                         "engine.", labels)
+    in_flight = f.gauge("frontend_in_flight", "Requests of a frontend process not yet "
+                        "answered by the engine.", labels)
+    cpu = f.counter("frontend_cpu_seconds", "CPU time (user + system) of a frontend process.",
+                    labels)
+    for s in frontends:
+        row = (str(s.index), str(s.pid))
+        requests.add_metric(row, s.requests)
+        in_flight.add_metric(row, s.in_flight)
+        cpu.add_metric(row, s.cpu_s)
+    return list(f)
+
+
 class StatsCollector(Collector):
     """Reads the engine's stats snapshot at scrape time, on the event loop that owns it."""
 
@@ -239,7 +260,8 @@ class StatsCollector(Collector):
     async def _read(self) -> list[Metric]:
         snapshot = await self._engine.stats()
         descriptions = {m.name: self._engine.describe(m.name) for m in snapshot.models}
-        return families(snapshot, descriptions) + budget_families(snapshot.request_bytes)
+        return (families(snapshot, descriptions) + budget_families(snapshot.request_bytes)
+                + frontend_families(snapshot.frontends))
 
     def collect(self) -> Iterable[Metric]:
         loop = self._loop

@@ -16,6 +16,7 @@ models' descriptions (`describe` is on every request's path) and their health.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -256,7 +257,7 @@ class EngineHost:
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
         snapshot = await self.engine.stats(model)
-        return StatsSnapshot(models=snapshot.models, frontends=self.frontends())
+        return dataclasses.replace(snapshot, frontends=self.frontends())
 
 
 def _cpu_s(pid: int) -> float:
