@@ -165,7 +165,7 @@ class EngineServer(Server):
         finally:
             theirs.close()
         ours.setblocking(False)
-        port = await self.host.attach(index, ours, inputs, outputs)
+        port = await self.host.attach(index, proc.pid, ours, inputs, outputs)
         frontend = FrontendProcess(index, proc, port, time.monotonic())
         self.frontends[index] = frontend
         watcher = asyncio.ensure_future(self._watch(frontend))

@@ -50,10 +50,11 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 class FrontendPort:
     """One frontend process as the engine sees it; owned by `EngineHost`."""
 
-    def __init__(self, host: EngineHost, index: int, inputs: Arena, outputs: Arena) -> None:
+    def __init__(self, host: EngineHost, index: int, pid: int, inputs: Arena,
+                 outputs: Arena) -> None:
         self.host = host
         self.index = index
-        self.pid = 0
+        self.pid = pid
         self.inputs = inputs
         self.outputs = outputs
         self.link: Link | None = None
@@ -137,7 +138,6 @@ class FrontendPort:
 
     def _control(self, c: link_pb2.Control) -> None:
         if c.kind == K.READY:
-            self.pid = c.pid
             if not self.ready.done():
                 self.ready.set_result(None)
         elif c.kind == K.STATS_QUERY:
@@ -193,10 +193,11 @@ class EngineHost:
         self.on_health: Callable[[str, bool], None] | None = None
         engine.add_health_listener(self._on_health)
 
-    async def attach(self, index: int, sock: socket.socket, inputs: Arena,
+    async def attach(self, index: int, pid: int, sock: socket.socket, inputs: Arena,
                      outputs: Arena) -> FrontendPort:
-        """Serve frontend `index` over `sock`; sends it the config, models and health."""
-        port = FrontendPort(self, index, inputs, outputs)
+        """Serve frontend `index` (process `pid`) over `sock`; sends it the config, the
+        models and their health."""
+        port = FrontendPort(self, index, pid, inputs, outputs)
         port.link = await open_link(sock, port.on_frame, port.on_lost)
         self.ports[index] = port
         port.send(K(kind=K.CONFIG, payload=encode_payload(self.config)))

@@ -40,7 +40,7 @@ def test_ring_never_overlaps_live_ranges() -> None:
         if offset is None:
             continue
         end = offset + -(-size // ALIGN_BYTES) * ALIGN_BYTES
-        assert 0 <= offset and end <= ring.capacity
+        assert offset >= 0 and end <= ring.capacity
         for o, n in live.items():
             assert end <= o or offset >= o + n, "ranges overlap"
         live[offset] = end - offset
