@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from service.config import ServerConfig
 from service.engine.host import EngineHost, FrontendPort
+from service.engine.model import ModelRuntime
 from service.errors import PortInUse, StartError
 from service.ipc.shm import Arena
 from service.metrics import start_metrics
@@ -107,6 +108,11 @@ class EngineServer(Server):
         assert self.host is not None
         name = config.name  # type: ignore[attr-defined]
         self.host.set_health(name, self.engine.ready(name))
+
+    async def add_model(self, runtime: ModelRuntime) -> None:
+        await super().add_model(runtime)
+        assert self.host is not None
+        self.host.set_health(runtime.name, self.engine.ready(runtime.name))
 
     def _start_metrics(self) -> None:
         """Metrics come from this process, which sees every model and every frontend."""

@@ -149,7 +149,9 @@ class RemoteEngine:
         try:
             return await future
         except asyncio.CancelledError:
-            if not future.done() and not link.closed:
+            # The await cancelled `future` too; the request waits for the engine's reply
+            # until it comes (its input range is the engine's to read until then).
+            if rid in self._pending and not link.closed:
                 link.outgoing().cancels.append(rid)
             raise
 
