@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from service import echo
 from service.config import ServerConfig
 from service.engine.api import (
     HealthListener,
@@ -32,6 +33,7 @@ from service.engine.api import (
     ModelDescription,
     StatsSnapshot,
     TensorOut,
+    check_version,
 )
 from service.errors import NotFound, ServeError, Unavailable
 from service.gen.trtserve.internal import link_pb2
@@ -101,10 +103,10 @@ class RemoteEngine:
 
     def describe(self, model: str, version: str = "") -> ModelDescription:
         description = self._descriptions.get(model)
-        if description is None:
-            raise NotFound(f"model '{model}' is not served")
-        if version and version != description.version:
-            raise NotFound(f"model '{model}' has no version '{version}'")
+        if description is None:  # as the engine's repository says it
+            raise NotFound(f"model '{echo.text(model)}' is not served here; served models: "
+                           f"{sorted(self._descriptions)}")
+        check_version(model, version)
         return description
 
     def ready(self, model: str | None = None) -> bool:
