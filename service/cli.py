@@ -31,11 +31,14 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device", "batching", "max_input_bytes", "cpu_memory_arena")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "metrics_port", "grace_period_s", "auth_token_file",
+SERVER_FLAGS = ("host", "port", "metrics_port", "metrics_host", "metrics_requires_auth",
+                "metrics_tls", "metrics_max_connections", "metrics_timeout_s",
+                "metrics_render_interval_s", "grace_period_s", "auth_token_file",
                 "health_requires_auth", "event_loop", "max_receive_message_bytes",
                 "max_send_message_bytes", "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
-                "trim_after_request_bytes", "frontends")
+                "trim_after_request_bytes", "max_in_flight_per_stream",
+                "max_unsent_bytes_per_stream", "frontends")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +52,19 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 8001)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; 0 = off)")
+    p.add_argument("--metrics-host",
+                   help="address the Prometheus port binds (default 127.0.0.1, not --host)")
+    p.add_argument("--metrics-requires-auth", action=argparse.BooleanOptionalAction,
+                   default=None, help="scrapes need the bearer token (default no)")
+    p.add_argument("--metrics-tls", action=argparse.BooleanOptionalAction, default=None,
+                   help="serve metrics over HTTPS with --tls-cert/--tls-key (default no)")
+    p.add_argument("--metrics-max-connections", type=int,
+                   help="scrape connections held at once; more get 503 (default 16)")
+    p.add_argument("--metrics-timeout-s", type=float,
+                   help="to send a scrape's headers, take its response, or sit idle "
+                        "(default 5)")
+    p.add_argument("--metrics-render-interval-s", type=float,
+                   help="scrapes within it share one render (default 1; 0 = every scrape)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     p.add_argument("--health-requires-auth", action=argparse.BooleanOptionalAction,
@@ -70,6 +86,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trim-after-request-bytes", type=int,
                    help="give free memory back to the system after a request with this many "
                         "input bytes (default 4 MiB, 0 = never)")
+    p.add_argument("--max-in-flight-per-stream", type=int,
+                   help="requests in flight on one stream before it stops reading (default 1024)")
+    p.add_argument("--max-unsent-bytes-per-stream", type=int,
+                   help="answer bytes not yet sent on one stream before it stops reading "
+                        "(default 64 MiB)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")

@@ -192,10 +192,25 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_port: int = 8002  # 0: no Prometheus endpoint
+    # Its own address: loopback unless a scraper elsewhere must reach it (then
+    # metrics_requires_auth, TLS, or a NetworkPolicy).
+    metrics_host: str = "127.0.0.1"
+    metrics_requires_auth: bool = False  # the gRPC bearer token, as `Authorization: Bearer`
+    metrics_tls: bool = False  # HTTPS with server.tls's cert and key (and client CA: mTLS)
+    # Connections held at once; one more is answered 503 and closed.
+    metrics_max_connections: int = 16
+    # To send a request's headers, to take the response, idle keep-alive, TLS handshake.
+    metrics_timeout_s: float = 5.0
+    # Scrapes within this share one render; 0: every scrape renders (concurrent ones share).
+    metrics_render_interval_s: float = 1.0
     grace_period_s: float = 30.0  # drain time on SIGTERM before in-flight work is abandoned
     max_receive_message_bytes: int = 256 * 1024 * 1024
     max_send_message_bytes: int = 256 * 1024 * 1024
     max_concurrent_streams: int = 0  # 0: gRPC's default
+    # What one InferStream / ModelStreamInfer may hold before it stops reading:
+    # requests read whose answer has not been sent, and bytes of answers not sent.
+    max_in_flight_per_stream: int = 1024
+    max_unsent_bytes_per_stream: int = 64 * 1024 * 1024
     stats_window_s: float = 10.0
     auth_token_file: str = ""  # or the TRTSERVE_AUTH_TOKEN environment variable
     health_requires_auth: bool = False
@@ -233,6 +248,16 @@ class ServerConfig:
         _require(not self.metrics_port or self.metrics_port != self.port,
                  "server.metrics_port", self.metrics_port,
                  f"a port other than server.port ({self.port}), or 0 (off)")
+        _require(bool(self.metrics_host), "server.metrics_host", self.metrics_host,
+                 "an address such as 127.0.0.1 (loopback) or 0.0.0.0 (every IPv4 interface)")
+        _require(not self.metrics_tls or self.tls.enabled, "server.metrics_tls",
+                 self.metrics_tls, "server.tls.cert_file and key_file as well")
+        _require(1 <= self.metrics_max_connections <= 10_000, "server.metrics_max_connections",
+                 self.metrics_max_connections, "1..10000")
+        _require(0 < self.metrics_timeout_s <= 600, "server.metrics_timeout_s",
+                 self.metrics_timeout_s, "more than 0 and at most 600 seconds")
+        _require(0 <= self.metrics_render_interval_s <= 60, "server.metrics_render_interval_s",
+                 self.metrics_render_interval_s, "0 (every scrape) .. 60 seconds")
         _require(self.grace_period_s >= 0, "server.grace_period_s", self.grace_period_s,
                  "0 or more")
         for key in ("max_receive_message_bytes", "max_send_message_bytes"):
@@ -240,6 +265,10 @@ class ServerConfig:
                      "at least 1024")
         _require(self.max_concurrent_streams >= 0, "server.max_concurrent_streams",
                  self.max_concurrent_streams, "0 (default) or more")
+        _require(self.max_in_flight_per_stream >= 1, "server.max_in_flight_per_stream",
+                 self.max_in_flight_per_stream, "1 or more")
+        _require(self.max_unsent_bytes_per_stream >= 1, "server.max_unsent_bytes_per_stream",
+                 self.max_unsent_bytes_per_stream, "1 or more")
         _require(self.stats_window_s > 0, "server.stats_window_s", self.stats_window_s,
                  "more than 0")
         for key in ("max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",

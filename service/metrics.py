@@ -1,10 +1,11 @@
-"""Prometheus metrics on their own HTTP port (`--metrics-port`, default 8002; 0: off).
+"""Prometheus metrics on their own address (`--metrics-host`, default 127.0.0.1) and port
+(`--metrics-port`, default 8002; 0: off).
 
-Nothing on the request path touches Prometheus objects: a custom collector
-reads the engine's stats snapshot (service/engine/api.py) when Prometheus
-scrapes. The engine's counters belong to the event loop, so the scrape (on the
-HTTP server's thread) asks for the snapshot on the loop and waits for it: one
-short callback per scrape, no locks on the hot path.
+Nothing on the request path touches Prometheus objects: the engine's stats
+snapshot (service/engine/api.py) is read when Prometheus scrapes. The engine's
+counters belong to the event loop, so a render is answered on the loop: one
+short read per render, no locks on the hot path. Renders are shared by every scrape within a second
+(service/metrics_http.py), so scrapers cannot multiply that callback.
 
 Every name starts with `trtserve_`. Labels: `model`; per worker also `worker`
 (its index), `profile` (its optimization profile) and `device` ("cpu", or the
@@ -13,24 +14,21 @@ GPU the worker's stream runs on). docs/protocols.md lists every metric.
 
 from __future__ import annotations
 
-import asyncio
+import ipaddress
 import logging
-import socket
-import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import ThreadingWSGIServer
-from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from service import auth
+from service.config import ServerConfig
 from service.engine.api import (
     ByteBudgetSnapshot,
     DurationHistogram,
@@ -40,14 +38,15 @@ from service.engine.api import (
     StatsSnapshot,
     WorkerSnapshot,
 )
+from service.errors import ConfigError
+from service.metrics_http import PATH, ScrapeLimits, bind
+from service.metrics_process import MetricsProcess, MetricsStartError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "trtserve"
 MODEL_LABELS = ("model",)
 WORKER_LABELS = ("model", "worker", "profile", "device")
-# How long a scrape waits for the event loop before it fails (HTTP 500).
-SCRAPE_TIMEOUT_S = 5.0
 
 
 def _buckets(histogram: DurationHistogram) -> list[tuple[str, float]]:
@@ -248,83 +247,54 @@ def frontend_families(frontends: Sequence[FrontendSnapshot]) -> list[Metric]:
     return list(f)
 
 
-class StatsCollector(Collector):
-    """Reads the engine's stats snapshot at scrape time, on the event loop that owns it."""
+async def snapshot(engine: Engine) -> bytes:
+    """Every model's metric families, pickled for the metrics process. Call on the loop.
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop | None = None,
-                 timeout_s: float = SCRAPE_TIMEOUT_S) -> None:
-        self._engine = engine
-        self._loop = loop
-        self._timeout_s = timeout_s
-
-    async def _read(self) -> list[Metric]:
-        snapshot = await self._engine.stats()
-        descriptions = {m.name: self._engine.describe(m.name) for m in snapshot.models}
-        return (families(snapshot, descriptions) + budget_families(snapshot.request_bytes)
-                + frontend_families(snapshot.frontends))
-
-    def collect(self) -> Iterable[Metric]:
-        loop = self._loop
-        if loop is None:
-            return asyncio.run(self._read())
-        if _running_loop() is loop:
-            # The snapshot is awaited on this loop, which a call from the loop's own
-            # thread would block: scrapes come from the HTTP server's threads.
-            raise RuntimeError("metrics are collected from another thread than the loop's")
-        if loop.is_closed():
-            return []
-        return asyncio.run_coroutine_threadsafe(self._read(), loop).result(self._timeout_s)
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        """Scrapes every few seconds would flood stderr; errors still surface as 500s."""
-
-
-class MetricsServer:
-    """The HTTP endpoint: `/metrics` (any path answers) on its own thread."""
-
-    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
-        family, address = _best_family(host, port)
-
-        class Server(ThreadingWSGIServer):
-            address_family = family
-
-        self._httpd = make_server(address, port, make_wsgi_app(registry), Server,
-                                  handler_class=_QuietHandler)
-        self.port: int = self._httpd.server_port
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.1,),
-                                        name="trtserve-metrics", daemon=True)
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
-
-
-def _best_family(host: str, port: int) -> tuple[socket.AddressFamily, str]:
-    info = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                              flags=socket.AI_PASSIVE)
-    family, _, _, _, sockaddr = info[0]
-    return family, str(sockaddr[0])
-
-
-def start_metrics(port: int, host: str, engine: Engine) -> MetricsServer:
-    """Serve Prometheus metrics for `engine` on host:port (port 0: any free port).
-
-    Call on the event loop that serves the engine: scrapes read its stats there.
+    Reading them is the part that must run here (about 1 ms for four models of
+    two workers); the text format (three times that) is the child's work.
     """
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(engine, _running_loop()))
-    ProcessCollector(namespace=PREFIX, registry=registry)
-    server = MetricsServer(host, port, registry)
-    log.info("Prometheus metrics on http://%s:%d/metrics", host, server.port)
+    stats = await engine.stats()
+    descriptions = {m.name: engine.describe(m.name) for m in stats.models}
+    found = (families(stats, descriptions) + budget_families(stats.request_bytes)
+             + frontend_families(stats.frontends))
+    return pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def start_metrics(config: ServerConfig, engine: Engine) -> MetricsProcess:
+    """Serve Prometheus metrics for `engine` on metrics_host:metrics_port.
+
+    Call on the event loop that owns the models: renders read their stats there.
+    The HTTP side runs in a child process (service/metrics_child.py).
+    """
+    token = auth.load_token(config.auth_token_file) if config.metrics_requires_auth else None
+    if config.metrics_requires_auth and token is None:
+        raise ConfigError(f"server.metrics_requires_auth: got True, but no token is set "
+                          f"(server.auth_token_file or {auth.TOKEN_ENV})")
+    tls = {"cert_file": config.tls.cert_file, "key_file": config.tls.key_file,
+           "client_ca_file": config.tls.client_ca_file} if config.metrics_tls else None
+    limits = ScrapeLimits(config.metrics_max_connections, config.metrics_timeout_s,
+                          config.metrics_render_interval_s)
+    sock = bind(config.metrics_host, config.metrics_port, backlog=limits.max_connections)
+    try:
+        server = MetricsProcess(sock, lambda: snapshot(engine), limits,
+                                token=token, tls=tls)
+    except MetricsStartError as e:
+        sock.close()
+        raise ConfigError(str(e)) from None
+    scheme = "https" if tls else "http"
+    log.info("Prometheus metrics on %s://%s:%d%s (%s)", scheme, config.metrics_host,
+             server.port, PATH, "bearer token required" if token else "no token")
+    if not _is_loopback(config.metrics_host) and token is None:
+        log.warning("metrics on %s without a token: anyone who can reach it can read them "
+                    "(set metrics_requires_auth, or metrics_host 127.0.0.1)",
+                    config.metrics_host)
     return server
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

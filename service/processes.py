@@ -120,10 +120,11 @@ class EngineServer(Server):
             return
         assert self.host is not None
         try:
-            self._metrics = start_metrics(self.config.metrics_port, self.config.host, self.host)
+            self._metrics = start_metrics(self.config, self.host)
         except OSError as e:
-            raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
-                            f"{self.config.metrics_port}: {e.strerror or e}") from None
+            raise PortInUse(f"server.metrics_port: cannot serve metrics on "
+                            f"{self.config.metrics_host}:{self.config.metrics_port}: "
+                            f"{e.strerror or e}") from None
 
     def _reserve_port(self) -> int:
         """Bind (without listening) every address of host:port with SO_REUSEPORT.

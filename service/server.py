@@ -27,11 +27,13 @@ from service.engine.repository import ModelRepository, check_model
 from service.errors import ConfigError, PortInUse, StartError
 from service.frontends import malformed
 from service.frontends.kserve import add_to_server
+from service.frontends.streaming import StreamLimits
 from service.frontends.v1 import InferenceService
 from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from service.limits import ByteBudget
 from service.memory import Trimmer
-from service.metrics import MetricsServer, start_metrics
+from service.metrics import start_metrics
+from service.metrics_process import MetricsProcess
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class Server:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self._server: grpc.aio.Server | None = None
-        self._metrics: MetricsServer | None = None
+        self._metrics: MetricsProcess | None = None
         self._stopping = asyncio.Event()
         self._services: list[str] = [V1_SERVICE]
         self._background: set[asyncio.Task[None]] = set()
@@ -155,7 +157,7 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.engine), services)
+            InferenceService(self.engine, self._stream_limits()), services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         _add_reflection(services, [
@@ -216,17 +218,22 @@ class Server:
     def _add_kserve(self, server: _GenericHandlersOnly) -> None:
         """KServe v2 / Open Inference Protocol on the same port as trtserve.v1."""
         self._services.append(add_to_server(server, self.engine,
-                                            server_ready=lambda: self._ready))
+                                            server_ready=lambda: self._ready,
+                                            stream_limits=self._stream_limits()))
+
+    def _stream_limits(self) -> StreamLimits:
+        return StreamLimits(max_in_flight=self.config.max_in_flight_per_stream,
+                            max_unsent_bytes=self.config.max_unsent_bytes_per_stream)
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
             return
         try:
-            self._metrics = start_metrics(self.config.metrics_port, self.config.host,
-                                          self.engine)
+            self._metrics = start_metrics(self.config, self.engine)
         except OSError as e:
-            raise PortInUse(f"server.metrics_port: cannot serve metrics on {self.config.host}:"
-                            f"{self.config.metrics_port}: {e.strerror or e}") from None
+            raise PortInUse(f"server.metrics_port: cannot serve metrics on "
+                            f"{self.config.metrics_host}:{self.config.metrics_port}: "
+                            f"{e.strerror or e}") from None
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, answer accepted work, then close."""

@@ -89,6 +89,7 @@ def test_trtserve_args_make_a_valid_config(trtserve):
     assert [(m.name, m.path, m.resolved_backend) for m in config.models] == [
         (model, path, "tensorrt")]
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 8001, 8002)
+    assert (config.metrics_host, config.metrics_requires_auth) == ("0.0.0.0", True)
 
 
 def test_probes_are_native_grpc_health_checks_of_the_server_and_the_model(trtserve):
@@ -114,6 +115,16 @@ def test_prometheus_scrapes_the_metrics_port(pod, trtserve):
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(port)
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_metrics_on_the_pod_ip_require_the_token(trtserve):
+    """Prometheus reaches the pod IP, so metrics bind it; then scrapes need the token
+    (the default, loopback, would be unreachable; the pod IP without a token, open)."""
+    args = trtserve["args"]
+    assert flag(args, "--metrics-host") == "0.0.0.0"
+    assert "--metrics-requires-auth" in args and "--no-metrics-requires-auth" not in args
+    env = {e["name"]: e for e in trtserve["env"]}
+    assert env["TRTSERVE_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
 
 
 def test_trtserve_and_the_engine_build_request_one_gpu(pod, trtserve):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -90,7 +91,7 @@ def wanted_outputs(model: str, spec: ModelSpec, names: Sequence[str]) -> Sequenc
 # --- tensors ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RegionRef:
     """Bytes of a registered shared-memory region: `byte_size` bytes from `offset`.
 
@@ -104,7 +105,7 @@ class RegionRef:
     byte_size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorIn:
     """One input of a request: its wire dtype name, full shape, and where its bytes are.
 
@@ -118,7 +119,11 @@ class TensorIn:
     data: np.ndarray | RegionRef
 
 
-@dataclass(frozen=True)
+# Shared by every request that writes no output into a region (most): immutable.
+_NO_REGIONS: Mapping[str, RegionRef] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
 class InferRequest:
     """What a frontend asks of the engine for one request of one model."""
 
@@ -129,12 +134,12 @@ class InferRequest:
     # Outputs to return, in this order; empty: every output, in the model's order.
     outputs: Sequence[str] = ()
     # Outputs the engine writes into a region instead of returning them.
-    output_regions: Mapping[str, RegionRef] = field(default_factory=dict)
+    output_regions: Mapping[str, RegionRef] = field(default_factory=lambda: _NO_REGIONS)
     # Serving clock; None: no deadline.
     deadline: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorOut:
     """One output of a result. `data` is the array, or where the engine wrote it."""
 
@@ -143,7 +148,7 @@ class TensorOut:
     data: np.ndarray | RegionRef
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InferResult:
     model: str
     version: str

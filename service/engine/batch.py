@@ -1,27 +1,58 @@
-"""A request waiting for execution, and a batch of them."""
+"""A request waiting for execution, and a batch of them.
+
+A batch is merged from its requests here (`Batch.inputs`, what the executor
+runs) and its outputs split back into each request's here (`Batch.split`); a
+request's future is completed only here (`Request.answer`, `Request.fail`), so
+that the batcher and the model never race to complete one twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 Outputs = dict[str, np.ndarray]
+# Non-batch dimensions of every input; only requests with equal keys share a batch.
+ShapeKey = tuple[tuple[int, ...], ...]
+
+
+class Validated(NamedTuple):
+    """What validation found of a request: its rows, and the key of batches it may join."""
+
+    rows: int
+    shape_key: ShapeKey
 
 
 @dataclass(eq=False)
 class Request:
     inputs: dict[str, np.ndarray]
     rows: int
-    # Non-batch dimensions of every input; only requests with equal keys share a batch.
-    shape_key: tuple[tuple[int, ...], ...]
+    shape_key: ShapeKey
     arrival: float  # serving clock (service.engine.timer.now)
     deadline: float | None  # serving clock; None: no deadline
     future: asyncio.Future[Outputs]
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
+
+    @property
+    def answered(self) -> bool:
+        """Answered, failed, or cancelled by its caller (whose handler has gone)."""
+        return self.future.done()
+
+    def answer(self, outputs: Outputs) -> None:
+        """Give the request its outputs, unless it already has its answer or was cancelled."""
+        if not self.future.done():
+            self.future.set_result(outputs)
+
+    def fail(self, error: BaseException) -> None:
+        """Give the request its error, unless it already has its answer or was cancelled."""
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 @dataclass(eq=False)
@@ -30,7 +61,7 @@ class Batch:
     rows: int = 0
 
     @property
-    def shape_key(self) -> tuple[tuple[int, ...], ...] | None:
+    def shape_key(self) -> ShapeKey | None:
         return self.requests[0].shape_key if self.requests else None
 
     def add(self, request: Request) -> None:
@@ -47,5 +78,21 @@ class Batch:
         return {name: (self.rows, *a.shape[1:]) for name, a in first.inputs.items()}
 
     def inputs(self) -> dict[str, list[np.ndarray]]:
+        """Each input's parts, request by request: the executor gathers them into its buffer."""
         names = self.requests[0].inputs
         return {name: [r.inputs[name] for r in self.requests] for name in names}
+
+    def split(self, outputs: Outputs, batching: bool) -> Iterator[tuple[Request, Outputs]]:
+        """Each request with its rows of the batch's outputs (views, no copy), in order.
+
+        A model that does not batch runs one request per batch, and that request
+        gets the outputs as produced (their first dimension need not be rows).
+        """
+        if not batching:
+            yield self.requests[0], outputs
+            return
+        offset = 0
+        for request in self.requests:
+            end = offset + request.rows
+            yield request, {name: array[offset:end] for name, array in outputs.items()}
+            offset = end

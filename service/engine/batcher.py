@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from service.engine.batch import Batch, Request
 from service.engine.scheduler import Scheduler
@@ -44,26 +44,38 @@ class BatchPolicy:
             else self.max_batch_size
 
 
+class Dispatcher(Protocol):
+    """What the batcher asks of its model (ModelRuntime): the one interface between them.
+
+    The model answers back through `Batcher.submit`, `worker_done`, `worker_freed`
+    and `close`; nothing else crosses.
+    """
+
+    def dispatch(self, worker: int, batch: Batch) -> None:
+        """Run `batch` on `worker`, which the batcher has acquired; the model calls
+        `Batcher.worker_done(worker)` when it has finished."""
+        ...
+
+    def drop(self, request: Request, reason: str) -> None:
+        """A request leaves unexecuted: "cancelled", "deadline", or "unavailable"."""
+        ...
+
+    def hold_s(self, batch: Batch) -> float:
+        """Seconds the batch should still wait for a worker to free up although another
+        one is idle, 0 for none (ModelRuntime: a quick batch waits for the quick batch
+        in flight)."""
+        ...
+
+
 class Batcher:
-    def __init__(
-        self,
-        model: str,
-        policy: BatchPolicy,
-        scheduler: Scheduler,
-        dispatch: Callable[[int, Batch], None],
-        drop: Callable[[Request, str], None],
-        hold: Callable[[Batch], float] = lambda batch: 0.0,
-    ) -> None:
-        self._model = model
+    def __init__(self, model: str, policy: BatchPolicy, scheduler: Scheduler,
+                 dispatcher: Dispatcher) -> None:
+        self._model_name = model
         self._policy = policy
         self._scheduler = scheduler
-        self._dispatch = dispatch
-        # drop(request, reason): a request leaves unexecuted ("cancelled" / "deadline").
-        self._drop = drop
-        # hold(batch): seconds the batch should still wait for a worker to free
-        # up although another one is idle, 0 for none (ModelRuntime: a quick
-        # batch waits for the quick batch in flight).
-        self._hold = hold
+        self._dispatch = dispatcher.dispatch
+        self._drop = dispatcher.drop
+        self._hold = dispatcher.hold_s
         self._pending: deque[Request] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
@@ -84,10 +96,11 @@ class Batcher:
     def submit(self, request: Request) -> None:
         """Queue a request, or refuse it at once (closed, or queue full)."""
         if self._closed:
-            raise Unavailable(f"model '{self._model}' is shutting down; not accepting requests")
+            raise Unavailable(f"model '{self._model_name}' is shutting down; not accepting "
+                              "requests")
         if len(self._pending) >= self._policy.max_queue_size:
             raise ResourceExhausted(
-                f"model '{self._model}' queue is full: {len(self._pending)} requests waiting "
+                f"model '{self._model_name}' queue is full: {len(self._pending)} requests waiting "
                 f"(max_queue_size={self._policy.max_queue_size})")
         if self._dispatch_now(request):
             return
@@ -146,8 +159,13 @@ class Batcher:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
+    def worker_done(self, worker: int) -> None:
+        """The worker has finished the batch it was dispatched: it is free for the next."""
+        self._scheduler.release(worker)
+        self.worker_freed()
+
     def worker_freed(self) -> None:
-        """A worker finished a batch (or left the rotation): wake a batch that waits for one.
+        """A worker finished a batch (or rejoined the rotation): wake a batch that waits for one.
 
         Nothing else sleeps on workers: a batch filling waits for rows or its
         deadline, and an idle batcher for a request.
@@ -211,7 +229,7 @@ class Batcher:
 
     def _live(self, request: Request) -> bool:
         """False (and the request dropped) if it was cancelled or its deadline passed."""
-        if request.future.done():
+        if request.answered:
             self._drop(request, "cancelled")
             return False
         if request.expired(now()):
@@ -237,7 +255,7 @@ class Batcher:
         """Move queued requests into the batch, in order, while they fit."""
         while self._pending and batch.rows < limit:
             head = self._pending[0]
-            if head.future.done():
+            if head.answered:
                 self._pending.popleft()
                 self._drop(head, "cancelled")
                 continue
@@ -312,12 +330,11 @@ class Batcher:
             self._trim_to_preferred(batch)
 
     def _refuse(self, batch: Batch) -> None:
-        error = Unavailable(f"model '{self._model}' has no healthy worker for input shapes "
+        error = Unavailable(f"model '{self._model_name}' has no healthy worker for input shapes "
                             f"{batch.shapes()}")
         for request in batch.requests:
             self._drop(request, "unavailable")
-            if not request.future.done():
-                request.future.set_exception(error)
+            request.fail(error)
 
     def _prune(self, batch: Batch) -> None:
         live = [r for r in batch.requests if self._live(r)]

@@ -82,9 +82,13 @@ class LocalEngine:
     # --- requests ------------------------------------------------------------------------
 
     async def infer(self, request: InferRequest) -> InferResult:
-        runtime = self._runtime(request.model, request.version)
-        spec = runtime.spec
-        wanted = wanted_outputs(request.model, spec, request.outputs)
+        # On every request's path, at concurrency 1 too: kept to plain lookups.
+        runtime = self._repository.get(request.model)
+        if request.version:
+            check_version(request.model, request.version)
+        outputs_asked = request.outputs
+        wanted = wanted_outputs(request.model, runtime.spec, outputs_asked) if outputs_asked \
+            else runtime.spec.outputs
         if request.output_regions:
             name = next(iter(request.output_regions))
             raise TensorError(name, "output to a shared-memory region: shared-memory regions "
@@ -98,30 +102,22 @@ class LocalEngine:
                                   "regions are not supported")
             arrays[name] = data
             dtypes[name] = tensor.dtype
-        outputs = await self._infer_within_budget(runtime, arrays, request.deadline, dtypes)
-        return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
-
-    async def _infer_within_budget(self, runtime: ModelRuntime, inputs: Mapping[str, np.ndarray],
-                                   deadline: float | None,
-                                   dtypes: Mapping[str, str]) -> Mapping[str, np.ndarray]:
-        """`runtime.infer`, holding the inputs' bytes in the server's budget until answered.
-
-        Validation comes first, so that a request that can never run is told so
-        (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The bytes are
-        released once, however the request ends: answered, failed, cancelled or
-        expired.
-        """
+        # The server's budget of request bytes in flight holds the inputs until the request
+        # is answered. Validation comes first, so that a request that can never run is told
+        # so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The bytes are
+        # released once, however the request ends: answered, failed, cancelled or expired.
         budget = self._budget
-        nbytes = request_bytes(inputs)
+        nbytes = request_bytes(arrays)
         try:
-            runtime.validate(inputs, dtypes)
+            runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                return await runtime.infer(inputs, deadline, dtypes)
+                outputs = await runtime.infer(arrays, request.deadline, dtypes)
             finally:
                 budget.release(nbytes)
         finally:
             budget.finished(nbytes)
+        return InferResult(request.model, MODEL_VERSION, _answer(wanted, outputs))
 
     # --- statistics and health -----------------------------------------------------------
 

@@ -29,7 +29,7 @@ from service.engine.api import (
     ModelDescription,
     ModelSnapshot,
 )
-from service.engine.batch import Batch, Outputs, Request
+from service.engine.batch import Batch, Outputs, Request, Validated
 from service.engine.batcher import Batcher, BatchPolicy
 from service.engine.scheduler import Scheduler
 from service.engine.stats import ModelCounters, Samples, WorkerStats
@@ -99,7 +99,7 @@ class ModelRuntime:
         self._retry_timers: list[asyncio.TimerHandle | None] = [None] * len(self.workers)
         # Outputs whose shape disagreed with the declaration, logged once each.
         self._shape_warned: set[str] = set()
-        self._validated: dict[_Signature, tuple[int, tuple[tuple[int, ...], ...]]] = {}
+        self._validated: dict[_Signature, Validated] = {}
         # Bytes and dimension bounds per input from the config (ConfigError here if
         # they name inputs the model lacks).
         self._limits = InputLimits(config, self.spec)
@@ -139,8 +139,7 @@ class ModelRuntime:
             stats.started_on(worker.info)
         self._idle = asyncio.Event()
         self._idle.set()
-        self._batcher = Batcher(self.name, self.policy, self.scheduler, self._dispatch,
-                                self._drop, self._hold_s)
+        self._batcher = Batcher(self.name, self.policy, self.scheduler, self)
         self._batcher_task = asyncio.create_task(self._batcher.run(), name=f"{self.name}-batcher")
         self.ready = True
 
@@ -238,7 +237,7 @@ class ModelRuntime:
             outputs = await request.future
         except asyncio.CancelledError:
             # grpc.aio cancels the handler when its client cancels or its deadline
-            # passes; the batcher then drops the request unexecuted (see _drop).
+            # passes; the batcher then drops the request unexecuted (see drop).
             if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
                 self.counters.deadline_exceeded += 1
             else:
@@ -256,9 +255,9 @@ class ModelRuntime:
         self.counters.success_histogram.observe(elapsed)
         return outputs
 
-    def validate(self, inputs: Mapping[str, np.ndarray],
-                 dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
-        """(rows, non-batch shape key) of a request; TensorError naming what is wrong.
+    def validate(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
+        """The request's rows and the shape key of batches it may join; TensorError naming
+        what is wrong.
 
         The answer depends only on the inputs' names, dtypes and shapes, and most
         requests repeat a few of those: an accepted signature is answered from
@@ -276,8 +275,7 @@ class ModelRuntime:
             self._validated[signature] = result
         return result
 
-    def _check(self, inputs: Mapping[str, np.ndarray],
-               dtypes: Mapping[str, str]) -> tuple[int, tuple[tuple[int, ...], ...]]:
+    def _check(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
         spec = self.spec
         batching = spec.batching
         expected = [t.name for t in spec.inputs]
@@ -326,11 +324,12 @@ class ModelRuntime:
                       for p in spec.profiles}
             raise TensorError(expected[0], f"shapes {shapes} fit no optimization profile "
                               f"(min, max per profile: {ranges})")
-        return rows, tuple(key)
+        return Validated(rows, tuple(key))
 
-    # --- batches -------------------------------------------------------------------
+    # --- batches: the batcher's Dispatcher -------------------------------------------
 
-    def _dispatch(self, index: int, batch: Batch) -> None:
+    def dispatch(self, index: int, batch: Batch) -> None:
+        """Run the batch on worker `index` (which the batcher has acquired for it)."""
         quick = self._quick(batch)
         inline = quick and not self.in_flight
         self._dispatched_slow[index] = not quick
@@ -356,7 +355,7 @@ class ModelRuntime:
         last = self._run_s.get((batch.rows, batch.shape_key))
         return last is not None and last < self._inline_below_s
 
-    def _hold_s(self, batch: Batch) -> float:
+    def hold_s(self, batch: Batch) -> float:
         """How much longer a quick batch waits for the batches in flight, all quick (0: none).
 
         A second worker would run it alongside, but a quick batch costs the
@@ -373,15 +372,15 @@ class ModelRuntime:
                      if n), default=None)
         return 0.0 if first is None else max(0.0, first + QUICK_HOLD_S - now())
 
-    def _drop(self, request: Request, reason: str) -> None:
+    def drop(self, request: Request, reason: str) -> None:
+        """A request leaves the queue unexecuted: "cancelled", "deadline" or "unavailable"."""
         if reason == "cancelled":
             pass  # counted in infer(), where the cancellation arrived
         elif reason == "deadline":
             # Counted in infer(), which this exception (or a cancellation) reaches.
-            if not request.future.done():
-                request.future.set_exception(DeadlineExceeded(
-                    f"model '{self.name}': deadline passed while queued; not executed"))
-        else:
+            request.fail(DeadlineExceeded(
+                f"model '{self.name}': deadline passed while queued; not executed"))
+        else:  # "unavailable": the batcher fails it, naming the batch's shapes
             self.counters.errors += 1
 
     def _on_done(self, worker: Worker, outcome: Outcome) -> None:
@@ -389,26 +388,16 @@ class ModelRuntime:
         self._in_flight[index] -= 1
         self._slow_in_flight -= self._dispatched_slow[index]
         self._dispatched_slow[index] = False
-        self.scheduler.release(index)
         batch = outcome.batch
         if (result := outcome.result) is not None:
             self._succeeded(index, batch.rows, len(batch.requests), result)
             key = (batch.rows, batch.shape_key)
             if key in self._run_s or len(self._run_s) < RUN_TIMES_KEPT:
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
-            if self.spec.batching:
-                offset = 0
-                for request in batch.requests:
-                    end = offset + request.rows
-                    if not request.future.done():
-                        request.future.set_result({k: v[offset:end] for k, v in
-                                                   result.outputs.items()})
-                    offset = end
-            else:
+            if not self.spec.batching:
                 self._note_output_shapes(result.outputs)
-                request = batch.requests[0]  # alone in its batch: the outputs are its own
-                if not request.future.done():
-                    request.future.set_result(result.outputs)
+            for request, outputs in batch.split(result.outputs, self.spec.batching):
+                request.answer(outputs)
         elif outcome.parts is not None:
             self._answer_parts(worker, outcome)
         else:
@@ -416,7 +405,9 @@ class ModelRuntime:
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:
-            self._batcher.worker_freed()
+            self._batcher.worker_done(index)
+        else:
+            self.scheduler.release(index)
 
     def _note_output_shapes(self, outputs: Mapping[str, np.ndarray]) -> None:
         """Log, once per output, an output whose shape disagrees with its declaration.
@@ -463,13 +454,11 @@ class ModelRuntime:
                 self._succeeded(index, request.rows, 1, part)
                 if not self.spec.batching:
                     self._note_output_shapes(part.outputs)
-                if not request.future.done():
-                    request.future.set_result(part.outputs)
+                request.answer(part.outputs)
             elif isinstance(part, InputRejected):
                 self.worker_stats[index].rejected += 1
-                if not request.future.done():
-                    request.future.set_exception(InvalidArgument(
-                        f"model '{self.name}' cannot run this input: {part.reason}"))
+                request.fail(InvalidArgument(
+                    f"model '{self.name}' cannot run this input: {part.reason}"))
             else:
                 failed.append(request)
         if outcome.error is not None:
@@ -495,8 +484,7 @@ class ModelRuntime:
                              f"({kind}); the batch of {rows} rows was not completed")
         self.counters.errors += len(requests)
         for request in requests:
-            if not request.future.done():
-                request.future.set_exception(error)
+            request.fail(error)
 
     # --- workers out of the rotation ---------------------------------------------------
 

@@ -36,8 +36,5 @@ class Scheduler:
     def release(self, index: int) -> None:
         self._busy[index] = False
 
-    def busy_count(self) -> int:
-        return sum(self._busy)
-
     def can_ever_run(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         return any(w.available and w.accepts(shapes) for w in self._workers)

@@ -28,7 +28,7 @@ from service.frontends.common import (
     deadline_of,
 )
 from service.frontends.errors import status_of, streaming, unary
-from service.frontends.streaming import answer_stream
+from service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
 from service.gen.inference import grpc_service_pb2 as pb
 from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -86,8 +86,10 @@ def _check_parameters(request: pb.ModelInferRequest) -> None:
 
 class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine,
-                 server_ready: Callable[[], bool] | None = None) -> None:
+                 server_ready: Callable[[], bool] | None = None,
+                 stream_limits: StreamLimits | None = None) -> None:
         self._engine = engine
+        self._stream_limits = stream_limits or StreamLimits()
         # Whether the server has finished starting (and is not draining); models
         # still loading are not in the engine yet, so it can't tell alone.
         self._server_ready = server_ready or (lambda: True)
@@ -192,17 +194,34 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 response = await self._infer(request, deadline)
             except Exception as e:  # one request's error; the stream carries on
-                _, message = status_of(e)
-                return pb.ModelStreamInferResponse(
-                    error_message=message,
-                    infer_response=pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version,
-                        id=request.id))
+                return _stream_error(request, e)
             response.parameters[_FINAL_RESPONSE_KEY].bool_param = True
             return pb.ModelStreamInferResponse(infer_response=response)
 
-        async for answer in answer_stream(request_iterator, handle):
+        protocol = StreamProtocol(handle, _stream_error, _request_id, _stream_answer_bytes)
+        async for answer in answer_stream(request_iterator, protocol, self._stream_limits):
             yield answer
+
+
+def _stream_error(request: pb.ModelInferRequest, error: Exception
+                  ) -> pb.ModelStreamInferResponse:
+    """One request's error on a stream: the message, and the request's id and model."""
+    _, message = status_of(error)
+    answer = pb.ModelStreamInferResponse(
+        error_message=message,
+        infer_response=pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id))
+    # Every answer is its request's last (docs/protocols.md), errors too.
+    answer.infer_response.parameters[_FINAL_RESPONSE_KEY].bool_param = True
+    return answer
+
+
+def _request_id(request: pb.ModelInferRequest) -> str:
+    return request.id
+
+
+def _stream_answer_bytes(answer: pb.ModelStreamInferResponse) -> int:
+    return len(answer.error_message) + convert.answer_bytes(answer.infer_response)
 
 
 def _unimplemented(rpc: str, why: str) -> Callable[..., Any]:
@@ -232,12 +251,13 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
 
 
 def add_to_server(server: Any, engine: Engine,
-                  server_ready: Callable[[], bool] | None = None) -> str:
+                  server_ready: Callable[[], bool] | None = None,
+                  stream_limits: StreamLimits | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
     `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(engine, server_ready), server)
+        KServeInferenceService(engine, server_ready, stream_limits), server)
     return SERVICE_NAME

@@ -338,3 +338,15 @@ __all__ = [
     "to_kserve_datatype",
     "to_numpy_dtype",
 ]
+
+
+def answer_bytes(response: pb.ModelInferResponse) -> int:
+    """About the bytes an answer holds (output data and id), from shapes and datatypes.
+
+    Reading the contents would copy them, and ByteSize would serialize the answer.
+    """
+    size = len(response.id)
+    for tensor in response.outputs:
+        dtype = DTYPES.get(tensor.datatype)
+        size += math.prod(tensor.shape) * (dtype.itemsize if dtype is not None else 8)
+    return size

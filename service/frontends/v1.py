@@ -12,14 +12,15 @@ from service.errors import NotFound
 from service.frontends import v1_convert as convert
 from service.frontends.common import check_inputs, deadline_of
 from service.frontends.errors import status_of, streaming, unary
-from service.frontends.streaming import answer_stream
+from service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stream_limits: StreamLimits | None = None) -> None:
         self._engine = engine
+        self._stream_limits = stream_limits or StreamLimits()
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
@@ -47,12 +48,12 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             try:
                 response = await self._infer(request, deadline)
             except Exception as e:
-                code, message = status_of(e)
-                return pb.InferStreamResponse(
-                    id=request.id, error=pb.Error(code=code.value[0], message=message))
+                return _stream_error(request, e)
             return pb.InferStreamResponse(id=request.id, response=response)
 
-        async for answer in answer_stream(request_iterator, handle):
+        protocol = StreamProtocol(handle, _stream_error, _request_id,
+                                  convert.stream_answer_bytes)
+        async for answer in answer_stream(request_iterator, protocol, self._stream_limits):
             yield answer
 
     @unary
@@ -73,3 +74,14 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         if not request.model:
             raise NotFound("ModelMetadata needs a model name")
         return convert.model_metadata(self._engine.describe(request.model))
+
+
+def _stream_error(request: pb.InferRequest, error: Exception) -> pb.InferStreamResponse:
+    """One request's error on a stream; the stream carries on."""
+    code, message = status_of(error)
+    return pb.InferStreamResponse(id=request.id, error=pb.Error(code=code.value[0],
+                                                                message=message))
+
+
+def _request_id(request: pb.InferRequest) -> str:
+    return request.id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,10 @@ _ENUM_TO_NAME = {value: name.removeprefix("DATA_TYPE_")
                  for name, value in pb.DataType.items() if name != "DATA_TYPE_UNSPECIFIED"}
 _NAME_TO_ENUM = {name: value for value, name in _ENUM_TO_NAME.items()}
 assert set(_NAME_TO_ENUM) == set(DTYPES), "proto DataType and service.tensors.DTYPES disagree"
+
+
+# Bytes per element of each wire enum value (weighing answers without serializing them).
+_ITEMSIZE = {value: DTYPES[name].itemsize for value, name in _ENUM_TO_NAME.items()}
 
 
 def dtype_enum(name: str) -> int:
@@ -159,3 +164,18 @@ def model_metadata(model: ModelDescription) -> pb.ModelMetadataResponse:
 
 __all__ = ["check_outputs", "decode_inputs", "dtype_enum", "dtype_name", "encode_outputs",
            "model_metadata", "model_stats", "worker_stats"]
+
+
+def stream_answer_bytes(answer: pb.InferStreamResponse) -> int:
+    """About the bytes an InferStream answer holds (tensor data, ids, error text).
+
+    From shapes and dtypes: reading `data` would copy it, and ByteSize would
+    serialize the whole answer.
+    """
+    size = len(answer.id)
+    if answer.HasField("error"):
+        return size + len(answer.error.message)
+    size += len(answer.response.id)
+    for tensor in answer.response.outputs:
+        size += math.prod(tensor.shape) * _ITEMSIZE.get(tensor.dtype, 8)
+    return size

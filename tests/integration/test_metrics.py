@@ -49,6 +49,7 @@ def served(example_onnx):
         ModelConfig(name="example", path=str(example_onnx), workers=2, max_batch_size=16,
                     max_queue_delay_us=1000),
         metrics_port=metrics_port,
+        metrics_render_interval_s=0.0,  # exact counts right after traffic
     )
     # "tiny" overflows on purpose: one slow worker (a test double, 50 ms a batch),
     # a queue of one, so a flood of requests is refused for certain, not by timing.

@@ -1,11 +1,13 @@
-"""Soak: 128 concurrent clients against a `trtserve serve` process for a while.
+"""Soak: 128 concurrent clients and a scraper storm against a `trtserve serve` process.
 
     TRTSERVE_SOAK_SECONDS=180 .venv/bin/python -m pytest -q -s -m soak tests/reliability
 
 The server is the real CLI serving the example ONNX model with ONNX Runtime,
 in its own process, so its resident memory is measured alone. Clients mix
 valid requests (unary and streamed), invalid ones, tight deadlines and
-cancellations. Every valid answer is checked against ONNX Runtime run here on
+cancellations; beside them 32 scrapers fetch /metrics in a loop, twice the
+endpoint's connection bound, so some are refused (503, or a reset) and none
+may fail otherwise. Every valid answer is checked against ONNX Runtime run here on
 that request's own input; every stream answer is matched to its request id
 exactly once. Nothing may be lost (a valid call that fails), duplicated or
 misrouted, the server's memory must level off, and it must exit 0 on SIGTERM.
@@ -33,10 +35,11 @@ from client import AsyncClient, Client, InferenceError
 from client.convert import infer_request, outputs_of
 from service.gen.trtserve.v1 import inference_pb2 as pb
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, free_port
 
 CLIENTS = 128
 STREAM_CLIENTS = 16  # of the 128, these send bursts over InferStream
+SCRAPERS = 32  # /metrics in a loop, a new connection each; the endpoint holds 16
 SECONDS = float(os.environ.get("TRTSERVE_SOAK_SECONDS", "15"))
 MAX_ROWS = 32
 # Memory may grow while the process warms up (allocator pools, gRPC buffers,
@@ -219,6 +222,33 @@ def _check_stream_answer(answer: pb.InferStreamResponse, x: np.ndarray | None, r
         tally.defect(f"stream answer {answer.id} is not its request's")
 
 
+async def _scraper(port: int, end: float, tally: Tally) -> None:
+    """Scrape /metrics over and over: 200 with the model's metrics, or refused when
+    the endpoint already holds its bound of connections (503, or reset at once)."""
+    request = b"GET /metrics HTTP/1.1\r\nHost: trtserve\r\nConnection: close\r\n\r\n"
+    while time.monotonic() < end:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), 30)
+            try:
+                writer.write(request)
+                data = await asyncio.wait_for(reader.read(), 30)
+            finally:
+                writer.close()
+        except (ConnectionResetError, BrokenPipeError):
+            tally.outcomes["scrape refused"] += 1
+            continue
+        except (OSError, TimeoutError) as e:
+            tally.defect(f"scrape failed: {e!r}")
+            continue
+        if data.startswith(b"HTTP/1.1 200") and b"trtserve_model_requests_total" in data:
+            tally.outcomes["scrape ok"] += 1
+        elif data.startswith(b"HTTP/1.1 503") or not data:
+            tally.outcomes["scrape refused"] += 1
+        else:
+            tally.defect(f"scrape answered {data[:80]!r}")
+
+
 async def _sample_rss(pid: int, end: float, samples: list[tuple[float, int]]) -> None:
     process = psutil.Process(pid)
     start = time.monotonic()
@@ -239,7 +269,9 @@ def _every(samples: list[tuple[float, int]], step: float) -> list[int]:
 
 @pytest.mark.soak
 def test_soak(example_onnx, tmp_path):
+    metrics_port = free_port()
     server = ServerProcess(["--model", f"example={example_onnx}", "--workers", "2",
+                            "--metrics-port", str(metrics_port),
                             "--max-batch-size", str(MAX_ROWS), "--max-queue-delay-us", "2000",
                             "--grace-period-s", "30", "--log-level", "WARNING"])
     tally, rss = Tally(), []
@@ -253,7 +285,8 @@ def test_soak(example_onnx, tmp_path):
             clients = [_stream_client(server.url, i, end, ref, tally)
                        if i < STREAM_CLIENTS else _unary_client(server.url, i, end, ref, tally)
                        for i in range(CLIENTS)]
-            await asyncio.gather(_sample_rss(server.proc.pid, end, rss), *clients)
+            scrapers = [_scraper(metrics_port, end, tally) for _ in range(SCRAPERS)]
+            await asyncio.gather(_sample_rss(server.proc.pid, end, rss), *clients, *scrapers)
 
         asyncio.run(soak())
         elapsed = time.monotonic() - began
@@ -269,6 +302,7 @@ def test_soak(example_onnx, tmp_path):
     latency = np.array(tally.valid_latency_s or [0.0])
     report = {
         "seconds": round(elapsed, 1), "clients": CLIENTS, "stream_clients": STREAM_CLIENTS,
+        "scrapers": SCRAPERS,
         "outcomes": dict(sorted(tally.outcomes.items())),
         "calls": sum(tally.outcomes.values()),
         "rows_answered": tally.rows_answered,
@@ -301,7 +335,7 @@ def test_soak(example_onnx, tmp_path):
     ours = [r for r in records if " ERROR " in r or "Traceback" in r]
     assert all("ExecuteBatchError raised in core" in r.splitlines()[0] for r in ours), ours[:3]
     assert tally.outcomes["valid ok"] > CLIENTS and tally.outcomes["stream valid ok"] > 0
-    for outcome in ("deadline exceeded", "cancelled", "stream invalid refused"):
+    for outcome in ("deadline exceeded", "cancelled", "stream invalid refused", "scrape ok"):
         assert tally.outcomes[outcome] > 0, (outcome, tally.outcomes)
     # The server ran every answered row (more, for calls abandoned mid-batch), and
     # lost no accepted request to an internal error.

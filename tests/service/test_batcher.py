@@ -27,19 +27,22 @@ class Harness:
         self.scheduler = Scheduler([Slot() for _ in range(workers)])
         self.batches = []  # (worker, [rows per request])
         self.dropped = []
-        self.batcher = Batcher("m", BatchPolicy(**policy), self.scheduler, self._dispatch,
-                               self._drop)
+        self.batcher = Batcher("m", BatchPolicy(**policy), self.scheduler, self)
         self.task = asyncio.create_task(self.batcher.run())
         self.dispatched = asyncio.Event()
 
-    def _dispatch(self, worker, batch):
+    # The batcher's Dispatcher: records batches, answers them, never holds one back.
+    def dispatch(self, worker, batch):
         self.batches.append((worker, [r.rows for r in batch.requests]))
         for r in batch.requests:
             r.future.set_result({})
         self.dispatched.set()
 
-    def _drop(self, request, reason):
+    def drop(self, request, reason):
         self.dropped.append(reason)
+
+    def hold_s(self, batch):
+        return 0.0
 
     def submit(self, rows=1, width=4, deadline=None):
         loop = asyncio.get_running_loop()

@@ -5,6 +5,7 @@ counting only requests that no forming batch can take.
 """
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -49,14 +50,19 @@ class Recorder:
     def __init__(self, workers=1, **policy):
         self.scheduler = Scheduler([Slot() for _ in range(workers)])
         self.batches = []
-        self.batcher = Batcher("m", BatchPolicy(**policy), self.scheduler, self.dispatch,
-                               lambda request, reason: None)
+        self.batcher = Batcher("m", BatchPolicy(**policy), self.scheduler, self)
         self.task = asyncio.create_task(self.batcher.run())
 
     def dispatch(self, worker, batch):
         self.batches.append([r.rows for r in batch.requests])
         for r in batch.requests:
             r.future.set_result({})
+
+    def drop(self, request, reason):
+        pass
+
+    def hold_s(self, batch):
+        return 0.0
 
     def submit(self, rows=1, width=4):
         loop = asyncio.get_running_loop()
@@ -160,8 +166,9 @@ async def test_a_request_past_its_deadline_on_arrival_is_left_to_the_task_to_dro
     scheduler = Scheduler([Slot()])
     batches = []
     batcher = Batcher("m", BatchPolicy(max_batch_size=8, max_queue_delay_s=0.0), scheduler,
-                      lambda worker, batch: batches.append(batch),
-                      lambda request, reason: dropped.append(reason))
+                      SimpleNamespace(dispatch=lambda worker, batch: batches.append(batch),
+                                      drop=lambda request, reason: dropped.append(reason),
+                                      hold_s=lambda batch: 0.0))
     task = asyncio.create_task(batcher.run())
     await asyncio.sleep(0)
     loop = asyncio.get_running_loop()

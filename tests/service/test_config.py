@@ -120,3 +120,27 @@ def test_worker_backoff_keys_are_checked(tmp_path, settings, words):
                                        "worker_retry_backoff_max_s = 30\n"))
     assert (config.models[0].worker_retry_backoff_s,
             config.models[0].worker_retry_backoff_max_s) == (0.5, 30.0)
+
+
+def test_metrics_flags_set_their_keys():
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    config = build_config(parser.parse_args([
+        "serve", "--model", "m=m.onnx", "--host", "0.0.0.0", "--metrics-host", "::1",
+        "--metrics-requires-auth", "--metrics-max-connections", "4",
+        "--metrics-timeout-s", "2.5", "--metrics-render-interval-s", "0"]))
+    assert (config.host, config.metrics_host, config.metrics_requires_auth,
+            config.metrics_max_connections, config.metrics_timeout_s,
+            config.metrics_render_interval_s) == ("0.0.0.0", "::1", True, 4, 2.5, 0.0)
+    defaults = ServerConfig()
+    assert (defaults.metrics_host, defaults.metrics_requires_auth, defaults.metrics_tls,
+            defaults.metrics_max_connections, defaults.metrics_timeout_s,
+            defaults.metrics_render_interval_s) == ("127.0.0.1", False, False, 16, 5.0, 1.0)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("metrics_host", ""), ("metrics_max_connections", 0), ("metrics_timeout_s", 0.0),
+    ("metrics_render_interval_s", -1.0), ("metrics_tls", True)])
+def test_bad_metrics_settings_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"server.{key}: got {value!r}"):
+        ServerConfig(**{key: value})

@@ -1,0 +1,120 @@
+"""The dispatch policy (ModelRuntime as the batcher's Dispatcher) on a controlled clock.
+
+The model's clock (`model.now`) is the test's: what a batch is held for is
+computed, not raced. Batches run on the controlled double, held at its gate
+where a batch must stay in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from service.engine import model
+from service.engine.batch import Batch, Request
+from service.engine.model import ModelRuntime
+from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, Controls, controlled_model
+
+START = 1000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = START
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+async def served(monkeypatch) -> AsyncIterator[tuple[ModelRuntime, Controls, Clock]]:
+    clock = Clock()
+    monkeypatch.setattr(model, "now", clock)
+    # Thread-bound executors (as TensorRT's): a quick batch is handed to a worker, not
+    # run on the loop, so it can be held in flight. Every measured batch counts as quick.
+    controls = Controls(any_thread=False)
+    runtime = ControlledBackend(controls).runtime(controlled_model(
+        workers=2, max_batch_size=8, max_queue_delay_us=0, inline_below_us=10**6))
+    await runtime.start()
+    try:
+        yield runtime, controls, clock
+    finally:
+        controls.release()
+        await runtime.stop()
+
+
+def _x(rows: int) -> np.ndarray:
+    return np.zeros((rows, WIDTH), np.float32)
+
+
+def _batch(rows: int) -> Batch:
+    batch = Batch()
+    batch.add(Request({INPUT: _x(rows)}, rows, ((WIDTH,),), START, None,
+                      asyncio.get_running_loop().create_future()))
+    return batch
+
+
+async def _in_flight(runtime: ModelRuntime, controls: Controls, rows: int) -> asyncio.Task:
+    """A batch of `rows` dispatched now (on the test's clock) and held at the gate."""
+    controls.hold()
+    task = asyncio.create_task(runtime.infer({INPUT: _x(rows)}))
+    assert await asyncio.to_thread(controls.started.wait, 10)
+    return task
+
+
+async def test_a_batch_never_measured_is_not_held(served):
+    runtime, _, _ = served
+    assert runtime.hold_s(_batch(1)) == 0.0
+
+
+async def test_a_quick_batch_waits_for_the_quick_batch_in_flight_until_it_has_stalled(served):
+    runtime, controls, clock = served
+    await runtime.infer({INPUT: _x(1)})  # measured: 1-row batches are quick
+    assert runtime.hold_s(_batch(1)) == 0.0  # nothing in flight: nothing to wait for
+    first = await _in_flight(runtime, controls, 1)
+    clock.t = START + 0.002
+    assert runtime.hold_s(_batch(1)) == pytest.approx(model.QUICK_HOLD_S - 0.002)
+    clock.t = START + model.QUICK_HOLD_S  # the batch in flight has stalled
+    assert runtime.hold_s(_batch(1)) == 0.0
+    controls.release()
+    await first
+    clock.t = START + 0.001  # nothing in flight any more
+    assert runtime.hold_s(_batch(1)) == 0.0
+
+
+async def test_behind_a_slow_batch_a_quick_batch_does_not_wait(served):
+    runtime, controls, _ = served
+    await runtime.infer({INPUT: _x(1)})  # 1 row: quick; 3 rows: never measured, slow
+    slow = await _in_flight(runtime, controls, 3)
+    assert runtime.hold_s(_batch(1)) == 0.0
+    controls.release()
+    await slow
+
+
+async def test_a_batch_is_split_back_into_each_requests_rows_in_order():
+    loop = asyncio.get_running_loop()
+    batch = Batch()
+    for rows in (2, 1, 3):
+        batch.add(Request({INPUT: _x(rows)}, rows, ((WIDTH,),), START, None,
+                          loop.create_future()))
+    y = np.arange(6 * 2).reshape(6, 2)
+    parts = list(batch.split({"y": y}, batching=True))
+    assert [r.rows for r, _ in parts] == [2, 1, 3]
+    assert [out["y"][:, 0].tolist() for _, out in parts] == [[0, 2], [4], [6, 8, 10]]
+    assert all(np.shares_memory(out["y"], y) for _, out in parts)  # views, not copies
+    # A model that does not batch: one request per batch, its outputs as produced.
+    alone = Batch()
+    alone.add(batch.requests[0])
+    ((request, out),) = alone.split({"y": y}, batching=False)
+    assert request is batch.requests[0] and out["y"] is y
+
+
+async def test_a_request_keeps_its_first_answer():
+    request = _batch(1).requests[0]
+    request.answer({"y": _x(1)})
+    request.fail(RuntimeError("late"))  # a second completion changes nothing
+    request.answer({})
+    assert request.answered and list(request.future.result()) == ["y"]
