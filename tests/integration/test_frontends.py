@@ -31,7 +31,8 @@ from service.gen.inference import grpc_service_pb2 as kpb
 from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from service.ipc.codec import INLINE_MAX_BYTES
-from tests.servers import ServerProcess
+from tests.integration.test_metrics import key, scrape
+from tests.servers import ServerProcess, free_port
 
 CLIENTS = 64
 REQUESTS_PER_CLIENT = 6
@@ -48,8 +49,11 @@ def _input(client: int, n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(example_onnx: Path) -> ServerProcess:
+    metrics_port = free_port()
     process = ServerProcess(["--model", f"example={example_onnx}", "--frontends", "2",
-                             "--max-queue-delay-us", "2000"])
+                             "--max-queue-delay-us", "2000", "--metrics-port",
+                             str(metrics_port)])
+    process.metrics_port = metrics_port  # type: ignore[attr-defined]
     try:
         process.wait_ready()
         yield process
@@ -120,6 +124,12 @@ def test_every_answer_is_its_own_across_frontends(server: ServerProcess,
     assert all(f.requests > 0 for f in stats.frontends), stats.frontends
     assert sorted(f.pid for f in stats.frontends) == sorted(_frontend_pids(server))
     assert all(f.in_flight == 0 for f in stats.frontends)
+    # Prometheus (served by the engine process): the same totals, one row per frontend.
+    m = scrape(server.metrics_port)  # type: ignore[attr-defined]
+    rows = m["trtserve_frontend_requests_total"]
+    assert sorted(dict(labels)["frontend"] for labels in rows) == ["0", "1"]
+    assert sum(rows.values()) == model.requests
+    assert m["trtserve_model_request_success_total"][key(model="example")] == model.requests
     # KServe's statistics are the same totals, from whichever frontend answers.
     with grpc.insecure_channel(server.url) as channel:
         kstats = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
