@@ -38,7 +38,7 @@ SERVER_FLAGS = ("host", "port", "metrics_port", "metrics_host", "metrics_require
                 "max_send_message_bytes", "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
-                "max_unsent_bytes_per_stream", "frontends")
+                "max_unsent_bytes_per_stream", "frontends", "frontend_arena_mib")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -99,6 +99,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "process; N > 1 runs the engine in the main process and N frontend "
                         "processes (default auto: 1 on 2 cores or fewer, else half the cores, "
                         "at most 8)")
+    p.add_argument("--frontend-arena-mib", type=int,
+                   help="shared memory for each frontend's large tensors, each way "
+                        "(default 64; allocated as used)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")
