@@ -217,6 +217,12 @@ class EngineServer(Server):
 
     # --- stop ---
 
+    def request_stop(self) -> None:
+        # At once, from the signal handler: a frontend that exits on the same SIGINT
+        # (a terminal's Ctrl-C reaches the whole process group) is not restarted.
+        self._draining = True
+        super().request_stop()
+
     async def stop(self) -> None:
         """Drain: the frontends answer what they accepted and exit, then the models stop."""
         self._draining = True

@@ -32,6 +32,7 @@ from service.engine.api import (
     InferRequest,
     InferResult,
     ModelDescription,
+    RegionRef,
     StatsSnapshot,
     TensorIn,
 )
@@ -97,8 +98,10 @@ class FrontendPort:
         for t in m.inputs:
             dtype, shape, data = codec.take(t, self.inputs, copy=False)
             inputs[t.name] = TensorIn(dtype, shape, data)
+        output_regions = {name: RegionRef(r.region, r.offset, r.byte_size)
+                          for name, r in m.output_regions.items()}
         return InferRequest(model=m.model, inputs=inputs, version=m.version,
-                            outputs=tuple(m.outputs),
+                            outputs=tuple(m.outputs), output_regions=output_regions,
                             deadline=m.deadline if m.HasField("deadline") else None)
 
     async def _run(self, rid: int, request: InferRequest) -> None:

@@ -133,6 +133,9 @@ class RemoteEngine:
             message.outputs[:] = request.outputs
         if request.deadline is not None:
             message.deadline = request.deadline
+        for name, ref in request.output_regions.items():
+            region = message.output_regions[name]
+            region.region, region.offset, region.byte_size = ref.region, ref.offset, ref.byte_size
         offsets: list[int] = []
         try:
             for name, tensor in request.inputs.items():

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pytest
 
 from service.config import ModelConfig, ServerConfig
-from service.engine.api import InferRequest, TensorIn
+from service.engine.api import InferRequest, RegionRef, TensorIn
 from service.engine.host import EngineHost
 from service.engine.local import LocalEngine
 from service.engine.remote import RemoteEngine
@@ -123,3 +123,17 @@ async def test_losing_the_engine_fails_what_waits_and_turns_not_serving(pair: Pa
     assert ("", False) in seen and ("example", False) in seen
     with pytest.raises(Unavailable):
         await pair.remote.infer(_request(np.zeros((1, 64), np.float32)))
+
+
+async def test_region_references_reach_the_engine(pair: Pair) -> None:
+    """Client shared-memory references cross as references; the engine decides on them."""
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(ServeError) as e:
+        await pair.remote.infer(_request(
+            x, output_regions={"output": RegionRef("client-region", 0, 64)}))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor 'output'" in str(e.value) and "shared-memory region" in str(e.value)
+    by_region = InferRequest(model="example", inputs={
+        "input": TensorIn("FP32", (1, 64), RegionRef("client-region", 128, 256))})
+    with pytest.raises(ServeError, match="shared-memory region 'client-region'"):
+        await pair.remote.infer(by_region)
