@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from service.config import ServerConfig
+from service.config import ModelConfig, ServerConfig
 from service.engine.host import EngineHost, FrontendPort
 from service.engine.model import ModelRuntime
 from service.errors import PortInUse, StartError
@@ -103,11 +103,10 @@ class EngineServer(Server):
                  self.config.host, self.port, self.count)
         return self.port
 
-    async def _load(self, config: object) -> None:
-        await super()._load(config)  # type: ignore[arg-type]
+    async def _load(self, config: ModelConfig) -> None:
+        await super()._load(config)
         assert self.host is not None
-        name = config.name  # type: ignore[attr-defined]
-        self.host.set_health(name, self.engine.ready(name))
+        self.host.set_health(config.name, self.engine.ready(config.name))
 
     async def add_model(self, runtime: ModelRuntime) -> None:
         await super().add_model(runtime)
