@@ -4,30 +4,42 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8001
 GEN    := service/gen
-PROTOS := $(shell find protos -name '*.proto')
+# grpc.health.v1 and grpc.reflection.v1 are shipped for clients that load
+# protos at run time; the server uses grpcio-health-checking's and
+# grpcio-reflection's own generated modules, so no Python is generated for them.
+PROTOS := $(shell find protos -name '*.proto' -not -path 'protos/grpc/*')
 
 .DEFAULT_GOAL := help
-.PHONY: help install proto example serve test test-gpu lint bench bench-gpu clean
+.PHONY: help install install-runtime proto example serve test test-gpu lint bench bench-gpu clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$(PORT)/$(PORT)/g' | \
-		awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+		awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps: serving needs only the runtime dependencies (plus grpcio-tools,
+# which generates the gRPC code from protos/); the tests, linters and
+# benchmarks add the test and dev extras on top of that.
+$(VENV)/.installed-runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]'
+	$(PY) -m pip install -q -e '.[codegen]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed-runtime pyproject.toml
+	$(PY) -m pip install -q -e '.[codegen,test,dev]'
 	# tensorrt-stubs declares a dependency on the full TensorRT wheels (NVIDIA's
 	# index); it is a typing-only package, so it goes in without them.
 	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.13'
 	touch $@
 
-install: $(VENV)/.installed $(GEN)/.generated ## create .venv, install trtserve with test extras, generate gRPC code
+install-runtime: $(VENV)/.installed-runtime $(GEN)/.generated ## create .venv with what serving needs, generate gRPC code
+
+install: $(VENV)/.installed-dev $(GEN)/.generated ## install-runtime, then the test and dev extras
 
 # protoc writes imports as `from trtserve.v1 import x`; they live under
 # service.gen here, so the imports are rewritten to that package. The types go
 # into trtserve's own descriptor pool (service/descriptors.py says why).
-$(GEN)/.generated: $(PROTOS) $(VENV)/.installed Makefile
+$(GEN)/.generated: $(PROTOS) $(VENV)/.installed-runtime Makefile
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
 	find $(GEN) -name '*.py*' -exec sed -i -E \
@@ -38,10 +50,10 @@ $(GEN)/.generated: $(PROTOS) $(VENV)/.installed Makefile
 
 proto: $(GEN)/.generated ## generate the Python gRPC code from protos/
 
-models/example.onnx: $(VENV)/.installed service/example_model.py
+models/example.onnx: $(VENV)/.installed-runtime service/example_model.py
 	$(PY) -m service.example_model models/example.onnx
 
-example: install models/example.onnx ## write the example ONNX model to models/example.onnx
+example: install-runtime models/example.onnx ## write the example ONNX model to models/example.onnx
 
 serve: example ## serve the example model on the CPU (ONNX Runtime) on port $(PORT)
 	$(VENV)/bin/trtserve serve --model example=models/example.onnx --port $(PORT)

@@ -68,8 +68,8 @@ def _engine(dims: Dims, **options: Any) -> Any:
 
 
 def _executor(engine: Any, cuda: Any, **options: Any) -> Any:
-    from service.backends.tensorrt import graph_buckets
-    from service.backends.trt_executor import TrtExecutor
+    from service.backends.tensorrt.executor import TrtExecutor
+    from service.backends.tensorrt.load import graph_buckets
     from tests.doubles.trt import trt_module
 
     options.setdefault("graph_batch_sizes", graph_buckets((), engine.batch[2]))
@@ -429,7 +429,7 @@ def fixed_rate_latency(engine: Any, workers: int, rate: float, processes: int,
 
 
 def _device(cuda: Any) -> str:
-    from service.backends.cuda import runtime_module
+    from service.backends.tensorrt.cuda import runtime_module
 
     rt = runtime_module()
     err, driver = rt.cudaDriverGetVersion()
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds = 2.0
 
-    from service.backends.cuda import CudaRuntime
+    from service.backends.tensorrt.cuda import CudaRuntime
 
     cuda = CudaRuntime(0)
     cuda.set_device()

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from service.arg_types import batching_mode, frontends_count, int_list, name_path
-from service.build_settings import add_build_flags, build_overrides
+from service.build.settings import add_build_flags, build_overrides
 from service.config import (
     EVENT_LOOPS,
     MODEL_LOAD_FAILURE,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
-    from service import build_cli
+    from service.build import cli as build_cli
 
     build_cli.register(sub)
     import importlib

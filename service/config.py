@@ -45,8 +45,8 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         # The same checks as `trtserve build` flags get (one definition, in
-        # build_settings); imported here because build_settings imports this module.
-        from service.build_settings import check_build_config
+        # build/settings.py); imported here because it imports this module.
+        from service.build.settings import check_build_config
 
         check_build_config(self)
 

@@ -10,7 +10,7 @@ lets an application (or a test) use tritonclient and trtserve side by side.
 
 from __future__ import annotations
 
-from google.protobuf import descriptor_pool
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 
 _POOL = descriptor_pool.DescriptorPool()
@@ -28,3 +28,31 @@ def include(*files: FileDescriptor) -> descriptor_pool.DescriptorPool:
         except KeyError:
             _POOL.AddSerializedFile(file.serialized_pb)
     return _POOL
+
+
+def include_renamed(file: FileDescriptor, package: str, renamed: str, name: str) -> None:
+    """Add `file` again as package `renamed` (file `name`): for a protocol published under
+    two package names with the same messages (grpc.reflection v1alpha and v1)."""
+    try:
+        _POOL.FindFileByName(name)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto.FromString(file.serialized_pb)
+    proto.name, proto.package = name, renamed
+    old, new = f".{package}.", f".{renamed}."
+    for message in proto.message_type:
+        _rename_fields(message, old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new, 1)
+            method.output_type = method.output_type.replace(old, new, 1)
+    _POOL.Add(proto)
+
+
+def _rename_fields(message: descriptor_pb2.DescriptorProto, old: str, new: str) -> None:
+    for field in message.field:
+        if field.type_name.startswith(old):
+            field.type_name = new + field.type_name[len(old):]
+    for nested in message.nested_type:
+        _rename_fields(nested, old, new)

@@ -322,6 +322,8 @@ def _add_reflection(services: _GenericHandlersOnly, served: list[str]) -> None:
     names = [*served, reflection.SERVICE_NAME, REFLECTION_V1]
     # Our types live in trtserve's own pool; reflection describes from it.
     pool = descriptors.include(health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR)
+    descriptors.include_renamed(reflection_pb2.DESCRIPTOR, "grpc.reflection.v1alpha",
+                                "grpc.reflection.v1", "grpc/reflection/v1/reflection.proto")
     servicer = reflection.aio.ReflectionServicer(names, pool=pool)  # type: ignore[attr-defined]
     # What reflection.enable_server_reflection does for an aio server, through `services`.
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, services)

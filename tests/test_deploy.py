@@ -237,12 +237,24 @@ def test_image_generates_protos_with_the_pinned_grpcio_tools():
     """The Dockerfile's grpcio-tools is pyproject's: generated code matches the runtime."""
     import tomllib
 
-    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]["dev"]
-    [pin] = [d for d in dev if d.startswith("grpcio-tools")]
+    codegen = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["codegen"]
+    [pin] = [d for d in codegen if d.startswith("grpcio-tools")]
     runs = " ".join(instructions("RUN"))
     assert f'"{pin}"' in runs
     assert "make proto" in runs
+
+
+def test_image_marks_the_stamp_that_make_proto_depends_on():
+    """The stamp the Dockerfile touches is the one the Makefile's generated code
+    depends on; any other and `make proto` would install the whole runtime first."""
+    makefile = (ROOT / "Makefile").read_text()
+    [prerequisites] = re.findall(r"^\$\(GEN\)/\.generated:(.*)$", makefile, re.MULTILINE)
+    stamps = re.findall(r"\$\(VENV\)/(\.installed[\w-]*)", prerequisites)
+    assert stamps, prerequisites
+    runs = " ".join(instructions("RUN"))
+    for stamp in stamps:
+        assert f"touch .venv/{stamp}" in runs, stamp
 
 
 def test_dockerignore_keeps_everything_the_dockerfile_copies():

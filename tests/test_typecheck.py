@@ -22,13 +22,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = [
-    "service/backends/trt_api.py",
-    "service/backends/trt_build.py",
-    "service/backends/trt_inspect.py",
-    "service/backends/trt_log.py",
-    "service/backends/tensorrt.py",
-    "service/backends/trt_executor.py",
-    "service/backends/cuda.py",
+    "service/backends/tensorrt/api.py",
+    "service/build/build.py",
+    "service/build/inspect.py",
+    "service/build/log.py",
+    "service/backends/tensorrt/load.py",
+    "service/backends/tensorrt/executor.py",
+    "service/backends/tensorrt/cuda.py",
+    "service/build/serving.py",
 ]
 STUB_PACKAGES = ("tensorrt", "tensorrt_bindings")
 

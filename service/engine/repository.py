@@ -31,7 +31,7 @@ def check_model(config: ModelConfig) -> None:
     except OSError as e:
         raise ModelLoadError(config.name, config.path, f"cannot read it: {e.strerror}") from None
     if config.resolved_backend == "tensorrt":
-        from service.backends.trt_api import INSTALL_HINT, gpu_present, import_tensorrt
+        from service.backends.tensorrt.api import INSTALL_HINT, gpu_present, import_tensorrt
 
         try:
             import_tensorrt()
@@ -72,9 +72,10 @@ def _open(config: ModelConfig) -> LoadedModel:
 
         return load_onnxruntime(config)
     if backend == "tensorrt":
-        from service.backends.tensorrt import load as load_tensorrt
+        from service.backends.tensorrt.load import load as load_tensorrt
+        from service.build.serving import engine_for
 
-        return load_tensorrt(config)
+        return load_tensorrt(config, engine_for(config))
     raise ConfigError(f"models.{config.name}.backend: unknown backend {backend!r}")
 
 

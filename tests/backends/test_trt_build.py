@@ -18,15 +18,15 @@ import pytest
 if importlib.util.find_spec("tensorrt_rtx") is None:
     pytest.importorskip("tensorrt", reason="neither tensorrt nor tensorrt_rtx is installed")
 
-from service import build_cli
-from service.backends.trt_api import (
+from service.backends.tensorrt.api import (
     import_tensorrt,
     library_info,
     numpy_dtype,
     profile_shapes,
     trt_dtype,
 )
-from service.backends.trt_build import (
+from service.build import cli as build_cli
+from service.build.build import (
     BuildError,
     BuildOptions,
     DynamicShapeError,

@@ -1,7 +1,7 @@
 """`trtserve serve --backend tensorrt` on an .onnx model: the build it runs first.
 
 The serve flags and `[models.build]` keys take the same build options as
-`trtserve build` (service/build_settings.py). Real builds of generated models with
+`trtserve build` (service/build/settings.py). Real builds of generated models with
 whichever TensorRT library is installed (tensorrt_rtx builds without a GPU).
 """
 
@@ -17,9 +17,9 @@ if importlib.util.find_spec("tensorrt_rtx") is None:
     pytest.importorskip("tensorrt", reason="neither tensorrt nor tensorrt_rtx is installed")
 
 from service import cli
-from service.backends import tensorrt
-from service.backends.tensorrt import EngineLoadError
-from service.backends.trt_build import load_manifest
+from service.backends.tensorrt.load import EngineLoadError
+from service.build import serving
+from service.build.build import load_manifest
 from service.config import ModelConfig, ServerConfig, load_toml
 from service.errors import ConfigError
 from service.example_model import write_example
@@ -42,7 +42,7 @@ def _serve_config(*argv: str) -> ServerConfig:
 def test_the_example_model_builds_with_no_build_settings(tmp_path: Path) -> None:
     """Only the batch is dynamic: serve picks 1:OPT:max_batch_size (64 when unset)."""
     model = write_example(tmp_path / "example.onnx")
-    engine = tensorrt.engine_for(ModelConfig(name="m", path=str(model), backend="tensorrt"))
+    engine = serving.engine_for(ModelConfig(name="m", path=str(model), backend="tensorrt"))
     profile = load_manifest(engine)["profiles"][0]["inputs"]["input"]
     assert profile == {"min": [1, 64], "opt": [64, 64], "max": [64, 64]}
 
@@ -55,7 +55,7 @@ def test_models_build_shapes_in_a_config_file(tmp_path: Path, conv_dynamic: Path
     )
     (model,) = load_toml(config_file).models
     assert model.build.shapes == (IMAGE_RANGE,)
-    manifest = load_manifest(tensorrt.engine_for(model))
+    manifest = load_manifest(serving.engine_for(model))
     assert len(manifest["profiles"]) == 2
     assert manifest["profiles"][1]["inputs"]["image"] == {
         "min": [1, 3, 8, 8], "opt": [2, 3, 16, 16], "max": [4, 3, 32, 32]
@@ -68,7 +68,7 @@ def test_serve_takes_the_build_flags_of_trtserve_build(conv_dynamic: Path) -> No
         "--profiles", "2", "--max-aux-streams", "1", "--workspace-mib", "64",
     )
     (model,) = config.models
-    options = load_manifest(tensorrt.engine_for(model))["options"]
+    options = load_manifest(serving.engine_for(model))["options"]
     assert options["profiles"] == 2 and options["max_aux_streams"] == 1
     assert options["workspace_mib"] == 64 and options["batch"] == [1, 2, 4]
     assert options["shapes"] == {"image": [[1, 3, 8, 8], [2, 3, 16, 16], [4, 3, 32, 32]]}
@@ -87,7 +87,7 @@ def test_serve_flags_override_the_config_file(tmp_path: Path, conv_dynamic: Path
 def test_a_missing_range_names_what_serve_takes(conv_dynamic: Path) -> None:
     model = ModelConfig(name="conv", path=str(conv_dynamic), backend="tensorrt")
     with pytest.raises(EngineLoadError) as caught:
-        tensorrt.engine_for(model)
+        serving.engine_for(model)
     message = str(caught.value)
     assert message.startswith("model 'conv': input 'image' has shape [-1, 3, -1, -1]")
     assert "pass --shape image=MIN:OPT:MAX" in message

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from service.backends.base import LoadedModel
-from service.backends.tensorrt import (
+from service.backends.tensorrt.executor import TensorRTError, TrtExecutor
+from service.backends.tensorrt.load import (
     EngineHandle,
     EngineLoadError,
     engine_spec,
@@ -23,7 +24,6 @@ from service.backends.tensorrt import (
     graph_buckets,
     manifest_spec,
 )
-from service.backends.trt_executor import TensorRTError, TrtExecutor
 from service.config import BuildConfig, ModelConfig
 from service.engine.model import ModelRuntime
 from service.errors import InputRejected
@@ -647,7 +647,7 @@ async def test_served_through_model_runtime(cuda: HostCudaRuntime) -> None:
 
 def _rtx_available() -> bool:
     try:
-        from service.backends.trt_api import import_tensorrt
+        from service.backends.tensorrt.api import import_tensorrt
 
         import_tensorrt()
     except RuntimeError:
@@ -660,7 +660,7 @@ needs_trt = pytest.mark.skipif(not _rtx_available(), reason="needs tensorrt or t
 
 @pytest.fixture(scope="module")
 def built_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.backends.trt_build import BuildOptions, build_engine
+    from service.build.build import BuildOptions, build_engine
     from tests.onnx_models import mlp
 
     folder = tmp_path_factory.mktemp("engine")
@@ -674,7 +674,7 @@ def built_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_spec_from_the_manifest_of_a_real_engine(built_engine: Path) -> None:
     """TensorRT-RTX engines cannot be deserialized without a GPU (checked: the runtime
     needs a CUDA driver), so on the CPU the spec is read from the build manifest."""
-    from service.backends.trt_build import load_manifest
+    from service.build.build import load_manifest
 
     spec = manifest_spec(load_manifest(built_engine), "mlp")
     assert [(t.name, t.dtype, t.shape) for t in spec.inputs] == [("input", "FP32", (-1, 32))]
@@ -686,27 +686,28 @@ def test_spec_from_the_manifest_of_a_real_engine(built_engine: Path) -> None:
 
 @needs_trt
 def test_load_says_a_gpu_is_needed(built_engine: Path) -> None:
-    from service.backends import tensorrt
-    from service.backends.trt_api import gpu_present
+    from service.backends.tensorrt import load as tensorrt
+    from service.backends.tensorrt.api import gpu_present
 
     if gpu_present():
         pytest.skip("this machine has a GPU: load() would deserialize the engine")
     config = ModelConfig(name="mlp", path=str(built_engine))
     with pytest.raises(EngineLoadError, match="needs an NVIDIA GPU"):
-        tensorrt.load(config)
+        tensorrt.load(config, built_engine)
 
 
 @needs_trt
 def test_load_builds_an_onnx_model_first_with_its_timing_cache(tmp_path: Path) -> None:
-    from service.backends import tensorrt
-    from service.backends.trt_api import gpu_present
-    from service.backends.trt_build import load_manifest
+    from service.backends.tensorrt import load as tensorrt
+    from service.backends.tensorrt.api import gpu_present
+    from service.build import serving
+    from service.build.build import load_manifest
     from tests.onnx_models import mlp
 
     onnx_path = mlp(tmp_path / "m.onnx", in_features=16, out_features=4)
     config = ModelConfig(name="m", path=str(onnx_path), backend="tensorrt", max_batch_size=32,
                          build=BuildConfig(profiles=2))
-    engine = tensorrt.engine_for(config)
+    engine = serving.engine_for(config)
     assert engine == tmp_path / "m.engine" and engine.is_file()
     manifest = load_manifest(engine)
     cache = manifest["timing_cache"]
@@ -716,12 +717,12 @@ def test_load_builds_an_onnx_model_first_with_its_timing_cache(tmp_path: Path) -
     assert [p["inputs"]["input"]["max"] for p in manifest["profiles"]] == [[32, 16], [32, 16]]
     built = engine.stat().st_mtime_ns
     time.sleep(0.01)
-    assert tensorrt.engine_for(config) == engine
+    assert serving.engine_for(config) == engine
     assert engine.stat().st_mtime_ns == built  # same options, same library: reused
     changed = dataclasses.replace(config, build=BuildConfig(profiles=1))
-    tensorrt.engine_for(changed)
+    serving.engine_for(changed)
     assert engine.stat().st_mtime_ns != built
     assert len(load_manifest(engine)["profiles"]) == 1
     if not gpu_present():
         with pytest.raises(EngineLoadError, match="needs an NVIDIA GPU"):
-            tensorrt.load(config)
+            tensorrt.load(config, serving.engine_for(config))

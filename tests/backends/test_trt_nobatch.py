@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 
 from service.backends.base import LoadedModel
-from service.backends.tensorrt import EngineHandle, engine_spec, executor_factories, manifest_spec
-from service.backends.trt_executor import TrtExecutor
+from service.backends.tensorrt.executor import TrtExecutor
+from service.backends.tensorrt.load import (
+    EngineHandle,
+    engine_spec,
+    executor_factories,
+    manifest_spec,
+)
 from service.config import ModelConfig
 from service.engine.model import ModelRuntime
 from service.errors import ConfigError, TensorError
@@ -101,7 +106,7 @@ async def test_served_through_model_runtime_one_request_per_execution(cuda, shap
 
 def _rtx_available() -> bool:
     try:
-        from service.backends.trt_api import import_tensorrt
+        from service.backends.tensorrt.api import import_tensorrt
 
         import_tensorrt()
     except RuntimeError:
@@ -115,7 +120,7 @@ needs_trt = pytest.mark.skipif(not _rtx_available(), reason="needs tensorrt or t
 @needs_trt
 def test_a_real_vad_engine_is_built_and_described_as_not_batching(tmp_path: Path) -> None:
     """The VAD model's scalar input and its batch on axis 1 of the state, built for real."""
-    from service.backends.trt_build import BuildOptions, build_engine, load_manifest
+    from service.build.build import BuildOptions, build_engine, load_manifest
 
     onnx_path = onnx_models.vad(tmp_path / "vad.onnx")
     engine_path = tmp_path / "vad.engine"

@@ -34,8 +34,13 @@ from typing import Any
 import numpy as np
 
 from service.backends.base import LoadedModel
-from service.backends.cuda import CudaRuntime, runtime_module
-from service.backends.tensorrt import EngineHandle, engine_spec, executor_factories, graph_buckets
+from service.backends.tensorrt.cuda import CudaRuntime, runtime_module
+from service.backends.tensorrt.load import (
+    EngineHandle,
+    engine_spec,
+    executor_factories,
+    graph_buckets,
+)
 from service.config import ModelConfig, ServerConfig
 from service.engine.model import ModelRuntime
 from tests.doubles.trt import (

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from service.backends.cuda import CudaRuntime, runtime_module
-from service.backends.tensorrt import graph_buckets
-from service.backends.trt_api import gpu_present
-from service.backends.trt_executor import TrtExecutor
+from service.backends.tensorrt.api import gpu_present
+from service.backends.tensorrt.cuda import CudaRuntime, runtime_module
+from service.backends.tensorrt.executor import TrtExecutor
+from service.backends.tensorrt.load import graph_buckets
 
 pytestmark = pytest.mark.gpu
 

@@ -229,9 +229,17 @@ def test_reflection_v1_answers_as_v1alpha_does(server):
             list_services="")]), timeout=10)))
         described = next(iter(call(iter([reflection_pb2.ServerReflectionRequest(
             file_containing_symbol=V1)]), timeout=10)))
+        itself = next(iter(call(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection")]), timeout=10)))
     names = {s.name for s in listed.list_services_response.service}
     assert {V1, KSERVE, "grpc.reflection.v1.ServerReflection",
             "grpc.reflection.v1alpha.ServerReflection"} <= names
     files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
              for raw in described.file_descriptor_response.file_descriptor_proto]
     assert any(s.name == "InferenceService" for f in files for s in f.service)
+    # It describes itself too (grpcurl describe): the v1 names, v1alpha's messages.
+    own = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+           for raw in itself.file_descriptor_response.file_descriptor_proto]
+    method = next(m for f in own if f.package == "grpc.reflection.v1"
+                  for s in f.service for m in s.method)
+    assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"

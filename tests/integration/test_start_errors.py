@@ -18,7 +18,7 @@ import pytest
 from client import Client, InferenceError
 from client.client import KServeClient
 from service import auth
-from service.backends.trt_api import gpu_present
+from service.backends.tensorrt.api import gpu_present
 from service.errors import ConfigError
 from tests.reliability.certs import authority
 from tests.reliability.harness import NOT_SERVING, SERVING, health_status

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.backends.trt_build_options import (
+from service.build.options import (
     BuildOptions,
     DynamicShapeError,
     OptionError,

@@ -1,7 +1,7 @@
 """The JSON manifest `build_engine` writes next to each engine: where it is, reading it.
 
-`model.engine` -> `model.engine.json`. `trt_build` assembles and writes it;
-`trt_inspect` falls back on it where the engine cannot be loaded.
+`model.engine` -> `model.engine.json`. `build` assembles and writes it;
+`inspect` falls back on it where the engine cannot be loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from service.backends.trt_build_options import ShapeRange
+from service.build.options import ShapeRange
 
 MANIFEST_VERSION = 1
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.backends.trt_build import (
+from service.build.build import (
     BuildError,
     BuildOptions,
     DynamicShapeError,
@@ -21,8 +21,8 @@ from service.backends.trt_build import (
     describe_engine,
     manifest_path,
 )
-from service.backends.trt_inspect import timing_cache_line
-from service.build_settings import (
+from service.build.inspect import timing_cache_line
+from service.build.settings import (
     BuildConfigError,
     add_build_flags,
     advice,
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     build.add_argument(
         "-o", "--output", type=Path, required=True, metavar="MODEL.engine", help="engine to write"
     )
-    # The same flags as `trtserve serve` takes for an .onnx model (build_settings).
+    # The same flags as `trtserve serve` takes for an .onnx model (build/settings.py).
     add_build_flags(build)
     build.set_defaults(func=functools.partial(_run_build, build))
 

@@ -11,10 +11,10 @@ Works with `tensorrt` and `tensorrt_rtx`. TensorRT-RTX builds on a machine witho
 GPU, but its engines can be loaded (deserialized) only on a GPU; the manifest says
 what could not be checked and why.
 
-Options live in `trt_build_options`, the manifest's path and reading in
-`trt_manifest`, loading and describing an engine in `trt_inspect`, the captured
-builder log in `trt_log` and the MPS check in `trt_build_mps`. The names importers
-use are re-exported here.
+Options live in `options`, the manifest's path and reading in `manifest`,
+loading and describing an engine in `inspect`, the captured builder log in `log`
+and the MPS check in `mps` (all in this package). The names importers use are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.backends.trt_api import (
+from service.backends.tensorrt.api import (
     IOTensor,
     engine_io,
     import_tensorrt,
@@ -36,8 +36,8 @@ from service.backends.trt_api import (
     network_io,
     profile_shapes,
 )
-from service.backends.trt_build_mps import _mps_thread_percentage
-from service.backends.trt_build_options import (
+from service.build.mps import _mps_thread_percentage
+from service.build.options import (
     BuildError,
     BuildOptions,
     DynamicShapeError,
@@ -45,7 +45,7 @@ from service.backends.trt_build_options import (
     ShapeRange,
     default_batch_opt,
 )
-from service.backends.trt_inspect import (
+from service.build.inspect import (
     _deserialize,
     _Deserialized,
     _inspector_layers,
@@ -54,8 +54,8 @@ from service.backends.trt_inspect import (
     _without_profile_marks,
     describe_engine,
 )
-from service.backends.trt_log import _CapturedLog
-from service.backends.trt_manifest import (
+from service.build.log import _CapturedLog
+from service.build.manifest import (
     MANIFEST_VERSION,
     _profile_json,
     load_manifest,

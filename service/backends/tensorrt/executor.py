@@ -42,14 +42,14 @@ from service.backends.base import (
     BatchResult,
     WorkerInfo,
 )
-from service.backends.cuda import CudaError, CudaRuntime, Event, Graph, GraphExec
-from service.backends.trt_api import (
+from service.backends.tensorrt.api import (
     IOTensor,
     dims_tuple,
     engine_io,
     import_tensorrt,
     profile_shapes,
 )
+from service.backends.tensorrt.cuda import CudaError, CudaRuntime, Event, Graph, GraphExec
 from service.errors import InputRejected
 
 if TYPE_CHECKING:

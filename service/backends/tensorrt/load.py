@@ -1,7 +1,8 @@
 """TensorRT models: one deserialized engine, one `TrtExecutor` per worker.
 
-`load` deserializes the engine once (building it first from an .onnx model with
-the model's build options and timing cache), so every worker's contexts share
+`load` deserializes the engine once (for an .onnx model, the one that
+service/build/serving.py built with the model's build options and timing cache;
+serving never imports the build), so every worker's contexts share
 the engine's weights on the GPU, and hands out one executor factory per worker,
 profile-major: `workers` factories for profile 0, then as many for profile 1...
 """
@@ -26,8 +27,7 @@ from service.backends.base import (
     check_unbatched_config,
     decide_batching,
 )
-from service.backends.cuda import CudaRuntime
-from service.backends.trt_api import (
+from service.backends.tensorrt.api import (
     IOTensor,
     engine_io,
     gpu_present,
@@ -35,9 +35,10 @@ from service.backends.trt_api import (
     library_info,
     profile_shapes,
 )
-from service.backends.trt_executor import Shape, TrtExecutor
+from service.backends.tensorrt.cuda import CudaRuntime
+from service.backends.tensorrt.executor import Shape, TrtExecutor
 from service.config import ModelConfig
-from service.errors import ConfigError, StartError
+from service.errors import StartError
 from service.tensors import TensorSpec
 
 if TYPE_CHECKING:
@@ -141,7 +142,7 @@ def engine_spec(engine: trt.ICudaEngine, model: str,
 
 def manifest_spec(manifest: Mapping[str, Any], model: str,
                   batching_mode: bool | str = "auto") -> ModelSpec:
-    """The ModelSpec recorded in a build manifest (`trt_build.build_engine` writes one).
+    """The ModelSpec recorded in a build manifest (`service.build.build.build_engine` writes one).
 
     For describing an engine where it cannot be deserialized (no GPU); serving
     always reads the engine itself.
@@ -255,54 +256,13 @@ class _TrtLogger:
         self.logger = Logger()
 
 
-def engine_for(config: ModelConfig) -> Path:
-    """The engine file to serve: the model's path, or for an .onnx model the engine
-    built from it (rebuilt unless one built with the same options and library exists)."""
-    path = Path(config.path)
-    if path.suffix.lower() != ".onnx":
-        return path
-    from service.backends.trt_build import BuildError, build_engine, load_manifest, manifest_path
-    from service.backends.trt_build_options import DynamicShapeError, OptionError
-    from service.build_settings import DEFAULT_MAX_BATCH, advice, build_options
+def load(config: ModelConfig, engine_path: Path) -> LoadedModel:
+    """Deserialize the model's engine once and hand out one executor factory per worker.
 
-    build = config.build
-    engine = Path(build.engine) if build.engine else path.with_suffix(".engine")
-    cache = path.with_suffix(".timing-cache")
-    try:
-        options = build_options(build, max_batch_size=config.max_batch_size or DEFAULT_MAX_BATCH,
-                                timing_cache=cache)
-    except OptionError as err:
-        raise ConfigError(f"model '{config.name}': build.{err.field}: {err.detail}") from None
-    if engine.is_file() and manifest_path(engine).is_file() and \
-            engine.stat().st_mtime >= path.stat().st_mtime:
-        manifest = load_manifest(engine)
-        name, version = library_info()
-        if manifest.get("options") == options.to_json() and \
-                manifest.get("library") == {"name": name, "version": version}:
-            log.info("model '%s': reusing %s (built from %s with the same options)",
-                     config.name, engine, path)
-            return engine
-    log.info("model '%s': building %s from %s", config.name, engine, path)
-    try:
-        manifest = build_engine(path, engine, options)
-    except DynamicShapeError as err:
-        # Name what `trtserve serve` and its config file take, not `trtserve build`'s flags.
-        raise EngineLoadError(
-            f"model '{config.name}': {advice(err, config_key='[models.build]')}") from None
-    except BuildError as err:
-        raise EngineLoadError(f"model '{config.name}': {err}") from None
-    cache_use = manifest.get("timing_cache") or {}
-    log.info("model '%s': built in %.1fs (timing cache %s)", config.name,
-             manifest.get("build_seconds", 0.0), cache_use.get("status", "not used"))
-    for setting, why in manifest["settings"]["unavailable"].items():
-        log.warning("model '%s': %s not applied: %s", config.name, setting, why)
-    return engine
-
-
-def load(config: ModelConfig) -> LoadedModel:
-    """Deserialize the model's engine once and hand out one executor factory per worker."""
+    `engine_path`: the engine file to serve, which for an .onnx model the build
+    package has built first (service/build/serving.py: `engine_for`).
+    """
     trt_module = import_tensorrt()
-    engine_path = engine_for(config)
     if not engine_path.is_file():
         raise EngineLoadError(f"model '{config.name}': engine not found: {engine_path}")
     if not gpu_present():
