@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import Client, InferenceError
 from client.convert import infer_request, outputs_of
@@ -173,16 +174,7 @@ def test_tls_across_frontends(tmp_path: Path, example_onnx: Path) -> None:
                             "--tls-cert", str(cert), "--tls-key", str(key)])
     x = np.ones((1, 64), np.float32)
     try:
-        end = time.monotonic() + 60
-        while time.monotonic() < end:  # health over TLS: ServerProcess.wait_ready is plaintext
-            try:
-                with Client(server.url, root_certificates=ca.pem) as c:
-                    assert c.infer("example", {"input": x}, timeout=5)["output"].shape == (1, 16)
-                break
-            except InferenceError as e:
-                assert e.code == grpc.StatusCode.UNAVAILABLE, e
-                assert server.proc.poll() is None, server.output()
-                time.sleep(0.2)
+        _wait_serving_over_tls(server, ca.pem)
         for _ in range(4):
             with Client(server.url, root_certificates=ca.pem) as c:
                 assert c.infer("example", {"input": x}, timeout=10)["output"].shape == (1, 16)
@@ -192,3 +184,22 @@ def test_tls_across_frontends(tmp_path: Path, example_onnx: Path) -> None:
     finally:
         code, output = server.terminate()
     assert code == 0, output
+
+
+def _wait_serving_over_tls(server: ServerProcess, ca: bytes, timeout_s: float = 60) -> None:
+    """ServerProcess.wait_ready, over TLS."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        assert server.proc.poll() is None, server.output()
+        # A new channel each time: one that failed to connect backs off for seconds.
+        with grpc.secure_channel(server.url, grpc.ssl_channel_credentials(ca)) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.UNAVAILABLE,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED), e
+        time.sleep(0.1)
+    raise TimeoutError(server.output())
