@@ -63,8 +63,15 @@ def server(example_onnx: Path) -> ServerProcess:
 
 
 def _frontend_pids(server: ServerProcess) -> list[int]:
-    return [c.pid for c in psutil.Process(server.proc.pid).children()
-            if "service.frontend_process" in " ".join(c.cmdline())]
+    """The live frontend processes (one killed and not yet reaped is a zombie: not one)."""
+    pids = []
+    for child in psutil.Process(server.proc.pid).children():
+        try:
+            if "service.frontend_process" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:  # gone, or a zombie
+            continue
+    return pids
 
 
 def _own_connection(url: str) -> grpc.aio.Channel:
