@@ -11,8 +11,9 @@ homes implement it, as vLLM's engine clients do:
   `service.ipc` (descriptors over a Unix socket, tensor bytes in shared memory),
   so that N frontend processes share one engine and its batches.
 
-Everything here is immutable data that can cross a process boundary as it is:
-numbers, strings, tuples, frozen dataclasses, numpy arrays, and references into
+Everything here is data that can cross a process boundary as it is: numbers,
+strings, tuples, frozen dataclasses (the snapshots' dicts and histograms are
+copies the engine no longer touches), numpy arrays, and references into
 shared-memory regions (`RegionRef`). Times are on the serving clock
 (`now` here, CLOCK_MONOTONIC), which every process on the host shares,
 so a deadline means the same instant in the frontend and in the engine.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -48,9 +48,9 @@ from service.tensors import TensorSpec
 __all__ = [
     "MODEL_VERSION", "BatchingDescription", "ByteBudgetSnapshot", "CaptureFailure",
     "DurationHistogram", "Engine", "FrontendSnapshot", "HealthListener", "InferRequest",
-    "InferResult", "ModelCountersSnapshot", "ModelDescription", "ModelSnapshot", "Percentiles",
-    "RegionRef", "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut", "WorkerInfo",
-    "WorkerSnapshot", "check_version", "now", "wanted_outputs",
+    "InferResult", "ModelCountersSnapshot", "ModelDescription", "ModelSnapshot", "ModelSpec",
+    "Percentiles", "RegionRef", "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut",
+    "WorkerInfo", "WorkerSnapshot", "check_version", "now", "wanted_outputs",
 ]
 
 # trtserve serves one version of each model. KServe clients may name it "1" or
@@ -119,10 +119,6 @@ class TensorIn:
     data: np.ndarray | RegionRef
 
 
-# Shared by every request that writes no output into a region (most): immutable.
-_NO_REGIONS: Mapping[str, RegionRef] = MappingProxyType({})
-
-
 @dataclass(frozen=True, slots=True)
 class InferRequest:
     """What a frontend asks of the engine for one request of one model."""
@@ -134,7 +130,7 @@ class InferRequest:
     # Outputs to return, in this order; empty: every output, in the model's order.
     outputs: Sequence[str] = ()
     # Outputs the engine writes into a region instead of returning them.
-    output_regions: Mapping[str, RegionRef] = field(default_factory=lambda: _NO_REGIONS)
+    output_regions: Mapping[str, RegionRef] = field(default_factory=dict)
     # Serving clock; None: no deadline.
     deadline: float | None = None
 
@@ -246,16 +242,24 @@ class Engine(Protocol):
         ...
 
     def ready(self, model: str | None = None) -> bool:
-        """Whether the model (None: the server, every model) accepts requests now."""
+        """Whether the model (None: every model) accepts requests now, with a worker in the
+        rotation. An unknown model is not ready (no error), as Triton answers."""
         ...
 
     async def infer(self, request: InferRequest) -> InferResult:
-        """Run one request through the model's batcher; raises a ServeError for the client."""
+        """Run one request through the model's batcher; raises a ServeError for the client.
+
+        Outputs are checked (wanted_outputs) before anything runs; validation comes
+        before the server's byte budget (INVALID_ARGUMENT before RESOURCE_EXHAUSTED).
+        """
         ...
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
-        """Counters of one model (None: every model) and of the frontends."""
+        """Counters of one model (None: every model; NotFound for one not served), of the
+        frontends and of the request byte budget, read at one moment."""
         ...
 
     def add_health_listener(self, listener: HealthListener) -> None:
+        """Call `listener(model, serving)` when a model loses its last healthy worker
+        (False) or one rejoins a model that had none (True)."""
         ...

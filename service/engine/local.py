@@ -61,13 +61,10 @@ class LocalEngine:
         return runtime
 
     def describe(self, model: str, version: str = "") -> ModelDescription:
-        runtime = self._runtime(model, version)
-        cached = self._descriptions.get(model)
-        if cached is not None and cached[0] is runtime:
-            return cached[1]
-        description = runtime.description()
-        self._descriptions[model] = (runtime, description)
-        return description
+        runtime = self._repository.get(model)  # NotFound naming the served models
+        if version:
+            check_version(model, version)
+        return runtime.description()
 
     def ready(self, model: str | None = None) -> bool:
         """Accepting requests, with at least one worker in the rotation (an unknown model:
@@ -109,10 +106,10 @@ class LocalEngine:
         budget = self._budget
         nbytes = request_bytes(arrays)
         try:
-            runtime.validate(arrays, dtypes)
+            validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                outputs = await runtime.infer(arrays, request.deadline, dtypes)
+                outputs = await runtime.infer(arrays, request.deadline, dtypes, validated)
             finally:
                 budget.release(nbytes)
         finally:

@@ -1,11 +1,12 @@
 """A served model: validation, the batcher, the scheduler and the worker pool.
 
 Everything here runs on the event loop; workers report back through
-`_on_done`, one callback per batch. A batch expected to be quick, with the
-model otherwise idle, runs on the loop itself (`inline_below_us`): handing it
-to a worker's thread and back costs two thread wake-ups, which on a small
-model is more than the batch (26-80 us of p50 against ~20 us on the benchmark
-machine, docs/benchmarks.md). Where a quick batch cannot run on the loop (a
+`_on_done`, one callback per batch. The model is its batcher's Dispatcher
+(`dispatch`, `drop`, `hold_s`); the protocol side reaches it only through
+engine/local.py. A batch expected to be quick, with the model otherwise idle,
+runs on the loop itself (`inline_below_us`): handing it to a worker's thread and
+back costs two thread wake-ups, which on a small model is more than the batch
+(docs/benchmarks.md has the measurements). Where a quick batch cannot run on the loop (a
 TensorRT worker owns its stream), it waits for the quick batch in flight rather
 than taking a second worker: it carries more rows, and the loop, not the
 backend, is what a quick batch costs (docs/benchmarks-gpu.md, section 3).
@@ -122,6 +123,7 @@ class ModelRuntime:
             max_queue_size=config.max_queue_size,
         )
         self._batcher: Batcher | None = None
+        self._description: ModelDescription | None = None
         self._batcher_task: asyncio.Task[None] | None = None
         self._idle: asyncio.Event | None = None
         self.ready = False
@@ -177,7 +179,16 @@ class ModelRuntime:
         return sum(w.healthy for w in self.workers)
 
     def description(self) -> ModelDescription:
-        """What the protocol side may know of this model; the same while it is loaded."""
+        """What the protocol side may know of this model; the same while it is loaded.
+
+        Computed once, once the workers have started (where each runs is known then):
+        frontends ask for it on every request.
+        """
+        if self._description is None or not self.ready:
+            self._description = self._describe()
+        return self._description
+
+    def _describe(self) -> ModelDescription:
         return ModelDescription(
             name=self.name, version=MODEL_VERSION, spec=self.spec, config=self.config,
             batching=BatchingDescription(
@@ -211,17 +222,19 @@ class ModelRuntime:
         inputs: Mapping[str, np.ndarray],
         deadline: float | None = None,
         dtypes: Mapping[str, str] | None = None,
+        validated: Validated | None = None,
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
         `deadline` is on the serving clock (`service.engine.timer.now`). `dtypes` gives
         wire dtype names where numpy can't tell them apart (BF16 travels as uint16).
+        `validated`: what `validate` answered for these inputs, if the caller asked.
         """
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
         if self._batcher is None or not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
-        rows, shape_key = self.validate(inputs, dtypes or {})
+        rows, shape_key = validated or self.validate(inputs, dtypes or {})
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
                           asyncio.get_running_loop().create_future())
         try:
@@ -331,9 +344,12 @@ class ModelRuntime:
     def dispatch(self, index: int, batch: Batch) -> None:
         """Run the batch on worker `index` (which the batcher has acquired for it)."""
         quick = self._quick(batch)
-        inline = quick and not self.in_flight
-        self._dispatched_slow[index] = not quick
-        self._slow_in_flight += not quick
+        # A quick batch runs on the loop only while nothing else is in flight.
+        run_on_loop = quick and self.in_flight == 0
+        slow = not quick
+        self._dispatched_slow[index] = slow
+        if slow:
+            self._slow_in_flight += 1
         dispatched = self._dispatched_at[index] = now()
         stats = self.worker_stats[index]
         for request in batch.requests:
@@ -342,7 +358,7 @@ class ModelRuntime:
         assert self._idle is not None
         self._idle.clear()
         worker = self.workers[index]
-        if inline and (result := worker.run_inline(batch)) is not None:
+        if run_on_loop and (result := worker.run_inline(batch)) is not None:
             stats.inline_batches += 1
             self._on_done(worker, Outcome(batch, result))
             return
@@ -386,8 +402,9 @@ class ModelRuntime:
     def _on_done(self, worker: Worker, outcome: Outcome) -> None:
         index = worker.index
         self._in_flight[index] -= 1
-        self._slow_in_flight -= self._dispatched_slow[index]
-        self._dispatched_slow[index] = False
+        if self._dispatched_slow[index]:
+            self._slow_in_flight -= 1
+            self._dispatched_slow[index] = False
         batch = outcome.batch
         if (result := outcome.result) is not None:
             self._succeeded(index, batch.rows, len(batch.requests), result)

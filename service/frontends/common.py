@@ -15,8 +15,7 @@ from typing import Protocol
 import grpc
 
 from service import echo
-from service.backends.base import ModelSpec
-from service.engine.api import MODEL_VERSION, check_version, now
+from service.engine.api import MODEL_VERSION, ModelSpec, check_version, now
 from service.errors import TensorError
 
 __all__ = ["MODEL_VERSION", "check_inputs", "check_version", "deadline_of"]

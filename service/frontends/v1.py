@@ -29,7 +29,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
         result = await self._engine.infer(InferRequest(
-            request.model, convert.decode_inputs(request), outputs=tuple(request.outputs),
+            request.model, convert.decode_inputs(request),
+            outputs=tuple(request.outputs) if request.outputs else (),
             deadline=deadline))
         return convert.encode_outputs(request, result)
 

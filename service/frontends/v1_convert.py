@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.backends.base import ModelSpec
 from service.engine.api import (
     InferResult,
     ModelDescription,
     ModelSnapshot,
+    ModelSpec,
     Percentiles,
     TensorIn,
     WorkerSnapshot,

@@ -7,8 +7,10 @@ in its own process, so its resident memory is measured alone. Clients mix
 valid requests (unary and streamed), invalid ones, tight deadlines and
 cancellations; beside them 32 scrapers fetch /metrics in a loop, twice the
 endpoint's connection bound, so some are refused (503, or a reset) and none
-may fail otherwise. Every valid answer is checked against ONNX Runtime run here on
-that request's own input; every stream answer is matched to its request id
+may fail otherwise, and two streams send requests without ever reading their
+answers, which the server must stop reading once they hold their bound.
+Every valid answer is checked against ONNX Runtime run here on that request's
+own input; every stream answer is matched to its request id
 exactly once. Nothing may be lost (a valid call that fails), duplicated or
 misrouted, the server's memory must level off, and it must exit 0 on SIGTERM.
 Set TRTSERVE_SOAK_REPORT=path.json to keep the numbers.
@@ -40,6 +42,15 @@ from tests.servers import ServerProcess, free_port
 CLIENTS = 128
 STREAM_CLIENTS = 16  # of the 128, these send bursts over InferStream
 SCRAPERS = 32  # /metrics in a loop, a new connection each; the endpoint holds 16
+# Streams that send and never read their answers, with 8 KiB ids echoed in each:
+# the server must stop reading them (backpressure), not run and hold all they send.
+# (At most 1024 answers of ~8 KiB held per stream: small beside the memory bound.)
+NON_READERS = 2
+NON_READER_ID = "n" * 8192
+# What one such stream may get accepted: the server's in-flight bound per stream
+# (1024) plus what the HTTP/2 windows hold; without backpressure it was tens of
+# thousands in seconds.
+NON_READER_MAX_SENT = 4096
 SECONDS = float(os.environ.get("TRTSERVE_SOAK_SECONDS", "15"))
 MAX_ROWS = 32
 # Memory may grow while the process warms up (allocator pools, gRPC buffers,
@@ -249,6 +260,27 @@ async def _scraper(port: int, end: float, tally: Tally) -> None:
             tally.defect(f"scrape answered {data[:80]!r}")
 
 
+async def _non_reader(url: str, end: float, tally: Tally) -> None:
+    """Send on one InferStream and never read: writes must stall at the stream's bound."""
+    request = infer_request("example", {"input": np.ones((1, 64), np.float32)}, None, "")
+    sent = 0
+    # No receive-window growth (BDP probing): answers pile up on the server's side.
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(url, options=options) as channel:
+        call = pb_grpc.InferenceServiceStub(channel).InferStream()
+        while time.monotonic() < end:
+            request.id = f"{sent}-{NON_READER_ID}"  # unique: ids in flight may not repeat
+            try:
+                await asyncio.wait_for(call.write(request), max(0.01, end - time.monotonic()))
+            except (TimeoutError, grpc.aio.AioRpcError):
+                break
+            sent += 1
+        call.cancel()
+    tally.outcomes["non-reader writes accepted"] += sent
+    if sent > NON_READER_MAX_SENT:
+        tally.defect(f"a stream that never reads had {sent} requests accepted")
+
+
 async def _sample_rss(pid: int, end: float, samples: list[tuple[float, int]]) -> None:
     process = psutil.Process(pid)
     start = time.monotonic()
@@ -286,7 +318,9 @@ def test_soak(example_onnx, tmp_path):
                        if i < STREAM_CLIENTS else _unary_client(server.url, i, end, ref, tally)
                        for i in range(CLIENTS)]
             scrapers = [_scraper(metrics_port, end, tally) for _ in range(SCRAPERS)]
-            await asyncio.gather(_sample_rss(server.proc.pid, end, rss), *clients, *scrapers)
+            non_readers = [_non_reader(server.url, end, tally) for _ in range(NON_READERS)]
+            await asyncio.gather(_sample_rss(server.proc.pid, end, rss), *clients, *scrapers,
+                                 *non_readers)
 
         asyncio.run(soak())
         elapsed = time.monotonic() - began
@@ -302,7 +336,7 @@ def test_soak(example_onnx, tmp_path):
     latency = np.array(tally.valid_latency_s or [0.0])
     report = {
         "seconds": round(elapsed, 1), "clients": CLIENTS, "stream_clients": STREAM_CLIENTS,
-        "scrapers": SCRAPERS,
+        "scrapers": SCRAPERS, "non_readers": NON_READERS,
         "outcomes": dict(sorted(tally.outcomes.items())),
         "calls": sum(tally.outcomes.values()),
         "rows_answered": tally.rows_answered,
@@ -335,7 +369,8 @@ def test_soak(example_onnx, tmp_path):
     ours = [r for r in records if " ERROR " in r or "Traceback" in r]
     assert all("ExecuteBatchError raised in core" in r.splitlines()[0] for r in ours), ours[:3]
     assert tally.outcomes["valid ok"] > CLIENTS and tally.outcomes["stream valid ok"] > 0
-    for outcome in ("deadline exceeded", "cancelled", "stream invalid refused", "scrape ok"):
+    for outcome in ("deadline exceeded", "cancelled", "stream invalid refused", "scrape ok",
+                    "non-reader writes accepted"):
         assert tally.outcomes[outcome] > 0, (outcome, tally.outcomes)
     # The server ran every answered row (more, for calls abandoned mid-batch), and
     # lost no accepted request to an internal error.
