@@ -88,7 +88,8 @@ class EngineServer(Server):
         _, to_load = self._preflight()
         self.port = self._reserve_port()
         config = dataclasses.replace(self.config, port=self.port, frontends=1)
-        self.host = EngineHost(self.engine, config)
+        self.host = EngineHost(self.engine, config,
+                               failed_models=lambda: tuple(self.models.failed))
         try:
             self._start_metrics()
             await asyncio.wait_for(

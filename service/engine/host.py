@@ -186,8 +186,12 @@ class EngineHost:
     """Serves one `Engine` to the frontend processes over their links."""
 
     def __init__(self, engine: Engine, config: ServerConfig,
-                 inline_max_bytes: int = codec.INLINE_MAX_BYTES) -> None:
+                 inline_max_bytes: int = codec.INLINE_MAX_BYTES,
+                 failed_models: Callable[[], Sequence[str]] = tuple) -> None:
         self.engine = engine
+        # Models that failed to load at start (model_load_failure = "skip"): frontends
+        # say so, as the engine's repository does, rather than "not served".
+        self._failed_models = failed_models
         self.config = config
         self.inline_max_bytes = inline_max_bytes
         self.ports: dict[int, FrontendPort] = {}
@@ -216,7 +220,8 @@ class EngineHost:
                 descriptions.append(self.engine.describe(name))
             except ServeError:
                 continue
-        return K(kind=K.MODELS, payload=encode_payload(tuple(descriptions)))
+        failed = tuple(self._failed_models())
+        return K(kind=K.MODELS, payload=encode_payload((tuple(descriptions), failed)))
 
     def _on_health(self, model: str, serving: bool) -> None:
         self._health[model] = serving

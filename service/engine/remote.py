@@ -76,6 +76,7 @@ class RemoteEngine:
         self._pending: dict[int, _Pending] = {}
         self._queries: dict[int, asyncio.Future[object]] = {}
         self._descriptions: dict[str, ModelDescription] = {}
+        self._failed: frozenset[str] = frozenset()
         self._health: dict[str, bool] = {}
         self._listeners: list[HealthListener] = []
         loop = asyncio.get_running_loop()
@@ -104,6 +105,9 @@ class RemoteEngine:
     def describe(self, model: str, version: str = "") -> ModelDescription:
         description = self._descriptions.get(model)
         if description is None:  # as the engine's repository says it
+            if model in self._failed:
+                raise NotFound(f"model '{model}' failed to load when the server started "
+                               "(the server log says why)")
             raise NotFound(f"model '{echo.text(model)}' is not served here; served models: "
                            f"{sorted(self._descriptions)}")
         check_version(model, version)
@@ -226,8 +230,9 @@ class RemoteEngine:
     def _control(self, c: link_pb2.Control) -> None:
         kind = c.kind
         if kind == K.MODELS:
-            descriptions = decode_payload(c.payload)
+            descriptions, failed = decode_payload(c.payload)
             self._descriptions = {d.name: d for d in descriptions}
+            self._failed = frozenset(failed)
         elif kind == K.HEALTH:
             self._set_health(c.model, c.serving)
         elif kind == K.STATS:
