@@ -137,3 +137,10 @@ async def test_region_references_reach_the_engine(pair: Pair) -> None:
         "input": TensorIn("FP32", (1, 64), RegionRef("client-region", 128, 256))})
     with pytest.raises(ServeError, match="shared-memory region 'client-region'"):
         await pair.remote.infer(by_region)
+
+
+async def test_stats_of_an_unknown_model_is_not_found_across_the_link(pair: Pair) -> None:
+    with pytest.raises(NotFound, match="nope"):
+        await pair.remote.stats("nope")
+    (model,) = (await pair.remote.stats("example")).models
+    assert model.name == "example"
