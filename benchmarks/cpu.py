@@ -23,6 +23,8 @@ so the noise of a shared machine hits both sides alike; each is repeated
 6. Where the event loop's time goes under load (cProfile of the loop thread).
 7. Many cores: served over raw as ONNX Runtime's intra-op threads and
    spinning vary (on machines with 4 or more usable cores).
+8. One engine, N frontend processes (`--frontends N`): requests/s at high
+   concurrency and p50 at concurrency 1, against N = 1 in the same round.
 
 PyTriton runs in its own virtual environment (default /tmp/pytriton-venv,
 created with a Python 3.12 from pyenv when missing): its Triton server copies
@@ -429,6 +431,39 @@ def threads(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, 
     return out
 
 
+def frontend_counts(cores: int) -> list[int]:
+    """1, 2, 4, 8 frontend processes, up to the usable cores (at least 1 and 2)."""
+    return [n for n in (1, 2, 4, 8) if n <= max(2, cores)]
+
+
+def frontends(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, Any]:
+    """`light` with `frontends = N`: requests/s at concurrency 512 (client processes
+    enough to keep up) and p50 at concurrency 1, each N against N = 1 in the same round."""
+    counts = frontend_counts(usable_cores())
+    clients = max(2, usable_cores() // 2)
+    out: dict[str, Any] = {"counts": counts, "client_processes": clients, "rounds": [],
+                           "commands": []}
+    for i in range(opts.rounds):
+        row: dict[str, Any] = {}
+        for n in counts:
+            _say(f"frontends: {n}, round {i + 1}")
+            with trtserve("light", models["light"], log_dir,
+                          extra=["--frontends", str(n)]) as served:
+                c1 = bench(served, opts, Level("closed", 1), tree=True)
+                many = bench(served, opts, Level("closed", 512), tree=True, processes=clients)
+            row[str(n)] = {"req_per_s": many.result.throughput_rps,
+                           "p50_ms_c512": many.result.latency_ms["p50"],
+                           "client_cpu": many.result.client_cpu,
+                           "server_cpu": many.server_cpu,
+                           "p50_ms_c1": c1.result.latency_ms["p50"],
+                           "errors": sum(many.result.errors.values())
+                           + sum(c1.result.errors.values())}
+            if i == 0:
+                out["commands"] += [served.command, c1.command, many.command]
+        out["rounds"].append(row)
+    return out
+
+
 def batching_gain(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"rounds": [], "commands": []}
     for i in range(opts.rounds):
@@ -718,6 +753,7 @@ def render(results: dict[str, Any], opts: Options, machine: dict[str, Any], bega
     lines += _render_memory(results.get("memory"))
     lines += _render_profile(results.get("loop_profile"))
     lines += _render_threads(results.get("threads"))
+    lines += _render_frontends(results.get("frontends"))
     for key, why in (results.get("failed") or {}).items():
         lines += [f"**Step `{key}` failed**: {why}", ""]
     return "\n".join(lines)
@@ -827,6 +863,29 @@ def _render_gain(data: dict[str, Any] | None) -> list[str]:
               "(batching on over off; below 1 means batching also lowered latency, because the "
               "queue drains faster)."]
     return lines + _commands(data["commands"])
+
+
+def _render_frontends(data: dict[str, Any] | None) -> list[str]:
+    if not data:
+        return []
+    rounds = data["rounds"]
+    lines = ["### 8. One engine, N frontend processes (model `light`)", "",
+             f"`trtserve serve --frontends N` (docs/processes.md): requests/s at concurrency "
+             f"512 from {data['client_processes']} client processes, and p50 at concurrency 1; "
+             "ratios against N = 1 in the same round.", "",
+             "| frontends | req/s (c=512) | vs 1 | server cores | p50 ms (c=1) | c=1 p50 cost "
+             "us | errors |", "|---|---|---|---|---|---|---|"]
+    for n in data["counts"]:
+        rows = [r[str(n)] for r in rounds]
+        ratio = [r[str(n)]["req_per_s"] / r["1"]["req_per_s"] if r["1"]["req_per_s"]
+                 else math.nan for r in rounds]
+        cost = [(r[str(n)]["p50_ms_c1"] - r["1"]["p50_ms_c1"]) * 1000 for r in rounds]
+        lines.append(
+            f"| {n} | {_fmt_rounds([r['req_per_s'] for r in rows], '{:,.0f}')} | "
+            f"{_fmt_rounds(ratio)}x | {_fmt_rounds([r['server_cpu'] for r in rows], '{:.2f}')}"
+            f" | {_fmt_rounds([r['p50_ms_c1'] for r in rows], '{:.3f}')} | "
+            f"{_fmt_rounds(cost, '{:+.0f}')} | {sum(r['errors'] for r in rows)} |")
+    return [*lines, "", *_commands(data["commands"])]
 
 
 def _render_pytriton(data: dict[str, Any] | None) -> list[str]:
@@ -976,7 +1035,8 @@ def write_doc(body: str, path: Path) -> None:
 
 # --- main ---------------------------------------------------------------------------------------
 
-STEPS = ("served", "gain", "pytriton", "overhead", "memory", "profile", "threads")
+STEPS = ("served", "gain", "pytriton", "overhead", "memory", "profile", "threads",
+         "frontends")
 
 
 def parse(argv: list[str] | None) -> Options:
@@ -1030,6 +1090,7 @@ RENDER = {
     "memory": _render_memory,
     "loop_profile": _render_profile,
     "threads": _render_threads,
+    "frontends": _render_frontends,
 }
 
 
@@ -1077,6 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory": ("memory", lambda: memory(opts, models, log_dir)),
         "profile": ("loop_profile", lambda: loop_profile(opts, models)),
         "threads": ("threads", lambda: threads(opts, models, log_dir)),
+        "frontends": ("frontends", lambda: frontends(opts, models, log_dir)),
     }
     machine = bench_machine()
     results: dict[str, Any] = {}

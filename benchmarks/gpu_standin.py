@@ -297,14 +297,14 @@ def _open_loop_client(url: str, request: bytes, rate: float, start_at: float,
 
 @contextmanager
 def _served(engine: Any, workers: int, max_queue_delay_us: int,
-            inline_below_us: int | None = None) -> Iterator[Any]:
+            inline_below_us: int | None = None, frontends: int = 1) -> Iterator[Any]:
     from service.testing.gpu_standin import serving_standin, standin_config
 
     options: dict[str, Any] = {} if inline_below_us is None else \
         {"inline_below_us": inline_below_us}
     config = standin_config(workers=workers, max_queue_delay_us=max_queue_delay_us,
                             max_queue_size=65536, **options)
-    with serving_standin(engine, config, stats_window_s=60) as server:
+    with serving_standin(engine, config, stats_window_s=60, frontends=frontends) as server:
         yield server
 
 
@@ -327,7 +327,8 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
                       seconds: float, warmup_s: float = 1.5, max_queue_delay_us: int = 0,
                       rows_per_request: int = 1,
                       switch_interval_s: float | None = None,
-                      inline_below_us: int | None = None) -> dict[str, float]:
+                      inline_below_us: int | None = None,
+                      frontends: int = 1) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     request = _request_bytes("standin", rows_per_request, engine.in_features)
     default_switch = sys.getswitchinterval()
@@ -336,7 +337,7 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
     try:
         return _served_run(engine, workers, clients, processes, seconds, warmup_s,
                            max_queue_delay_us, request, rows_per_request, context,
-                           inline_below_us)
+                           inline_below_us, frontends)
     finally:
         sys.setswitchinterval(default_switch)
 
@@ -344,8 +345,8 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
 def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds: float,
                 warmup_s: float, max_queue_delay_us: int, request: bytes,
                 rows_per_request: int, context: Any,
-                inline_below_us: int | None = None) -> dict[str, float]:
-    with _served(engine, workers, max_queue_delay_us, inline_below_us) as server:
+                inline_below_us: int | None = None, frontends: int = 1) -> dict[str, float]:
+    with _served(engine, workers, max_queue_delay_us, inline_below_us, frontends) as server:
         loop_thread = server.call(_thread_ident())
         # Warm every worker's graphs before the clock starts.
         from client.client import Client
@@ -452,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-workers", type=int, default=4)
     parser.add_argument("--rate", type=float, default=1000.0, help="requests/s for section 4")
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    parser.add_argument("--frontends", default="8",
+                        help="comma-separated frontend process counts for the `frontends = N` "
+                             "rows of section 3 (one engine process; docs/processes.md); "
+                             "'' for none")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 2.0
@@ -540,14 +545,19 @@ def main(argv: list[str] | None = None) -> int:
             "| served / raw |")
         say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = {}
-        runs = [("light", args.light, 1, None, None), ("light", args.light, 8, None, None),
-                ("light, inline_below_us 0", args.light, 1, None, 0),
-                ("light, inline_below_us 0", args.light, 8, None, 0),
-                ("light, GIL switch interval 0.5 ms", args.light, 1, 0.0005, None),
-                ("GPU-bound", args.heavy, 1, None, None)]
+        counts = [int(n) for n in args.frontends.split(",") if n.strip()]
+        runs = [("light", args.light, 1, None, None, 1), ("light", args.light, 8, None, None, 1),
+                ("light, inline_below_us 0", args.light, 1, None, 0, 1),
+                ("light, inline_below_us 0", args.light, 8, None, 0, 1),
+                ("light, GIL switch interval 0.5 ms", args.light, 1, 0.0005, None, 1),
+                *((f"light, frontends {n}", args.light, rows, None, None, n)
+                  for n in counts for rows in (1, 8)),
+                ("GPU-bound", args.heavy, 1, None, None, 1),
+                *((f"GPU-bound, frontends {n}", args.heavy, 1, None, None, n) for n in counts)]
         heavy = None
+        served_runs: dict[tuple[str, int], dict[str, float]] = {}
         try:
-            for name, dims, per_request, switch, inline_below_us in runs:
+            for name, dims, per_request, switch, inline_below_us, frontends in runs:
                 if dims == args.heavy:
                     heavy = _engine(dims, batch=(1, 32, 64), host_weights=False)
                     engine = heavy
@@ -557,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
                                            args.client_processes, args.seconds,
                                            rows_per_request=per_request,
                                            switch_interval_s=switch,
-                                           inline_below_us=inline_below_us)
+                                           inline_below_us=inline_below_us,
+                                           frontends=frontends)
+                served_runs[(name, per_request)] = served
                 batch = max(1, round(served["mean_batch"]))
                 raw = raw_throughput(engine, cuda, args.serve_workers, batch)
                 ratio = served["rows_per_s"] / raw["rows_per_s"]
@@ -577,6 +589,22 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Target: served / raw >= 0.9 at saturation: light (1 row per request) "
             f"{'met' if light_ratio >= 0.9 else 'MISSED'} ({light_ratio:.2f}); GPU-bound "
             f"{'met' if heavy_ratio >= 0.9 else 'MISSED'} ({heavy_ratio:.2f}).")
+        for n in counts:
+            one, many = served_runs.get(("light", 1)), served_runs.get((f"light, frontends {n}", 1))
+            one8 = served_runs.get(("light", 8))
+            many8 = served_runs.get((f"light, frontends {n}", 8))
+            if not (one and many and one8 and many8):
+                continue
+            gain = many["requests_per_s"] / one["requests_per_s"] if one["requests_per_s"] else 0
+            gain8 = many8["rows_per_s"] / one8["rows_per_s"] if one8["rows_per_s"] else 0
+            ratio_n = ratios.get((f"light, frontends {n}", 1), 0.0)
+            heavy_n = ratios.get((f"GPU-bound, frontends {n}", 1), 0.0)
+            say(f"Targets with frontends = {n} (issue 18; one engine process, the same run): "
+                f"light, 1 row: requests/s {gain:.2f}x of one process "
+                f"({'met' if gain >= 8 else 'MISSED'}: 8x), served/raw {ratio_n:.2f} "
+                f"({'met' if ratio_n >= 0.5 else 'MISSED'}: 0.5); light, 8 rows: rows/s "
+                f"{gain8:.2f}x ({'met' if gain8 >= 5 else 'MISSED'}: 5x); GPU-bound served/raw "
+                f"{heavy_n:.2f} ({'met' if heavy_n >= 0.9 else 'MISSED'}: 0.9).")
         say()
 
         say(f"## 4. Latency at a fixed request rate ({LABEL})")

@@ -177,6 +177,13 @@ def _stats_table(response: pb.StatsResponse) -> str:
                 lines.append(f"         graph capture failed at batch {f.batch_size}: {f.reason}")
         sizes = sorted(m.batch_size_histogram.items())
         lines.append("  batch sizes: " + ", ".join(f"{k}x{v}" for k, v in sizes))
+    if response.frontends:
+        lines.append(f"frontends: {len(response.frontends)} processes")
+        lines.append(f"  {'frontend':>8} {'pid':>8} {'requests':>10} {'in flight':>9} "
+                     f"{'cpu s':>9}")
+        for row in response.frontends:
+            lines.append(f"  {row.index:>8} {row.pid:>8} {row.requests:>10} "
+                         f"{row.in_flight:>9} {row.cpu_seconds:>9.2f}")
     return "\n".join(lines)
 
 

@@ -66,3 +66,13 @@ def batching_mode(text: str) -> bool | str:
     if mode is None:
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
     return mode
+
+
+def frontends_count(text: str) -> int | str:
+    """`--frontends`: "auto" or a number of processes."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None

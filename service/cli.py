@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import sys
 
-from service.arg_types import batching_mode, int_list, name_path
+from service.arg_types import batching_mode, frontends_count, int_list, name_path
 from service.build.settings import add_build_flags, build_overrides
 from service.config import (
     EVENT_LOOPS,
@@ -41,7 +41,8 @@ SERVER_FLAGS = ("host", "port", "http_port", "metrics_port", "metrics_host",
                 "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
-                "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s")
+                "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
+                "frontends", "frontend_arena_mib")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +109,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shm-allow-remote-register", action="store_true", default=None,
                    help="take shared-memory register calls from any peer, not only loopback "
                         "and Unix sockets (e.g. behind a local proxy)")
+    p.add_argument("--frontends", type=frontends_count, metavar="{auto,N}",
+                   help="processes accepting gRPC on the port: 1 serves everything in one "
+                        "process; N > 1 runs the engine in the main process and N frontend "
+                        "processes (default auto: 1 on 2 cores or fewer, else half the cores, "
+                        "at most 8)")
+    p.add_argument("--frontend-arena-mib", type=int,
+                   help="shared memory for each frontend's large tensors, each way "
+                        "(default 64; allocated as used)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")
@@ -188,14 +197,18 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from service import processes
     from service.memory import tune_malloc
     from service.server import Server, loop_factory
 
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    frontends = args.frontends if args.frontends is not None else "auto"
+    logging.basicConfig(level=args.log_level, format=processes.log_format(
+        "engine" if frontends != 1 else ""))
     config = build_config(args)
     # The process's allocator, before the server allocates anything large.
     tune_malloc(config.malloc_mmap_threshold_bytes)
+    if config.resolved_frontends > 1:
+        return processes.serve(config, args.log_level)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         runner.run(Server(config).serve_until_signal())
     return 0

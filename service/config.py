@@ -8,6 +8,7 @@ the key and the value received. Every key is documented in the README.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -203,6 +204,9 @@ class SharedMemoryConfig:
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 MODEL_LOAD_FAILURE = ("exit", "skip")
+MAX_FRONTENDS = 64
+# "auto" stops here: past it the engine's one event loop, not the frontends, is the limit.
+MAX_AUTO_FRONTENDS = 8
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,13 @@ class ServerConfig:
     # Every this many seconds, each served model's file is checked (size and mtime,
     # off the event loop) and the model reloaded once a change has settled. 0: off.
     model_watch_interval_s: float = 0.0
+    # Processes that accept gRPC on the port: 1 serves everything in one process;
+    # N > 1 runs the engine in the main process and N frontend processes
+    # (docs/processes.md). "auto": 1 on a host of 2 usable cores or fewer, else
+    # half the usable cores, at most MAX_AUTO_FRONTENDS.
+    frontends: int | str = "auto"
+    # Shared memory for each frontend's large tensors, each way (allocated as used).
+    frontend_arena_mib: int = 64
     models: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -308,9 +319,25 @@ class ServerConfig:
                  self.model_load_failure, " or ".join(repr(e) for e in MODEL_LOAD_FAILURE))
         _require(self.model_watch_interval_s >= 0, "server.model_watch_interval_s",
                  self.model_watch_interval_s, "0 (off) or more seconds")
+        _require(self.frontends == "auto" or (
+            isinstance(self.frontends, int) and not isinstance(self.frontends, bool)
+            and 1 <= self.frontends <= MAX_FRONTENDS),
+            "server.frontends", self.frontends, f"'auto' or 1..{MAX_FRONTENDS}")
+        _require(1 <= self.frontend_arena_mib <= 65536, "server.frontend_arena_mib",
+                 self.frontend_arena_mib, "1..65536")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")
+
+
+    @property
+    def resolved_frontends(self) -> int:
+        """The number of frontend processes `frontends` means on this host."""
+        if isinstance(self.frontends, int):
+            return self.frontends
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        return 1 if cores <= 2 else min(MAX_AUTO_FRONTENDS, cores // 2)
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:

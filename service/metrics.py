@@ -32,10 +32,11 @@ from service.config import ServerConfig
 from service.engine.api import (
     ByteBudgetSnapshot,
     DurationHistogram,
-    Engine,
+    FrontendSnapshot,
     ModelDescription,
     RegionUsage,
     StatsSnapshot,
+    StatsSource,
     WorkerSnapshot,
 )
 from service.errors import ConfigError
@@ -246,7 +247,27 @@ def shared_memory_families(usage: RegionUsage) -> list[Metric]:
     return list(f)
 
 
-async def snapshot(engine: Engine) -> bytes:
+def frontend_families(frontends: Sequence[FrontendSnapshot]) -> list[Metric]:
+    """One row per frontend process (server.frontends > 1; none in one process)."""
+    if not frontends:
+        return []
+    f = _Families()
+    labels = ("frontend", "pid")
+    requests = f.counter("frontend_requests", "Requests a frontend process passed to the "
+                         "engine.", labels)
+    in_flight = f.gauge("frontend_in_flight", "Requests of a frontend process not yet "
+                        "answered by the engine.", labels)
+    cpu = f.counter("frontend_cpu_seconds", "CPU time (user + system) of a frontend process.",
+                    labels)
+    for s in frontends:
+        row = (str(s.index), str(s.pid))
+        requests.add_metric(row, s.requests)
+        in_flight.add_metric(row, s.in_flight)
+        cpu.add_metric(row, s.cpu_s)
+    return list(f)
+
+
+async def snapshot(engine: StatsSource) -> bytes:
     """Every model's metric families, pickled for the metrics process. Call on the loop.
 
     Reading them is the part that must run here; the text format, which costs more,
@@ -255,11 +276,12 @@ async def snapshot(engine: Engine) -> bytes:
     stats = await engine.stats()
     descriptions = {m.name: engine.describe(m.name) for m in stats.models}
     found = (families(stats, descriptions) + budget_families(stats.request_bytes)
-             + shared_memory_families(stats.shared_memory))
+             + shared_memory_families(stats.shared_memory)
+             + frontend_families(stats.frontends))
     return pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def start_metrics(config: ServerConfig, engine: Engine) -> MetricsProcess:
+def start_metrics(config: ServerConfig, engine: StatsSource) -> MetricsProcess:
     """Serve Prometheus metrics for `engine` on metrics_host:metrics_port.
 
     Call on the event loop that owns the models: renders read their stats there.

@@ -157,6 +157,21 @@ class Server:
         the bound port. Raises a StartError (one line, naming what to fix) when the
         server cannot start; it then holds no port and no model."""
         token, to_load = self._preflight()
+        await self._start_grpc(token)
+        try:
+            self._start_metrics()
+            await self._start_http(token)
+            await self._load_all(to_load)
+        except BaseException:
+            await self.stop()
+            raise
+        await self._set_serving(True)
+        self._start_watch()
+        log.info("serving %d model(s) on %s:%d", len(self.models), self.config.host, self.port)
+        return self.port
+
+    async def _start_grpc(self, token: str | None) -> None:
+        """Bind the port and serve every service, health NOT_SERVING throughout."""
         interceptors = self._interceptors(token)
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
@@ -175,19 +190,12 @@ class Server:
             await self.health.set(name, NOT_SERVING)
         await server.start()
         self._server = server
-        try:
-            self._start_metrics()
-            await self._start_http(token)
-            await self._load_all(to_load)
-        except BaseException:
-            await self.stop()
-            raise
+
+    async def _set_serving(self, serving: bool) -> None:
+        """The server as a whole (and each protocol's service) ready or not."""
         for name in ("", *self._services):
-            await self.health.set(name, SERVING)
-        self._ready = True
-        self._start_watch()
-        log.info("serving %d model(s) on %s:%d", len(self.models), self.config.host, self.port)
-        return self.port
+            await self.health.set(name, SERVING if serving else NOT_SERVING)
+        self._ready = serving
 
     async def _load_all(self, configs: list[ModelConfig]) -> None:
         log.info("loading %d model(s); health answers NOT_SERVING on port %d until they are "
@@ -294,7 +302,7 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         try:
-            await asyncio.wait_for(self.models.drain(), timeout=grace)
+            await asyncio.wait_for(self._drain(), timeout=grace)
         except TimeoutError:
             log.warning("grace period of %.1fs ended with work in flight", grace)
         await self._server.stop(grace=1.0)
@@ -313,6 +321,10 @@ class Server:
         self.trimmer.close()
         self.engine.close()
         self._server = None
+
+    async def _drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE) and wait for the accepted ones."""
+        await self.models.drain()
 
     def request_stop(self) -> None:
         self._stopping.set()

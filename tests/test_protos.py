@@ -34,6 +34,8 @@ from service.testing.servers import ROOT
 PROTOS = ROOT / "protos"
 OURS = ("trtserve/v1/inference.proto", "inference/grpc_service.proto",
         "inference/model_config.proto")
+# Between trtserve's own processes only (docs/processes.md): Python, no other language.
+INTERNAL = ("trtserve/internal/link.proto",)
 SHIPPED = ("grpc/health/v1/health.proto", "grpc/reflection/v1/reflection.proto")
 # What each language's code generator is told by the files themselves.
 GO_PACKAGES = {
@@ -174,7 +176,7 @@ def _makefile_protos() -> list[str]:
 
 def test_makefile_generates_python_for_our_protos_only() -> None:
     """Generated grpc/health/v1/health_pb2 would clash with grpcio-health-checking's."""
-    assert _makefile_protos() == sorted(f"protos/{name}" for name in OURS)
+    assert _makefile_protos() == sorted(f"protos/{name}" for name in OURS + INTERNAL)
 
 
 # --- Go -------------------------------------------------------------------------------------

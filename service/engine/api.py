@@ -50,8 +50,8 @@ __all__ = [
     "ByteBudgetSnapshot", "CaptureFailure", "DurationHistogram", "Engine", "FrontendSnapshot",
     "HealthListener", "InferRequest", "InferResult", "ModelCountersSnapshot",
     "ModelDescription", "ModelSnapshot", "ModelSpec", "ModelState", "Percentiles", "RegionRef",
-    "StageTotals", "StatsSnapshot", "TensorIn", "TensorOut", "WorkerInfo", "WorkerSnapshot",
-    "check_version", "now", "wanted_outputs",
+    "StageTotals", "StatsSnapshot", "StatsSource", "TensorIn", "TensorOut", "WorkerInfo",
+    "WorkerSnapshot", "check_version", "now", "wanted_outputs",
 ]
 
 # trtserve serves one version of each model. KServe clients may name it "1" or
@@ -303,6 +303,17 @@ class StatsSnapshot:
 # Called on the caller's event loop with (model name, serving) whenever a model's
 # health changes; "" names the server as a whole.
 HealthListener = Callable[[str, bool], None]
+
+
+class StatsSource(Protocol):
+    """What Prometheus reads of an engine: its stats and its models' descriptions.
+
+    The engine itself, or the engine process's host of frontends, which adds the
+    frontends' rows to the stats."""
+
+    def describe(self, model: str, version: str = "") -> ModelDescription: ...
+
+    async def stats(self, model: str | None = None) -> StatsSnapshot: ...
 
 
 class Engine(Protocol):

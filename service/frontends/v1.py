@@ -68,7 +68,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             models=[convert.model_stats(m, self._engine.describe(m.name))
                     for m in snapshot.models],
             uptime_seconds=time.monotonic() - self._started,
-            shared_memory=convert.shared_memory_stats(snapshot.shared_memory))
+            shared_memory=convert.shared_memory_stats(snapshot.shared_memory),
+            frontends=[pb.FrontendStats(index=f.index, pid=f.pid, requests=f.requests,
+                                        in_flight=f.in_flight, cpu_seconds=f.cpu_s)
+                       for f in snapshot.frontends])
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,

@@ -196,12 +196,14 @@ def test_serving_is_logged_only_once_the_models_are_loaded(example_onnx):
                                                           f"{server.port}")
 
 
-def test_skip_serves_the_models_that_load_and_reports_the_others(example_onnx, tmp_path):
+@pytest.mark.parametrize("frontends", ["1", "2"])
+def test_skip_serves_the_models_that_load_and_reports_the_others(example_onnx, tmp_path,
+                                                                 frontends):
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"garbage")
     server = ServerProcess(["--model", f"good={example_onnx}", "--model", f"broken={bad}",
                             "--model", f"gone={tmp_path / 'absent.onnx'}", "--workers", "1",
-                            "--model-load-failure", "skip"])
+                            "--model-load-failure", "skip", "--frontends", frontends])
     try:
         server.wait_ready()
         with grpc.insecure_channel(server.url) as channel:

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from service.config import ServerConfig
+from service.processes import EngineServer, log_format
 from service.server import Server
 from service.testing.servers import ServerProcess, free_port
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model
@@ -47,6 +48,28 @@ class ControlledServer(Server):
         log.info("%s %d %s %d", EXECUTED, executed, BATCHES, len(sizes))
 
 
+class ControlledEngineServer(EngineServer):
+    """The same, as the engine process of a server of N frontend processes."""
+
+    def __init__(self, config: ServerConfig, double: ControlledBackend, workers: int,
+                 max_queue_delay_us: int, frontends: int) -> None:
+        super().__init__(config, frontends)
+        self._double = double
+        self._model = controlled_model(MODEL, workers=workers,
+                                       max_batch_size=double.max_batch_size,
+                                       max_queue_delay_us=max_queue_delay_us)
+
+    async def start(self) -> int:
+        port = await super().start()
+        await self.add_model(self._double.runtime(self._model))
+        return port
+
+    async def stop(self) -> None:
+        await super().stop()
+        executed, sizes = self._double.controls.snapshot()
+        log.info("%s %d %s %d", EXECUTED, executed, BATCHES, len(sizes))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, required=True)
@@ -55,14 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=4)
     p.add_argument("--max-queue-delay-us", type=int, default=1000)
     p.add_argument("--grace-period-s", type=float, default=10.0)
+    p.add_argument("--frontends", type=int, default=1)
+    p.add_argument("--auth-token-file", default="")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=log_format(
+        "engine" if args.frontends > 1 else ""))
     config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0, http_port=0,
-                          grace_period_s=args.grace_period_s)
+                          grace_period_s=args.grace_period_s,
+                          auth_token_file=args.auth_token_file)
     double = ControlledBackend(Controls(sleep_s=args.sleep_ms / 1000),
                                max_batch_size=args.max_batch_size)
-    server = ControlledServer(config, double, args.workers, args.max_queue_delay_us)
+    server: Server
+    if args.frontends > 1:
+        server = ControlledEngineServer(config, double, args.workers, args.max_queue_delay_us,
+                                        args.frontends)
+    else:
+        server = ControlledServer(config, double, args.workers, args.max_queue_delay_us)
     asyncio.run(server.serve_until_signal())
     return 0
 

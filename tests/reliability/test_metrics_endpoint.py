@@ -329,9 +329,11 @@ def test_the_metrics_process_exits_when_the_server_is_killed(example_onnx):
     try:
         server.wait_ready()
         assert get(metrics_port)[0] == 200
-        [child] = psutil.Process(server.proc.pid).children()
+        # The metrics process, and the frontend processes where `frontends` > 1.
+        children = psutil.Process(server.proc.pid).children()
         server.proc.kill()
-        child.wait(timeout=10)  # psutil.TimeoutExpired: an orphan kept serving
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive  # an orphan kept serving
     finally:
         if server.proc.poll() is None:
             server.proc.kill()

@@ -1,0 +1,309 @@
+"""The engine process's side of the link: any `Engine`, served to N frontend processes.
+
+Every frontend has one `FrontendPort` here: its link, its two arenas and the
+tasks of its requests in flight. A request read from the link becomes an
+`InferRequest` whose large inputs are read-only views of the frontend's input
+arena (no copy before the batch's gather); its one reply (result or error)
+goes back on the link; its large outputs are written once into the
+frontend's output arena. A cancel from the frontend (its client went away, or
+the deadline passed there) cancels the request's task here, which takes it
+out of its batch if the batch has not run yet; the reply is CANCELLED.
+
+The host pushes to every frontend what it must answer without asking: the
+models' descriptions (`describe` is on every request's path) and their health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from service.config import ServerConfig
+from service.engine.api import (
+    Engine,
+    FrontendSnapshot,
+    HealthListener,
+    InferRequest,
+    InferResult,
+    ModelDescription,
+    RegionRef,
+    StatsSnapshot,
+    TensorIn,
+)
+from service.errors import ServeError
+from service.gen.trtserve.internal import link_pb2
+from service.ipc import codec
+from service.ipc.link import Link, decode_payload, encode_payload, open_link
+from service.ipc.shm import Arena
+
+log = logging.getLogger(__name__)
+
+K = link_pb2.Control
+# What a frontend may ask of the engine besides infer, describe and stats: the calls
+# whose state lives in the engine (clients' shared-memory regions, model control),
+# all async, taking and returning plain data.
+CALLS = frozenset({"register_system_region", "register_cuda_region", "unregister_region",
+                   "region_status", "repository_index", "load_model", "unload_model",
+                   "reload_model"})
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class FrontendPort:
+    """One frontend process as the engine sees it; owned by `EngineHost`."""
+
+    def __init__(self, host: EngineHost, index: int, pid: int, inputs: Arena,
+                 outputs: Arena) -> None:
+        self.host = host
+        self.index = index
+        self.pid = pid
+        self.inputs = inputs
+        self.outputs = outputs
+        self.link: Link | None = None
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.requests = 0
+        self.ready = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
+
+    # --- from the frontend ---
+
+    def on_frame(self, frame: link_pb2.Frame) -> None:
+        for request in frame.requests:
+            self._start(request)
+        for rid in frame.cancels:
+            task = self.tasks.get(rid)
+            if task is not None:
+                task.cancel()
+        for r in frame.releases:
+            self.outputs.free(r.offset)
+        for control in frame.controls:
+            self._control(control)
+
+    def _start(self, message: link_pb2.Request) -> None:
+        self.requests += 1
+        rid = message.id
+        try:
+            request = self._request(message)
+        except ServeError as e:
+            self._reply_error(rid, e.code, str(e))
+            return
+        except ValueError:  # a range outside the arena: a broken frontend, not a client
+            log.exception("frontend-%d sent a request the engine cannot read", self.index)
+            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            return
+        task = asyncio.ensure_future(self._run(rid, request))
+        self.tasks[rid] = task
+
+    def _request(self, m: link_pb2.Request) -> InferRequest:
+        inputs = {}
+        for t in m.inputs:
+            dtype, shape, data = codec.take(t, self.inputs, copy=False)
+            inputs[t.name] = TensorIn(dtype, shape, data)
+        output_regions = {name: RegionRef(r.region, r.offset, r.byte_size)
+                          for name, r in m.output_regions.items()}
+        return InferRequest(model=m.model, inputs=inputs, version=m.version,
+                            outputs=tuple(m.outputs), output_regions=output_regions,
+                            deadline=m.deadline if m.HasField("deadline") else None)
+
+    async def _run(self, rid: int, request: InferRequest) -> None:
+        try:
+            result = await self.host.engine.infer(request)
+        except asyncio.CancelledError:
+            self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
+        except ServeError as e:
+            self._reply_error(rid, e.code, str(e))
+        except Exception:
+            log.exception("request of model '%s' failed", request.model)
+            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+        else:
+            self._reply(rid, result)
+        finally:
+            self.tasks.pop(rid, None)
+
+    def _reply(self, rid: int, result: InferResult) -> None:
+        if self.link is None or self.link.closed:
+            return
+        reply = self.link.outgoing().replies.add()
+        reply.id = rid
+        reply.model = result.model
+        reply.version = result.version
+        inline_max = self.host.inline_max_bytes
+        for name, out in result.outputs.items():
+            codec.put(reply.outputs.add(), name, out.dtype, out.shape, out.data, self.outputs,
+                      inline_max)
+
+    def _reply_error(self, rid: int, code: grpc.StatusCode, message: str) -> None:
+        if self.link is None or self.link.closed:
+            return
+        reply = self.link.outgoing().replies.add()
+        reply.id = rid
+        reply.code = code.value[0]
+        reply.message = message
+
+    def _control(self, c: link_pb2.Control) -> None:
+        if c.kind == K.READY:
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif c.kind == K.STATS_QUERY:
+            task = asyncio.ensure_future(self._answer_stats(c.id, c.model or None))
+            self.host.background(task)
+        elif c.kind == K.CALL:
+            self.host.background(asyncio.ensure_future(self._answer_call(c.id, c.model,
+                                                                         c.payload)))
+
+    async def _answer_stats(self, qid: int, model: str | None) -> None:
+        control = K(kind=K.STATS, id=qid)
+        try:
+            control.payload = encode_payload(await self.host.stats(model))
+        except ServeError as e:
+            control.payload = encode_payload(e)
+        if self.link is not None and not self.link.closed:
+            self.link.outgoing().controls.append(control)
+
+    async def _answer_call(self, qid: int, method: str, payload: bytes) -> None:
+        """A frontend's call of the engine: only the methods of CALLS, with plain arguments."""
+        control = K(kind=K.RESULT, id=qid)
+        try:
+            if method not in CALLS:
+                raise ServeError(f"the engine takes no call '{method}' from a frontend")
+            args = decode_payload(payload)
+            if not isinstance(args, tuple):
+                raise ServeError(f"call '{method}': arguments are not a tuple")
+            control.payload = encode_payload(await getattr(self.host.engine, method)(*args))
+        except ServeError as e:
+            control.payload = encode_payload(e)
+        except Exception:
+            log.exception("frontend %d: engine call '%s' failed", self.index, method)
+            control.payload = encode_payload(ServeError("internal error; see the server log"))
+        if self.link is not None and not self.link.closed:
+            self.link.outgoing().controls.append(control)
+
+    # --- to the frontend ---
+
+    def send(self, control: link_pb2.Control) -> None:
+        if self.link is not None and not self.link.closed:
+            self.link.outgoing().controls.append(control)
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        """The frontend is gone: its requests have nobody to answer; cancel them."""
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("frontend closed the link before ready"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def snapshot(self) -> FrontendSnapshot:
+        return FrontendSnapshot(index=self.index, pid=self.pid, requests=self.requests,
+                                in_flight=len(self.tasks), cpu_s=_cpu_s(self.pid))
+
+    def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
+        self.inputs.close()
+        self.outputs.close()
+
+
+class EngineHost:
+    """Serves one `Engine` to the frontend processes over their links."""
+
+    def __init__(self, engine: Engine, config: ServerConfig,
+                 inline_max_bytes: int = codec.INLINE_MAX_BYTES,
+                 failed_models: Callable[[], Sequence[str]] = tuple) -> None:
+        self.engine = engine
+        # Models that failed to load at start (model_load_failure = "skip"): frontends
+        # say so, as the engine's repository does, rather than "not served".
+        self._failed_models = failed_models
+        self.config = config
+        self.inline_max_bytes = inline_max_bytes
+        self.ports: dict[int, FrontendPort] = {}
+        self._health: dict[str, bool] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.on_health: Callable[[str, bool], None] | None = None
+        engine.add_health_listener(self._on_health)
+
+    async def attach(self, index: int, pid: int, sock: socket.socket, inputs: Arena,
+                     outputs: Arena) -> FrontendPort:
+        """Serve frontend `index` (process `pid`) over `sock`; sends it the config, the
+        models and their health."""
+        port = FrontendPort(self, index, pid, inputs, outputs)
+        port.link = await open_link(sock, port.on_frame, port.on_lost)
+        self.ports[index] = port
+        port.send(K(kind=K.CONFIG, payload=encode_payload(self.config)))
+        port.send(self._models())
+        for name, serving in self._health.items():
+            port.send(K(kind=K.HEALTH, model=name, serving=serving))
+        return port
+
+    def _models(self) -> link_pb2.Control:
+        descriptions = []
+        for name in self.engine.models():
+            try:
+                descriptions.append(self.engine.describe(name))
+            except ServeError:
+                continue
+        failed = tuple(self._failed_models())
+        return K(kind=K.MODELS, payload=encode_payload((tuple(descriptions), failed)))
+
+    def _on_health(self, model: str, serving: bool) -> None:
+        self._health[model] = serving
+        models = self._models()
+        for port in self.ports.values():
+            port.send(models)
+            port.send(K(kind=K.HEALTH, model=model, serving=serving))
+        if self.on_health is not None:
+            self.on_health(model, serving)
+
+    def set_health(self, model: str, serving: bool) -> None:
+        """Health the engine does not report itself (the server as a whole)."""
+        self._on_health(model, serving)
+
+    def drain(self) -> None:
+        for port in self.ports.values():
+            port.send(K(kind=K.DRAIN))
+
+    def background(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def frontends(self) -> tuple[FrontendSnapshot, ...]:
+        return tuple(p.snapshot() for p in sorted(self.ports.values(), key=lambda p: p.index))
+
+    # --- Engine, as metrics see it: the engine's, with the frontends' rows in its stats ---
+
+    def models(self) -> Sequence[str]:
+        return self.engine.models()
+
+    def describe(self, model: str, version: str = "") -> ModelDescription:
+        return self.engine.describe(model, version)
+
+    def ready(self, model: str | None = None) -> bool:
+        return self.engine.ready(model)
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        return await self.engine.infer(request)
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        self.engine.add_health_listener(listener)
+
+    async def stats(self, model: str | None = None) -> StatsSnapshot:
+        snapshot = await self.engine.stats(model)
+        return dataclasses.replace(snapshot, frontends=self.frontends())
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process of this host (0 when it is gone)."""
+    if not pid:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # Fields 14 and 15 (utime, stime), counted after the ")" that ends the command name.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS

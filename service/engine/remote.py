@@ -1,0 +1,327 @@
+"""The `Engine` seen from a frontend process: the engine runs in the main process.
+
+Requests go over the link (service/ipc/link.py) as descriptors, large inputs
+through this frontend's input arena; each request's future is keyed by its id
+and resolved by the engine's one reply. `describe` and `ready` are answered
+here, from what the engine pushes (descriptions, health), so the request path
+waits on nothing but the reply.
+
+When the client gives up (grpc.aio cancels the handler: a cancel or the
+deadline), the request's cancel reaches the engine, which takes it out of its
+batch; its input range stays allocated until the engine's reply, because the
+engine may read it until then. When the engine goes away, every request in
+flight fails UNAVAILABLE, every model turns NOT_SERVING and `lost` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from service import echo
+from service.config import ServerConfig
+from service.engine.api import (
+    HealthListener,
+    InferRequest,
+    InferResult,
+    ModelDescription,
+    ModelState,
+    RegionStatus,
+    StatsSnapshot,
+    TensorOut,
+    check_version,
+)
+from service.errors import NotFound, ServeError, Unavailable
+from service.gen.trtserve.internal import link_pb2
+from service.ipc import codec
+from service.ipc.link import Link, decode_payload, encode_payload, open_link
+from service.ipc.shm import Arena
+
+log = logging.getLogger(__name__)
+
+K = link_pb2.Control
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _Failed(ServeError):
+    """An error the engine answered, with its status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Pending:
+    __slots__ = ("future", "offsets")
+
+    def __init__(self, future: asyncio.Future[InferResult], offsets: list[int]) -> None:
+        self.future = future
+        self.offsets = offsets
+
+
+class RemoteEngine:
+    """Implements engine/api.py's `Engine` over the link to the engine process."""
+
+    def __init__(self, inputs: Arena, outputs: Arena,
+                 inline_max_bytes: int = codec.INLINE_MAX_BYTES) -> None:
+        self._inputs = inputs
+        self._outputs = outputs
+        self.inline_max_bytes = inline_max_bytes
+        self._link: Link | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._queries: dict[int, asyncio.Future[object]] = {}
+        self._descriptions: dict[str, ModelDescription] = {}
+        self._failed: frozenset[str] = frozenset()
+        self._health: dict[str, bool] = {}
+        self._listeners: list[HealthListener] = []
+        loop = asyncio.get_running_loop()
+        self.config: asyncio.Future[ServerConfig] = loop.create_future()
+        self.drain_requested = asyncio.Event()
+        self.lost = asyncio.Event()
+        self._draining = False
+        # Set whenever no request is waiting for the engine's reply.
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def connect(self, sock: socket.socket) -> ServerConfig:
+        """Open the link; returns the server config the engine sends first."""
+        self._link = await open_link(sock, self._on_frame, self._on_lost)
+        return await self.config
+
+    def ready_to_serve(self) -> None:
+        """Tell the engine this frontend has bound its port and serves."""
+        self._send_control(K(kind=K.READY, pid=os.getpid()))
+
+    # --- Engine ---
+
+    def models(self) -> Sequence[str]:
+        return tuple(self._descriptions)
+
+    def describe(self, model: str, version: str = "") -> ModelDescription:
+        description = self._descriptions.get(model)
+        if description is None:  # as the engine's repository says it
+            if model in self._failed:
+                raise NotFound(f"model '{model}' failed to load when the server started "
+                               "(the server log says why)")
+            raise NotFound(f"model '{echo.text(model)}' is not served here; served models: "
+                           f"{sorted(self._descriptions)}")
+        check_version(model, version)
+        return description
+
+    def ready(self, model: str | None = None) -> bool:
+        if self.lost.is_set():
+            return False
+        if model is None:
+            return self._health.get("", False)
+        return self._health.get(model, False)
+
+    async def infer(self, request: InferRequest) -> InferResult:
+        link = self._link
+        if link is None or link.closed:
+            raise Unavailable("the engine process is not reachable")
+        if self._draining:
+            raise Unavailable(f"model '{request.model}' is shutting down; not accepting "
+                              "requests")
+        rid = next(self._ids)
+        frame = link.outgoing()
+        message = frame.requests.add()
+        message.id = rid
+        message.model = request.model
+        message.version = request.version
+        if request.outputs:
+            message.outputs[:] = request.outputs
+        if request.deadline is not None:
+            message.deadline = request.deadline
+        for name, ref in request.output_regions.items():
+            region = message.output_regions[name]
+            region.region, region.offset, region.byte_size = ref.region, ref.offset, ref.byte_size
+        offsets: list[int] = []
+        try:
+            for name, tensor in request.inputs.items():
+                offset = codec.put(message.inputs.add(), name, tensor.dtype, tensor.shape,
+                                   tensor.data, self._inputs, self.inline_max_bytes)
+                if offset is not None:
+                    offsets.append(offset)
+        except BaseException:
+            for offset in offsets:
+                self._inputs.free(offset)
+            del frame.requests[-1]
+            raise
+        future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = _Pending(future, offsets)
+        self._idle.clear()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The await cancelled `future` too; the request waits for the engine's reply
+            # until it comes (its input range is the engine's to read until then).
+            if rid in self._pending and not link.closed:
+                link.outgoing().cancels.append(rid)
+            raise
+
+    async def stats(self, model: str | None = None) -> StatsSnapshot:
+        link = self._link
+        if link is None or link.closed:
+            raise Unavailable("the engine process is not reachable")
+        qid = next(self._ids)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queries[qid] = future
+        link.outgoing().controls.append(K(kind=K.STATS_QUERY, id=qid, model=model or ""))
+        try:
+            answer = await future
+        finally:
+            self._queries.pop(qid, None)
+        if isinstance(answer, ServeError):
+            raise answer
+        assert isinstance(answer, StatsSnapshot)
+        return answer
+
+    def add_health_listener(self, listener: HealthListener) -> None:
+        self._listeners.append(listener)
+
+    # --- what lives in the engine: clients' regions, model control (host.CALLS) ---
+
+    async def _call(self, method: str, *args: object) -> Any:
+        link = self._link
+        if link is None or link.closed:
+            raise Unavailable("the engine process is not reachable")
+        qid = next(self._ids)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queries[qid] = future
+        link.outgoing().controls.append(K(kind=K.CALL, id=qid, model=method,
+                                          payload=encode_payload(args)))
+        try:
+            answer = await future
+        finally:
+            self._queries.pop(qid, None)
+        if isinstance(answer, ServeError):
+            raise answer
+        return answer
+
+    async def register_system_region(self, name: str, key: str, offset: int,
+                                     byte_size: int) -> None:
+        await self._call("register_system_region", name, key, offset, byte_size)
+
+    async def register_cuda_region(self, name: str, raw_handle: bytes, device_id: int,
+                                   byte_size: int) -> None:
+        await self._call("register_cuda_region", name, raw_handle, device_id, byte_size)
+
+    async def unregister_region(self, name: str | None, kind: str | None = None) -> None:
+        await self._call("unregister_region", name, kind)
+
+    async def region_status(self, name: str | None, kind: str | None = None
+                            ) -> tuple[RegionStatus, ...]:
+        return tuple(await self._call("region_status", name, kind))
+
+    async def repository_index(self) -> Sequence[ModelState]:
+        return tuple(await self._call("repository_index"))
+
+    async def load_model(self, model: str, path: str = "") -> ModelState:
+        return await self._call("load_model", model, path)
+
+    async def unload_model(self, model: str) -> ModelState:
+        return await self._call("unload_model", model)
+
+    async def reload_model(self, model: str, path: str = "") -> ModelState:
+        return await self._call("reload_model", model, path)
+
+    async def drain(self) -> None:
+        """Refuse new requests (UNAVAILABLE); return once every accepted one is answered."""
+        self._draining = True
+        await self._idle.wait()
+
+    # --- from the engine ---
+
+    def _on_frame(self, frame: link_pb2.Frame) -> None:
+        if frame.controls:
+            for control in frame.controls:
+                self._control(control)
+        releases: list[int] = []
+        for reply in frame.replies:
+            pending = self._pending.pop(reply.id, None)
+            if pending is None:
+                continue
+            for offset in pending.offsets:
+                self._inputs.free(offset)
+            outcome = self._outcome(reply, releases)
+            if pending.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+        if not self._pending:
+            self._idle.set()
+        if releases and self._link is not None and not self._link.closed:
+            out = self._link.outgoing().releases
+            for offset in releases:
+                out.add(offset=offset)
+
+    def _outcome(self, reply: link_pb2.Reply, releases: list[int]) -> InferResult | ServeError:
+        if reply.code:
+            return _Failed(_CODES.get(reply.code, grpc.StatusCode.INTERNAL), reply.message)
+        outputs = {}
+        for t in reply.outputs:
+            dtype, shape, data = codec.take(t, self._outputs, copy=True)
+            if t.WhichOneof("data") == "arena":
+                releases.append(t.arena.offset)
+            outputs[t.name] = TensorOut(dtype, shape, data)
+        return InferResult(model=reply.model, version=reply.version, outputs=outputs)
+
+    def _control(self, c: link_pb2.Control) -> None:
+        kind = c.kind
+        if kind == K.MODELS:
+            descriptions, failed = decode_payload(c.payload)
+            self._descriptions = {d.name: d for d in descriptions}
+            self._failed = frozenset(failed)
+        elif kind == K.HEALTH:
+            self._set_health(c.model, c.serving)
+        elif kind in (K.STATS, K.RESULT):
+            future = self._queries.get(c.id)
+            if future is not None and not future.done():
+                future.set_result(decode_payload(c.payload))
+        elif kind == K.CONFIG:
+            if not self.config.done():
+                self.config.set_result(decode_payload(c.payload))
+        elif kind == K.DRAIN:
+            self.drain_requested.set()
+
+    def _set_health(self, model: str, serving: bool) -> None:
+        if self._health.get(model) == serving:
+            return
+        self._health[model] = serving
+        for listener in self._listeners:
+            listener(model, serving)
+
+    def _send_control(self, control: link_pb2.Control) -> None:
+        if self._link is not None and not self._link.closed:
+            self._link.outgoing().controls.append(control)
+
+    def _on_lost(self, exc: BaseException | None) -> None:
+        """The engine is gone: fail what waits on it, and stop serving."""
+        error = Unavailable("the engine process exited")
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._pending.clear()
+        self._idle.set()
+        for future in self._queries.values():
+            if not future.done():
+                future.set_exception(error)
+        if not self.config.done():
+            self.config.set_exception(ConnectionError("the engine closed the link"))
+        self.lost.set()
+        for model in ("", *self._descriptions):
+            self._set_health(model, False)
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()

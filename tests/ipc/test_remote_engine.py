@@ -1,0 +1,146 @@
+"""RemoteEngine and EngineHost over a real socketpair and real arenas, on one event loop.
+
+The engine side is a real LocalEngine serving the example model on ONNX
+Runtime; the frontend side is what a frontend process runs. Both ends in one
+process make the link's own guarantees visible: answers match requests with
+every tensor through the arenas, every range comes back, errors keep their
+code, and losing the engine fails what waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.config import ModelConfig, ServerConfig
+from service.engine.api import InferRequest, RegionRef, TensorIn
+from service.engine.host import EngineHost
+from service.engine.local import LocalEngine
+from service.engine.remote import RemoteEngine
+from service.engine.repository import ModelRepository
+from service.errors import NotFound, ServeError, Unavailable
+from service.ipc.shm import Arena
+
+ARENA_BYTES = 8 << 20
+
+
+@dataclass
+class Pair:
+    host: EngineHost
+    remote: RemoteEngine
+    repository: ModelRepository
+    engine_arenas: tuple[Arena, Arena]
+    frontend_arenas: tuple[Arena, Arena]
+
+
+@pytest.fixture
+async def pair(example_onnx: Path) -> AsyncIterator[Pair]:
+    """inline_max_bytes 0: every tensor crosses through an arena."""
+    repository = ModelRepository()
+    await repository.load(ModelConfig(name="example", path=str(example_onnx), workers=1))
+    host = EngineHost(LocalEngine(repository), ServerConfig(), inline_max_bytes=0)
+    inputs, outputs = Arena.create("in", ARENA_BYTES), Arena.create("out", ARENA_BYTES)
+    theirs_in, theirs_out = Arena(os.dup(inputs.fd), ARENA_BYTES), Arena(
+        os.dup(outputs.fd), ARENA_BYTES)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    await host.attach(0, os.getpid(), ours, inputs, outputs)
+    remote = RemoteEngine(theirs_in, theirs_out, inline_max_bytes=0)
+    await remote.connect(theirs)
+    host.set_health("example", True)
+    host.set_health("", True)
+    await asyncio.sleep(0.05)  # the pushed health arrives
+    try:
+        yield Pair(host, remote, repository, (inputs, outputs), (theirs_in, theirs_out))
+    finally:
+        remote.close()
+        await repository.stop()
+
+
+def _request(x: np.ndarray, **kwargs: object) -> InferRequest:
+    return InferRequest(model="example", inputs={"input": TensorIn("FP32", x.shape, x)},
+                        **kwargs)  # type: ignore[arg-type]
+
+
+async def test_answers_through_the_arenas_and_every_range_comes_back(
+        pair: Pair, example_onnx: Path) -> None:
+    session = ort.InferenceSession(str(example_onnx), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1 + i % 7, 64)).astype(np.float32) for i in range(200)]
+    results = await asyncio.gather(*(pair.remote.infer(_request(x)) for x in xs))
+    for x, result in zip(xs, results, strict=True):
+        (want,) = session.run(None, {"input": x})
+        np.testing.assert_allclose(result.outputs["output"].data, want, rtol=1e-5, atol=1e-5)
+    await asyncio.sleep(0.05)  # the last releases reach the engine
+    frontend_inputs, _ = pair.frontend_arenas
+    _, engine_outputs = pair.engine_arenas
+    assert frontend_inputs.ring.used_bytes == 0  # freed at each reply
+    assert engine_outputs.ring.used_bytes == 0  # released after each copy-out
+    (frontend,) = (await pair.remote.stats()).frontends
+    assert (frontend.requests, frontend.in_flight) == (200, 0)
+
+
+async def test_describe_and_health_are_answered_from_what_the_engine_pushed(
+        pair: Pair) -> None:
+    assert pair.remote.models() == ("example",)
+    assert pair.remote.describe("example").spec.inputs[0].name == "input"
+    assert pair.remote.ready() and pair.remote.ready("example")
+    with pytest.raises(NotFound, match="served models: \\['example'\\]"):
+        pair.remote.describe("nope")
+    with pytest.raises(NotFound, match="version"):
+        pair.remote.describe("example", "7")
+
+
+async def test_an_error_keeps_its_code_and_message(pair: Pair) -> None:
+    with pytest.raises(ServeError) as e:
+        await pair.remote.infer(_request(np.zeros((1, 65), np.float32)))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "input" in str(e.value)
+
+
+async def test_losing_the_engine_fails_what_waits_and_turns_not_serving(pair: Pair) -> None:
+    seen: list[tuple[str, bool]] = []
+    pair.remote.add_health_listener(lambda model, serving: seen.append((model, serving)))
+    # A deadline far ahead and a model that takes its time: the request is in flight.
+    waiting = asyncio.ensure_future(pair.remote.infer(_request(np.zeros((64, 64), np.float32))))
+    await asyncio.sleep(0)
+    for port in pair.host.ports.values():
+        port.close()
+    with pytest.raises(Unavailable, match="engine process exited"):
+        await asyncio.wait_for(waiting, 10)
+    await asyncio.wait_for(pair.remote.lost.wait(), 10)
+    assert not pair.remote.ready()
+    assert ("", False) in seen and ("example", False) in seen
+    with pytest.raises(Unavailable):
+        await pair.remote.infer(_request(np.zeros((1, 64), np.float32)))
+
+
+async def test_region_references_reach_the_engine(pair: Pair) -> None:
+    """Client shared-memory references cross as references; the engine decides on them."""
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(ServeError) as e:
+        await pair.remote.infer(_request(
+            x, output_regions={"output": RegionRef("client-region", 0, 64)}))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tensor 'output'" in str(e.value) and "shared-memory region" in str(e.value)
+    by_region = InferRequest(model="example", inputs={
+        "input": TensorIn("FP32", (1, 64), RegionRef("client-region", 128, 256))})
+    with pytest.raises(ServeError, match="shared-memory region 'client-region'"):
+        await pair.remote.infer(by_region)
+
+
+async def test_stats_of_an_unknown_model_is_not_found_across_the_link(pair: Pair) -> None:
+    with pytest.raises(NotFound, match="nope"):
+        await pair.remote.stats("nope")
+    (model,) = (await pair.remote.stats("example")).models
+    assert model.name == "example"

@@ -1,0 +1,44 @@
+"""`server.frontends` and `--frontends`: "auto" or a count, refused by name otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from service.cli import build_config, main
+from service.config import MAX_AUTO_FRONTENDS, ServerConfig
+from service.errors import ConfigError
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, "many", True, 2.0])
+def test_a_bad_count_is_refused_naming_the_key_and_value(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"server\.frontends: got .*expected 'auto' or 1\.\.64"):
+        ServerConfig(frontends=value)  # type: ignore[arg-type]
+
+
+def test_auto_is_one_process_on_two_cores_and_half_the_cores_above() -> None:
+    cores = len(os.sched_getaffinity(0))
+    want = 1 if cores <= 2 else min(MAX_AUTO_FRONTENDS, cores // 2)
+    assert ServerConfig().resolved_frontends == want
+    assert ServerConfig(frontends=3).resolved_frontends == 3
+
+
+def test_the_flag_sets_the_key() -> None:
+    import argparse
+
+    from service.cli import add_serve
+
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", "m=x.onnx", "--frontends", "4"])
+    assert build_config(args).frontends == 4
+    args = parser.parse_args(["serve", "--model", "m=x.onnx", "--frontends", "auto"])
+    assert build_config(args).frontends == "auto"
+
+
+def test_a_bad_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", "m=x.onnx", "--frontends", "lots"])
+    assert e.value.code == 2
+    assert "expected 'auto' or a number, got 'lots'" in capsys.readouterr().err
