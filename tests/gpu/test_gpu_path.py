@@ -6,6 +6,7 @@ Skipped without an NVIDIA GPU, CuPy or cuda-python. Run: pytest -m gpu
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -246,11 +247,15 @@ def _overlap_two_workers(engine: StandinEngine, cuda: CudaRuntime) -> None:
 # --- through the whole gRPC path ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("frontends", [1, 2])
 def test_served_results_equal_numpy_with_several_workers(engine: StandinEngine,
-                                                         cuda: CudaRuntime) -> None:
+                                                         cuda: CudaRuntime,
+                                                         frontends: int) -> None:
+    """Through one process, and through 2 frontend processes and the engine process
+    (inputs of 1-8 rows: inline in the link and through the arenas)."""
     config = standin_config(workers=2, max_queue_delay_us=2000)  # 2 profiles x 2 workers
     failures: list[str] = []
-    with serving_standin(engine, config) as server:
+    with serving_standin(engine, config, frontends=frontends) as server:
 
         def client(seed: int) -> None:
             rng = np.random.default_rng(seed)
@@ -268,10 +273,18 @@ def test_served_results_equal_numpy_with_several_workers(engine: StandinEngine,
         for t in threads:
             t.join(120)
         with Client(server.url) as c:
-            stats = c.stats("standin").models[0]
+            response = c.stats("standin")
+        stats = response.models[0]
         assert not failures, failures[:5]
         assert stats.backend == LABEL
         assert stats.requests == 16 * 25 and stats.errors == 0
+        if frontends > 1:
+            assert len(response.frontends) == frontends
+            assert sum(f.requests for f in response.frontends) == 16 * 25
+            # The engine's weights and contexts are on the GPU once: only the engine
+            # process (this one) has CUDA loaded; no frontend process does.
+            assert _maps_cuda(os.getpid())
+            assert not any(_maps_cuda(f.pid) for f in response.frontends)
         assert len(stats.workers) == 4
         assert sorted(w.profile for w in stats.workers) == [0, 0, 1, 1]
         assert sum(w.batches > 0 for w in stats.workers) >= 2
@@ -355,3 +368,9 @@ def test_stats_busy_time_agrees_with_the_gpu(cuda: CudaRuntime) -> None:
                                                    rel=0.05, abs=0.005)
     finally:
         engine.close()
+
+
+def _maps_cuda(pid: int) -> bool:
+    """Whether the process has the CUDA driver library mapped (a CUDA context's owner)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return "libcuda.so" in f.read()
