@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from benchmarks.cpu import trtserve
+from benchmarks.cpu.harness import trtserve
 from client.bench import BenchConfig, Level, run
 from client.bench.config import LevelResult
 
