@@ -2,7 +2,7 @@
 
 One TOML file may describe the server and every model; command-line flags
 override it. Unknown keys and bad values are refused with a message naming
-the key and the value received. Every key is documented in the README.
+the key and the value received. Every key is documented in docs/configuration.md.
 """
 
 from __future__ import annotations
