@@ -195,6 +195,9 @@ class FrontendPort:
             task.cancel()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("frontend closed the link before ready"))
+            # Marked seen: its only waiter (the start) may have moved on when the
+            # process's exit came first, and asyncio would log it as never retrieved.
+            self.ready.exception()
         if not self.closed.done():
             self.closed.set_result(None)
 
