@@ -32,6 +32,7 @@ import math
 import mmap
 import os
 import stat
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -69,7 +70,9 @@ MAX_KEY_CHARS = 255
 # --- regions ----------------------------------------------------------------------------
 
 
-class _Region:
+class _Region(ABC):
+    """A registered region: its bounds checks here, its memory in the subclass."""
+
     kind = ""
 
     def __init__(self, name: str, byte_size: int) -> None:
@@ -89,20 +92,24 @@ class _Region:
                 f"bytes, but offset {ref.offset} + byte size {ref.byte_size} = "
                 f"{ref.offset + ref.byte_size} reaches past its end")
 
+    @abstractmethod
     def status(self) -> RegionStatus:
-        raise NotImplementedError
+        """Implemented by each kind of region."""
 
-    def before_use(self) -> None:
+    def before_use(self) -> None:  # noqa: B027 - a hook: only system regions need it
         """Check, once per request, that the region can still be read."""
 
+    @abstractmethod
     def read(self, ref: RegionRef, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        raise NotImplementedError
+        """Implemented by each kind of region."""
 
+    @abstractmethod
     def write(self, ref: RegionRef, array: np.ndarray) -> None:
-        raise NotImplementedError
+        """Implemented by each kind of region."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Implemented by each kind of region."""
 
 
 class SystemRegion(_Region):
