@@ -25,49 +25,34 @@ EXECUTED, BATCHES = "executed_rows", "batches"
 log = logging.getLogger(__name__)
 
 
-class ControlledServer(Server):
-    """A Server that also serves the double once it has started."""
+class _ServesTheDouble:
+    """Mixed into a server class: serves the double once the server has started, and
+    logs what it executed when it stops (the test compares that with its answers)."""
 
-    def __init__(self, config: ServerConfig, double: ControlledBackend, workers: int,
-                 max_queue_delay_us: int) -> None:
-        super().__init__(config)
+    def serve_double(self, double: ControlledBackend, workers: int,
+                     max_queue_delay_us: int) -> None:
         self._double = double
         self._model = controlled_model(MODEL, workers=workers,
                                        max_batch_size=double.max_batch_size,
                                        max_queue_delay_us=max_queue_delay_us)
 
     async def start(self) -> int:
-        port = await super().start()
-        await self.add_model(self._double.runtime(self._model))
+        port: int = await super().start()  # type: ignore[misc]
+        await self.add_model(self._double.runtime(self._model))  # type: ignore[attr-defined]
         return port
 
     async def stop(self) -> None:
-        await super().stop()
-        # The test compares this with the answers its clients received.
+        await super().stop()  # type: ignore[misc]
         executed, sizes = self._double.controls.snapshot()
         log.info("%s %d %s %d", EXECUTED, executed, BATCHES, len(sizes))
 
 
-class ControlledEngineServer(EngineServer):
+class ControlledServer(_ServesTheDouble, Server):
+    """One process serving the double."""
+
+
+class ControlledEngineServer(_ServesTheDouble, EngineServer):
     """The same, as the engine process of a server of N frontend processes."""
-
-    def __init__(self, config: ServerConfig, double: ControlledBackend, workers: int,
-                 max_queue_delay_us: int, frontends: int) -> None:
-        super().__init__(config, frontends)
-        self._double = double
-        self._model = controlled_model(MODEL, workers=workers,
-                                       max_batch_size=double.max_batch_size,
-                                       max_queue_delay_us=max_queue_delay_us)
-
-    async def start(self) -> int:
-        port = await super().start()
-        await self.add_model(self._double.runtime(self._model))
-        return port
-
-    async def stop(self) -> None:
-        await super().stop()
-        executed, sizes = self._double.controls.snapshot()
-        log.info("%s %d %s %d", EXECUTED, executed, BATCHES, len(sizes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                           auth_token_file=args.auth_token_file)
     double = ControlledBackend(Controls(sleep_s=args.sleep_ms / 1000),
                                max_batch_size=args.max_batch_size)
-    server: Server
-    if args.frontends > 1:
-        server = ControlledEngineServer(config, double, args.workers, args.max_queue_delay_us,
-                                        args.frontends)
-    else:
-        server = ControlledServer(config, double, args.workers, args.max_queue_delay_us)
+    server: ControlledServer | ControlledEngineServer = (
+        ControlledEngineServer(config, args.frontends) if args.frontends > 1
+        else ControlledServer(config))
+    server.serve_double(double, args.workers, args.max_queue_delay_us)
     asyncio.run(server.serve_until_signal())
     return 0
 
