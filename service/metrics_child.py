@@ -34,30 +34,20 @@ from typing import Any
 
 from prometheus_client import Metric, ProcessCollector, generate_latest
 
+from service.config import TlsConfig
 from service.metrics_http import ScrapeLimits, ScrapeServer
+from service.tls import server_ssl_context
 
 log = logging.getLogger("service.metrics")
 
 NICE = 10
 
 
-def tls_context(cert_file: str, key_file: str, client_ca_file: str) -> ssl.SSLContext:
-    """The gRPC server's certificate and key (and client CA: mutual TLS), for HTTPS."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+def _ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     try:
-        context.load_cert_chain(cert_file, key_file)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"server.metrics_tls: cannot load server.tls.cert_file {cert_file} "
-                         f"with its key_file {key_file}: {e}") from None
-    if client_ca_file:
-        try:
-            context.load_verify_locations(client_ca_file)
-        except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"server.metrics_tls: cannot load server.tls.client_ca_file "
-                             f"{client_ca_file}: {e}") from None
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
+        return server_ssl_context(tls)
+    except (OSError, ssl.SSLError, ValueError) as e:
+        raise ValueError(f"server.metrics_tls: cannot load {e}") from None
 
 
 class ServerLink:
@@ -116,7 +106,9 @@ async def serve(setup: dict[str, Any]) -> None:
     server = ServerLink(reader, writer)
     try:
         tls = setup["tls"]
-        context = tls_context(**tls) if tls else None
+        # The gRPC server's certificate and key (and client CA: mutual TLS), checked at
+        # start by the server (service/tls.py), loaded here the same way.
+        context = _ssl_context(TlsConfig(**tls)) if tls else None
         server_pid = setup["server_pid"]
         process = ProcessCollector(namespace="trtserve", pid=lambda: server_pid, registry=None)
 
