@@ -3,14 +3,20 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8001
-GEN    := service/gen
-# grpc.health.v1 and grpc.reflection.v1 are shipped for clients that load
-# protos at run time; the server uses grpcio-health-checking's and
-# grpcio-reflection's own generated modules, so no Python is generated for them.
-PROTOS := $(shell find protos -name '*.proto' -not -path 'protos/grpc/*')
+# The public protocols' Python goes to the client's package (trtserve.client.gen),
+# the internal link's to the server's (trtserve.service.gen). grpc.health.v1 and
+# grpc.reflection.v1 are shipped for clients that load protos at run time; the
+# server uses grpcio-health-checking's and grpcio-reflection's own generated
+# modules, so no Python is generated for them.
+GEN             := client/gen/.generated
+PUBLIC_PROTOS   := $(shell find protos -name '*.proto' -not -path 'protos/grpc/*' -not -path 'protos/trtserve/internal/*')
+INTERNAL_PROTOS := $(shell find protos/trtserve/internal -name '*.proto')
+# The generated packages, which both distributions list: pip needs the folders to
+# exist before the code is generated into them (protoc comes with the install).
+GEN_PACKAGES    := client/gen/trtserve/v1 client/gen/inference service/gen/trtserve/internal
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-runtime proto example serve test test-gpu lint bench bench-gpu clean
+.PHONY: help install install-runtime proto example serve test test-gpu lint bench bench-gpu client-wheel clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/\$$(PORT)/$(PORT)/g' | \
@@ -19,36 +25,45 @@ help: ## list the targets
 # Two stamps: serving needs only the runtime dependencies (plus grpcio-tools,
 # which generates the gRPC code from protos/); the tests, linters and
 # benchmarks add the test and dev extras on top of that.
-$(VENV)/.installed-runtime: pyproject.toml
+#
+# The client (client/pyproject.toml, distribution trtserve-client) installs first:
+# the server's distribution depends on it.
+$(VENV)/.installed-runtime: pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[codegen]'
+	mkdir -p $(GEN_PACKAGES)
+	$(PY) -m pip install -q -e ./client -e '.[codegen]'
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed-runtime pyproject.toml
-	$(PY) -m pip install -q -e '.[codegen,test,dev]'
+$(VENV)/.installed-dev: $(VENV)/.installed-runtime pyproject.toml client/pyproject.toml
+	$(PY) -m pip install -q -e ./client -e '.[codegen,test,dev]'
 	# tensorrt-stubs declares a dependency on the full TensorRT wheels (NVIDIA's
 	# index); it is a typing-only package, so it goes in without them.
 	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.13'
 	touch $@
 
-install-runtime: $(VENV)/.installed-runtime $(GEN)/.generated ## create .venv with what serving needs, generate gRPC code
+install-runtime: $(VENV)/.installed-runtime $(GEN) ## create .venv with what serving needs, generate gRPC code
 
-install: $(VENV)/.installed-dev $(GEN)/.generated ## install-runtime, then the test and dev extras
+install: $(VENV)/.installed-dev $(GEN) ## install-runtime, then the test and dev extras
 
-# protoc writes imports as `from trtserve.v1 import x`; they live under
-# trtserve.client.gen here, so the imports are rewritten to that package. The types go
-# into trtserve's own descriptor pool (service/descriptors.py says why).
-$(GEN)/.generated: $(PROTOS) $(VENV)/.installed-runtime Makefile
-	rm -rf $(GEN) && mkdir -p $(GEN)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
-	find $(GEN) -name '*.py*' -exec sed -i -E \
-	  -e 's/^from (trtserve\.v1|inference) import/from trtserve.client.gen.\1 import/' \
-	  -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from trtserve.client import descriptors as _descriptor_pool/' {} +
-	find $(GEN) -type d -exec touch {}/__init__.py \;
+# protoc writes imports as `from trtserve.v1 import x`; the generated packages live
+# under $(2) here, so the imports are rewritten to it. The types go into trtserve's
+# own descriptor pool (client/descriptors.py says why).
+define protoc
+	rm -rf $(1) && mkdir -p $(1)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(3)
+	find $(1) -name '*.py*' -exec sed -i -E \
+	  -e 's/^from (trtserve\.v1|trtserve\.internal|inference) import/from $(2).\1 import/' \
+	  -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$$$/from trtserve.client import descriptors as _descriptor_pool/' {} +
+	find $(1) -type d -exec touch {}/__init__.py \;
+endef
+
+$(GEN): $(PUBLIC_PROTOS) $(INTERNAL_PROTOS) $(VENV)/.installed-runtime Makefile
+	$(call protoc,client/gen,trtserve.client.gen,$(PUBLIC_PROTOS))
+	$(call protoc,service/gen,trtserve.service.gen,$(INTERNAL_PROTOS))
 	touch $@
 
-proto: $(GEN)/.generated ## generate the Python gRPC code from protos/
+proto: $(GEN) ## generate the Python gRPC code from protos/
 
 models/example.onnx: $(VENV)/.installed-runtime service/example_model.py
 	$(PY) -m trtserve.service.example_model models/example.onnx
@@ -66,7 +81,12 @@ test-gpu: install ## run only the GPU tests (needs an NVIDIA GPU)
 
 lint: install ## ruff, mypy, and mypy on the TensorRT modules against tensorrt-stubs
 	$(VENV)/bin/ruff check service client tests benchmarks
-	$(VENV)/bin/mypy service client
+	# mypy finds packages by folder, so it reads the tree through a link farm
+	# shaped as installed (trtserve/service, trtserve/client).
+	rm -rf build/typecheck && mkdir -p build/typecheck/trtserve
+	ln -s ../../../service build/typecheck/trtserve/service
+	ln -s ../../../client build/typecheck/trtserve/client
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p trtserve.service -p trtserve.client
 	$(PY) -m pytest -q tests/test_typecheck.py
 
 bench: install ## CPU serving benchmarks; writes docs/benchmarks.md
@@ -75,5 +95,8 @@ bench: install ## CPU serving benchmarks; writes docs/benchmarks.md
 bench-gpu: install ## GPU benchmark with the stand-in (needs a GPU and CuPy); writes docs/benchmarks-gpu.md
 	$(PY) -m benchmarks.gpu_standin
 
-clean: ## remove the venv, generated code and models
-	rm -rf $(VENV) $(GEN) models
+client-wheel: $(GEN) ## build the client's own wheel (trtserve-client: grpcio, protobuf, numpy) into dist/
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist ./client
+
+clean: ## remove the venv, generated code, wheels and models
+	rm -rf $(VENV) client/gen service/gen dist models

@@ -8,7 +8,7 @@ by its range) and reads it on the other side as the engine does (a view for
 the arena, `frombuffer` for inline), then answers with an empty reply that
 frees the range. Windows of WINDOW requests are in flight at once, as under
 load. Prints microseconds per request for each size and way; the smallest size
-at which the arena wins sets `service.ipc.codec.INLINE_MAX_BYTES`.
+at which the arena wins sets `trtserve.service.ipc.codec.INLINE_MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from service.ipc import codec
-from service.ipc.link import open_link
-from service.ipc.shm import Arena
+from trtserve.service.ipc import codec
+from trtserve.service.ipc.link import open_link
+from trtserve.service.ipc.shm import Arena
 
 SIZES = (1 << 10, 4 << 10, 16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 1 << 20)
 WINDOW = 32

@@ -8,8 +8,9 @@ branch), run it once per tree, alternately, from any directory:
     python benchmarks/seam_cost.py /path/to/tree-a
     python benchmarks/seam_cost.py /path/to/tree-b
 
-Each tree is imported as it is (its `service` package first on sys.path); trees
-from before the engine seam (frontends built from a repository) work too.
+Each tree is imported as it is: a link farm shaped as the installed namespace
+(`trtserve/service`, `trtserve/client` pointing into the tree) goes first on
+sys.path. Trees from before the `trtserve` namespace do not import this way.
 docs/reliability.md ("The engine seam") has the numbers it measured.
 """
 
@@ -35,10 +36,7 @@ async def _measure(rounds: int, per_round: int) -> dict[str, float]:
     from trtserve.service.example_model import write_example
     from trtserve.service.limits import ByteBudget
 
-    try:
-        repository_module = importlib.import_module("trtserve.service.engine.repository")
-    except ImportError:  # a tree from before the engine package
-        repository_module = importlib.import_module("service.repository")
+    repository_module = importlib.import_module("trtserve.service.engine.repository")
     v1_module = importlib.import_module("trtserve.service.frontends.v1")
     kserve_module = importlib.import_module("trtserve.service.frontends.kserve")
 
@@ -87,7 +85,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--per-round", type=int, default=2000)
     args = parser.parse_args()
-    sys.path.insert(0, str(args.tree.resolve()))
+    farm = Path(tempfile.mkdtemp()) / "trtserve"
+    farm.mkdir()
+    for folder in ("service", "client"):
+        (farm / folder).symlink_to(args.tree.resolve() / folder, target_is_directory=True)
+    sys.path.insert(0, str(farm.parent))
     result = asyncio.run(_measure(args.rounds, args.per_round))
     print(f"{args.tree}: " + "  ".join(f"{name} p50 {us:.1f} us" for name, us in result.items()))
 

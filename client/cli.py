@@ -20,7 +20,7 @@ from trtserve.client.convert import dtype_label
 from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 from trtserve.client.random_data import random_array
-from trtserve.service.version import version
+from trtserve.client.version import version
 
 # What a shell reports for a command killed by SIGPIPE: 128 + 13.
 SIGPIPE_EXIT = 128 + signal.SIGPIPE

@@ -38,8 +38,7 @@ _TYPED_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_c
 def kserve_outputs(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Outputs by name; raw_output_contents[i] belongs to outputs[i], typed contents after.
 
-    BF16 outputs come back as uint16 bit patterns (trtserve.service.tensors.bf16_to_fp32 widens
-    them).
+    BF16 outputs come back as uint16 bit patterns (trtserve.client.dtypes.bf16_to_fp32 widens them).
     """
     result = {}
     raw = response.raw_output_contents

@@ -19,10 +19,10 @@ import signal
 import socket
 import sys
 
-from service.ipc.shm import Arena
 from trtserve.service import auth, tls
 from trtserve.service.config import ServerConfig
 from trtserve.service.engine.remote import RemoteEngine
+from trtserve.service.ipc.shm import Arena
 from trtserve.service.memory import tune_malloc
 from trtserve.service.processes import log_format
 from trtserve.service.server import NOT_SERVING, SERVING, Server, loop_factory

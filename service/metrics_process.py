@@ -50,7 +50,7 @@ class MetricsProcess:
         self._listener = listener
         self._setup = {"listen_fd": listener.fileno(), "limits": asdict(limits),
                        "token": token, "tls": tls, "server_pid": os.getpid(),
-                       "log_level": logging.getLogger("service").getEffectiveLevel()}
+                       "log_level": logging.getLogger("trtserve.service").getEffectiveLevel()}
         self._stopping = False
         self.proc, self._link = self._spawn()
         self._await_start()

@@ -34,11 +34,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-from service.ipc.shm import Arena
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.host import EngineHost, FrontendPort
 from trtserve.service.engine.model import ModelRuntime
 from trtserve.service.errors import PortInUse, StartError
+from trtserve.service.ipc.shm import Arena
 from trtserve.service.metrics import start_metrics
 from trtserve.service.server import Server
 

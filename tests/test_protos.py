@@ -165,18 +165,20 @@ def test_shipped_protos_keep_their_license_header() -> None:
         assert any("Apache License, Version 2.0" in line for line in head), name
 
 
-def _makefile_protos() -> list[str]:
-    """The proto files the Makefile generates Python from: its PROTOS find, run here."""
+def _makefile_protos(variable: str) -> list[str]:
+    """The proto files the Makefile generates Python from: its `variable`'s find, run here."""
     makefile = (ROOT / "Makefile").read_text()
-    [command] = re.findall(r"^PROTOS\s*:=\s*\$\(shell (.*)\)\s*$", makefile, re.MULTILINE)
+    [command] = re.findall(rf"^{variable}\s*:=\s*\$\(shell (.*)\)\s*$", makefile, re.MULTILINE)
     found = subprocess.run(["sh", "-c", command], cwd=ROOT, capture_output=True, text=True,
                            check=True, timeout=30).stdout
     return sorted(found.split())
 
 
 def test_makefile_generates_python_for_our_protos_only() -> None:
-    """Generated grpc/health/v1/health_pb2 would clash with grpcio-health-checking's."""
-    assert _makefile_protos() == sorted(f"protos/{name}" for name in OURS + INTERNAL)
+    """Generated grpc/health/v1/health_pb2 would clash with grpcio-health-checking's.
+    The public protocols go to the client's package, the internal link to the server's."""
+    assert _makefile_protos("PUBLIC_PROTOS") == sorted(f"protos/{name}" for name in OURS)
+    assert _makefile_protos("INTERNAL_PROTOS") == sorted(f"protos/{name}" for name in INTERNAL)
 
 
 # --- Go -------------------------------------------------------------------------------------

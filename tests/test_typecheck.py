@@ -22,14 +22,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKED = [
-    "service/backends/tensorrt/api.py",
-    "service/build/build.py",
-    "service/build/inspect.py",
-    "service/build/log.py",
-    "service/backends/tensorrt/load.py",
-    "service/backends/tensorrt/executor.py",
-    "service/backends/tensorrt/cuda.py",
-    "service/build/serving.py",
+    "trtserve.service.backends.tensorrt.api",
+    "trtserve.service.build.build",
+    "trtserve.service.build.inspect",
+    "trtserve.service.build.log",
+    "trtserve.service.backends.tensorrt.load",
+    "trtserve.service.backends.tensorrt.executor",
+    "trtserve.service.backends.tensorrt.cuda",
+    "trtserve.service.build.serving",
 ]
 STUB_PACKAGES = ("tensorrt", "tensorrt_bindings")
 
@@ -82,8 +82,17 @@ def _repaired_stubs(target: Path) -> Path:
     return target
 
 
-def _mypy(stubs: Path, *paths: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MYPYPATH": str(stubs)}
+def _installed_layout(target: Path) -> Path:
+    """The tree as installed (trtserve/service, trtserve/client), by links: mypy finds
+    packages by folder and cannot follow the editable install's import hook."""
+    (target / "trtserve").mkdir(parents=True)
+    for folder in ("service", "client"):
+        (target / "trtserve" / folder).symlink_to(ROOT / folder, target_is_directory=True)
+    return target
+
+
+def _mypy(stubs: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MYPYPATH": f"{stubs}{os.pathsep}{stubs.parent / 'layout'}"}
     return subprocess.run(
         [
             sys.executable,
@@ -92,7 +101,7 @@ def _mypy(stubs: Path, *paths: str) -> subprocess.CompletedProcess[str]:
             "--no-incremental",
             "--config-file",
             str(ROOT / "pyproject.toml"),
-            *paths,
+            *args,
         ],
         cwd=ROOT,
         env=env,
@@ -107,7 +116,9 @@ def _mypy(stubs: Path, *paths: str) -> subprocess.CompletedProcess[str]:
 def stubs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed")
-    return _repaired_stubs(tmp_path_factory.mktemp("trt-stubs"))
+    base = tmp_path_factory.mktemp("typecheck")
+    _installed_layout(base / "layout")
+    return _repaired_stubs(base / "stubs")
 
 
 def test_stubs_are_in_effect(stubs: Path, tmp_path: Path) -> None:
@@ -125,5 +136,5 @@ def test_stubs_are_in_effect(stubs: Path, tmp_path: Path) -> None:
 
 
 def test_trt_modules_typecheck(stubs: Path) -> None:
-    result = _mypy(stubs, *CHECKED)
+    result = _mypy(stubs, *(arg for module in CHECKED for arg in ("-m", module)))
     assert result.returncode == 0, f"mypy failed:\n{result.stdout}{result.stderr}"

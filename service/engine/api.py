@@ -8,7 +8,7 @@ homes implement it, as vLLM's engine clients do:
 - `engine.local.LocalEngine`: the engine in this process (one process serves
   everything; the fastest path at low concurrency).
 - `engine.remote.RemoteEngine`: the engine in another process, reached over
-  `service.ipc` (descriptors over a Unix socket, tensor bytes in shared memory),
+  `trtserve.service.ipc` (descriptors over a Unix socket, tensor bytes in shared memory),
   so that N frontend processes share one engine and its batches.
 
 Everything here is data that can cross a process boundary as it is: numbers,

@@ -24,9 +24,6 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from service.ipc import codec
-from service.ipc.link import Link, decode_payload, encode_payload, open_link
-from service.ipc.shm import Arena
 from trtserve.service.config import ServerConfig
 from trtserve.service.engine.api import (
     Engine,
@@ -41,6 +38,9 @@ from trtserve.service.engine.api import (
 )
 from trtserve.service.errors import ServeError
 from trtserve.service.gen.trtserve.internal import link_pb2
+from trtserve.service.ipc import codec
+from trtserve.service.ipc.link import Link, decode_payload, encode_payload, open_link
+from trtserve.service.ipc.shm import Arena
 
 log = logging.getLogger(__name__)
 

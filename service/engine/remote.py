@@ -25,9 +25,6 @@ from typing import Any
 
 import grpc
 
-from service.ipc import codec
-from service.ipc.link import Link, decode_payload, encode_payload, open_link
-from service.ipc.shm import Arena
 from trtserve.service import echo
 from trtserve.service.config import ServerConfig
 from trtserve.service.engine.api import (
@@ -43,6 +40,9 @@ from trtserve.service.engine.api import (
 )
 from trtserve.service.errors import NotFound, ServeError, Unavailable
 from trtserve.service.gen.trtserve.internal import link_pb2
+from trtserve.service.ipc import codec
+from trtserve.service.ipc.link import Link, decode_payload, encode_payload, open_link
+from trtserve.service.ipc.shm import Arena
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,7 @@ from trtserve.service.tensors import TensorSpec, decode
 _ENUM_TO_NAME = {value: name.removeprefix("DATA_TYPE_")
                  for name, value in pb.DataType.items() if name != "DATA_TYPE_UNSPECIFIED"}
 _NAME_TO_ENUM = {name: value for value, name in _ENUM_TO_NAME.items()}
-assert set(_NAME_TO_ENUM) == set(DTYPES), "proto DataType and trtserve.service.tensors.DTYPES
-disagree"
+assert set(_NAME_TO_ENUM) == set(DTYPES), "proto DataType and the wire's DTYPES disagree"
 
 
 # Bytes per element of each wire enum value (weighing answers without serializing them).

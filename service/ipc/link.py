@@ -122,7 +122,7 @@ async def open_link(sock: Any, on_frame: Callable[[Any], None],
 
 _BUILTINS = frozenset({"tuple", "list", "dict", "set", "frozenset", "int", "float", "str",
                        "bytes", "bool", "complex", "slice", "range", "NoneType"})
-_MODULES = ("service.", "numpy", "collections", "datetime", "grpc")
+_MODULES = ("trtserve.service.", "numpy", "collections", "datetime", "grpc")
 
 
 class _Unpickler(pickle.Unpickler):

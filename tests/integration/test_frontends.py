@@ -24,7 +24,6 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.ipc.codec import INLINE_MAX_BYTES
 from tests.integration.test_metrics import key, scrape
 from trtserve.client import Client, InferenceError
 from trtserve.client.convert import infer_request, outputs_of
@@ -33,6 +32,7 @@ from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from trtserve.client.kserve_convert import kserve_outputs, kserve_request
 from trtserve.client.shared_memory import SystemRegion
+from trtserve.service.ipc.codec import INLINE_MAX_BYTES
 from trtserve.service.testing.servers import ServerProcess, free_port
 
 CLIENTS = 64

@@ -172,9 +172,8 @@ def test_ocr_outputs_come_back_as_produced_and_the_mismatch_is_logged_once(ocr_s
     reference = _session(models["ocr"])
     rng = np.random.default_rng(3)
     widths = [16, 40, 16, 7, 64, 16]
-    with caplog.at_level(logging.WARNING, logger="trtserve.service.engine.model"),
-    Client(server.url) as c, \
-            KServeClient(server.url) as k:
+    with caplog.at_level(logging.WARNING, logger="trtserve.service.engine.model"), \
+            Client(server.url) as c, KServeClient(server.url) as k:
         for i, width in enumerate(widths):
             image = rng.standard_normal((1, 1, 64, width)).astype(np.float32)
             client = c if i % 2 == 0 else k

@@ -21,7 +21,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.ipc.shm import Arena
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
 from trtserve.service.engine.host import EngineHost
@@ -29,6 +28,7 @@ from trtserve.service.engine.local import LocalEngine
 from trtserve.service.engine.remote import RemoteEngine
 from trtserve.service.engine.repository import ModelRepository
 from trtserve.service.errors import NotFound, ServeError, Unavailable
+from trtserve.service.ipc.shm import Arena
 
 ARENA_BYTES = 8 << 20
 

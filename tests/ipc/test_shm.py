@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from service.ipc.shm import ALIGN_BYTES, Arena, Ring
+from trtserve.service.ipc.shm import ALIGN_BYTES, Arena, Ring
 
 
 def test_ring_reuses_space_freed_out_of_order() -> None:

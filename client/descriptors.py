@@ -1,6 +1,6 @@
 """trtserve's own protobuf descriptor pool.
 
-The generated modules under service/gen register their types here instead of
+The generated modules (client/gen, service/gen) register their types here instead of
 in protobuf's process-wide default pool (the Makefile points their
 `descriptor_pool` import at this module). Triton's client ships its own
 generated copy of the `inference.*` KServe types; with one shared pool, the
