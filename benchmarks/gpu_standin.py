@@ -56,6 +56,7 @@ import numpy as np
 from client.bench.channels import V1_INFER
 from client.bench.load import Call, closed_loop, open_loop
 from client.bench.recorder import Recorder, Window, even_arrivals
+from client.channels import Endpoint
 
 LABEL = "stand-in, not TensorRT"
 FEATURES_IN = "input"
@@ -269,11 +270,8 @@ def _client_process(url: str, request: bytes, load: ClosedLoad | EvenOpenLoad, w
                     results: Any) -> None:
     """One client process: `load` on one channel, counted by a Recorder over `window`;
     puts (requests an open loop sent, latencies in s, errors) on `results`."""
-    import grpc
-
     async def main() -> tuple[int, list[float], int]:
-        options = [("grpc.max_receive_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(url, options=options) as channel:
+        async with Endpoint(url).aio_channel() as channel:
             call = channel.unary_unary(V1_INFER, request_serializer=None,
                                        response_deserializer=None)
             await asyncio.sleep(max(0.0, window.start - time.monotonic()))

@@ -22,12 +22,12 @@ from service.backends.tensorrt.load import (
     engine_spec,
     executor_factories,
     graph_buckets,
-    manifest_spec,
 )
 from service.config import BuildConfig, ModelConfig
 from service.engine.model import ModelRuntime
 from service.errors import InputRejected
 from service.testing.trt_double import Call, HostCudaRuntime, RecordingEngine, trt_module
+from tests.backends.manifests import manifest_spec
 
 FEATURES = 4
 

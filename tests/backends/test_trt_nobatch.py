@@ -19,13 +19,13 @@ from service.backends.tensorrt.load import (
     EngineHandle,
     engine_spec,
     executor_factories,
-    manifest_spec,
 )
 from service.config import ModelConfig
 from service.engine.model import ModelRuntime
 from service.errors import ConfigError, TensorError
 from service.testing import onnx_models
 from service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
+from tests.backends.manifests import manifest_spec
 
 FEATURES = 4
 # No batch dimension at all (a scalar, a vector), and a fixed one.
