@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from client.bench.recorder import ARRIVALS
+from trtserve.client.bench.recorder import ARRIVALS
 
 PROTOCOLS = ("v1", "kserve")
 # A client process above this share of one core is likely the bottleneck.

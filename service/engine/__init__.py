@@ -1,6 +1,6 @@
 """The engine: models, batchers, the scheduler, workers and their executors.
 
-The protocol side reaches it only through `service.engine.api`.
+The protocol side reaches it only through `trtserve.service.engine.api`.
 
 A request's path, module by module:
     api.py         the seam: `Engine`, the plain data that crosses it

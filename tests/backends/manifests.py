@@ -1,7 +1,7 @@
 """A build manifest read back as the ModelSpec it records, for the TensorRT tests.
 
 TensorRT-RTX engines cannot be deserialized without a GPU, so on the CPU the tests
-check what a build recorded (its manifest, `service.build.build.build_engine`)
+check what a build recorded (its manifest, `trtserve.service.build.build.build_engine`)
 instead. Serving always reads the engine itself and never needs this.
 """
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from service.backends.base import ModelSpec
-from service.backends.tensorrt.api import IOTensor
-from service.backends.tensorrt.load import EngineLoadError, model_spec
+from trtserve.service.backends.base import ModelSpec
+from trtserve.service.backends.tensorrt.api import IOTensor
+from trtserve.service.backends.tensorrt.load import EngineLoadError, model_spec
 
 # numpy dtype names as the build manifest writes them -> wire dtype names. The
 # manifest records BF16 as uint16 (its numpy carrier), so it reads back as UINT16.

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from benchmarks.gpu_standin import REQUEST_TIMEOUT_S, ClosedLoad, EvenOpenLoad, _client_process
-from client.bench import encode_request
-from client.bench.recorder import Recorder, Window
-from service.config import ModelConfig
-from service.testing.servers import running_server, server_config
 from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble
+from trtserve.client.bench import encode_request
+from trtserve.client.bench.recorder import Recorder, Window
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import running_server, server_config
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,15 @@ import time
 
 import pytest
 
-from client.bench.load import closed_loop, open_loop
-from client.bench.recorder import Recorder, Window, arrivals, even_arrivals, poisson_arrivals
 from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble
+from trtserve.client.bench.load import closed_loop, open_loop
+from trtserve.client.bench.recorder import (
+    Recorder,
+    Window,
+    arrivals,
+    even_arrivals,
+    poisson_arrivals,
+)
 
 
 def _recorder(start: float, end: float) -> Recorder:

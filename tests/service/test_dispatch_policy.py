@@ -14,10 +14,6 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from service.engine import model
-from service.engine.batch import Batch, Request
-from service.engine.model import ModelRuntime
-from service.errors import BackendError
 from tests.doubles.controlled import (
     INPUT,
     SECRET,
@@ -26,6 +22,10 @@ from tests.doubles.controlled import (
     Controls,
     controlled_model,
 )
+from trtserve.service.engine import model
+from trtserve.service.engine.batch import Batch, Request
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.errors import BackendError
 
 START = 1000.0
 

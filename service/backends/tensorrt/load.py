@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.backends.base import (
+from trtserve.service.backends.base import (
     Executor,
     ExecutorFactory,
     LoadedModel,
@@ -25,7 +25,7 @@ from service.backends.base import (
     check_unbatched_config,
     decide_batching,
 )
-from service.backends.tensorrt.api import (
+from trtserve.service.backends.tensorrt.api import (
     IOTensor,
     engine_io,
     gpu_present,
@@ -33,11 +33,11 @@ from service.backends.tensorrt.api import (
     library_info,
     profile_shapes,
 )
-from service.backends.tensorrt.cuda import CudaRuntime
-from service.backends.tensorrt.executor import Shape, TrtExecutor
-from service.config import ModelConfig
-from service.errors import StartError
-from service.tensors import TensorSpec
+from trtserve.service.backends.tensorrt.cuda import CudaRuntime
+from trtserve.service.backends.tensorrt.executor import Shape, TrtExecutor
+from trtserve.service.config import ModelConfig
+from trtserve.service.errors import StartError
+from trtserve.service.tensors import TensorSpec
 
 if TYPE_CHECKING:
     import tensorrt as trt
