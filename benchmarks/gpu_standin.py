@@ -15,6 +15,20 @@ Sections (sized to finish in a few minutes on one GPU):
   3. Served throughput (gRPC, dynamic batching, 256 concurrent clients in client
      processes) over raw in-process throughput at the served mean batch size.
   4. p50/p99 latency at a fixed request rate (open loop).
+
+The load of sections 3 and 4 is `trtserve-client bench`'s (client/bench/load.py), run in
+this module's client processes so that the server's counters and event-loop CPU can be
+read at the measured window's edges:
+  3. closed_loop: 256 requests always in flight; a request counts when it is answered
+     inside the measured window, its latency from its send.
+  4. open_loop with even arrivals (exactly 1/rate apart, the client processes interleaved)
+     and no cap on requests in flight; latency from each request's scheduled send time,
+     every answer counted however late.
+What changed when the load moved there (the measurements mean what they meant): section 3
+counts the requests answered inside the window (before: those both sent and answered
+inside it, which left out the few in flight at its start) and the errors inside it (before:
+over the whole run); requests go out as bytes serialized once (before: per call), so the
+client processes spend a little less CPU per request.
 """
 
 from __future__ import annotations
@@ -39,8 +53,14 @@ from typing import Any
 
 import numpy as np
 
+from trtserve.client.bench.channels import V1_INFER
+from trtserve.client.bench.load import Call, closed_loop, open_loop
+from trtserve.client.bench.recorder import Recorder, Window, even_arrivals
+from trtserve.client.channels import Endpoint
+
 LABEL = "stand-in, not TensorRT"
 FEATURES_IN = "input"
+REQUEST_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -222,75 +242,43 @@ def _request_bytes(model: str, rows: int, features: int) -> bytes:
     return infer_request(model, {FEATURES_IN: _rows(rows, features)}).SerializeToString()
 
 
-def _closed_loop_client(url: str, request: bytes, concurrency: int, start_at: float,
-                        measure_from: float, stop_at: float, results: Any) -> None:
-    """One client process: `concurrency` requests always in flight until `stop_at`."""
-    import grpc
+@dataclass(frozen=True)
+class ClosedLoad:
+    """`concurrency` requests always in flight until the window ends (load.closed_loop)."""
 
-    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
-    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    concurrency: int
 
-    message = pb.InferRequest.FromString(request)
+    async def __call__(self, call: Call, payloads: list[bytes], rec: Recorder) -> None:
+        await closed_loop(call, payloads, self.concurrency, rec, REQUEST_TIMEOUT_S)
 
+
+@dataclass(frozen=True)
+class EvenOpenLoad:
+    """Requests exactly 1/rate_per_s apart from `start` for `seconds`, none held back
+    (load.open_loop with even arrivals and no cap on requests in flight)."""
+
+    rate_per_s: float
+    start: float  # time.monotonic()
+    seconds: float
+
+    async def __call__(self, call: Call, payloads: list[bytes], rec: Recorder) -> None:
+        due_times = even_arrivals(self.start, self.start + self.seconds, self.rate_per_s)
+        await open_loop(call, payloads, due_times, rec, REQUEST_TIMEOUT_S, max_outstanding=None)
+
+
+def _client_process(url: str, request: bytes, load: ClosedLoad | EvenOpenLoad, window: Window,
+                    results: Any) -> None:
+    """One client process: `load` on one channel, counted by a Recorder over `window`;
+    puts (requests an open loop sent, latencies in s, errors) on `results`."""
     async def main() -> tuple[int, list[float], int]:
-        options = [("grpc.max_receive_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(url, options=options) as channel:
-            stub = pb_grpc.InferenceServiceStub(channel)
-            await asyncio.sleep(max(0.0, start_at - time.monotonic()))
-            latencies: list[float] = []
-            errors = 0
-
-            async def loop() -> None:
-                nonlocal errors
-                while (t0 := time.monotonic()) < stop_at:
-                    try:
-                        await stub.Infer(message, timeout=30)
-                    except grpc.aio.AioRpcError:
-                        errors += 1
-                        continue
-                    t1 = time.monotonic()
-                    if t0 >= measure_from and t1 <= stop_at:
-                        latencies.append(t1 - t0)
-
-            await asyncio.gather(*(loop() for _ in range(concurrency)))
-            return len(latencies), latencies, errors
-
-    results.put(asyncio.run(main()))
-
-
-def _open_loop_client(url: str, request: bytes, rate: float, start_at: float,
-                      seconds: float, results: Any) -> None:
-    """One client process sending at a fixed rate; latency counts from the scheduled time."""
-    import grpc
-
-    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
-    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-
-    message = pb.InferRequest.FromString(request)
-
-    async def main() -> tuple[int, list[float], int]:
-        async with grpc.aio.insecure_channel(url) as channel:
-            stub = pb_grpc.InferenceServiceStub(channel)
-            latencies: list[float] = []
-            errors = 0
-
-            async def one(scheduled: float) -> None:
-                nonlocal errors
-                try:
-                    await stub.Infer(message, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    return
-                latencies.append(time.monotonic() - scheduled)
-
-            tasks = []
-            count = int(rate * seconds)
-            for i in range(count):
-                scheduled = start_at + i / rate
-                await asyncio.sleep(max(0.0, scheduled - time.monotonic()))
-                tasks.append(asyncio.create_task(one(scheduled)))
-            await asyncio.gather(*tasks)
-            return count, latencies, errors
+        async with Endpoint(url).aio_channel() as channel:
+            call = channel.unary_unary(V1_INFER, request_serializer=None,
+                                       response_deserializer=None)
+            await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+            rec = Recorder(window, [0, 0], 0)
+            await load(call, [request], rec)
+            # An open loop logs each send's lag: their count is the requests sent.
+            return len(rec.lags), rec.latencies.tolist(), sum(rec.errors.values())
 
     results.put(asyncio.run(main()))
 
@@ -357,9 +345,10 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
         results = context.Queue()
         start_at = time.monotonic() + 4.0  # spawned processes need time to import
         measure_from, stop_at = start_at + warmup_s, start_at + warmup_s + seconds
-        procs = [context.Process(target=_closed_loop_client,
-                                 args=(server.url, request, clients // processes, start_at,
-                                       measure_from, stop_at, results))
+        window = Window(start_at, measure_from, stop_at)
+        procs = [context.Process(target=_client_process,
+                                 args=(server.url, request, ClosedLoad(clients // processes),
+                                       window, results))
                  for _ in range(processes)]
         for p in procs:
             p.start()
@@ -372,7 +361,7 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
         outcomes = [results.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(30)
-    completed = sum(o[0] for o in outcomes)
+    completed = sum(len(o[1]) for o in outcomes)
     latencies = sorted(v for o in outcomes for v in o[1])
     batches = after.batches - before.batches
     rows = after.inferences - before.inferences
@@ -402,10 +391,15 @@ def fixed_rate_latency(engine: Any, workers: int, rate: float, processes: int,
                 c.infer("standin", {FEATURES_IN: _rows(rows, engine.in_features)})
         results = context.Queue()
         start_at = time.monotonic() + 4.0
-        procs = [context.Process(target=_open_loop_client,
-                                 args=(server.url, request, rate / processes,
-                                       start_at + 0.5 * i / rate, seconds, results))
-                 for i in range(processes)]
+        procs = []
+        for i in range(processes):
+            start = start_at + 0.5 * i / rate  # the processes' arrivals interleave
+            # Every answer counts, however late: the window runs past the last
+            # request's timeout.
+            window = Window(start, start, start + seconds + REQUEST_TIMEOUT_S + 1)
+            load = EvenOpenLoad(rate / processes, start, seconds)
+            procs.append(context.Process(target=_client_process,
+                                         args=(server.url, request, load, window, results)))
         for p in procs:
             p.start()
         outcomes = [results.get(timeout=seconds + 120) for _ in procs]

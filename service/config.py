@@ -96,8 +96,8 @@ class ModelConfig:
     worker_retry_backoff_s: float = 1.0
     worker_retry_backoff_max_s: float = 60.0
     # The largest input tensor one request may carry, in bytes; 0: no limit. What a
-    # request costs is a multiple of its input (activations): 117 MB of image took a
-    # detector to 5.5 GB. 64 MiB still takes 64 images of 3x224x224 FP32 at once.
+    # request costs is a multiple of its input (activations; docs/reliability.md,
+    # "Memory"). 64 MiB still takes 64 images of 3x224x224 FP32 at once.
     max_input_bytes: int = 64 * MIB
     # Per input, the largest size of each dimension (0: no bound), e.g.
     # {"images": (0, 3, 2048, 2048)}: dynamic non-batch dimensions bounded from config.

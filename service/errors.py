@@ -57,10 +57,6 @@ class DeadlineExceeded(ServeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class Cancelled(ServeError):
-    code = grpc.StatusCode.CANCELLED
-
-
 class Unavailable(ServeError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -71,10 +67,6 @@ class LoadFailed(ServeError):
     and why: the client asked for that file, so it is theirs to see."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Unauthenticated(ServeError):
-    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class BackendError(ServeError):

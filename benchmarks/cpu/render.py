@@ -77,7 +77,7 @@ def render(results: dict[str, Any], opts: Options, machine: dict[str, Any], bega
     lines += _render_pytriton(results.get("pytriton"))
     lines += _render_overhead(results.get("overhead"))
     lines += _render_memory(results.get("memory"))
-    lines += _render_profile(results.get("loop_profile"))
+    lines += _render_loop_profile(results.get("loop_profile"))
     lines += _render_threads(results.get("threads"))
     lines += _render_frontends(results.get("frontends"))
     for key, why in (results.get("failed") or {}).items():
@@ -334,7 +334,7 @@ def _render_memory(data: dict[str, Any] | None) -> list[str]:
     return lines + _commands(data["commands"])
 
 
-def _render_profile(data: dict[str, Any] | None) -> list[str]:
+def _render_loop_profile(data: dict[str, Any] | None) -> list[str]:
     if not data:
         return []
     lines = ["### 6. Where the event loop's time goes (now)", "",
@@ -367,7 +367,7 @@ RENDER = {
     "pytriton": _render_pytriton,
     "overhead": _render_overhead,
     "memory": _render_memory,
-    "loop_profile": _render_profile,
+    "loop_profile": _render_loop_profile,
     "threads": _render_threads,
     "frontends": _render_frontends,
 }

@@ -6,9 +6,12 @@
 
 Closed loop (`--concurrency`): that many requests are always outstanding;
 each answer sends the next. Open loop (`--rate`): requests leave at Poisson
-arrival times whatever the server does, and latency counts from the moment a
-request was due, so a client that falls behind shows up in the numbers
-instead of hiding (no coordinated omission).
+arrival times (`--arrivals even`: exactly 1/rate apart) whatever the server
+does, and latency counts from the moment a request was due, so a client that
+falls behind shows up in the numbers instead of hiding (no coordinated
+omission). An arrival that finds `--max-outstanding` requests of its process
+in flight is not sent and counts as dropped; `--max-outstanding 0` sends
+every one.
 
 Each load level warms up, then measures for `--duration` seconds: a request
 counts when it completes inside the window. Load comes from `--processes`

@@ -11,6 +11,7 @@ import grpc
 from trtserve.client.arg_types import name_value, positive_numbers
 from trtserve.client.bench.config import PROTOCOLS, BenchConfig, Level
 from trtserve.client.bench.processes import run
+from trtserve.client.bench.recorder import ARRIVALS
 from trtserve.client.bench.report import table, to_csv, to_json
 
 
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="closed loop: requests kept outstanding, one level each "
                         "(default 1,8,64,256 when no --rate)")
     p.add_argument("--rate", type=positive_numbers, metavar="R,R,...",
-                   help="open loop: Poisson arrivals at R requests/s, one level each")
+                   help="open loop: R requests/s (spaced as --arrivals says), one level each")
     p.add_argument("--streaming", action="store_true",
                    help="send over the protocol's bidirectional stream (InferStream, "
                         "ModelStreamInfer), answers matched by request id, instead of one "
@@ -46,7 +47,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", action="append", type=name_value, default=[], metavar="NAME=D,D,...",
                    help="full shape of an input with dynamic non-batch dimensions")
     p.add_argument("--max-outstanding", type=int, default=10_000,
-                   help="open loop: requests in flight per process at most")
+                   help="open loop: requests in flight per process at most; an arrival past "
+                        "it is not sent and counts as dropped (0: no cap, every arrival is "
+                        "sent)")
+    p.add_argument("--arrivals", choices=ARRIVALS, default="poisson",
+                   help="open loop: poisson (exponential gaps, as independent clients "
+                        "arrive) or even (exactly 1/R apart)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared-memory", choices=("none", "system", "cuda"), default="none",
                    help="put inputs and outputs in registered shared-memory regions (system: "
@@ -79,7 +85,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         batch_rows=args.batch_rows,
         input_files=tuple(args.input), shapes=shapes,
         timeout_s=getattr(args, "timeout", None) or 60.0,
-        max_outstanding=args.max_outstanding, seed=args.seed,
+        max_outstanding=args.max_outstanding or None, arrivals=args.arrivals,
+        seed=args.seed,
         token=Path(token_file).read_text().strip() if token_file else None,
         tls=bool(getattr(args, "tls", False)),
         root_certificates=Path(ca).read_bytes() if ca else None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trtserve.client.bench.recorder import ARRIVALS
+
 PROTOCOLS = ("v1", "kserve")
 # A client process above this share of one core is likely the bottleneck.
 CLIENT_BUSY = 0.85
@@ -47,8 +49,12 @@ class BenchConfig:
     # name -> full shape, for dynamic non-batch dimensions.
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     timeout_s: float = 60.0
-    # Open loop: requests outstanding per process at most; more are counted as dropped.
-    max_outstanding: int = 10_000
+    # Open loop: requests outstanding per process at most; more are counted as
+    # dropped. None: no cap (every arrival is sent, however many are in flight).
+    max_outstanding: int | None = 10_000
+    # Open loop: "poisson" arrivals (exponential gaps, as real clients arrive) or
+    # "even" ones (exactly 1/rate apart).
+    arrivals: str = "poisson"
     seed: int = 0
     token: str | None = None
     tls: bool = False
@@ -68,6 +74,10 @@ class BenchConfig:
             (self.warmup_s >= 0, f"--warmup: got {self.warmup_s}, expected >= 0"),
             (self.processes >= 1, f"--processes: got {self.processes}, expected >= 1"),
             (self.batch_rows >= 1, f"--batch-rows: got {self.batch_rows}, expected >= 1"),
+            (self.max_outstanding is None or self.max_outstanding >= 1,
+             f"--max-outstanding: got {self.max_outstanding}, expected >= 1 (0: no cap)"),
+            (self.arrivals in ARRIVALS,
+             f"--arrivals: got {self.arrivals!r}, expected one of {ARRIVALS}"),
             (self.shared_memory in ("none", "system", "cuda"),
              f"--shared-memory: got {self.shared_memory!r}, expected none, system or cuda"),
         ]

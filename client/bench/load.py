@@ -3,12 +3,16 @@
 Closed loop, a blocking single stream, open loop (streams.py sends over a
 bidirectional stream instead). The parent starts `_child`
 in each client process ("spawn"), so it stays a module-level function.
+
+`closed_loop` and `open_loop` take any unary call and a Recorder, so other
+harnesses drive their load with them too (benchmarks/gpu_standin.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -17,7 +21,7 @@ import grpc
 from trtserve.client.bench import streams
 from trtserve.client.bench.channels import _aio_channel, _metadata, _method, _sync_channel
 from trtserve.client.bench.config import BenchConfig, Level
-from trtserve.client.bench.recorder import Recorder, Window, poisson_arrivals
+from trtserve.client.bench.recorder import Recorder, Window, arrivals
 
 Call = grpc.aio.UnaryUnaryMultiCallable
 
@@ -30,8 +34,10 @@ async def _one(call: Call, payload: bytes, timeout: float, metadata: Any) -> str
     return None
 
 
-async def _closed(call: Call, payloads: list[bytes], level: Level, rec: Recorder,
-                  timeout: float, metadata: Any, first: int) -> None:
+async def closed_loop(call: Call, payloads: list[bytes], concurrency: int, rec: Recorder,
+                      timeout: float, metadata: Any = None, first: int = 0) -> None:
+    """`concurrency` requests always outstanding, each answer sending the next, until the
+    window ends; latency counts from each send. Stream k starts at payload first + k."""
     end = rec.window.end
     n = len(payloads)
 
@@ -42,7 +48,7 @@ async def _closed(call: Call, payloads: list[bytes], level: Level, rec: Recorder
             rec.done(sent, time.monotonic(), code)
             i += 1
 
-    await asyncio.gather(*(stream(first + k) for k in range(int(level.value))))
+    await asyncio.gather(*(stream(first + k) for k in range(concurrency)))
 
 
 def _closed_sync(channel: grpc.Channel, protocol: str, payloads: list[bytes], rec: Recorder,
@@ -66,8 +72,16 @@ def _closed_sync(channel: grpc.Channel, protocol: str, payloads: list[bytes], re
     rec.mark_cpu("cpu_end")
 
 
-async def _open(call: Call, payloads: list[bytes], rate: float, rec: Recorder,
-                timeout: float, metadata: Any, max_outstanding: int, seed: int) -> None:
+async def open_loop(call: Call, payloads: list[bytes], due_times: AsyncIterator[tuple[float, int]],
+                    rec: Recorder, timeout: float, metadata: Any = None,
+                    max_outstanding: int | None = None) -> None:
+    """A request at each arrival of `due_times` (recorder.arrivals), whatever the server
+    does; latency counts from the due time, so a client that falls behind shows.
+
+    With `max_outstanding`, an arrival that finds that many requests in flight is
+    not sent and counts as dropped; with None every arrival is sent. Returns once
+    every request sent is answered.
+    """
     tasks: set[asyncio.Task[None]] = set()
     n = len(payloads)
 
@@ -78,8 +92,8 @@ async def _open(call: Call, payloads: list[bytes], rate: float, rec: Recorder,
         code = await _one(call, payloads[i % n], timeout, metadata)
         rec.done(due, time.monotonic(), code)
 
-    async for due, i in poisson_arrivals(rec.window, rate, seed):
-        if len(tasks) >= max_outstanding:
+    async for due, i in due_times:
+        if max_outstanding is not None and len(tasks) >= max_outstanding:
             if rec.window.inside(due):
                 rec.dropped += 1
             continue
@@ -109,11 +123,12 @@ async def _run_level(channel: grpc.aio.Channel, config: BenchConfig, payloads: l
             await streams.open_loop(channel, config, payloads, share, rec, seed)
     elif share > 0:
         if level.mode == "closed":
-            await _closed(call, payloads, Level("closed", share), rec, config.timeout_s,
-                          metadata, first=index)
+            await closed_loop(call, payloads, int(share), rec, config.timeout_s, metadata,
+                              first=index)
         else:
-            await _open(call, payloads, share, rec, config.timeout_s, metadata,
-                        config.max_outstanding, seed)
+            due_times = arrivals(config.arrivals, window.start, window.end, share, seed)
+            await open_loop(call, payloads, due_times, rec, config.timeout_s, metadata,
+                            config.max_outstanding)
     await asyncio.sleep(max(0.0, window.end - time.monotonic()) + 0.01)
     return _summary(rec)
 

@@ -1,14 +1,16 @@
-"""What one client process measures with: its window, its recorder, a precise sleeper."""
+"""What one client process measures with: its window, its recorder, a precise sleeper,
+and the open loop's arrival times."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import time
 from array import array
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,24 +87,49 @@ class Sleeper:
             self._timer.close()
 
 
-async def poisson_arrivals(window: Window, rate: float, seed: int
-                           ) -> AsyncIterator[tuple[float, int]]:
-    """(due time, number) of each arrival of a Poisson process over the window, when due.
+ARRIVALS = ("poisson", "even")
+
+
+def arrivals(spacing: str, start: float, end: float, rate: float, seed: int = 0
+             ) -> AsyncIterator[tuple[float, int]]:
+    """The open loop's arrivals from `start` to `end`: `poisson` or `even` (see below)."""
+    if spacing == "poisson":
+        return poisson_arrivals(start, end, rate, seed)
+    if spacing == "even":
+        return even_arrivals(start, end, rate)
+    raise ValueError(f"arrivals: got {spacing!r}, expected one of {ARRIVALS}")
+
+
+def poisson_arrivals(start: float, end: float, rate: float, seed: int
+                     ) -> AsyncIterator[tuple[float, int]]:
+    """(due time, number) of each arrival of a Poisson process from `start` to `end`, when due.
 
     Arrivals that fall due together (the loop was busy) come back to back, each
     with its own due time, so the caller can count how late it sent them.
     """
     rng = random.Random(seed)
+    gaps = (rng.expovariate(rate) for _ in itertools.count())
+    return _when_due(itertools.accumulate(gaps, initial=start), end)
+
+
+def even_arrivals(start: float, end: float, rate: float) -> AsyncIterator[tuple[float, int]]:
+    """(due time, number) of arrivals exactly 1/rate apart from `start` to `end`, when due.
+
+    Arrival i is due at start + i / rate (not a running sum, so the spacing does
+    not drift); late ones come back to back, as with poisson_arrivals.
+    """
+    return _when_due((start + i / rate for i in itertools.count()), end)
+
+
+async def _when_due(dues: Iterator[float], end: float) -> AsyncIterator[tuple[float, int]]:
+    """Each due time before `end`, numbered, yielded once the loop's clock reaches it."""
     sleeper = Sleeper(asyncio.get_running_loop())
-    due, i = window.start, 0
     try:
-        while due < window.end:
-            now = time.monotonic()
-            while due <= now and due < window.end:
-                yield due, i
-                i += 1
-                due += rng.expovariate(rate)
-            if due < window.end:
+        for i, due in enumerate(dues):
+            if due >= end:
+                return
+            while due > time.monotonic():  # a timer may fire a hair early
                 await sleeper.until(due)
+            yield due, i
     finally:
         sleeper.close()

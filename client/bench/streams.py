@@ -27,7 +27,7 @@ import grpc
 
 from trtserve.client.bench.channels import _metadata, _stream_method
 from trtserve.client.bench.config import BenchConfig
-from trtserve.client.bench.recorder import Recorder, poisson_arrivals
+from trtserve.client.bench.recorder import Recorder, arrivals
 
 # Closed loop: requests in flight on one stream at most; more slots open more
 # streams, so one stream's ordered writes do not pace the whole level.
@@ -177,16 +177,19 @@ async def closed(channel: grpc.aio.Channel, config: BenchConfig, payloads: list[
 
 async def open_loop(channel: grpc.aio.Channel, config: BenchConfig, payloads: list[bytes],
                     rate: float, rec: Recorder, seed: int) -> None:
-    """Poisson arrivals onto one stream; latency counts from each request's due time."""
+    """Open-loop arrivals (config.arrivals) onto one stream; latency counts from each
+    request's due time."""
     n = len(payloads)
     stream = _Stream(channel, config,
                      lambda _stream, _id, due, now, code: rec.done(due, now, code))
     running = asyncio.create_task(_bounded(stream.run(), rec.window.end + config.timeout_s))
     try:
-        async for due, i in poisson_arrivals(rec.window, rate, seed):
+        async for due, i in arrivals(config.arrivals, rec.window.start, rec.window.end, rate,
+                                     seed):
             if running.done():
                 break  # the stream failed; what it owed is counted below
-            if len(stream.pending) >= config.max_outstanding:
+            cap = config.max_outstanding
+            if cap is not None and len(stream.pending) >= cap:
                 if rec.window.inside(due):
                     rec.dropped += 1
                 continue

@@ -75,7 +75,7 @@ class Batcher:
         self._scheduler = scheduler
         self._dispatch = dispatcher.dispatch
         self._drop = dispatcher.drop
-        self._hold = dispatcher.hold_s
+        self._hold_s = dispatcher.hold_s
         self._pending: deque[Request] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
@@ -126,7 +126,7 @@ class Batcher:
             return False
         batch = Batch()
         batch.add(request)
-        if self._hold(batch) > 0:
+        if self._hold_s(batch) > 0:
             return False
         worker = self._scheduler.acquire(batch.shapes())
         if worker is None:
@@ -312,7 +312,7 @@ class Batcher:
         """A worker for the batch, or None when no healthy worker can ever run it."""
         while True:
             shapes = batch.shapes()
-            hold_s = self._hold(batch)
+            hold_s = self._hold_s(batch)
             worker = None if hold_s > 0 else self._scheduler.acquire(shapes)
             if worker is not None:
                 return worker

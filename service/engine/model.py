@@ -65,7 +65,7 @@ _Signature = tuple[tuple[str, np.dtype, tuple[int, ...], str | None], ...]
 # which predicts whether the next one is quick enough to run inline; bounded.
 _RunKey = tuple[int, tuple[tuple[int, ...], ...] | None]
 RUN_TIMES_KEPT = 4096
-# How long a quick batch waits for the quick batch in flight (see _hold_s). A
+# How long a quick batch waits for the quick batch in flight (see hold_s). A
 # quick batch is answered within a few hundred microseconds of its dispatch
 # (its run plus two thread hand-offs), later when the loop is busy; one still
 # running after this has stalled (the first capture of a CUDA graph for its
@@ -111,7 +111,7 @@ class ModelRuntime:
         self._run_s: dict[_RunKey, float] = {}
         self._inline_below_s = config.inline_below_us / 1e6
         # Batches in flight that were not predicted quick, and when each worker's
-        # batch was dispatched; see _hold_s.
+        # batch was dispatched; see hold_s.
         self._slow_in_flight = 0
         self._dispatched_slow = [False] * len(self.workers)
         self._dispatched_at = [0.0] * len(self.workers)

@@ -1,19 +1,20 @@
 """Count the fields of an encoded protobuf message, stopping early, without parsing it.
 
 grpc parses a request on the event loop before any handler can look at it, and
-parsing costs time and memory per field: 16 MiB of empty tensors (8 million
-fields) held the loop for 0.4 s and took 560 MB. Walking the encoding in
-Python is far slower per field than parsing, but it can stop: `exceeds` steps
-over at most `limit` + 1 fields, so deciding that a message holds too many
-costs a bounded few milliseconds whatever its size.
+parsing costs time and memory per field (what a flood of empty tensors cost:
+docs/reliability.md, "A message of more than 16,384 fields"). Walking the
+encoding in Python is far slower per field than parsing, but it can stop:
+`exceeds` steps over at most `limit` + 1 fields, so deciding that a message
+holds too many costs a bounded few milliseconds whatever its size.
 
 The walk descends into the fields the message's descriptor declares as
 messages (tensors, map entries, typed contents) and steps over everything
 else in one move: a bytes field or a packed array of numbers counts once,
 whatever its length, except a shape (a repeated integer field named `shape`),
-whose dimensions count as fields: 64 MiB of one-byte dimensions parsed for
-1.5 s into 512 MB of int64. A packed varint takes 1 to 10 bytes, so a shape
-of n bytes counts as at least n / 10 dimensions, read in one move.
+whose dimensions count as fields, as each one parses into an int64 of its own
+(one-byte dimensions take eight times their bytes). A packed varint takes 1 to
+10 bytes, so a shape of n bytes counts as at least n / 10 dimensions, read in
+one move.
 
 Anything the walk cannot follow (a truncated field, a group, a wire type that
 does not fit) ends it with "not too many", so that the real parser decides;

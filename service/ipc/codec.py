@@ -2,10 +2,8 @@
 
 `INLINE_MAX_BYTES` is where carrying bytes inside the frame stops paying: below
 it, one copy into the frame beats allocating a range, copying into it and
-releasing it later. benchmarks/link.py measured, per request round trip on the
-2-core machine: 1 KiB inline 6 us vs arena 13 us; 4 KiB 14 vs 16; 16 KiB 52 vs
-22; 64 KiB 146 vs 41; 1 MiB 5.8 ms vs 0.56 ms. The crossover lies between 4 and
-16 KiB.
+releasing it later. The measurements (`python -m benchmarks.link`) are in
+docs/processes.md, "Inline or arena".
 """
 
 from __future__ import annotations

@@ -35,10 +35,6 @@ HEADER_BYTES = 4
 MAX_FRAME_BYTES = 1 << 30
 
 
-class LinkClosed(Exception):
-    """The other process closed the link (or died)."""
-
-
 class Link(asyncio.Protocol):
     """One end of the link, as an asyncio Protocol: frames in, frames out, coalesced."""
 

@@ -214,9 +214,6 @@ class StandinEngine:
         h = np.maximum(x.astype(np.float64) @ self.w1 + self.b1, 0.0)
         return h @ self.w2 + self.b2
 
-    def flops_per_row(self) -> int:
-        return 2 * (self.in_features * self.hidden + self.hidden * self.out_features)
-
     @property
     def tracing(self) -> bool:
         return self.trace_capacity > 0

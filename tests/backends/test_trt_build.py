@@ -23,7 +23,6 @@ from trtserve.service.backends.tensorrt.api import (
     library_info,
     numpy_dtype,
     profile_shapes,
-    trt_dtype,
 )
 from trtserve.service.build import cli as build_cli
 from trtserve.service.build.build import (
@@ -382,12 +381,17 @@ def test_import_tensorrt_finds_the_library_not_the_stubs() -> None:
 def test_dtype_round_trip() -> None:
     import numpy as np
 
-    for dtype in (np.float32, np.float16, np.int8, np.uint8, np.int32, np.int64, np.bool_):
-        assert numpy_dtype(trt_dtype(dtype)) == np.dtype(dtype)
+    data_type = import_tensorrt().DataType
+    pairs = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8,
+             "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
+    for name, dtype in pairs.items():
+        assert numpy_dtype(getattr(data_type, name)) == np.dtype(dtype)
+    # Each TensorRT type has its own numpy carrier, so a dtype maps back to one type.
+    assert len({numpy_dtype(getattr(data_type, name)) for name in pairs}) == len(pairs)
     # numpy has no bfloat16: BF16 travels as raw uint16 bit patterns.
-    assert trt_dtype(np.uint16).name == "BF16"
-    with pytest.raises(TypeError, match="float64"):
-        trt_dtype(np.float64)
+    assert numpy_dtype(data_type.BF16) == np.dtype(np.uint16)
+    with pytest.raises(TypeError, match="FP8 has no numpy equivalent"):
+        numpy_dtype(data_type.FP8)
 
 
 # --- the CLI ---------------------------------------------------------------------------

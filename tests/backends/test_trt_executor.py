@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.backends.manifests import manifest_spec
 from trtserve.service.backends.base import LoadedModel
 from trtserve.service.backends.tensorrt.executor import TensorRTError, TrtExecutor
 from trtserve.service.backends.tensorrt.load import (
@@ -22,7 +23,6 @@ from trtserve.service.backends.tensorrt.load import (
     engine_spec,
     executor_factories,
     graph_buckets,
-    manifest_spec,
 )
 from trtserve.service.config import BuildConfig, ModelConfig
 from trtserve.service.engine.model import ModelRuntime

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.backends.manifests import manifest_spec
 from trtserve.service.backends.base import LoadedModel
 from trtserve.service.backends.tensorrt.executor import TrtExecutor
 from trtserve.service.backends.tensorrt.load import (
     EngineHandle,
     engine_spec,
     executor_factories,
-    manifest_spec,
 )
 from trtserve.service.config import ModelConfig
 from trtserve.service.engine.model import ModelRuntime

@@ -1,5 +1,6 @@
 """The load generator against a live in-process server (functional, never timed)."""
 
+import argparse
 import asyncio
 import json
 import time
@@ -16,7 +17,9 @@ from trtserve.client.bench import (
     LevelResult,
     TensorInfo,
     concrete_shape,
+    config_from_args,
     encode_request,
+    register,
     run,
     streams,
     table,
@@ -151,6 +154,28 @@ def test_config_is_validated():
         BenchConfig(url="x", model="m", levels=(Level("closed", 1),), processes=0)
     with pytest.raises(ValueError, match="no load levels"):
         BenchConfig(url="x", model="m", levels=())
+
+
+def test_open_loop_spacing_and_cap_flags_reach_the_config():
+    p = argparse.ArgumentParser()
+    register(p.add_subparsers())
+    args = p.parse_args(["bench", "--model", "m", "--rate", "100", "--arrivals", "even",
+                         "--max-outstanding", "0"])
+    config = config_from_args(args)
+    assert config.arrivals == "even" and config.max_outstanding is None
+    defaults = config_from_args(p.parse_args(["bench", "--model", "m", "--rate", "100"]))
+    assert defaults.arrivals == "poisson" and defaults.max_outstanding == 10_000
+    with pytest.raises(ValueError, match="--max-outstanding: got -1"):
+        config_from_args(p.parse_args(["bench", "--model", "m", "--max-outstanding", "-1"]))
+    with pytest.raises(ValueError, match="--arrivals: got 'uniform'"):
+        BenchConfig(url="x", model="m", levels=(Level("open", 1),), arrivals="uniform")
+
+
+def test_even_open_loop_without_a_cap_over_the_server(server):
+    config = BenchConfig(url=server.url, model="example", levels=(Level("open", 50),),
+                         duration_s=0.6, warmup_s=0.2, arrivals="even", max_outstanding=None)
+    r = run(config, progress=False).results[0]
+    assert r.requests > 0 and r.errors == {} and r.dropped == 0
 
 
 def test_level_result_label():

@@ -151,7 +151,7 @@ def test_a_quick_batch_waits_for_the_quick_batch_in_flight_unless_that_one_stall
 
     The batch in flight is held at the gate for half a second: within the hold
     limit (raised here to a minute) the next batch waits for it; past the
-    limit (the default 1 ms) that batch has stalled and the next takes the
+    limit (the default, QUICK_HOLD_S) that batch has stalled and the next takes the
     idle worker.
     """
     if not stalled:

@@ -226,7 +226,8 @@ def test_kserve_a_shape_of_many_dimensions_is_invalid_and_its_message_is_short(s
 
 
 def test_a_shape_of_two_million_dimensions_is_refused_unparsed(served):
-    """16 MiB of one-byte dimensions took 0.16 s to parse (and 128 MB as int64)."""
+    """Every one-byte dimension would parse into an int64 of its own: the message is
+    refused by its field count, before grpc parses it (docs/reliability.md)."""
     _, channel = served
     request = infer_request(MODEL, {"x": X})
     request.inputs[0].shape.extend([1] * 2_000_000)

@@ -4,8 +4,8 @@ A `trtserve serve` process (its resident memory is its own, not the test's)
 serves a small convolutional ONNX model with dynamic height and width. After
 bursts of large valid requests, and bursts of large requests refused after
 decoding, its resident memory must come back to near where it started. Before
-the remedies (docs/reliability.md, "Memory") the same bursts left 1.3-1.4 GB
-behind, for good.
+the remedies the same bursts left over a gigabyte behind, for good
+(docs/reliability.md, "Memory", has the measurements).
 """
 
 from __future__ import annotations

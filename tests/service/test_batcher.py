@@ -44,10 +44,11 @@ class Harness:
     def hold_s(self, batch):
         return 0.0
 
-    def submit(self, rows=1, width=4, deadline=None):
+    def submit(self, rows=1, width=4, deadline=None, arrival=None):
         loop = asyncio.get_running_loop()
         x = np.zeros((rows, width), np.float32)
-        r = Request({"x": x}, rows, ((width,),), now(), deadline, loop.create_future())
+        arrival = now() if arrival is None else arrival
+        r = Request({"x": x}, rows, ((width,),), arrival, deadline, loop.create_future())
         self.batcher.submit(r)
         return r
 
@@ -92,20 +93,20 @@ async def test_partial_batch_waits_for_the_delay_then_goes():
 
 
 async def test_delay_is_counted_once_from_the_first_arrival():
-    # Arrivals every 0.1 s until 0.5 s. Counted from the first arrival, the 1 s
-    # delay ends at 1.0 s with all six in one batch; a batcher that ignored the
-    # delay would send the first alone, and one that restarted it on every
-    # arrival would wait until 1.5 s.
+    # The first request arrived 0.9 s ago (its arrival stamp says so), five more
+    # arrive now. Counted from the first arrival, the 1 s delay ends 0.1 s from now
+    # with all six in one batch; a batcher that ignored the delay would send the
+    # first alone, and one that restarted it on every arrival would wait a full
+    # second from now. No sleeps: the arrivals cannot straddle the deadline.
     h = Harness(max_batch_size=8, max_queue_delay_s=1.0)
     start = now()
-    h.submit()
+    h.submit(arrival=start - 0.9)
     for _ in range(5):
-        await asyncio.sleep(0.1)
         h.submit()
     await asyncio.wait_for(h.dispatched.wait(), 5)
     waited = now() - start
     assert h.batches == [(0, [1] * 6)]
-    assert 1.0 <= waited < 1.4, waited
+    assert 0.1 <= waited < 0.9, waited
     await h.close()
 
 

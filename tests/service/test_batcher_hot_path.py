@@ -186,7 +186,8 @@ async def test_a_request_past_its_deadline_on_arrival_is_left_to_the_task_to_dro
 def test_batch_delay_is_timed_by_the_timerfd_on_uvloop():
     """uvloop's loop clock counts whole milliseconds; the batcher must not use it.
 
-    Timed on that clock, a 500 us delay lasted 0.85 to 1 ms (docs/benchmarks.md).
+    Timed on that clock, a 500 us delay lasted nearly a whole millisecond (measured:
+    docs/benchmarks.md).
     Here: the batcher arms its timerfd with the batch's own deadline, on the
     serving clock, and never sends a batch before the delay.
     """

@@ -1,4 +1,5 @@
-"""The dispatch policy (ModelRuntime as the batcher's Dispatcher) on a controlled clock.
+"""The dispatch policy (ModelRuntime as the batcher's Dispatcher) on a controlled clock,
+and what it does with a batch that comes back: split, answered, or failed.
 
 The model's clock (`model.now`) is the test's: what a batch is held for is
 computed, not raced. Batches run on the controlled double, held at its gate
@@ -13,10 +14,18 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, Controls, controlled_model
+from tests.doubles.controlled import (
+    INPUT,
+    SECRET,
+    WIDTH,
+    ControlledBackend,
+    Controls,
+    controlled_model,
+)
 from trtserve.service.engine import model
 from trtserve.service.engine.batch import Batch, Request
 from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.errors import BackendError
 
 START = 1000.0
 
@@ -118,3 +127,31 @@ async def test_a_request_keeps_its_first_answer():
     request.fail(RuntimeError("late"))  # a second completion changes nothing
     request.answer({})
     assert request.answered and list(request.future.result()) == ["y"]
+
+
+async def test_a_failed_batch_fails_its_requests_alone_and_a_worker_failing_again_leaves(served):
+    runtime, controls, _ = served
+    # Only the failed batch's request fails; the message names the batch, not the
+    # exception's text (that stays in the log).
+    controls.fail_next_batches(1)
+    with pytest.raises(BackendError) as failed:
+        await runtime.infer({INPUT: _x(2)})
+    assert "the batch of 2 rows was not completed" in str(failed.value)
+    assert SECRET not in str(failed.value)
+    assert runtime.counters.errors == 1
+    assert [s.last_error for s in runtime.worker_stats if s.errors] == [
+        "InjectedFailure on a batch of 2 rows; see the server log"]
+    await runtime.infer({INPUT: _x(2)})  # the next batch is served
+    assert runtime.healthy_workers == 2
+    # max_worker_failures (3) failures in a row on one worker take it out of the rotation,
+    # and only that worker.
+    for _ in range(6):
+        controls.fail_next_batches(1)
+        with pytest.raises(BackendError):
+            await runtime.infer({INPUT: _x(1)})
+        if runtime.healthy_workers < 2:
+            break
+    (out,) = [i for i, w in enumerate(runtime.workers) if not w.healthy]
+    assert runtime.worker_stats[out].last_error.startswith(
+        "out of the rotation: 3 consecutive failures, the last InjectedFailure")
+    await runtime.infer({INPUT: _x(1)})  # the other worker serves on

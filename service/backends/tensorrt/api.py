@@ -36,7 +36,6 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
     "INT64": np.dtype(np.int64),
     "BOOL": np.dtype(np.bool_),
 }
-_TRT_DTYPE_NAMES: dict[np.dtype, str] = {dtype: name for name, dtype in _NUMPY_DTYPES.items()}
 
 
 @functools.cache
@@ -87,20 +86,6 @@ def numpy_dtype(dtype: trt.DataType) -> np.dtype:
             f"TensorRT data type {dtype.name} has no numpy equivalent; "
             f"supported: {', '.join(_NUMPY_DTYPES)}"
         ) from None
-
-
-def trt_dtype(dtype: np.dtype | type) -> trt.DataType:
-    """The TensorRT DataType for a numpy dtype. uint16 maps to BF16 (see numpy_dtype)."""
-    key = np.dtype(dtype)
-    try:
-        name = _TRT_DTYPE_NAMES[key]
-    except KeyError:
-        raise TypeError(
-            f"numpy dtype {key} has no TensorRT equivalent; "
-            f"supported: {', '.join(str(d) for d in _TRT_DTYPE_NAMES)}"
-        ) from None
-    data_type: trt.DataType = getattr(import_tensorrt().DataType, name)
-    return data_type
 
 
 Shape = tuple[int, ...]

@@ -16,8 +16,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from trtserve.service.backends.base import (
     Executor,
     ExecutorFactory,
@@ -57,19 +55,6 @@ _WIRE_DTYPES = {
     "INT64": "INT64",
     "BOOL": "BOOL",
 }
-# numpy dtype names as the build manifest writes them -> wire dtype names. The
-# manifest records BF16 as uint16 (its numpy carrier), so it reads back as UINT16.
-_WIRE_FROM_NUMPY = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "int8": "INT8",
-    "uint8": "UINT8",
-    "int32": "INT32",
-    "int64": "INT64",
-    "bool": "BOOL",
-    "uint16": "UINT16",
-}
-
 
 
 class EngineLoadError(StartError, RuntimeError):
@@ -137,35 +122,6 @@ def engine_spec(engine: trt.ICudaEngine, model: str,
             )
         wire[tensor.name] = _WIRE_DTYPES[name]
     profiles = [profile_shapes(engine, i) for i in range(engine.num_optimization_profiles)]
-    return model_spec(io_tensors, wire, profiles, model, batching_mode)
-
-
-def manifest_spec(manifest: Mapping[str, Any], model: str,
-                  batching_mode: bool | str = "auto") -> ModelSpec:
-    """The ModelSpec recorded in a build manifest (`trtserve.service.build.build.build_engine`
-    writes one).
-
-    For describing an engine where it cannot be deserialized (no GPU); serving
-    always reads the engine itself.
-    """
-    io_tensors = [
-        IOTensor(t["name"], t["mode"], np.dtype(t["dtype"]), tuple(t["shape"]))
-        for t in manifest["io_tensors"]
-    ]
-    wire = {}
-    for tensor in io_tensors:
-        if tensor.dtype.name not in _WIRE_FROM_NUMPY:
-            raise EngineLoadError(
-                f"model '{model}': tensor '{tensor.name}' has dtype {tensor.dtype}, which the "
-                "wire format cannot carry"
-            )
-        wire[tensor.name] = _WIRE_FROM_NUMPY[tensor.dtype.name]
-    profiles = []
-    for profile in sorted(manifest["profiles"], key=lambda p: p["index"]):
-        profiles.append({
-            name: (tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
-            for name, r in profile["inputs"].items()
-        })
     return model_spec(io_tensors, wire, profiles, model, batching_mode)
 
 

@@ -1,0 +1,75 @@
+"""benchmarks/gpu_standin.py's CPU side: its load (client/bench/load.py's loops) and its
+client process, against a trivial async target and a real server of the example model.
+
+The benchmark itself needs a GPU; these check what it sends and counts, never how fast.
+"""
+
+import asyncio
+import pickle
+import queue
+import time
+
+import numpy as np
+import pytest
+
+from benchmarks.gpu_standin import REQUEST_TIMEOUT_S, ClosedLoad, EvenOpenLoad, _client_process
+from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble
+from trtserve.client.bench import encode_request
+from trtserve.client.bench.recorder import Recorder, Window
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import running_server, server_config
+
+
+@pytest.fixture(scope="module")
+def server(example_onnx):
+    config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=1,
+                                       max_batch_size=16))
+    with running_server(config) as s:
+        yield s
+
+
+def test_the_loads_survive_the_trip_to_a_spawned_client_process():
+    load = EvenOpenLoad(rate_per_s=250.0, start=12.5, seconds=6.0)
+    assert pickle.loads(pickle.dumps(load)) == load
+    assert pickle.loads(pickle.dumps(ClosedLoad(32))) == ClosedLoad(32)
+
+
+async def test_the_open_load_sends_rate_times_seconds_requests_evenly_and_holds_none_back():
+    start = time.monotonic() - 10.0  # all due already: nothing sleeps
+    # Answers come only once all 25 are in flight: any cap or pacing would hang.
+    target = UnaryCallDouble(release_at_in_flight=25)
+    rec = Recorder(Window(start, start, time.monotonic() + 60.0), [0, 0], 0)
+    await asyncio.wait_for(EvenOpenLoad(50.0, start, 0.5)(target, [b"r"], rec), HANG_GUARD_S)
+    assert len(target.calls) == 25 and target.peak == 25
+    assert len(rec.lags) == 25 and len(rec.latencies) == 25 and rec.dropped == 0
+
+
+async def test_the_closed_load_keeps_its_concurrency_in_flight():
+    now = time.monotonic()
+    target = UnaryCallDouble(release_at_in_flight=6)
+    rec = Recorder(Window(now - 1.0, now - 1.0, now + 600.0), [0, 0], 0)
+    running = asyncio.create_task(ClosedLoad(6)(target, [b"r"], rec))
+
+    async def enough_calls() -> None:
+        while len(target.calls) < 30:
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(enough_calls(), HANG_GUARD_S)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert target.peak == 6 and len(rec.latencies) >= 30 - 6
+
+
+def test_the_client_process_counts_every_request_of_an_even_open_loop(server):
+    request = encode_request("v1", "example", {"input": np.ones((1, 64), np.float32)},
+                             {"input": "FP32"})
+    start = time.monotonic() + 0.1
+    # As fixed_rate_latency sets it up: the window runs past the last request's timeout,
+    # so every answer counts however late.
+    window = Window(start, start, start + 0.2 + REQUEST_TIMEOUT_S + 1)
+    results: queue.Queue = queue.Queue()
+    _client_process(server.url, request, EvenOpenLoad(50.0, start, 0.2), window, results)
+    sent, latencies, errors = results.get_nowait()
+    assert (sent, len(latencies), errors) == (10, 10, 0)
+    assert all(0 < lat < REQUEST_TIMEOUT_S for lat in latencies)
