@@ -10,6 +10,7 @@ dependencies.
 from __future__ import annotations
 
 import email.parser
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,9 @@ def test_the_client_distribution_lists_every_client_package():
 
 
 def _wheel(project: Path, out: Path) -> zipfile.ZipFile:
+    if project != ROOT:  # the client is self-contained: build a copy, leave no build/ here
+        project = Path(shutil.copytree(project, out / "src", ignore=shutil.ignore_patterns(
+            "build", "*.egg-info", "__pycache__")))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
                     "--no-build-isolation", "-w", str(out), str(project)],
                    check=True, capture_output=True, timeout=300)
