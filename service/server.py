@@ -159,7 +159,9 @@ class Server:
                               f"folder {root} too; name each model once")
         found = []
         for name, entry in self._folder_at_start.items():
-            if entry.config is None:
+            if entry.empty:  # a folder being set up: nothing to load yet, no failure
+                self.models.list_unavailable(name, entry.error)
+            elif entry.config is None:
                 self._load_failed(name, ConfigError(f"model '{name}': {entry.error}"))
             else:
                 found.append((entry.config, entry.version))

@@ -376,7 +376,11 @@ class ModelRepository:
                 return
             log.error("model '%s' in the repository folder cannot be loaded: %s", name,
                       reason)
-            self._states[name] = (UNAVAILABLE, reason)
+            self.list_unavailable(name, reason)
+
+    def list_unavailable(self, name: str, reason: str) -> None:
+        """List a model that is not served as UNAVAILABLE, with the reason."""
+        self._states[name] = (UNAVAILABLE, reason)
 
     async def unload(self, name: str) -> ModelState:
         async with self._turn(name):
