@@ -67,7 +67,6 @@ def test_the_folder_is_served_at_start_at_each_models_latest_version(nets, tmp_p
         assert _states(c) == {"a": ("READY", "2"), "flat": ("READY", "1"),
                               "tuned": ("READY", "1")}
         assert (_offset(c, "a"), _offset(c, "flat"), _offset(c, "tuned")) == (2.0, 3.0, 1.0)
-        assert c.infer("a", {"input": _x()}, ) is not None
         [tuned] = c.stats("tuned").models
         assert len(tuned.workers) == 1  # config.toml's settings
         assert [(m.name, m.version, m.state) for m in k.repository_index()] == [
@@ -165,6 +164,18 @@ def test_a_file_still_being_written_is_not_loaded(nets, tmp_path, caplog):
         _check(s)  # two looks agree: loaded whole
         assert _states(c)["a"] == ("READY", "1") and _offset(c, "a") == 2.0
 
+        # Every version removed: unloaded, and listed with the reason.
+        shutil.rmtree(target.parent)
+        _check(s)
+        assert _states(c)["a"] == ("READY", "1")  # one look: not settled yet
+        _check(s)
+        [a] = c.list_models()
+        assert (a.state, a.version) == ("UNAVAILABLE", "1")
+        assert "no version folder holds a model file" in a.reason
+        with pytest.raises(InferenceError) as err:
+            _offset(c, "a")
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+
 
 def test_a_bad_model_beside_good_ones(nets, tmp_path, caplog):
     _place(tmp_path / "good" / "1" / "model.onnx", nets[1])
@@ -173,9 +184,9 @@ def test_a_bad_model_beside_good_ones(nets, tmp_path, caplog):
     _place(tmp_path / "misconfigured" / "config.toml", b"workers = 'two'\n")
 
     # By default (server.model_load_failure = "exit") a bad model stops the start.
-    with pytest.raises(StartError, match="model .misconfigured.: .*workers: expected int"):
-        with running_server(server_config(model_repository=str(tmp_path))):
-            pass
+    refused = pytest.raises(StartError, match=r"model 'misconfigured': .*workers: expected int")
+    with refused, running_server(server_config(model_repository=str(tmp_path))):
+        pass
 
     config = server_config(model_repository=str(tmp_path), model_watch_interval_s=HOUR_S,
                            model_load_failure="skip")
