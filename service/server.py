@@ -222,7 +222,8 @@ class Server:
         if self.port == 0:
             raise PortInUse(f"server.port: cannot bind {self._address()}")
         self._warn_if_exposed(bool(interceptors))
-        for name in ("", *self._services, *(m.name for m in self.config.models)):
+        for name in ("", *self._services, *(m.name for m in self.config.models),
+                     *self._folder_at_start):
             await self.health.set(name, NOT_SERVING)
         await server.start()
         self._server = server

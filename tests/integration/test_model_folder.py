@@ -24,7 +24,15 @@ from service.errors import StartError
 from service.processes import EngineServer
 from service.testing.onnx_models import offset_net
 from service.testing.servers import ServerThread, running_server, server_config
-from tests.integration.test_model_control import FEATURES, _offset, _wait_for, _x
+from tests.integration.test_model_control import (
+    FEATURES,
+    NOT_SERVING,
+    SERVING,
+    _health,
+    _offset,
+    _wait_for,
+    _x,
+)
 
 HOUR_S = 3600.0  # the watch then looks only when a test calls check()
 
@@ -72,6 +80,11 @@ def test_the_folder_is_served_at_start_at_each_models_latest_version(nets, tmp_p
         assert [(m.name, m.version, m.state) for m in k.repository_index()] == [
             ("a", "2", "READY"), ("flat", "1", "READY"), ("tuned", "1", "READY")]
         assert s.server.folder_watch is None
+        # Triton's explicit mode: nothing follows the folder, a load by name reads it.
+        _place(tmp_path / "a" / "3" / "model.onnx", nets[3])
+        assert _states(c)["a"] == ("READY", "2")
+        k.load_model("a")
+        assert _states(c)["a"] == ("READY", "3") and _offset(c, "a") == 3.0
 
 
 def test_models_added_changed_and_removed_while_clients_run(nets, tmp_path):
@@ -196,6 +209,7 @@ def test_a_bad_model_beside_good_ones(nets, tmp_path, caplog):
         assert (index["good"].state, index["broken"].state,
                 index["misconfigured"].state) == ("READY", "UNAVAILABLE", "UNAVAILABLE")
         assert "broken" in index["broken"].reason
+        assert (_health(s.url, "good"), _health(s.url, "broken")) == (SERVING, NOT_SERVING)
         assert "models.misconfigured.workers: expected int, got 'two'" in (
             index["misconfigured"].reason)
 
@@ -223,6 +237,7 @@ def test_a_bad_model_beside_good_ones(nets, tmp_path, caplog):
         assert _states(c) == {"good": ("READY", "1"), "broken": ("READY", "1"),
                               "misconfigured": ("READY", "1"), "late": ("READY", "1")}
         assert (_offset(c, "late"), _offset(c, "broken")) == (2.0, 3.0)
+        _wait_for(lambda: _health(s.url, "broken") == SERVING)
 
         # A served model whose new version is broken: the version serving serves on.
         _place(tmp_path / "good" / "2" / "model.onnx", b"garbage")
