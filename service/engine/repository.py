@@ -314,7 +314,7 @@ class ModelRepository:
         try:
             runtime = await self._build_for_client(config, version)
         except LoadFailed as e:
-            self._states[name] = (UNAVAILABLE, str(e))
+            self.list_unavailable(name, str(e))
             raise
         except BaseException:
             if before is None:
@@ -359,8 +359,7 @@ class ModelRepository:
                 log.info("model '%s' version %s unloaded: removed from the repository "
                          "folder", name, old.version)
             if reason:
-                self.failed.pop(name, None)
-                self._states[name] = (UNAVAILABLE, reason)
+                self.list_unavailable(name, reason)
                 return
             for known in (self._configs, self._versions, self._states, self.failed):
                 known.pop(name, None)
@@ -379,7 +378,9 @@ class ModelRepository:
             self.list_unavailable(name, reason)
 
     def list_unavailable(self, name: str, reason: str) -> None:
-        """List a model that is not served as UNAVAILABLE, with the reason."""
+        """List a model that is not served as UNAVAILABLE, with the reason (the latest:
+        it replaces why the model failed at start, if it did)."""
+        self.failed.pop(name, None)
         self._states[name] = (UNAVAILABLE, reason)
 
     async def unload(self, name: str) -> ModelState:

@@ -228,6 +228,16 @@ def test_a_bad_model_beside_good_ones(nets, tmp_path, caplog):
         assert len(failures()) == 1  # retried only when its files change
         assert _offset(c, "good") == 1.0
 
+        # Still broken, differently: the index says the latest reason, not the start's.
+        _place(tmp_path / "broken" / "1" / "model.onnx", b"still not a model")
+        _check(s)
+        _check(s)
+        assert "the model is not served" not in index["broken"].reason  # the start's
+        broken = {m.name: m for m in k.repository_index()}["broken"]
+        assert (broken.state, broken.version) == ("UNAVAILABLE", "")
+        assert "broken/1/model.onnx" in broken.reason
+        assert "the model is not served" in broken.reason  # the run-time load's
+
         # Fixed: each loads at its next settled change.
         _place(tmp_path / "late" / "1" / "model.onnx", nets[2])
         _place(tmp_path / "broken" / "1" / "model.onnx", nets[3])
