@@ -12,6 +12,7 @@ import logging
 import sys
 
 from service.arg_types import batching_mode, frontends_count, int_list, name_path
+from service.build.settings import FLAGS as BUILD_FLAGS
 from service.build.settings import add_build_flags, build_overrides
 from service.config import (
     EVENT_LOOPS,
@@ -197,6 +198,14 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     if shm:
         server["shared_memory"] = dataclasses.replace(config.shared_memory, **shm)
     config = dataclasses.replace(config, models=tuple(models), **server)
+    if config.model_repository and (overrides or build):
+        # The folder's models are read later, each with its own config.toml.
+        log.warning("%s set every model's setting for --model and [[models]] models only; "
+                    "the models of the repository folder %s take theirs from "
+                    "NAME/config.toml there", ", ".join(
+                        [*("--" + k.replace("_", "-") for k in overrides),
+                         *(f.flag for f in BUILD_FLAGS if f.field in build)]),
+                    config.model_repository)
     if not config.models and not config.model_repository:
         raise ConfigError("no models: pass --model NAME=PATH, --model-repository DIR or a "
                           "--config file with [[models]]")

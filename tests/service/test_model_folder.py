@@ -108,6 +108,16 @@ def test_the_flag_sets_the_key_and_a_repository_needs_no_other_model(tmp_path):
         build_config(parser.parse_args(["serve"]))
 
 
+def test_model_flags_with_a_folder_say_whom_they_apply_to(tmp_path, caplog):
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    build_config(parser.parse_args(["serve", "--model-repository", str(tmp_path),
+                                    "--workers", "1", "--shape", "x=1:2:4"]))
+    assert ("--workers, --shape set every model's setting for --model and [[models]] "
+            "models only") in caplog.text
+    assert "NAME/config.toml" in caplog.text
+
+
 def test_a_missing_folder_or_a_name_in_both_places_is_a_config_error(onnx, tmp_path):
     missing = ServerConfig(port=0, metrics_port=0, http_port=0,
                            model_repository=str(tmp_path / "nope"))
