@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from client.client import Client
-from service.testing.onnx_models import offset_net
-from service.testing.servers import running_server, server_config
+from trtserve.client.client import Client
+from trtserve.service.testing.onnx_models import offset_net
+from trtserve.service.testing.servers import running_server, server_config
 
 
 def _time_to_ready(root: Path, interval_s: float, models: int, model: bytes) -> list[float]:

@@ -24,8 +24,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from service.config import ModelConfig, from_mapping
-from service.errors import ConfigError
+from trtserve.service.config import ModelConfig, from_mapping
+from trtserve.service.errors import ConfigError
 
 # In the order tried when the backend does not decide.
 MODEL_FILES = ("model.plan", "model.engine", "model.onnx")

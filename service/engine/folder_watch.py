@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.engine.folder import FolderModel, scan
-from service.engine.repository import ModelRepository
-from service.errors import ServeError
+from trtserve.service.engine.folder import FolderModel, scan
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import ServeError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,6 @@ import grpc
 import numpy as np
 import pytest
 
-from client.client import Client, InferenceError, KServeClient
-from service.errors import StartError
-from service.processes import EngineServer
-from service.testing.onnx_models import offset_net
-from service.testing.servers import ServerThread, running_server, server_config
 from tests.integration.test_model_control import (
     FEATURES,
     NOT_SERVING,
@@ -33,6 +28,11 @@ from tests.integration.test_model_control import (
     _wait_for,
     _x,
 )
+from trtserve.client.client import Client, InferenceError, KServeClient
+from trtserve.service.errors import StartError
+from trtserve.service.processes import EngineServer
+from trtserve.service.testing.onnx_models import offset_net
+from trtserve.service.testing.servers import ServerThread, running_server, server_config
 
 HOUR_S = 3600.0  # the watch then looks only when a test calls check()
 
@@ -147,7 +147,7 @@ def test_models_added_changed_and_removed_while_clients_run(nets, tmp_path):
 
 
 def _request(x: np.ndarray):
-    from service.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
     return pb.InferRequest(model="a", inputs=[pb.Tensor(
         name="input", dtype=pb.DATA_TYPE_FP32, shape=list(x.shape), data=x.tobytes())])
@@ -156,7 +156,7 @@ def _request(x: np.ndarray):
 def test_a_file_still_being_written_is_not_loaded(nets, tmp_path, caplog):
     (tmp_path / "a").mkdir()
     config = server_config(model_repository=str(tmp_path), model_watch_interval_s=HOUR_S)
-    caplog.set_level(logging.INFO, logger="service.engine")
+    caplog.set_level(logging.INFO, logger="trtserve.service.engine")
     with running_server(config) as s, Client(s.url) as c:
         # A model folder without a version yet: listed, not loadable, no failure.
         assert _states(c) == {"a": ("UNAVAILABLE", "")}
@@ -215,7 +215,7 @@ def test_a_bad_model_beside_good_ones(nets, tmp_path, caplog):
 
         # Added while running: logged, listed with its reason, the others serve on.
         _place(tmp_path / "late" / "1" / "model.onnx", b"garbage")
-        caplog.set_level(logging.ERROR, logger="service.engine")
+        caplog.set_level(logging.ERROR, logger="trtserve.service.engine")
         _check(s)
         _check(s)
         late = {m.name: m for m in c.list_models()}["late"]

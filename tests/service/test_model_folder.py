@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import add_serve, build_config
-from service.config import ModelConfig, ServerConfig
-from service.engine.folder import scan
-from service.errors import ConfigError
-from service.server import Server
-from service.testing.onnx_models import offset_net
+from trtserve.service.cli import add_serve, build_config
+from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.engine.folder import scan
+from trtserve.service.errors import ConfigError
+from trtserve.service.server import Server
+from trtserve.service.testing.onnx_models import offset_net
 
 
 @pytest.fixture(scope="module")
