@@ -12,6 +12,7 @@ import logging
 import sys
 
 from trtserve.client.arg_types import batching_mode, frontends_count, int_list, name_path
+from trtserve.service.build.settings import FLAGS as BUILD_FLAGS
 from trtserve.service.build.settings import add_build_flags, build_overrides
 from trtserve.service.config import (
     EVENT_LOOPS,
@@ -42,6 +43,7 @@ SERVER_FLAGS = ("host", "port", "http_port", "metrics_port", "metrics_host",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
+                "model_repository",
                 "frontends", "frontend_arena_mib")
 
 
@@ -123,8 +125,13 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-control", action=argparse.BooleanOptionalAction, default=None,
                    help="clients may load, unload and reload models at run time (KServe "
                         "repository RPCs, trtserve.v1 LoadModel/...; default yes)")
+    p.add_argument("--model-repository", metavar="DIR",
+                   help="serve the models of a folder: DIR/NAME/VERSION/model.onnx (or "
+                        "model.plan, model.engine), optionally DIR/NAME/config.toml, or "
+                        "DIR/NAME.onnx (docs/configuration.md)")
     p.add_argument("--model-watch-interval-s", type=float,
-                   help="reload a model when its file changes, checked this often "
+                   help="reload a model when its file changes, and follow --model-repository "
+                        "(models added, changed, removed), checked this often "
                         "(default 0 = no watching)")
     g = p.add_argument_group("model settings (override the config file for every model)")
     g.add_argument("--backend", choices=("auto", "onnxruntime", "tensorrt"))
@@ -191,8 +198,17 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     if shm:
         server["shared_memory"] = dataclasses.replace(config.shared_memory, **shm)
     config = dataclasses.replace(config, models=tuple(models), **server)
-    if not config.models:
-        raise ConfigError("no models: pass --model NAME=PATH or a --config file with [[models]]")
+    if config.model_repository and (overrides or build):
+        # The folder's models are read later, each with its own config.toml.
+        log.warning("%s set every model's setting for --model and [[models]] models only; "
+                    "the models of the repository folder %s take theirs from "
+                    "NAME/config.toml there", ", ".join(
+                        [*("--" + k.replace("_", "-") for k in overrides),
+                         *(f.flag for f in BUILD_FLAGS if f.field in build)]),
+                    config.model_repository)
+    if not config.models and not config.model_repository:
+        raise ConfigError("no models: pass --model NAME=PATH, --model-repository DIR or a "
+                          "--config file with [[models]]")
     return config
 
 

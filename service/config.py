@@ -261,8 +261,14 @@ class ServerConfig:
     # RPCs, trtserve.v1's LoadModel/UnloadModel/ReloadModel); the token applies when
     # auth is on. Off: those RPCs answer PERMISSION_DENIED; RepositoryIndex still answers.
     model_control: bool = True
+    # A folder of models, served at start (Triton's layout: DIR/<name>/<version>/
+    # model.onnx|model.plan|model.engine, optionally DIR/<name>/config.toml; or flat
+    # DIR/<name>.onnx; engine/folder.py). "": none, the [[models]] alone.
+    model_repository: str = ""
     # Every this many seconds, each served model's file is checked (size and mtime,
-    # off the event loop) and the model reloaded once a change has settled. 0: off.
+    # off the event loop) and the model reloaded once a change has settled; with a
+    # model_repository, its folder is followed too (models added, changed, removed;
+    # Triton's poll mode). 0: off (the folder is read at start only).
     model_watch_interval_s: float = 0.0
     # Processes that accept gRPC on the port: 1 serves everything in one process;
     # N > 1 runs the engine in the main process and N frontend processes

@@ -100,12 +100,13 @@ class EngineServer(Server):
             raise
         self._ready = True
         self.host.set_health("", True)
+        self._start_watch()
         log.info("serving %d model(s) on %s:%d with %d frontend processes", len(self.models),
                  self.config.host, self.port, self.count)
         return self.port
 
-    async def _load(self, config: ModelConfig) -> None:
-        await super()._load(config)
+    async def _load(self, config: ModelConfig, version: str = "1") -> None:
+        await super()._load(config, version)
         assert self.host is not None
         self.host.set_health(config.name, self.engine.ready(config.name))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,8 @@ from trtserve.client import descriptors
 from trtserve.client.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
 from trtserve.service import auth, ports, tls
 from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.engine.folder import FolderModel, scan
+from trtserve.service.engine.folder_watch import FolderWatch
 from trtserve.service.engine.local import LocalEngine
 from trtserve.service.engine.model import ModelRuntime
 from trtserve.service.engine.regions import RegionRegistry
@@ -52,6 +55,10 @@ class Server:
         self.models = ModelRepository(config.stats_window_s)
         for model in config.models:
             self.models.know(model)
+        if config.model_repository:
+            self.models.folder = os.path.abspath(config.model_repository)
+        # The repository folder as read at start: the folder watch's baseline.
+        self._folder_at_start: dict[str, FolderModel] = {}
         # Request bytes in flight over both protocols; after a large request, glibc's
         # free memory goes back to the system.
         self.trimmer = Trimmer()
@@ -76,7 +83,8 @@ class Server:
         # Every configured model loaded and not draining (KServe ServerReady).
         self._ready = False
         self.watch: FileWatch | None = None
-        self._watch_task: asyncio.Task[None] | None = None
+        self.folder_watch: FolderWatch | None = None
+        self._watch_tasks: list[asyncio.Task[None]] = []
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         c = self.config
@@ -112,9 +120,10 @@ class Server:
             raise PortInUse(f"server.port: cannot bind {self._address()}: in use by another "
                             "process or not an address of this machine") from None
 
-    def _preflight(self) -> tuple[str | None, list[ModelConfig]]:
+    def _preflight(self) -> tuple[str | None, list[tuple[ModelConfig, str]]]:
         """Everything checkable before a model loads: the token, TLS files, ports and
-        model files. Returns the token and the models to load; raises a StartError."""
+        model files. Returns the token and the models to load, each with the version
+        to serve it as; raises a StartError."""
         c = self.config
         token = auth.load_token(c.auth_token_file)
         tls.check(c.tls)
@@ -123,23 +132,50 @@ class Server:
             ports.check_free(c.host, c.metrics_port, "server.metrics_port")
         if c.http_port:
             ports.check_free(c.host, c.http_port, "server.http_port")
-        to_load = []
-        for model in c.models:
+        to_load = [(model, "1") for model in c.models] + self._read_folder()
+        checked = []
+        for model, version in to_load:
             try:
                 check_model(model)
             except StartError as e:
-                self._load_failed(model, e)
+                self._load_failed(model.name, e)
                 continue
-            to_load.append(model)
-        return token, to_load
+            checked.append((model, version))
+        return token, checked
 
-    def _load_failed(self, model: ModelConfig, error: StartError) -> None:
+    def _read_folder(self) -> list[tuple[ModelConfig, str]]:
+        """The models of server.model_repository, each at the version it serves."""
+        root = self.models.folder
+        if not root:
+            return []
+        try:
+            self._folder_at_start = scan(root)
+        except OSError as e:
+            raise ConfigError(f"server.model_repository: got {self.config.model_repository!r}, "
+                              f"expected a folder that can be read ({e.strerror or e})") from None
+        configured = {m.name for m in self.config.models}
+        both = sorted(configured & set(self._folder_at_start))
+        if both:
+            raise ConfigError(f"models.name: {both} are [[models]] and in the repository "
+                              f"folder {root} too; name each model once")
+        found = []
+        for name, entry in self._folder_at_start.items():
+            if entry.empty:  # a folder being set up: nothing to load yet, no failure
+                self.models.list_unavailable(name, entry.error)
+            elif entry.config is None:
+                self._load_failed(name, ConfigError(f"model '{name}': {entry.error}"))
+            else:
+                found.append((entry.config, entry.version))
+        log.info("repository folder %s: %d model(s)", root, len(self._folder_at_start))
+        return found
+
+    def _load_failed(self, name: str, error: StartError) -> None:
         """Exit on the first model that fails, or skip it (server.model_load_failure)."""
         if self.config.model_load_failure == "exit":
             raise error
         log.error("model '%s' skipped (server.model_load_failure = \"skip\"): %s",
-                  model.name, error)
-        self.models.failed[model.name] = str(error)
+                  name, error)
+        self.models.failed[name] = str(error)
 
     def _warn_if_exposed(self, has_token: bool) -> None:
         if _is_loopback(self.config.host):
@@ -187,7 +223,8 @@ class Server:
         if self.port == 0:
             raise PortInUse(f"server.port: cannot bind {self._address()}")
         self._warn_if_exposed(bool(interceptors))
-        for name in ("", *self._services, *(m.name for m in self.config.models)):
+        for name in ("", *self._services, *(m.name for m in self.config.models),
+                     *self._folder_at_start):
             await self.health.set(name, NOT_SERVING)
         await server.start()
         self._server = server
@@ -198,10 +235,12 @@ class Server:
             await self.health.set(name, SERVING if serving else NOT_SERVING)
         self._ready = serving
 
-    async def _load_all(self, configs: list[ModelConfig]) -> None:
+    async def _load_all(self, to_load: list[tuple[ModelConfig, str]]) -> None:
         log.info("loading %d model(s); health answers NOT_SERVING on port %d until they are "
-                 "loaded", len(configs), self.port)
-        results = await asyncio.gather(*(self._load(m) for m in configs), return_exceptions=True)
+                 "loaded", len(to_load), self.port)
+        configs = [config for config, _ in to_load]
+        results = await asyncio.gather(*(self._load(m, v) for m, v in to_load),
+                                       return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, StartError):
                 raise result
@@ -212,25 +251,34 @@ class Server:
                 log.error("%s", error)
             raise failed[0][1]
         for model, error in failed:
-            self._load_failed(model, error)
-        if self.models.failed and not len(self.models):
+            self._load_failed(model.name, error)
+        # A repository folder may be empty or broken at start and filled later.
+        if self.models.failed and not len(self.models) and not self.models.folder:
             raise StartError("no model could be loaded; the errors above say why")
 
-    async def _load(self, config: ModelConfig) -> None:
+    async def _load(self, config: ModelConfig, version: str = "1") -> None:
         """Load one model; it turns SERVING as soon as its workers are up. (Models loaded,
         reloaded or unloaded later are followed by the engine's health listener.)"""
-        await self.models.load(config, self.config.stats_window_s)
+        await self.models.load(config, self.config.stats_window_s, version)
         await self.health.set(config.name, SERVING)
 
     def _start_watch(self) -> None:
-        """Reload models whose file changed (server.model_watch_interval_s)."""
+        """Reload models whose file changed, and follow the repository folder
+        (server.model_watch_interval_s)."""
         interval = self.config.model_watch_interval_s
         if not interval:
             return
-        served = lambda: [(m.name, m.config.path) for m in self.models]  # noqa: E731
+        loop = asyncio.get_running_loop()
+        # Files in the repository folder are the folder watch's.
+        served = lambda: [(m.name, m.config.path) for m in self.models  # noqa: E731
+                          if not self.models.in_folder(m.config.path)]
         self.watch = FileWatch(served, self.engine.reload, interval)
-        self._watch_task = asyncio.get_running_loop().create_task(self.watch.run(),
-                                                                  name="model-file-watch")
+        self._watch_tasks.append(loop.create_task(self.watch.run(), name="model-file-watch"))
+        if self.models.folder:
+            self.folder_watch = FolderWatch(self.models, self.models.folder, interval,
+                                            self._folder_at_start)
+            self._watch_tasks.append(loop.create_task(self.folder_watch.run(),
+                                                      name="model-folder-watch"))
 
     async def add_model(self, runtime: ModelRuntime) -> None:
         """Serve a runtime built outside the config (tests, later hot loading)."""
@@ -295,9 +343,9 @@ class Server:
         if self._server is None:
             return
         self._ready = False
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            self._watch_task = None
+        for task in self._watch_tasks:
+            task.cancel()
+        self._watch_tasks.clear()
         await self.health.enter_graceful_shutdown()
         grace = self.config.grace_period_s
         loop = asyncio.get_running_loop()

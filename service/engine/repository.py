@@ -24,6 +24,7 @@ from trtserve.service import echo
 from trtserve.service.backends.base import LoadedModel
 from trtserve.service.config import ModelConfig
 from trtserve.service.engine.api import LOADING, READY, UNAVAILABLE, UNLOADING, ModelState
+from trtserve.service.engine.folder import scan_one
 from trtserve.service.engine.model import ModelRuntime
 from trtserve.service.errors import (
     ConfigError,
@@ -145,6 +146,9 @@ class ModelRepository:
         self._closing = False
         # Called on the loop with the runtime a name now points to (None: unloaded).
         self.on_switch: Callable[[str, ModelRuntime | None], None] | None = None
+        # The repository folder (server.model_repository), absolute; "" without one. A
+        # load by name without a file reads the model's entry there (engine/folder.py).
+        self.folder = ""
 
     def __iter__(self) -> Iterator[ModelRuntime]:
         return iter(self._models.values())
@@ -178,11 +182,11 @@ class ModelRepository:
                                            int(runtime.version))
         await runtime.start()
 
-    async def load(self, config: ModelConfig, stats_window_s: float | None = None
-                   ) -> ModelRuntime:
+    async def load(self, config: ModelConfig, stats_window_s: float | None = None,
+                   version: str = "1") -> ModelRuntime:
         """Load a configured model at start; StartError naming the model if it fails."""
         self._configs[config.name] = config
-        runtime = await self._build(config, "1", stats_window_s)
+        runtime = await self._build(config, version, stats_window_s)
         self._switch(config.name, runtime)
         return runtime
 
@@ -276,44 +280,112 @@ class ModelRepository:
             raise InvalidArgument(str(e)) from None
         return config
 
+    def in_folder(self, path: str) -> bool:
+        """Whether a model file lies in the repository folder (the folder watch's)."""
+        return bool(self.folder) and path.startswith(self.folder + "/")
+
+    async def _source(self, name: str, path: str) -> tuple[ModelConfig, str]:
+        """What a load of `name` by a client loads, and as which version: the file
+        `path` if given (the next version), else the model's entry in the repository
+        folder as it is now (the folder's version), else its configured file."""
+        if not path and self.folder:
+            entry = await asyncio.to_thread(scan_one, self.folder, name)
+            if entry is not None:
+                if entry.config is None:
+                    raise LoadFailed(f"model '{echo.text(name)}' in the repository folder "
+                                     f"cannot be loaded: {entry.error}")
+                return entry.config, entry.version
+        return self._config_for(name, path), str(self._versions.get(name, 0) + 1)
+
     async def load_named(self, name: str, path: str = "") -> ModelRuntime:
         """Load `name`, or reload it if it is served (Triton's RepositoryModelLoad)."""
         async with self._turn(name):
-            if name in self._models:
-                return await self._reload(name, path)
-            config = self._config_for(name, path)
-            before = self._states.get(name)
-            self._states[name] = (LOADING, "loading")
-            try:
-                runtime = await self._build_for_client(config)
-            except LoadFailed as e:
-                self._states[name] = (UNAVAILABLE, str(e))
-                raise
-            except BaseException:
-                if before is None:
-                    self._states.pop(name, None)
-                else:
-                    self._states[name] = before
-                raise
-            self._switch(name, runtime)
-            return runtime
+            config, version = await self._source(name, path)
+            return await self._load_locked(config, version)
+
+    async def load_version(self, config: ModelConfig, version: str) -> ModelRuntime:
+        """Serve `config` as `version`: a load, or a reload if the model is served (the
+        repository folder's watch). LoadFailed when it fails; what served serves on."""
+        async with self._turn(config.name):
+            return await self._load_locked(config, version)
+
+    async def _load_locked(self, config: ModelConfig, version: str) -> ModelRuntime:
+        name = config.name
+        if name in self._models:
+            return await self._reload(config, version)
+        before = self._states.get(name)
+        self._states[name] = (LOADING, "loading")
+        try:
+            runtime = await self._build_for_client(config, version)
+        except LoadFailed as e:
+            self.list_unavailable(name, str(e))
+            raise
+        except BaseException:
+            if before is None:
+                self._states.pop(name, None)
+            else:
+                self._states[name] = before
+            raise
+        self._switch(name, runtime)
+        return runtime
 
     async def reload(self, name: str, path: str = "") -> ModelRuntime:
         """A new version of a served model; NotFound when it is not served."""
         async with self._turn(name):
             self.get(name)  # NotFound saying why
-            return await self._reload(name, path)
+            config, version = await self._source(name, path)
+            return await self._reload(config, version)
 
-    async def _reload(self, name: str, path: str) -> ModelRuntime:
+    async def _reload(self, config: ModelConfig, version: str) -> ModelRuntime:
+        name = config.name
         old = self._models[name]
-        config = self._config_for(name, path)
         # Built beside the old version, which serves on meanwhile (and if this fails).
-        runtime = await self._build_for_client(config)
+        runtime = await self._build_for_client(config, version)
         self._switch(name, runtime)
         log.info("model '%s': version %s serves; version %s drains and stops", name,
                  runtime.version, old.version)
         await self._retire(old)
         return runtime
+
+    async def remove(self, name: str, reason: str = "") -> None:
+        """The model left the repository folder: unload it if it is served (what it
+        accepted is answered), and forget it, so that the index no longer lists it; or,
+        given a `reason` (its folder is there without a version), list it UNAVAILABLE."""
+        async with self._turn(name):
+            old = self._models.get(name)
+            if old is not None:
+                self._states[name] = (UNLOADING, "removed from the repository folder")
+                self._switch(name, None)
+                try:
+                    await self._retire(old)
+                finally:
+                    self._states.pop(name, None)
+                log.info("model '%s' version %s unloaded: removed from the repository "
+                         "folder", name, old.version)
+            if reason:
+                self.list_unavailable(name, reason)
+                return
+            for known in (self._configs, self._versions, self._states, self.failed):
+                known.pop(name, None)
+
+    async def mark_unavailable(self, name: str, reason: str) -> None:
+        """A model of the folder that cannot be loaded as it is: listed UNAVAILABLE with
+        the reason (a served version serves on: the reason is only logged)."""
+        async with self._turn(name):
+            if name in self._models:
+                log.error("model '%s': its repository folder changed and cannot be loaded "
+                          "(version %s serves on): %s", name, self._models[name].version,
+                          reason)
+                return
+            log.error("model '%s' in the repository folder cannot be loaded: %s", name,
+                      reason)
+            self.list_unavailable(name, reason)
+
+    def list_unavailable(self, name: str, reason: str) -> None:
+        """List a model that is not served as UNAVAILABLE, with the reason (the latest:
+        it replaces why the model failed at start, if it did)."""
+        self.failed.pop(name, None)
+        self._states[name] = (UNAVAILABLE, reason)
 
     async def unload(self, name: str) -> ModelState:
         async with self._turn(name):
@@ -327,9 +399,8 @@ class ModelRepository:
             log.info("model '%s' version %s unloaded", name, old.version)
             return self.state(name)
 
-    async def _build_for_client(self, config: ModelConfig) -> ModelRuntime:
+    async def _build_for_client(self, config: ModelConfig, version: str) -> ModelRuntime:
         """_build for a run-time load: its failure is the client's LoadFailed."""
-        version = str(self._versions.get(config.name, 0) + 1)
         if self._closing:
             raise Unavailable("the server is shutting down; models are not loaded")
         try:
