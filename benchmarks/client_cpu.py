@@ -90,12 +90,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="(default %(default)s)")
     p.add_argument("--servers", default="trtserve,pytriton,trtserve-proxy,trtserve-held",
                    help=f"comma-separated, of {','.join(SERVERS)} (default %(default)s)")
+    p.add_argument("--streaming", action="store_true",
+                   help="KServe ModelStreamInfer (one stream per 64 requests in flight, "
+                        "`bench --streaming`) instead of a ModelInfer call per request; "
+                        "trtserve only (PyTriton's server exited under it here, not "
+                        "investigated)")
     p.add_argument("--pytriton-python", default=str(PYTRITON_VENV / "bin" / "python"),
                    help="interpreter with nvidia-pytriton installed (default %(default)s)")
     a = p.parse_args(argv)
     unknown = [s for s in a.servers.split(",") if s not in SERVERS]
     if unknown:
         p.error(f"--servers: unknown {unknown}; known: {list(SERVERS)}")
+    if a.streaming and "pytriton" in a.servers.split(","):
+        p.error("--streaming: measures trtserve only; give --servers without pytriton")
     return a
 
 
@@ -127,10 +134,10 @@ def proxied(served: Served, hold_us: float | None) -> Iterator[tuple[Served, Fra
 
 
 def measure(served: Served, server: Server, opts: Options, level: Level,
-            frames_s: float) -> dict[str, Any]:
+            frames_s: float, streaming: bool = False) -> dict[str, Any]:
     cpu0 = served.child.cpu_s(tree=True)
     with proxied(served, server.hold_us) as (target, _):
-        run = bench(target, opts, level, protocol="kserve", tree=True)
+        run = bench(target, opts, level, protocol="kserve", tree=True, streaming=streaming)
     server_s = served.child.cpu_s(tree=True) - cpu0
     r = run.result
     client_s = sum(r.client_cpu) * r.window_s
@@ -143,22 +150,25 @@ def measure(served: Served, server: Server, opts: Options, level: Level,
         "server_us": server_s / sent * 1e6 if sent else float("nan"),
         "p50_ms": r.latency_ms["p50"],
     }
-    row.update(frames(served, server, opts, level, frames_s))
+    row.update(frames(served, server, opts, level, frames_s, streaming))
     return row
 
 
 def frames(served: Served, server: Server, opts: Options, level: Level,
-           seconds: float) -> dict[str, Any]:
+           seconds: float, streaming: bool = False) -> dict[str, Any]:
     """What the server sends per answer, counted through the proxy at the same load."""
     short = Options(seconds, opts.warmup_s, 1, True, opts.pytriton_python, False,
                     opts.out, None, set())
     with proxied(served, server.hold_us or 0.0) as (through, proxy):
-        bench(through, short, level, protocol="kserve")
+        run = bench(through, short, level, protocol="kserve", streaming=streaming)
         assert proxy is not None
         got = proxy.snapshot()
     s, c = got["server"], got["client"]
-    # Per answer: every call, the probe's and the warm-up's too, ends in one trailers frame.
-    n = max(1, s.trailers)
+    # Per answer: every call, the probe's and the warm-up's too, ends in one trailers
+    # frame. A stream's answers share one: there, the answers counted in the window
+    # and those the warm-up's rate implies.
+    n = max(1, s.trailers if not streaming else
+            round(run.result.throughput_rps * (opts.warmup_s + seconds)))
     return {
         "frames": sum(s.frames.values()) / n, "reads": s.reads / n,
         "delivered": s.delivered / n, "control_reads": s.control_reads / n,
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             with serve(server, model, log_dir, opts) as served:
                 for level in levels:
                     say(f"client cpu: {server.label}, {level.label}, round {i + 1}")
-                    row = measure(served, server, opts, level, a.frames_duration)
+                    row = measure(served, server, opts, level, a.frames_duration,
+                                  a.streaming)
                     say(f"  {row}")
                     rows[f"{server.label}, {level.label}"].append(row)
     print(table(rows))
