@@ -165,7 +165,11 @@ class FrameProxy:
 
     async def _accept(self, client_r: asyncio.StreamReader,
                       client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(*self._target)
+        try:
+            server_r, server_w = await asyncio.open_connection(*self._target)
+        except OSError:  # the server has gone (stopped after a run): the client sees it close
+            client_w.close()
+            return
         for sock in (client_w, server_w):
             raw = sock.get_extra_info("socket")
             if raw is not None:
