@@ -42,8 +42,8 @@ from typing import Any
 from benchmarks.cpu.config import MODELS, PYTRITON_VENV, ROOT, Options
 from benchmarks.cpu.harness import Served, bench, pytriton, pytriton_env, say, trtserve
 from benchmarks.h2_frames import FrameProxy
-from client.bench import Level
-from service.example_model import write_example
+from trtserve.client.bench import Level
+from trtserve.service.example_model import write_example
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from benchmarks.h2_frames import PREFACE, Direction, FrameParser, FrameProxy
-from service.config import ModelConfig
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.testing.servers import running_server, server_config
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import running_server, server_config
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
