@@ -113,7 +113,7 @@ class Served:
 @contextlib.contextmanager
 def trtserve(model: str, path: Path, log_dir: Path, workers: int = WORKERS,
              max_batch: int = MAX_BATCH, delay_us: int = DELAY_US,
-             extra: Sequence[str] = ()) -> Iterator[Served]:
+             extra: Sequence[str] = (), env: dict[str, str] | None = None) -> Iterator[Served]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = free_port()
@@ -123,7 +123,7 @@ def trtserve(model: str, path: Path, log_dir: Path, workers: int = WORKERS,
                   [PY, "-m", "trtserve.service.cli", "serve", "--port", str(port),
                    "--metrics-port", "0",
                    "--http-port", "0",
-                   "--log-level", "WARNING", *flags], log_dir)
+                   "--log-level", "WARNING", *flags], log_dir, env)
     url = f"127.0.0.1:{port}"
     try:
         with grpc.insecure_channel(url) as channel:
