@@ -31,6 +31,7 @@ from service.frontends import kserve_json as kjson
 from service.frontends import kserve_model_config as describe
 from service.frontends.common import check_inputs
 from service.frontends.errors import http_status_of
+from service.frontends.http_guard import DEFAULT_LIMITS, ConnectionGuard, HttpLimits
 from service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
 from service.version import version
 
@@ -41,6 +42,8 @@ HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
 COMPRESS_FROM_BYTES = 1024
 # JSON parts larger than this are parsed off the event loop.
 PARSE_IN_THREAD_BYTES = 1024 * 1024
+# Connections the kernel queues for accepting (aiohttp's TCPSite default is 128).
+LISTEN_BACKLOG = 1024
 # Paths answered without the token unless server.health_requires_auth.
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
@@ -251,29 +254,49 @@ _NOT_IMPLEMENTED = (
 
 
 class HttpServer:
-    """The REST API on `host:port`: started after gRPC binds, stopped after it drains."""
+    """The REST API on `host:port`: started after gRPC binds, stopped after it drains.
+
+    Connections and the time a client may take over its headers are bounded
+    (service/frontends/http_guard.py). With `reuse_port` the port is shared with the
+    server's other frontend processes (SO_REUSEPORT; the kernel spreads connections).
+    """
 
     def __init__(self, api: KServeHttp, host: str, port: int,
-                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False,
+                 limits: HttpLimits = DEFAULT_LIMITS) -> None:
         # handler_cancellation: a client that hangs up cancels its request, as in gRPC.
-        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
+                                     keepalive_timeout=limits.keepalive_timeout_s)
         self._host, self._port = host, port
         self._ssl = ssl_context
         self._reuse_port = reuse_port
+        self.limits = limits
+        self.guard: ConnectionGuard | None = None
+        self._listener: asyncio.Server | None = None
         self.port = 0
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl,
-                           reuse_port=self._reuse_port)
+        server = self._runner.server
+        assert server is not None
+        self.guard = ConnectionGuard(server, self.limits)
         try:
-            await site.start()
+            # What aiohttp's TCPSite does, with the guard as the protocol factory.
+            self._listener = await asyncio.get_running_loop().create_server(
+                self.guard, self._host or None, self._port, ssl=self._ssl,
+                ssl_handshake_timeout=self.limits.header_timeout_s if self._ssl else None,
+                backlog=LISTEN_BACKLOG, reuse_address=True, reuse_port=self._reuse_port)
         except BaseException:
             await self._runner.cleanup()
             raise
-        self.port = int(self._runner.addresses[0][1])
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self) -> None:
+        """Stop listening, then close the connections (a request still being answered
+        gets the runner's shutdown timeout)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         await self._runner.cleanup()
