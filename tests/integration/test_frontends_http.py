@@ -11,6 +11,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,7 +65,7 @@ class HttpServerProcess(ServerProcess):
 @pytest.fixture(scope="module")
 def server(example_onnx: Path) -> HttpServerProcess:
     process = HttpServerProcess("--model", f"example={example_onnx}",
-                                "--max-queue-delay-us", "2000")
+                                "--max-queue-delay-us", "2000", "--http-header-timeout-s", "2")
     try:
         process.wait_ready()
         yield process
@@ -208,3 +209,22 @@ def test_a_killed_frontend_is_restarted_serving_http(example_onnx: Path) -> None
     finally:
         code, output = server.terminate()
     assert code == 0, output
+
+
+def test_every_frontend_cuts_off_slow_headers(server: HttpServerProcess) -> None:
+    """The HTTP limits reach the frontends: 16 connections (spread by the kernel; all on
+    one frontend with odds of 2 in 65,536) sending headers a byte a second are each
+    answered 408 and closed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.reliability.test_http_limits import SLOW_REQUEST, _drip
+
+    def slow_client(_: int) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+            return _drip(sock, SLOW_REQUEST)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(slow_client, range(16)))
+    for sent, got in results:
+        assert sent < len(SLOW_REQUEST) - 10, (sent, got)
+        assert got.startswith(b"HTTP/1.1 408"), got
