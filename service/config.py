@@ -224,6 +224,8 @@ class ServerConfig:
     http_header_timeout_s: float = 10.0
     # A connection with no request in it (since it opened or its last answer) is closed.
     http_keepalive_timeout_s: float = 60.0
+    # The longest wait for the next bytes of a request's body; slower: 408 and closed.
+    http_body_timeout_s: float = 30.0
     # Its own address: loopback unless a scraper elsewhere must reach it (then
     # metrics_requires_auth, TLS, or a NetworkPolicy).
     metrics_host: str = "127.0.0.1"
@@ -296,7 +298,7 @@ class ServerConfig:
                  f"({self.metrics_port}), or 0 (off)")
         _require(1 <= self.http_max_connections <= 1_000_000, "server.http_max_connections",
                  self.http_max_connections, "1..1000000")
-        for key in ("http_header_timeout_s", "http_keepalive_timeout_s"):
+        for key in ("http_header_timeout_s", "http_keepalive_timeout_s", "http_body_timeout_s"):
             _require(0 < getattr(self, key) <= 3600, f"server.{key}", getattr(self, key),
                      "more than 0 and at most 3600 seconds")
         _require(bool(self.metrics_host), "server.metrics_host", self.metrics_host,

@@ -271,11 +271,13 @@ class Server:
         api = KServeHttp(self.engine, server_ready=lambda: self._ready, token=token,
                          health_requires_auth=c.health_requires_auth,
                          max_request_bytes=c.max_receive_message_bytes,
-                         max_response_bytes=c.max_send_message_bytes)
+                         max_response_bytes=c.max_send_message_bytes,
+                         body_timeout_s=c.http_body_timeout_s)
         context = tls.server_ssl_context(c.tls) if c.tls.enabled else None
         limits = HttpLimits(max_connections=c.http_max_connections,
                             header_timeout_s=c.http_header_timeout_s,
-                            keepalive_timeout_s=c.http_keepalive_timeout_s)
+                            keepalive_timeout_s=c.http_keepalive_timeout_s,
+                            body_timeout_s=c.http_body_timeout_s)
         # Frontend processes share the port (SO_REUSEPORT), as they share gRPC's.
         self._http = HttpServer(api, c.host, c.http_port, context,
                                 reuse_port=self._shares_ports, limits=limits)

@@ -14,7 +14,9 @@ has both bounds (service/metrics_http.py); this gives the REST port the same:
   and to finish the TLS handshake; a client that is slower gets `408` and is
   closed;
 - `keepalive_timeout_s` for a connection with no request in it (since it
-  opened or since its last answer).
+  opened or since its last answer);
+- `body_timeout_s`, the longest wait for the next bytes of a request's body
+  (KServeHttp reads bodies under it): slower is `408` and closed.
 
 The cap counts connections once they are established (after TLS): a
 handshake in progress is bounded by `header_timeout_s` instead. With N
@@ -40,6 +42,7 @@ class HttpLimits:
     max_connections: int = 1024
     header_timeout_s: float = 10.0  # request headers, from their first byte; TLS handshake
     keepalive_timeout_s: float = 60.0  # a connection with no request in it
+    body_timeout_s: float = 30.0  # the longest wait for the next bytes of a body
 
 
 DEFAULT_LIMITS = HttpLimits()

@@ -66,8 +66,11 @@ class KServeHttp:
     def __init__(self, engine: Engine, server_ready: Callable[[], bool] | None = None,
                  token: str | None = None, health_requires_auth: bool = False,
                  max_request_bytes: int = 256 * 1024 * 1024,
-                 max_response_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_response_bytes: int = 256 * 1024 * 1024,
+                 body_timeout_s: float = DEFAULT_LIMITS.body_timeout_s) -> None:
         self._engine = engine
+        # The longest wait for the next bytes of a request's body.
+        self._body_timeout_s = body_timeout_s
         # Whether the server has finished starting and is not draining.
         self._server_ready = server_ready or (lambda: True)
         self._token = auth.BearerToken(token) if token is not None else None
@@ -107,7 +110,11 @@ class KServeHttp:
             if e.status < 400:
                 raise
             # aiohttp's own answers (no route, wrong method, body too large) in our form.
-            return error_response(e.status, _http_problem(e, request, self._max_request_bytes))
+            response = error_response(e.status,
+                                      _http_problem(e, request, self._max_request_bytes))
+            if e.status == 408:
+                response.force_close()  # the rest of a stalled body is not waited for
+            return response
         except Exception as e:
             status, message = http_status_of(e)
             return error_response(status, message)
@@ -178,7 +185,7 @@ class KServeHttp:
             # Refused from the header, before a byte of the body is read.
             raise web.HTTPRequestEntityTooLarge(max_size=self._max_request_bytes,
                                                 actual_size=request.content_length)
-        body = await request.read()
+        body = await self._read_body(request)
         length = kjson.header_length(request.headers.get(kjson.HEADER_LENGTH), len(body))
         spec = model.spec
 
@@ -218,6 +225,28 @@ class KServeHttp:
         return response
 
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, as `request.read()`, but a client that stops sending it for
+        `body_timeout_s` is answered 408 and its connection closed (a body sent a
+        byte now and then would otherwise hold its connection and handler forever)."""
+        loop = asyncio.get_running_loop()
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self._body_timeout_s) as window:
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > self._max_request_bytes:
+                        raise web.HTTPRequestEntityTooLarge(
+                            max_size=self._max_request_bytes, actual_size=size)
+                    chunks.append(chunk)
+                    window.reschedule(loop.time() + self._body_timeout_s)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"no bytes of the request's body came for {self._body_timeout_s:g} s "
+                     "(server.http_body_timeout_s)") from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def _names(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
@@ -227,6 +256,8 @@ def _http_problem(error: web.HTTPException, request: web.Request, max_bytes: int
         return f"no such endpoint: {echo.text(request.path)}"
     if error.status == 405:
         return f"{request.method} is not allowed on {echo.text(request.path)}"
+    if error.status == 408:
+        return error.text or error.reason
     if error.status == 413:
         return (f"the request body is larger than the server accepts ({max_bytes} bytes, "
                 "server.max_receive_message_bytes)")

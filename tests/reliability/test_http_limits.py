@@ -6,8 +6,9 @@ headers one byte a second is answered 408 and closed after
 connection; a TLS handshake that never comes is closed as well; an idle
 connection is closed after `http_keepalive_timeout_s`; connection N+1 over
 `http_max_connections` is answered 503 and closed while the N held keep
-working. Timeouts are set extreme (1-2 s against requests that would take
-tens of seconds to send), so no assertion depends on the machine's speed.
+working; a body that stops coming is answered 408 after `http_body_timeout_s`.
+Timeouts are set extreme (1-2 s against requests that would take tens of
+seconds to send), so no assertion depends on the machine's speed.
 """
 
 from __future__ import annotations
@@ -182,7 +183,41 @@ def _first(sock: socket.socket) -> bytes:
 
 @pytest.mark.parametrize(("key", "value"), [
     ("http_max_connections", 0), ("http_header_timeout_s", 0),
-    ("http_keepalive_timeout_s", -1.0), ("http_header_timeout_s", 7200)])
+    ("http_keepalive_timeout_s", -1.0), ("http_header_timeout_s", 7200),
+    ("http_body_timeout_s", 0)])
 def test_limits_out_of_range_are_refused_naming_the_key(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"server\.{key}: got {value}"):
         ServerConfig(**{key: value})
+
+
+def test_a_body_that_stops_coming_is_cut_off(model: ModelConfig) -> None:
+    """Headers whole, then part of the body and nothing more: 408 and closed after
+    `http_body_timeout_s` (not held until the keep-alive or header timeouts, an hour)."""
+    with _serve(model, http_body_timeout_s=1, http_header_timeout_s=3600,
+                http_keepalive_timeout_s=3600) as s, _connect(s.server.http_port) as sock:
+        sock.sendall(b"POST /v2/models/example/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                     b'{"inputs": [')
+        got = _until_closed(sock, timeout_s=60)
+    assert got.startswith(b"HTTP/1.1 408"), got
+    assert b"server.http_body_timeout_s" in got
+    assert b"Connection: close" in got
+
+
+def test_a_body_sent_in_pieces_within_the_timeout_is_served(model: ModelConfig) -> None:
+    """The body timeout is a wait between bytes, not a bound on the whole body."""
+    import json
+
+    import numpy as np
+
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
+                                   "data": [0.5] * 64}]}).encode()
+    with _serve(model, http_body_timeout_s=3) as s, _connect(s.server.http_port) as sock:
+        sock.sendall(b"POST /v2/models/example/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % len(body))
+        pieces = np.array_split(np.frombuffer(body, np.uint8), 8)
+        for piece in pieces:  # 0.5 s apart: 3.5 s in all, longer than the timeout
+            sock.sendall(piece.tobytes())
+            time.sleep(0.5)
+        assert _answer(sock).startswith(b"HTTP/1.1 200")
