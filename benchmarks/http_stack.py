@@ -90,26 +90,32 @@ def serve_starlette(port: int) -> None:
 
 
 async def closed_loop(call: Callable[[], Awaitable[None]], concurrency: int,
-                      seconds: float) -> tuple[float, float]:
-    """(requests per second, median round trip in µs) of `concurrency` callers."""
+                      seconds: float, warmup_s: float = 0.0) -> tuple[float, float]:
+    """(requests per second, median round trip in µs) of `concurrency` callers, after
+    `warmup_s` of the same load unmeasured (every connection open, every process warm)."""
     latencies: list[float] = []
-    end = time.perf_counter() + seconds
+    end = 0.0
 
-    async def caller() -> None:
+    async def caller(record: bool) -> None:
         while time.perf_counter() < end:
             start = time.perf_counter()
             await call()
-            latencies.append(time.perf_counter() - start)
+            if record:
+                latencies.append(time.perf_counter() - start)
 
     for _ in range(20):  # warm up connections
         await call()
+    if warmup_s:
+        end = time.perf_counter() + warmup_s
+        await asyncio.gather(*(caller(False) for _ in range(concurrency)))
     began = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    end = began + seconds
+    await asyncio.gather(*(caller(True) for _ in range(concurrency)))
     return len(latencies) / (time.perf_counter() - began), statistics.median(latencies) * 1e6
 
 
 async def http_load(url: str, body: bytes, headers: dict[str, str], concurrency: int,
-                    seconds: float) -> tuple[float, float]:
+                    seconds: float, warmup_s: float = 0.0) -> tuple[float, float]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -121,7 +127,7 @@ async def http_load(url: str, body: bytes, headers: dict[str, str], concurrency:
                 await r.read()
                 assert r.status == 200, r.status
 
-        return await closed_loop(call, concurrency, seconds)
+        return await closed_loop(call, concurrency, seconds, warmup_s)
 
 
 def _wait_http(port: int, path: str = "/v2/models/m/infer", timeout: float = 60) -> None:
@@ -200,11 +206,12 @@ def trtserve(seconds: float) -> None:
         child.wait(60)
 
 
-def _http_client_process(url: str, concurrency: int, seconds: float) -> tuple[float, float]:
+def _http_client_process(url: str, concurrency: int, seconds: float,
+                         warmup_s: float) -> tuple[float, float]:
     """One client process's (requests/s, p50 µs): run in a process of its own."""
     import uvloop
 
-    return uvloop.run(http_load(url, JSON_BODY, {}, concurrency, seconds))
+    return uvloop.run(http_load(url, JSON_BODY, {}, concurrency, seconds, warmup_s))
 
 
 def _spread(total: int, parts: int) -> list[int]:
@@ -212,7 +219,8 @@ def _spread(total: int, parts: int) -> list[int]:
             total // parts + (i < total % parts)]
 
 
-def frontends(seconds: float, counts: list[int], client_processes: int) -> None:
+def frontends(seconds: float, counts: list[int], client_processes: int,
+              warmup_s: float) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
     from service.example_model import write_example
@@ -232,8 +240,9 @@ def frontends(seconds: float, counts: list[int], client_processes: int) -> None:
             for concurrency in (1, 64):
                 shares = _spread(concurrency, client_processes)
                 with ProcessPoolExecutor(len(shares)) as pool:
-                    results = list(pool.map(_http_client_process, [url] * len(shares),
-                                            shares, [seconds] * len(shares)))
+                    n = len(shares)
+                    results = list(pool.map(_http_client_process, [url] * n, shares,
+                                            [seconds] * n, [warmup_s] * n))
                 rate = sum(r for r, _ in results)
                 p50 = statistics.median(p for _, p in results)
                 base.setdefault(concurrency, rate)
@@ -250,6 +259,8 @@ def main() -> None:
                                          "serve-starlette"])
     parser.add_argument("--frontends-list", default="1,2",
                         help="frontends: the values of --frontends to compare (first: base)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="frontends: seconds of the same load before each measurement")
     parser.add_argument("--client-processes", type=int, default=2,
                         help="frontends: client processes sharing the concurrency")
     parser.add_argument("port", nargs="?", type=int, default=0)
@@ -263,7 +274,7 @@ def main() -> None:
         stacks(args.seconds)
     elif args.what == "frontends":
         frontends(args.seconds, [int(n) for n in args.frontends_list.split(",")],
-                  args.client_processes)
+                  args.client_processes, args.warmup)
     else:
         trtserve(args.seconds)
 
