@@ -47,6 +47,7 @@ class HttpLimits:
 
 DEFAULT_LIMITS = HttpLimits()
 
+
 def _answer(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP/1.1 answer that closes the connection, in KServe's error form."""
     body = kjson.error_body(message)

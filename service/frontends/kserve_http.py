@@ -224,7 +224,6 @@ class KServeHttp:
             response.enable_compression()
         return response
 
-
     async def _read_body(self, request: web.Request) -> bytes:
         """The whole body, as `request.read()`, but a client that stops sending it for
         `body_timeout_s` is answered 408 and its connection closed (a body sent a
