@@ -164,12 +164,12 @@ def stacks(seconds: float) -> None:
 def trtserve(seconds: float) -> None:
     import tritonclient.grpc.aio as grpcclient
 
-    from service.example_model import write_example
+    from trtserve.service.example_model import write_example
 
     model = write_example(Path(tempfile.mkdtemp()) / "example.onnx")
     grpc_port, http_port = _free_port(), _free_port()
     child = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", f"example={model}",
+        [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
          "--workers", "1", "--port", str(grpc_port), "--metrics-port", "0",
          "--http-port", str(http_port), "--log-level", "WARNING"], cwd=ROOT)
     header = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
@@ -223,7 +223,7 @@ def frontends(seconds: float, counts: list[int], client_processes: int,
               warmup_s: float) -> None:
     from concurrent.futures import ProcessPoolExecutor
 
-    from service.example_model import write_example
+    from trtserve.service.example_model import write_example
 
     model = write_example(Path(tempfile.mkdtemp()) / "example.onnx")
     print(f"{'frontends':>9s} {'c':>4s} {'req/s':>9s} {'p50 µs':>9s} {'vs 1':>6s}")
@@ -231,7 +231,7 @@ def frontends(seconds: float, counts: list[int], client_processes: int,
     for count in counts:
         grpc_port, http_port = _free_port(), _free_port()
         child = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", f"example={model}",
+            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
              "--frontends", str(count), "--port", str(grpc_port), "--metrics-port", "0",
              "--http-port", str(http_port), "--log-level", "WARNING"], cwd=ROOT)
         url = f"http://127.0.0.1:{http_port}/v2/models/example/infer"

@@ -32,7 +32,7 @@ from typing import Any, cast
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from service.frontends import kserve_json as kjson
+from trtserve.service.frontends import kserve_json as kjson
 
 
 @dataclass(frozen=True)

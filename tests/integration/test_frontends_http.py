@@ -23,9 +23,9 @@ import onnxruntime as ort
 import psutil
 import pytest
 
-from client import Client
 from service.ipc.codec import INLINE_MAX_BYTES
-from service.testing.servers import ServerProcess, free_port
+from trtserve.client import Client
+from trtserve.service.testing.servers import ServerProcess, free_port
 
 CLIENTS = 32
 REQUESTS_PER_CLIENT = 4
@@ -78,7 +78,7 @@ def _frontend_pids(server: ServerProcess) -> list[int]:
     pids = []
     for child in psutil.Process(server.proc.pid).children():
         try:
-            if "service.frontend_process" in " ".join(child.cmdline()):
+            if "trtserve.service.frontend_process" in " ".join(child.cmdline()):
                 pids.append(child.pid)
         except psutil.Error:  # gone, or a zombie
             continue
@@ -155,7 +155,8 @@ def test_a_held_http_port_is_refused_with_frontends(server: HttpServerProcess,
                                                     example_onnx: Path) -> None:
     """Only this server's frontends share its HTTP port, as its gRPC port."""
     second = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--model", f"example={example_onnx}",
+        [sys.executable, "-m", "trtserve.service.cli", "serve", "--model",
+         f"example={example_onnx}",
          "--frontends", "2", "--port", str(free_port()), "--metrics-port", "0",
          "--http-port", str(server.http_port)],
         capture_output=True, text=True, timeout=60)
@@ -171,7 +172,8 @@ def test_serving_means_every_frontend_listens_on_both_ports(example_onnx: Path) 
         assert codes == [200] * 16
         output = server.output()
         for index in (0, 1):
-            listening = output.index(f"frontend-{index} service.server: KServe v2 HTTP/REST")
+            listening = output.index(f"frontend-{index} trtserve.service.server: KServe v2
+            HTTP/REST")
             counted = re.search(rf"frontend-{index} \(pid \d+\) serving", output)
             assert counted and listening < counted.start(), output
         assert "(HTTP/REST on port" in output

@@ -20,13 +20,13 @@ import aiohttp
 import numpy as np
 import pytest
 
-from client import Client
-from service.testing.servers import free_port
 from tests.doubles.controlled import expected
 from tests.integration.test_frontends_http import HttpServerProcess
 from tests.reliability.certs import authority
 from tests.reliability.controlled_server import MODEL, ControlledServerProcess
 from tests.reliability.test_frontends_faults import _executed, _x
+from trtserve.client import Client
+from trtserve.service.testing.servers import free_port
 
 CLIENTS = 16
 

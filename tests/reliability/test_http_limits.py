@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from service.config import ModelConfig, ServerConfig, TlsConfig
-from service.errors import ConfigError
-from service.testing.servers import ServerThread, free_port, running_server, server_config
 from tests.reliability.certs import authority
+from trtserve.service.config import ModelConfig, ServerConfig, TlsConfig
+from trtserve.service.errors import ConfigError
+from trtserve.service.testing.servers import ServerThread, free_port, running_server, server_config
 
 # A request whose headers take SLOW_REQUEST_BYTES seconds to send at a byte a second.
 SLOW_REQUEST = (b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n"
