@@ -8,9 +8,14 @@
    PYTHONPATH (e.g. `pip install --target /tmp/benchlib starlette uvicorn httptools`).
 2. `trtserve`: `trtserve serve` on the example model; the same request over HTTP
    (JSON and binary tensors) and over KServe gRPC, same concurrencies.
+3. `frontends`: `trtserve serve --frontends N` on the example model, N = 1 and 2
+   (`--frontends-list` for others): HTTP JSON infer at concurrency 1 and 64 from
+   `--client-processes` aiohttp client processes (one connection per caller, so the
+   kernel spreads them over the frontends); requests/s and each N's ratio to N = 1.
 
     python -m benchmarks.http_stack stacks
     python -m benchmarks.http_stack trtserve
+    python -m benchmarks.http_stack frontends
 
 Numbers are requests per second and the median round trip; on a shared machine
 compare them only within one run.
@@ -85,26 +90,32 @@ def serve_starlette(port: int) -> None:
 
 
 async def closed_loop(call: Callable[[], Awaitable[None]], concurrency: int,
-                      seconds: float) -> tuple[float, float]:
-    """(requests per second, median round trip in µs) of `concurrency` callers."""
+                      seconds: float, warmup_s: float = 0.0) -> tuple[float, float]:
+    """(requests per second, median round trip in µs) of `concurrency` callers, after
+    `warmup_s` of the same load unmeasured (every connection open, every process warm)."""
     latencies: list[float] = []
-    end = time.perf_counter() + seconds
+    end = 0.0
 
-    async def caller() -> None:
+    async def caller(record: bool) -> None:
         while time.perf_counter() < end:
             start = time.perf_counter()
             await call()
-            latencies.append(time.perf_counter() - start)
+            if record:
+                latencies.append(time.perf_counter() - start)
 
     for _ in range(20):  # warm up connections
         await call()
+    if warmup_s:
+        end = time.perf_counter() + warmup_s
+        await asyncio.gather(*(caller(False) for _ in range(concurrency)))
     began = time.perf_counter()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    end = began + seconds
+    await asyncio.gather(*(caller(True) for _ in range(concurrency)))
     return len(latencies) / (time.perf_counter() - began), statistics.median(latencies) * 1e6
 
 
 async def http_load(url: str, body: bytes, headers: dict[str, str], concurrency: int,
-                    seconds: float) -> tuple[float, float]:
+                    seconds: float, warmup_s: float = 0.0) -> tuple[float, float]:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -116,7 +127,7 @@ async def http_load(url: str, body: bytes, headers: dict[str, str], concurrency:
                 await r.read()
                 assert r.status == 200, r.status
 
-        return await closed_loop(call, concurrency, seconds)
+        return await closed_loop(call, concurrency, seconds, warmup_s)
 
 
 def _wait_http(port: int, path: str = "/v2/models/m/infer", timeout: float = 60) -> None:
@@ -195,10 +206,63 @@ def trtserve(seconds: float) -> None:
         child.wait(60)
 
 
+def _http_client_process(url: str, concurrency: int, seconds: float,
+                         warmup_s: float) -> tuple[float, float]:
+    """One client process's (requests/s, p50 µs): run in a process of its own."""
+    import uvloop
+
+    return uvloop.run(http_load(url, JSON_BODY, {}, concurrency, seconds, warmup_s))
+
+
+def _spread(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts) if
+            total // parts + (i < total % parts)]
+
+
+def frontends(seconds: float, counts: list[int], client_processes: int,
+              warmup_s: float) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from trtserve.service.example_model import write_example
+
+    model = write_example(Path(tempfile.mkdtemp()) / "example.onnx")
+    print(f"{'frontends':>9s} {'c':>4s} {'req/s':>9s} {'p50 µs':>9s} {'vs 1':>6s}")
+    base: dict[int, float] = {}
+    for count in counts:
+        grpc_port, http_port = _free_port(), _free_port()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
+             "--frontends", str(count), "--port", str(grpc_port), "--metrics-port", "0",
+             "--http-port", str(http_port), "--log-level", "WARNING"], cwd=ROOT)
+        url = f"http://127.0.0.1:{http_port}/v2/models/example/infer"
+        try:
+            _wait_http(http_port, "/v2/models/example/infer")
+            for concurrency in (1, 64):
+                shares = _spread(concurrency, client_processes)
+                with ProcessPoolExecutor(len(shares)) as pool:
+                    n = len(shares)
+                    results = list(pool.map(_http_client_process, [url] * n, shares,
+                                            [seconds] * n, [warmup_s] * n))
+                rate = sum(r for r, _ in results)
+                p50 = statistics.median(p for _, p in results)
+                base.setdefault(concurrency, rate)
+                print(f"{count:9d} {concurrency:4d} {rate:9.0f} {p50:9.0f} "
+                      f"{rate / base[concurrency]:5.2f}x")
+        finally:
+            child.terminate()
+            child.wait(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["stacks", "trtserve", "serve-aiohttp",
+    parser.add_argument("what", choices=["stacks", "trtserve", "frontends", "serve-aiohttp",
                                          "serve-starlette"])
+    parser.add_argument("--frontends-list", default="1,2",
+                        help="frontends: the values of --frontends to compare (first: base)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="frontends: seconds of the same load before each measurement")
+    parser.add_argument("--client-processes", type=int, default=2,
+                        help="frontends: client processes sharing the concurrency")
     parser.add_argument("port", nargs="?", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
@@ -208,6 +272,9 @@ def main() -> None:
         serve_starlette(args.port)
     elif args.what == "stacks":
         stacks(args.seconds)
+    elif args.what == "frontends":
+        frontends(args.seconds, [int(n) for n in args.frontends_list.split(",")],
+                  args.client_processes, args.warmup)
     else:
         trtserve(args.seconds)
 

@@ -34,7 +34,8 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
 # Flags --shm-KEY that override server.shared_memory.KEY.
 SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "http_port", "metrics_port", "metrics_host",
+SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_header_timeout_s",
+                "http_keepalive_timeout_s", "http_body_timeout_s", "metrics_port", "metrics_host",
                 "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
                 "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
                 "auth_token_file", "health_requires_auth", "event_loop",
@@ -73,6 +74,17 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="scrapes within it share one render (default 1; 0 = every scrape)")
     p.add_argument("--http-port", type=int,
                    help="KServe v2 HTTP/REST port (default 8000; 0 = off)")
+    p.add_argument("--http-max-connections", type=int,
+                   help="HTTP connections each process holds at once; more get 503 "
+                        "(default 1024)")
+    p.add_argument("--http-header-timeout-s", type=float,
+                   help="to send a request's headers or finish TLS; slower gets 408 "
+                        "(default 10)")
+    p.add_argument("--http-keepalive-timeout-s", type=float,
+                   help="an HTTP connection with no request in it is closed (default 60)")
+    p.add_argument("--http-body-timeout-s", type=float,
+                   help="the longest wait for the next bytes of an HTTP request body; "
+                        "slower gets 408 (default 30)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     p.add_argument("--health-requires-auth", action=argparse.BooleanOptionalAction,

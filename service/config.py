@@ -216,6 +216,16 @@ class ServerConfig:
     metrics_port: int = 8002  # 0: no Prometheus endpoint
     # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
     http_port: int = 8000
+    # HTTP connections one process holds at once (each frontend process: its own);
+    # one more is answered 503 and closed.
+    http_max_connections: int = 1024
+    # To send a request's headers once their first byte came, and to finish TLS;
+    # slower: 408 and closed (slow-headers clients cannot hold a connection).
+    http_header_timeout_s: float = 10.0
+    # A connection with no request in it (since it opened or its last answer) is closed.
+    http_keepalive_timeout_s: float = 60.0
+    # The longest wait for the next bytes of a request's body; slower: 408 and closed.
+    http_body_timeout_s: float = 30.0
     # Its own address: loopback unless a scraper elsewhere must reach it (then
     # metrics_requires_auth, TLS, or a NetworkPolicy).
     metrics_host: str = "127.0.0.1"
@@ -292,6 +302,11 @@ class ServerConfig:
                  "server.http_port", self.http_port,
                  f"a port other than server.port ({self.port}) and server.metrics_port "
                  f"({self.metrics_port}), or 0 (off)")
+        _require(1 <= self.http_max_connections <= 1_000_000, "server.http_max_connections",
+                 self.http_max_connections, "1..1000000")
+        for key in ("http_header_timeout_s", "http_keepalive_timeout_s", "http_body_timeout_s"):
+            _require(0 < getattr(self, key) <= 3600, f"server.{key}", getattr(self, key),
+                     "more than 0 and at most 3600 seconds")
         _require(bool(self.metrics_host), "server.metrics_host", self.metrics_host,
                  "an address such as 127.0.0.1 (loopback) or 0.0.0.0 (every IPv4 interface)")
         _require(not self.metrics_tls or self.tls.enabled, "server.metrics_tls",

@@ -1,7 +1,8 @@
 """A frontend process of a server of N frontends (service/processes.py starts it).
 
 It serves gRPC (trtserve.v1, KServe v2, health, reflection) on the server's port
-with SO_REUSEPORT, beside the other frontends, and reaches the engine in the
+and KServe v2 HTTP/REST on its `http_port`, both with SO_REUSEPORT beside the
+other frontends (the engine process serves neither), and reaches the engine in the
 main process through `RemoteEngine`. It exits 0 after a drain (the engine's
 DRAIN, or SIGTERM/SIGINT: every accepted request answered) and 1 when the
 engine goes away (health NOT_SERVING first, so load balancers look elsewhere).
@@ -63,13 +64,19 @@ class FrontendServer(Server):
         self.engine = engine  # type: ignore[assignment]
         engine.add_health_listener(self._on_engine_health)
 
+    # gRPC and HTTP ports shared with the other frontends (SO_REUSEPORT).
+    _shares_ports = True
+
     def _grpc_options(self) -> list[tuple[str, int]]:
         return [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in super()._grpc_options()]
 
     async def start(self) -> int:
+        """Serve gRPC and HTTP (when `http_port` is set) on the ports the engine holds.
+        The engine counts this frontend ready only once both listen."""
         token = auth.load_token(self.config.auth_token_file)
         tls.check(self.config.tls)
         await self._start_grpc(token)
+        await self._start_http(token)
         # What the engine said before the port was bound.
         for model in self.remote.models():
             if self.remote.ready(model):

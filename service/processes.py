@@ -86,8 +86,17 @@ class EngineServer(Server):
 
     async def start(self) -> int:
         _, to_load = self._preflight()
-        self.port = self._reserve_port()
-        config = dataclasses.replace(self.config, port=self.port, frontends=1)
+        try:
+            self.port = self._reserve_port(self.config.port, "server.port")
+            if self.config.http_port:
+                # The frontends serve HTTP too, each on this port; this process none.
+                self.http_port = self._reserve_port(self.config.http_port,
+                                                    "server.http_port")
+        except BaseException:
+            self._release_ports()
+            raise
+        config = dataclasses.replace(self.config, port=self.port, http_port=self.http_port,
+                                     frontends=1)
         self.host = EngineHost(self.engine, config,
                                failed_models=lambda: tuple(self.models.failed))
         try:
@@ -101,8 +110,9 @@ class EngineServer(Server):
         self._ready = True
         self.host.set_health("", True)
         self._start_watch()
-        log.info("serving %d model(s) on %s:%d with %d frontend processes", len(self.models),
-                 self.config.host, self.port, self.count)
+        log.info("serving %d model(s) on %s:%d%s with %d frontend processes",
+                 len(self.models), self.config.host, self.port,
+                 f" (HTTP/REST on port {self.http_port})" if self.http_port else "", self.count)
         return self.port
 
     async def _load(self, config: ModelConfig, version: str = "1") -> None:
@@ -127,15 +137,18 @@ class EngineServer(Server):
                             f"{self.config.metrics_host}:{self.config.metrics_port}: "
                             f"{e.strerror or e}") from None
 
-    def _reserve_port(self) -> int:
+    def _reserve_port(self, port: int, key: str) -> int:
         """Bind (without listening) every address of host:port with SO_REUSEPORT.
 
         The frontends bind the same port with SO_REUSEPORT; a server that is not
         ours finds the port held. Port 0 picks one free port for all of them.
+        `key` names the port in errors.
         """
-        host, port = self.config.host.strip("[]"), self.config.port
+        host = self.config.host.strip("[]")
+        address_text = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
+        reserved: list[socket.socket] = []
         for family, kind, proto, _, address in addresses:
             s = socket.socket(family, kind, proto)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -145,12 +158,14 @@ class EngineServer(Server):
                 s.close()
                 if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     continue
-                raise PortInUse(f"server.port: cannot bind {self._address()}: "
-                                f"{e.strerror}") from None
+                for held in reserved:
+                    held.close()
+                raise PortInUse(f"{key}: cannot bind {address_text}: {e.strerror}") from None
             port = s.getsockname()[1]
-            self._reserved.append(s)
-        if not self._reserved:
-            raise PortInUse(f"server.port: cannot bind {self._address()}")
+            reserved.append(s)
+        if not reserved:
+            raise PortInUse(f"{key}: cannot bind {address_text}")
+        self._reserved.extend(reserved)
         return port
 
     # --- the frontends ---
@@ -260,6 +275,9 @@ class EngineServer(Server):
         if self._metrics is not None:
             self._metrics.shutdown()
             self._metrics = None
+        self._release_ports()
+
+    def _release_ports(self) -> None:
         for s in self._reserved:
             s.close()
         self._reserved.clear()

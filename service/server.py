@@ -33,6 +33,7 @@ from trtserve.service.engine.repository import ModelRepository, check_model
 from trtserve.service.engine.watch import FileWatch
 from trtserve.service.errors import ConfigError, PortInUse, StartError
 from trtserve.service.frontends import malformed
+from trtserve.service.frontends.http_guard import HttpLimits
 from trtserve.service.frontends.kserve import add_to_server
 from trtserve.service.frontends.kserve_http import HttpServer, KServeHttp
 from trtserve.service.frontends.streaming import StreamLimits
@@ -50,6 +51,10 @@ V1_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_
 
 
 class Server:
+    # Whether this process binds its ports beside other processes of the same server
+    # (a frontend process: SO_REUSEPORT); one process alone does not.
+    _shares_ports = False
+
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.models = ModelRepository(config.stats_window_s)
@@ -315,9 +320,16 @@ class Server:
         api = KServeHttp(self.engine, server_ready=lambda: self._ready, token=token,
                          health_requires_auth=c.health_requires_auth,
                          max_request_bytes=c.max_receive_message_bytes,
-                         max_response_bytes=c.max_send_message_bytes)
+                         max_response_bytes=c.max_send_message_bytes,
+                         body_timeout_s=c.http_body_timeout_s)
         context = tls.server_ssl_context(c.tls) if c.tls.enabled else None
-        self._http = HttpServer(api, c.host, c.http_port, context)
+        limits = HttpLimits(max_connections=c.http_max_connections,
+                            header_timeout_s=c.http_header_timeout_s,
+                            keepalive_timeout_s=c.http_keepalive_timeout_s,
+                            body_timeout_s=c.http_body_timeout_s)
+        # Frontend processes share the port (SO_REUSEPORT), as they share gRPC's.
+        self._http = HttpServer(api, c.host, c.http_port, context,
+                                reuse_port=self._shares_ports, limits=limits)
         try:
             self.http_port = await self._http.start()
         except OSError as e:

@@ -31,6 +31,7 @@ from trtserve.service.frontends import kserve_json as kjson
 from trtserve.service.frontends import kserve_model_config as describe
 from trtserve.service.frontends.common import check_inputs
 from trtserve.service.frontends.errors import http_status_of
+from trtserve.service.frontends.http_guard import DEFAULT_LIMITS, ConnectionGuard, HttpLimits
 from trtserve.service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
 from trtserve.service.version import version
 
@@ -41,6 +42,8 @@ HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
 COMPRESS_FROM_BYTES = 1024
 # JSON parts larger than this are parsed off the event loop.
 PARSE_IN_THREAD_BYTES = 1024 * 1024
+# Connections the kernel queues for accepting (aiohttp's TCPSite default is 128).
+LISTEN_BACKLOG = 1024
 # Paths answered without the token unless server.health_requires_auth.
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
@@ -63,8 +66,11 @@ class KServeHttp:
     def __init__(self, engine: Engine, server_ready: Callable[[], bool] | None = None,
                  token: str | None = None, health_requires_auth: bool = False,
                  max_request_bytes: int = 256 * 1024 * 1024,
-                 max_response_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_response_bytes: int = 256 * 1024 * 1024,
+                 body_timeout_s: float = DEFAULT_LIMITS.body_timeout_s) -> None:
         self._engine = engine
+        # The longest wait for the next bytes of a request's body.
+        self._body_timeout_s = body_timeout_s
         # Whether the server has finished starting and is not draining.
         self._server_ready = server_ready or (lambda: True)
         self._token = auth.BearerToken(token) if token is not None else None
@@ -104,7 +110,11 @@ class KServeHttp:
             if e.status < 400:
                 raise
             # aiohttp's own answers (no route, wrong method, body too large) in our form.
-            return error_response(e.status, _http_problem(e, request, self._max_request_bytes))
+            response = error_response(e.status,
+                                      _http_problem(e, request, self._max_request_bytes))
+            if e.status == 408:
+                response.force_close()  # the rest of a stalled body is not waited for
+            return response
         except Exception as e:
             status, message = http_status_of(e)
             return error_response(status, message)
@@ -175,7 +185,7 @@ class KServeHttp:
             # Refused from the header, before a byte of the body is read.
             raise web.HTTPRequestEntityTooLarge(max_size=self._max_request_bytes,
                                                 actual_size=request.content_length)
-        body = await request.read()
+        body = await self._read_body(request)
         length = kjson.header_length(request.headers.get(kjson.HEADER_LENGTH), len(body))
         spec = model.spec
 
@@ -214,6 +224,27 @@ class KServeHttp:
             response.enable_compression()
         return response
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, as `request.read()`, but a client that stops sending it for
+        `body_timeout_s` is answered 408 and its connection closed (a body sent a
+        byte now and then would otherwise hold its connection and handler forever)."""
+        loop = asyncio.get_running_loop()
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self._body_timeout_s) as window:
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size > self._max_request_bytes:
+                        raise web.HTTPRequestEntityTooLarge(
+                            max_size=self._max_request_bytes, actual_size=size)
+                    chunks.append(chunk)
+                    window.reschedule(loop.time() + self._body_timeout_s)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"no bytes of the request's body came for {self._body_timeout_s:g} s "
+                     "(server.http_body_timeout_s)") from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
 
 def _names(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
@@ -224,6 +255,8 @@ def _http_problem(error: web.HTTPException, request: web.Request, max_bytes: int
         return f"no such endpoint: {echo.text(request.path)}"
     if error.status == 405:
         return f"{request.method} is not allowed on {echo.text(request.path)}"
+    if error.status == 408:
+        return error.text or error.reason
     if error.status == 413:
         return (f"the request body is larger than the server accepts ({max_bytes} bytes, "
                 "server.max_receive_message_bytes)")
@@ -251,29 +284,49 @@ _NOT_IMPLEMENTED = (
 
 
 class HttpServer:
-    """The REST API on `host:port`: started after gRPC binds, stopped after it drains."""
+    """The REST API on `host:port`: started after gRPC binds, stopped after it drains.
+
+    Connections and the time a client may take over its headers are bounded
+    (service/frontends/http_guard.py). With `reuse_port` the port is shared with the
+    server's other frontend processes (SO_REUSEPORT; the kernel spreads connections).
+    """
 
     def __init__(self, api: KServeHttp, host: str, port: int,
-                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False) -> None:
+                 ssl_context: ssl.SSLContext | None = None, reuse_port: bool = False,
+                 limits: HttpLimits = DEFAULT_LIMITS) -> None:
         # handler_cancellation: a client that hangs up cancels its request, as in gRPC.
-        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(api.app(), handler_cancellation=True, access_log=None,
+                                     keepalive_timeout=limits.keepalive_timeout_s)
         self._host, self._port = host, port
         self._ssl = ssl_context
         self._reuse_port = reuse_port
+        self.limits = limits
+        self.guard: ConnectionGuard | None = None
+        self._listener: asyncio.Server | None = None
         self.port = 0
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl,
-                           reuse_port=self._reuse_port)
+        server = self._runner.server
+        assert server is not None
+        self.guard = ConnectionGuard(server, self.limits)
         try:
-            await site.start()
+            # What aiohttp's TCPSite does, with the guard as the protocol factory.
+            self._listener = await asyncio.get_running_loop().create_server(
+                self.guard, self._host or None, self._port, ssl=self._ssl,
+                ssl_handshake_timeout=self.limits.header_timeout_s if self._ssl else None,
+                backlog=LISTEN_BACKLOG, reuse_address=True, reuse_port=self._reuse_port)
         except BaseException:
             await self._runner.cleanup()
             raise
-        self.port = int(self._runner.addresses[0][1])
+        self.port = int(self._listener.sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self) -> None:
+        """Stop listening, then close the connections (a request still being answered
+        gets the runner's shutdown timeout)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         await self._runner.cleanup()

@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace-period-s", type=float, default=10.0)
     p.add_argument("--frontends", type=int, default=1)
     p.add_argument("--auth-token-file", default="")
+    p.add_argument("--http-port", type=int, default=0, help="KServe v2 HTTP/REST; 0: off")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=log_format(
         "engine" if args.frontends > 1 else ""))
-    config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0, http_port=0,
+    config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0,
+                          http_port=args.http_port,
                           grace_period_s=args.grace_period_s,
                           auth_token_file=args.auth_token_file)
     double = ControlledBackend(Controls(sleep_s=args.sleep_ms / 1000),
