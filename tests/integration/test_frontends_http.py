@@ -172,8 +172,8 @@ def test_serving_means_every_frontend_listens_on_both_ports(example_onnx: Path) 
         assert codes == [200] * 16
         output = server.output()
         for index in (0, 1):
-            listening = output.index(f"frontend-{index} trtserve.service.server: KServe v2
-            HTTP/REST")
+            listening = output.index(
+                f"frontend-{index} trtserve.service.server: KServe v2 HTTP/REST")
             counted = re.search(rf"frontend-{index} \(pid \d+\) serving", output)
             assert counted and listening < counted.start(), output
         assert "(HTTP/REST on port" in output
