@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.backends.base import BatchResult, LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
+from service.backends.base import (
+    BatchResult,
+    LoadedModel,
+    ModelSpec,
+    ProfileSpec,
+    Targets,
+    WorkerInfo,
+)
 from service.config import ModelConfig
 from service.engine.model import ModelRuntime
 from service.tensors import TensorSpec
@@ -120,7 +127,9 @@ class ControlledExecutor:
         self.info = WorkerInfo(device="cpu", max_batch_size=max_batch,
                                runs_on_any_thread=controls.any_thread)
 
-    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
+    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int,
+            targets: Sequence[Targets] | None = None) -> BatchResult:
+        # Output targets are left unused: the caller copies outputs into their regions.
         c = self._controls
         start = time.perf_counter()
         problem = _malformed(inputs, rows)
