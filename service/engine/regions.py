@@ -576,7 +576,8 @@ class Lease:
             copied = not region.holds(ref, array)
             if copied:
                 region.write(ref, array)
-                self.host_copies += 1
+                if region.kind != SYSTEM:
+                    self.host_copies += 1
             self._registry._wrote(region, array.nbytes, copied)
             self.output_bytes += array.nbytes
             answered[tensor_name] = TensorOut(dtype_name(array.dtype), tuple(array.shape),
