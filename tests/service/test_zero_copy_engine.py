@@ -210,3 +210,28 @@ async def test_a_region_a_batch_writes_into_cannot_be_unregistered() -> None:
         await task
         await s.engine.unregister_region("g")
         assert s.ipc.calls == ["open", "close"]
+
+
+async def test_prometheus_exports_the_models_shared_memory_counters(served: Served) -> None:
+    from service.metrics import families
+
+    s = served
+    memory = await _cuda_region(s, "g", 1024)
+    memory[:ROW_BYTES] = _x(1).view(np.uint8).ravel()
+    await s.engine.infer(InferRequest(
+        "m", {"x": TensorIn("FP32", (1, FEATURES), RegionRef("g", 0, ROW_BYTES))},
+        output_regions={"y": RegionRef("g", 512, ROW_BYTES)}))
+    stats = await s.engine.stats()
+    found = families(stats, {"m": s.engine.describe("m")})
+    samples = {(m.name, tuple(sorted(m.labels.items()))): m.value
+               for family in found for m in family.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(f"trtserve_{name}", tuple(sorted({"model": "m", **labels}.items())))]
+
+    assert value("model_shared_memory_bytes_total", direction="input") == ROW_BYTES
+    assert value("model_shared_memory_bytes_total", direction="output") == ROW_BYTES
+    assert value("model_shared_memory_copies_avoided_total") == 2
+    assert value("model_shared_memory_host_copies_total") == 0
+    assert value("model_shared_memory_batches_total", path="bound") == 1
+    assert value("model_shared_memory_batches_total", path="copied") == 0
