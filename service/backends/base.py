@@ -71,6 +71,10 @@ class ModelSpec:
     min_batch_size: int = 1
     profiles: tuple[ProfileSpec, ...] = (ProfileSpec(0),)
     batching: bool = True
+    # The executors read inputs from and write outputs to device memory (TensorRT):
+    # CUDA-region tensors stay on the device (DeviceTensor, DeviceTarget) and system
+    # regions are page-locked for them (engine/regions.py).
+    device_io: bool = False
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -110,6 +114,12 @@ class DeviceTensor(np.ndarray):
 
     pointer: int
     device_id: int
+
+
+class PinnedHostArray(np.ndarray):
+    """A host array over page-locked memory the engine registered with cudaHostRegister
+    (a system region, a frontend's input arena): a TensorRT executor copies a request
+    alone in its batch to the device straight from it, without a staging copy."""
 
 
 def device_tensor(pointer: int, device_id: int, dtype: np.dtype,

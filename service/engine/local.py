@@ -28,6 +28,7 @@ from service.engine.api import (
     check_version,
     wanted_outputs,
 )
+from service.engine.cuda_ipc import HostPinner
 from service.engine.model import ModelRuntime
 from service.engine.regions import (
     Lease,
@@ -75,6 +76,15 @@ class LocalEngine:
         runtime = self._repository.get(model)  # NotFound naming the served models
         check_version(model, version, runtime.version)
         return runtime
+
+    def arena_pinner(self, model: str) -> HostPinner | None:
+        """What page-locks host memory for `model`, if it is served and its executors
+        read device memory (TensorRT); else None."""
+        try:
+            device_io = self._repository.get(model).spec.device_io
+        except NotFound:
+            return None
+        return self._regions.host_pinner() if device_io else None
 
     def describe(self, model: str, version: str = "") -> ModelDescription:
         runtime = self._repository.get(model)  # NotFound naming the served models
@@ -162,7 +172,7 @@ class LocalEngine:
         spec = runtime.spec
         outputs = await infer_with_regions(
             self._regions, request.inputs, request.output_regions, run,
-            device_io=spec.backend == "tensorrt",
+            device_io=spec.device_io,
             output_bytes=expected_output_bytes(spec, request.inputs, request.output_regions),
             counted=counted)
         return InferResult(request.model, runtime.version, _answer(wanted, outputs))

@@ -46,6 +46,7 @@ from service.backends.base import (
     HostTarget,
     ModelSpec,
     OutputTarget,
+    PinnedHostArray,
     device_tensor,
 )
 from service.config import SharedMemoryConfig
@@ -216,7 +217,7 @@ class SystemRegion(_Region):
                               offset=self._base + ref.offset).reshape(shape)
         # The client's memory: the model must never write into it.
         array.flags.writeable = False
-        return array
+        return array.view(PinnedHostArray) if self.pinned else array
 
     def write(self, ref: RegionRef, array: np.ndarray) -> None:
         dest = np.frombuffer(self._map, dtype=np.uint8, count=array.nbytes,
@@ -491,7 +492,7 @@ class RegionRegistry:
         for region in set(regions):
             region.before_use()
             if device_io and isinstance(region, SystemRegion):
-                region.pin(self._host_pinner())
+                region.pin(self.host_pinner())
         lease = Lease(self, arrays, outputs, device_io)
         for tensor_name, tensor in inputs.items():
             if isinstance(tensor.data, RegionRef):
@@ -521,7 +522,7 @@ class RegionRegistry:
             for region in regions:
                 region.in_use -= 1
 
-    def _host_pinner(self) -> HostPinner:
+    def host_pinner(self) -> HostPinner:
         if self._pinner is None:
             from service.engine.cuda_ipc import CudaHostPinner
 

@@ -156,3 +156,16 @@ def test_a_target_too_small_is_left_to_the_caller(plain: TrtExecutor,
     result = plain.run({"x": [x]}, 4, [{"y": HostTarget(small)}])
     assert result.placed == {} and not small.any()
     np.testing.assert_array_equal(result.outputs["y"], 2 * x + 1)
+
+
+def test_a_lone_request_in_pinned_memory_is_copied_to_the_device_from_where_it_lies(
+        plain: TrtExecutor, cuda: HostCudaRuntime) -> None:
+    from service.backends.base import PinnedHostArray
+
+    x = rows_of(2, seed=7)
+    pinned = x.view(PinnedHostArray)
+    since = len(cuda.log)
+    result = plain.run({"x": [pinned]}, 2)
+    h2d = [c for c in cuda.log[since:] if c.method == "memcpy_h2d_async"]
+    assert len(h2d) == 1 and result.copies_avoided == 1 and result.io_path == "copied"
+    np.testing.assert_array_equal(result.outputs["y"], 2 * x + 1)

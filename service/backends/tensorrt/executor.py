@@ -43,6 +43,7 @@ from service.backends.base import (
     DeviceTarget,
     DeviceTensor,
     HostTarget,
+    PinnedHostArray,
     Targets,
     WorkerInfo,
 )
@@ -389,8 +390,13 @@ class TrtExecutor:
                     f"profile {self._profile}'s range {list(low)} to {list(high)}"
                 )
             shapes[tensor.name] = shape
+        # Straight between where tensors lie and the device: tensors in device memory,
+        # outputs with targets, or a lone request in page-locked memory (a pinned region
+        # or arena), which needs no staging copy.
         direct = bool(targets) or any(isinstance(p, DeviceTensor)
-                                      for parts in inputs.values() for p in parts)
+                                      for parts in inputs.values() for p in parts) \
+            or all(len(parts) == 1 and isinstance(parts[0], PinnedHostArray)
+                   for parts in inputs.values())
         if not direct:
             for tensor in self._inputs:
                 parts = inputs[tensor.name]
