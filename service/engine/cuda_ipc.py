@@ -111,7 +111,8 @@ class CudaHostPinner:
         from service.backends.tensorrt.cuda import check, runtime_module
 
         rt = runtime_module()
-        check(rt.cudaHostRegister(address, nbytes, rt.cudaHostRegisterDefault),
+        # Portable: pinned for every CUDA context, whichever device a model runs on.
+        check(rt.cudaHostRegister(address, nbytes, rt.cudaHostRegisterPortable),
               "cudaHostRegister")
 
     def unregister(self, address: int) -> None:

@@ -430,12 +430,14 @@ class TrtExecutor:
             padded = {name: (bucket, *shape[1:]) for name, shape in shapes.items()}
             key = tuple(padded[t.name] for t in self._inputs)
             graph = self._graphs.get(key)
-            if graph is None and key not in self._capture_failures:
+            if bare:
+                if graph is None or graph.with_io:
+                    graph = None if key in self._capture_failures \
+                        else self._bare_graph(bucket, key, padded)
+            elif graph is None and key not in self._capture_failures:
                 graph, reason = self._try_capture(bucket, key, padded)
                 if graph is None:
                     failure = (bucket, reason)
-            if bare and graph is not None and graph.with_io:
-                graph = self._bare_graph(bucket, key, padded)
         if failure is None and self._unreported:
             failure = self._unreported.pop(0)
         return graph, failure
