@@ -9,11 +9,12 @@ computed in-process, and a quarter less than sessions that left one core
 (docs/benchmarks-16core.md, section 7).
 
 Outputs given a target (a system shared-memory region's range): for a request
-alone in its batch whose output shape the model fixes (rows x static dims), ONNX
-Runtime writes the output straight into the target through an IOBinding; in a
-batch of several requests, or for an output whose shape is known only once
-computed, the output is computed as usual and each request's rows are copied
-into its target once (docs/protocols.md, shared memory, has the measurements).
+alone in its batch whose output shape the model fixes (rows x static dims) and
+whose outputs are large enough to pay for it (IOBINDING_MIN_BYTES), ONNX Runtime
+writes the output straight into the target through an IOBinding; otherwise (a
+batch of several requests, small outputs, an output whose shape is known only
+once computed) the output is computed as usual and each request's rows are
+copied into its target once.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ from service.errors import ConfigError, InputRejected, ModelLoadError
 from service.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
+# Outputs smaller than this are computed as usual and copied into their targets: an
+# IOBinding costs ~7 us more than `run` per call, which only outputs of a few hundred
+# kB win back (python -m benchmarks.ort_output_targets, 2 cores: 64 KiB 9.6 us copied
+# vs 16.6 bound; 512 KiB 49.7 vs 32.9; 16 MiB 5.1 ms vs 1.8 ms).
+IOBINDING_MIN_BYTES = 256 << 10
 
 _ORT_TYPES = {
     "tensor(bool)": "BOOL",
@@ -127,7 +133,8 @@ class OrtExecutor:
         gathered = time.perf_counter()
         placed: dict[tuple[int, str], np.ndarray] = {}
         try:
-            if targets is not None and len(targets) == 1 and targets[0]:
+            if targets is not None and len(targets) == 1 \
+                    and self._bindable_bytes(targets[0], rows) >= IOBINDING_MIN_BYTES:
                 outputs = self._run_bound(feed, rows, targets[0], placed)
             else:
                 values = self._session.run(self._outputs, feed)
@@ -165,6 +172,17 @@ class OrtExecutor:
                 return None
             shape[0] = rows
         return tuple(shape) if all(d >= 0 for d in shape) else None
+
+    def _bindable_bytes(self, targets: Targets, rows: int) -> int:
+        """Bytes of the outputs ONNX Runtime could write straight into their targets."""
+        total = 0
+        for name, target in targets.items():
+            shape = self._static_shape(name, rows) if name in self._output_specs else None
+            if isinstance(target, HostTarget) and shape is not None:
+                nbytes = math.prod(shape) * self._output_specs[name].np_dtype.itemsize
+                if nbytes <= target.byte_size:
+                    total += nbytes
+        return total
 
     def _run_bound(self, feed: Mapping[str, np.ndarray], rows: int, targets: Targets,
                    placed: dict[tuple[int, str], np.ndarray]) -> dict[str, np.ndarray]:

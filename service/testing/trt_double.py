@@ -21,6 +21,7 @@ import math
 import time
 import types
 import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,7 +71,7 @@ class HostCudaRuntime:
         # "Device" memory the runtime did not allocate but may copy to and from (a CUDA
         # region opened through tests/doubles/cuda_ipc.py): pointer -> bytes.
         self.foreign: dict[int, int] = {}
-        self.copies: dict[str, int] = {"h2d": 0, "d2h": 0, "d2d": 0}
+        self.copies: Counter[str] = Counter(h2d=0, d2h=0, d2d=0)
 
     def adopt(self, pointer: int, nbytes: int) -> None:
         """Let copies reach `nbytes` of "device" memory at `pointer` made elsewhere."""

@@ -11,7 +11,7 @@ import pytest
 
 from service.backends import onnxruntime
 from service.backends.base import HostTarget
-from service.backends.onnxruntime import OrtExecutor
+from service.backends.onnxruntime import IOBINDING_MIN_BYTES, OrtExecutor
 from service.config import ModelConfig
 from service.engine.api import InferRequest, RegionRef, TensorIn
 from service.engine.local import LocalEngine
@@ -31,17 +31,30 @@ def _x(rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((rows, FEATURES)).astype(np.float32)
 
 
-def test_a_lone_request_is_written_by_onnx_runtime_into_its_target(model: Path) -> None:
-    ex = OrtExecutor(str(model), threads=1, max_batch=8)
-    x = _x(3)
-    region = np.zeros(256, np.uint8)
+def test_a_lone_request_with_a_large_output_is_written_by_onnx_runtime_into_its_target(
+        tmp_path: Path) -> None:
+    wide = IOBINDING_MIN_BYTES // (3 * 4) + 1  # 3 rows: just past the threshold
+    ex = OrtExecutor(str(offset_net(tmp_path / "wide.onnx", 3.0, wide)), threads=1,
+                     max_batch=8)
+    x = np.random.default_rng(0).standard_normal((3, wide)).astype(np.float32)
+    region = np.zeros(x.nbytes + 64, np.uint8)
     result = ex.run({"input": [x]}, 3, [{"output": HostTarget(region)}])
     placed = result.placed[(0, "output")]
     # Written by ONNX Runtime itself (IOBinding to the target's address): no copy.
     assert placed.ctypes.data == region.ctypes.data
+    np.testing.assert_allclose(region[:x.nbytes].view(np.float32).reshape(3, wide), x + 3)
+    assert (result.io_path, result.copies_avoided) == ("bound", 1)
+
+
+def test_a_small_output_is_computed_as_usual_and_copied_into_its_target(model: Path) -> None:
+    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+    x = _x(3)
+    region = np.zeros(256, np.uint8)
+    result = ex.run({"input": [x]}, 3, [{"output": HostTarget(region)}])
+    assert np.shares_memory(result.placed[(0, "output")], region)
     np.testing.assert_allclose(region[:3 * FEATURES * 4].view(np.float32).reshape(3, FEATURES),
                                x + 3)
-    assert (result.io_path, result.copies_avoided) == ("bound", 1)
+    assert (result.io_path, result.copies_avoided) == ("copied", 0)
 
 
 def test_a_batch_of_several_copies_each_requests_rows_into_its_target(model: Path) -> None:
@@ -79,7 +92,7 @@ async def engine(model: Path) -> AsyncIterator[tuple[LocalEngine, ModelRuntime]]
         await repository.stop()
 
 
-async def test_a_system_region_output_is_not_copied_by_the_engine(engine) -> None:
+async def test_a_system_region_output_is_written_once_by_the_executor(engine) -> None:
     local, runtime = engine
     shm = shared_memory.SharedMemory(create=True, size=4096)
     try:
@@ -94,9 +107,10 @@ async def test_a_system_region_output_is_not_copied_by_the_engine(engine) -> Non
         assert result.outputs["output"].data == RegionRef("r", 1024, nbytes)  # type: ignore[union-attr]
         np.testing.assert_allclose(floats[256:256 + 2 * FEATURES].reshape(2, FEATURES), x + 3)
         c = runtime.counters
+        # Small: ONNX Runtime's executor copied it into the region itself, once.
         assert (c.shm_input_bytes, c.shm_output_bytes, c.copies_avoided, c.host_copies) == (
-            nbytes, nbytes, 1, 0)
-        assert c.io_paths == {"bound": 1}
+            nbytes, nbytes, 0, 0)
+        assert c.io_paths == {"copied": 1}
         del floats
         await local.unregister_region("r")
     finally:

@@ -94,9 +94,10 @@ class CudaRuntime:
     def __init__(self, device: int = 0) -> None:
         self.device = device
         self._rt = runtime_module()
-        # cudaMemcpyAsync calls made through this runtime, by kind ("h2d", "d2h", "d2d"):
-        # what the shared-memory benchmark and GPU tests read to show that a request
-        # made no host copy (a graph's copy nodes are counted once, when captured).
+        # cudaMemcpyAsync calls made through this runtime, by kind ("h2d", "d2h", "d2d"),
+        # and the copy nodes of graphs launched ("graph_h2d", "graph_d2h", counted by the
+        # executor at each launch): what the shared-memory benchmark and GPU tests read
+        # to show that a request made no host copy.
         self.copies: Counter[str] = Counter()
 
     def _call(self, name: str, *args: Any) -> Any:

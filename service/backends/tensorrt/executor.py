@@ -469,8 +469,11 @@ class TrtExecutor:
         graph, failure = self._pick_graph(shapes, rows)
         start, loaded, computed, done = self._events
         if graph is not None and graph.with_io:
-            # One launch: H2D, the engine's work, D2H and the four events are its nodes.
+            # One launch: H2D, the engine's work, D2H and the four events are its nodes
+            # (counted with the runtime's copies, which count calls, not graph nodes).
             cuda.graph_launch(graph.graph_exec, stream)
+            cuda.copies["graph_h2d"] += len(self._inputs)
+            cuda.copies["graph_d2h"] += len(self._outputs)
             output_shapes = graph.output_shapes
         else:
             cuda.event_record(start, stream)
