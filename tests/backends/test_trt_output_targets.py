@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from service.backends.base import DeviceTarget, HostTarget, device_tensor
+from service.backends.base import DeviceTarget, HostTarget, PinnedHostArray, device_tensor
 from service.backends.tensorrt.executor import TrtExecutor
 from service.backends.tensorrt.load import graph_buckets
 from service.testing.trt_double import Call, HostCudaRuntime, RecordingEngine, trt_module
@@ -135,18 +135,28 @@ def test_a_batch_of_several_gathers_device_and_host_parts(plain: TrtExecutor,
     assert np.shares_memory(result.placed[(1, "y")], host_out)
 
 
+@pytest.mark.parametrize("pinned", [True, False])
 def test_host_targets_get_the_output_straight_from_the_device(plain: TrtExecutor,
-                                                              cuda: HostCudaRuntime) -> None:
+                                                              cuda: HostCudaRuntime,
+                                                              pinned: bool) -> None:
     x = rows_of(4, seed=5)
     out = np.zeros(4 * FEATURES * 4, np.uint8)
+    staging = [b for b in cuda.host_buffers.values() if b.nbytes >= x.nbytes]
+    for buffer in staging:
+        buffer[:] = 0
     since = len(cuda.log)
-    result = plain.run({"x": [x]}, 4, [{"y": HostTarget(out)}])
-    # One H2D from where the input lies, one D2H into the target: no staging copy.
+    given = x.view(PinnedHostArray) if pinned else x
+    result = plain.run({"x": [given]}, 4, [{"y": HostTarget(out, pinned=pinned)}])
+    # One H2D, one D2H straight into the target.
     assert copies(cuda.log, since) == ["memcpy_h2d_async", "memcpy_d2h_async"]
     d2h = [c for c in cuda.log[since:] if c.method == "memcpy_d2h_async"]
     assert d2h[0].args[1] == 4 * FEATURES * 4
     np.testing.assert_array_equal(out.view(np.float32).reshape(4, FEATURES), 2 * x + 1)
-    assert np.shares_memory(result.placed[(0, "y")], out) and result.copies_avoided == 2
+    assert np.shares_memory(result.placed[(0, "y")], out)
+    # Pinned memory: the input is DMA'd from where it lies, the staging buffers stay
+    # untouched; pageable: the input is staged, as on the plain path.
+    assert result.copies_avoided == (2 if pinned else 0)
+    assert any(b.any() for b in staging) != pinned
 
 
 def test_a_target_too_small_is_left_to_the_caller(plain: TrtExecutor,

@@ -524,9 +524,9 @@ class TrtExecutor:
         A request alone in its batch, with no CUDA graph to replay, is bound where its
         tensors lie: `set_tensor_address` to a CUDA region's pointers, no copy at all.
         Otherwise each tensor is copied once, straight between where it lies and the
-        worker's device buffers: device-to-device for a CUDA region, host-to-device or
-        device-to-host for a system region (page-locked when pinned) or a target;
-        other parts go through the staging buffer as on the plain path.
+        worker's device buffers: device-to-device for a CUDA region, device-to-host
+        into a host target, host-to-device from page-locked memory for a request
+        alone; other input parts go through the staging buffer as on the plain path.
         """
         cuda, stream = self._cuda, self._stream
         assert stream is not None and self._plain is not None
@@ -550,9 +550,9 @@ class TrtExecutor:
                 if isinstance(part, DeviceTensor):
                     cuda.memcpy_d2d_async(binding.device + offset, part.pointer, nbytes, stream)
                     avoided += 1
-                elif lone:  # one copy from where it lies (page-locked if pinned)
-                    cuda.memcpy_h2d_async(binding.device, np.ascontiguousarray(part), nbytes,
-                                          stream)
+                elif lone and isinstance(part, PinnedHostArray) and part.flags.c_contiguous:
+                    # Page-locked: DMA straight from where it lies, no staging copy.
+                    cuda.memcpy_h2d_async(binding.device, part, nbytes, stream)
                     avoided += 1
                 else:
                     staged = binding.host[offset:offset + nbytes]
@@ -605,10 +605,12 @@ class TrtExecutor:
                     placed[(index, tensor.name)] = target.array(tensor.dtype, own)
                     avoided += 1
                 elif isinstance(target, HostTarget):
+                    # Straight into the region: DMA when pinned; pageable, CUDA stages
+                    # it itself (so no copy is avoided, but none is added either).
                     dest = target.array(tensor.dtype, own)
                     cuda.memcpy_d2h_async(dest, binding.device + offset, nbytes, stream)
                     placed[(index, tensor.name)] = dest
-                    avoided += 1
+                    avoided += target.pinned
                 else:
                     cuda.memcpy_d2h_async(binding.host[offset:], binding.device + offset,
                                           nbytes, stream)
