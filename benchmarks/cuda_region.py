@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from service.testing.servers import ROOT
+from trtserve.service.testing.servers import ROOT
 
 MODEL = "standin"
 
@@ -50,7 +50,7 @@ class Run:
 
 def _bench(url: str, mode: str, concurrency: int, rows: int, duration_s: float,
            warmup_s: float) -> dict[str, Any]:
-    command = [sys.executable, "-m", "client.cli", "bench", "--model", MODEL, "--url", url,
+    command = [sys.executable, "-m", "trtserve.client.cli", "bench", "--model", MODEL, "--url", url,
                "--concurrency", str(concurrency), "--batch-rows", str(rows),
                "--duration", str(duration_s), "--warmup", str(warmup_s),
                "--shared-memory", mode, "--json", "--quiet"]
@@ -63,7 +63,7 @@ def _bench(url: str, mode: str, concurrency: int, rows: int, duration_s: float,
 
 
 def _model_stats(url: str) -> Any:
-    from client.client import Client
+    from trtserve.client.client import Client
 
     with Client(url) as c:
         [model] = c.stats(MODEL).models
@@ -71,7 +71,7 @@ def _model_stats(url: str) -> Any:
 
 
 def _shm_diff(after: Any, before: Any) -> Any:
-    from service.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
     fields = ("input_bytes", "output_bytes", "copies_avoided", "host_copies", "bound_batches",
               "copied_batches")
@@ -81,8 +81,8 @@ def _shm_diff(after: Any, before: Any) -> Any:
 
 def measure(graphs: bool, concurrency: tuple[int, ...], dims: tuple[int, int, int], rows: int,
             workers: int, duration_s: float, warmup_s: float) -> list[Run]:
-    from service.backends.tensorrt.cuda import CudaRuntime
-    from service.testing.gpu_standin import StandinEngine, serving_standin, standin_config
+    from trtserve.service.backends.tensorrt.cuda import CudaRuntime
+    from trtserve.service.testing.gpu_standin import StandinEngine, serving_standin, standin_config
 
     in_features, hidden, out_features = dims
     max_rows = rows * max(concurrency)
@@ -143,7 +143,7 @@ def report(runs: list[Run], dims: tuple[int, int, int], rows: int, device: str) 
 
 def main(concurrency: tuple[int, ...], graphs: str, dims: tuple[int, int, int], rows: int,
          workers: int, duration_s: float, warmup_s: float) -> int:
-    from service.backends.tensorrt.cuda import CudaRuntime
+    from trtserve.service.backends.tensorrt.cuda import CudaRuntime
 
     modes = {"on": (True,), "off": (False,), "both": (False, True)}[graphs]
     runs = [run for g in modes

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.backends.base import HostTarget
-from service.backends.onnxruntime import OrtExecutor
-from service.testing.onnx_models import offset_net
+from trtserve.service.backends.base import HostTarget
+from trtserve.service.backends.onnxruntime import OrtExecutor
+from trtserve.service.testing.onnx_models import offset_net
 
 ROWS = 4
 

@@ -22,7 +22,7 @@ makes no host copy (benchmarks/cuda_region.py says what is counted):
 from __future__ import annotations
 
 # First, before grpc loads: the transport trtserve runs on.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import tempfile
@@ -34,8 +34,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from benchmarks.cpu.harness import trtserve
-from client.bench import BenchConfig, Level, run
-from client.bench.config import LevelResult
+from trtserve.client.bench import BenchConfig, Level, run
+from trtserve.client.bench.config import LevelResult
 
 SHAPE = (3, 640, 640)
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from service.backends.base import Targets
+from trtserve.service.backends.base import Targets
 
 Outputs = dict[str, np.ndarray]
 # Non-batch dimensions of every input; only requests with equal keys share a batch.
@@ -34,7 +34,7 @@ class Request:
     inputs: dict[str, np.ndarray]
     rows: int
     shape_key: ShapeKey
-    arrival: float  # serving clock (service.engine.timer.now)
+    arrival: float  # serving clock (trtserve.client.timer.now)
     deadline: float | None  # serving clock; None: no deadline
     future: asyncio.Future[Outputs]
     # Outputs the executor writes straight into the caller's memory (a region's).

@@ -45,17 +45,17 @@ class CudaRuntimeIpc:
     """cudaIpcOpenMemHandle and cudaMemcpy through cuda-python, every call checked."""
 
     def _rt(self) -> Any:
-        from service.backends.tensorrt.cuda import runtime_module
+        from trtserve.service.backends.tensorrt.cuda import runtime_module
 
         return runtime_module()
 
     def _device(self, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         check(self._rt().cudaSetDevice(device_id), "cudaSetDevice")
 
     def open(self, raw_handle: bytes, device_id: int) -> int:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         rt = self._rt()
         self._device(device_id)
@@ -67,13 +67,13 @@ class CudaRuntimeIpc:
         return int(pointer)
 
     def close(self, pointer: int, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         self._device(device_id)
         check(self._rt().cudaIpcCloseMemHandle(pointer), "cudaIpcCloseMemHandle")
 
     def to_host(self, pointer: int, out: np.ndarray, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         rt = self._rt()
         self._device(device_id)
@@ -81,7 +81,7 @@ class CudaRuntimeIpc:
                             rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy D2H")
 
     def to_device(self, pointer: int, array: np.ndarray, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         rt = self._rt()
         self._device(device_id)
@@ -108,7 +108,7 @@ class CudaHostPinner:
     """cudaHostRegister / cudaHostUnregister through cuda-python, every call checked."""
 
     def register(self, address: int, nbytes: int) -> None:
-        from service.backends.tensorrt.cuda import check, runtime_module
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
 
         rt = runtime_module()
         # Portable: pinned for every CUDA context, whichever device a model runs on.
@@ -116,7 +116,7 @@ class CudaHostPinner:
               "cudaHostRegister")
 
     def unregister(self, address: int) -> None:
-        from service.backends.tensorrt.cuda import check, runtime_module
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
 
         check(runtime_module().cudaHostUnregister(address), "cudaHostUnregister")
 
@@ -141,6 +141,6 @@ def unpin_quietly(pinner: HostPinner, address: int, what: str, log: logging.Logg
 
 
 def _reason(err: Exception) -> str:
-    from service.backends.tensorrt.cuda import CudaError
+    from trtserve.service.backends.tensorrt.cuda import CudaError
 
     return err.name if isinstance(err, CudaError) else f"{type(err).__name__}: {err}"

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from service import echo
-from service.backends.base import ModelSpec, OutputTarget, Targets
-from service.engine.api import (
+from trtserve.service import echo
+from trtserve.service.backends.base import ModelSpec, OutputTarget, Targets
+from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
     InferResult,
@@ -28,18 +28,18 @@ from service.engine.api import (
     check_version,
     wanted_outputs,
 )
-from service.engine.cuda_ipc import HostPinner
-from service.engine.model import ModelRuntime
-from service.engine.regions import (
+from trtserve.service.engine.cuda_ipc import HostPinner
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.engine.regions import (
     Lease,
     RegionRegistry,
     expected_output_bytes,
     infer_with_regions,
 )
-from service.engine.repository import ModelRepository
-from service.errors import NotFound, PermissionDenied, TensorError
-from service.limits import ByteBudget, request_bytes
-from service.tensors import TensorSpec
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import NotFound, PermissionDenied, TensorError
+from trtserve.service.limits import ByteBudget, request_bytes
+from trtserve.service.tensors import TensorSpec
 
 
 class LocalEngine:

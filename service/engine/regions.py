@@ -39,8 +39,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from service import echo
-from service.backends.base import (
+from trtserve.client.dtypes import DTYPES, dtype_name
+from trtserve.service import echo
+from trtserve.service.backends.base import (
     DeviceTarget,
     DeviceTensor,
     HostTarget,
@@ -49,8 +50,8 @@ from service.backends.base import (
     PinnedHostArray,
     device_tensor,
 )
-from service.config import SharedMemoryConfig
-from service.engine.api import (
+from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine.api import (
     CUDA,
     SYSTEM,
     RegionRef,
@@ -59,7 +60,7 @@ from service.engine.api import (
     TensorIn,
     TensorOut,
 )
-from service.engine.cuda_ipc import (
+from trtserve.service.engine.cuda_ipc import (
     CUDA_IPC_HANDLE_BYTES,
     CudaIpc,
     CudaRuntimeIpc,
@@ -67,7 +68,7 @@ from service.engine.cuda_ipc import (
     pin_quietly,
     unpin_quietly,
 )
-from service.errors import (
+from trtserve.service.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -75,7 +76,6 @@ from service.errors import (
     ResourceExhausted,
     TensorError,
 )
-from service.tensors import DTYPES, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class CudaRegion(_Region):
 
 
 def _cuda_reason(error: Exception) -> str:
-    from service.backends.tensorrt.cuda import CudaError
+    from trtserve.service.backends.tensorrt.cuda import CudaError
 
     if isinstance(error, CudaError):
         return error.name
@@ -524,7 +524,7 @@ class RegionRegistry:
 
     def host_pinner(self) -> HostPinner:
         if self._pinner is None:
-            from service.engine.cuda_ipc import CudaHostPinner
+            from trtserve.service.engine.cuda_ipc import CudaHostPinner
 
             self._pinner = CudaHostPinner()
         return self._pinner

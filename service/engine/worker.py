@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.backends.base import (
+from trtserve.service.backends.base import (
     BatchResult,
     Executor,
     ExecutorFactory,
@@ -33,8 +33,8 @@ from service.backends.base import (
     Targets,
     WorkerInfo,
 )
-from service.engine.batch import Batch
-from service.errors import InputRejected
+from trtserve.service.engine.batch import Batch
+from trtserve.service.errors import InputRejected
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from collections import deque
 
 import numpy as np
 
-from service.backends.base import PinnedHostArray
-from service.engine.cuda_ipc import HostPinner, pin_quietly, unpin_quietly
+from trtserve.service.backends.base import PinnedHostArray
+from trtserve.service.engine.cuda_ipc import HostPinner, pin_quietly, unpin_quietly
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.backends import onnxruntime
-from service.backends.base import HostTarget
-from service.backends.onnxruntime import IOBINDING_MIN_BYTES, OrtExecutor
-from service.config import ModelConfig
-from service.engine.api import InferRequest, RegionRef, TensorIn
-from service.engine.local import LocalEngine
-from service.engine.model import ModelRuntime
-from service.engine.repository import ModelRepository
-from service.testing.onnx_models import offset_net
+from trtserve.service.backends import onnxruntime
+from trtserve.service.backends.base import HostTarget
+from trtserve.service.backends.onnxruntime import IOBINDING_MIN_BYTES, OrtExecutor
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.testing.onnx_models import offset_net
 
 FEATURES = 4
 

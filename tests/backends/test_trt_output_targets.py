@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from service.backends.base import DeviceTarget, HostTarget, PinnedHostArray, device_tensor
-from service.backends.tensorrt.executor import TrtExecutor
-from service.backends.tensorrt.load import graph_buckets
-from service.testing.trt_double import Call, HostCudaRuntime, RecordingEngine, trt_module
+from trtserve.service.backends.base import DeviceTarget, HostTarget, PinnedHostArray, device_tensor
+from trtserve.service.backends.tensorrt.executor import TrtExecutor
+from trtserve.service.backends.tensorrt.load import graph_buckets
+from trtserve.service.testing.trt_double import Call, HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4
 
@@ -170,7 +170,7 @@ def test_a_target_too_small_is_left_to_the_caller(plain: TrtExecutor,
 
 def test_a_lone_request_in_pinned_memory_is_copied_to_the_device_from_where_it_lies(
         plain: TrtExecutor, cuda: HostCudaRuntime) -> None:
-    from service.backends.base import PinnedHostArray
+    from trtserve.service.backends.base import PinnedHostArray
 
     x = rows_of(2, seed=7)
     pinned = x.view(PinnedHostArray)

@@ -1,4 +1,4 @@
-"""A double of `service.engine.cuda_ipc.CudaIpc` for machines without a GPU.
+"""A double of `trtserve.service.engine.cuda_ipc.CudaIpc` for machines without a GPU.
 
 "Device memory exported by another process" is a host buffer here: a handle is
 64 bytes naming one of the buffers the double exported, `open` gives its
@@ -14,7 +14,7 @@ import ctypes
 
 import numpy as np
 
-from service.backends.tensorrt.cuda import CudaError
+from trtserve.service.backends.tensorrt.cuda import CudaError
 
 
 class HostCudaIpc:
@@ -56,7 +56,7 @@ class HostCudaIpc:
 
 
 class RecordingPinner:
-    """A double of `service.engine.cuda_ipc.HostPinner`: records what it page-locks
+    """A double of `trtserve.service.engine.cuda_ipc.HostPinner`: records what it page-locks
     (nothing is locked), or refuses every registration with `refuse` (a CUDA error
     name), as cudaHostRegister does on a machine without a GPU or past its limit."""
 

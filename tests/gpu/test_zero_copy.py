@@ -23,9 +23,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from service.backends.tensorrt.api import gpu_present
-from service.backends.tensorrt.cuda import CudaRuntime, runtime_module
-from service.testing.servers import ROOT
+from trtserve.service.backends.tensorrt.api import gpu_present
+from trtserve.service.backends.tensorrt.cuda import CudaRuntime, runtime_module
+from trtserve.service.testing.servers import ROOT
 
 pytestmark = pytest.mark.gpu
 
@@ -37,8 +37,8 @@ try:
 except RuntimeError as err:
     pytest.skip(str(err), allow_module_level=True)
 
-from client.client import Client  # noqa: E402
-from service.testing.gpu_standin import (  # noqa: E402
+from trtserve.client.client import Client  # noqa: E402
+from trtserve.service.testing.gpu_standin import (  # noqa: E402
     StandinEngine,
     serving_standin,
     standin_config,
@@ -51,8 +51,8 @@ IN, HIDDEN, OUT, ROWS = 64, 128, 64, 3
 CLIENT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from client import Client
-    from client.shared_memory import CudaRegion, RegionTensor
+    from trtserve.client import Client
+    from trtserve.client.shared_memory import CudaRegion, RegionTensor
 
     url, rows, features, out_features, requests = (sys.argv[1], *map(int, sys.argv[2:6]))
     x = np.random.default_rng(0).standard_normal((rows, features)).astype(np.float32)

@@ -73,8 +73,8 @@ def test_arena_bytes_cross_to_a_second_mapping() -> None:
 
 def test_an_arena_pinned_for_tensorrt_hands_out_pinned_views_and_unpins_before_closing(
         caplog):
-    from service.backends.base import PinnedHostArray
     from tests.doubles.cuda_ipc import RecordingPinner
+    from trtserve.service.backends.base import PinnedHostArray
 
     arena = Arena.create("pin-test", 1 << 16)
     pinner = RecordingPinner()

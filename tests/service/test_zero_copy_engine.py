@@ -16,17 +16,17 @@ from multiprocessing import shared_memory
 import numpy as np
 import pytest
 
-from service.backends.base import LoadedModel
-from service.backends.tensorrt.load import EngineHandle, engine_spec, executor_factories
-from service.config import ModelConfig
-from service.engine.api import InferRequest, RegionRef, TensorIn
-from service.engine.local import LocalEngine
-from service.engine.model import ModelRuntime
-from service.engine.regions import RegionRegistry
-from service.engine.repository import ModelRepository
-from service.errors import FailedPrecondition, InvalidArgument
-from service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
 from tests.doubles.cuda_ipc import HostCudaIpc, RecordingPinner
+from trtserve.service.backends.base import LoadedModel
+from trtserve.service.backends.tensorrt.load import EngineHandle, engine_spec, executor_factories
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.engine.regions import RegionRegistry
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import FailedPrecondition, InvalidArgument
+from trtserve.service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4
 ROW_BYTES = FEATURES * 4
@@ -213,7 +213,7 @@ async def test_a_region_a_batch_writes_into_cannot_be_unregistered() -> None:
 
 
 async def test_prometheus_exports_the_models_shared_memory_counters(served: Served) -> None:
-    from service.metrics import families
+    from trtserve.service.metrics import families
 
     s = served
     memory = await _cuda_region(s, "g", 1024)
