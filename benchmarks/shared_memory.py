@@ -11,6 +11,12 @@ and for scale: the model alone in ONNX Runtime and one memcpy of the image.
 
     python -m benchmarks.shared_memory                     # both protocols, 4 workers
     python -m benchmarks.shared_memory --protocol v1 --duration 5 --workers 2
+
+`--cuda-region` (a GPU machine): the GPU stand-in served through the real TensorRT
+executor, bytes path vs a CUDA region, with the evidence that a CUDA-region request
+makes no host copy (benchmarks/cuda_region.py says what is counted):
+
+    python -m benchmarks.shared_memory --cuda-region --duration 5
 """
 
 from __future__ import annotations
@@ -89,8 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--cuda-region", action="store_true",
+                        help="GPU: the stand-in, bytes path vs a CUDA region")
+    parser.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
+                        help="--cuda-region: serve with CUDA graphs on, off, or both runs")
+    parser.add_argument("--dims", default="4096,1024,4096",
+                        help="--cuda-region: the stand-in's in,hidden,out features")
+    parser.add_argument("--rows", type=int, default=8,
+                        help="--cuda-region: rows per request")
     args = parser.parse_args(argv)
     concurrency = tuple(int(c) for c in args.concurrency.split(","))
+    if args.cuda_region:
+        from benchmarks import cuda_region
+
+        a, b, c = (int(d) for d in args.dims.split(","))
+        return cuda_region.main(concurrency, args.cuda_graphs, (a, b, c), args.rows,
+                                args.workers, args.duration, args.warmup)
     protocols = ("v1", "kserve") if args.protocol == "both" else (args.protocol,)
 
     with tempfile.TemporaryDirectory() as tmp:

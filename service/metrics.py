@@ -132,6 +132,19 @@ def families(snapshot: StatsSnapshot,
     latency = f.histogram("model_request_duration_seconds",
                           "Time answered requests spent in the server (queue and execution).",
                           MODEL_LABELS)
+    shm_bytes = f.counter("model_shared_memory_bytes", "Tensor bytes read from (direction "
+                          "input) or written into (output) clients' shared-memory regions "
+                          "instead of crossing gRPC.", [*MODEL_LABELS, "direction"])
+    shm_avoided = f.counter("model_shared_memory_copies_avoided", "Region tensors the "
+                            "executor read where they lay or wrote where they go (bound by "
+                            "address, or one copy straight to or from the device) instead of "
+                            "through a staging buffer.", MODEL_LABELS)
+    shm_host = f.counter("model_shared_memory_host_copies", "Region tensors copied through "
+                         "host memory because region and backend live on different sides "
+                         "(a CUDA region on the CPU backend).", MODEL_LABELS)
+    shm_paths = f.counter("model_shared_memory_batches", "Batches with shared-memory tensors "
+                          "by how they ran: bound (addresses set, no copy) or copied.",
+                          [*MODEL_LABELS, "path"])
     w_requests = f.counter("worker_requests", "Requests in the batches the worker completed.",
                            WORKER_LABELS)
     w_batches = f.counter("worker_batches", "Batches the worker completed.", WORKER_LABELS)
@@ -188,6 +201,12 @@ def families(snapshot: StatsSnapshot,
                               ("cancelled", c.cancelled)):
             failures.add_metric([name, reason], value)
         latency.add_metric([name], _buckets(c.success_histogram), c.success_histogram.sum_s)
+        shm_bytes.add_metric([name, "input"], c.shm_input_bytes)
+        shm_bytes.add_metric([name, "output"], c.shm_output_bytes)
+        shm_avoided.add_metric([name], c.copies_avoided)
+        shm_host.add_metric([name], c.host_copies)
+        for path in ("bound", "copied"):
+            shm_paths.add_metric([name, path], c.io_paths.get(path, 0))
         bounds = _batch_size_bounds(description.batching.max_batch_size)
         for s in model.workers:
             labels = [name, str(s.index), str(s.info.profile), s.info.device]

@@ -98,7 +98,8 @@ class EngineServer(Server):
         config = dataclasses.replace(self.config, port=self.port, http_port=self.http_port,
                                      frontends=1)
         self.host = EngineHost(self.engine, config,
-                               failed_models=lambda: tuple(self.models.failed))
+                               failed_models=lambda: tuple(self.models.failed),
+                               pinner_for=self.engine.arena_pinner)
         try:
             self._start_metrics()
             await asyncio.wait_for(

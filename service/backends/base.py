@@ -7,6 +7,7 @@ CUDA stream and buffers), so it needs no locks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -70,6 +71,10 @@ class ModelSpec:
     min_batch_size: int = 1
     profiles: tuple[ProfileSpec, ...] = (ProfileSpec(0),)
     batching: bool = True
+    # The executors read inputs from and write outputs to device memory (TensorRT):
+    # CUDA-region tensors stay on the device (DeviceTensor, DeviceTarget) and system
+    # regions are page-locked for them (engine/regions.py).
+    device_io: bool = False
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -98,10 +103,82 @@ class WorkerInfo:
     capture_failures: tuple[tuple[int, str], ...] = ()
 
 
+class DeviceTensor(np.ndarray):
+    """A tensor in device memory, as a numpy array of its dtype and shape holding no data.
+
+    Carries the device pointer where the bytes are (`pointer`, on CUDA device
+    `device_id`). Validation reads its dtype and shape like any array's; only an
+    executor that reads device memory (TensorRT) is ever given one, and it reads
+    `pointer`, never the array's (zero-strided, all-zero) elements.
+    """
+
+    pointer: int
+    device_id: int
+
+
+class PinnedHostArray(np.ndarray):
+    """A host array over page-locked memory the engine registered with cudaHostRegister
+    (a system region, a frontend's input arena): a TensorRT executor copies a request
+    alone in its batch to the device straight from it, without a staging copy."""
+
+
+def device_tensor(pointer: int, device_id: int, dtype: np.dtype,
+                  shape: tuple[int, ...]) -> DeviceTensor:
+    """A DeviceTensor of `shape` and `dtype` at `pointer` (no host memory behind it)."""
+    placeholder = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=dtype), shape=shape,
+                                                  strides=(0,) * len(shape), writeable=False)
+    tensor = placeholder.view(DeviceTensor)
+    tensor.pointer = pointer
+    tensor.device_id = device_id
+    return tensor
+
+
+def nbytes_of(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+@dataclass(frozen=True)
+class HostTarget:
+    """A writable host buffer an output's bytes go to (a system region's range, as uint8).
+
+    `pinned`: registered with cudaHostRegister, so a D2H copy can write it directly.
+    """
+
+    buffer: np.ndarray
+    pinned: bool = False
+
+    @property
+    def byte_size(self) -> int:
+        return int(self.buffer.nbytes)
+
+    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The first bytes of the buffer as `shape` of `dtype` (the caller checked the size)."""
+        return self.buffer[:nbytes_of(shape, dtype)].view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class DeviceTarget:
+    """Device memory an output's bytes go to (a CUDA region's range)."""
+
+    pointer: int
+    byte_size: int
+    device_id: int
+
+    def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> DeviceTensor:
+        return device_tensor(self.pointer, self.device_id, dtype, shape)
+
+
+# Where one request's outputs go, by output name; outputs not named are returned.
+OutputTarget = HostTarget | DeviceTarget
+Targets = Mapping[str, OutputTarget]
+
+
 @dataclass
 class BatchResult:
     """Outputs of one batch (exactly `rows` rows each) and how it ran."""
 
+    # A request's rows of an output it was given a target for are in `placed`,
+    # not here (here they may hold anything).
     outputs: dict[str, np.ndarray]
     # Time the device spent on the batch: CUDA events on the GPU, wall on the CPU.
     compute_s: float
@@ -112,13 +189,31 @@ class BatchResult:
     # Breakdown for Triton-style statistics; zero where the backend can't tell.
     input_s: float = 0.0
     output_s: float = 0.0
+    # (request index in the batch, output name) -> that request's output, written by
+    # the executor into the target it was given (a view of it, or a DeviceTensor).
+    placed: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+    # Tensor copies the executor did not make because it read an input where it lay
+    # or wrote an output where it goes (bound by address, or one copy straight
+    # between device and the caller's memory instead of through a staging buffer).
+    copies_avoided: int = 0
+    # How the batch's shared-memory tensors ran, for tests and logs: "" (none given),
+    # "bound" (device addresses set on the context, no copy), "copied" (one copy each
+    # between the caller's memory and the executor's buffers).
+    io_path: str = ""
 
 
 class Executor(Protocol):
     info: WorkerInfo
 
-    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
-        """Run one batch. `inputs[name]` are the requests' arrays, concatenated on axis 0."""
+    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int,
+            targets: Sequence[Targets] | None = None) -> BatchResult:
+        """Run one batch. `inputs[name]` are the requests' arrays, concatenated on axis 0.
+
+        `targets`: one mapping per request, in order, naming the outputs that go to a
+        destination of the caller's (each at least the output's size); those go into
+        `BatchResult.placed`. An executor that cannot use a target returns the output
+        as usual and the caller copies it (a DeviceTarget on a CPU backend).
+        """
         ...
 
     def close(self) -> None: ...

@@ -7,10 +7,19 @@ threads sleep instead of spinning between operators. On a 16-core host,
 sessions that took every core and spun served 0.46-0.52 of what they
 computed in-process, and a quarter less than sessions that left one core
 (docs/benchmarks-16core.md, section 7).
+
+Outputs given a target (a system shared-memory region's range): for a request
+alone in its batch whose output shape the model fixes (rows x static dims) and
+whose outputs are large enough to pay for it (IOBINDING_MIN_BYTES), ONNX Runtime
+writes the output straight into the target through an IOBinding; otherwise (a
+batch of several requests, small outputs, an output whose shape is known only
+once computed) the output is computed as usual and each request's rows are
+copied into its target once.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -21,9 +30,11 @@ import onnxruntime as ort
 
 from trtserve.service.backends.base import (
     BatchResult,
+    HostTarget,
     LoadedModel,
     ModelSpec,
     ProfileSpec,
+    Targets,
     WorkerInfo,
     check_unbatched_config,
     decide_batching,
@@ -33,6 +44,11 @@ from trtserve.service.errors import ConfigError, InputRejected, ModelLoadError
 from trtserve.service.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
+# Outputs smaller than this are computed as usual and copied into their targets: an
+# IOBinding costs ~7 us more than `run` per call, which only outputs of a few hundred
+# kB win back (python -m benchmarks.ort_output_targets, 2 cores: 64 KiB 9.6 us copied
+# vs 16.6 bound; 512 KiB 49.7 vs 32.9; 16 MiB 5.1 ms vs 1.8 ms).
+IOBINDING_MIN_BYTES = 256 << 10
 
 _ORT_TYPES = {
     "tensor(bool)": "BOOL",
@@ -85,7 +101,7 @@ def default_threads(workers: int) -> int:
 
 class OrtExecutor:
     def __init__(self, path: str, threads: int, max_batch: int, spinning: bool = False,
-                 memory_arena: bool = False) -> None:
+                 memory_arena: bool = False, batching: bool = True) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -103,32 +119,123 @@ class OrtExecutor:
         options.enable_cpu_mem_arena = memory_arena
         self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         self._outputs = [o.name for o in self._session.get_outputs()]
+        self._output_specs = {o.name: _spec(o, path) for o in self._session.get_outputs()}
+        self._batching = batching
         self.info = WorkerInfo(device="cpu", max_batch_size=max_batch, runs_on_any_thread=True)
 
-    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
+    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int,
+            targets: Sequence[Targets] | None = None) -> BatchResult:
         start = time.perf_counter()
         feed = {
             name: parts[0] if len(parts) == 1 else np.concatenate(parts)
             for name, parts in inputs.items()
         }
         gathered = time.perf_counter()
+        placed: dict[tuple[int, str], np.ndarray] = {}
         try:
-            values = self._session.run(self._outputs, feed)
+            if targets is not None and len(targets) == 1 \
+                    and self._bindable_bytes(targets[0], rows) >= IOBINDING_MIN_BYTES:
+                outputs = self._run_bound(feed, rows, targets[0], placed)
+            else:
+                values = self._session.run(self._outputs, feed)
+                outputs = dict(zip(self._outputs, values, strict=True))
         except (_ORT_INVALID_ARGUMENT, _ORT_FAIL) as err:
             reason = rejection(err)
             if reason is None:
                 raise
             raise InputRejected(reason) from err
         done = time.perf_counter()
+        copies_avoided = len(placed)
+        if targets is not None:
+            # Targets ONNX Runtime did not write: copied in here, once, as the caller
+            # would have (no copy avoided, but the rows go straight to their region).
+            copy_into_targets(outputs, targets, request_rows(inputs, self._batching),
+                              self._batching, placed)
         return BatchResult(
-            outputs=dict(zip(self._outputs, values, strict=True)),
+            outputs=outputs,
             compute_s=done - gathered,
             input_s=gathered - start,
+            output_s=time.perf_counter() - done,
+            placed=placed,
+            copies_avoided=copies_avoided,
+            io_path="bound" if copies_avoided else ("copied" if targets else ""),
         )
+
+    def _static_shape(self, name: str, rows: int) -> tuple[int, ...] | None:
+        """An output's shape before running, where the model fixes it (else None)."""
+        spec = self._output_specs[name]
+        if spec.dtype == "BF16":  # numpy holds it as uint16, which ORT would refuse
+            return None
+        shape = list(spec.shape)
+        if self._batching:
+            if not shape:
+                return None
+            shape[0] = rows
+        return tuple(shape) if all(d >= 0 for d in shape) else None
+
+    def _bindable_bytes(self, targets: Targets, rows: int) -> int:
+        """Bytes of the outputs ONNX Runtime could write straight into their targets."""
+        total = 0
+        for name, target in targets.items():
+            shape = self._static_shape(name, rows) if name in self._output_specs else None
+            if isinstance(target, HostTarget) and shape is not None:
+                nbytes = math.prod(shape) * self._output_specs[name].np_dtype.itemsize
+                if nbytes <= target.byte_size:
+                    total += nbytes
+        return total
+
+    def _run_bound(self, feed: Mapping[str, np.ndarray], rows: int, targets: Targets,
+                   placed: dict[tuple[int, str], np.ndarray]) -> dict[str, np.ndarray]:
+        """One request: outputs with a host target and a known shape are written by ONNX
+        Runtime straight into the target (IOBinding); the rest come back as usual."""
+        binding = self._session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self._outputs:
+            target = targets.get(name)
+            shape = self._static_shape(name, rows)
+            dtype = self._output_specs[name].np_dtype
+            if isinstance(target, HostTarget) and shape is not None \
+                    and math.prod(shape) * dtype.itemsize <= target.byte_size:
+                array = target.array(dtype, shape)
+                binding.bind_output(name, "cpu", 0, dtype, list(shape), array.ctypes.data)
+                placed[(0, name)] = array
+            else:
+                binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: placed[(0, name)] if (0, name) in placed else value.numpy()
+                for name, value in zip(self._outputs, values, strict=True)}
 
     def close(self) -> None:
         # InferenceSession has no close(); dropping the last reference frees it.
         del self._session
+
+
+def request_rows(inputs: Mapping[str, Sequence[np.ndarray]], batching: bool) -> list[int]:
+    """Each request's rows in a batch, from its parts of the first input."""
+    parts = next(iter(inputs.values()), [])
+    return [p.shape[0] if batching and p.ndim else 1 for p in parts]
+
+
+def copy_into_targets(outputs: Mapping[str, np.ndarray], targets: Sequence[Targets],
+                      rows_each: Sequence[int], batching: bool,
+                      placed: dict[tuple[int, str], np.ndarray]) -> None:
+    """Copy each request's rows of each output into its host target, where it fits
+    (one that does not is left to the caller, whose size check names the region)."""
+    offset = 0
+    for index, (request_targets, rows) in enumerate(zip(targets, rows_each, strict=True)):
+        for name, target in request_targets.items():
+            if (index, name) in placed or not isinstance(target, HostTarget):
+                continue
+            array = outputs[name]
+            part = array[offset:offset + rows] if batching else array
+            if part.nbytes > target.byte_size:
+                continue
+            dest = target.array(part.dtype, part.shape)
+            np.copyto(dest, part)
+            placed[(index, name)] = dest
+        offset += rows
 
 
 _ORT_INVALID_ARGUMENT = ort.capi.onnxruntime_pybind11_state.InvalidArgument
@@ -196,6 +303,6 @@ def load(config: ModelConfig) -> LoadedModel:
 
     def factory() -> OrtExecutor:
         return OrtExecutor(config.path, threads, max_batch, config.intra_op_spinning,
-                           config.cpu_memory_arena)
+                           config.cpu_memory_arena, batching)
 
     return LoadedModel(spec=spec, factories=[factory] * config.workers)

@@ -9,11 +9,13 @@ that the batcher and the model never race to complete one twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
+from trtserve.service.backends.base import Targets
 
 Outputs = dict[str, np.ndarray]
 # Non-batch dimensions of every input; only requests with equal keys share a batch.
@@ -35,6 +37,8 @@ class Request:
     arrival: float  # serving clock (trtserve.client.timer.now)
     deadline: float | None  # serving clock; None: no deadline
     future: asyncio.Future[Outputs]
+    # Outputs the executor writes straight into the caller's memory (a region's).
+    targets: Targets = field(default_factory=dict)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -82,17 +86,30 @@ class Batch:
         names = self.requests[0].inputs
         return {name: [r.inputs[name] for r in self.requests] for name in names}
 
-    def split(self, outputs: Outputs, batching: bool) -> Iterator[tuple[Request, Outputs]]:
+    def targets(self) -> list[Targets] | None:
+        """Each request's output targets, in order; None when no request has any."""
+        if not any(r.targets for r in self.requests):
+            return None
+        return [r.targets for r in self.requests]
+
+    def split(self, outputs: Outputs, batching: bool,
+              placed: Mapping[tuple[int, str], np.ndarray] | None = None
+              ) -> Iterator[tuple[Request, Outputs]]:
         """Each request with its rows of the batch's outputs (views, no copy), in order.
 
         A model that does not batch runs one request per batch, and that request
         gets the outputs as produced (their first dimension need not be rows).
+        `placed`: outputs the executor wrote into a request's target, by (request
+        index, name); the request gets those instead of its rows of `outputs`.
         """
+        placed = placed or {}
         if not batching:
-            yield self.requests[0], outputs
+            yield self.requests[0], {**outputs, **{name: array for (_, name), array
+                                                   in placed.items()}}
             return
         offset = 0
-        for request in self.requests:
+        for index, request in enumerate(self.requests):
             end = offset + request.rows
-            yield request, {name: array[offset:end] for name, array in outputs.items()}
+            yield request, {name: placed.get((index, name), array[offset:end])
+                            for name, array in outputs.items()}
             offset = end

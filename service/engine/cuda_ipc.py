@@ -10,6 +10,7 @@ without a GPU substitute a host-memory double (tests/doubles/cuda_ipc.py).
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import Any, Protocol
 
 import numpy as np
@@ -86,3 +87,60 @@ class CudaRuntimeIpc:
         self._device(device_id)
         check(rt.cudaMemcpy(pointer, array.ctypes.data, array.nbytes,
                             rt.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy H2D")
+
+
+class HostPinner(Protocol):
+    """Page-locks host memory the engine maps (cudaHostRegister), so that a TensorRT
+    executor's H2D and D2H copies read and write it directly (DMA, asynchronous)
+    instead of through the driver's own staging buffer. `CudaHostPinner` is the real
+    one; tests substitute a double (tests/doubles/cuda_ipc.py)."""
+
+    def register(self, address: int, nbytes: int) -> None:
+        """Page-lock `nbytes` from `address`; raises when CUDA refuses."""
+        ...
+
+    def unregister(self, address: int) -> None:
+        """Undo `register` (before the memory is unmapped)."""
+        ...
+
+
+class CudaHostPinner:
+    """cudaHostRegister / cudaHostUnregister through cuda-python, every call checked."""
+
+    def register(self, address: int, nbytes: int) -> None:
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
+
+        rt = runtime_module()
+        # Portable: pinned for every CUDA context, whichever device a model runs on.
+        check(rt.cudaHostRegister(address, nbytes, rt.cudaHostRegisterPortable),
+              "cudaHostRegister")
+
+    def unregister(self, address: int) -> None:
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
+
+        check(runtime_module().cudaHostUnregister(address), "cudaHostUnregister")
+
+
+def pin_quietly(pinner: HostPinner, address: int, nbytes: int, what: str,
+                log: logging.Logger) -> bool:
+    """Pin, or say in one log line why not and carry on with pageable copies."""
+    try:
+        pinner.register(address, nbytes)
+    except Exception as err:  # CudaError, or no CUDA at all: pageable copies still work
+        log.warning("%s: cannot pin %d bytes with cudaHostRegister (%s); host copies of it "
+                    "stay pageable", what, nbytes, _reason(err))
+        return False
+    return True
+
+
+def unpin_quietly(pinner: HostPinner, address: int, what: str, log: logging.Logger) -> None:
+    try:
+        pinner.unregister(address)
+    except Exception as err:  # the memory is unmapped next either way
+        log.warning("%s: cudaHostUnregister failed (%s)", what, _reason(err))
+
+
+def _reason(err: Exception) -> str:
+    from trtserve.service.backends.tensorrt.cuda import CudaError
+
+    return err.name if isinstance(err, CudaError) else f"{type(err).__name__}: {err}"

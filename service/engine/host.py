@@ -36,6 +36,7 @@ from trtserve.service.engine.api import (
     StatsSnapshot,
     TensorIn,
 )
+from trtserve.service.engine.cuda_ipc import HostPinner
 from trtserve.service.errors import ServeError
 from trtserve.service.gen.trtserve.internal import link_pb2
 from trtserve.service.ipc import codec
@@ -100,6 +101,10 @@ class FrontendPort:
         self.tasks[rid] = task
 
     def _request(self, m: link_pb2.Request) -> InferRequest:
+        if not self.inputs.pinned and (pinner := self.host.pinner_for(m.model)) is not None:
+            # A TensorRT model reads this arena: page-locked, its copies to the device
+            # read it directly (once; a refusal leaves it pageable, logged once).
+            self.inputs.pin(pinner)
         inputs = {}
         for t in m.inputs:
             dtype, shape, data = codec.take(t, self.inputs, copy=False)
@@ -217,8 +222,12 @@ class EngineHost:
 
     def __init__(self, engine: Engine, config: ServerConfig,
                  inline_max_bytes: int = codec.INLINE_MAX_BYTES,
-                 failed_models: Callable[[], Sequence[str]] = tuple) -> None:
+                 failed_models: Callable[[], Sequence[str]] = tuple,
+                 pinner_for: Callable[[str], HostPinner | None] = lambda model: None) -> None:
         self.engine = engine
+        # What page-locks the frontends' input arenas for a model whose executors read
+        # device memory (TensorRT); None for the others.
+        self.pinner_for = pinner_for
         # Models that failed to load at start (model_load_failure = "skip"): frontends
         # say so, as the engine's repository does, rather than "not served".
         self._failed_models = failed_models

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from trtserve.service import echo
-from trtserve.service.backends.base import ModelSpec
+from trtserve.service.backends.base import ModelSpec, OutputTarget, Targets
 from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
@@ -28,8 +28,14 @@ from trtserve.service.engine.api import (
     check_version,
     wanted_outputs,
 )
+from trtserve.service.engine.cuda_ipc import HostPinner
 from trtserve.service.engine.model import ModelRuntime
-from trtserve.service.engine.regions import RegionRegistry, infer_with_regions
+from trtserve.service.engine.regions import (
+    Lease,
+    RegionRegistry,
+    expected_output_bytes,
+    infer_with_regions,
+)
 from trtserve.service.engine.repository import ModelRepository
 from trtserve.service.errors import NotFound, PermissionDenied, TensorError
 from trtserve.service.limits import ByteBudget, request_bytes
@@ -70,6 +76,15 @@ class LocalEngine:
         runtime = self._repository.get(model)  # NotFound naming the served models
         check_version(model, version, runtime.version)
         return runtime
+
+    def arena_pinner(self, model: str) -> HostPinner | None:
+        """What page-locks host memory for `model`, if it is served and its executors
+        read device memory (TensorRT); else None."""
+        try:
+            device_io = self._repository.get(model).spec.device_io
+        except NotFound:
+            return None
+        return self._regions.host_pinner() if device_io else None
 
     def describe(self, model: str, version: str = "") -> ModelDescription:
         runtime = self._repository.get(model)  # NotFound naming the served models
@@ -114,7 +129,7 @@ class LocalEngine:
 
     async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
                    deadline: float | None, dtypes: Mapping[str, str],
-                   nbytes: int) -> Mapping[str, np.ndarray]:
+                   nbytes: int, targets: Targets | None = None) -> Mapping[str, np.ndarray]:
         """`runtime.infer`, holding `nbytes` in the server's budget of request bytes in
         flight until answered. Validation comes first, so that a request that can never
         run is told so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The
@@ -125,7 +140,7 @@ class LocalEngine:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                return await runtime.infer(arrays, deadline, dtypes, validated)
+                return await runtime.infer(arrays, deadline, dtypes, validated, targets)
             finally:
                 budget.release(nbytes)
         finally:
@@ -143,11 +158,23 @@ class LocalEngine:
         # the client's memory, mapped, not held by the server.
         wire_bytes = request_bytes(arrays)
 
-        async def run(resolved: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-            return await self._run(runtime, resolved, request.deadline, dtypes, wire_bytes)
+        async def run(resolved: dict[str, np.ndarray], targets: dict[str, OutputTarget]
+                      ) -> Mapping[str, np.ndarray]:
+            return await self._run(runtime, resolved, request.deadline, dtypes, wire_bytes,
+                                   targets)
 
-        outputs = await infer_with_regions(self._regions, request.inputs,
-                                           request.output_regions, run)
+        def counted(lease: Lease) -> None:
+            counters = runtime.counters
+            counters.shm_input_bytes += lease.input_bytes
+            counters.shm_output_bytes += lease.output_bytes
+            counters.host_copies += lease.host_copies
+
+        spec = runtime.spec
+        outputs = await infer_with_regions(
+            self._regions, request.inputs, request.output_regions, run,
+            device_io=spec.device_io,
+            output_bytes=expected_output_bytes(spec, request.inputs, request.output_regions),
+            counted=counted)
         return InferResult(request.model, runtime.version, _answer(wanted, outputs))
 
     # --- model control -------------------------------------------------------------------

@@ -24,7 +24,7 @@ import numpy as np
 
 from trtserve.client.dtypes import dtype_name
 from trtserve.client.timer import now
-from trtserve.service.backends.base import BatchResult, LoadedModel, ModelSpec
+from trtserve.service.backends.base import BatchResult, LoadedModel, ModelSpec, Targets
 from trtserve.service.config import ModelConfig
 from trtserve.service.engine.api import (
     MODEL_VERSION,
@@ -227,12 +227,15 @@ class ModelRuntime:
         deadline: float | None = None,
         dtypes: Mapping[str, str] | None = None,
         validated: Validated | None = None,
+        targets: Targets | None = None,
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
         `deadline` is on the serving clock (`trtserve.client.timer.now`). `dtypes` gives
         wire dtype names where numpy can't tell them apart (BF16 travels as uint16).
         `validated`: what `validate` answered for these inputs, if the caller asked.
+        `targets`: outputs the executor writes into the caller's memory (a region's);
+        the answer holds views of them (or DeviceTensors) for those outputs.
         """
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
@@ -240,7 +243,7 @@ class ModelRuntime:
             raise Unavailable(f"model '{self.name}' is not ready")
         rows, shape_key = validated or self.validate(inputs, dtypes or {})
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
-                          asyncio.get_running_loop().create_future())
+                          asyncio.get_running_loop().create_future(), targets or {})
         try:
             self._batcher.submit(request)
         except ResourceExhausted:
@@ -417,7 +420,8 @@ class ModelRuntime:
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
             if not self.spec.batching:
                 self._note_output_shapes(result.outputs)
-            for request, outputs in batch.split(result.outputs, self.spec.batching):
+            for request, outputs in batch.split(result.outputs, self.spec.batching,
+                                                result.placed):
                 request.answer(outputs)
         elif outcome.parts is not None:
             self._answer_parts(worker, outcome)
@@ -458,6 +462,9 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         stats.record_batch(rows, requests, result.compute_s, result.graph_launch,
                            result.input_s, result.output_s)
+        self.counters.copies_avoided += result.copies_avoided
+        if result.io_path:
+            self.counters.io_paths[result.io_path] += 1
         if result.capture_failure is not None:
             stats.record_capture_failure(*result.capture_failure)
 
@@ -475,7 +482,8 @@ class ModelRuntime:
                 self._succeeded(index, request.rows, 1, part)
                 if not self.spec.batching:
                     self._note_output_shapes(part.outputs)
-                request.answer(part.outputs)
+                request.answer({**part.outputs, **{name: array for (_, name), array
+                                                   in part.placed.items()}})
             elif isinstance(part, InputRejected):
                 self.worker_stats[index].rejected += 1
                 request.fail(InvalidArgument(

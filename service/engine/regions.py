@@ -28,6 +28,7 @@ without the leading slash), mapped once at register from `offset` for
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import mmap
 import os
@@ -40,6 +41,15 @@ import numpy as np
 
 from trtserve.client.dtypes import DTYPES, dtype_name
 from trtserve.service import echo
+from trtserve.service.backends.base import (
+    DeviceTarget,
+    DeviceTensor,
+    HostTarget,
+    ModelSpec,
+    OutputTarget,
+    PinnedHostArray,
+    device_tensor,
+)
 from trtserve.service.config import SharedMemoryConfig
 from trtserve.service.engine.api import (
     CUDA,
@@ -50,7 +60,14 @@ from trtserve.service.engine.api import (
     TensorIn,
     TensorOut,
 )
-from trtserve.service.engine.cuda_ipc import CUDA_IPC_HANDLE_BYTES, CudaIpc, CudaRuntimeIpc
+from trtserve.service.engine.cuda_ipc import (
+    CUDA_IPC_HANDLE_BYTES,
+    CudaIpc,
+    CudaRuntimeIpc,
+    HostPinner,
+    pin_quietly,
+    unpin_quietly,
+)
 from trtserve.service.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -59,6 +76,8 @@ from trtserve.service.errors import (
     ResourceExhausted,
     TensorError,
 )
+
+log = logging.getLogger(__name__)
 
 KINDS = (SYSTEM, CUDA)
 # Where Linux keeps POSIX shared-memory objects (what shm_open opens).
@@ -108,6 +127,15 @@ class _Region(ABC):
         """Implemented by each kind of region."""
 
     @abstractmethod
+    def target(self, ref: RegionRef, device_io: bool) -> OutputTarget | None:
+        """Where an executor may write an output going to `ref` (None: it can't; the
+        output is copied in afterwards). `device_io`: the executor writes device memory."""
+
+    def holds(self, ref: RegionRef, array: np.ndarray) -> bool:
+        """Whether `array` already lies at `ref` (an executor wrote it there)."""
+        return False
+
+    @abstractmethod
     def close(self) -> None:
         """Implemented by each kind of region."""
 
@@ -141,6 +169,26 @@ class SystemRegion(_Region):
             raise
         # Kept open to see the object's size before each request (before_use).
         self._fd = fd
+        # Page-locked with cudaHostRegister (pin), undone before unmapping.
+        self._pinned: tuple[HostPinner, int] | None = None
+        self._pin_tried = False
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned is not None
+
+    def pin(self, pinner: HostPinner) -> None:
+        """Page-lock the mapping once (the first request for a TensorRT model), so that
+        executors copy between it and the device directly; a refusal is logged once and
+        copies stay pageable."""
+        if self._pin_tried:
+            return
+        self._pin_tried = True
+        whole = np.frombuffer(self._map, dtype=np.uint8)
+        address, nbytes = whole.ctypes.data, whole.nbytes
+        del whole  # no export may outlive the call: close() must be able to unmap
+        if pin_quietly(pinner, address, nbytes, f"shared-memory region '{self.name}'", log):
+            self._pinned = (pinner, address)
 
     def _check_file(self, info: os.stat_result) -> None:
         if not stat.S_ISREG(info.st_mode):
@@ -169,14 +217,31 @@ class SystemRegion(_Region):
                               offset=self._base + ref.offset).reshape(shape)
         # The client's memory: the model must never write into it.
         array.flags.writeable = False
-        return array
+        return array.view(PinnedHostArray) if self.pinned else array
 
     def write(self, ref: RegionRef, array: np.ndarray) -> None:
         dest = np.frombuffer(self._map, dtype=np.uint8, count=array.nbytes,
                              offset=self._base + ref.offset)
         dest[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
+    def target(self, ref: RegionRef, device_io: bool) -> OutputTarget:
+        buffer = np.frombuffer(self._map, dtype=np.uint8, count=ref.byte_size,
+                               offset=self._base + ref.offset)
+        return HostTarget(buffer, pinned=self.pinned)
+
+    def holds(self, ref: RegionRef, array: np.ndarray) -> bool:
+        if isinstance(array, DeviceTensor) or array.nbytes == 0:
+            return False
+        start = np.frombuffer(self._map, dtype=np.uint8, count=0,
+                              offset=self._base + ref.offset).ctypes.data
+        return bool(array.ctypes.data == start and array.flags.c_contiguous)
+
     def close(self) -> None:
+        if self._pinned is not None:
+            pinner, address = self._pinned
+            self._pinned = None
+            # Unregister before unmapping: CUDA must not keep a mapping that is gone.
+            unpin_quietly(pinner, address, f"shared-memory region '{self.name}'", log)
         os.close(self._fd)
         # A batch of a cancelled request may still hold a view: then the mapping is
         # freed when the last view is (mmap's own reference counting), never under it.
@@ -226,9 +291,22 @@ class CudaRegion(_Region):
         out.flags.writeable = False
         return out
 
+    def read_device(self, ref: RegionRef, dtype: np.dtype, shape: tuple[int, ...]
+                    ) -> DeviceTensor:
+        """The input where it lies, for an executor that reads device memory: no copy."""
+        return device_tensor(self.device_pointer(ref), self.device_id, dtype, shape)
+
     def write(self, ref: RegionRef, array: np.ndarray) -> None:
         self._ipc.to_device(self.device_pointer(ref), np.ascontiguousarray(array),
                             self.device_id)
+
+    def target(self, ref: RegionRef, device_io: bool) -> OutputTarget | None:
+        if not device_io:
+            return None
+        return DeviceTarget(self.device_pointer(ref), ref.byte_size, self.device_id)
+
+    def holds(self, ref: RegionRef, array: np.ndarray) -> bool:
+        return isinstance(array, DeviceTensor) and array.pointer == self.device_pointer(ref)
 
     def close(self) -> None:
         self._ipc.close(self.pointer, self.device_id)
@@ -261,9 +339,11 @@ class RegionRegistry:
     """Every registered region of one engine, and what they spared the wire."""
 
     def __init__(self, config: SharedMemoryConfig | None = None,
-                 cuda: CudaIpc | None = None) -> None:
+                 cuda: CudaIpc | None = None, pinner: HostPinner | None = None) -> None:
         self._config = config or SharedMemoryConfig()
         self._cuda = cuda
+        # Page-locks system regions a TensorRT model uses (None: CUDA's, made on first use).
+        self._pinner = pinner
         self._regions: dict[str, _Region] = {}
         self._mapped_bytes = 0
         self._input_bytes = 0
@@ -368,12 +448,18 @@ class RegionRegistry:
         return region
 
     @contextmanager
-    def lease(self, inputs: Mapping[str, TensorIn], output_regions: Mapping[str, RegionRef]
+    def lease(self, inputs: Mapping[str, TensorIn], output_regions: Mapping[str, RegionRef],
+              device_io: bool = False, output_bytes: Mapping[str, int] | None = None
               ) -> Iterator[Lease]:
         """Resolve a request's references; its regions stay registered until the block ends.
 
         Inputs become arrays (views of system regions, no copy); every reference is
         checked first, so a bad one fails the request before anything is read.
+        `device_io`: the model's executor reads and writes device memory (TensorRT):
+        CUDA-region inputs stay where they are (DeviceTensor), CUDA-region outputs
+        are written by the executor, and system regions are page-locked on first use.
+        `output_bytes`: each output's size where known before running: a region too
+        small for it fails the request here, before any work.
         """
         regions: list[_Region] = []
         arrays: dict[str, np.ndarray] = {}
@@ -393,51 +479,89 @@ class RegionRegistry:
             regions.append(region)
         outputs: dict[str, tuple[_Region, RegionRef]] = {}
         for tensor_name, ref in output_regions.items():
-            region = self._region(ref, f"output '{echo.text(tensor_name)}'")
+            what = f"output '{echo.text(tensor_name)}'"
+            region = self._region(ref, what)
+            fixed = (output_bytes or {}).get(tensor_name)
+            if fixed is not None and fixed > ref.byte_size:
+                raise InvalidArgument(
+                    f"{what}: the output needs {fixed} bytes, more than the {ref.byte_size} "
+                    f"bytes given in shared-memory region '{echo.text(ref.region)}' (offset "
+                    f"{ref.offset}); refused before running")
             outputs[tensor_name] = (region, ref)
             regions.append(region)
         for region in set(regions):
             region.before_use()
+            if device_io and isinstance(region, SystemRegion):
+                region.pin(self.host_pinner())
+        lease = Lease(self, arrays, outputs, device_io)
         for tensor_name, tensor in inputs.items():
             if isinstance(tensor.data, RegionRef):
                 region = self._regions[tensor.data.region]
+                dtype = DTYPES[tensor.dtype]
                 try:
-                    arrays[tensor_name] = region.read(tensor.data, DTYPES[tensor.dtype],
-                                                      tensor.shape)
+                    if device_io and isinstance(region, CudaRegion):
+                        arrays[tensor_name] = region.read_device(tensor.data, dtype,
+                                                                 tensor.shape)
+                    else:
+                        arrays[tensor_name] = region.read(tensor.data, dtype, tensor.shape)
                 except ValueError:  # numpy cannot hold the shape ([0, 2**62, 2**62])
                     raise TensorError(tensor_name, f"shape {echo.dims(tensor.shape)} is too "
                                       "large") from None
+                lease.input_bytes += tensor.data.byte_size
                 self._input_bytes += tensor.data.byte_size
-                if region.kind == SYSTEM:
+                if region.kind == SYSTEM or device_io:
                     self._zero_copy_inputs += 1
                 else:
                     self._host_copies += 1
+                    lease.host_copies += 1
         for region in regions:
             region.in_use += 1
         try:
-            yield Lease(self, arrays, outputs)
+            yield lease
         finally:
             for region in regions:
                 region.in_use -= 1
 
-    def _wrote(self, region: _Region, nbytes: int) -> None:
+    def host_pinner(self) -> HostPinner:
+        if self._pinner is None:
+            from trtserve.service.engine.cuda_ipc import CudaHostPinner
+
+            self._pinner = CudaHostPinner()
+        return self._pinner
+
+    def _wrote(self, region: _Region, nbytes: int, copied: bool) -> None:
         self._output_bytes += nbytes
-        if region.kind != SYSTEM:
+        if copied and region.kind != SYSTEM:
             self._host_copies += 1
 
 
 class Lease:
-    """A request's resolved inputs and the regions its outputs go to."""
+    """A request's resolved inputs and the regions its outputs go to.
+
+    Counts, for the model's Stats, the bytes it spared the wire and the tensors it
+    copied through host memory (`input_bytes`, `output_bytes`, `host_copies`).
+    """
 
     def __init__(self, registry: RegionRegistry, arrays: dict[str, np.ndarray],
-                 outputs: Mapping[str, tuple[_Region, RegionRef]]) -> None:
+                 outputs: Mapping[str, tuple[_Region, RegionRef]], device_io: bool) -> None:
         self._registry = registry
         self.arrays = arrays
         self._outputs = outputs
+        self._device_io = device_io
+        self.input_bytes = 0
+        self.output_bytes = 0
+        self.host_copies = 0
+
+    def targets(self) -> dict[str, OutputTarget]:
+        """Where the executor may write each region output itself (see _Region.target)."""
+        found = {name: region.target(ref, self._device_io)
+                 for name, (region, ref) in self._outputs.items()}
+        return {name: target for name, target in found.items() if target is not None}
 
     def write_outputs(self, results: Mapping[str, np.ndarray]
                       ) -> dict[str, np.ndarray | TensorOut]:
-        """Copy each output named with a region into it; the others stay arrays.
+        """Copy each output named with a region into it, unless the executor already wrote
+        it there; the others stay arrays.
 
         A region output is answered as a TensorOut (dtype, shape, and a reference
         carrying the bytes written, which may be fewer than the client reserved).
@@ -450,28 +574,67 @@ class Lease:
                                   f"{echo.dims(array.shape)}), more than the "
                                   f"{ref.byte_size} bytes given in shared-memory region "
                                   f"'{echo.text(ref.region)}'")
-            region.write(ref, array)
-            self._registry._wrote(region, array.nbytes)
+            copied = not region.holds(ref, array)
+            if copied:
+                region.write(ref, array)
+                if region.kind != SYSTEM:
+                    self.host_copies += 1
+            self._registry._wrote(region, array.nbytes, copied)
+            self.output_bytes += array.nbytes
             answered[tensor_name] = TensorOut(dtype_name(array.dtype), tuple(array.shape),
                                               RegionRef(ref.region, ref.offset, array.nbytes))
         return answered
 
 
-Run = Callable[[dict[str, np.ndarray]], Awaitable[Mapping[str, np.ndarray]]]
+def expected_output_bytes(spec: ModelSpec, inputs: Mapping[str, TensorIn],
+                          output_regions: Mapping[str, RegionRef]) -> dict[str, int]:
+    """Bytes of each region output that the model's declared shape fixes before it runs.
+
+    A batching model's output [-1, 3, 4] for a request of 5 rows has 5*3*4 elements;
+    an output with another dynamic dimension is only known once computed (checked
+    then, in `Lease.write_outputs`).
+    """
+    rows = next((t.shape[0] for t in inputs.values() if t.shape), None)
+    sizes: dict[str, int] = {}
+    for name in output_regions:
+        declared = spec.output(name)
+        if declared is None:
+            continue
+        shape = list(declared.shape)
+        if spec.batching:
+            if not shape or rows is None:
+                continue
+            shape[0] = rows
+        if all(d >= 0 for d in shape):
+            sizes[name] = math.prod(shape) * declared.np_dtype.itemsize
+    return sizes
+
+
+Run = Callable[[dict[str, np.ndarray], dict[str, OutputTarget]],
+              Awaitable[Mapping[str, np.ndarray]]]
 
 
 async def infer_with_regions(registry: RegionRegistry, inputs: Mapping[str, TensorIn],
-                             output_regions: Mapping[str, RegionRef], run: Run
+                             output_regions: Mapping[str, RegionRef], run: Run,
+                             device_io: bool = False,
+                             output_bytes: Mapping[str, int] | None = None,
+                             counted: Callable[[Lease], None] | None = None
                              ) -> dict[str, np.ndarray | TensorOut]:
     """Resolve the request's references, run it, and write its region outputs.
 
     The one place an engine runs a request that may name regions: the regions stay
     registered (unregister is refused) from the check until the outputs are written.
+    `run` gets the inputs and the outputs' targets (where the executor may write
+    them itself); `counted` gets the lease once it is done, for per-model counters.
     """
-    with registry.lease(inputs, output_regions) as lease:
-        results = await run(lease.arrays)
-        return lease.write_outputs(results)
+    with registry.lease(inputs, output_regions, device_io, output_bytes) as lease:
+        try:
+            results = await run(lease.arrays, lease.targets())
+            return lease.write_outputs(results)
+        finally:
+            if counted is not None:
+                counted(lease)
 
 
 __all__ = ["CUDA", "KINDS", "SYSTEM", "CudaIpc", "CudaRuntimeIpc", "Lease", "RegionRegistry",
-           "RegionStatus", "RegionUsage", "infer_with_regions"]
+           "RegionStatus", "RegionUsage", "expected_output_bytes", "infer_with_regions"]

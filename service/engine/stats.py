@@ -329,6 +329,19 @@ class ModelCounters:
     rejected_queue_full: int = 0
     deadline_exceeded: int = 0
     cancelled: int = 0
+    # Shared memory (engine/regions.py): tensor bytes read from and written into
+    # clients' regions instead of crossing gRPC; tensor copies the executors did not
+    # make (an input bound by address or copied once straight from the region, an
+    # output written straight into its region); tensors copied through host memory
+    # on the way to or from a region (a CUDA region on the CPU backend, an output
+    # the executor could not place, copied into its region afterwards).
+    shm_input_bytes: int = 0
+    shm_output_bytes: int = 0
+    copies_avoided: int = 0
+    host_copies: int = 0
+    # Batches with shared-memory tensors, by how the executor ran them
+    # (BatchResult.io_path: "bound", "copied").
+    io_paths: Counter[str] = field(default_factory=Counter)
 
     def snapshot(self) -> ModelCountersSnapshot:
         return ModelCountersSnapshot(
@@ -336,7 +349,10 @@ class ModelCounters:
             success_s=self.success_s, failure=self.failure, failure_s=self.failure_s,
             success_histogram=self.success_histogram.copy(),
             rejected_queue_full=self.rejected_queue_full,
-            deadline_exceeded=self.deadline_exceeded, cancelled=self.cancelled)
+            deadline_exceeded=self.deadline_exceeded, cancelled=self.cancelled,
+            shm_input_bytes=self.shm_input_bytes, shm_output_bytes=self.shm_output_bytes,
+            copies_avoided=self.copies_avoided, host_copies=self.host_copies,
+            io_paths=dict(self.io_paths))
 
 
 @dataclass(frozen=True)
@@ -351,3 +367,8 @@ class ModelCountersSnapshot:
     rejected_queue_full: int
     deadline_exceeded: int
     cancelled: int
+    shm_input_bytes: int = 0
+    shm_output_bytes: int = 0
+    copies_avoided: int = 0
+    host_copies: int = 0
+    io_paths: Mapping[str, int] = field(default_factory=dict)

@@ -20,14 +20,17 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from trtserve.service.backends.base import (
     BatchResult,
     Executor,
     ExecutorFactory,
     ProfileSpec,
+    Targets,
     WorkerInfo,
 )
 from trtserve.service.engine.batch import Batch
@@ -136,7 +139,8 @@ class Worker:
         if executor is None or not self.info.runs_on_any_thread or self._inline_failed:
             return None
         try:
-            return self._checked(executor.run(batch.inputs(), batch.rows), batch.rows)
+            return self._checked(_execute(executor, batch.inputs(), batch.rows, batch.targets()),
+                                 batch.rows)
         except InputRejected:
             return None  # the executor is fine: later batches may still run here
         except Exception:
@@ -190,8 +194,8 @@ class Worker:
         executor = self._executor
         assert executor is not None
         try:
-            outcome = Outcome(batch, self._checked(executor.run(batch.inputs(), batch.rows),
-                                                   batch.rows))
+            outcome = Outcome(batch, self._checked(
+                _execute(executor, batch.inputs(), batch.rows, batch.targets()), batch.rows))
         except InputRejected as e:
             outcome = self._run_alone(executor, batch, e)
         except Exception as e:
@@ -210,9 +214,9 @@ class Worker:
         parts: list[BatchResult | BaseException] = []
         for i, request in enumerate(batch.requests):
             try:
-                parts.append(self._checked(executor.run(
-                    {name: [array] for name, array in request.inputs.items()}, request.rows),
-                    request.rows))
+                parts.append(self._checked(_execute(
+                    executor, {name: [array] for name, array in request.inputs.items()},
+                    request.rows, [request.targets] if request.targets else None), request.rows))
             except InputRejected as e:
                 log.info("%s: the backend refused a request's input: %s", self.name,
                          e.reason)
@@ -244,6 +248,15 @@ class Worker:
             log.exception("%s: rebuilding the executor failed", self.name)
             return f"{type(e).__name__} rebuilding the executor"
         return ""
+
+
+def _execute(executor: Executor, inputs: Mapping[str, Sequence[np.ndarray]], rows: int,
+             targets: Sequence[Targets] | None) -> BatchResult:
+    """Run a batch, handing the executor its requests' output targets where there are any
+    (so that executors written before targets existed keep working without them)."""
+    if targets is None:
+        return executor.run(inputs, rows)
+    return executor.run(inputs, rows, targets)
 
 
 class OutputRowsError(RuntimeError):

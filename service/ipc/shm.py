@@ -24,11 +24,17 @@ never a limit.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 from collections import deque
 
 import numpy as np
+
+from trtserve.service.backends.base import PinnedHostArray
+from trtserve.service.engine.cuda_ipc import HostPinner, pin_quietly, unpin_quietly
+
+log = logging.getLogger(__name__)
 
 # Ranges start on a cache line.
 ALIGN_BYTES = 64
@@ -87,6 +93,24 @@ class Arena:
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self.ring = Ring(size_bytes)
+        # Page-locked in the engine process while a TensorRT model is served (pin).
+        self._pinned: tuple[HostPinner, int] | None = None
+        self._pin_tried = False
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned is not None
+
+    def pin(self, pinner: HostPinner) -> None:
+        """Page-lock the arena once (cudaHostRegister), so that a TensorRT executor copies
+        a request's input from it to the device directly; a refusal is logged once and
+        the arena stays pageable."""
+        if self._pin_tried:
+            return
+        self._pin_tried = True
+        address = self._bytes.ctypes.data
+        if pin_quietly(pinner, address, self.size_bytes, f"arena {self.fd}", log):
+            self._pinned = (pinner, address)
 
     @classmethod
     def create(cls, name: str, size_bytes: int) -> Arena:
@@ -120,13 +144,18 @@ class Arena:
         array = np.frombuffer(self._map, dtype=dtype, count=count, offset=offset)
         array = array.reshape(shape)
         array.flags.writeable = False
-        return array
+        return array.view(PinnedHostArray) if self._pinned is not None else array
 
     def free(self, offset: int) -> None:
         self.ring.free(offset)
 
     def close(self) -> None:
         """Unmap and close; views still alive keep the memory mapped until they go."""
+        if self._pinned is not None:
+            pinner, address = self._pinned
+            self._pinned = None
+            # Unregister before unmapping: CUDA must not keep a mapping that is gone.
+            unpin_quietly(pinner, address, f"arena {self.fd}", log)
         self._bytes = np.empty(0, np.uint8)
         # A view still alive keeps the mapping (BufferError): it goes with the last one.
         with contextlib.suppress(BufferError):

@@ -22,6 +22,7 @@ import math
 import time
 import types
 import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,14 @@ class HostCudaRuntime:
         self.refuse_in_capture: set[str] = set()
         self.capture_problems: list[str] = []
         self._handles = itertools.count(0x7000, 0x10)
+        # "Device" memory the runtime did not allocate but may copy to and from (a CUDA
+        # region opened through tests/doubles/cuda_ipc.py): pointer -> bytes.
+        self.foreign: dict[int, int] = {}
+        self.copies: Counter[str] = Counter(h2d=0, d2h=0, d2d=0)
+
+    def adopt(self, pointer: int, nbytes: int) -> None:
+        """Let copies reach `nbytes` of "device" memory at `pointer` made elsewhere."""
+        self.foreign[pointer] = nbytes
 
     def _record(self, method: str, *args: Any) -> None:
         self.log.append(Call("cuda", method, args))
@@ -133,6 +142,9 @@ class HostCudaRuntime:
         for base, buffer in self.device_buffers.items():
             if base <= ptr and ptr + nbytes <= base + buffer.nbytes:
                 return
+        for base, size in self.foreign.items():
+            if base <= ptr and ptr + nbytes <= base + size:
+                return
         raise CudaError("cudaMemcpyAsync", "cudaErrorInvalidValue")
 
     def memset_async(self, ptr: int, value: int, nbytes: int, stream: int) -> None:
@@ -142,6 +154,7 @@ class HostCudaRuntime:
 
     def memcpy_h2d_async(self, dst: int, src: np.ndarray, nbytes: int, stream: int) -> None:
         self._record("memcpy_h2d_async", dst, nbytes, stream)
+        self.copies["h2d"] += 1
         self._refuse_if_capturing("memcpy_h2d_async", stream)
         self._check_device(dst, nbytes)
         address = src.ctypes.data
@@ -149,10 +162,18 @@ class HostCudaRuntime:
 
     def memcpy_d2h_async(self, dst: np.ndarray, src: int, nbytes: int, stream: int) -> None:
         self._record("memcpy_d2h_async", src, nbytes, stream)
+        self.copies["d2h"] += 1
         self._refuse_if_capturing("memcpy_d2h_async", stream)
         self._check_device(src, nbytes)
         address = dst.ctypes.data
         self.enqueue(stream, lambda: ctypes.memmove(address, src, nbytes))
+
+    def memcpy_d2d_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._record("memcpy_d2d_async", dst, src, nbytes, stream)
+        self.copies["d2d"] += 1
+        self._check_device(dst, nbytes)
+        self._check_device(src, nbytes)
+        self.enqueue(stream, lambda: ctypes.memmove(dst, src, nbytes))
 
     def event_create(self) -> int:
         handle = next(self._handles)

@@ -26,6 +26,7 @@ from trtserve.service.backends.base import (
     LoadedModel,
     ModelSpec,
     ProfileSpec,
+    Targets,
     WorkerInfo,
 )
 from trtserve.service.config import ModelConfig
@@ -126,7 +127,9 @@ class ControlledExecutor:
         self.info = WorkerInfo(device="cpu", max_batch_size=max_batch,
                                runs_on_any_thread=controls.any_thread)
 
-    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
+    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int,
+            targets: Sequence[Targets] | None = None) -> BatchResult:
+        # Output targets are left unused: the caller copies outputs into their regions.
         c = self._controls
         start = time.perf_counter()
         problem = _malformed(inputs, rows)

@@ -53,3 +53,24 @@ class HostCudaIpc:
     def to_device(self, pointer: int, array: np.ndarray, device_id: int) -> None:
         self.calls.append("to_device")
         ctypes.memmove(pointer, array.ctypes.data, array.nbytes)
+
+
+class RecordingPinner:
+    """A double of `trtserve.service.engine.cuda_ipc.HostPinner`: records what it page-locks
+    (nothing is locked), or refuses every registration with `refuse` (a CUDA error
+    name), as cudaHostRegister does on a machine without a GPU or past its limit."""
+
+    def __init__(self, refuse: str | None = None) -> None:
+        self.refuse = refuse
+        self.pinned: dict[int, int] = {}  # address -> bytes
+        self.calls: list[str] = []
+
+    def register(self, address: int, nbytes: int) -> None:
+        self.calls.append("register")
+        if self.refuse is not None:
+            raise CudaError("cudaHostRegister", self.refuse, 1)
+        self.pinned[address] = nbytes
+
+    def unregister(self, address: int) -> None:
+        self.calls.append("unregister")
+        del self.pinned[address]

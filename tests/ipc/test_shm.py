@@ -69,3 +69,37 @@ def test_arena_bytes_cross_to_a_second_mapping() -> None:
     finally:
         writer.close()
         reader.close()
+
+
+def test_an_arena_pinned_for_tensorrt_hands_out_pinned_views_and_unpins_before_closing(
+        caplog):
+    from tests.doubles.cuda_ipc import RecordingPinner
+    from trtserve.service.backends.base import PinnedHostArray
+
+    arena = Arena.create("pin-test", 1 << 16)
+    pinner = RecordingPinner()
+    arena.pin(pinner)
+    arena.pin(pinner)  # once only
+    assert pinner.calls == ["register"] and list(pinner.pinned.values()) == [1 << 16]
+    x = np.arange(8, dtype=np.float32)
+    offset = arena.write(x)
+    assert offset is not None
+    view = arena.view(offset, x.nbytes, x.dtype, x.shape)
+    assert isinstance(view, PinnedHostArray) and not view.flags.writeable
+    np.testing.assert_array_equal(view, x)
+    del view
+    arena.close()
+    assert pinner.calls == ["register", "unregister"] and pinner.pinned == {}
+
+    refused = Arena.create("pin-refused", 1 << 16)
+    refusing = RecordingPinner(refuse="cudaErrorNotSupported")
+    refused.pin(refusing)
+    refused.pin(refusing)
+    offset = refused.write(x)
+    assert offset is not None
+    assert not isinstance(refused.view(offset, x.nbytes, x.dtype, x.shape), PinnedHostArray)
+    assert [r.getMessage() for r in caplog.records if "cudaHostRegister" in r.getMessage()
+            and "cudaErrorNotSupported" in r.getMessage()] != []
+    assert refusing.calls == ["register"]
+    refused.close()
+    assert refusing.calls == ["register"]

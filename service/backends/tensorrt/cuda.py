@@ -15,6 +15,7 @@ the event loop.
 from __future__ import annotations
 
 import ctypes
+from collections import Counter
 from typing import Any, NewType
 
 import numpy as np
@@ -40,6 +41,11 @@ class CudaRuntime:
     def __init__(self, device: int = 0) -> None:
         self.device = device
         self._rt = runtime_module()
+        # cudaMemcpyAsync calls made through this runtime, by kind ("h2d", "d2h", "d2d"),
+        # and the copy nodes of graphs launched ("graph_h2d", "graph_d2h", counted by the
+        # executor at each launch): what the shared-memory benchmark and GPU tests read
+        # to show that a request made no host copy.
+        self.copies: Counter[str] = Counter()
 
     def _call(self, name: str, *args: Any) -> Any:
         return check(getattr(self._rt, name)(*args), name)
@@ -98,7 +104,9 @@ class CudaRuntime:
         self._call("cudaMemsetAsync", ptr, value, nbytes, stream)
 
     def memcpy_h2d_async(self, dst: int, src: np.ndarray, nbytes: int, stream: int) -> None:
-        """Copy the first `nbytes` of pinned host array `src` to device pointer `dst`."""
+        """Copy the first `nbytes` of host array `src` to device pointer `dst` (pinned:
+        asynchronous DMA; pageable: CUDA stages it before returning)."""
+        self.copies["h2d"] += 1
         self._call(
             "cudaMemcpyAsync",
             dst,
@@ -109,13 +117,27 @@ class CudaRuntime:
         )
 
     def memcpy_d2h_async(self, dst: np.ndarray, src: int, nbytes: int, stream: int) -> None:
-        """Copy `nbytes` from device pointer `src` into pinned host array `dst`."""
+        """Copy `nbytes` from device pointer `src` into host array `dst` (pinned, or a
+        pageable one, for which CUDA returns once the copy is done)."""
+        self.copies["d2h"] += 1
         self._call(
             "cudaMemcpyAsync",
             dst.ctypes.data,
             src,
             nbytes,
             self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+            stream,
+        )
+
+    def memcpy_d2d_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """Copy `nbytes` between device pointers (a CUDA region's and a buffer)."""
+        self.copies["d2d"] += 1
+        self._call(
+            "cudaMemcpyAsync",
+            dst,
+            src,
+            nbytes,
+            self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
             stream,
         )
 

@@ -40,6 +40,11 @@ import numpy as np
 
 from trtserve.service.backends.base import (
     BatchResult,
+    DeviceTarget,
+    DeviceTensor,
+    HostTarget,
+    PinnedHostArray,
+    Targets,
     WorkerInfo,
 )
 from trtserve.service.backends.tensorrt.api import (
@@ -151,6 +156,10 @@ class TrtExecutor:
         self._plain_outputs: dict[str, Shape] = {}
         self._graphs: dict[tuple[Shape, ...], _CapturedGraph] = {}
         self._capture_failures: dict[tuple[Shape, ...], str] = {}
+        # Graphs of the engine's work alone, for buckets whose graph holds the copies,
+        # used by batches whose tensors lie in device memory or go to a target.
+        self._bare_graphs: dict[tuple[Shape, ...], _CapturedGraph] = {}
+        self._bare_failures: set[tuple[Shape, ...]] = set()
         # Capture failures found at start: in `info` (Stats at start) and reported
         # again with the next batches, for an executor rebuilt after a failure.
         self._unreported: list[tuple[int, str]] = []
@@ -361,7 +370,8 @@ class TrtExecutor:
                 return bucket
         return None
 
-    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int) -> BatchResult:
+    def run(self, inputs: Mapping[str, Sequence[np.ndarray]], rows: int,
+            targets: Sequence[Targets] | None = None) -> BatchResult:
         if self._stream is None:
             raise TensorRTError(f"{self._name}: the executor is closed")
         missing = [t.name for t in self._inputs if t.name not in inputs]
@@ -379,14 +389,26 @@ class TrtExecutor:
                     f"{self._name}: input '{tensor.name}' of shape {list(shape)} is outside "
                     f"profile {self._profile}'s range {list(low)} to {list(high)}"
                 )
-            view = self._bindings[tensor.name].host_view(shape)
-            if len(parts) == 1:
-                np.copyto(view, parts[0])
-            else:
-                np.concatenate(parts, axis=0, out=view)
             shapes[tensor.name] = shape
+        # Straight between where tensors lie and the device: tensors in device memory,
+        # outputs with targets, or a lone request in page-locked memory (a pinned region
+        # or arena), which needs no staging copy.
+        direct = bool(targets) or any(isinstance(p, DeviceTensor)
+                                      for parts in inputs.values() for p in parts) \
+            or all(len(parts) == 1 and isinstance(parts[0], PinnedHostArray)
+                   for parts in inputs.values())
+        if not direct:
+            for tensor in self._inputs:
+                parts = inputs[tensor.name]
+                view = self._bindings[tensor.name].host_view(shapes[tensor.name])
+                if len(parts) == 1:
+                    np.copyto(view, parts[0])
+                else:
+                    np.concatenate(parts, axis=0, out=view)
 
         try:
+            if direct:
+                return self._run_direct(inputs, shapes, rows, targets)
             return self._run(shapes, rows)
         except _ShapeRefused as err:
             # The plain context may hold the refused shapes: set every shape next time.
@@ -394,9 +416,13 @@ class TrtExecutor:
             given = {name: list(shape) for name, shape in shapes.items()}
             raise InputRejected(f"TensorRT cannot run input shapes {given}: {err}") from None
 
-    def _run(self, shapes: Mapping[str, Shape], rows: int) -> BatchResult:
-        cuda, stream = self._cuda, self._stream
-        assert stream is not None
+    def _pick_graph(self, shapes: Mapping[str, Shape], rows: int, bare: bool = False
+                    ) -> tuple[_CapturedGraph | None, tuple[int, str] | None]:
+        """The batch's graph (None: plain enqueue) and a capture failure to report.
+
+        `bare`: the batch copies its own tensors (device memory, targets), so a
+        graph that holds the copies will not do: one of the engine's work alone.
+        """
         graph: _CapturedGraph | None = None
         failure: tuple[int, str] | None = None
         bucket = self._bucket(rows)
@@ -404,16 +430,50 @@ class TrtExecutor:
             padded = {name: (bucket, *shape[1:]) for name, shape in shapes.items()}
             key = tuple(padded[t.name] for t in self._inputs)
             graph = self._graphs.get(key)
-            if graph is None and key not in self._capture_failures:
+            if bare:
+                if graph is None or graph.with_io:
+                    graph = None if key in self._capture_failures \
+                        else self._bare_graph(bucket, key, padded)
+            elif graph is None and key not in self._capture_failures:
                 graph, reason = self._try_capture(bucket, key, padded)
                 if graph is None:
                     failure = (bucket, reason)
         if failure is None and self._unreported:
             failure = self._unreported.pop(0)
+        return graph, failure
+
+    def _bare_graph(self, bucket: int, key: tuple[Shape, ...], shapes: Mapping[str, Shape]
+                    ) -> _CapturedGraph | None:
+        """A graph of the engine's work alone for this bucket (captured once), or None."""
+        graph = self._bare_graphs.get(key)
+        if graph is not None or key in self._bare_failures:
+            return graph
+        context = self._new_context()
+        self._set_shapes(context, {}, shapes)
+        output_shapes = self._output_shapes(context)
+        self._enqueue(context)
+        try:
+            graph = self._record(context, shapes, output_shapes, with_io=False)
+        except _CaptureFailed as err:
+            self._bare_failures.add(key)
+            log.warning("%s: no CUDA graph without copies for batch bucket %d; batches whose "
+                        "tensors lie in device memory run plain enqueue: %s", self._name,
+                        bucket, err)
+            return None
+        self._bare_graphs[key] = graph
+        return graph
+
+    def _run(self, shapes: Mapping[str, Shape], rows: int) -> BatchResult:
+        cuda, stream = self._cuda, self._stream
+        assert stream is not None
+        graph, failure = self._pick_graph(shapes, rows)
         start, loaded, computed, done = self._events
         if graph is not None and graph.with_io:
-            # One launch: H2D, the engine's work, D2H and the four events are its nodes.
+            # One launch: H2D, the engine's work, D2H and the four events are its nodes
+            # (counted with the runtime's copies, which count calls, not graph nodes).
             cuda.graph_launch(graph.graph_exec, stream)
+            cuda.copies["graph_h2d"] += len(self._inputs)
+            cuda.copies["graph_d2h"] += len(self._outputs)
             output_shapes = graph.output_shapes
         else:
             cuda.event_record(start, stream)
@@ -454,6 +514,129 @@ class TrtExecutor:
             capture_failure=failure,
             input_s=cuda.event_elapsed_s(start, loaded),
             output_s=cuda.event_elapsed_s(computed, done),
+        )
+
+    def _run_direct(self, inputs: Mapping[str, Sequence[np.ndarray]],
+                    shapes: Mapping[str, Shape], rows: int,
+                    targets: Sequence[Targets] | None) -> BatchResult:
+        """A batch with tensors in device memory (DeviceTensor parts) or outputs with targets.
+
+        A request alone in its batch, with no CUDA graph to replay, is bound where its
+        tensors lie: `set_tensor_address` to a CUDA region's pointers, no copy at all.
+        Otherwise each tensor is copied once, straight between where it lies and the
+        worker's device buffers: device-to-device for a CUDA region, device-to-host
+        into a host target, host-to-device from page-locked memory for a request
+        alone; other input parts go through the staging buffer as on the plain path.
+        """
+        cuda, stream = self._cuda, self._stream
+        assert stream is not None and self._plain is not None
+        graph, failure = self._pick_graph(shapes, rows, bare=True)
+        lone = len(next(iter(inputs.values()))) == 1
+        bind = lone and graph is None
+        rows_each = [p.shape[0] if self._batching else 1 for p in inputs[self._inputs[0].name]]
+        avoided = 0
+        addresses: dict[str, int] = {}
+        start, loaded, computed, done = self._events
+        cuda.event_record(start, stream)
+        for tensor in self._inputs:
+            parts, binding = inputs[tensor.name], self._bindings[tensor.name]
+            if bind and isinstance(parts[0], DeviceTensor):
+                addresses[tensor.name] = parts[0].pointer
+                avoided += 1
+                continue
+            offset = 0
+            for part in parts:
+                nbytes = part.nbytes
+                if isinstance(part, DeviceTensor):
+                    cuda.memcpy_d2d_async(binding.device + offset, part.pointer, nbytes, stream)
+                    avoided += 1
+                elif lone and isinstance(part, PinnedHostArray) and part.flags.c_contiguous:
+                    # Page-locked: DMA straight from where it lies, no staging copy.
+                    cuda.memcpy_h2d_async(binding.device, part, nbytes, stream)
+                    avoided += 1
+                else:
+                    staged = binding.host[offset:offset + nbytes]
+                    np.copyto(staged.view(tensor.dtype).reshape(part.shape), part)
+                    cuda.memcpy_h2d_async(binding.device + offset, staged, nbytes, stream)
+                offset += nbytes
+        cuda.event_record(loaded, stream)
+        if graph is not None:
+            cuda.graph_launch(graph.graph_exec, stream)
+            output_shapes = graph.output_shapes
+        else:
+            if self._set_shapes(self._plain, self._plain_shapes, shapes):
+                self._plain_outputs = self._output_shapes(self._plain)
+            output_shapes = self._plain_outputs
+            if bind and targets:
+                for tensor in self._outputs:
+                    target = targets[0].get(tensor.name)
+                    if isinstance(target, DeviceTarget) and target.byte_size >= \
+                            self._output_bytes(tensor, output_shapes, rows):
+                        addresses[tensor.name] = target.pointer
+            try:
+                for name, pointer in addresses.items():
+                    if not self._plain.set_tensor_address(name, pointer):
+                        raise TensorRTError(f"{self._name}: set_tensor_address('{name}') to "
+                                            "a shared-memory region returned False")
+                self._enqueue(self._plain)
+            finally:
+                # TensorRT read the addresses at enqueue: the worker's buffers come back.
+                for name in addresses:
+                    self._plain.set_tensor_address(name, self._bindings[name].device)
+        cuda.event_record(computed, stream)
+        placed: dict[tuple[int, str], np.ndarray] = {}
+        staged_parts: list[tuple[str, int, int]] = []  # (output, offset, bytes) to unstage
+        for tensor in self._outputs:
+            binding = self._bindings[tensor.name]
+            shape = output_shapes[tensor.name]
+            offset = 0
+            for index, request_rows in enumerate(rows_each):
+                own = (request_rows, *shape[1:]) if self._batching else shape
+                nbytes = math.prod(own) * tensor.dtype.itemsize
+                target = targets[index].get(tensor.name) if targets else None
+                if target is not None and target.byte_size < nbytes:
+                    target = None  # too small: the caller refuses it, naming the region
+                if tensor.name in addresses and isinstance(target, DeviceTarget):
+                    placed[(index, tensor.name)] = target.array(tensor.dtype, own)
+                    avoided += 1
+                elif isinstance(target, DeviceTarget):
+                    cuda.memcpy_d2d_async(target.pointer, binding.device + offset, nbytes,
+                                          stream)
+                    placed[(index, tensor.name)] = target.array(tensor.dtype, own)
+                    avoided += 1
+                elif isinstance(target, HostTarget):
+                    # Straight into the region: DMA when pinned; pageable, CUDA stages
+                    # it itself (so no copy is avoided, but none is added either).
+                    dest = target.array(tensor.dtype, own)
+                    cuda.memcpy_d2h_async(dest, binding.device + offset, nbytes, stream)
+                    placed[(index, tensor.name)] = dest
+                    avoided += target.pinned
+                else:
+                    cuda.memcpy_d2h_async(binding.host[offset:], binding.device + offset,
+                                          nbytes, stream)
+                    staged_parts.append((tensor.name, offset, nbytes))
+                offset += nbytes
+        cuda.event_record(done, stream)
+        cuda.event_synchronize(done)
+        outputs = {}
+        for tensor in self._outputs:
+            shape = output_shapes[tensor.name]
+            if self._batching:
+                shape = (rows, *shape[1:])
+            outputs[tensor.name] = np.empty(shape, dtype=tensor.dtype)
+        for name, offset, nbytes in staged_parts:
+            outputs[name].reshape(-1).view(np.uint8)[offset:offset + nbytes] = \
+                self._bindings[name].host[offset:offset + nbytes]
+        return BatchResult(
+            outputs=outputs,
+            compute_s=cuda.event_elapsed_s(loaded, computed),
+            graph_launch=graph is not None,
+            capture_failure=failure,
+            input_s=cuda.event_elapsed_s(start, loaded),
+            output_s=cuda.event_elapsed_s(computed, done),
+            placed=placed,
+            copies_avoided=avoided,
+            io_path="bound" if addresses else "copied",
         )
 
     def _output_bytes(self, tensor: IOTensor, shapes: Mapping[str, Shape], rows: int) -> int:
@@ -583,11 +766,14 @@ class TrtExecutor:
             if stream is not None:
                 attempt(functools.partial(cuda.stream_synchronize, stream))
         graphs, self._graphs = self._graphs, {}
-        for graph_exec, graph in [(g.graph_exec, g.graph) for g in graphs.values()]:
+        bare, self._bare_graphs = self._bare_graphs, {}
+        for graph_exec, graph in [(g.graph_exec, g.graph)
+                                  for g in (*graphs.values(), *bare.values())]:
             attempt(functools.partial(cuda.graph_exec_destroy, graph_exec))
             attempt(functools.partial(cuda.graph_destroy, graph))
         # TensorRT frees an execution context when its last reference goes.
         graphs.clear()
+        bare.clear()
         self._plain = None
         bindings, self._bindings = self._bindings, {}
         for binding in bindings.values():

@@ -105,6 +105,7 @@ def model_spec(
         min_batch_size=min_batch,
         profiles=profile_specs,
         batching=batching,
+        device_io=True,
     )
 
 

@@ -1,0 +1,118 @@
+"""ONNX Runtime writing outputs into destinations it is given (a system region's range)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trtserve.service.backends import onnxruntime
+from trtserve.service.backends.base import HostTarget
+from trtserve.service.backends.onnxruntime import IOBINDING_MIN_BYTES, OrtExecutor
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.testing.onnx_models import offset_net
+
+FEATURES = 4
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return offset_net(tmp_path / "plus3.onnx", 3.0, FEATURES)
+
+
+def _x(rows: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, FEATURES)).astype(np.float32)
+
+
+def test_a_lone_request_with_a_large_output_is_written_by_onnx_runtime_into_its_target(
+        tmp_path: Path) -> None:
+    wide = IOBINDING_MIN_BYTES // (3 * 4) + 1  # 3 rows: just past the threshold
+    ex = OrtExecutor(str(offset_net(tmp_path / "wide.onnx", 3.0, wide)), threads=1,
+                     max_batch=8)
+    x = np.random.default_rng(0).standard_normal((3, wide)).astype(np.float32)
+    region = np.zeros(x.nbytes + 64, np.uint8)
+    result = ex.run({"input": [x]}, 3, [{"output": HostTarget(region)}])
+    placed = result.placed[(0, "output")]
+    # Written by ONNX Runtime itself (IOBinding to the target's address): no copy.
+    assert placed.ctypes.data == region.ctypes.data
+    np.testing.assert_allclose(region[:x.nbytes].view(np.float32).reshape(3, wide), x + 3)
+    assert (result.io_path, result.copies_avoided) == ("bound", 1)
+
+
+def test_a_small_output_is_computed_as_usual_and_copied_into_its_target(model: Path) -> None:
+    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+    x = _x(3)
+    region = np.zeros(256, np.uint8)
+    result = ex.run({"input": [x]}, 3, [{"output": HostTarget(region)}])
+    assert np.shares_memory(result.placed[(0, "output")], region)
+    np.testing.assert_allclose(region[:3 * FEATURES * 4].view(np.float32).reshape(3, FEATURES),
+                               x + 3)
+    assert (result.io_path, result.copies_avoided) == ("copied", 0)
+
+
+def test_a_batch_of_several_copies_each_requests_rows_into_its_target(model: Path) -> None:
+    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+    a, b, c = _x(2, 1), _x(1, 2), _x(3, 3)
+    ra, rc = np.zeros(2 * FEATURES * 4, np.uint8), np.zeros(3 * FEATURES * 4, np.uint8)
+    result = ex.run({"input": [a, b, c]}, 6,
+                    [{"output": HostTarget(ra)}, {}, {"output": HostTarget(rc)}])
+    np.testing.assert_allclose(ra.view(np.float32).reshape(2, FEATURES), a + 3)
+    np.testing.assert_allclose(rc.view(np.float32).reshape(3, FEATURES), c + 3)
+    np.testing.assert_allclose(result.outputs["output"][2:3], b + 3)
+    assert set(result.placed) == {(0, "output"), (2, "output")}
+    assert (result.io_path, result.copies_avoided) == ("copied", 0)
+
+
+def test_a_target_too_small_is_left_to_the_caller(model: Path) -> None:
+    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+    x = _x(4)
+    small = np.zeros(8, np.uint8)
+    result = ex.run({"input": [x]}, 4, [{"output": HostTarget(small)}])
+    assert result.placed == {} and not small.any()
+    np.testing.assert_allclose(result.outputs["output"], x + 3)
+
+
+@pytest.fixture
+async def engine(model: Path) -> AsyncIterator[tuple[LocalEngine, ModelRuntime]]:
+    config = ModelConfig(name="m", path=str(model), workers=1, intra_op_threads=1,
+                         max_queue_delay_us=0)
+    runtime = ModelRuntime(config, onnxruntime.load(config))
+    repository = ModelRepository()
+    await repository.add(runtime)
+    try:
+        yield LocalEngine(repository), runtime
+    finally:
+        await repository.stop()
+
+
+async def test_a_system_region_output_is_written_once_by_the_executor(engine) -> None:
+    local, runtime = engine
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        floats = np.frombuffer(shm.buf, np.float32)
+        x = _x(2, 4)
+        floats[:2 * FEATURES] = x.ravel()
+        await local.register_system_region("r", shm.name, 0, 4096)
+        nbytes = 2 * FEATURES * 4
+        result = await local.infer(InferRequest(
+            "m", {"input": TensorIn("FP32", (2, FEATURES), RegionRef("r", 0, nbytes))},
+            output_regions={"output": RegionRef("r", 1024, 1024)}))
+        assert result.outputs["output"].data == RegionRef("r", 1024, nbytes)  # type: ignore[union-attr]
+        np.testing.assert_allclose(floats[256:256 + 2 * FEATURES].reshape(2, FEATURES), x + 3)
+        c = runtime.counters
+        # Small: ONNX Runtime's executor copied it into the region itself, once.
+        assert (c.shm_input_bytes, c.shm_output_bytes, c.copies_avoided, c.host_copies) == (
+            nbytes, nbytes, 0, 0)
+        assert c.io_paths == {"copied": 1}
+        del floats
+        await local.unregister_region("r")
+    finally:
+        shm.close()
+        shm.unlink()
