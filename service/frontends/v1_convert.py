@@ -171,6 +171,11 @@ def model_stats(model: ModelSnapshot, description: ModelDescription) -> pb.Model
         plain_enqueues=sum(w.plain_enqueues for w in workers),
         workers=workers, mean_batch_size=inferences / batches if batches else 0.0,
         batching=description.spec.batching,
+        shared_memory=pb.ModelSharedMemoryStats(
+            input_bytes=c.shm_input_bytes, output_bytes=c.shm_output_bytes,
+            copies_avoided=c.copies_avoided, host_copies=c.host_copies,
+            bound_batches=c.io_paths.get("bound", 0),
+            copied_batches=c.io_paths.get("copied", 0)),
     )
 
 
