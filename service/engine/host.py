@@ -36,6 +36,7 @@ from service.engine.api import (
     StatsSnapshot,
     TensorIn,
 )
+from service.engine.local import LocalEngine, Submitted
 from service.errors import ServeError
 from service.gen.trtserve.internal import link_pb2
 from service.ipc import codec
@@ -65,7 +66,8 @@ class FrontendPort:
         self.inputs = inputs
         self.outputs = outputs
         self.link: Link | None = None
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # Requests submitted and not yet answered, by the frontend's id.
+        self.in_flight: dict[int, Submitted] = {}
         self.requests = 0
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
@@ -73,22 +75,29 @@ class FrontendPort:
     # --- from the frontend ---
 
     def on_frame(self, frame: link_pb2.Frame) -> None:
-        for request in frame.requests:
-            self._start(request)
+        requests = frame.requests
+        last = len(requests) - 1
+        for i, request in enumerate(requests):
+            # All but the frame's last are submitted as a group: they form batches
+            # together rather than a batch of one each (Batcher.submit).
+            self._start(request, i < last)
         for rid in frame.cancels:
-            task = self.tasks.get(rid)
-            if task is not None:
-                task.cancel()
+            submitted = self.in_flight.get(rid)
+            if submitted is not None:
+                submitted.cancel()
         for r in frame.releases:
             self.outputs.free(r.offset)
         for control in frame.controls:
             self._control(control)
 
-    def _start(self, message: link_pb2.Request) -> None:
+    def _start(self, message: link_pb2.Request, more_follow: bool) -> None:
+        """Submit one request of a frame; no task: its reply is built when its future is
+        done, at once when its batch ran inline (then it leaves in this read's write)."""
         self.requests += 1
         rid = message.id
         try:
             request = self._request(message)
+            submitted = self.host.submit(request, more_follow)
         except ServeError as e:
             self._reply_error(rid, e.code, str(e))
             return
@@ -96,8 +105,16 @@ class FrontendPort:
             log.exception("frontend-%d sent a request the engine cannot read", self.index)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             return
-        task = asyncio.ensure_future(self._run(rid, request))
-        self.tasks[rid] = task
+        except Exception:
+            log.exception("request of model '%s' failed", message.model)
+            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            return
+        if submitted.future.done():
+            self._finish(rid, submitted, message.model)
+            return
+        self.in_flight[rid] = submitted
+        submitted.future.add_done_callback(
+            lambda _: self._finish(rid, submitted, message.model))
 
     def _request(self, m: link_pb2.Request) -> InferRequest:
         inputs = {}
@@ -110,20 +127,19 @@ class FrontendPort:
                             outputs=tuple(m.outputs), output_regions=output_regions,
                             deadline=m.deadline if m.HasField("deadline") else None)
 
-    async def _run(self, rid: int, request: InferRequest) -> None:
+    def _finish(self, rid: int, submitted: Submitted, model: str) -> None:
+        self.in_flight.pop(rid, None)
         try:
-            result = await self.host.engine.infer(request)
+            result = submitted.result()
         except asyncio.CancelledError:
             self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
         except ServeError as e:
             self._reply_error(rid, e.code, str(e))
         except Exception:
-            log.exception("request of model '%s' failed", request.model)
+            log.exception("request of model '%s' failed", model)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
         else:
             self._reply(rid, result)
-        finally:
-            self.tasks.pop(rid, None)
 
     def _reply(self, rid: int, result: InferResult) -> None:
         if self.link is None or self.link.closed:
@@ -191,8 +207,8 @@ class FrontendPort:
 
     def on_lost(self, exc: BaseException | None) -> None:
         """The frontend is gone: its requests have nobody to answer; cancel them."""
-        for task in list(self.tasks.values()):
-            task.cancel()
+        for submitted in list(self.in_flight.values()):
+            submitted.cancel()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("frontend closed the link before ready"))
             # Marked seen: its only waiter (the start) may have moved on when the
@@ -203,7 +219,7 @@ class FrontendPort:
 
     def snapshot(self) -> FrontendSnapshot:
         return FrontendSnapshot(index=self.index, pid=self.pid, requests=self.requests,
-                                in_flight=len(self.tasks), cpu_s=_cpu_s(self.pid))
+                                in_flight=len(self.in_flight), cpu_s=_cpu_s(self.pid))
 
     def close(self) -> None:
         if self.link is not None:
@@ -235,7 +251,8 @@ class EngineHost:
         """Serve frontend `index` (process `pid`) over `sock`; sends it the config, the
         models and their health."""
         port = FrontendPort(self, index, pid, inputs, outputs)
-        port.link = await open_link(sock, port.on_frame, port.on_lost)
+        # Replies of the batches a read ran inline leave in one write at the read's end.
+        port.link = await open_link(sock, port.on_frame, port.on_lost, flush_on_read=True)
         self.ports[index] = port
         port.send(K(kind=K.CONFIG, payload=encode_payload(self.config)))
         port.send(self._models())
@@ -290,6 +307,12 @@ class EngineHost:
 
     async def infer(self, request: InferRequest) -> InferResult:
         return await self.engine.infer(request)
+
+    def submit(self, request: InferRequest, more_follow: bool) -> Submitted:
+        """A frontend's request, without a task where the engine is this process's."""
+        if isinstance(self.engine, LocalEngine):
+            return self.engine.submit(request, more_follow)
+        return Submitted(asyncio.ensure_future(self.engine.infer(request)), None, ())
 
     def add_health_listener(self, listener: HealthListener) -> None:
         self.engine.add_health_listener(listener)
