@@ -97,7 +97,9 @@ class FrontendPort:
         rid = message.id
         try:
             request = self._request(message)
-            submitted = self.host.submit(request, more_follow)
+            model = request.model
+            submitted = self.host.submit(request, more_follow,
+                                         lambda s: self._finish(rid, s, model))
         except ServeError as e:
             self._reply_error(rid, e.code, str(e))
             return
@@ -109,22 +111,20 @@ class FrontendPort:
             log.exception("request of model '%s' failed", message.model)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             return
-        if submitted.future.done():
-            self._finish(rid, submitted, message.model)
-            return
-        self.in_flight[rid] = submitted
-        submitted.future.add_done_callback(
-            lambda _: self._finish(rid, submitted, message.model))
+        if not submitted.finished:  # else answered already: its batch ran inline
+            self.in_flight[rid] = submitted
 
     def _request(self, m: link_pb2.Request) -> InferRequest:
         inputs = {}
         for t in m.inputs:
             dtype, shape, data = codec.take(t, self.inputs, copy=False)
             inputs[t.name] = TensorIn(dtype, shape, data)
+        # Skipped when empty (most requests): each is a few protobuf accesses per request.
         output_regions = {name: RegionRef(r.region, r.offset, r.byte_size)
-                          for name, r in m.output_regions.items()}
+                          for name, r in m.output_regions.items()} if m.output_regions else {}
         return InferRequest(model=m.model, inputs=inputs, version=m.version,
-                            outputs=tuple(m.outputs), output_regions=output_regions,
+                            outputs=tuple(m.outputs) if m.outputs else (),
+                            output_regions=output_regions,
                             deadline=m.deadline if m.HasField("deadline") else None)
 
     def _finish(self, rid: int, submitted: Submitted, model: str) -> None:
@@ -142,16 +142,29 @@ class FrontendPort:
             self._reply(rid, result)
 
     def _reply(self, rid: int, result: InferResult) -> None:
+        # Called from the batcher's completion (or inside `submit`): it must not raise.
         if self.link is None or self.link.closed:
             return
-        reply = self.link.outgoing().replies.add()
+        replies = self.link.outgoing().replies
+        reply = replies.add()
         reply.id = rid
         reply.model = result.model
         reply.version = result.version
         inline_max = self.host.inline_max_bytes
-        for name, out in result.outputs.items():
-            codec.put(reply.outputs.add(), name, out.dtype, out.shape, out.data, self.outputs,
-                      inline_max)
+        offsets: list[int] = []
+        try:
+            for name, out in result.outputs.items():
+                offset = codec.put(reply.outputs.add(), name, out.dtype, out.shape, out.data,
+                                   self.outputs, inline_max)
+                if offset is not None:
+                    offsets.append(offset)
+        except Exception:
+            log.exception("the result of a request of model '%s' could not be encoded",
+                          result.model)
+            for offset in offsets:
+                self.outputs.free(offset)
+            del replies[-1]
+            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
 
     def _reply_error(self, rid: int, code: grpc.StatusCode, message: str) -> None:
         if self.link is None or self.link.closed:
@@ -308,11 +321,15 @@ class EngineHost:
     async def infer(self, request: InferRequest) -> InferResult:
         return await self.engine.infer(request)
 
-    def submit(self, request: InferRequest, more_follow: bool) -> Submitted:
+    def submit(self, request: InferRequest, more_follow: bool,
+               on_done: Callable[[Submitted], None]) -> Submitted:
         """A frontend's request, without a task where the engine is this process's."""
         if isinstance(self.engine, LocalEngine):
-            return self.engine.submit(request, more_follow)
-        return Submitted(asyncio.ensure_future(self.engine.infer(request)), None, ())
+            return self.engine.submit(request, more_follow, on_done)
+        submitted = Submitted(None, ())
+        task = submitted.future = asyncio.ensure_future(self.engine.infer(request))
+        task.add_done_callback(lambda _: submitted.settle(on_done))
+        return submitted
 
     def add_health_listener(self, listener: HealthListener) -> None:
         self.engine.add_health_listener(listener)

@@ -10,7 +10,7 @@ protocol side never holds a live model, worker or future of the engine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from service.engine.api import (
     check_version,
     wanted_outputs,
 )
+from service.engine.batch import Request
 from service.engine.model import ModelRuntime
 from service.engine.regions import RegionRegistry, infer_with_regions
 from service.engine.repository import ModelRepository
@@ -99,37 +100,46 @@ class LocalEngine:
         outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
         return InferResult(request.model, runtime.version, _answer(wanted, outputs))
 
-    def submit(self, request: InferRequest, more_follow: bool = False) -> Submitted:
-        """`infer` without a task, for the engine process's host: the request queued, or
-        answered already when its batch ran inline. Refusals raise here.
+    def submit(self, request: InferRequest, more_follow: bool,
+               on_done: Callable[[Submitted], None]) -> Submitted:
+        """`infer` without a task, for the engine process's host: the request queued;
+        `on_done(submitted)` once it has its outcome (at once, before this returns,
+        when its batch ran inline). Refusals raise here.
 
         `more_follow`: more requests of the same group (one frame of a frontend)
         follow at once; they form batches together (`Batcher.submit`).
         """
         runtime, wanted, arrays, dtypes, in_regions = self._prepare(request)
         if in_regions or request.output_regions:  # the rare path, as a task
-            return Submitted(asyncio.ensure_future(self.infer(request)), None, wanted)
+            submitted = Submitted(None, wanted)
+            task = submitted.future = asyncio.ensure_future(self.infer(request))
+            task.add_done_callback(lambda _: submitted.settle(on_done))
+            return submitted
         nbytes = request_bytes(arrays)
         budget = self._budget
+        submitted = Submitted(runtime.version, wanted, request.model)
+
+        def settled(queued: Request) -> None:
+            # Once, however the request ends (as in _run).
+            budget.release(nbytes)
+            budget.finished(nbytes)
+            submitted.future = queued.future
+            submitted.settle(on_done)
+
         try:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
                 queued = runtime.submit(arrays, request.deadline, dtypes, validated,
-                                        more_follow)
+                                        more_follow, settled)
             except BaseException:
                 budget.release(nbytes)
                 raise
         except BaseException:
             budget.finished(nbytes)
             raise
-
-        def release(_: object) -> None:  # once, however the request ends (as in _run)
-            budget.release(nbytes)
-            budget.finished(nbytes)
-
-        queued.future.add_done_callback(release)
-        return Submitted(queued.future, runtime.version, wanted, request.model)
+        submitted.future = queued.future
+        return submitted
 
     def _prepare(self, request: InferRequest) -> tuple[
             ModelRuntime, Sequence[TensorSpec], dict[str, np.ndarray], dict[str, str], bool]:
@@ -279,19 +289,26 @@ class LocalEngine:
 class Submitted:
     """A request `LocalEngine.submit` took: done, cancel, and its `InferResult`."""
 
-    __slots__ = ("_model", "_version", "_wanted", "future")
+    __slots__ = ("_model", "_version", "_wanted", "finished", "future")
 
-    def __init__(self, future: asyncio.Future[Any], version: str | None,
-                 wanted: Sequence[TensorSpec], model: str = "") -> None:
+    def __init__(self, version: str | None, wanted: Sequence[TensorSpec],
+                 model: str = "") -> None:
         # The batcher's future of the request's outputs, or (version None) a task that
-        # gives its InferResult.
-        self.future = future
+        # gives its InferResult; set by `submit`.
+        self.future: asyncio.Future[Any] | None = None
         self._version = version
         self._wanted = wanted
         self._model = model
+        # Whether its outcome is in (and `on_done` called).
+        self.finished = False
+
+    def settle(self, on_done: Callable[[Submitted], None]) -> None:
+        self.finished = True
+        on_done(self)
 
     def result(self) -> InferResult:
-        """The result, once `future` is done; raises what the request ended with."""
+        """The result, once finished; raises what the request ended with."""
+        assert self.future is not None
         value = self.future.result()
         if self._version is None:
             return value
@@ -299,7 +316,8 @@ class Submitted:
 
     def cancel(self) -> None:
         """Take the request out of its batch (if not run yet); it ends CancelledError."""
-        self.future.cancel()
+        if self.future is not None:
+            self.future.cancel()
 
 
 def _is_ready(runtime: ModelRuntime) -> bool:

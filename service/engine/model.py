@@ -252,18 +252,23 @@ class ModelRuntime:
 
     def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
                dtypes: Mapping[str, str], validated: Validated | None,
-               more_follow: bool = False) -> Request:
-        """`infer` without a coroutine: the request queued (or answered, when its batch
-        ran inline); its `future` gives the outputs. Refusals raise here.
+               more_follow: bool, on_done: Callable[[Request], None]) -> Request:
+        """`infer` without a coroutine: the request queued; `on_done(request)` once its
+        future is done (at once, before this returns, when its batch ran inline).
+        Refusals raise here.
 
         For the engine process, which takes requests by the frame: no task per
-        request, and `more_follow` (see `Batcher.submit`) lets a frame's
-        requests form batches together. Cancelling the future takes the request
-        out of its batch, as cancelling `infer` does; the outcome is counted
-        when the future is done, as `infer` counts it.
+        request, one callback per request, and `more_follow` (see
+        `Batcher.submit`) lets a frame's requests form batches together.
+        Cancelling the future takes the request out of its batch, as cancelling
+        `infer` does; the outcome is counted as `infer` counts it, before
+        `on_done`.
         """
         request = self._queue(inputs, deadline, dtypes, validated, more_follow)
-        request.future.add_done_callback(lambda _: self._settled(request))
+        if request.future.done():
+            self._settled(request, on_done)
+        else:
+            request.future.add_done_callback(lambda _: self._settled(request, on_done))
         return request
 
     def _queue(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
@@ -284,7 +289,7 @@ class ModelRuntime:
         self.counters.requests += 1
         return request
 
-    def _settled(self, request: Request) -> None:
+    def _settled(self, request: Request, on_done: Callable[[Request], None]) -> None:
         future = request.future
         if future.cancelled():
             self._count_cancelled(request)
@@ -292,6 +297,7 @@ class ModelRuntime:
             self._count_failed(request, error)
         elif error is None:
             self._count_success(request)
+        on_done(request)
 
     def _count_cancelled(self, request: Request) -> None:
         if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
