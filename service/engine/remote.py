@@ -48,8 +48,6 @@ log = logging.getLogger(__name__)
 
 K = link_pb2.Control
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-# How long output ranges read may wait for a request to carry them back (_release).
-RELEASE_DELAY_S = 0.001
 
 
 class _Failed(ServeError):
@@ -72,10 +70,8 @@ class RemoteEngine:
     """Implements engine/api.py's `Engine` over the link to the engine process."""
 
     def __init__(self, inputs: Arena, outputs: Arena,
-                 inline_max_bytes: int = codec.INLINE_MAX_BYTES,
-                 release_delay_s: float = RELEASE_DELAY_S) -> None:
+                 inline_max_bytes: int = codec.INLINE_MAX_BYTES) -> None:
         self._inputs = inputs
-        self._release_delay_s = release_delay_s
         self._outputs = outputs
         self.inline_max_bytes = inline_max_bytes
         self._link: Link | None = None
@@ -94,9 +90,6 @@ class RemoteEngine:
         # Set whenever no request is waiting for the engine's reply.
         self._idle = asyncio.Event()
         self._idle.set()
-        # Output ranges read and not yet handed back (see _release).
-        self._releases: list[int] = []
-        self._release_timer: asyncio.TimerHandle | None = None
 
     async def connect(self, sock: socket.socket) -> ServerConfig:
         """Open the link; returns the server config the engine sends first."""
@@ -139,10 +132,6 @@ class RemoteEngine:
                               "requests")
         rid = next(self._ids)
         frame = link.outgoing()
-        if self._releases:  # ranges read since the last frame go with this request
-            for read in self._releases:
-                frame.releases.add(offset=read)
-            self._releases.clear()
         message = frame.requests.add()
         message.id = rid
         message.model = request.model
@@ -271,29 +260,10 @@ class RemoteEngine:
                 pending.future.set_result(outcome)
         if not self._pending:
             self._idle.set()
-        if releases:
-            self._release(releases)
-
-    def _release(self, offsets: list[int]) -> None:
-        """Hand output ranges back to the engine: with the next request when one is sent
-        within `release_delay_s` (at concurrency 1 the next one usually is), else alone.
-
-        A frame of releases alone would wake the engine process once more per
-        request; a range held that much longer costs nothing (the engine falls
-        back to inline bytes when its ring is full).
-        """
-        self._releases.extend(offsets)
-        if self._release_timer is None:
-            self._release_timer = asyncio.get_running_loop().call_later(
-                self._release_delay_s, self._send_releases)
-
-    def _send_releases(self) -> None:
-        self._release_timer = None
-        if self._releases and self._link is not None and not self._link.closed:
+        if releases and self._link is not None and not self._link.closed:
             out = self._link.outgoing().releases
-            for offset in self._releases:
+            for offset in releases:
                 out.add(offset=offset)
-        self._releases.clear()
 
     def _outcome(self, reply: link_pb2.Reply, releases: list[int]) -> InferResult | ServeError:
         if reply.code:
@@ -353,8 +323,5 @@ class RemoteEngine:
             self._set_health(model, False)
 
     def close(self) -> None:
-        if self._release_timer is not None:
-            self._release_timer.cancel()
-            self._release_timer = None
         if self._link is not None:
             self._link.close()
