@@ -16,7 +16,7 @@ scenario:
 - `req/s`: what the load rows served (bound here by this 2-core machine, where
   the clients share the cores: read the CPU columns, not this).
 
-Scenarios: `c1` (one client, one request at a time) and `load` (2 links, 64
+Scenarios: `c1` (one client, one request at a time; half the requests) and `load` (2 links, 64
 requests in flight in all), each with a small tensor (1 row of 4 floats:
 inline in the frame) and a large one (1 row of 4096 floats, 16 KiB: through
 the arenas).
@@ -135,8 +135,11 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     process = f"/proc/{proc.pid}/stat"
     main_thread = f"/proc/{proc.pid}/task/{proc.pid}/stat"
     results: dict[str, dict[str, float]] = {}
+    only = os.environ.get("ENGINE_LOOP_ONLY")  # one scenario, e.g. "c1 large", to profile
     for mode, kind in SCENARIOS:
-        n = args.requests if mode == "load" else args.requests // 4
+        if only and f"{mode} {kind}" != only:
+            continue
+        n = args.requests if mode == "load" else args.requests // 2
         # Warm up (the batcher, the arenas' rings, ONNX Runtime's first runs).
         await asyncio.gather(*(remotes[0].infer(request(kind)) for _ in range(50)))
         cpu0, loop0, t0 = _cpu_s(process), _cpu_s(main_thread), time.perf_counter()
@@ -187,7 +190,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("trees", nargs="*", default=[str(HERE.parent.parent)])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--requests", type=int, default=20000, help="per load scenario (c1: 1/4)")
+    p.add_argument("--requests", type=int, default=20000, help="per load scenario (c1: half)")
     p.add_argument("--engine", help=argparse.SUPPRESS)
     p.add_argument("--clients", help=argparse.SUPPRESS)
     p.add_argument("--small", help=argparse.SUPPRESS)

@@ -75,6 +75,11 @@ class FrontendPort:
     # --- from the frontend ---
 
     def on_frame(self, frame: link_pb2.Frame) -> None:
+        # Ranges first: a request of this frame answered inline reuses the range of the
+        # reply it comes after (at concurrency 1, the same few hot pages every time)
+        # rather than walking the arena through cold ones.
+        for r in frame.releases:
+            self.outputs.free(r.offset)
         requests = frame.requests
         last = len(requests) - 1
         for i, request in enumerate(requests):
@@ -85,8 +90,6 @@ class FrontendPort:
             submitted = self.in_flight.get(rid)
             if submitted is not None:
                 submitted.cancel()
-        for r in frame.releases:
-            self.outputs.free(r.offset)
         for control in frame.controls:
             self._control(control)
 
