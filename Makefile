@@ -37,21 +37,21 @@ install-runtime: $(VENV)/.installed-runtime $(GEN)/.generated ## create .venv wi
 install: $(VENV)/.installed-dev $(GEN)/.generated ## install-runtime, then the test and dev extras
 
 # protoc writes imports as `from trtserve.v1 import x`; they live under
-# service.gen here, so the imports are rewritten to that package. The types go
+# trtserve.client.gen here, so the imports are rewritten to that package. The types go
 # into trtserve's own descriptor pool (service/descriptors.py says why).
 $(GEN)/.generated: $(PROTOS) $(VENV)/.installed-runtime Makefile
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
 	find $(GEN) -name '*.py*' -exec sed -i -E \
-	  -e 's/^from (trtserve\.v1|inference) import/from service.gen.\1 import/' \
-	  -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from service import descriptors as _descriptor_pool/' {} +
+	  -e 's/^from (trtserve\.v1|inference) import/from trtserve.client.gen.\1 import/' \
+	  -e 's/^from google.protobuf import descriptor_pool as _descriptor_pool$$/from trtserve.client import descriptors as _descriptor_pool/' {} +
 	find $(GEN) -type d -exec touch {}/__init__.py \;
 	touch $@
 
 proto: $(GEN)/.generated ## generate the Python gRPC code from protos/
 
 models/example.onnx: $(VENV)/.installed-runtime service/example_model.py
-	$(PY) -m service.example_model models/example.onnx
+	$(PY) -m trtserve.service.example_model models/example.onnx
 
 example: install-runtime models/example.onnx ## write the example ONNX model to models/example.onnx
 

@@ -34,8 +34,8 @@ def _load(url: str, deadline_s: float | None, concurrency: int, seconds: float,
     import grpc
     import numpy as np
 
-    from client.convert import infer_request
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.convert import infer_request
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     request = infer_request("example", {"input": np.ones((1, 64), np.float32)}, [])
     codes: collections.Counter[str] = collections.Counter()
@@ -64,12 +64,12 @@ def _load(url: str, deadline_s: float | None, concurrency: int, seconds: float,
     out.put({"codes": dict(codes), "cancelled_details": dict(details.most_common(5))})
 
 
-_SERVERS = {"trtserve": "service.cli", "floor": "benchmarks.grpc_floor",
+_SERVERS = {"trtserve": "trtserve.service.cli", "floor": "benchmarks.grpc_floor",
             "probe": "benchmarks.flood_probe_server"}
 
 
 def _stats(url: str) -> dict[str, int]:
-    from client import Client
+    from trtserve.client import Client
 
     with Client(url) as c:
         model = c.stats("example").models[0]
@@ -82,8 +82,8 @@ def _wait_serving(server: object) -> None:
     import grpc
     import numpy as np
 
-    from client.convert import infer_request
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.convert import infer_request
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     request = infer_request("example", {"input": np.ones((1, 64), np.float32)}, [])
     end = time.monotonic() + 60
@@ -100,7 +100,7 @@ def _wait_serving(server: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service import grpc_tuning
+    from trtserve.client import grpc_tuning
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ["GRPC_EXPERIMENTS"] = args.grpc_experiments
-    from service.example_model import write_example
-    from service.testing.servers import ServerProcess
+    from trtserve.service.example_model import write_example
+    from trtserve.service.testing.servers import ServerProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         model = write_example(Path(tmp) / "example.onnx")

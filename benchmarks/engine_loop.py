@@ -64,11 +64,11 @@ def _cpu_s(path: str) -> float:
 # --- the engine process ------------------------------------------------------------------
 
 async def _engine(args: argparse.Namespace) -> None:
-    from service.config import ModelConfig, ServerConfig
-    from service.engine.host import EngineHost
-    from service.engine.local import LocalEngine
-    from service.engine.repository import ModelRepository
     from service.ipc.shm import Arena
+    from trtserve.service.config import ModelConfig, ServerConfig
+    from trtserve.service.engine.host import EngineHost
+    from trtserve.service.engine.local import LocalEngine
+    from trtserve.service.engine.repository import ModelRepository
 
     repository = ModelRepository()
     for name, path in (("small", args.small), ("large", args.large)):
@@ -93,10 +93,10 @@ async def _engine(args: argparse.Namespace) -> None:
 async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import numpy as np
 
-    from service.engine.api import InferRequest, TensorIn
-    from service.engine.remote import RemoteEngine
     from service.ipc.shm import Arena
-    from service.testing.onnx_models import offset_net
+    from trtserve.service.engine.api import InferRequest, TensorIn
+    from trtserve.service.engine.remote import RemoteEngine
+    from trtserve.service.testing.onnx_models import offset_net
 
     tmp = Path(tempfile.mkdtemp())
     paths = {k: str(offset_net(tmp / f"{k}.onnx", 1.0, n)) for k, n in FEATURES.items()}
@@ -201,7 +201,7 @@ def main() -> None:
     if args.engine or args.clients:
         args.tree = args.engine or args.clients
         _use_tree(args.tree)
-        from service.server import loop_factory
+        from trtserve.service.server import loop_factory
         with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
             if args.engine:
                 profile = os.environ.get("ENGINE_LOOP_PROFILE")  # a path: cProfile's stats

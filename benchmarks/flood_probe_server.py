@@ -13,7 +13,7 @@ interceptors) could see it.
 from __future__ import annotations
 
 # First, before grpc loads: the transport trtserve runs on (unless overridden).
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
@@ -25,8 +25,8 @@ from typing import Any
 
 import grpc
 
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 VALID = ("x-valid", "1")
 counts: collections.Counter[str] = collections.Counter()

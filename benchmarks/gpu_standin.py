@@ -20,7 +20,7 @@ Sections (sized to finish in a few minutes on one GPU):
 from __future__ import annotations
 
 # First, before grpc loads: the transport trtserve runs on (GRPC_EXPERIMENTS= for gRPC's own).
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
@@ -62,15 +62,15 @@ class Dims:
 
 
 def _engine(dims: Dims, **options: Any) -> Any:
-    from service.testing.gpu_standin import StandinEngine
+    from trtserve.service.testing.gpu_standin import StandinEngine
 
     return StandinEngine(dims.in_features, dims.hidden, dims.out_features, **options)
 
 
 def _executor(engine: Any, cuda: Any, **options: Any) -> Any:
-    from service.backends.tensorrt.executor import TrtExecutor
-    from service.backends.tensorrt.load import graph_buckets
-    from service.testing.trt_double import trt_module
+    from trtserve.service.backends.tensorrt.executor import TrtExecutor
+    from trtserve.service.backends.tensorrt.load import graph_buckets
+    from trtserve.service.testing.trt_double import trt_module
 
     options.setdefault("graph_batch_sizes", graph_buckets((), engine.batch[2]))
     return TrtExecutor(engine, cuda, trt_module=trt_module, **options)
@@ -90,7 +90,7 @@ def _median_us(samples_ns: list[int]) -> float:
 def launch_cost(engine: Any, cuda: Any, rows: int, launches: int = 2000,
                 chunk: int = 25) -> dict[str, float]:
     """Host time of one plain execute_async_v3 vs one cudaGraphLaunch of the same work."""
-    from service.testing.trt_double import ExecutionContextAllocationStrategy
+    from trtserve.service.testing.trt_double import ExecutionContextAllocationStrategy
 
     stream = cuda.stream_create()
     event = cuda.event_create()
@@ -217,7 +217,7 @@ def raw_throughput(engine: Any, cuda: Any, workers: int, rows: int,
 
 
 def _request_bytes(model: str, rows: int, features: int) -> bytes:
-    from client.convert import infer_request
+    from trtserve.client.convert import infer_request
 
     return infer_request(model, {FEATURES_IN: _rows(rows, features)}).SerializeToString()
 
@@ -227,8 +227,8 @@ def _closed_loop_client(url: str, request: bytes, concurrency: int, start_at: fl
     """One client process: `concurrency` requests always in flight until `stop_at`."""
     import grpc
 
-    from service.gen.trtserve.v1 import inference_pb2 as pb
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     message = pb.InferRequest.FromString(request)
 
@@ -263,8 +263,8 @@ def _open_loop_client(url: str, request: bytes, rate: float, start_at: float,
     """One client process sending at a fixed rate; latency counts from the scheduled time."""
     import grpc
 
-    from service.gen.trtserve.v1 import inference_pb2 as pb
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     message = pb.InferRequest.FromString(request)
 
@@ -298,7 +298,7 @@ def _open_loop_client(url: str, request: bytes, rate: float, start_at: float,
 @contextmanager
 def _served(engine: Any, workers: int, max_queue_delay_us: int,
             inline_below_us: int | None = None, frontends: int = 1) -> Iterator[Any]:
-    from service.testing.gpu_standin import serving_standin, standin_config
+    from trtserve.service.testing.gpu_standin import serving_standin, standin_config
 
     options: dict[str, Any] = {} if inline_below_us is None else \
         {"inline_below_us": inline_below_us}
@@ -309,7 +309,7 @@ def _served(engine: Any, workers: int, max_queue_delay_us: int,
 
 
 def _stats(url: str) -> Any:
-    from client.client import Client
+    from trtserve.client.client import Client
 
     with Client(url) as c:
         return c.stats("standin").models[0]
@@ -349,7 +349,7 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
     with _served(engine, workers, max_queue_delay_us, inline_below_us, frontends) as server:
         loop_thread = server.call(_thread_ident())
         # Warm every worker's graphs before the clock starts.
-        from client.client import Client
+        from trtserve.client.client import Client
 
         with Client(server.url) as c:
             for rows in (1, 2, 4, 8, 16, 32, 64):
@@ -395,7 +395,7 @@ def fixed_rate_latency(engine: Any, workers: int, rate: float, processes: int,
     context = multiprocessing.get_context("spawn")
     request = _request_bytes("standin", 1, engine.in_features)
     with _served(engine, workers, max_queue_delay_us) as server:
-        from client.client import Client
+        from trtserve.client.client import Client
 
         with Client(server.url) as c:
             for rows in (1, 2, 4, 8, 16, 32, 64):
@@ -429,7 +429,7 @@ def fixed_rate_latency(engine: Any, workers: int, rate: float, processes: int,
 
 
 def _device(cuda: Any) -> str:
-    from service.backends.tensorrt.cuda import runtime_module
+    from trtserve.service.backends.tensorrt.cuda import runtime_module
 
     rt = runtime_module()
     err, driver = rt.cudaDriverGetVersion()
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds = 2.0
 
-    from service.backends.tensorrt.cuda import CudaRuntime
+    from trtserve.service.backends.tensorrt.cuda import CudaRuntime
 
     cuda = CudaRuntime(0)
     cuda.set_device()

@@ -25,7 +25,7 @@ It runs on the gRPC transport and event loop trtserve runs on
 from __future__ import annotations
 
 # First, before grpc loads: the transport trtserve runs on.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
@@ -34,10 +34,10 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import numpy as np
 
-from service.backends.onnxruntime import OrtExecutor
-from service.config import EVENT_LOOPS
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.server import loop_factory
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.backends.onnxruntime import OrtExecutor
+from trtserve.service.config import EVENT_LOOPS
+from trtserve.service.server import loop_factory
 
 
 def run_model(path: str) -> Callable[[bytes], bytes]:

@@ -31,10 +31,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from client.convert import infer_request
-from service.example_model import INPUT_NAME, write_example
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.example_model import INPUT_NAME, write_example
 
 MODEL = "example"
 V1_INFER = "/trtserve.v1.InferenceService/Infer"
@@ -151,7 +151,7 @@ def main() -> None:
         port = free_port()
         limit = max(args.mb) * 1024 * 1024 + 1024
         server = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+            [sys.executable, "-m", "trtserve.service.cli", "serve", "--port", str(port),
              "--metrics-port", "0", "--http-port", "0", "--model", f"{MODEL}={model}",
              "--workers", "1",
              "--max-receive-message-bytes", str(limit), "--log-level", "WARNING"])

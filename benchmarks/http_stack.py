@@ -153,12 +153,12 @@ def stacks(seconds: float) -> None:
 def trtserve(seconds: float) -> None:
     import tritonclient.grpc.aio as grpcclient
 
-    from service.example_model import write_example
+    from trtserve.service.example_model import write_example
 
     model = write_example(Path(tempfile.mkdtemp()) / "example.onnx")
     grpc_port, http_port = _free_port(), _free_port()
     child = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", f"example={model}",
+        [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
          "--workers", "1", "--port", str(grpc_port), "--metrics-port", "0",
          "--http-port", str(http_port), "--log-level", "WARNING"], cwd=ROOT)
     header = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",

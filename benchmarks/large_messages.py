@@ -11,7 +11,7 @@ The server runs on the transport trtserve runs on (service/grpc_tuning.py, uvloo
 from __future__ import annotations
 
 # First, before grpc loads: the transport trtserve runs on.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import asyncio
 import sys
@@ -88,8 +88,8 @@ VARIANTS: dict[str, Options] = {
 
 def decode_ms() -> dict[str, float]:
     """What trtserve's decoding of such a request costs: protobuf's copies."""
-    from service.gen.inference import grpc_service_pb2 as kpb
-    from service.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
     x = np.random.default_rng(0).standard_normal((1, 3, 640, 640)).astype(np.float32)
     v1 = pb.InferRequest(model="m")

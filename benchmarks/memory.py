@@ -29,8 +29,8 @@ import grpc
 import numpy as np
 import psutil
 
-from client import AsyncClient, InferenceError
-from service.testing.onnx_models import conv_net
+from trtserve.client import AsyncClient, InferenceError
+from trtserve.service.testing.onnx_models import conv_net
 
 MIB = 1024 * 1024
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def main() -> int:
         port = _free_port()
         log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process below
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", f"conv={model}",
+            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"conv={model}",
              "--port", str(port), "--metrics-port", "0", "--workers", str(args.workers),
              "--max-receive-message-bytes", str(512 * MIB), *args.serve_args],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))

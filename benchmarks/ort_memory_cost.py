@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.example_model import write_example
-from service.memory import tune_malloc
-from service.testing.onnx_models import conv_net
+from trtserve.service.example_model import write_example
+from trtserve.service.memory import tune_malloc
+from trtserve.service.testing.onnx_models import conv_net
 
 MODES = ("arena", "default", "mmap4")
 

@@ -18,7 +18,7 @@ path with --perf-analyzer or PERF_ANALYZER.
 from __future__ import annotations
 
 # First, before grpc loads: the transport trtserve runs on (GRPC_EXPERIMENTS= for gRPC's own).
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import datetime
@@ -31,9 +31,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.config import EVENT_LOOPS, ModelConfig
-from service.example_model import write_example
-from service.testing.servers import ROOT, free_port, running_server, server_config
+from trtserve.service.config import EVENT_LOOPS, ModelConfig
+from trtserve.service.example_model import write_example
+from trtserve.service.testing.servers import ROOT, free_port, running_server, server_config
 
 RANGE = "1:57:8"  # perf_analyzer's --concurrency-range: start:end:step
 PA_LINE = re.compile(r"Concurrency: (\d+), throughput: ([\d.]+) infer/sec, latency (\d+) usec")
@@ -61,7 +61,7 @@ def perf_analyzer(binary: str, url: str, model: str, streaming: bool, log: Path,
 
 
 def our_bench(url: str, model: str, spec: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "client.cli", "--url", url, "bench", "--model", model,
+    cmd = [sys.executable, "-m", "trtserve.client.cli", "--url", url, "bench", "--model", model,
            "--protocol", "kserve", "--concurrency", ",".join(map(str, levels(spec))),
            "--duration", "3", "--warmup", "1", "--json", "--quiet"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -120,13 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         engine = None
         if not args.no_gpu:
             try:
-                from service.testing.gpu_standin import StandinEngine, standin_config, standin_model
+                from trtserve.service.testing.gpu_standin import (
+                    StandinEngine,
+                    standin_config,
+                    standin_model,
+                )
 
                 engine = StandinEngine()
             except Exception as e:  # no GPU/CuPy: the CPU model alone
                 print(f"GPU stand-in unavailable ({type(e).__name__}: {e}); CPU model only")
         if engine is not None:
-            from service.engine.model import ModelRuntime
+            from trtserve.service.engine.model import ModelRuntime
 
             config = standin_config(workers=2, max_queue_delay_us=0, max_queue_size=65536)
             runtime = ModelRuntime(config, standin_model(config, engine))

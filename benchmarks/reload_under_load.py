@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from client import AsyncClient
-from client.errors import InferenceError
-from service.example_model import write_example
+from trtserve.client import AsyncClient
+from trtserve.client.errors import InferenceError
+from trtserve.service.example_model import write_example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,7 +115,8 @@ def main() -> None:
         port = _free_port()
         log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", f"example={files[0]}",
+            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model",
+             f"example={files[0]}",
              "--port", str(port), "--metrics-port", "0", "--workers", "2",
              "--log-level", "WARNING"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:

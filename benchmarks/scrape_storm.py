@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from client import AsyncClient, Client
-from service.example_model import write_example
+from trtserve.client import AsyncClient, Client
+from trtserve.service.example_model import write_example
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,7 +157,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": args.server_root}
         log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--model", f"example={model}",
+            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
              "--workers", "1", "--port", str(port), "--metrics-port", str(metrics_port),
              "--log-level", "WARNING"], cwd=args.server_root, env=env, stdout=log,
             stderr=subprocess.STDOUT)

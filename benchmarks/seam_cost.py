@@ -29,18 +29,18 @@ from typing import Any
 async def _measure(rounds: int, per_round: int) -> dict[str, float]:
     import numpy as np
 
-    from service.config import ModelConfig
-    from service.example_model import write_example
-    from service.gen.inference import grpc_service_pb2 as kpb
-    from service.gen.trtserve.v1 import inference_pb2 as pb
-    from service.limits import ByteBudget
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.service.config import ModelConfig
+    from trtserve.service.example_model import write_example
+    from trtserve.service.limits import ByteBudget
 
     try:
-        repository_module = importlib.import_module("service.engine.repository")
+        repository_module = importlib.import_module("trtserve.service.engine.repository")
     except ImportError:  # a tree from before the engine package
         repository_module = importlib.import_module("service.repository")
-    v1_module = importlib.import_module("service.frontends.v1")
-    kserve_module = importlib.import_module("service.frontends.kserve")
+    v1_module = importlib.import_module("trtserve.service.frontends.v1")
+    kserve_module = importlib.import_module("trtserve.service.frontends.kserve")
 
     model = Path(tempfile.mkdtemp()) / "example.onnx"
     write_example(model)
@@ -50,7 +50,7 @@ async def _measure(rounds: int, per_round: int) -> dict[str, float]:
     v1: Any
     kserve: Any
     try:
-        local = importlib.import_module("service.engine.local")
+        local = importlib.import_module("trtserve.service.engine.local")
         engine = local.LocalEngine(repository, budget)
         v1, kserve = v1_module.InferenceService(engine), kserve_module.KServeInferenceService(
             engine)

@@ -16,7 +16,7 @@ and for scale: the model alone in ONNX Runtime and one memcpy of the image.
 from __future__ import annotations
 
 # First, before grpc loads: the transport trtserve runs on.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import tempfile
@@ -28,8 +28,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from benchmarks.cpu.harness import trtserve
-from client.bench import BenchConfig, Level, run
-from client.bench.config import LevelResult
+from trtserve.client.bench import BenchConfig, Level, run
+from trtserve.client.bench.config import LevelResult
 
 SHAPE = (3, 640, 640)
 

@@ -1,6 +1,6 @@
 """trtserve's Python client."""
 
-from client.client import AsyncClient, Client, InferenceError, KServeClient
-from client.stream import InferStream
+from trtserve.client.client import AsyncClient, Client, InferenceError, KServeClient
+from trtserve.client.stream import InferStream
 
 __all__ = ["AsyncClient", "Client", "InferStream", "InferenceError", "KServeClient"]

@@ -15,12 +15,12 @@ import grpc
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from client.client import Client, InferenceError, KServeClient
-from client.convert import dtype_label
-from client.random_data import random_array
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.version import version
+from trtserve.client.client import Client, InferenceError, KServeClient
+from trtserve.client.convert import dtype_label
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.random_data import random_array
+from trtserve.service.version import version
 
 # What a shell reports for a command killed by SIGPIPE: 128 + 13.
 SIGPIPE_EXIT = 128 + signal.SIGPIPE
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         a.add_argument("--json", action="store_true")
 
     try:
-        from client import bench
+        from trtserve.client import bench
     except ImportError:  # the bench tool's optional dependencies are missing
         pass
     else:

@@ -2,7 +2,7 @@
 trtserve.v1; `KServeClient` (blocking) speaks KServe v2, for the same server or any
 other KServe v2 / Triton server.
 
-    from client import Client
+    from trtserve.client import Client
     with Client("127.0.0.1:8001") as c:
         out = c.infer("example", {"input": np.ones((1, 64), np.float32)})
 
@@ -18,17 +18,17 @@ from typing import Any, Self
 import grpc
 import numpy as np
 
-from client.channels import DEFAULT_MAX_MESSAGE_BYTES, Endpoint
-from client.convert import infer_request, outputs_of
-from client.errors import InferenceError
-from client.kserve_convert import kserve_outputs, kserve_request
-from client.shared_memory import CudaRegion, RegionSlot, RegionTensor, SystemRegion
-from client.stream import InferStream
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.gen.inference import model_config_pb2 as kmc
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.channels import DEFAULT_MAX_MESSAGE_BYTES, Endpoint
+from trtserve.client.convert import infer_request, outputs_of
+from trtserve.client.errors import InferenceError
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from trtserve.client.gen.inference import model_config_pb2 as kmc
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.kserve_convert import kserve_outputs, kserve_request
+from trtserve.client.shared_memory import CudaRegion, RegionSlot, RegionTensor, SystemRegion
+from trtserve.client.stream import InferStream
 
 Region = SystemRegion | CudaRegion
 

@@ -6,9 +6,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from client.shared_memory import CudaRegion, RegionSlot, RegionTensor, SystemRegion
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.tensors import DTYPES, dtype_name, encode
+from trtserve.client.dtypes import DTYPES, dtype_name, encode
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.shared_memory import CudaRegion, RegionSlot, RegionTensor, SystemRegion
 
 _ENUM = {name: pb.DataType.Value(f"DATA_TYPE_{name}") for name in DTYPES}
 _NAME = {v: k for k, v in _ENUM.items()}

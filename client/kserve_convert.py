@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.tensors import DTYPES, decode, dtype_name, encode
+from trtserve.client.dtypes import DTYPES, decode, dtype_name, encode
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
 
 def kserve_request(model: str, inputs: Mapping[str, np.ndarray],
@@ -38,7 +38,8 @@ _TYPED_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_c
 def kserve_outputs(response: kpb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Outputs by name; raw_output_contents[i] belongs to outputs[i], typed contents after.
 
-    BF16 outputs come back as uint16 bit patterns (service.tensors.bf16_to_fp32 widens them).
+    BF16 outputs come back as uint16 bit patterns (trtserve.service.tensors.bf16_to_fp32 widens
+    them).
     """
     result = {}
     raw = response.raw_output_contents

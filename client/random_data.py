@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.tensors import DTYPES, fp32_to_bf16
+from trtserve.client.dtypes import DTYPES, fp32_to_bf16
 
 
 def random_array(dtype: str, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:

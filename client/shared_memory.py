@@ -30,7 +30,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from service.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class CudaRegion:
     kind = "cuda"
 
     def __init__(self, byte_size: int, device_id: int = 0, name: str = "") -> None:
-        from service.backends.tensorrt.cuda import check, runtime_module
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
 
         rt = runtime_module()
         self.name = name or f"trtserve-cuda-{uuid.uuid4().hex[:16]}"
@@ -153,7 +153,7 @@ class CudaRegion:
         return RegionSlot(self.name, offset, byte_size)
 
     def upload(self, array: np.ndarray, offset: int = 0) -> RegionSlot:
-        from service.backends.tensorrt.cuda import check, runtime_module
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
 
         rt = runtime_module()
         array = np.ascontiguousarray(array)
@@ -163,7 +163,7 @@ class CudaRegion:
         return slot
 
     def download(self, dtype: Any, shape: tuple[int, ...], offset: int = 0) -> np.ndarray:
-        from service.backends.tensorrt.cuda import check, runtime_module
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
 
         rt = runtime_module()
         out = np.empty(shape, dtype=dtype)
@@ -173,7 +173,7 @@ class CudaRegion:
         return out
 
     def close(self) -> None:
-        from service.backends.tensorrt.cuda import check, runtime_module
+        from trtserve.service.backends.tensorrt.cuda import check, runtime_module
 
         check(runtime_module().cudaFree(self.pointer), "cudaFree")
 

@@ -21,10 +21,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.convert import infer_request, outputs_of
-from client.errors import InferenceError
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.convert import infer_request, outputs_of
+from trtserve.client.errors import InferenceError
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from service.errors import ConfigError
+from trtserve.service.errors import ConfigError
 
 TOKEN_ENV = "TRTSERVE_AUTH_TOKEN"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

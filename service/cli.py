@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 # First, before any module imports grpc: it sets what gRPC's C core reads as grpc loads.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
@@ -11,17 +11,17 @@ import dataclasses
 import logging
 import sys
 
-from service.arg_types import batching_mode, frontends_count, int_list, name_path
-from service.build.settings import add_build_flags, build_overrides
-from service.config import (
+from trtserve.client.arg_types import batching_mode, frontends_count, int_list, name_path
+from trtserve.service.build.settings import add_build_flags, build_overrides
+from trtserve.service.config import (
     EVENT_LOOPS,
     MODEL_LOAD_FAILURE,
     ModelConfig,
     ServerConfig,
     load_toml,
 )
-from service.errors import ConfigError, StartError, first_line
-from service.version import version
+from trtserve.service.errors import ConfigError, StartError, first_line
+from trtserve.service.version import version
 
 log = logging.getLogger("trtserve")
 
@@ -197,9 +197,9 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from service import processes
-    from service.memory import tune_malloc
-    from service.server import Server, loop_factory
+    from trtserve.service import processes
+    from trtserve.service.memory import tune_malloc
+    from trtserve.service.server import Server, loop_factory
 
     frontends = args.frontends if args.frontends is not None else "auto"
     logging.basicConfig(level=args.log_level, format=processes.log_format(
@@ -240,15 +240,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
-    from service.build import cli as build_cli
+    from trtserve.service.build import cli as build_cli
 
     build_cli.register(sub)
     import importlib
 
     try:
-        sweep_cli = importlib.import_module("service.sweep.cli")
+        sweep_cli = importlib.import_module("trtserve.service.sweep.cli")
     except ModuleNotFoundError as e:
-        if e.name not in ("service.sweep", "service.sweep.cli"):
+        if e.name not in ("trtserve.service.sweep", "trtserve.service.sweep.cli"):
             raise
     else:
         sweep_cli.register(sub)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.errors import ConfigError
+from trtserve.service.errors import ConfigError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 MIB = 1024 * 1024
@@ -46,7 +46,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         # The same checks as `trtserve build` flags get (one definition, in
         # build/settings.py); imported here because it imports this module.
-        from service.build.settings import check_build_config
+        from trtserve.service.build.settings import check_build_config
 
         check_build_config(self)
 

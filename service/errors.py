@@ -11,7 +11,7 @@ import re
 
 import grpc
 
-from service import echo
+from trtserve.service import echo
 
 
 class ServeError(Exception):

@@ -1,7 +1,7 @@
 """Writes the bundled example model: a small MLP with a dynamic batch dimension.
 
 Generated in code so nothing large lives in git:
-`python -m service.example_model models/example.onnx`.
+`python -m trtserve.service.example_model models/example.onnx`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ engine goes away (health NOT_SERVING first, so load balancers look elsewhere).
 from __future__ import annotations
 
 # First, before any module imports grpc: it sets what gRPC's C core reads as grpc loads.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
@@ -19,13 +19,13 @@ import signal
 import socket
 import sys
 
-from service import auth, tls
-from service.config import ServerConfig
-from service.engine.remote import RemoteEngine
 from service.ipc.shm import Arena
-from service.memory import tune_malloc
-from service.processes import log_format
-from service.server import NOT_SERVING, SERVING, Server, loop_factory
+from trtserve.service import auth, tls
+from trtserve.service.config import ServerConfig
+from trtserve.service.engine.remote import RemoteEngine
+from trtserve.service.memory import tune_malloc
+from trtserve.service.processes import log_format
+from trtserve.service.server import NOT_SERVING, SERVING, Server, loop_factory
 
 log = logging.getLogger("trtserve.frontend")
 

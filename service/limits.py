@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.backends.base import ModelSpec
-from service.config import ModelConfig
-from service.errors import ConfigError, ResourceExhausted, TensorError
+from trtserve.service.backends.base import ModelSpec
+from trtserve.service.config import ModelConfig
+from trtserve.service.errors import ConfigError, ResourceExhausted, TensorError
 
 MIB = 1024 * 1024
 

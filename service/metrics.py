@@ -27,9 +27,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from service import auth
-from service.config import ServerConfig
-from service.engine.api import (
+from trtserve.service import auth
+from trtserve.service.config import ServerConfig
+from trtserve.service.engine.api import (
     ByteBudgetSnapshot,
     DurationHistogram,
     FrontendSnapshot,
@@ -39,9 +39,9 @@ from service.engine.api import (
     StatsSource,
     WorkerSnapshot,
 )
-from service.errors import ConfigError
-from service.metrics_http import PATH, ScrapeLimits, bind
-from service.metrics_process import MetricsProcess, MetricsStartError
+from trtserve.service.errors import ConfigError
+from trtserve.service.metrics_http import PATH, ScrapeLimits, bind
+from trtserve.service.metrics_process import MetricsProcess, MetricsStartError
 
 log = logging.getLogger(__name__)
 

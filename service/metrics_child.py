@@ -1,4 +1,5 @@
-"""The metrics process: `python -m service.metrics_child`, started by service/metrics_process.py.
+"""The metrics process: `python -m trtserve.service.metrics_child`, started by
+service/metrics_process.py.
 
 It serves HTTP on the listening socket the server bound (so bind errors are
 the server's, in its own words) and asks the server, over a socketpair, for
@@ -15,7 +16,7 @@ The link, both ways binary: the child sends b"S" + 8 zero bytes once it
 serves, or b"E" + 8-byte length + a UTF-8 message if it cannot; then
 b"R" + an 8-byte sequence number per render it needs, and the server
 answers each with the sequence number, an 8-byte length and the pickled
-metric families (service.metrics.snapshot).
+metric families (trtserve.service.metrics.snapshot).
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from typing import Any
 
 from prometheus_client import Metric, ProcessCollector, generate_latest
 
-from service.config import TlsConfig
-from service.metrics_http import ScrapeLimits, ScrapeServer
-from service.tls import server_ssl_context
+from trtserve.service.config import TlsConfig
+from trtserve.service.metrics_http import ScrapeLimits, ScrapeServer
+from trtserve.service.tls import server_ssl_context
 
-log = logging.getLogger("service.metrics")
+log = logging.getLogger("trtserve.service.metrics")
 
 NICE = 10
 
@@ -114,7 +115,7 @@ async def serve(setup: dict[str, Any]) -> None:
 
         async def render() -> bytes:
             snapshot = await server.render()
-            # The server's own pickle (service.metrics.snapshot), over a socketpair only
+            # The server's own pickle (trtserve.service.metrics.snapshot), over a socketpair only
             # it holds; empty when its read failed (it logged why).
             families = pickle.loads(snapshot) if snapshot else []
             return generate_latest(_Scrape(families, process))

@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from service.metrics_http import ScrapeLimits
+from trtserve.service.metrics_http import ScrapeLimits
 
-log = logging.getLogger("service.metrics")
+log = logging.getLogger("trtserve.service.metrics")
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
@@ -64,7 +64,7 @@ class MetricsProcess:
                                                            os.environ.get("PYTHONPATH"))))}
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "service.metrics_child"], stdin=subprocess.PIPE,
+                [sys.executable, "-m", "trtserve.service.metrics_child"], stdin=subprocess.PIPE,
                 pass_fds=(self._listener.fileno(), child_end.fileno()), env=env)
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(setup).encode())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import socket
 
-from service.errors import ConfigError, PortInUse
+from trtserve.service.errors import ConfigError, PortInUse
 
 # gRPC channel argument: our listener does not share its port with other processes.
 GRPC_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.so_reuseport", 0),)

@@ -34,13 +34,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-from service.config import ModelConfig, ServerConfig
-from service.engine.host import EngineHost, FrontendPort
-from service.engine.model import ModelRuntime
-from service.errors import PortInUse, StartError
 from service.ipc.shm import Arena
-from service.metrics import start_metrics
-from service.server import Server
+from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.engine.host import EngineHost, FrontendPort
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.errors import PortInUse, StartError
+from trtserve.service.metrics import start_metrics
+from trtserve.service.server import Server
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class EngineServer(Server):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "service.frontend_process",
+                sys.executable, "-m", "trtserve.service.frontend_process",
                 "--index", str(index), "--link-fd", str(theirs.fileno()),
                 "--inputs-fd", str(inputs.fd), "--outputs-fd", str(outputs.fd),
                 "--arena-bytes", str(arena_bytes), "--log-level", self.log_level,
@@ -266,7 +266,7 @@ class EngineServer(Server):
 
 def serve(config: ServerConfig, log_level: str) -> int:
     """Run the engine and its frontends until SIGTERM or SIGINT; the process's exit code."""
-    from service.server import loop_factory
+    from trtserve.service.server import loop_factory
 
     server = EngineServer(config, config.resolved_frontends, log_level)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:

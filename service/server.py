@@ -19,24 +19,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from service import auth, descriptors, ports, tls
-from service.config import ModelConfig, ServerConfig
-from service.engine.local import LocalEngine
-from service.engine.model import ModelRuntime
-from service.engine.regions import RegionRegistry
-from service.engine.repository import ModelRepository, check_model
-from service.engine.watch import FileWatch
-from service.errors import ConfigError, PortInUse, StartError
-from service.frontends import malformed
-from service.frontends.kserve import add_to_server
-from service.frontends.kserve_http import HttpServer, KServeHttp
-from service.frontends.streaming import StreamLimits
-from service.frontends.v1 import InferenceService
-from service.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
-from service.limits import ByteBudget
-from service.memory import Trimmer
-from service.metrics import start_metrics
-from service.metrics_process import MetricsProcess
+from trtserve.client import descriptors
+from trtserve.client.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
+from trtserve.service import auth, ports, tls
+from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.engine.regions import RegionRegistry
+from trtserve.service.engine.repository import ModelRepository, check_model
+from trtserve.service.engine.watch import FileWatch
+from trtserve.service.errors import ConfigError, PortInUse, StartError
+from trtserve.service.frontends import malformed
+from trtserve.service.frontends.kserve import add_to_server
+from trtserve.service.frontends.kserve_http import HttpServer, KServeHttp
+from trtserve.service.frontends.streaming import StreamLimits
+from trtserve.service.frontends.v1 import InferenceService
+from trtserve.service.limits import ByteBudget
+from trtserve.service.memory import Trimmer
+from trtserve.service.metrics import start_metrics
+from trtserve.service.metrics_process import MetricsProcess
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     uvloop runs the loop itself (epoll, callbacks, timers) in C: grpc.aio's
     per-call tasks and callbacks cost less Python with it (docs/benchmarks.md,
     "gRPC transport"). The serving clock does not depend on the choice
-    (service.engine.timer.now).
+    (trtserve.client.timer.now).
     """
     if choice == "asyncio":
         return None

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import echo
-from service.errors import TensorError
+from trtserve.service import echo
+from trtserve.service.errors import TensorError
 
 # Wire name -> numpy dtype (little-endian). BF16 is carried as uint16.
 DTYPES: dict[str, np.dtype] = {

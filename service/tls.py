@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 
-from service.config import TlsConfig
-from service.errors import ConfigError
+from trtserve.service.config import TlsConfig
+from trtserve.service.errors import ConfigError
 
 _CERT = b"-----BEGIN CERTIFICATE-----"
 _KEY = b"PRIVATE KEY-----"

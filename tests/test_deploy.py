@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from service import cli
-from service.testing.servers import ROOT
+from trtserve.service import cli
+from trtserve.service.testing.servers import ROOT
 
 DEPLOY = ROOT / "deploy"
 MANIFEST = DEPLOY / "kubernetes" / "sidecar.yaml"

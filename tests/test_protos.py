@@ -29,7 +29,7 @@ import pytest
 from google.protobuf import descriptor_pb2, text_format
 from google.protobuf.descriptor import FileDescriptor
 
-from service.testing.servers import ROOT
+from trtserve.service.testing.servers import ROOT
 
 PROTOS = ROOT / "protos"
 OURS = ("trtserve/v1/inference.proto", "inference/grpc_service.proto",

@@ -25,7 +25,7 @@ from benchmarks.cpu.experiments import (
 )
 from benchmarks.cpu.harness import rel, say
 from benchmarks.cpu.render import RENDER, bench_machine, command_line, render, write_doc
-from service.example_model import write_example
+from trtserve.service.example_model import write_example
 
 
 def parse(argv: list[str] | None) -> Options:

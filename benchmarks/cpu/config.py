@@ -13,7 +13,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 PYTRITON_VENV = Path("/tmp/pytriton-venv")
 
-# The models, written in code (service.example_model.make_mlp): FP32 MLPs with a
+# The models, written in code (trtserve.service.example_model.make_mlp): FP32 MLPs with a
 # dynamic batch dimension. "heavy": a batch of 64 costs on the order of 100 ms
 # on two cores; "medium": about a third of that; "light": the bundled example.
 MODELS = {

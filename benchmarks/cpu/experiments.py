@@ -32,11 +32,11 @@ from benchmarks.cpu.harness import (
     trtserve,
     wait_ready,
 )
-from client.bench import BenchConfig, Level
-from client.bench import run as run_bench
-from service.backends.onnxruntime import default_threads, usable_cores
-from service.config import ModelConfig
-from service.sweep.runner import sweep as profile
+from trtserve.client.bench import BenchConfig, Level
+from trtserve.client.bench import run as run_bench
+from trtserve.service.backends.onnxruntime import default_threads, usable_cores
+from trtserve.service.config import ModelConfig
+from trtserve.service.sweep.runner import sweep as profile
 
 
 def served_over_raw(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, Any]:
@@ -252,7 +252,7 @@ def _grpc_experiments(value: str | None) -> Iterator[None]:
 def floor(opts: Options, log_dir: Path, experiments: str | None, event_loop: str,
           streaming: bool = False, onnx: Path | None = None) -> Run:
     """One closed-loop run at concurrency 1 against the no-op server (or the lean one)."""
-    from client.bench import model_inputs
+    from trtserve.client.bench import model_inputs
 
     port = free_port()
     cmd = [PY, "-m", "benchmarks.grpc_floor", "--port", str(port), "--event-loop", event_loop]
@@ -338,7 +338,7 @@ def memory(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, A
 
 def loop_profile(opts: Options, models: dict[str, Path]) -> dict[str, Any]:
     """cProfile of the server's event-loop thread while it serves concurrency 64."""
-    from service.testing.servers import running_server, server_config
+    from trtserve.service.testing.servers import running_server, server_config
 
     say("profile of the event loop under load")
     config = server_config(ModelConfig(name="light", path=str(models["light"]),

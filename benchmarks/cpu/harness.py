@@ -21,8 +21,8 @@ import grpc
 import psutil
 
 from benchmarks.cpu.config import DELAY_US, MAX_BATCH, PY, ROOT, WORKERS, Options
-from client.bench import BenchConfig, Level, LevelResult
-from client.bench import run as run_bench
+from trtserve.client.bench import BenchConfig, Level, LevelResult
+from trtserve.client.bench import run as run_bench
 
 # --- child processes ----------------------------------------------------------------------
 
@@ -120,7 +120,8 @@ def trtserve(model: str, path: Path, log_dir: Path, workers: int = WORKERS,
     flags = ["--model", f"{model}={path}", "--workers", str(workers), "--max-batch-size",
              str(max_batch), "--max-queue-delay-us", str(delay_us), *extra]
     child = Child(f"trtserve-{model}-w{workers}-b{max_batch}-d{delay_us}-{port}",
-                  [PY, "-m", "service.cli", "serve", "--port", str(port), "--metrics-port", "0",
+                  [PY, "-m", "trtserve.service.cli", "serve", "--port", str(port),
+                   "--metrics-port", "0",
                    "--http-port", "0",
                    "--log-level", "WARNING", *flags], log_dir)
     url = f"127.0.0.1:{port}"
@@ -143,8 +144,8 @@ def rel(text: str) -> str:
 
 
 def kserve_ready(url: str, model: str) -> Any:
-    from service.gen.inference import grpc_service_pb2 as kpb
-    from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 
     channel = grpc.insecure_channel(url)
     stub = kpb_grpc.GRPCInferenceServiceStub(channel)
@@ -267,8 +268,8 @@ def bench(served: Served, opts: Options, level: Level, protocol: str = "v1",
 
 
 def stats(served: Served) -> Any:
-    from service.gen.trtserve.v1 import inference_pb2 as pb
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(served.url) as channel:
         return pb_grpc.InferenceServiceStub(channel).Stats(pb.StatsRequest(model=served.model),

@@ -15,8 +15,8 @@ import psutil
 
 from benchmarks.cpu.config import BEGIN, DELAY_US, END, MAX_BATCH, MODELS, STEPS, WORKERS, Options
 from benchmarks.cpu.experiments import FLOORS, LEAN_FLOOR, STREAM_FLOOR, UNARY_FLOOR
-from client.bench import machine_info
-from service.backends.onnxruntime import default_threads
+from trtserve.client.bench import machine_info
+from trtserve.service.backends.onnxruntime import default_threads
 
 
 def _med(values: Sequence[float]) -> float:
@@ -66,7 +66,7 @@ def render(results: dict[str, Any], opts: Options, machine: dict[str, Any], bega
         f"- Servers: {WORKERS} workers (ONNX Runtime sessions, {machine.get('threads', '?')} "
         f"intra-op thread(s) each, not spinning), max_batch_size {MAX_BATCH}, max_queue_delay_us "
         f"{DELAY_US} unless a row says otherwise; 1 row per request.",
-        "- Models (written by benchmarks/cpu/ with `service.example_model.make_mlp`, FP32, "
+        "- Models (written by benchmarks/cpu/ with `trtserve.service.example_model.make_mlp`, FP32, "
         "dynamic batch): " + "; ".join(
             f"`{n}` = {MODELS[n]['layers']} Gemm layers, {MODELS[n]['in_features']} in, "
             f"{MODELS[n]['hidden']} hidden" for n in MODELS),

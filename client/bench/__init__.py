@@ -43,10 +43,11 @@ throughput (or the last bit of latency) should call a Python server.
 #   report.py     machine info; the table, JSON and CSV
 #   cli.py        the flags, the config they make, the command
 
-from client.bench import streams
-from client.bench.channels import KSERVE_INFER, V1_INFER
-from client.bench.cli import cmd_bench, config_from_args, register
-from client.bench.config import (
+from trtserve.client import grpc_tuning  # noqa: F401  # sets GRPC_EXPERIMENTS for the load processes
+from trtserve.client.bench import streams
+from trtserve.client.bench.channels import KSERVE_INFER, V1_INFER
+from trtserve.client.bench.cli import cmd_bench, config_from_args, register
+from trtserve.client.bench.config import (
     CLIENT_BUSY,
     PROTOCOLS,
     BenchConfig,
@@ -55,10 +56,10 @@ from client.bench.config import (
     LevelResult,
     TensorInfo,
 )
-from client.bench.load import Call
-from client.bench.processes import run
-from client.bench.report import COLUMNS, machine_info, table, to_csv, to_json
-from client.bench.requests import (
+from trtserve.client.bench.load import Call
+from trtserve.client.bench.processes import run
+from trtserve.client.bench.report import COLUMNS, machine_info, table, to_csv, to_json
+from trtserve.client.bench.requests import (
     concrete_shape,
     encode_request,
     make_inputs,
@@ -66,7 +67,6 @@ from client.bench.requests import (
     prepare,
     server_batches,
 )
-from service import grpc_tuning  # noqa: F401  # sets GRPC_EXPERIMENTS for the load processes
 
 __all__ = [
     "CLIENT_BUSY",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from client.bench.config import BenchConfig
-from client.channels import Endpoint
+from trtserve.client.bench.config import BenchConfig
+from trtserve.client.channels import Endpoint
 
 V1_INFER = "/trtserve.v1.InferenceService/Infer"
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"

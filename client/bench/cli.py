@@ -8,16 +8,16 @@ from pathlib import Path
 
 import grpc
 
-from client.bench.config import PROTOCOLS, BenchConfig, Level
-from client.bench.processes import run
-from client.bench.report import table, to_csv, to_json
-from service.arg_types import name_value, positive_numbers
+from trtserve.client.arg_types import name_value, positive_numbers
+from trtserve.client.bench.config import PROTOCOLS, BenchConfig, Level
+from trtserve.client.bench.processes import run
+from trtserve.client.bench.report import table, to_csv, to_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     # The package's docstring is the command's --help text; imported here, as
     # the package imports this module.
-    from client import bench
+    from trtserve.client import bench
 
     p = sub.add_parser("bench", help="measure throughput and latency under load",
                        description=bench.__doc__,

@@ -14,10 +14,10 @@ from typing import Any
 
 import grpc
 
-from client.bench import streams
-from client.bench.channels import _aio_channel, _metadata, _method, _sync_channel
-from client.bench.config import BenchConfig, Level
-from client.bench.recorder import Recorder, Window, poisson_arrivals
+from trtserve.client.bench import streams
+from trtserve.client.bench.channels import _aio_channel, _metadata, _method, _sync_channel
+from trtserve.client.bench.config import BenchConfig, Level
+from trtserve.client.bench.recorder import Recorder, Window, poisson_arrivals
 
 Call = grpc.aio.UnaryUnaryMultiCallable
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from client.bench.config import BenchConfig, BenchReport, Level, LevelResult
-from client.bench.load import _child
-from client.bench.recorder import Window
-from client.bench.report import _config_dict, machine_info
-from client.bench.requests import prepare, server_batches
-from client.latency import latency_summary_ms
+from trtserve.client.bench.config import BenchConfig, BenchReport, Level, LevelResult
+from trtserve.client.bench.load import _child
+from trtserve.client.bench.recorder import Window
+from trtserve.client.bench.report import _config_dict, machine_info
+from trtserve.client.bench.requests import prepare, server_batches
+from trtserve.client.latency import latency_summary_ms
 
 
 def _merge(level: Level, config: BenchConfig, parts: list[dict[str, Any]],

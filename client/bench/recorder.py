@@ -60,7 +60,7 @@ class Sleeper:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        from service.engine.timer import PreciseTimer
+        from trtserve.client.timer import PreciseTimer
 
         self._loop = loop
         self._waiter: asyncio.Future[None] | None = None

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from client.bench.config import CLIENT_BUSY, BenchConfig, BenchReport, Level, LevelResult
+from trtserve.client.bench.config import CLIENT_BUSY, BenchConfig, BenchReport, Level, LevelResult
 
 
 def machine_info() -> dict[str, Any]:

@@ -9,9 +9,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from client.bench.channels import _metadata, _method, _sync_channel
-from client.bench.config import BenchConfig, TensorInfo
-from client.random_data import random_array
+from trtserve.client.bench.channels import _metadata, _method, _sync_channel
+from trtserve.client.bench.config import BenchConfig, TensorInfo
+from trtserve.client.random_data import random_array
 
 
 def concrete_shape(tensor: TensorInfo, rows: int, override: tuple[int, ...] | None
@@ -49,17 +49,17 @@ def make_inputs(inputs: Sequence[TensorInfo], config: BenchConfig, variant: int
 
 def encode_request(protocol: str, model: str, arrays: dict[str, np.ndarray],
                    dtypes: dict[str, str]) -> bytes:
-    from service.tensors import encode
+    from trtserve.client.dtypes import encode
 
     if protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
         v1 = pb.InferRequest(model=model)
         for name, a in arrays.items():
             v1.inputs.add(name=name, dtype=pb.DataType.Value(f"DATA_TYPE_{dtypes[name]}"),
                           shape=a.shape, data=encode(a))
         return v1.SerializeToString()
-    from service.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
     ks = kpb.ModelInferRequest(model_name=model)
     for name, a in arrays.items():
@@ -72,15 +72,15 @@ def model_inputs(channel: grpc.Channel, config: BenchConfig) -> list[TensorInfo]
     """The model's inputs from its metadata, over the protocol being measured."""
     md = _metadata(config)
     if config.protocol == "v1":
-        from client.convert import dtype_label
-        from service.gen.trtserve.v1 import inference_pb2 as pb
-        from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+        from trtserve.client.convert import dtype_label
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
         v1 = pb_grpc.InferenceServiceStub(channel).ModelMetadata(
             pb.ModelMetadataRequest(model=config.model), timeout=config.timeout_s, metadata=md)
         return [TensorInfo(t.name, dtype_label(t.dtype), tuple(t.shape)) for t in v1.inputs]
-    from service.gen.inference import grpc_service_pb2 as kpb
-    from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 
     ks = kpb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
         kpb.ModelMetadataRequest(name=config.model), timeout=config.timeout_s, metadata=md)
@@ -90,10 +90,10 @@ def model_inputs(channel: grpc.Channel, config: BenchConfig) -> list[TensorInfo]
 def _check_answer(protocol: str, answer: bytes) -> int:
     """Number of outputs in one answer; the probe fails loudly on an empty one."""
     if protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
         return len(pb.InferResponse.FromString(answer).outputs)
-    from service.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
     return len(kpb.ModelInferResponse.FromString(answer).outputs)
 
@@ -119,7 +119,7 @@ def prepare(config: BenchConfig, stack: contextlib.ExitStack[Any] | None = None,
             return payloads
         if stack is None:
             raise ValueError("shared-memory regions need a stack to unregister them")
-        from client.bench.shared_memory import (
+        from trtserve.client.bench.shared_memory import (
             encode_region_request,
             output_sizes,
             regions_for,
@@ -138,8 +138,8 @@ def prepare(config: BenchConfig, stack: contextlib.ExitStack[Any] | None = None,
 
 def server_batches(config: BenchConfig) -> tuple[int, int] | None:
     """(batches, rows) so far from trtserve's Stats; None where the server has no Stats."""
-    from service.gen.trtserve.v1 import inference_pb2 as pb
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     try:
         with _sync_channel(config) as channel:

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from client.bench.channels import _metadata
-from client.bench.config import BenchConfig
-from client.shared_memory import CudaRegion, RegionSlot, SystemRegion
+from trtserve.client.bench.channels import _metadata
+from trtserve.client.bench.config import BenchConfig
+from trtserve.client.shared_memory import CudaRegion, RegionSlot, SystemRegion
 
 Region = SystemRegion | CudaRegion
 MODES = ("none", "system", "cuda")
@@ -84,8 +84,8 @@ def regions_for(config: BenchConfig, channel: grpc.Channel,
 def _register(config: BenchConfig, channel: grpc.Channel, region: Region) -> None:
     md = _metadata(config)
     if config.protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
-        from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
         stub = pb_grpc.InferenceServiceStub(channel)
         if isinstance(region, SystemRegion):
@@ -97,8 +97,8 @@ def _register(config: BenchConfig, channel: grpc.Channel, region: Region) -> Non
                 name=region.name, raw_handle=region.raw_handle, device_id=region.device_id,
                 byte_size=region.byte_size), timeout=config.timeout_s, metadata=md)
         return
-    from service.gen.inference import grpc_service_pb2 as kpb
-    from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 
     kstub = kpb_grpc.GRPCInferenceServiceStub(channel)
     if isinstance(region, SystemRegion):
@@ -114,14 +114,14 @@ def _register(config: BenchConfig, channel: grpc.Channel, region: Region) -> Non
 def _unregister(config: BenchConfig, channel: grpc.Channel, name: str) -> None:
     md = _metadata(config)
     if config.protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
-        from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
         pb_grpc.InferenceServiceStub(channel).UnregisterRegion(
             pb.UnregisterRegionRequest(name=name), timeout=config.timeout_s, metadata=md)
         return
-    from service.gen.inference import grpc_service_pb2 as kpb
-    from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 
     stub = kpb_grpc.GRPCInferenceServiceStub(channel)
     request_type = (kpb.SystemSharedMemoryUnregisterRequest
@@ -135,7 +135,7 @@ def encode_region_request(protocol: str, model: str, arrays: Mapping[str, np.nda
                           dtypes: Mapping[str, str], placed: _Placed) -> bytes:
     """A serialized request naming `placed`'s slots instead of carrying bytes."""
     if protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
         v1 = pb.InferRequest(model=model)
         for name, array in arrays.items():
@@ -144,7 +144,7 @@ def encode_region_request(protocol: str, model: str, arrays: Mapping[str, np.nda
         for name, slot in placed.outputs.items():
             v1.output_regions[name].CopyFrom(slot.to_proto())
         return v1.SerializeToString()
-    from service.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
     ks = kpb.ModelInferRequest(model_name=model)
     for name, array in arrays.items():
@@ -165,10 +165,10 @@ def _kserve_params(params: object, slot: RegionSlot) -> None:
 def output_sizes(protocol: str, answer: bytes) -> dict[str, int]:
     """Bytes of each output in a bytes-path answer: how large the output slots must be."""
     if protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
         return {t.name: len(t.data) for t in pb.InferResponse.FromString(answer).outputs}
-    from service.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
     response = kpb.ModelInferResponse.FromString(answer)
     return {t.name: len(raw) for t, raw in zip(response.outputs, response.raw_output_contents,

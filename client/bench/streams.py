@@ -25,9 +25,9 @@ from typing import Any
 
 import grpc
 
-from client.bench.channels import _metadata, _stream_method
-from client.bench.config import BenchConfig
-from client.bench.recorder import Recorder, poisson_arrivals
+from trtserve.client.bench.channels import _metadata, _stream_method
+from trtserve.client.bench.config import BenchConfig
+from trtserve.client.bench.recorder import Recorder, poisson_arrivals
 
 # Closed loop: requests in flight on one stream at most; more slots open more
 # streams, so one stream's ordered writes do not pace the whole level.
@@ -49,10 +49,10 @@ def id_suffix(protocol: str, request_id: str) -> bytes:
 def _request_type(protocol: str) -> Any:
     """The protocol's request message (open loop builds an id per request with it)."""
     if protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
         return pb.InferRequest
-    from service.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
     return kpb.ModelInferRequest
 
@@ -60,7 +60,7 @@ def _request_type(protocol: str) -> Any:
 def answer_reader(protocol: str) -> Callable[[bytes], tuple[str, str | None]]:
     """A parser of one stream answer: (request id, None or the error's name)."""
     if protocol == "v1":
-        from service.gen.trtserve.v1 import inference_pb2 as pb
+        from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
         def v1(raw: bytes) -> tuple[str, str | None]:
             answer = pb.InferStreamResponse.FromString(raw)
@@ -69,7 +69,7 @@ def answer_reader(protocol: str) -> Callable[[bytes], tuple[str, str | None]]:
             return answer.id, None
 
         return v1
-    from service.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
     def kserve(raw: bytes) -> tuple[str, str | None]:
         answer = kpb.ModelStreamInferResponse.FromString(raw)

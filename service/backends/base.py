@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from service.errors import ConfigError
+from trtserve.service.errors import ConfigError
 
 if TYPE_CHECKING:
-    from service.config import ModelConfig
-from service.tensors import TensorSpec
+    from trtserve.service.config import ModelConfig
+from trtserve.service.tensors import TensorSpec
 
 # A shape range of one input for one profile: (min, opt, max) full shapes.
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]

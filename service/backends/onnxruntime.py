@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from service.backends.base import (
+from trtserve.service.backends.base import (
     BatchResult,
     LoadedModel,
     ModelSpec,
@@ -28,9 +28,9 @@ from service.backends.base import (
     check_unbatched_config,
     decide_batching,
 )
-from service.config import ModelConfig
-from service.errors import ConfigError, InputRejected, ModelLoadError
-from service.tensors import TensorSpec
+from trtserve.service.config import ModelConfig
+from trtserve.service.errors import ConfigError, InputRejected, ModelLoadError
+from trtserve.service.tensors import TensorSpec
 
 DEFAULT_MAX_BATCH = 64
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.backends.tensorrt.api import (
+from trtserve.service.backends.tensorrt.api import (
     IOTensor,
     engine_io,
     import_tensorrt,
@@ -36,7 +36,7 @@ from service.backends.tensorrt.api import (
     network_io,
     profile_shapes,
 )
-from service.build.inspect import (
+from trtserve.service.build.inspect import (
     _deserialize,
     _Deserialized,
     _inspector_layers,
@@ -45,15 +45,15 @@ from service.build.inspect import (
     _without_profile_marks,
     describe_engine,
 )
-from service.build.log import _CapturedLog
-from service.build.manifest import (
+from trtserve.service.build.log import _CapturedLog
+from trtserve.service.build.manifest import (
     MANIFEST_VERSION,
     _profile_json,
     load_manifest,
     manifest_path,
 )
-from service.build.mps import _mps_thread_percentage
-from service.build.options import (
+from trtserve.service.build.mps import _mps_thread_percentage
+from trtserve.service.build.options import (
     BuildError,
     BuildOptions,
     DynamicShapeError,

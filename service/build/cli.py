@@ -1,6 +1,6 @@
 """`trtserve build` and `trtserve inspect`: build a TensorRT engine from ONNX, describe one.
 
-`service.cli` calls `register(subparsers)`; each subcommand's `func` takes the parsed
+`trtserve.service.cli` calls `register(subparsers)`; each subcommand's `func` takes the parsed
 arguments and returns the exit code.
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.build.build import (
+from trtserve.service.build.build import (
     BuildError,
     BuildOptions,
     DynamicShapeError,
@@ -21,8 +21,8 @@ from service.build.build import (
     describe_engine,
     manifest_path,
 )
-from service.build.inspect import timing_cache_line
-from service.build.settings import (
+from trtserve.service.build.inspect import timing_cache_line
+from trtserve.service.build.settings import (
     BuildConfigError,
     add_build_flags,
     advice,
@@ -30,7 +30,7 @@ from service.build.settings import (
     build_overrides,
     flag_for,
 )
-from service.config import BuildConfig
+from trtserve.service.config import BuildConfig
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.backends.tensorrt.api import (
+from trtserve.service.backends.tensorrt.api import (
     engine_io,
     gpu_present,
     import_tensorrt,
     library_info,
     profile_shapes,
 )
-from service.build.log import _CapturedLog
-from service.build.manifest import _profile_json, load_manifest, manifest_path
-from service.build.options import BuildError
+from trtserve.service.build.log import _CapturedLog
+from trtserve.service.build.manifest import _profile_json, load_manifest, manifest_path
+from trtserve.service.build.options import BuildError
 
 if TYPE_CHECKING:
     import types

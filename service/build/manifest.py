@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from service.build.options import ShapeRange
+from trtserve.service.build.options import ShapeRange
 
 MANIFEST_VERSION = 1
 

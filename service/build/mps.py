@@ -9,8 +9,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.backends.tensorrt.api import gpu_present
-from service.build.options import BuildError
+from trtserve.service.backends.tensorrt.api import gpu_present
+from trtserve.service.build.options import BuildError
 
 MPS_PERCENTAGE_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 MPS_PIPE_DIRECTORY_ENV = "CUDA_MPS_PIPE_DIRECTORY"

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.backends.tensorrt.api import Shape
+from trtserve.service.backends.tensorrt.api import Shape
 
 # Tensor cores run FP16/INT8 GEMMs best when the batch is a multiple of this.
 TENSOR_CORE_BATCH_MULTIPLE = 32

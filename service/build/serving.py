@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from service.backends.tensorrt.api import library_info
-from service.backends.tensorrt.load import EngineLoadError
-from service.config import ModelConfig
-from service.errors import ConfigError
+from trtserve.service.backends.tensorrt.api import library_info
+from trtserve.service.backends.tensorrt.load import EngineLoadError
+from trtserve.service.config import ModelConfig
+from trtserve.service.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,9 @@ def engine_for(config: ModelConfig) -> Path:
     path = Path(config.path)
     if path.suffix.lower() != ".onnx":
         return path
-    from service.build.build import BuildError, build_engine, load_manifest, manifest_path
-    from service.build.options import DynamicShapeError, OptionError
-    from service.build.settings import DEFAULT_MAX_BATCH, advice, build_options
+    from trtserve.service.build.build import BuildError, build_engine, load_manifest, manifest_path
+    from trtserve.service.build.options import DynamicShapeError, OptionError
+    from trtserve.service.build.settings import DEFAULT_MAX_BATCH, advice, build_options
 
     build = config.build
     engine = Path(build.engine) if build.engine else path.with_suffix(".engine")

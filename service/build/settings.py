@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.build.options import (
+from trtserve.service.build.options import (
     BuildOptions,
     DynamicShapeError,
     OptionError,
@@ -24,8 +24,8 @@ from service.build.options import (
     parse_shape_range,
     parse_shape_ranges,
 )
-from service.config import BuildConfig
-from service.errors import ConfigError
+from trtserve.service.config import BuildConfig
+from trtserve.service.errors import ConfigError
 
 # The largest batch a served model gets when neither build.batch nor max_batch_size
 # says (the same default as an ONNX model served by ONNX Runtime).

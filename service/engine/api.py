@@ -27,10 +27,11 @@ from typing import Protocol
 
 import numpy as np
 
-from service import echo
-from service.backends.base import ModelSpec, WorkerInfo
-from service.config import ModelConfig
-from service.engine.stats import (
+from trtserve.client.timer import now
+from trtserve.service import echo
+from trtserve.service.backends.base import ModelSpec, WorkerInfo
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.stats import (
     CaptureFailure,
     DurationHistogram,
     ModelCountersSnapshot,
@@ -38,10 +39,9 @@ from service.engine.stats import (
     StageTotals,
     WorkerSnapshot,
 )
-from service.engine.timer import now
-from service.errors import NotFound, TensorError
-from service.limits import ByteBudgetSnapshot
-from service.tensors import TensorSpec
+from trtserve.service.errors import NotFound, TensorError
+from trtserve.service.limits import ByteBudgetSnapshot
+from trtserve.service.tensors import TensorSpec
 
 # The snapshots of telemetry are declared where the telemetry lives (engine/stats.py),
 # so that no field is declared twice; they are part of this contract all the same.
@@ -317,7 +317,7 @@ class StatsSource(Protocol):
 
 
 class Engine(Protocol):
-    """What the protocol side may ask of the engine. Errors are service.errors types."""
+    """What the protocol side may ask of the engine. Errors are trtserve.service.errors types."""
 
     def models(self) -> Sequence[str]:
         """Names of the models served now."""

@@ -32,7 +32,7 @@ class Request:
     inputs: dict[str, np.ndarray]
     rows: int
     shape_key: ShapeKey
-    arrival: float  # serving clock (service.engine.timer.now)
+    arrival: float  # serving clock (trtserve.client.timer.now)
     deadline: float | None  # serving clock; None: no deadline
     future: asyncio.Future[Outputs]
 

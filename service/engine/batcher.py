@@ -17,10 +17,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.engine.batch import Batch, Request
-from service.engine.scheduler import Scheduler
-from service.engine.timer import PreciseTimer, now
-from service.errors import ResourceExhausted, Unavailable
+from trtserve.client.timer import PreciseTimer, now
+from trtserve.service.engine.batch import Batch, Request
+from trtserve.service.engine.scheduler import Scheduler
+from trtserve.service.errors import ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 

@@ -44,17 +44,17 @@ class CudaRuntimeIpc:
     """cudaIpcOpenMemHandle and cudaMemcpy through cuda-python, every call checked."""
 
     def _rt(self) -> Any:
-        from service.backends.tensorrt.cuda import runtime_module
+        from trtserve.service.backends.tensorrt.cuda import runtime_module
 
         return runtime_module()
 
     def _device(self, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         check(self._rt().cudaSetDevice(device_id), "cudaSetDevice")
 
     def open(self, raw_handle: bytes, device_id: int) -> int:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         rt = self._rt()
         self._device(device_id)
@@ -66,13 +66,13 @@ class CudaRuntimeIpc:
         return int(pointer)
 
     def close(self, pointer: int, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         self._device(device_id)
         check(self._rt().cudaIpcCloseMemHandle(pointer), "cudaIpcCloseMemHandle")
 
     def to_host(self, pointer: int, out: np.ndarray, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         rt = self._rt()
         self._device(device_id)
@@ -80,7 +80,7 @@ class CudaRuntimeIpc:
                             rt.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy D2H")
 
     def to_device(self, pointer: int, array: np.ndarray, device_id: int) -> None:
-        from service.backends.tensorrt.cuda import check
+        from trtserve.service.backends.tensorrt.cuda import check
 
         rt = self._rt()
         self._device(device_id)

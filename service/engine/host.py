@@ -24,8 +24,11 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from service.config import ServerConfig
-from service.engine.api import (
+from service.ipc import codec
+from service.ipc.link import Link, decode_payload, encode_payload, open_link
+from service.ipc.shm import Arena
+from trtserve.service.config import ServerConfig
+from trtserve.service.engine.api import (
     Engine,
     FrontendSnapshot,
     HealthListener,
@@ -36,12 +39,9 @@ from service.engine.api import (
     StatsSnapshot,
     TensorIn,
 )
-from service.engine.local import LocalEngine, Submitted
-from service.errors import ServeError
-from service.gen.trtserve.internal import link_pb2
-from service.ipc import codec
-from service.ipc.link import Link, decode_payload, encode_payload, open_link
-from service.ipc.shm import Arena
+from trtserve.service.engine.local import LocalEngine, Submitted
+from trtserve.service.errors import ServeError
+from trtserve.service.gen.trtserve.internal import link_pb2
 
 log = logging.getLogger(__name__)
 

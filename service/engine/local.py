@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from service import echo
-from service.backends.base import ModelSpec
-from service.engine.api import (
+from trtserve.service import echo
+from trtserve.service.backends.base import ModelSpec
+from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
     InferResult,
@@ -30,13 +30,13 @@ from service.engine.api import (
     check_version,
     wanted_outputs,
 )
-from service.engine.batch import Request
-from service.engine.model import ModelRuntime
-from service.engine.regions import RegionRegistry, infer_with_regions
-from service.engine.repository import ModelRepository
-from service.errors import NotFound, PermissionDenied, TensorError
-from service.limits import ByteBudget, request_bytes
-from service.tensors import TensorSpec
+from trtserve.service.engine.batch import Request
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.engine.regions import RegionRegistry, infer_with_regions
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import NotFound, PermissionDenied, TensorError
+from trtserve.service.limits import ByteBudget, request_bytes
+from trtserve.service.tensors import TensorSpec
 
 
 class LocalEngine:

@@ -22,21 +22,22 @@ from dataclasses import replace
 
 import numpy as np
 
-from service.backends.base import BatchResult, LoadedModel, ModelSpec
-from service.config import ModelConfig
-from service.engine.api import (
+from trtserve.client.dtypes import dtype_name
+from trtserve.client.timer import now
+from trtserve.service.backends.base import BatchResult, LoadedModel, ModelSpec
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.api import (
     MODEL_VERSION,
     BatchingDescription,
     ModelDescription,
     ModelSnapshot,
 )
-from service.engine.batch import Batch, Outputs, Request, Validated
-from service.engine.batcher import Batcher, BatchPolicy
-from service.engine.scheduler import Scheduler
-from service.engine.stats import ModelCounters, Samples, WorkerStats
-from service.engine.timer import now
-from service.engine.worker import Outcome, Worker
-from service.errors import (
+from trtserve.service.engine.batch import Batch, Outputs, Request, Validated
+from trtserve.service.engine.batcher import Batcher, BatchPolicy
+from trtserve.service.engine.scheduler import Scheduler
+from trtserve.service.engine.stats import ModelCounters, Samples, WorkerStats
+from trtserve.service.engine.worker import Outcome, Worker
+from trtserve.service.errors import (
     BackendError,
     DeadlineExceeded,
     InputRejected,
@@ -46,8 +47,8 @@ from service.errors import (
     TensorError,
     Unavailable,
 )
-from service.limits import InputLimits
-from service.tensors import TensorSpec, dtype_name
+from trtserve.service.limits import InputLimits
+from trtserve.service.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class ModelRuntime:
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
-        `deadline` is on the serving clock (`service.engine.timer.now`). `dtypes` gives
+        `deadline` is on the serving clock (`trtserve.client.timer.now`). `dtypes` gives
         wire dtype names where numpy can't tell them apart (BF16 travels as uint16).
         `validated`: what `validate` answered for these inputs, if the caller asked.
         """

@@ -38,9 +38,10 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from service import echo
-from service.config import SharedMemoryConfig
-from service.engine.api import (
+from trtserve.client.dtypes import DTYPES, dtype_name
+from trtserve.service import echo
+from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine.api import (
     CUDA,
     SYSTEM,
     RegionRef,
@@ -49,8 +50,8 @@ from service.engine.api import (
     TensorIn,
     TensorOut,
 )
-from service.engine.cuda_ipc import CUDA_IPC_HANDLE_BYTES, CudaIpc, CudaRuntimeIpc
-from service.errors import (
+from trtserve.service.engine.cuda_ipc import CUDA_IPC_HANDLE_BYTES, CudaIpc, CudaRuntimeIpc
+from trtserve.service.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -58,7 +59,6 @@ from service.errors import (
     ResourceExhausted,
     TensorError,
 )
-from service.tensors import DTYPES, dtype_name
 
 KINDS = (SYSTEM, CUDA)
 # Where Linux keeps POSIX shared-memory objects (what shm_open opens).
@@ -235,7 +235,7 @@ class CudaRegion(_Region):
 
 
 def _cuda_reason(error: Exception) -> str:
-    from service.backends.tensorrt.cuda import CudaError
+    from trtserve.service.backends.tensorrt.cuda import CudaError
 
     if isinstance(error, CudaError):
         return error.name

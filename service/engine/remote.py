@@ -25,9 +25,12 @@ from typing import Any
 
 import grpc
 
-from service import echo
-from service.config import ServerConfig
-from service.engine.api import (
+from service.ipc import codec
+from service.ipc.link import Link, decode_payload, encode_payload, open_link
+from service.ipc.shm import Arena
+from trtserve.service import echo
+from trtserve.service.config import ServerConfig
+from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
     InferResult,
@@ -38,11 +41,8 @@ from service.engine.api import (
     TensorOut,
     check_version,
 )
-from service.errors import NotFound, ServeError, Unavailable
-from service.gen.trtserve.internal import link_pb2
-from service.ipc import codec
-from service.ipc.link import Link, decode_payload, encode_payload, open_link
-from service.ipc.shm import Arena
+from trtserve.service.errors import NotFound, ServeError, Unavailable
+from trtserve.service.gen.trtserve.internal import link_pb2
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from service import echo
-from service.backends.base import LoadedModel
-from service.config import ModelConfig
-from service.engine.api import LOADING, READY, UNAVAILABLE, UNLOADING, ModelState
-from service.engine.model import ModelRuntime
-from service.errors import (
+from trtserve.service import echo
+from trtserve.service.backends.base import LoadedModel
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.api import LOADING, READY, UNAVAILABLE, UNLOADING, ModelState
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.errors import (
     ConfigError,
     InvalidArgument,
     LoadFailed,
@@ -54,7 +54,11 @@ def check_model(config: ModelConfig) -> None:
     except OSError as e:
         raise ModelLoadError(config.name, config.path, f"cannot read it: {e.strerror}") from None
     if config.resolved_backend == "tensorrt":
-        from service.backends.tensorrt.api import INSTALL_HINT, gpu_present, import_tensorrt
+        from trtserve.service.backends.tensorrt.api import (
+            INSTALL_HINT,
+            gpu_present,
+            import_tensorrt,
+        )
 
         try:
             import_tensorrt()
@@ -91,12 +95,12 @@ def _open(config: ModelConfig) -> LoadedModel:
     backend = config.resolved_backend
     # Imported on use: each backend pulls in its own runtime library.
     if backend == "onnxruntime":
-        from service.backends.onnxruntime import load as load_onnxruntime
+        from trtserve.service.backends.onnxruntime import load as load_onnxruntime
 
         return load_onnxruntime(config)
     if backend == "tensorrt":
-        from service.backends.tensorrt.load import load as load_tensorrt
-        from service.build.serving import engine_for
+        from trtserve.service.backends.tensorrt.load import load as load_tensorrt
+        from trtserve.service.build.serving import engine_for
 
         return load_tensorrt(config, engine_for(config))
     raise ConfigError(f"models.{config.name}.backend: unknown backend {backend!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.backends.base import WorkerInfo
+from trtserve.service.backends.base import WorkerInfo
 
 # Percentiles are over the most recent samples; a bounded window keeps memory
 # flat under any load and makes the numbers describe the present.

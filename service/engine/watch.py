@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
-from service.errors import ServeError
+from trtserve.service.errors import ServeError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,15 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from service.backends.base import BatchResult, Executor, ExecutorFactory, ProfileSpec, WorkerInfo
-from service.engine.batch import Batch
-from service.errors import InputRejected
+from trtserve.service.backends.base import (
+    BatchResult,
+    Executor,
+    ExecutorFactory,
+    ProfileSpec,
+    WorkerInfo,
+)
+from trtserve.service.engine.batch import Batch
+from trtserve.service.errors import InputRejected
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Protocol
 
 import grpc
 
-from service import echo
-from service.engine.api import MODEL_VERSION, ModelSpec, check_version, now
-from service.errors import PermissionDenied, TensorError
+from trtserve.service import echo
+from trtserve.service.engine.api import MODEL_VERSION, ModelSpec, check_version, now
+from trtserve.service.errors import PermissionDenied, TensorError
 
 __all__ = ["MODEL_VERSION", "check_inputs", "check_version", "deadline_of", "is_local_peer",
            "require_local_peer"]

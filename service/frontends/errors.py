@@ -1,6 +1,6 @@
 """One place that turns exceptions into gRPC statuses (and HTTP statuses), for every frontend.
 
-Known errors (service.errors.ServeError) carry messages written for clients.
+Known errors (trtserve.service.errors.ServeError) carry messages written for clients.
 Anything else is logged with its traceback and answered with a generic
 INTERNAL: its text may hold paths or internals that are not the client's.
 """
@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.errors import ServeError
+from trtserve.service.errors import ServeError
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service.config import SharedMemoryConfig
-from service.engine.api import (
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine.api import (
     CUDA,
     SYSTEM,
     Engine,
@@ -29,20 +31,18 @@ from service.engine.api import (
     TensorOut,
     now,
 )
-from service.errors import InvalidArgument, NotFound, ServeError
-from service.frontends import kserve_convert as convert
-from service.frontends import kserve_model_config as describe
-from service.frontends import kserve_repository as repository
-from service.frontends.common import (
+from trtserve.service.errors import InvalidArgument, NotFound, ServeError
+from trtserve.service.frontends import kserve_convert as convert
+from trtserve.service.frontends import kserve_model_config as describe
+from trtserve.service.frontends import kserve_repository as repository
+from trtserve.service.frontends.common import (
     check_inputs,
     check_version,
     deadline_of,
     require_local_peer,
 )
-from service.frontends.errors import status_of, streaming, unary
-from service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
-from service.gen.inference import grpc_service_pb2 as pb
-from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from trtserve.service.frontends.errors import status_of, streaming, unary
+from trtserve.service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"

@@ -5,9 +5,9 @@ ModelInferRequest here, hands the arrays to the same core as trtserve.v1, and
 encodes the result here.
 
 Datatypes: the KServe strings ("FP32", "INT64", ...) are the same names
-`service.tensors.DTYPES` uses, so both frontends share one table. BF16 has no
+`trtserve.service.tensors.DTYPES` uses, so both frontends share one table. BF16 has no
 numpy dtype; it is carried as uint16 arrays holding the bfloat16 bit patterns
-(`service.tensors.bf16_to_fp32` widens them). A client holding ml_dtypes
+(`trtserve.service.tensors.bf16_to_fp32` widens them). A client holding ml_dtypes
 bfloat16 arrays, as tritonclient does, gets the same bits with
 `.view(np.uint16)`. BYTES (variable-length strings) is not supported.
 
@@ -16,7 +16,7 @@ input, in input order: numpy views the blob without copying, though protobuf's
 Python API copies a bytes field out of the message when it is read) or as
 typed `contents` (one repeated field per element type: the protocol's slow
 path, converted in one C-level pass per tensor). Every client mistake raises
-`service.errors.TensorError`, which names the tensor and is answered as
+`trtserve.service.errors.TensorError`, which names the tensor and is answered as
 INVALID_ARGUMENT.
 """
 
@@ -27,11 +27,12 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
-from service import echo
-from service.engine.api import RegionRef, TensorOut
-from service.errors import TensorError
-from service.gen.inference import grpc_service_pb2 as pb
-from service.tensors import DTYPES, decode, dtype_name, encode, shaped
+from trtserve.client.dtypes import DTYPES, dtype_name, encode
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
+from trtserve.service import echo
+from trtserve.service.engine.api import RegionRef, TensorOut
+from trtserve.service.errors import TensorError
+from trtserve.service.tensors import decode, shaped
 
 # Every datatype string the protocol defines. BYTES is known (so its error
 # says "not supported" rather than "unknown") but has no entry in DTYPES.
@@ -39,7 +40,7 @@ KSERVE_DATATYPES: tuple[str, ...] = (
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
     "FP16", "FP32", "FP64", "BF16", "BYTES",
 )
-assert set(DTYPES) == set(KSERVE_DATATYPES) - {"BYTES"}, "service.tensors.DTYPES changed"
+assert set(DTYPES) == set(KSERVE_DATATYPES) - {"BYTES"}, "trtserve.service.tensors.DTYPES changed"
 
 # The InferTensorContents field that carries each datatype, and the numpy type
 # of that field's elements (narrow integers travel widened to 32 bits). FP16

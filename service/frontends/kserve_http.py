@@ -24,15 +24,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from service import auth, echo
-from service.engine.api import Engine, InferRequest, now
-from service.errors import NotFound, ResourceExhausted
-from service.frontends import kserve_json as kjson
-from service.frontends import kserve_model_config as describe
-from service.frontends.common import check_inputs
-from service.frontends.errors import http_status_of
-from service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
-from service.version import version
+from trtserve.service import auth, echo
+from trtserve.service.engine.api import Engine, InferRequest, now
+from trtserve.service.errors import NotFound, ResourceExhausted
+from trtserve.service.frontends import kserve_json as kjson
+from trtserve.service.frontends import kserve_model_config as describe
+from trtserve.service.frontends.common import check_inputs
+from trtserve.service.frontends.errors import http_status_of
+from trtserve.service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
+from trtserve.service.version import version
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Beyond the gRPC form's: the binary-tensor extension is HTTP's alone.

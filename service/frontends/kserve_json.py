@@ -13,7 +13,7 @@ body are JSON; the rest holds, in input order, the bytes of every input whose
 their `parameters.binary_data` is true, or (when they do not say) when the
 request's `parameters.binary_data_output` is; otherwise as JSON `data`.
 
-The rules are those of the gRPC form: the same datatypes (`service.tensors`),
+The rules are those of the gRPC form: the same datatypes (`trtserve.service.tensors`),
 the same refusal of sequence batching, shared memory and classification, the
 same `timeout` parameter (microseconds before the request must have run), the
 same messages naming the tensor. BF16 and FP16 have no JSON number form in the
@@ -35,12 +35,13 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import Message
 
-from service import echo
-from service.engine.api import InferResult, TensorIn
-from service.errors import InvalidArgument, TensorError
-from service.frontends.common import WireTensor
-from service.frontends.kserve_convert import KSERVE_DATATYPES
-from service.tensors import DTYPES, decode, encode, shaped
+from trtserve.client.dtypes import DTYPES, encode
+from trtserve.service import echo
+from trtserve.service.engine.api import InferResult, TensorIn
+from trtserve.service.errors import InvalidArgument, TensorError
+from trtserve.service.frontends.common import WireTensor
+from trtserve.service.frontends.kserve_convert import KSERVE_DATATYPES
+from trtserve.service.tensors import decode, shaped
 
 # Request header: bytes of the body that are JSON (the rest is binary tensor data).
 HEADER_LENGTH = "Inference-Header-Content-Length"

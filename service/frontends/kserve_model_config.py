@@ -30,10 +30,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.engine.api import ModelDescription, ModelSnapshot, StageTotals
-from service.gen.inference import grpc_service_pb2 as pb
-from service.gen.inference import model_config_pb2 as mc
-from service.tensors import TensorSpec
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
+from trtserve.client.gen.inference import model_config_pb2 as mc
+from trtserve.service.engine.api import ModelDescription, ModelSnapshot, StageTotals
+from trtserve.service.tensors import TensorSpec
 
 
 def config_dtype(datatype: str) -> str:

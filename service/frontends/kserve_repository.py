@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from service import echo
-from service.engine.api import READY, ModelState
-from service.errors import InvalidArgument
-from service.gen.inference import grpc_service_pb2 as pb
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
+from trtserve.service import echo
+from trtserve.service.engine.api import READY, ModelState
+from trtserve.service.errors import InvalidArgument
 
 PATH_PARAMETER = "path"
 LOAD_PARAMETERS = (PATH_PARAMETER,)

@@ -40,7 +40,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 
-from service.frontends import field_count
+from trtserve.service.frontends import field_count
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 # Fields a request message may hold, at any depth (field_count.exceeds). A

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from service.errors import InvalidArgument
+from trtserve.service.errors import InvalidArgument
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

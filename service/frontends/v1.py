@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from service.config import SharedMemoryConfig
-from service.engine.api import Engine, InferRequest
-from service.errors import InvalidArgument, NotFound
-from service.frontends import v1_convert as convert
-from service.frontends.common import check_inputs, deadline_of, require_local_peer
-from service.frontends.errors import status_of, streaming, unary
-from service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine.api import Engine, InferRequest
+from trtserve.service.errors import InvalidArgument, NotFound
+from trtserve.service.frontends import v1_convert as convert
+from trtserve.service.frontends.common import check_inputs, deadline_of, require_local_peer
+from trtserve.service.frontends.errors import status_of, streaming, unary
+from trtserve.service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from service import echo
-from service.engine.api import (
+from trtserve.client.dtypes import DTYPES, dtype_name, encode
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service import echo
+from trtserve.service.engine.api import (
     InferResult,
     ModelDescription,
     ModelSnapshot,
@@ -20,15 +22,14 @@ from service.engine.api import (
     WorkerSnapshot,
     wanted_outputs,
 )
-from service.errors import TensorError
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.tensors import DTYPES, TensorSpec, decode, dtype_name, encode
+from trtserve.service.errors import TensorError
+from trtserve.service.tensors import TensorSpec, decode
 
 # Wire enum <-> dtype name. The enum's names are DATA_TYPE_<NAME>.
 _ENUM_TO_NAME = {value: name.removeprefix("DATA_TYPE_")
                  for name, value in pb.DataType.items() if name != "DATA_TYPE_UNSPECIFIED"}
 _NAME_TO_ENUM = {name: value for value, name in _ENUM_TO_NAME.items()}
-assert set(_NAME_TO_ENUM) == set(DTYPES), "proto DataType and service.tensors.DTYPES disagree"
+assert set(_NAME_TO_ENUM) == set(DTYPES), "proto DataType and trtserve.service.tensors.DTYPES disagree"
 
 
 # Bytes per element of each wire enum value (weighing answers without serializing them).

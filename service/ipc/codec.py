@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.api import RegionRef
-from service.errors import InvalidArgument
 from service.ipc.shm import Arena
-from service.tensors import DTYPES
+from trtserve.client.dtypes import DTYPES
+from trtserve.service.engine.api import RegionRef
+from trtserve.service.errors import InvalidArgument
 
 INLINE_MAX_BYTES = 8 * 1024
 

@@ -25,7 +25,7 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
-from service.gen.trtserve.internal import link_pb2
+from trtserve.service.gen.trtserve.internal import link_pb2
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ import argparse
 import dataclasses
 import sys
 
-import service.sweep
-from service.arg_types import name_path, size_list
-from service.config import ModelConfig
-from service.sweep.report import SizeResult, recommend, table, to_json
-from service.sweep.runner import sweep
+import trtserve.service.sweep
+from trtserve.client.arg_types import name_path, size_list
+from trtserve.service.config import ModelConfig
+from trtserve.service.sweep.report import SizeResult, recommend, table, to_json
+from trtserve.service.sweep.runner import sweep
 
 
 def _sample_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # `sweep`: the same command under a name that no TensorRT optimization profile shares.
     p = sub.add_parser("profile", aliases=["sweep"],
                        help="measure a backend alone, in-process, per batch size",
-                       description=service.sweep.__doc__,
+                       description=trtserve.service.sweep.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=name_path, metavar="NAME=PATH")
     p.add_argument("--batch-sizes", type=size_list, metavar="N,N,...",
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _batch_range(config: ModelConfig) -> tuple[int, int]:
-    from service.engine.repository import load_backend
+    from trtserve.service.engine.repository import load_backend
 
     loaded = load_backend(config)
     try:
@@ -74,7 +74,7 @@ def _powers_of_two(low: int, top: int) -> tuple[int, ...]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from service.errors import ConfigError
+    from trtserve.service.errors import ConfigError
 
     name, path = args.model
     try:

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from client.latency import latency_summary_ms
-from client.random_data import random_array
-from service.config import ModelConfig
-from service.sweep.report import SizeResult, SweepReport, recommend
-from service.tensors import TensorSpec
+from trtserve.client.latency import latency_summary_ms
+from trtserve.client.random_data import random_array
+from trtserve.service.config import ModelConfig
+from trtserve.service.sweep.report import SizeResult, SweepReport, recommend
+from trtserve.service.tensors import TensorSpec
 
 
 def sample_inputs(specs: Sequence[TensorSpec], rows: int, sample_shapes: dict[str, tuple[int, ...]],
@@ -110,8 +110,8 @@ def sweep(config: ModelConfig, batch_sizes: Sequence[int], duration_s: float = 3
             warmup_s: float = 1.0, sample_shapes: dict[str, tuple[int, ...]] | None = None,
             on_result: Callable[[SizeResult], None] | None = None) -> SweepReport:
     """Measure `config`'s backend at each batch size with `config.workers` executors at once."""
-    from service.backends.onnxruntime import default_threads
-    from service.engine.repository import load_backend
+    from trtserve.service.backends.onnxruntime import default_threads
+    from trtserve.service.engine.repository import load_backend
 
     loaded = load_backend(config)
     spec = loaded.spec

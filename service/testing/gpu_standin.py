@@ -33,18 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from service.backends.base import LoadedModel
-from service.backends.tensorrt.cuda import CudaRuntime, runtime_module
-from service.backends.tensorrt.load import (
+from trtserve.service.backends.base import LoadedModel
+from trtserve.service.backends.tensorrt.cuda import CudaRuntime, runtime_module
+from trtserve.service.backends.tensorrt.load import (
     EngineHandle,
     engine_spec,
     executor_factories,
     graph_buckets,
 )
-from service.config import ModelConfig, ServerConfig
-from service.engine.model import ModelRuntime
-from service.testing.servers import ServerThread, running_server
-from service.testing.trt_double import (
+from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.testing.servers import ServerThread, running_server
+from trtserve.service.testing.trt_double import (
     DataType,
     ExecutionContextAllocationStrategy,
     TensorIOMode,
@@ -400,7 +400,7 @@ def serving_standin(engine: StandinEngine, config: ModelConfig,
             server.call(server.server.models.add(runtime))
             yield server
         return
-    from service.processes import EngineServer
+    from trtserve.service.processes import EngineServer
 
     server = ServerThread(server_config)
     server.server = EngineServer(server_config, frontends)

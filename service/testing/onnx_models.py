@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from service.example_model import write_example
+from trtserve.service.example_model import write_example
 
 OPSET = 17
 IR_VERSION = 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # Before anything imports grpc: these servers run on the gRPC settings `trtserve
 # serve` runs on.
-from service import grpc_tuning  # noqa: F401  # isort: skip
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import asyncio
 import dataclasses
@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from service.config import ModelConfig, ServerConfig
-from service.server import Server, loop_factory
+from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.server import Server, loop_factory
 
 T = TypeVar("T")
-# The repository: where `python -m service.cli` runs from.
+# The repository: where `python -m trtserve.service.cli` runs from.
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -85,7 +85,8 @@ class ServerProcess:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self._start(["service.cli", "serve", "--port", str(self.port), "--metrics-port", "0",
+        self._start(["trtserve.service.cli", "serve", "--port", str(self.port), "--metrics-port",
+                     "0",
                      "--http-port", "0",
                      *args], env)
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from service.backends import onnxruntime as ort_backend
-from service.config import ModelConfig
+from trtserve.service.backends import onnxruntime as ort_backend
+from trtserve.service.config import ModelConfig
 
 SPINNING = "session.intra_op.allow_spinning"
 
@@ -36,7 +36,7 @@ def test_default_threads_count_the_cores_this_process_may_use():
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity on this platform")
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from service.backends.onnxruntime import default_threads, usable_cores; "
+            "from trtserve.service.backends.onnxruntime import default_threads, usable_cores; "
             "print(usable_cores(), default_threads(1), default_threads(4))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
@@ -54,8 +54,8 @@ def test_inputs_the_model_cannot_run_are_rejected_and_the_session_runs_on(tmp_pa
     input's fault (InputRejected, with ORT's reason cleaned of paths and C++ frames)."""
     import numpy as np
 
-    from service.errors import InputRejected
-    from service.testing.onnx_models import lookup_net, tiled_net
+    from trtserve.service.errors import InputRejected
+    from trtserve.service.testing.onnx_models import lookup_net, tiled_net
 
     tiled = ort_backend.OrtExecutor(str(tiled_net(tmp_path / "tiled.onnx")), 1, 8)
     lookup = ort_backend.OrtExecutor(str(lookup_net(tmp_path / "lookup.onnx")), 1, 8)
@@ -97,7 +97,7 @@ def test_failures_that_are_not_the_inputs_stay_the_workers():
 
 
 def test_a_reason_reaches_clients_without_paths_frames_or_length():
-    from service.errors import REASON_CHARS, client_reason
+    from trtserve.service.errors import REASON_CHARS, client_reason
 
     text = ("/src/onnxruntime/core/x.h:84 onnxruntime::A::B(const onnxruntime::T&, bool) "
             "size was bad\n at /home/build/model.onnx " + "x" * 1000)
@@ -111,8 +111,8 @@ def test_a_zero_dimension_a_convolution_cannot_take_is_rejected(tmp_path):
     """The OCR detector's case: a dynamic dimension of 0 passes validation; Conv refuses it."""
     import numpy as np
 
-    from service.errors import InputRejected
-    from service.testing.onnx_models import conv_net
+    from trtserve.service.errors import InputRejected
+    from trtserve.service.testing.onnx_models import conv_net
 
     executor = ort_backend.OrtExecutor(str(conv_net(tmp_path / "conv.onnx",
                                                     dynamic_spatial=True)), 1, 8)

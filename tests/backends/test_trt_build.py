@@ -18,15 +18,15 @@ import pytest
 if importlib.util.find_spec("tensorrt_rtx") is None:
     pytest.importorskip("tensorrt", reason="neither tensorrt nor tensorrt_rtx is installed")
 
-from service.backends.tensorrt.api import (
+from trtserve.service.backends.tensorrt.api import (
     import_tensorrt,
     library_info,
     numpy_dtype,
     profile_shapes,
     trt_dtype,
 )
-from service.build import cli as build_cli
-from service.build.build import (
+from trtserve.service.build import cli as build_cli
+from trtserve.service.build.build import (
     BuildError,
     BuildOptions,
     DynamicShapeError,
@@ -37,7 +37,7 @@ from service.build.build import (
     load_manifest,
     manifest_path,
 )
-from service.testing import onnx_models
+from trtserve.service.testing import onnx_models
 
 
 @pytest.fixture(scope="module")

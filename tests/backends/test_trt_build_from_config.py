@@ -16,14 +16,14 @@ import pytest
 if importlib.util.find_spec("tensorrt_rtx") is None:
     pytest.importorskip("tensorrt", reason="neither tensorrt nor tensorrt_rtx is installed")
 
-from service import cli
-from service.backends.tensorrt.load import EngineLoadError
-from service.build import serving
-from service.build.build import load_manifest
-from service.config import ModelConfig, ServerConfig, load_toml
-from service.errors import ConfigError
-from service.example_model import write_example
-from service.testing import onnx_models
+from trtserve.service import cli
+from trtserve.service.backends.tensorrt.load import EngineLoadError
+from trtserve.service.build import serving
+from trtserve.service.build.build import load_manifest
+from trtserve.service.config import ModelConfig, ServerConfig, load_toml
+from trtserve.service.errors import ConfigError
+from trtserve.service.example_model import write_example
+from trtserve.service.testing import onnx_models
 
 IMAGE_RANGE = "image=1x3x8x8:2x3x16x16:4x3x32x32"
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.backends.base import LoadedModel
-from service.backends.tensorrt.executor import TensorRTError, TrtExecutor
-from service.backends.tensorrt.load import (
+from trtserve.service.backends.base import LoadedModel
+from trtserve.service.backends.tensorrt.executor import TensorRTError, TrtExecutor
+from trtserve.service.backends.tensorrt.load import (
     EngineHandle,
     EngineLoadError,
     engine_spec,
@@ -24,10 +24,10 @@ from service.backends.tensorrt.load import (
     graph_buckets,
     manifest_spec,
 )
-from service.config import BuildConfig, ModelConfig
-from service.engine.model import ModelRuntime
-from service.errors import InputRejected
-from service.testing.trt_double import Call, HostCudaRuntime, RecordingEngine, trt_module
+from trtserve.service.config import BuildConfig, ModelConfig
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.errors import InputRejected
+from trtserve.service.testing.trt_double import Call, HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4
 
@@ -647,7 +647,7 @@ async def test_served_through_model_runtime(cuda: HostCudaRuntime) -> None:
 
 def _rtx_available() -> bool:
     try:
-        from service.backends.tensorrt.api import import_tensorrt
+        from trtserve.service.backends.tensorrt.api import import_tensorrt
 
         import_tensorrt()
     except RuntimeError:
@@ -660,8 +660,8 @@ needs_trt = pytest.mark.skipif(not _rtx_available(), reason="needs tensorrt or t
 
 @pytest.fixture(scope="module")
 def built_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from service.build.build import BuildOptions, build_engine
-    from service.testing.onnx_models import mlp
+    from trtserve.service.build.build import BuildOptions, build_engine
+    from trtserve.service.testing.onnx_models import mlp
 
     folder = tmp_path_factory.mktemp("engine")
     onnx_path = mlp(folder / "mlp.onnx", in_features=32, out_features=8)
@@ -674,7 +674,7 @@ def built_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_spec_from_the_manifest_of_a_real_engine(built_engine: Path) -> None:
     """TensorRT-RTX engines cannot be deserialized without a GPU (checked: the runtime
     needs a CUDA driver), so on the CPU the spec is read from the build manifest."""
-    from service.build.build import load_manifest
+    from trtserve.service.build.build import load_manifest
 
     spec = manifest_spec(load_manifest(built_engine), "mlp")
     assert [(t.name, t.dtype, t.shape) for t in spec.inputs] == [("input", "FP32", (-1, 32))]
@@ -686,8 +686,8 @@ def test_spec_from_the_manifest_of_a_real_engine(built_engine: Path) -> None:
 
 @needs_trt
 def test_load_says_a_gpu_is_needed(built_engine: Path) -> None:
-    from service.backends.tensorrt import load as tensorrt
-    from service.backends.tensorrt.api import gpu_present
+    from trtserve.service.backends.tensorrt import load as tensorrt
+    from trtserve.service.backends.tensorrt.api import gpu_present
 
     if gpu_present():
         pytest.skip("this machine has a GPU: load() would deserialize the engine")
@@ -698,11 +698,11 @@ def test_load_says_a_gpu_is_needed(built_engine: Path) -> None:
 
 @needs_trt
 def test_load_builds_an_onnx_model_first_with_its_timing_cache(tmp_path: Path) -> None:
-    from service.backends.tensorrt import load as tensorrt
-    from service.backends.tensorrt.api import gpu_present
-    from service.build import serving
-    from service.build.build import load_manifest
-    from service.testing.onnx_models import mlp
+    from trtserve.service.backends.tensorrt import load as tensorrt
+    from trtserve.service.backends.tensorrt.api import gpu_present
+    from trtserve.service.build import serving
+    from trtserve.service.build.build import load_manifest
+    from trtserve.service.testing.onnx_models import mlp
 
     onnx_path = mlp(tmp_path / "m.onnx", in_features=16, out_features=4)
     config = ModelConfig(name="m", path=str(onnx_path), backend="tensorrt", max_batch_size=32,

@@ -13,19 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.backends.base import LoadedModel
-from service.backends.tensorrt.executor import TrtExecutor
-from service.backends.tensorrt.load import (
+from trtserve.service.backends.base import LoadedModel
+from trtserve.service.backends.tensorrt.executor import TrtExecutor
+from trtserve.service.backends.tensorrt.load import (
     EngineHandle,
     engine_spec,
     executor_factories,
     manifest_spec,
 )
-from service.config import ModelConfig
-from service.engine.model import ModelRuntime
-from service.errors import ConfigError, TensorError
-from service.testing import onnx_models
-from service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.errors import ConfigError, TensorError
+from trtserve.service.testing import onnx_models
+from trtserve.service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
 
 FEATURES = 4
 # No batch dimension at all (a scalar, a vector), and a fixed one.
@@ -106,7 +106,7 @@ async def test_served_through_model_runtime_one_request_per_execution(cuda, shap
 
 def _rtx_available() -> bool:
     try:
-        from service.backends.tensorrt.api import import_tensorrt
+        from trtserve.service.backends.tensorrt.api import import_tensorrt
 
         import_tensorrt()
     except RuntimeError:
@@ -120,7 +120,7 @@ needs_trt = pytest.mark.skipif(not _rtx_available(), reason="needs tensorrt or t
 @needs_trt
 def test_a_real_vad_engine_is_built_and_described_as_not_batching(tmp_path: Path) -> None:
     """The VAD model's scalar input and its batch on axis 1 of the state, built for real."""
-    from service.build.build import BuildOptions, build_engine, load_manifest
+    from trtserve.service.build.build import BuildOptions, build_engine, load_manifest
 
     onnx_path = onnx_models.vad(tmp_path / "vad.onnx")
     engine_path = tmp_path / "vad.engine"
@@ -137,7 +137,7 @@ def test_a_real_vad_engine_is_built_and_described_as_not_batching(tmp_path: Path
 
 
 def test_kserve_config_of_an_engine_without_a_batch_dimension(cuda):
-    from service.frontends import kserve_model_config
+    from trtserve.service.frontends import kserve_model_config
 
     engine = RecordingEngine(cuda, FEATURES, static_shape=(1, FEATURES))
     spec = engine_spec(engine, "fixed")  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from client import cli
-from client.bench import (
+from trtserve.client import cli
+from trtserve.client.bench import (
     BenchConfig,
     BenchReport,
     Level,
@@ -23,11 +23,11 @@ from client.bench import (
     to_csv,
     to_json,
 )
-from client.bench.processes import _merge
-from client.bench.recorder import Recorder, Window
-from service.config import ModelConfig
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.testing.servers import running_server, server_config
+from trtserve.client.bench.processes import _merge
+from trtserve.client.bench.recorder import Recorder, Window
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import running_server, server_config
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def server(example_onnx):
 
 def _has_kserve() -> bool:
     try:
-        import service.frontends.kserve  # noqa: F401
+        import trtserve.service.frontends.kserve  # noqa: F401
     except ImportError:
         return False
     return True
@@ -193,7 +193,7 @@ def test_answers_are_read_for_their_id_and_error():
     bad = pb.InferStreamResponse(id="5", error=pb.Error(code=3, message="no"))
     assert read(ok.SerializeToString()) == ("4", None)
     assert read(bad.SerializeToString()) == ("5", "INVALID_ARGUMENT")
-    from service.gen.inference import grpc_service_pb2 as kpb
+    from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 
     read_k = streams.answer_reader("kserve")
     k_bad = kpb.ModelStreamInferResponse(error_message="no",
@@ -259,7 +259,7 @@ def test_a_server_without_the_stream_counts_its_status_for_each_request():
 
 @pytest.mark.parametrize("protocol", ["v1", "kserve"])
 def test_shared_memory_system_sends_references_and_unregisters_at_the_end(server, protocol):
-    from client import Client
+    from trtserve.client import Client
 
     config = BenchConfig(url=server.url, model="example", levels=(Level("closed", 2),),
                          protocol=protocol, duration_s=0.5, warmup_s=0.1,

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.grpc_floor import run_model
-from service.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 
 
 def test_the_lean_server_answers_with_what_the_model_computes(example_onnx):

@@ -10,14 +10,14 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient, Client, InferenceError, KServeClient
-from client.bench.config import BenchConfig, Level
-from client.bench.requests import prepare, server_batches
-from client.channels import Endpoint
-from service.config import TlsConfig
 from tests.doubles.controlled import expected
 from tests.reliability.certs import authority
 from tests.reliability.harness import serve_controlled
+from trtserve.client import AsyncClient, Client, InferenceError, KServeClient
+from trtserve.client.bench.config import BenchConfig, Level
+from trtserve.client.bench.requests import prepare, server_batches
+from trtserve.client.channels import Endpoint
+from trtserve.service.config import TlsConfig
 
 TOKEN = "channel-token"
 X = np.arange(16, dtype=np.float32).reshape(2, 8)

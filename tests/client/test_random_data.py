@@ -11,12 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from client import cli
-from client.random_data import random_array
-from service.config import ModelConfig
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.tensors import bf16_to_fp32
-from service.testing.servers import running_server, server_config
+from trtserve.client import cli
+from trtserve.client.dtypes import bf16_to_fp32
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.random_data import random_array
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import running_server, server_config
 
 
 def _looks_standard_normal(values: np.ndarray) -> None:

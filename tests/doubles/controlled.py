@@ -21,10 +21,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.backends.base import BatchResult, LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
-from service.config import ModelConfig
-from service.engine.model import ModelRuntime
-from service.tensors import TensorSpec
+from trtserve.service.backends.base import (
+    BatchResult,
+    LoadedModel,
+    ModelSpec,
+    ProfileSpec,
+    WorkerInfo,
+)
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.tensors import TensorSpec
 
 INPUT = "x"
 OUTPUT = "y"

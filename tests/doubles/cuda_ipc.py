@@ -1,4 +1,4 @@
-"""A double of `service.engine.cuda_ipc.CudaIpc` for machines without a GPU.
+"""A double of `trtserve.service.engine.cuda_ipc.CudaIpc` for machines without a GPU.
 
 "Device memory exported by another process" is a host buffer here: a handle is
 64 bytes naming one of the buffers the double exported, `open` gives its
@@ -14,7 +14,7 @@ import ctypes
 
 import numpy as np
 
-from service.backends.tensorrt.cuda import CudaError
+from trtserve.service.backends.tensorrt.cuda import CudaError
 
 
 class HostCudaIpc:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.frontends.field_count import exceeds
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.frontends.field_count import exceeds
 
 K = kpb.ModelInferRequest.DESCRIPTOR
 V1 = pb.InferRequest.DESCRIPTOR

@@ -1,4 +1,4 @@
-"""service.frontends.kserve_convert against the real tritonclient.
+"""trtserve.service.frontends.kserve_convert against the real tritonclient.
 
 Requests are built by tritonclient (InferInput.set_data_from_numpy,
 InferRequestedOutput, its own request builder and its own message classes)
@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.api import RegionRef, TensorOut
-from service.errors import InvalidArgument
-from service.frontends.kserve_convert import (
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
+from trtserve.service.engine.api import RegionRef, TensorOut
+from trtserve.service.errors import InvalidArgument
+from trtserve.service.frontends.kserve_convert import (
     KSERVE_DATATYPES,
     TensorError,
     check_requested_outputs,
@@ -31,7 +32,6 @@ from service.frontends.kserve_convert import (
     to_kserve_datatype,
     to_numpy_dtype,
 )
-from service.gen.inference import grpc_service_pb2 as pb
 
 # ---------------------------------------------------------------------------
 # The tritonclient side, run in a child interpreter. It reads (job, payload)

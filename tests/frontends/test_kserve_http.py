@@ -20,9 +20,14 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from service.config import ModelConfig
-from service.testing.onnx_models import LOOKUP_INPUT, LOOKUP_OUTPUT, lookup_net, lookup_table
-from service.testing.servers import free_port, running_server, server_config
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.onnx_models import (
+    LOOKUP_INPUT,
+    LOOKUP_OUTPUT,
+    lookup_net,
+    lookup_table,
+)
+from trtserve.service.testing.servers import free_port, running_server, server_config
 
 HEADER = "Inference-Header-Content-Length"
 

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from service.engine.api import InferResult, TensorOut
-from service.errors import InvalidArgument, TensorError
-from service.frontends import kserve_json as kjson
-from service.gen.inference import grpc_service_pb2 as pb
-from service.gen.inference import model_config_pb2 as mc
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
+from trtserve.client.gen.inference import model_config_pb2 as mc
+from trtserve.service.engine.api import InferResult, TensorOut
+from trtserve.service.errors import InvalidArgument, TensorError
+from trtserve.service.frontends import kserve_json as kjson
 
 
 def _body(*inputs: dict, **extra: object) -> bytes:

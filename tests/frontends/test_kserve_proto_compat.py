@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 
-from service.gen.inference import grpc_service_pb2, model_config_pb2
+from trtserve.client.gen.inference import grpc_service_pb2, model_config_pb2
 
 _DUMP_TRITONCLIENT = """
 import sys

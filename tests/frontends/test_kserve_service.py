@@ -18,16 +18,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from service.backends.base import LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
-from service.config import ModelConfig
-from service.engine.model import ModelRuntime
-from service.frontends import kserve, kserve_model_config
-from service.gen.inference import grpc_service_pb2 as pb
-from service.gen.inference import grpc_service_pb2_grpc as pb_grpc
-from service.gen.inference import model_config_pb2 as mc
-from service.tensors import TensorSpec
-from service.testing.servers import running_server, server_config
 from tests.doubles.controlled import ControlledBackend
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as pb_grpc
+from trtserve.client.gen.inference import model_config_pb2 as mc
+from trtserve.service.backends.base import LoadedModel, ModelSpec, ProfileSpec, WorkerInfo
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.frontends import kserve, kserve_model_config
+from trtserve.service.tensors import TensorSpec
+from trtserve.service.testing.servers import running_server, server_config
 
 FIXED_ROWS = 4
 
@@ -315,7 +315,7 @@ def test_statistics_of_an_idle_model_are_zero():
 
 
 def test_python_kserve_client(server, reference):
-    from client.client import InferenceError, KServeClient
+    from trtserve.client.client import InferenceError, KServeClient
 
     x = np.random.default_rng(4).standard_normal((5, 64)).astype(np.float32)
     with KServeClient(server.url) as k:
@@ -336,7 +336,7 @@ def test_python_kserve_client(server, reference):
 def test_cli_infers_over_kserve_and_prints_the_config(server, capsys):
     import json
 
-    from client import cli
+    from trtserve.client import cli
 
     assert cli.main(["--url", server.url, "infer", "--model", "example", "--rows", "3",
                      "--protocol", "kserve", "--json"]) == 0

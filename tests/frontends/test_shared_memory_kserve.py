@@ -17,8 +17,8 @@ import tritonclient.grpc as triton
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from service.config import ModelConfig, SharedMemoryConfig
-from service.testing.servers import running_server, server_config
+from trtserve.service.config import ModelConfig, SharedMemoryConfig
+from trtserve.service.testing.servers import running_server, server_config
 
 ROWS, FEATURES, OUT = 4, 64, 16
 IN_BYTES, OUT_BYTES = ROWS * FEATURES * 4, ROWS * OUT * 4
@@ -377,7 +377,7 @@ def test_shared_memory_over_model_stream_infer(client, regions, reference):
 def test_prometheus_counts_shared_memory(example_onnx, regions):
     import urllib.request
 
-    from service.testing.servers import free_port
+    from trtserve.service.testing.servers import free_port
 
     port = free_port()
     config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=1),

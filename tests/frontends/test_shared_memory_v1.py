@@ -9,13 +9,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import Client
-from client.errors import InferenceError
-from client.shared_memory import RegionSlot, RegionTensor, SystemRegion
-from service.config import ModelConfig
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.testing.servers import running_server, server_config
+from trtserve.client import Client
+from trtserve.client.errors import InferenceError
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.shared_memory import RegionSlot, RegionTensor, SystemRegion
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import running_server, server_config
 
 ROWS, FEATURES, OUT = 4, 64, 16
 IN_BYTES, OUT_BYTES = ROWS * FEATURES * 4, ROWS * OUT * 4
@@ -142,7 +142,7 @@ def test_register_errors_have_their_codes(client, region):
 def test_async_client_infers_from_and_into_a_region(server, region, reference):
     import asyncio
 
-    from client import AsyncClient
+    from trtserve.client import AsyncClient
 
     x = region.array(np.float32, (ROWS, FEATURES))
     x[:] = _x(3)

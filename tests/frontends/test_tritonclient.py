@@ -17,9 +17,9 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from service.config import ModelConfig
-from service.example_model import write_example
-from service.testing.servers import running_server, server_config
+from trtserve.service.config import ModelConfig
+from trtserve.service.example_model import write_example
+from trtserve.service.testing.servers import running_server, server_config
 
 WIDE = 8192  # features per row of the "wide" model: 256 rows are 8 MiB each way
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from service.backends.base import ModelSpec
-from service.engine.api import InferResult, TensorOut
-from service.errors import TensorError
-from service.frontends.v1_convert import check_outputs, encode_outputs
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.tensors import TensorSpec
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.backends.base import ModelSpec
+from trtserve.service.engine.api import InferResult, TensorOut
+from trtserve.service.errors import TensorError
+from trtserve.service.frontends.v1_convert import check_outputs, encode_outputs
+from trtserve.service.tensors import TensorSpec
 
 SPEC = ModelSpec("onnxruntime", "onnxruntime_onnx", (TensorSpec("x", "FP32", (-1, 2)),),
                  (TensorSpec("a", "FP32", (-1, 2)), TensorSpec("b", "INT64", (-1, 1))), 8)

@@ -14,10 +14,10 @@ import textwrap
 
 import pytest
 
-from service.backends.tensorrt.api import gpu_present
-from service.backends.tensorrt.cuda import runtime_module
-from service.config import ModelConfig
-from service.testing.servers import ROOT, running_server, server_config
+from trtserve.service.backends.tensorrt.api import gpu_present
+from trtserve.service.backends.tensorrt.cuda import runtime_module
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import ROOT, running_server, server_config
 
 pytestmark = pytest.mark.gpu
 
@@ -33,8 +33,8 @@ CLIENT = textwrap.dedent("""
     import json, sys
     import numpy as np
     import onnxruntime as ort
-    from client import Client
-    from client.shared_memory import CudaRegion, RegionTensor
+    from trtserve.client import Client
+    from trtserve.client.shared_memory import CudaRegion, RegionTensor
 
     url, model_path = sys.argv[1], sys.argv[2]
     session = ort.InferenceSession(model_path, providers=["CPUExecutionProvider"])

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from service.backends.tensorrt.api import gpu_present
-from service.backends.tensorrt.cuda import CudaRuntime, runtime_module
-from service.backends.tensorrt.executor import TrtExecutor
-from service.backends.tensorrt.load import graph_buckets
+from trtserve.service.backends.tensorrt.api import gpu_present
+from trtserve.service.backends.tensorrt.cuda import CudaRuntime, runtime_module
+from trtserve.service.backends.tensorrt.executor import TrtExecutor
+from trtserve.service.backends.tensorrt.load import graph_buckets
 
 pytestmark = pytest.mark.gpu
 
@@ -29,8 +29,8 @@ try:
 except RuntimeError as err:
     pytest.skip(str(err), allow_module_level=True)
 
-from client.client import Client  # noqa: E402
-from service.testing.gpu_standin import (  # noqa: E402
+from trtserve.client.client import Client  # noqa: E402
+from trtserve.service.testing.gpu_standin import (  # noqa: E402
     INPUT,
     LABEL,
     OUTPUT,
@@ -38,7 +38,7 @@ from service.testing.gpu_standin import (  # noqa: E402
     serving_standin,
     standin_config,
 )
-from service.testing.trt_double import trt_module  # noqa: E402
+from trtserve.service.testing.trt_double import trt_module  # noqa: E402
 
 # FP32 with different summation orders: far under this (METHOD.md: FP32 lands << 1e-3).
 TOLERANCE = 1e-5

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.testing.servers import ROOT, ServerProcess
+from trtserve.service.testing.servers import ROOT, ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def served(example_onnx):
 
 
 def client(url, *args):
-    return subprocess.run([sys.executable, "-m", "client.cli", "--url", url, *args],
+    return subprocess.run([sys.executable, "-m", "trtserve.client.cli", "--url", url, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
@@ -70,7 +70,7 @@ def test_errors_exit_nonzero_with_the_status(served):
 def test_bad_config_is_refused_naming_the_key(tmp_path, example_onnx):
     config = tmp_path / "bad.toml"
     config.write_text(f'[[models]]\nname = "m"\npath = "{example_onnx}"\nworkerz = 2\n')
-    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config",
+    result = subprocess.run([sys.executable, "-m", "trtserve.service.cli", "serve", "--config",
                              str(config)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "workerz" in result.stderr

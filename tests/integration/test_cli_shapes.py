@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client import cli
-from service.config import ModelConfig
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.testing.onnx_models import tiled_net
-from service.testing.servers import running_server, server_config
+from trtserve.client import cli
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.onnx_models import tiled_net
+from trtserve.service.testing.servers import running_server, server_config
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,16 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import Client, InferenceError
-from client.convert import infer_request, outputs_of
-from client.kserve_convert import kserve_outputs, kserve_request
-from client.shared_memory import SystemRegion
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from service.ipc.codec import INLINE_MAX_BYTES
-from service.testing.servers import ServerProcess, free_port
 from tests.integration.test_metrics import key, scrape
+from trtserve.client import Client, InferenceError
+from trtserve.client.convert import infer_request, outputs_of
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.kserve_convert import kserve_outputs, kserve_request
+from trtserve.client.shared_memory import SystemRegion
+from trtserve.service.testing.servers import ServerProcess, free_port
 
 CLIENTS = 64
 REQUESTS_PER_CLIENT = 6
@@ -68,7 +68,7 @@ def _frontend_pids(server: ServerProcess) -> list[int]:
     pids = []
     for child in psutil.Process(server.proc.pid).children():
         try:
-            if "service.frontend_process" in " ".join(child.cmdline()):
+            if "trtserve.service.frontend_process" in " ".join(child.cmdline()):
                 pids.append(child.pid)
         except psutil.Error:  # gone, or a zombie
             continue
@@ -211,7 +211,8 @@ def test_a_held_port_is_refused_with_frontends(server: ServerProcess,
                                                example_onnx: Path) -> None:
     """The frontends share the port with each other, not with another server."""
     second = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--model", f"example={example_onnx}",
+        [sys.executable, "-m", "trtserve.service.cli", "serve", "--model",
+         f"example={example_onnx}",
          "--frontends", "2", "--port", str(server.port), "--metrics-port", "0"],
         capture_output=True, text=True, timeout=60)
     assert second.returncode == 2, second.stderr

@@ -27,13 +27,13 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from client import Client
-from service.config import ModelConfig
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.server import Server
-from service.testing.servers import free_port, running_server, server_config
 from tests.doubles.controlled import ControlledBackend, controlled_model, expected
+from trtserve.client import Client
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from trtserve.service.config import ModelConfig
+from trtserve.service.server import Server
+from trtserve.service.testing.servers import free_port, running_server, server_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

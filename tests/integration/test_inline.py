@@ -11,12 +11,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient, Client
-from service.config import ModelConfig
-from service.engine import model as model_module
-from service.testing.servers import running_server, server_config
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
 from tests.reliability.harness import model_stats
+from trtserve.client import AsyncClient, Client
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine import model as model_module
+from trtserve.service.testing.servers import running_server, server_config
 
 
 # A limit far above this model's tens of microseconds: the test is about where

@@ -12,11 +12,11 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-from client import AsyncClient, Client, InferenceError
-from service.config import ModelConfig
-from service.engine.stats import LATENCY_BUCKETS_S
-from service.testing.servers import ServerProcess, free_port, running_server, server_config
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, Controls, controlled_model
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.service.config import ModelConfig
+from trtserve.service.engine.stats import LATENCY_BUCKETS_S
+from trtserve.service.testing.servers import ServerProcess, free_port, running_server, server_config
 
 Labels = tuple[tuple[str, str], ...]
 

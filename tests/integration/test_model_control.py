@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.cli import main as client_main
-from client.client import AsyncClient, Client, InferenceError, KServeClient
-from service.config import ModelConfig
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.testing.onnx_models import offset_net
-from service.testing.servers import free_port, running_server, server_config
 from tests.integration.test_metrics import key, scrape
+from trtserve.client.cli import main as client_main
+from trtserve.client.client import AsyncClient, Client, InferenceError, KServeClient
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.onnx_models import offset_net
+from trtserve.service.testing.servers import free_port, running_server, server_config
 
 FEATURES = 4
 TOKEN = "control-Token_0123"

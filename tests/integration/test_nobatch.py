@@ -21,15 +21,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from client.client import KServeClient
-from service.config import ModelConfig, load_toml
-from service.engine.repository import load_backend
-from service.errors import ConfigError
-from service.gen.inference import model_config_pb2 as mc
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.testing import onnx_models
-from service.testing.servers import ServerThread, running_server, server_config
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.client.client import KServeClient
+from trtserve.client.gen.inference import model_config_pb2 as mc
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.config import ModelConfig, load_toml
+from trtserve.service.engine.repository import load_backend
+from trtserve.service.errors import ConfigError
+from trtserve.service.testing import onnx_models
+from trtserve.service.testing.servers import ServerThread, running_server, server_config
 
 OCR_CLASSES = 40
 
@@ -172,7 +172,7 @@ def test_ocr_outputs_come_back_as_produced_and_the_mismatch_is_logged_once(ocr_s
     reference = _session(models["ocr"])
     rng = np.random.default_rng(3)
     widths = [16, 40, 16, 7, 64, 16]
-    with caplog.at_level(logging.WARNING, logger="service.engine.model"), Client(server.url) as c, \
+    with caplog.at_level(logging.WARNING, logger="trtserve.service.engine.model"), Client(server.url) as c, \
             KServeClient(server.url) as k:
         for i, width in enumerate(widths):
             image = rng.standard_normal((1, 1, 64, width)).astype(np.float32)
@@ -253,7 +253,7 @@ def test_metadata_and_kserve_config_say_the_model_does_not_batch(server):
 def test_cli_says_so_and_infers_with_full_shapes(server, capsys):
     import json
 
-    from client import cli
+    from trtserve.client import cli
 
     assert cli.main(["--url", server.url, "metadata", "--model", "vad"]) == 0
     described = json.loads(capsys.readouterr().out)
@@ -300,7 +300,7 @@ def test_batching_key_in_toml(tmp_path):
 def test_batching_flag(models):
     import argparse
 
-    from service.cli import add_serve, build_config
+    from trtserve.service.cli import add_serve, build_config
 
     parser = argparse.ArgumentParser()
     add_serve(parser.add_subparsers())

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.testing.servers import ROOT, ServerProcess
+from trtserve.service.testing.servers import ROOT, ServerProcess
 
 NODE_DIR = ROOT / "examples" / "node"
 FEATURES = 64  # the example model: input FP32 [-1, 64] -> output FP32 [-1, 16]

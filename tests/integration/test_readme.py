@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from service.testing.servers import ROOT, ServerProcess
+from trtserve.service.testing.servers import ROOT, ServerProcess
 
 ADDRESS = "127.0.0.1:8001"
 
@@ -63,7 +63,7 @@ def test_snippet_runs_and_prints_what_it_says(served, snippet: str) -> None:
 
 def test_readme_lists_the_kserve_rpcs_that_are_not_implemented() -> None:
     """The README's table of UNIMPLEMENTED RPCs and the servicer agree, both ways."""
-    from service.frontends.kserve import _NOT_IMPLEMENTED
+    from trtserve.service.frontends.kserve import _NOT_IMPLEMENTED
 
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("RPCs answer UNIMPLEMENTED with the reason:"):]

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from service.testing.servers import ROOT, ServerProcess, free_port
+from trtserve.service.testing.servers import ROOT, ServerProcess, free_port
 
 SECTION = "Over HTTP/REST (port 8000)"
 

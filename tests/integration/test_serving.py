@@ -7,9 +7,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from service.config import ModelConfig
-from service.testing.servers import running_server, server_config
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.servers import running_server, server_config
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_metadata_describes_the_model(server):
 
 
 def test_stream_answers_carry_their_request_ids(server, reference):
-    from client.convert import infer_request, outputs_of
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.convert import infer_request, outputs_of
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(2)
     xs = {f"r{i}": rng.standard_normal((2, 64)).astype(np.float32) for i in range(40)}
@@ -123,8 +123,8 @@ def test_unknown_output_is_refused(server):
 
 
 def test_byte_length_mismatch_is_refused(server):
-    from service.gen.trtserve.v1 import inference_pb2 as pb
-    from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+    from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+    from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
     request = pb.InferRequest(model="example")
     request.inputs.add(name="input", dtype=pb.DATA_TYPE_FP32, shape=[1, 64], data=b"\0" * 10)

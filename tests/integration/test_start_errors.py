@@ -15,14 +15,14 @@ import grpc
 import numpy as np
 import pytest
 
-from client import Client, InferenceError
-from client.client import KServeClient
-from service import auth
-from service.backends.tensorrt.api import gpu_present
-from service.errors import ConfigError
-from service.testing.servers import ROOT, ServerProcess, free_port
 from tests.reliability.certs import authority
 from tests.reliability.harness import NOT_SERVING, SERVING, health_status
+from trtserve.client import Client, InferenceError
+from trtserve.client.client import KServeClient
+from trtserve.service import auth
+from trtserve.service.backends.tensorrt.api import gpu_present
+from trtserve.service.errors import ConfigError
+from trtserve.service.testing.servers import ROOT, ServerProcess, free_port
 
 NO_TENSORRT = ROOT / "tests" / "doubles" / "no_tensorrt"
 X = np.zeros((2, 64), np.float32)
@@ -31,7 +31,8 @@ X = np.zeros((2, 64), np.float32)
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`trtserve serve ARGS` on a free port, expected to exit by itself."""
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--metrics-port", "0",
+        [sys.executable, "-m", "trtserve.service.cli", "serve", "--port", "0", "--metrics-port",
+         "0",
          "--http-port", "0", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})})
 
@@ -155,7 +156,7 @@ def test_a_second_server_on_a_held_port_is_refused_and_the_first_keeps_all_traff
     try:
         first.wait_ready()
         second = subprocess.run(
-            [sys.executable, "-m", "service.cli", "serve", "--model", f"m={example_onnx}",
+            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"m={example_onnx}",
              "--workers", "1", "--port", str(first.port), "--metrics-port", "0",
              "--http-port", "0"],
             cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -244,12 +245,13 @@ def test_skip_with_no_model_left_is_refused(tmp_path):
 
 
 def _client(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "trtserve.client.cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, **kwargs)  # type: ignore[call-overload]
 
 
 def test_both_commands_print_their_version():
-    for module, prog in (("service.cli", "trtserve"), ("client.cli", "trtserve-client")):
+    for module, prog in (("trtserve.service.cli", "trtserve"), ("trtserve.client.cli",
+                                                                "trtserve-client")):
         result = subprocess.run([sys.executable, "-m", module, "--version"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
@@ -272,7 +274,7 @@ def test_health_of_an_unknown_service_says_what_is_unknown(served):
 
 def test_infer_into_a_closed_pipe_exits_quietly(served):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "--url", served.url, "infer", "--model",
+        [sys.executable, "-m", "trtserve.client.cli", "--url", served.url, "infer", "--model",
          "example", "--rows", "8", "--json"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
@@ -290,8 +292,8 @@ def test_make_help_shows_the_port_it_will_use():
 
 
 def test_ports_check_free_refuses_a_listening_port_and_allows_port_zero():
-    from service.errors import PortInUse
-    from service.ports import check_free
+    from trtserve.service.errors import PortInUse
+    from trtserve.service.ports import check_free
 
     check_free("127.0.0.1", 0, "server.port")
     port = free_port()
@@ -311,7 +313,7 @@ async def test_our_listener_does_not_share_its_port_even_with_a_reuseport_socket
     """The second line of defence, for a port taken between the probe and the bind:
     with `ports.GRPC_OPTIONS` gRPC refuses a port whose holder set SO_REUSEPORT
     (as every gRPC server does by default), where gRPC's default would share it."""
-    from service.ports import GRPC_OPTIONS
+    from trtserve.service.ports import GRPC_OPTIONS
 
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -330,8 +332,8 @@ async def test_our_listener_does_not_share_its_port_even_with_a_reuseport_socket
 def test_an_encrypted_key_is_refused_without_prompting(pem, tmp_path):
     from cryptography.hazmat.primitives import serialization
 
-    from service import tls
-    from service.config import TlsConfig
+    from trtserve.service import tls
+    from trtserve.service.config import TlsConfig
 
     key = serialization.load_pem_private_key(pem["key"].read_bytes(), password=None)
     encrypted = tmp_path / "encrypted.key"
@@ -354,7 +356,7 @@ def test_a_held_http_port_is_refused_with_one_line(example_onnx):
 
 
 def test_the_http_port_cannot_be_another_port_of_the_server():
-    from service.config import ServerConfig
+    from trtserve.service.config import ServerConfig
 
     with pytest.raises(ConfigError, match=r"server\.http_port: got 9000, expected a port "
                        r"other than server\.port \(9000\)"):
@@ -367,7 +369,7 @@ def test_the_http_port_cannot_be_another_port_of_the_server():
 
 
 def test_the_metrics_port_cannot_be_the_grpc_port():
-    from service.config import ServerConfig
+    from trtserve.service.config import ServerConfig
 
     with pytest.raises(ConfigError, match=r"server\.metrics_port: got 9000, expected a port "
                                           r"other than server\.port \(9000\)"):

@@ -23,16 +23,16 @@ import grpc
 import numpy as np
 import pytest
 
-from service.config import ModelConfig, ServerConfig
-from service.engine.api import InferRequest, TensorIn
-from service.engine.host import EngineHost
-from service.engine.local import LocalEngine
-from service.engine.remote import RemoteEngine
-from service.engine.repository import ModelRepository
-from service.gen.trtserve.internal import link_pb2
 from service.ipc import codec
 from service.ipc.link import Link, open_link
 from service.ipc.shm import Arena
+from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.engine.api import InferRequest, TensorIn
+from trtserve.service.engine.host import EngineHost
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.remote import RemoteEngine
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.gen.trtserve.internal import link_pb2
 
 ARENA_BYTES = 1 << 20
 FEATURES = 4
@@ -49,7 +49,7 @@ class Engine:
 
 @pytest.fixture
 async def engine(tmp_path: Path) -> AsyncIterator[Engine]:
-    from service.testing.onnx_models import offset_net
+    from trtserve.service.testing.onnx_models import offset_net
 
     repository = ModelRepository()
     path = offset_net(tmp_path / "plus1.onnx", 1.0, FEATURES)

@@ -21,14 +21,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.config import ModelConfig, ServerConfig
-from service.engine.api import InferRequest, RegionRef, TensorIn
-from service.engine.host import EngineHost
-from service.engine.local import LocalEngine
-from service.engine.remote import RemoteEngine
-from service.engine.repository import ModelRepository
-from service.errors import NotFound, ServeError, Unavailable
 from service.ipc.shm import Arena
+from trtserve.service.config import ModelConfig, ServerConfig
+from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
+from trtserve.service.engine.host import EngineHost
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.remote import RemoteEngine
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import NotFound, ServeError, Unavailable
 
 ARENA_BYTES = 8 << 20
 

@@ -14,11 +14,11 @@ import asyncio
 import logging
 import sys
 
-from service.config import ServerConfig
-from service.processes import EngineServer, log_format
-from service.server import Server
-from service.testing.servers import ServerProcess, free_port
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model
+from trtserve.service.config import ServerConfig
+from trtserve.service.processes import EngineServer, log_format
+from trtserve.service.server import Server
+from trtserve.service.testing.servers import ServerProcess, free_port
 
 MODEL = "controlled"
 EXECUTED, BATCHES = "executed_rows", "batches"

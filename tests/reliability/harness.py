@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import Client
-from service.engine.model import ModelRuntime
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.testing.servers import ServerThread, running_server, server_config
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model
+from trtserve.client import Client
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.testing.servers import ServerThread, running_server, server_config
 
 
 @dataclass

@@ -12,13 +12,13 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from client.convert import infer_request
-from service.engine.timer import now
-from service.errors import DeadlineExceeded
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.doubles.controlled import ControlledBackend, Controls, controlled_model, expected
 from tests.reliability.harness import model_stats, serve_controlled, wait_for
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.client.timer import now
+from trtserve.service.errors import DeadlineExceeded
 
 
 def rows(n: int, start: float) -> np.ndarray:

@@ -21,7 +21,6 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import AsyncClient, InferenceError
 from tests.doubles.controlled import expected
 from tests.reliability.controlled_server import (
     BATCHES,
@@ -29,6 +28,7 @@ from tests.reliability.controlled_server import (
     MODEL,
     ControlledServerProcess,
 )
+from trtserve.client import AsyncClient, InferenceError
 
 CLIENTS = 24
 GRACE_S = 20.0

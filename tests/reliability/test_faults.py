@@ -14,9 +14,6 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from client.convert import infer_request
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.doubles.controlled import SECRET, expected
 from tests.reliability.harness import (
     NOT_SERVING,
@@ -26,6 +23,9 @@ from tests.reliability.harness import (
     serve_controlled,
     wait_for,
 )
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 POISON = -4242.0
 
@@ -280,7 +280,7 @@ def test_a_pool_keeps_serving_while_one_worker_backs_off():
 def test_a_worker_that_fails_again_after_each_rebuild_backs_off_further(caplog):
     """A rebuild that succeeds does not prove the worker sound, a batch served does: a
     worker whose batches keep failing waits twice as long each time it leaves."""
-    caplog.set_level(logging.ERROR, logger="service.engine.model")
+    caplog.set_level(logging.ERROR, logger="trtserve.service.engine.model")
     with serve_controlled(workers=1, max_worker_failures=1, worker_retry_backoff_s=0.01,
                           worker_retry_backoff_max_s=0.04) as s, Client(s.url) as c:
         def leave_and_return() -> None:

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import Client, InferenceError
-from client.convert import infer_request, outputs_of
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.testing.servers import ServerProcess
 from tests.doubles.controlled import expected
 from tests.reliability.certs import authority
 from tests.reliability.controlled_server import EXECUTED, MODEL, ControlledServerProcess
+from trtserve.client import Client, InferenceError
+from trtserve.client.convert import infer_request, outputs_of
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service.testing.servers import ServerProcess
 
 CLIENTS = 16
 

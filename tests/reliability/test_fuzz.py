@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from client.convert import infer_request
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.doubles.controlled import expected
 from tests.reliability.harness import Served, model_stats, serve_controlled
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 MODEL = "controlled"
 MAX_ROWS = 16

@@ -16,15 +16,15 @@ import grpc
 import numpy as np
 import pytest
 
-from client.convert import infer_request
-from service import echo
-from service.frontends.malformed import COUNT_FROM_BYTES, MAX_FIELDS
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.doubles.controlled import expected
 from tests.reliability.harness import Served, model_stats, serve_controlled
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service import echo
+from trtserve.service.frontends.malformed import COUNT_FROM_BYTES, MAX_FIELDS
 
 MODEL = "controlled"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -19,12 +19,12 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from service.config import TlsConfig
-from service.testing.servers import free_port
 from tests.doubles.controlled import SECRET, expected
 from tests.frontends.test_kserve_http import Answer, http
 from tests.reliability.certs import authority
 from tests.reliability.harness import eventually, model_stats, serve_controlled, wait_for
+from trtserve.service.config import TlsConfig
+from trtserve.service.testing.servers import free_port
 
 TOKEN = "s3cret-Token_0123.~+/="
 

@@ -17,18 +17,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from service.config import ModelConfig
-from service.testing.onnx_models import (
+from tests.integration.test_metrics import scrape
+from tests.reliability.harness import SERVING, health_status, model_stats
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.service.config import ModelConfig
+from trtserve.service.testing.onnx_models import (
     LOOKUP_INPUT,
     TILES_INPUT,
     TILES_OUTPUT,
     lookup_net,
     tiled_net,
 )
-from service.testing.servers import free_port, running_server, server_config
-from tests.integration.test_metrics import scrape
-from tests.reliability.harness import SERVING, health_status, model_stats
+from trtserve.service.testing.servers import free_port, running_server, server_config
 
 # Sizes validation accepts (height and width are dynamic) that the Reshape cannot tile.
 BAD_SIZES = [(1, 1), (3, 3), (321, 321), (33, 517)]

@@ -8,12 +8,12 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from client.convert import infer_request
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from tests.doubles.controlled import expected
 from tests.reliability.harness import eventually, model_stats, serve_controlled, wait_for
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 
 KIB = 1024
 

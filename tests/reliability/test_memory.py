@@ -19,10 +19,10 @@ import onnxruntime as ort
 import psutil
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from service.testing.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
-from service.testing.servers import ServerProcess
 from tests.reliability.harness import eventually
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.service.testing.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
+from trtserve.service.testing.servers import ServerProcess
 
 pytestmark = pytest.mark.slow
 

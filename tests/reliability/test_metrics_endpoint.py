@@ -26,21 +26,21 @@ import numpy as np
 import psutil
 import pytest
 
-from client import Client
-from service.config import ModelConfig, ServerConfig, TlsConfig
-from service.engine.local import LocalEngine
-from service.engine.repository import ModelRepository
-from service.errors import ConfigError
-from service.metrics import start_metrics
-from service.testing.servers import (
+from tests.reliability.certs import authority
+from tests.reliability.harness import SERVING, health_status
+from trtserve.client import Client
+from trtserve.service.config import ModelConfig, ServerConfig, TlsConfig
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import ConfigError
+from trtserve.service.metrics import start_metrics
+from trtserve.service.testing.servers import (
     ServerProcess,
     ServerThread,
     free_port,
     running_server,
     server_config,
 )
-from tests.reliability.certs import authority
-from tests.reliability.harness import SERVING, health_status
 
 TOKEN = "metrics-Token_0123.~+/="
 HALF_SENT = b"GET /metrics HTTP/1.1\r\nHost: trtserve\r\n"  # no blank line: never ends
@@ -201,7 +201,7 @@ def test_metrics_bind_loopback_by_default_not_the_grpc_host(example_onnx):
 
 
 def test_metrics_host_is_its_own_setting(example_onnx, caplog):
-    with caplog.at_level(logging.WARNING, logger="service.metrics"), \
+    with caplog.at_level(logging.WARNING, logger="trtserve.service.metrics"), \
             serving(example_onnx, metrics_host="0.0.0.0") as (_, port):
         listening = [c.laddr.ip for c in psutil.Process().net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port]

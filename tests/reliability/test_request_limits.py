@@ -17,14 +17,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from client import AsyncClient, Client, InferenceError, KServeClient
-from service.config import ModelConfig, load_toml
-from service.errors import ConfigError
-from service.limits import ByteBudget
-from service.testing.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
-from service.testing.servers import free_port, running_server, server_config
 from tests.doubles.controlled import ControlledBackend, controlled_model, expected
 from tests.reliability.harness import model_stats, serve_controlled, wait_for
+from trtserve.client import AsyncClient, Client, InferenceError, KServeClient
+from trtserve.service.config import ModelConfig, load_toml
+from trtserve.service.errors import ConfigError
+from trtserve.service.limits import ByteBudget
+from trtserve.service.testing.onnx_models import CONV_INPUT, CONV_OUTPUT, conv_net
+from trtserve.service.testing.servers import free_port, running_server, server_config
 
 MIB = 1024 * 1024
 

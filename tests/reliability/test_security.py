@@ -10,18 +10,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from client import Client, InferenceError
-from client.convert import infer_request
-from service import auth
-from service.config import TlsConfig
-from service.errors import ConfigError
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.server import _is_loopback
-from service.testing.servers import ServerProcess
 from tests.doubles.controlled import expected
 from tests.reliability.certs import authority
 from tests.reliability.harness import SERVING, health_status, serve_controlled
+from trtserve.client import Client, InferenceError
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service import auth
+from trtserve.service.config import TlsConfig
+from trtserve.service.errors import ConfigError
+from trtserve.service.server import _is_loopback
+from trtserve.service.testing.servers import ServerProcess
 
 TOKEN = "s3cret-Token_0123.~+/="
 X = np.arange(16, dtype=np.float32).reshape(2, 8)
@@ -251,7 +251,7 @@ def test_a_token_no_client_could_send_is_refused(monkeypatch):
 
 
 def test_the_token_itself_cannot_be_given_on_the_command_line(capsys):
-    from service.cli import main
+    from trtserve.service.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--model", "m=x.onnx", "--auth-token", "visible-in-ps"])
@@ -289,7 +289,7 @@ def test_the_cli_server_takes_its_token_from_env_or_file(example_onnx, tmp_path,
 def test_binding_beyond_loopback_without_tls_or_token_warns(caplog):
     assert _is_loopback("127.0.0.1") and _is_loopback("127.0.0.2") and _is_loopback("::1")
     assert _is_loopback("localhost") and not _is_loopback("0.0.0.0")
-    with caplog.at_level(logging.WARNING, logger="service.server"), \
+    with caplog.at_level(logging.WARNING, logger="trtserve.service.server"), \
             serve_controlled(server={"host": "0.0.0.0"}):
         pass
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -298,6 +298,6 @@ def test_binding_beyond_loopback_without_tls_or_token_warns(caplog):
 
 
 def test_binding_loopback_does_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="service.server"), serve_controlled():
+    with caplog.at_level(logging.WARNING, logger="trtserve.service.server"), serve_controlled():
         pass
     assert not [r for r in caplog.records if "without" in r.getMessage()]

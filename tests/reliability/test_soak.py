@@ -33,11 +33,11 @@ import onnxruntime as ort
 import psutil
 import pytest
 
-from client import AsyncClient, Client, InferenceError
-from client.convert import infer_request, outputs_of
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.testing.servers import ServerProcess, free_port
+from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.client.convert import infer_request, outputs_of
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service.testing.servers import ServerProcess, free_port
 
 CLIENTS = 128
 STREAM_CLIENTS = 16  # of the 128, these send bursts over InferStream

@@ -19,13 +19,13 @@ import numpy as np
 import psutil
 import pytest
 
-from client import Client
-from client.convert import infer_request
-from service.gen.inference import grpc_service_pb2 as kpb
-from service.gen.inference import grpc_service_pb2_grpc as kpb_grpc
-from service.gen.trtserve.v1 import inference_pb2 as pb
-from service.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
-from service.testing.servers import ServerProcess
+from trtserve.client import Client
+from trtserve.client.convert import infer_request
+from trtserve.client.gen.inference import grpc_service_pb2 as kpb
+from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service.testing.servers import ServerProcess
 
 IN_FLIGHT = 64  # server.max_in_flight_per_stream for these tests
 UNSENT_BYTES = 4 * 1024 * 1024  # server.max_unsent_bytes_per_stream

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from service.arg_types import int_list, name_path, name_value, positive_numbers, size_list
+from trtserve.client.arg_types import int_list, name_path, name_value, positive_numbers, size_list
 
 
 def test_pairs():

@@ -5,11 +5,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from service.engine.batch import Request
-from service.engine.batcher import Batcher, BatchPolicy
-from service.engine.scheduler import Scheduler
-from service.engine.timer import now
-from service.errors import ResourceExhausted, Unavailable
+from trtserve.client.timer import now
+from trtserve.service.engine.batch import Request
+from trtserve.service.engine.batcher import Batcher, BatchPolicy
+from trtserve.service.engine.scheduler import Scheduler
+from trtserve.service.errors import ResourceExhausted, Unavailable
 
 
 class Slot:

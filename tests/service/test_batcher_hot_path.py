@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from service.engine.batch import Request
-from service.engine.batcher import Batcher, BatchPolicy, PreciseTimer
-from service.engine.scheduler import Scheduler
-from service.engine.timer import now
-from service.errors import ResourceExhausted
+from trtserve.client.timer import now
+from trtserve.service.engine.batch import Request
+from trtserve.service.engine.batcher import Batcher, BatchPolicy, PreciseTimer
+from trtserve.service.engine.scheduler import Scheduler
+from trtserve.service.errors import ResourceExhausted
 
 
 async def test_timer_fires_after_its_time_and_not_when_disarmed():

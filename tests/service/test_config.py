@@ -3,9 +3,9 @@ import dataclasses
 
 import pytest
 
-from service.cli import SERVER_FLAGS, add_serve, build_config
-from service.config import ModelConfig, ServerConfig, load_toml
-from service.errors import ConfigError
+from trtserve.service.cli import SERVER_FLAGS, add_serve, build_config
+from trtserve.service.config import ModelConfig, ServerConfig, load_toml
+from trtserve.service.errors import ConfigError
 
 GOOD = """
 [server]

@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from service.engine import model
-from service.engine.batch import Batch, Request
-from service.engine.model import ModelRuntime
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, Controls, controlled_model
+from trtserve.service.engine import model
+from trtserve.service.engine.batch import Batch, Request
+from trtserve.service.engine.model import ModelRuntime
 
 START = 1000.0
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from service.cli import build_config, main
-from service.config import MAX_AUTO_FRONTENDS, ServerConfig
-from service.errors import ConfigError
+from trtserve.service.cli import build_config, main
+from trtserve.service.config import MAX_AUTO_FRONTENDS, ServerConfig
+from trtserve.service.errors import ConfigError
 
 
 @pytest.mark.parametrize("value", [0, -1, 65, "many", True, 2.0])
@@ -27,7 +27,7 @@ def test_auto_is_one_process_on_two_cores_and_half_the_cores_above() -> None:
 def test_the_flag_sets_the_key() -> None:
     import argparse
 
-    from service.cli import add_serve
+    from trtserve.service.cli import add_serve
 
     parser = argparse.ArgumentParser()
     add_serve(parser.add_subparsers())

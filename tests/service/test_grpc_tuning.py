@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from service import grpc_tuning
-from service.config import ServerConfig
-from service.errors import ConfigError
-from service.server import loop_factory
-from service.testing.servers import ROOT
+from trtserve.client import grpc_tuning
+from trtserve.service.config import ServerConfig
+from trtserve.service.errors import ConfigError
+from trtserve.service.server import loop_factory
+from trtserve.service.testing.servers import ROOT
 
-PROBE = ("import os, sys; import service.cli, grpc, service.grpc_tuning as g; "
+PROBE = ("import os, sys; import trtserve.service.cli, grpc, trtserve.client.grpc_tuning as g; "
          "print(repr(os.environ.get('GRPC_EXPERIMENTS')), g.APPLIED_HERE)")
 
 

@@ -10,17 +10,6 @@ from multiprocessing import shared_memory
 import numpy as np
 import pytest
 
-from service.engine.api import (
-    MODEL_VERSION,
-    InferRequest,
-    RegionRef,
-    TensorIn,
-)
-from service.engine.local import LocalEngine
-from service.engine.repository import ModelRepository
-from service.errors import InvalidArgument, NotFound, ResourceExhausted, TensorError
-from service.limits import ByteBudget
-from service.tensors import dtype_name
 from tests.doubles.controlled import (
     INPUT,
     OUTPUT,
@@ -30,6 +19,17 @@ from tests.doubles.controlled import (
     controlled_model,
     expected,
 )
+from trtserve.client.dtypes import dtype_name
+from trtserve.service.engine.api import (
+    MODEL_VERSION,
+    InferRequest,
+    RegionRef,
+    TensorIn,
+)
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import InvalidArgument, NotFound, ResourceExhausted, TensorError
+from trtserve.service.limits import ByteBudget
 
 
 @pytest.fixture

@@ -6,8 +6,14 @@ import asyncio
 
 import pytest
 
-from service.metrics_http import Exposition, RenderError, _BadRequest, _parse, bearer_matches
-from service.metrics_http import _digest as digest
+from trtserve.service.metrics_http import (
+    Exposition,
+    RenderError,
+    _BadRequest,
+    _parse,
+    bearer_matches,
+)
+from trtserve.service.metrics_http import _digest as digest
 
 
 def test_concurrent_scrapes_share_one_render_and_later_ones_a_fresh_one():

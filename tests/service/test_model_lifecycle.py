@@ -10,11 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine.api import InferRequest, TensorIn
-from service.engine.local import LocalEngine
-from service.engine.repository import ModelRepository
-from service.errors import LoadFailed, NotFound, PermissionDenied, Unavailable
-from service.testing.onnx_models import offset_net
 from tests.doubles.controlled import (
     INPUT,
     OUTPUT,
@@ -24,6 +19,11 @@ from tests.doubles.controlled import (
     controlled_model,
     expected,
 )
+from trtserve.service.engine.api import InferRequest, TensorIn
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.errors import LoadFailed, NotFound, PermissionDenied, Unavailable
+from trtserve.service.testing.onnx_models import offset_net
 
 
 @pytest.fixture

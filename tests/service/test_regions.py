@@ -11,11 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.config import SharedMemoryConfig
-from service.engine.api import RegionRef, TensorIn, TensorOut
-from service.engine.regions import RegionRegistry, infer_with_regions
-from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from tests.doubles.cuda_ipc import HostCudaIpc
+from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine.api import RegionRef, TensorIn, TensorOut
+from trtserve.service.engine.regions import RegionRegistry, infer_with_regions
+from trtserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 
 @pytest.fixture

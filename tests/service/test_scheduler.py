@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from service.engine.scheduler import Scheduler
+from trtserve.service.engine.scheduler import Scheduler
 
 
 @dataclass

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine.api import InferRequest, InferResult, RegionRef, TensorIn, TensorOut
-from service.engine.local import LocalEngine
-from service.engine.repository import ModelRepository
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model
+from trtserve.service.engine.api import InferRequest, InferResult, RegionRef, TensorIn, TensorOut
+from trtserve.service.engine.local import LocalEngine
+from trtserve.service.engine.repository import ModelRepository
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 # The protocol side: it may reach the engine through engine/api.py only.
@@ -35,9 +35,10 @@ def test_the_protocol_side_imports_only_the_engines_api():
     reaching_in = {
         str(path.relative_to(SERVICE)): sorted(
             name for name in _imports(path)
-            if (name.startswith("service.engine") and not name.startswith("service.engine.api"))
-            or name.startswith(("service.backends", "service.build"))
-            or name == "service.engine")
+            if (name.startswith("trtserve.service.engine") and not
+            name.startswith("trtserve.service.engine.api"))
+            or name.startswith(("trtserve.service.backends", "trtserve.service.build"))
+            or name == "trtserve.service.engine")
         for path in PROTOCOL_SIDE}
     assert {path: names for path, names in reaching_in.items() if names} == {}
 
@@ -47,11 +48,12 @@ def test_serving_does_not_import_the_build_and_the_engine_not_the_protocol_side(
     engine = sorted((SERVICE / "engine").glob("*.py"))
     assert serving and engine
     wrong = {str(p.relative_to(SERVICE)): sorted(n for n in _imports(p)
-                                                 if n.startswith("service.build"))
+                                                 if n.startswith("trtserve.service.build"))
              for p in serving}
     wrong |= {str(p.relative_to(SERVICE)): sorted(
         n for n in _imports(p)
-        if n.startswith(("service.frontends", "service.metrics", "service.server")))
+        if n.startswith(("trtserve.service.frontends", "trtserve.service.metrics",
+                         "trtserve.service.server")))
         for p in engine}
     assert {path: names for path, names in wrong.items() if names} == {}
 

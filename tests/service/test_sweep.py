@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from service import cli
-from service.config import ModelConfig
-from service.sweep.report import SizeResult, recommend, table, to_json
-from service.sweep.runner import sweep
+from trtserve.service import cli
+from trtserve.service.config import ModelConfig
+from trtserve.service.sweep.report import SizeResult, recommend, table, to_json
+from trtserve.service.sweep.runner import sweep
 
 
 def _result(size, rows_per_s, p99=1.0):

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from service.engine import model
-from service.errors import TensorError
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model
+from trtserve.service.engine import model
+from trtserve.service.errors import TensorError
 
 
 @pytest.fixture

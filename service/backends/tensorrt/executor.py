@@ -38,19 +38,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.backends.base import (
+from trtserve.service.backends.base import (
     BatchResult,
     WorkerInfo,
 )
-from service.backends.tensorrt.api import (
+from trtserve.service.backends.tensorrt.api import (
     IOTensor,
     dims_tuple,
     engine_io,
     import_tensorrt,
     profile_shapes,
 )
-from service.backends.tensorrt.cuda import CudaError, CudaRuntime, Event, Graph, GraphExec
-from service.errors import InputRejected
+from trtserve.service.backends.tensorrt.cuda import CudaError, CudaRuntime, Event, Graph, GraphExec
+from trtserve.service.errors import InputRejected
 
 if TYPE_CHECKING:
     import tensorrt as trt

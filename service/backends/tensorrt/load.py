@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from service.backends.base import (
+from trtserve.service.backends.base import (
     Executor,
     ExecutorFactory,
     LoadedModel,
@@ -27,7 +27,7 @@ from service.backends.base import (
     check_unbatched_config,
     decide_batching,
 )
-from service.backends.tensorrt.api import (
+from trtserve.service.backends.tensorrt.api import (
     IOTensor,
     engine_io,
     gpu_present,
@@ -35,11 +35,11 @@ from service.backends.tensorrt.api import (
     library_info,
     profile_shapes,
 )
-from service.backends.tensorrt.cuda import CudaRuntime
-from service.backends.tensorrt.executor import Shape, TrtExecutor
-from service.config import ModelConfig
-from service.errors import StartError
-from service.tensors import TensorSpec
+from trtserve.service.backends.tensorrt.cuda import CudaRuntime
+from trtserve.service.backends.tensorrt.executor import Shape, TrtExecutor
+from trtserve.service.config import ModelConfig
+from trtserve.service.errors import StartError
+from trtserve.service.tensors import TensorSpec
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -142,7 +142,8 @@ def engine_spec(engine: trt.ICudaEngine, model: str,
 
 def manifest_spec(manifest: Mapping[str, Any], model: str,
                   batching_mode: bool | str = "auto") -> ModelSpec:
-    """The ModelSpec recorded in a build manifest (`service.build.build.build_engine` writes one).
+    """The ModelSpec recorded in a build manifest (`trtserve.service.build.build.build_engine`
+    writes one).
 
     For describing an engine where it cannot be deserialized (no GPU); serving
     always reads the engine itself.
