@@ -93,8 +93,15 @@ class Batcher:
     def depth(self) -> int:
         return len(self._pending)
 
-    def submit(self, request: Request) -> None:
-        """Queue a request, or refuse it at once (closed, or queue full)."""
+    def submit(self, request: Request, more_follow: bool = False) -> None:
+        """Queue a request, or refuse it at once (closed, or queue full).
+
+        `more_follow`: the caller is submitting a group (the requests of one
+        frame from a frontend process) and this is not its last. It is queued
+        rather than dispatched alone, so that the group forms batches together
+        instead of a batch of one each (a free worker is free again for every
+        request of a group when batches run inline).
+        """
         if self._closed:
             raise Unavailable(f"model '{self._model_name}' is shutting down; not accepting "
                               "requests")
@@ -102,7 +109,7 @@ class Batcher:
             raise ResourceExhausted(
                 f"model '{self._model_name}' queue is full: {len(self._pending)} requests waiting "
                 f"(max_queue_size={self._policy.max_queue_size})")
-        if self._dispatch_now(request):
+        if not more_follow and self._dispatch_now(request):
             return
         self._pending.append(request)
         if self._arrival_can_wait(request):

@@ -37,6 +37,7 @@ from trtserve.service.engine.api import (
     TensorIn,
 )
 from trtserve.service.engine.cuda_ipc import HostPinner
+from trtserve.service.engine.local import LocalEngine, Submitted
 from trtserve.service.errors import ServeError
 from trtserve.service.gen.trtserve.internal import link_pb2
 from trtserve.service.ipc import codec
@@ -66,7 +67,8 @@ class FrontendPort:
         self.inputs = inputs
         self.outputs = outputs
         self.link: Link | None = None
-        self.tasks: dict[int, asyncio.Task[None]] = {}
+        # Requests submitted and not yet answered, by the frontend's id.
+        self.in_flight: dict[int, Submitted] = {}
         self.requests = 0
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
@@ -74,22 +76,34 @@ class FrontendPort:
     # --- from the frontend ---
 
     def on_frame(self, frame: link_pb2.Frame) -> None:
-        for request in frame.requests:
-            self._start(request)
-        for rid in frame.cancels:
-            task = self.tasks.get(rid)
-            if task is not None:
-                task.cancel()
+        # Ranges first: a request of this frame answered inline reuses the range of the
+        # reply it comes after (at concurrency 1, the same few hot pages every time)
+        # rather than walking the arena through cold ones.
         for r in frame.releases:
             self.outputs.free(r.offset)
+        requests = frame.requests
+        last = len(requests) - 1
+        for i, request in enumerate(requests):
+            # All but the frame's last are submitted as a group: they form batches
+            # together rather than a batch of one each (Batcher.submit).
+            self._start(request, i < last)
+        for rid in frame.cancels:
+            submitted = self.in_flight.get(rid)
+            if submitted is not None:
+                submitted.cancel()
         for control in frame.controls:
             self._control(control)
 
-    def _start(self, message: link_pb2.Request) -> None:
+    def _start(self, message: link_pb2.Request, more_follow: bool) -> None:
+        """Submit one request of a frame; no task: its reply is built when its future is
+        done, at once when its batch ran inline (then it leaves in this read's write)."""
         self.requests += 1
         rid = message.id
         try:
             request = self._request(message)
+            model = request.model
+            submitted = self.host.submit(request, more_follow,
+                                         lambda s: self._finish(rid, s, model))
         except ServeError as e:
             self._reply_error(rid, e.code, str(e))
             return
@@ -97,8 +111,12 @@ class FrontendPort:
             log.exception("frontend-%d sent a request the engine cannot read", self.index)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             return
-        task = asyncio.ensure_future(self._run(rid, request))
-        self.tasks[rid] = task
+        except Exception:
+            log.exception("request of model '%s' failed", message.model)
+            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            return
+        if not submitted.finished:  # else answered already: its batch ran inline
+            self.in_flight[rid] = submitted
 
     def _request(self, m: link_pb2.Request) -> InferRequest:
         if not self.inputs.pinned and (pinner := self.host.pinner_for(m.model)) is not None:
@@ -109,38 +127,52 @@ class FrontendPort:
         for t in m.inputs:
             dtype, shape, data = codec.take(t, self.inputs, copy=False)
             inputs[t.name] = TensorIn(dtype, shape, data)
+        # Skipped when empty (most requests): each is a few protobuf accesses per request.
         output_regions = {name: RegionRef(r.region, r.offset, r.byte_size)
-                          for name, r in m.output_regions.items()}
+                          for name, r in m.output_regions.items()} if m.output_regions else {}
         return InferRequest(model=m.model, inputs=inputs, version=m.version,
-                            outputs=tuple(m.outputs), output_regions=output_regions,
+                            outputs=tuple(m.outputs) if m.outputs else (),
+                            output_regions=output_regions,
                             deadline=m.deadline if m.HasField("deadline") else None)
 
-    async def _run(self, rid: int, request: InferRequest) -> None:
+    def _finish(self, rid: int, submitted: Submitted, model: str) -> None:
+        self.in_flight.pop(rid, None)
         try:
-            result = await self.host.engine.infer(request)
+            result = submitted.result()
         except asyncio.CancelledError:
             self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
         except ServeError as e:
             self._reply_error(rid, e.code, str(e))
         except Exception:
-            log.exception("request of model '%s' failed", request.model)
+            log.exception("request of model '%s' failed", model)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
         else:
             self._reply(rid, result)
-        finally:
-            self.tasks.pop(rid, None)
 
     def _reply(self, rid: int, result: InferResult) -> None:
+        # Called from the batcher's completion (or inside `submit`): it must not raise.
         if self.link is None or self.link.closed:
             return
-        reply = self.link.outgoing().replies.add()
+        replies = self.link.outgoing().replies
+        reply = replies.add()
         reply.id = rid
         reply.model = result.model
         reply.version = result.version
         inline_max = self.host.inline_max_bytes
-        for name, out in result.outputs.items():
-            codec.put(reply.outputs.add(), name, out.dtype, out.shape, out.data, self.outputs,
-                      inline_max)
+        offsets: list[int] = []
+        try:
+            for name, out in result.outputs.items():
+                offset = codec.put(reply.outputs.add(), name, out.dtype, out.shape, out.data,
+                                   self.outputs, inline_max)
+                if offset is not None:
+                    offsets.append(offset)
+        except Exception:
+            log.exception("the result of a request of model '%s' could not be encoded",
+                          result.model)
+            for offset in offsets:
+                self.outputs.free(offset)
+            del replies[-1]
+            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
 
     def _reply_error(self, rid: int, code: grpc.StatusCode, message: str) -> None:
         if self.link is None or self.link.closed:
@@ -196,8 +228,8 @@ class FrontendPort:
 
     def on_lost(self, exc: BaseException | None) -> None:
         """The frontend is gone: its requests have nobody to answer; cancel them."""
-        for task in list(self.tasks.values()):
-            task.cancel()
+        for submitted in list(self.in_flight.values()):
+            submitted.cancel()
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("frontend closed the link before ready"))
             # Marked seen: its only waiter (the start) may have moved on when the
@@ -208,7 +240,7 @@ class FrontendPort:
 
     def snapshot(self) -> FrontendSnapshot:
         return FrontendSnapshot(index=self.index, pid=self.pid, requests=self.requests,
-                                in_flight=len(self.tasks), cpu_s=_cpu_s(self.pid))
+                                in_flight=len(self.in_flight), cpu_s=_cpu_s(self.pid))
 
     def close(self) -> None:
         if self.link is not None:
@@ -244,7 +276,8 @@ class EngineHost:
         """Serve frontend `index` (process `pid`) over `sock`; sends it the config, the
         models and their health."""
         port = FrontendPort(self, index, pid, inputs, outputs)
-        port.link = await open_link(sock, port.on_frame, port.on_lost)
+        # Replies of the batches a read ran inline leave in one write at the read's end.
+        port.link = await open_link(sock, port.on_frame, port.on_lost, flush_on_read=True)
         self.ports[index] = port
         port.send(K(kind=K.CONFIG, payload=encode_payload(self.config)))
         port.send(self._models())
@@ -299,6 +332,16 @@ class EngineHost:
 
     async def infer(self, request: InferRequest) -> InferResult:
         return await self.engine.infer(request)
+
+    def submit(self, request: InferRequest, more_follow: bool,
+               on_done: Callable[[Submitted], None]) -> Submitted:
+        """A frontend's request, without a task where the engine is this process's."""
+        if isinstance(self.engine, LocalEngine):
+            return self.engine.submit(request, more_follow, on_done)
+        submitted = Submitted(None, ())
+        task = submitted.future = asyncio.ensure_future(self.engine.infer(request))
+        task.add_done_callback(lambda _: submitted.settle(on_done))
+        return submitted
 
     def add_health_listener(self, listener: HealthListener) -> None:
         self.engine.add_health_listener(listener)

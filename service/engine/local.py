@@ -9,7 +9,9 @@ protocol side never holds a live model, worker or future of the engine.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +30,7 @@ from trtserve.service.engine.api import (
     check_version,
     wanted_outputs,
 )
+from trtserve.service.engine.batch import Request
 from trtserve.service.engine.cuda_ipc import HostPinner
 from trtserve.service.engine.model import ModelRuntime
 from trtserve.service.engine.regions import (
@@ -106,6 +109,55 @@ class LocalEngine:
 
     async def infer(self, request: InferRequest) -> InferResult:
         # On every request's path, at concurrency 1 too: kept to plain lookups.
+        runtime, wanted, arrays, dtypes, in_regions = self._prepare(request)
+        if in_regions or request.output_regions:
+            return await self._infer_with_regions(runtime, request, wanted, arrays, dtypes)
+        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
+        return InferResult(request.model, runtime.version, _answer(wanted, outputs))
+
+    def submit(self, request: InferRequest, more_follow: bool,
+               on_done: Callable[[Submitted], None]) -> Submitted:
+        """`infer` without a task, for the engine process's host: the request queued;
+        `on_done(submitted)` once it has its outcome (at once, before this returns,
+        when its batch ran inline). Refusals raise here.
+
+        `more_follow`: more requests of the same group (one frame of a frontend)
+        follow at once; they form batches together (`Batcher.submit`).
+        """
+        runtime, wanted, arrays, dtypes, in_regions = self._prepare(request)
+        if in_regions or request.output_regions:  # the rare path, as a task
+            submitted = Submitted(None, wanted)
+            task = submitted.future = asyncio.ensure_future(self.infer(request))
+            task.add_done_callback(lambda _: submitted.settle(on_done))
+            return submitted
+        nbytes = request_bytes(arrays)
+        budget = self._budget
+        submitted = Submitted(runtime.version, wanted, request.model)
+
+        def settled(queued: Request) -> None:
+            # Once, however the request ends (as in _run).
+            budget.release(nbytes)
+            budget.finished(nbytes)
+            submitted.future = queued.future
+            submitted.settle(on_done)
+
+        try:
+            validated = runtime.validate(arrays, dtypes)
+            budget.acquire(nbytes)
+            try:
+                queued = runtime.submit(arrays, request.deadline, dtypes, validated,
+                                        more_follow, settled)
+            except BaseException:
+                budget.release(nbytes)
+                raise
+        except BaseException:
+            budget.finished(nbytes)
+            raise
+        submitted.future = queued.future
+        return submitted
+
+    def _prepare(self, request: InferRequest) -> tuple[
+            ModelRuntime, Sequence[TensorSpec], dict[str, np.ndarray], dict[str, str], bool]:
         runtime = self._repository.get(request.model)
         if request.version:
             check_version(request.model, request.version, runtime.version)
@@ -122,10 +174,7 @@ class LocalEngine:
             else:
                 arrays[name] = data
             dtypes[name] = tensor.dtype
-        if in_regions or request.output_regions:
-            return await self._infer_with_regions(runtime, request, wanted, arrays, dtypes)
-        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
-        return InferResult(request.model, runtime.version, _answer(wanted, outputs))
+        return runtime, wanted, arrays, dtypes, in_regions
 
     async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
                    deadline: float | None, dtypes: Mapping[str, str],
@@ -262,6 +311,40 @@ class LocalEngine:
     def _health_changed(self, model: str, serving: bool) -> None:
         for listener in self._listeners:
             listener(model, serving)
+
+
+class Submitted:
+    """A request `LocalEngine.submit` took: done, cancel, and its `InferResult`."""
+
+    __slots__ = ("_model", "_version", "_wanted", "finished", "future")
+
+    def __init__(self, version: str | None, wanted: Sequence[TensorSpec],
+                 model: str = "") -> None:
+        # The batcher's future of the request's outputs, or (version None) a task that
+        # gives its InferResult; set by `submit`.
+        self.future: asyncio.Future[Any] | None = None
+        self._version = version
+        self._wanted = wanted
+        self._model = model
+        # Whether its outcome is in (and `on_done` called).
+        self.finished = False
+
+    def settle(self, on_done: Callable[[Submitted], None]) -> None:
+        self.finished = True
+        on_done(self)
+
+    def result(self) -> InferResult:
+        """The result, once finished; raises what the request ended with."""
+        assert self.future is not None
+        value = self.future.result()
+        if self._version is None:
+            return value
+        return InferResult(self._model, self._version, _answer(self._wanted, value))
+
+    def cancel(self) -> None:
+        """Take the request out of its batch (if not run yet); it ends CancelledError."""
+        if self.future is not None:
+            self.future.cancel()
 
 
 def _is_ready(runtime: ModelRuntime) -> bool:

@@ -237,19 +237,7 @@ class ModelRuntime:
         `targets`: outputs the executor writes into the caller's memory (a region's);
         the answer holds views of them (or DeviceTensors) for those outputs.
         """
-        if self._draining:
-            raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
-        if self._batcher is None or not self.ready:
-            raise Unavailable(f"model '{self.name}' is not ready")
-        rows, shape_key = validated or self.validate(inputs, dtypes or {})
-        request = Request(dict(inputs), rows, shape_key, now(), deadline,
-                          asyncio.get_running_loop().create_future(), targets or {})
-        try:
-            self._batcher.submit(request)
-        except ResourceExhausted:
-            self.counters.rejected_queue_full += 1
-            raise
-        self.counters.requests += 1
+        request = self._queue(inputs, deadline, dtypes, validated, False, targets)
         # How the request ended is counted here, once: the batcher may answer a
         # request whose deadline passed in the queue just before grpc.aio cancels
         # its handler for the same deadline, and only one of the two reaches us.
@@ -258,22 +246,80 @@ class ModelRuntime:
         except asyncio.CancelledError:
             # grpc.aio cancels the handler when its client cancels or its deadline
             # passes; the batcher then drops the request unexecuted (see drop).
-            if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
-                self.counters.deadline_exceeded += 1
-            else:
-                self.counters.cancelled += 1
+            self._count_cancelled(request)
             raise
         except ServeError as e:
-            if isinstance(e, DeadlineExceeded):
-                self.counters.deadline_exceeded += 1
-            self.counters.failure += 1
-            self.counters.failure_s += now() - request.arrival
+            self._count_failed(request, e)
             raise
+        self._count_success(request)
+        return outputs
+
+    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
+               dtypes: Mapping[str, str], validated: Validated | None,
+               more_follow: bool, on_done: Callable[[Request], None]) -> Request:
+        """`infer` without a coroutine: the request queued; `on_done(request)` once its
+        future is done (at once, before this returns, when its batch ran inline).
+        Refusals raise here.
+
+        For the engine process, which takes requests by the frame: no task per
+        request, one callback per request, and `more_follow` (see
+        `Batcher.submit`) lets a frame's requests form batches together.
+        Cancelling the future takes the request out of its batch, as cancelling
+        `infer` does; the outcome is counted as `infer` counts it, before
+        `on_done`.
+        """
+        request = self._queue(inputs, deadline, dtypes, validated, more_follow)
+        if request.future.done():
+            self._settled(request, on_done)
+        else:
+            request.future.add_done_callback(lambda _: self._settled(request, on_done))
+        return request
+
+    def _queue(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
+               dtypes: Mapping[str, str] | None, validated: Validated | None,
+               more_follow: bool, targets: Targets | None = None) -> Request:
+        if self._draining:
+            raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
+        if self._batcher is None or not self.ready:
+            raise Unavailable(f"model '{self.name}' is not ready")
+        rows, shape_key = validated or self.validate(inputs, dtypes or {})
+        request = Request(dict(inputs), rows, shape_key, now(), deadline,
+                          asyncio.get_running_loop().create_future(), targets or {})
+        try:
+            self._batcher.submit(request, more_follow)
+        except ResourceExhausted:
+            self.counters.rejected_queue_full += 1
+            raise
+        self.counters.requests += 1
+        return request
+
+    def _settled(self, request: Request, on_done: Callable[[Request], None]) -> None:
+        future = request.future
+        if future.cancelled():
+            self._count_cancelled(request)
+        elif isinstance(error := future.exception(), ServeError):
+            self._count_failed(request, error)
+        elif error is None:
+            self._count_success(request)
+        on_done(request)
+
+    def _count_cancelled(self, request: Request) -> None:
+        if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
+            self.counters.deadline_exceeded += 1
+        else:
+            self.counters.cancelled += 1
+
+    def _count_failed(self, request: Request, error: ServeError) -> None:
+        if isinstance(error, DeadlineExceeded):
+            self.counters.deadline_exceeded += 1
+        self.counters.failure += 1
+        self.counters.failure_s += now() - request.arrival
+
+    def _count_success(self, request: Request) -> None:
         elapsed = now() - request.arrival
         self.counters.success += 1
         self.counters.success_s += elapsed
         self.counters.success_histogram.observe(elapsed)
-        return outputs
 
     def validate(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
         """The request's rows and the shape key of batches it may join; TensorError naming
