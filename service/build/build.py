@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from trtserve.service.backends.tensorrt.api import (
     IOTensor,
     engine_io,
+    gc_paused,
     import_tensorrt,
     library_info,
     network_io,
@@ -135,6 +136,7 @@ def _build(trt_module: types.ModuleType, onnx_path: Path, options: BuildOptions)
     with (
         _mps_thread_percentage(options.mps_percentage),
         warnings.catch_warnings(record=True) as caught,
+        gc_paused(),
     ):
         warnings.simplefilter("always")
         builder = trt_module.Builder(log.logger)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from trtserve.service.backends.tensorrt.api import (
     engine_io,
+    gc_paused,
     gpu_present,
     import_tensorrt,
     library_info,
@@ -147,8 +148,9 @@ class _Deserialized:
 def _deserialize(trt_module: types.ModuleType, data: bytes | memoryview) -> _Deserialized:
     """Load an engine if this machine can; else say why (TensorRT needs a CUDA device)."""
     log = _CapturedLog(trt_module)
-    runtime = trt_module.Runtime(log.logger)
-    engine = runtime.deserialize_cuda_engine(data)
+    with gc_paused():
+        runtime = trt_module.Runtime(log.logger)
+        engine = runtime.deserialize_cuda_engine(data)
     if engine is not None:
         return _Deserialized(runtime, engine, None)
     # The first error says why; later ones repeat it from deeper in the library.

@@ -8,9 +8,13 @@ the library through `import_tensorrt()` at run time and is typed against `tensor
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import importlib
+import threading
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -21,6 +25,37 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 INSTALL_HINT = "pip install 'trtserve[tensorrt]'"
+
+_gc_pauses = 0
+_gc_enabled_before = True
+_gc_pauses_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while TensorRT may call our logger.
+
+    TensorRT calls the logger while holding a lock of its own. A collection that
+    starts inside that callback (any allocation can start one) and frees another
+    TensorRT object caught in a reference cycle (a Runtime, a Builder) takes the
+    same lock again, and the thread deadlocks: seen in the test suite, a Builder
+    being created logged while the collector freed an old IRuntime. Reference
+    counting still frees everything else meanwhile. Nested and concurrent pauses
+    are counted; the collector comes back with the last one.
+    """
+    global _gc_pauses, _gc_enabled_before
+    with _gc_pauses_lock:
+        if _gc_pauses == 0:
+            _gc_enabled_before = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_pauses_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_enabled_before:
+                gc.enable()
 
 # TensorRT DataType names -> numpy dtypes. Keyed by the enum member's name so the
 # table holds for either library without importing one.

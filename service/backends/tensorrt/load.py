@@ -28,6 +28,7 @@ from trtserve.service.backends.base import (
 from trtserve.service.backends.tensorrt.api import (
     IOTensor,
     engine_io,
+    gc_paused,
     gpu_present,
     import_tensorrt,
     library_info,
@@ -231,9 +232,10 @@ def load(config: ModelConfig, engine_path: Path) -> LoadedModel:
     cuda = CudaRuntime(config.device)
     cuda.set_device()
     logger = _TrtLogger(trt_module, config.name)
-    runtime = trt_module.Runtime(logger.logger)
     started = time.perf_counter()
-    engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+    with gc_paused():
+        runtime = trt_module.Runtime(logger.logger)
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         reason = logger.errors[0] if logger.errors else "no reason logged"
         raise EngineLoadError(f"model '{config.name}': could not load {engine_path}: {reason}")
