@@ -315,7 +315,8 @@ class Server:
         api = KServeHttp(self.engine, server_ready=lambda: self._ready, token=token,
                          health_requires_auth=c.health_requires_auth,
                          max_request_bytes=c.max_receive_message_bytes,
-                         max_response_bytes=c.max_send_message_bytes)
+                         max_response_bytes=c.max_send_message_bytes,
+                         shared_memory=c.shared_memory)
         context = tls.server_ssl_context(c.tls) if c.tls.enabled else None
         self._http = HttpServer(api, c.host, c.http_port, context)
         try:

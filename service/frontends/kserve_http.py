@@ -5,7 +5,10 @@ on its own port (`server.http_port`), served by aiohttp on the event loop that
 runs grpc.aio. Handlers convert, delegate, return: bodies go through
 kserve_json, models and statistics through kserve_model_config (as for gRPC),
 inference through `Engine.infer`, errors through frontends/errors.py (one
-table from gRPC codes to HTTP statuses, a body `{"error": "..."}`).
+table from gRPC codes to HTTP statuses, a body `{"error": "..."}`). The model
+repository and shared-memory extensions take the gRPC servicer's path into the
+engine: the same checks (kserve_repository, kserve_convert's region rules,
+register only from this host), the same engine calls.
 
 Why aiohttp: it is an asyncio server (no second event loop or thread: it runs
 on uvloop beside grpc.aio, and its handlers await the engine directly), its
@@ -24,12 +27,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
 from trtserve.service import auth, echo
-from trtserve.service.engine.api import Engine, InferRequest, now
+from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine.api import CUDA, SYSTEM, Engine, InferRequest, now
 from trtserve.service.errors import NotFound, ResourceExhausted
 from trtserve.service.frontends import kserve_json as kjson
 from trtserve.service.frontends import kserve_model_config as describe
-from trtserve.service.frontends.common import check_inputs
+from trtserve.service.frontends import kserve_repository as repository
+from trtserve.service.frontends.common import check_inputs, is_loopback_host, require_local
 from trtserve.service.frontends.errors import http_status_of
 from trtserve.service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
 from trtserve.service.version import version
@@ -63,8 +69,10 @@ class KServeHttp:
     def __init__(self, engine: Engine, server_ready: Callable[[], bool] | None = None,
                  token: str | None = None, health_requires_auth: bool = False,
                  max_request_bytes: int = 256 * 1024 * 1024,
-                 max_response_bytes: int = 256 * 1024 * 1024) -> None:
+                 max_response_bytes: int = 256 * 1024 * 1024,
+                 shared_memory: SharedMemoryConfig | None = None) -> None:
         self._engine = engine
+        self._shared_memory = shared_memory or SharedMemoryConfig()
         # Whether the server has finished starting and is not draining.
         self._server_ready = server_ready or (lambda: True)
         self._token = auth.BearerToken(token) if token is not None else None
@@ -89,6 +97,11 @@ class KServeHttp:
             *(get(f"{base}/stats", self.statistics) for base in versioned),
             *(post(f"{base}/infer", self.infer) for base in versioned),
             *(get(base, self.model_metadata) for base in versioned),
+            post("/v2/repository/index", self.repository_index),
+            post("/v2/repository/models/{model}/load", self.load_model),
+            post("/v2/repository/models/{model}/unload", self.unload_model),
+            *self._region_routes("/v2/systemsharedmemory", SYSTEM),
+            *self._region_routes("/v2/cudasharedmemory", CUDA),
             *(web.route("*", path, _unimplemented(why)) for path, why in _NOT_IMPLEMENTED),
         ])
         return app
@@ -165,6 +178,90 @@ class KServeHttp:
         stats = [kjson.message_json(describe.model_statistics(m)) for m in snapshot.models]
         return _json({"model_stats": stats})
 
+    # --- model repository (frontends/kserve_repository.py, as the gRPC RPCs) -------------
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = kjson.body_object(await request.read(), "the repository index request")
+        index = repository.index(await self._engine.repository_index(), kjson.index_ready(body))
+        # Triton's HTTP form answers the list itself.
+        return _json([kjson.message_json(m) for m in index.models])
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        rpc = "RepositoryModelLoad"
+        model = request.match_info["model"]
+        repository.check_name(rpc, model)
+        body = kjson.body_object(await request.read(), "the load request")
+        path = repository.load_path(kjson.repository_parameters(body, rpc))
+        await self._engine.load_model(model, path)
+        return web.Response(status=200)
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        rpc = "RepositoryModelUnload"
+        model = request.match_info["model"]
+        repository.check_name(rpc, model)
+        body = kjson.body_object(await request.read(), "the unload request")
+        repository.check_unload(kjson.repository_parameters(body, rpc))
+        await self._engine.unload_model(model)
+        return web.Response(status=200)
+
+    # --- shared memory (Triton's system and CUDA shared-memory extensions) --------------
+
+    def _region_routes(self, base: str, kind: str) -> list[web.RouteDef]:
+        status, unregister = self._region_status(kind), self._unregister(kind)
+        register = self._register_system if kind == SYSTEM else self._register_cuda
+        # Triton's clients GET the status; POST is taken too, as the extension's text has it.
+        return [
+            *(web.route(method, path, status) for method in ("GET", "POST")
+              for path in (f"{base}/status", f"{base}/region/{{region}}/status")),
+            web.post(f"{base}/region/{{region}}/register", register),
+            web.post(f"{base}/unregister", unregister),
+            web.post(f"{base}/region/{{region}}/unregister", unregister),
+        ]
+
+    def _local_only(self, request: web.Request, rpc: str) -> None:
+        # The HTTP port is TCP only: the caller is local when it comes over loopback.
+        require_local(is_loopback_host(request.remote),
+                      self._shared_memory.allow_remote_register, rpc)
+
+    async def _register_system(self, request: web.Request) -> web.Response:
+        self._local_only(request, "SystemSharedMemoryRegister")
+        body = kjson.body_object(await request.read(), "the register request")
+        key, offset, byte_size = kjson.system_register(body)
+        await self._engine.register_system_region(request.match_info["region"], key, offset,
+                                                  byte_size)
+        return web.Response(status=200)
+
+    async def _register_cuda(self, request: web.Request) -> web.Response:
+        self._local_only(request, "CudaSharedMemoryRegister")
+        body = kjson.body_object(await request.read(), "the register request")
+        raw_handle, device_id, byte_size = kjson.cuda_register(body)
+        await self._engine.register_cuda_region(request.match_info["region"], raw_handle,
+                                                device_id, byte_size)
+        return web.Response(status=200)
+
+    def _unregister(self, kind: str) -> Handler:
+        async def unregister(request: web.Request) -> web.Response:
+            # No region in the path: every region of the kind.
+            await self._engine.unregister_region(request.match_info.get("region"), kind)
+            return web.Response(status=200)
+
+        return unregister
+
+    def _region_status(self, kind: str) -> Handler:
+        async def status(request: web.Request) -> web.Response:
+            regions = await self._engine.region_status(request.match_info.get("region"), kind)
+            if kind == SYSTEM:
+                return _json([kjson.message_json(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                        name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+                    for r in regions])
+            return _json([kjson.message_json(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, device_id=r.device_id, byte_size=r.byte_size))
+                for r in regions])
+
+        return status
+
     # --- inference ---------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -194,7 +291,8 @@ class KServeHttp:
         deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
         result = await self._engine.infer(InferRequest(
             model=name, version=version, inputs=parsed.inputs,
-            outputs=tuple(o.name for o in plan), deadline=deadline))
+            outputs=tuple(o.name for o in plan), output_regions=kjson.output_regions(plan),
+            deadline=deadline))
         parts, json_length = kjson.encode_infer(parsed.id, result, plan)
         size = sum(len(part) for part in parts)
         if size > self._max_response_bytes:
@@ -237,12 +335,7 @@ def _unimplemented(why: str) -> Handler:
     return handler
 
 
-_MODELS_FIXED = "models are fixed at start by the configuration"
-_NO_SHM = "shared-memory tensors are not supported"
 _NOT_IMPLEMENTED = (
-    ("/v2/repository/{tail:.*}", _MODELS_FIXED),
-    ("/v2/systemsharedmemory{tail:.*}", _NO_SHM),
-    ("/v2/cudasharedmemory{tail:.*}", _NO_SHM),
     ("/v2/trace/setting", "tracing is not supported; use the Stats RPC and Prometheus metrics"),
     ("/v2/models/{model}/trace/setting",
      "tracing is not supported; use the Stats RPC and Prometheus metrics"),
