@@ -47,6 +47,9 @@ HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
 COMPRESS_FROM_BYTES = 1024
 # JSON parts larger than this are parsed off the event loop.
 PARSE_IN_THREAD_BYTES = 1024 * 1024
+# Bodies of the repository and shared-memory requests: a few fields. Larger ones are
+# refused (413) before they are parsed, which would hold the event loop.
+MAX_CONTROL_BODY_BYTES = 64 * 1024
 # Paths answered without the token unless server.health_requires_auth.
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
@@ -181,7 +184,8 @@ class KServeHttp:
     # --- model repository (frontends/kserve_repository.py, as the gRPC RPCs) -------------
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        body = kjson.body_object(await request.read(), "the repository index request")
+        body = kjson.body_object(await _control_body(request),
+                                 "the repository index request")
         index = repository.index(await self._engine.repository_index(), kjson.index_ready(body))
         # Triton's HTTP form answers the list itself.
         return _json([kjson.message_json(m) for m in index.models])
@@ -190,7 +194,7 @@ class KServeHttp:
         rpc = "RepositoryModelLoad"
         model = request.match_info["model"]
         repository.check_name(rpc, model)
-        body = kjson.body_object(await request.read(), "the load request")
+        body = kjson.body_object(await _control_body(request), "the load request")
         path = repository.load_path(kjson.repository_parameters(body, rpc))
         await self._engine.load_model(model, path)
         return web.Response(status=200)
@@ -199,7 +203,7 @@ class KServeHttp:
         rpc = "RepositoryModelUnload"
         model = request.match_info["model"]
         repository.check_name(rpc, model)
-        body = kjson.body_object(await request.read(), "the unload request")
+        body = kjson.body_object(await _control_body(request), "the unload request")
         repository.check_unload(kjson.repository_parameters(body, rpc))
         await self._engine.unload_model(model)
         return web.Response(status=200)
@@ -225,7 +229,7 @@ class KServeHttp:
 
     async def _register_system(self, request: web.Request) -> web.Response:
         self._local_only(request, "SystemSharedMemoryRegister")
-        body = kjson.body_object(await request.read(), "the register request")
+        body = kjson.body_object(await _control_body(request), "the register request")
         key, offset, byte_size = kjson.system_register(body)
         await self._engine.register_system_region(request.match_info["region"], key, offset,
                                                   byte_size)
@@ -233,7 +237,7 @@ class KServeHttp:
 
     async def _register_cuda(self, request: web.Request) -> web.Response:
         self._local_only(request, "CudaSharedMemoryRegister")
-        body = kjson.body_object(await request.read(), "the register request")
+        body = kjson.body_object(await _control_body(request), "the register request")
         raw_handle, device_id, byte_size = kjson.cuda_register(body)
         await self._engine.register_cuda_region(request.match_info["region"], raw_handle,
                                                 device_id, byte_size)
@@ -313,6 +317,21 @@ class KServeHttp:
         return response
 
 
+async def _control_body(request: web.Request) -> bytes:
+    """The body of a repository or shared-memory request, at most MAX_CONTROL_BODY_BYTES
+    (counted as read, so chunked and compressed bodies are bounded too)."""
+    limit = MAX_CONTROL_BODY_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _names(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
@@ -322,6 +341,9 @@ def _http_problem(error: web.HTTPException, request: web.Request, max_bytes: int
         return f"no such endpoint: {echo.text(request.path)}"
     if error.status == 405:
         return f"{request.method} is not allowed on {echo.text(request.path)}"
+    if error.status == 413 and not request.path.startswith("/v2/models/"):
+        return (f"the request body is larger than this endpoint accepts "
+                f"({MAX_CONTROL_BODY_BYTES} bytes)")
     if error.status == 413:
         return (f"the request body is larger than the server accepts ({max_bytes} bytes, "
                 "server.max_receive_message_bytes)")

@@ -237,6 +237,18 @@ def test_register_and_status_errors_are_answered_as_over_grpc(url, client, regio
     _error(http(url, f"{base}/register", method="GET"), 405)
 
 
+def test_control_bodies_are_bounded_before_they_are_parsed(url):
+    big = json.dumps({"key": "k" * 70_000, "byte_size": 16}).encode()
+    path = "/v2/systemsharedmemory/region/big/register"
+    _error(http(url, path, big), 413, "larger than this endpoint accepts (65536 bytes)")
+    # Without a Content-Length (chunked), the limit holds while reading.
+    chunks = iter([big[i:i + 8192] for i in range(0, len(big), 8192)])
+    _error(http(url, path, chunks, headers={"Transfer-Encoding": "chunked"}),  # type: ignore[arg-type]
+           413)
+    _error(http(url, "/v2/repository/index", big), 413)
+    assert http(url, "/v2/systemsharedmemory/status").json() == []
+
+
 def _wait_until_in_use(server, name: str, count: int = 1) -> None:
     end = time.monotonic() + 30
     while time.monotonic() < end:
