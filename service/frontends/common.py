@@ -20,7 +20,7 @@ from trtserve.service.engine.api import MODEL_VERSION, ModelSpec, check_version,
 from trtserve.service.errors import PermissionDenied, TensorError
 
 __all__ = ["MODEL_VERSION", "check_inputs", "check_version", "deadline_of", "is_local_peer",
-           "require_local_peer"]
+           "is_loopback_host", "require_local", "require_local_peer"]
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -82,8 +82,13 @@ def is_local_peer(peer: str) -> bool:
         host = address.rsplit("]", 1)[0].lstrip("[")
     else:
         return False
+    return is_loopback_host(host)
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether an IP address (as text) is this host's loopback, IPv4-mapped ones included."""
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host or "")
     except ValueError:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
@@ -96,10 +101,12 @@ def require_local_peer(context: grpc.aio.ServicerContext, allow_remote: bool, rp
     A region is named by a key of this host's /dev/shm or a handle of this host's
     GPU; a remote caller naming one is either mistaken or probing the server's memory.
     """
-    if allow_remote:
-        return
-    peer = context.peer() or ""
-    if not is_local_peer(peer):
+    require_local(is_local_peer(context.peer() or ""), allow_remote, rpc)
+
+
+def require_local(caller_is_local: bool, allow_remote: bool, rpc: str) -> None:
+    """`require_local_peer` for any frontend: it says whether its caller is on this host."""
+    if not allow_remote and not caller_is_local:
         raise PermissionDenied(
             f"{rpc} is taken only from callers on this host (loopback or a Unix socket); "
             "shared memory cannot be shared with another host (server.shared_memory."

@@ -5,7 +5,10 @@ on its own port (`server.http_port`), served by aiohttp on the event loop that
 runs grpc.aio. Handlers convert, delegate, return: bodies go through
 kserve_json, models and statistics through kserve_model_config (as for gRPC),
 inference through `Engine.infer`, errors through frontends/errors.py (one
-table from gRPC codes to HTTP statuses, a body `{"error": "..."}`).
+table from gRPC codes to HTTP statuses, a body `{"error": "..."}`). The model
+repository and shared-memory extensions take the gRPC servicer's path into the
+engine: the same checks (kserve_repository, kserve_convert's region rules,
+register only from this host), the same engine calls.
 
 Why aiohttp: it is an asyncio server (no second event loop or thread: it runs
 on uvloop beside grpc.aio, and its handlers await the engine directly), its
@@ -24,12 +27,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
 from trtserve.service import auth, echo
-from trtserve.service.engine.api import Engine, InferRequest, now
+from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine.api import CUDA, SYSTEM, Engine, InferRequest, now
 from trtserve.service.errors import NotFound, ResourceExhausted
 from trtserve.service.frontends import kserve_json as kjson
 from trtserve.service.frontends import kserve_model_config as describe
-from trtserve.service.frontends.common import check_inputs
+from trtserve.service.frontends import kserve_repository as repository
+from trtserve.service.frontends.common import check_inputs, is_loopback_host, require_local
 from trtserve.service.frontends.errors import http_status_of
 from trtserve.service.frontends.http_guard import DEFAULT_LIMITS, ConnectionGuard, HttpLimits
 from trtserve.service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
@@ -44,6 +50,9 @@ COMPRESS_FROM_BYTES = 1024
 PARSE_IN_THREAD_BYTES = 1024 * 1024
 # Connections the kernel queues for accepting (aiohttp's TCPSite default is 128).
 LISTEN_BACKLOG = 1024
+# Bodies of the repository and shared-memory requests: a few fields. Larger ones are
+# refused (413) before they are parsed, which would hold the event loop.
+MAX_CONTROL_BODY_BYTES = 64 * 1024
 # Paths answered without the token unless server.health_requires_auth.
 _HEALTH_PATHS = ("/v2/health/live", "/v2/health/ready")
 
@@ -67,10 +76,12 @@ class KServeHttp:
                  token: str | None = None, health_requires_auth: bool = False,
                  max_request_bytes: int = 256 * 1024 * 1024,
                  max_response_bytes: int = 256 * 1024 * 1024,
-                 body_timeout_s: float = DEFAULT_LIMITS.body_timeout_s) -> None:
+                 body_timeout_s: float = DEFAULT_LIMITS.body_timeout_s,
+                 shared_memory: SharedMemoryConfig | None = None) -> None:
         self._engine = engine
         # The longest wait for the next bytes of a request's body.
         self._body_timeout_s = body_timeout_s
+        self._shared_memory = shared_memory or SharedMemoryConfig()
         # Whether the server has finished starting and is not draining.
         self._server_ready = server_ready or (lambda: True)
         self._token = auth.BearerToken(token) if token is not None else None
@@ -95,6 +106,11 @@ class KServeHttp:
             *(get(f"{base}/stats", self.statistics) for base in versioned),
             *(post(f"{base}/infer", self.infer) for base in versioned),
             *(get(base, self.model_metadata) for base in versioned),
+            post("/v2/repository/index", self.repository_index),
+            post("/v2/repository/models/{model}/load", self.load_model),
+            post("/v2/repository/models/{model}/unload", self.unload_model),
+            *self._region_routes("/v2/systemsharedmemory", SYSTEM),
+            *self._region_routes("/v2/cudasharedmemory", CUDA),
             *(web.route("*", path, _unimplemented(why)) for path, why in _NOT_IMPLEMENTED),
         ])
         return app
@@ -175,6 +191,91 @@ class KServeHttp:
         stats = [kjson.message_json(describe.model_statistics(m)) for m in snapshot.models]
         return _json({"model_stats": stats})
 
+    # --- model repository (frontends/kserve_repository.py, as the gRPC RPCs) -------------
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = kjson.body_object(await _control_body(request),
+                                 "the repository index request")
+        index = repository.index(await self._engine.repository_index(), kjson.index_ready(body))
+        # Triton's HTTP form answers the list itself.
+        return _json([kjson.message_json(m) for m in index.models])
+
+    async def load_model(self, request: web.Request) -> web.Response:
+        rpc = "RepositoryModelLoad"
+        model = request.match_info["model"]
+        repository.check_name(rpc, model)
+        body = kjson.body_object(await _control_body(request), "the load request")
+        path = repository.load_path(kjson.repository_parameters(body, rpc))
+        await self._engine.load_model(model, path)
+        return web.Response(status=200)
+
+    async def unload_model(self, request: web.Request) -> web.Response:
+        rpc = "RepositoryModelUnload"
+        model = request.match_info["model"]
+        repository.check_name(rpc, model)
+        body = kjson.body_object(await _control_body(request), "the unload request")
+        repository.check_unload(kjson.repository_parameters(body, rpc))
+        await self._engine.unload_model(model)
+        return web.Response(status=200)
+
+    # --- shared memory (Triton's system and CUDA shared-memory extensions) --------------
+
+    def _region_routes(self, base: str, kind: str) -> list[web.RouteDef]:
+        status, unregister = self._region_status(kind), self._unregister(kind)
+        register = self._register_system if kind == SYSTEM else self._register_cuda
+        # Triton's clients GET the status; POST is taken too, as the extension's text has it.
+        return [
+            *(web.route(method, path, status) for method in ("GET", "POST")
+              for path in (f"{base}/status", f"{base}/region/{{region}}/status")),
+            web.post(f"{base}/region/{{region}}/register", register),
+            web.post(f"{base}/unregister", unregister),
+            web.post(f"{base}/region/{{region}}/unregister", unregister),
+        ]
+
+    def _local_only(self, request: web.Request, rpc: str) -> None:
+        # The HTTP port is TCP only: the caller is local when it comes over loopback.
+        require_local(is_loopback_host(request.remote),
+                      self._shared_memory.allow_remote_register, rpc)
+
+    async def _register_system(self, request: web.Request) -> web.Response:
+        self._local_only(request, "SystemSharedMemoryRegister")
+        body = kjson.body_object(await _control_body(request), "the register request")
+        key, offset, byte_size = kjson.system_register(body)
+        await self._engine.register_system_region(request.match_info["region"], key, offset,
+                                                  byte_size)
+        return web.Response(status=200)
+
+    async def _register_cuda(self, request: web.Request) -> web.Response:
+        self._local_only(request, "CudaSharedMemoryRegister")
+        body = kjson.body_object(await _control_body(request), "the register request")
+        raw_handle, device_id, byte_size = kjson.cuda_register(body)
+        await self._engine.register_cuda_region(request.match_info["region"], raw_handle,
+                                                device_id, byte_size)
+        return web.Response(status=200)
+
+    def _unregister(self, kind: str) -> Handler:
+        async def unregister(request: web.Request) -> web.Response:
+            # No region in the path: every region of the kind.
+            await self._engine.unregister_region(request.match_info.get("region"), kind)
+            return web.Response(status=200)
+
+        return unregister
+
+    def _region_status(self, kind: str) -> Handler:
+        async def status(request: web.Request) -> web.Response:
+            regions = await self._engine.region_status(request.match_info.get("region"), kind)
+            if kind == SYSTEM:
+                return _json([kjson.message_json(
+                    pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                        name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size))
+                    for r in regions])
+            return _json([kjson.message_json(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=r.name, device_id=r.device_id, byte_size=r.byte_size))
+                for r in regions])
+
+        return status
+
     # --- inference ---------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
@@ -204,7 +305,8 @@ class KServeHttp:
         deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
         result = await self._engine.infer(InferRequest(
             model=name, version=version, inputs=parsed.inputs,
-            outputs=tuple(o.name for o in plan), deadline=deadline))
+            outputs=tuple(o.name for o in plan), output_regions=kjson.output_regions(plan),
+            deadline=deadline))
         parts, json_length = kjson.encode_infer(parsed.id, result, plan)
         size = sum(len(part) for part in parts)
         if size > self._max_response_bytes:
@@ -246,6 +348,21 @@ class KServeHttp:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+async def _control_body(request: web.Request) -> bytes:
+    """The body of a repository or shared-memory request, at most MAX_CONTROL_BODY_BYTES
+    (counted as read, so chunked and compressed bodies are bounded too)."""
+    limit = MAX_CONTROL_BODY_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _names(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
@@ -257,6 +374,9 @@ def _http_problem(error: web.HTTPException, request: web.Request, max_bytes: int
         return f"{request.method} is not allowed on {echo.text(request.path)}"
     if error.status == 408:
         return error.text or error.reason
+    if error.status == 413 and not request.path.startswith("/v2/models/"):
+        return (f"the request body is larger than this endpoint accepts "
+                f"({MAX_CONTROL_BODY_BYTES} bytes)")
     if error.status == 413:
         return (f"the request body is larger than the server accepts ({max_bytes} bytes, "
                 "server.max_receive_message_bytes)")
@@ -270,12 +390,7 @@ def _unimplemented(why: str) -> Handler:
     return handler
 
 
-_MODELS_FIXED = "models are fixed at start by the configuration"
-_NO_SHM = "shared-memory tensors are not supported"
 _NOT_IMPLEMENTED = (
-    ("/v2/repository/{tail:.*}", _MODELS_FIXED),
-    ("/v2/systemsharedmemory{tail:.*}", _NO_SHM),
-    ("/v2/cudasharedmemory{tail:.*}", _NO_SHM),
     ("/v2/trace/setting", "tracing is not supported; use the Stats RPC and Prometheus metrics"),
     ("/v2/models/{model}/trace/setting",
      "tracing is not supported; use the Stats RPC and Prometheus metrics"),

@@ -13,8 +13,15 @@ body are JSON; the rest holds, in input order, the bytes of every input whose
 their `parameters.binary_data` is true, or (when they do not say) when the
 request's `parameters.binary_data_output` is; otherwise as JSON `data`.
 
+Shared memory (Triton's system and CUDA shared-memory extensions): an input or
+requested output whose `parameters` name `shared_memory_region` (with
+`shared_memory_byte_size`, optionally `shared_memory_offset`) is read from or
+written to that registered region, by the gRPC converter's rules
+(kserve_convert.shared_memory_ref); such an output comes back described, with
+no data, as Triton answers.
+
 The rules are those of the gRPC form: the same datatypes (`trtserve.service.tensors`),
-the same refusal of sequence batching, shared memory and classification, the
+the same refusal of sequence batching and classification, the
 same `timeout` parameter (microseconds before the request must have run), the
 same messages naming the tensor. BF16 and FP16 have no JSON number form in the
 gRPC protocol; here FP16 travels as JSON numbers, BF16 only as binary data.
@@ -26,6 +33,8 @@ names and numbers as numbers, so clients that read Triton's JSON read ours.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -36,11 +45,12 @@ import numpy as np
 from google.protobuf.message import Message
 
 from trtserve.client.dtypes import DTYPES, encode
+from trtserve.client.gen.inference import grpc_service_pb2 as pb
 from trtserve.service import echo
-from trtserve.service.engine.api import InferResult, TensorIn
+from trtserve.service.engine.api import InferResult, RegionRef, TensorIn
 from trtserve.service.errors import InvalidArgument, TensorError
 from trtserve.service.frontends.common import WireTensor
-from trtserve.service.frontends.kserve_convert import KSERVE_DATATYPES
+from trtserve.service.frontends.kserve_convert import KSERVE_DATATYPES, shared_memory_ref
 from trtserve.service.tensors import decode, shaped
 
 # Request header: bytes of the body that are JSON (the rest is binary tensor data).
@@ -54,6 +64,7 @@ _BINARY_OUTPUT_KEY = "binary_data_output"
 _BINARY_DATA_KEY = "binary_data"
 _BINARY_SIZE_KEY = "binary_data_size"
 _SHARED_MEMORY_KEY = "shared_memory_region"
+_SHARED_MEMORY_KEYS = (_SHARED_MEMORY_KEY, "shared_memory_offset", "shared_memory_byte_size")
 _CLASSIFICATION_KEY = "classification"
 
 # numpy kinds a JSON list may hold for each family of datatypes.
@@ -66,6 +77,8 @@ class RequestedOutput:
     name: str
     # None: as the request's `binary_data_output` says.
     binary: bool | None
+    # Set: written into this registered region, answered without data.
+    region: RegionRef | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class _InputHeader:
     datatype: str
     binary_size: int | None
     data: Any
+    region: RegionRef | None = None
 
 
 def header_length(value: str | None, body_bytes: int) -> int | None:
@@ -188,10 +202,14 @@ def _input_headers(inputs: Any) -> list[_InputHeader]:
         if not isinstance(datatype, str) or datatype not in DTYPES:
             raise TensorError(name, _datatype_problem(datatype))
         params = _parameters(tensor, f"input '{echo.text(name)}'")
-        if _SHARED_MEMORY_KEY in params:
-            raise TensorError(name, "shared-memory inputs are not supported; send the data "
-                              "in 'data' or as binary data")
+        region = _region(name, params)
         size = params.get(_BINARY_SIZE_KEY)
+        if region is not None:
+            if size is not None or "data" in tensor:
+                raise TensorError(name, f"has '{_SHARED_MEMORY_KEY}' and also 'data' or "
+                                  f"'{_BINARY_SIZE_KEY}'; send one")
+            headers.append(_InputHeader(name, tuple(shape), datatype, None, None, region))
+            continue
         if size is not None and (not _int(size) or size < 0):
             raise TensorError(name, f"parameter '{_BINARY_SIZE_KEY}' must be a non-negative "
                               "integer")
@@ -214,6 +232,9 @@ def _decode_inputs(headers: list[_InputHeader], binary: memoryview) -> dict[str,
     for h in headers:
         if h.name in inputs:
             raise TensorError(h.name, "appears more than once in the request's inputs")
+        if h.region is not None:
+            inputs[h.name] = TensorIn(dtype=h.datatype, shape=h.shape, data=h.region)
+            continue
         if h.binary_size is not None:
             array = decode(h.name, h.datatype, h.shape,
                            binary[offset:offset + h.binary_size])  # type: ignore[arg-type]
@@ -276,13 +297,40 @@ def _requested_outputs(outputs: Any) -> tuple[RequestedOutput, ...]:
         params = _parameters(output, f"requested output '{echo.text(name)}'")
         if _CLASSIFICATION_KEY in params:
             raise TensorError(name, "the classification extension is not supported")
-        if _SHARED_MEMORY_KEY in params:
-            raise TensorError(name, "shared-memory outputs are not supported")
         binary = params.get(_BINARY_DATA_KEY)
         if binary is not None and not isinstance(binary, bool):
             raise TensorError(name, f"parameter '{_BINARY_DATA_KEY}' must be true or false")
-        wanted.append(RequestedOutput(name, binary))
+        wanted.append(RequestedOutput(name, binary, _region(name, params)))
     return tuple(wanted)
+
+
+def _region(name: str, params: dict[str, Any]) -> RegionRef | None:
+    """The tensor's region from its shared_memory_* parameters (None: not in one), by the
+    gRPC form's rules: the JSON values become the InferParameters gRPC would carry."""
+    if not any(key in params for key in _SHARED_MEMORY_KEYS):
+        return None
+    wire = {}
+    for key in _SHARED_MEMORY_KEYS:
+        if key in params:
+            wire[key] = _infer_parameter(name, key, params[key])
+    return shared_memory_ref(name, wire)
+
+
+def _infer_parameter(name: str, key: str, value: Any) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        if not -2**63 <= value < 2**63:
+            raise TensorError(name, f"parameter {key} is out of range")
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, str):
+        return pb.InferParameter(string_param=value)
+    raise TensorError(name, f"parameter {key} must be a string or an integer")
+
+
+def output_regions(plan: Sequence[RequestedOutput]) -> dict[str, RegionRef]:
+    """The planned outputs that go into a shared-memory region, by name."""
+    return {o.name: o.region for o in plan if o.region is not None}
 
 
 def _datatype_problem(datatype: Any) -> str:
@@ -308,6 +356,9 @@ def plan_outputs(request: JsonInferRequest,
         if datatype is None:
             raise TensorError(output.name, "requested output is not an output of this model; "
                               f"its outputs are {sorted(model_outputs)}")
+        if output.region is not None:
+            plan.append(output)
+            continue
         binary = request.binary_default if output.binary is None else output.binary
         if not binary and datatype == "BF16":
             raise TensorError(output.name, "BF16 has no JSON form; request it with "
@@ -325,11 +376,14 @@ def encode_infer(request_id: str, result: InferResult,
     for wanted in plan:
         tensor = result.outputs[wanted.name]
         array = tensor.data
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"output {wanted.name!r} was written to a region, not returned")
         entry: dict[str, Any] = {"name": wanted.name, "datatype": tensor.dtype,
                                  "shape": list(tensor.shape)}
-        if wanted.binary:
+        if isinstance(array, RegionRef):
+            # Its bytes are in the client's region: described, as Triton answers.
+            entry["parameters"] = {_SHARED_MEMORY_KEY: array.region,
+                                   "shared_memory_offset": array.offset,
+                                   "shared_memory_byte_size": array.byte_size}
+        elif wanted.binary:
             if array.dtype.kind == "V":  # ml_dtypes bfloat16: the same bytes as uint16
                 array = array.view(np.uint16)
             data = encode(array)
@@ -385,3 +439,76 @@ def _value(field: Any, value: Any) -> Any:
     if field.enum_type is not None:
         return field.enum_type.values_by_number[value].name
     return value
+
+
+# --- repository and shared-memory requests (bodies of the extensions' POSTs) -----------
+
+
+def body_object(body: bytes, what: str) -> dict[str, Any]:
+    """An optional JSON object body: empty (as tritonclient sends some) is {}."""
+    if not body.strip():
+        return {}
+    return _object(parse_json(body, what), what)
+
+
+def index_ready(request: dict[str, Any]) -> bool:
+    """`ready` of a repository index request (default false: every model)."""
+    ready = request.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidArgument("repository index: 'ready' must be true or false")
+    return ready
+
+
+def repository_parameters(request: dict[str, Any], rpc: str
+                          ) -> dict[str, pb.ModelRepositoryParameter]:
+    """The `parameters` of a load or unload body as the gRPC form's messages, so that
+    kserve_repository checks them by its one set of rules."""
+    params = _object(request.get("parameters", {}), f"{rpc} 'parameters'")
+    wire = {}
+    for key, value in params.items():
+        if isinstance(value, bool):
+            wire[key] = pb.ModelRepositoryParameter(bool_param=value)
+        elif _int(value) and -2**63 <= value < 2**63:
+            wire[key] = pb.ModelRepositoryParameter(int64_param=value)
+        elif isinstance(value, str):
+            wire[key] = pb.ModelRepositoryParameter(string_param=value)
+        else:
+            raise InvalidArgument(f"{rpc}: parameter '{echo.text(key)}' must be a string, "
+                                  "an integer or true/false")
+    return wire
+
+
+def _count(request: dict[str, Any], key: str, what: str, default: int | None = None) -> int:
+    value = request.get(key, default)
+    if value is None:
+        raise InvalidArgument(f"{what}: '{key}' is required")
+    if not _int(value) or value < 0:
+        raise InvalidArgument(f"{what}: '{key}' must be a non-negative integer")
+    return int(value)
+
+
+def system_register(request: dict[str, Any]) -> tuple[str, int, int]:
+    """(key, offset, byte_size) of a system region's register body."""
+    what = "system shared-memory register"
+    key = request.get("key")
+    if not isinstance(key, str) or not key:
+        raise InvalidArgument(f"{what}: 'key' must be a non-empty string (the shared-memory "
+                              "object's name)")
+    return (key, _count(request, "offset", what, default=0),
+            _count(request, "byte_size", what))
+
+
+def cuda_register(request: dict[str, Any]) -> tuple[bytes, int, int]:
+    """(raw_handle, device_id, byte_size) of a CUDA region's register body; the handle
+    travels as {"b64": base64 of the cudaIpcMemHandle_t}."""
+    what = "CUDA shared-memory register"
+    handle = request.get("raw_handle")
+    b64 = handle.get("b64") if isinstance(handle, dict) else None
+    if not isinstance(b64, str):
+        raise InvalidArgument(f"{what}: 'raw_handle' must be {{\"b64\": base64 of the "
+                              "cudaIpcMemHandle_t}")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(f"{what}: 'raw_handle.b64' is not valid base64") from None
+    return raw, _count(request, "device_id", what), _count(request, "byte_size", what)

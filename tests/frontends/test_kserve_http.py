@@ -172,8 +172,8 @@ def test_tritonclient_errors_carry_the_status_and_message(client):
         client.get_model_metadata("example", "2")
     assert err.value.status() == "404" and "version '2'" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
-        client.get_model_repository_index()
-    assert err.value.status() == "501" and "not implemented" in err.value.message()
+        client.get_system_shared_memory_status("nope")
+    assert err.value.status() == "404" and "'nope'" in err.value.message()
 
 
 # --- plain HTTP ----------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_unknown_model_version_and_endpoint_are_404(url):
     _error(http(url, "/v2/models/nope/stats"), 404, "nope")
     _error(http(url, "/v2/nothing/here"), 404, "/v2/nothing/here")
     _error(http(url, "/v2/models/example/infer", method="GET"), 405, "GET")
-    _error(http(url, "/v2/systemsharedmemory/status"), 501, "shared-memory")
+    _error(http(url, "/v2/trace/setting"), 501, "tracing")
 
 
 def test_a_body_over_the_limit_is_413_and_the_server_serves_on(url, reference):

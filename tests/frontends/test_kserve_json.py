@@ -10,7 +10,7 @@ import pytest
 
 from trtserve.client.gen.inference import grpc_service_pb2 as pb
 from trtserve.client.gen.inference import model_config_pb2 as mc
-from trtserve.service.engine.api import InferResult, TensorOut
+from trtserve.service.engine.api import InferResult, RegionRef, TensorOut
 from trtserve.service.errors import InvalidArgument, TensorError
 from trtserve.service.frontends import kserve_json as kjson
 
@@ -41,7 +41,12 @@ def test_json_data_of_every_family_decodes_to_its_dtype():
     ({"name": "t", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}, "not supported"),
     ({"name": "t", "shape": [-1], "datatype": "FP32", "data": []}, "negative"),
     ({"name": "t", "shape": [1], "datatype": "FP32", "data": [1],
-      "parameters": {"shared_memory_region": "r"}}, "shared-memory"),
+      "parameters": {"shared_memory_region": "r"}}, "shared_memory_byte_size is required"),
+    ({"name": "t", "shape": [1], "datatype": "FP32", "data": [1],
+      "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 4}},
+     "shared_memory_region' and also 'data'"),
+    ({"name": "t", "shape": [1], "datatype": "FP32",
+      "parameters": {"shared_memory_offset": 4}}, "without shared_memory_region"),
 ])
 def test_bad_json_tensors_name_the_tensor(tensor, problem):
     with pytest.raises(TensorError, match=problem) as err:
@@ -129,3 +134,25 @@ def test_messages_are_written_as_triton_writes_them():
     assert kjson.message_json(stats)["inference_stats"]["queue"] == {"count": 0, "ns": 0}
     params = pb.ModelInferResponse(parameters={"k": pb.InferParameter(int64_param=3)})
     assert kjson.message_json(params)["parameters"] == {"k": {"int64_param": 3}}
+
+
+def test_region_tensors_become_references_and_region_outputs_are_described():
+    request = kjson.parse_infer(_body({"name": "t", "shape": [2], "datatype": "FP32",
+                                       "parameters": {"shared_memory_region": "r",
+                                                      "shared_memory_offset": 8,
+                                                      "shared_memory_byte_size": 8}}), None)
+    assert request.inputs["t"].data == RegionRef("r", 8, 8)
+    parsed = kjson.parse_infer(json.dumps({"inputs": [], "outputs": [
+        {"name": "o", "parameters": {"shared_memory_region": "out",
+                                     "shared_memory_byte_size": 4, "binary_data": False}}]}
+                   ).encode(), None)
+    # BF16 has no JSON form, but a region output needs none.
+    plan = kjson.plan_outputs(parsed, {"o": "BF16"})
+    assert kjson.output_regions(plan) == {"o": RegionRef("out", 0, 4)}
+    result = InferResult("m", "1", {"o": TensorOut("BF16", (2,), RegionRef("out", 0, 4))})
+    parts, length = kjson.encode_infer("", result, plan)
+    assert length is None
+    [output] = json.loads(parts[0])["outputs"]
+    assert output == {"name": "o", "datatype": "BF16", "shape": [2], "parameters": {
+        "shared_memory_region": "out", "shared_memory_offset": 0,
+        "shared_memory_byte_size": 4}}
