@@ -7,7 +7,9 @@ arena (no copy before the batch's gather); its one reply (result or error)
 goes back on the link; its large outputs are written once into the
 frontend's output arena. A cancel from the frontend (its client went away, or
 the deadline passed there) cancels the request's task here, which takes it
-out of its batch if the batch has not run yet; the reply is CANCELLED.
+out of its batch if the batch has not run yet; the reply is CANCELLED, sent
+once no batch reads the request's input ranges any more (the frontend reuses
+them when it arrives).
 
 The host pushes to every frontend what it must answer without asking: the
 models' descriptions (`describe` is on every request's path) and their health.
@@ -89,7 +91,8 @@ class FrontendPort:
         self.requests += 1
         rid = message.id
         try:
-            request = self._request(message)
+            lent = _LentRanges()
+            request = self._request(message, lent)
         except ServeError as e:
             self._reply_error(rid, e.code, str(e))
             return
@@ -97,10 +100,10 @@ class FrontendPort:
             log.exception("frontend-%d sent a request the engine cannot read", self.index)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             return
-        task = asyncio.ensure_future(self._run(rid, request))
+        task = asyncio.ensure_future(self._run(rid, request, lent))
         self.tasks[rid] = task
 
-    def _request(self, m: link_pb2.Request) -> InferRequest:
+    def _request(self, m: link_pb2.Request, lent: _LentRanges) -> InferRequest:
         if not self.inputs.pinned and (pinner := self.host.pinner_for(m.model)) is not None:
             # A TensorRT model reads this arena: page-locked, its copies to the device
             # read it directly (once; a refusal leaves it pageable, logged once).
@@ -113,18 +116,26 @@ class FrontendPort:
                           for name, r in m.output_regions.items()}
         return InferRequest(model=m.model, inputs=inputs, version=m.version,
                             outputs=tuple(m.outputs), output_regions=output_regions,
-                            deadline=m.deadline if m.HasField("deadline") else None)
+                            deadline=m.deadline if m.HasField("deadline") else None,
+                            keep=lent.keep)
 
-    async def _run(self, rid: int, request: InferRequest) -> None:
+    async def _run(self, rid: int, request: InferRequest, lent: _LentRanges) -> None:
+        # The frontend frees the request's input ranges when this reply arrives, so a
+        # request cancelled while its batch still reads them is answered CANCELLED only
+        # once that batch is done (lent.send); its client has had its answer from the
+        # frontend already: only the ranges' reuse waits.
         try:
             result = await self.host.engine.infer(request)
         except asyncio.CancelledError:
-            self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
+            lent.send(lambda: self._reply_error(rid, grpc.StatusCode.CANCELLED,
+                                                "request cancelled"))
         except ServeError as e:
-            self._reply_error(rid, e.code, str(e))
+            code, message = e.code, str(e)  # `e` is unbound once the block ends
+            lent.send(lambda: self._reply_error(rid, code, message))
         except Exception:
             log.exception("request of model '%s' failed", request.model)
-            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            lent.send(lambda: self._reply_error(rid, grpc.StatusCode.INTERNAL,
+                                                "internal error"))
         else:
             self._reply(rid, result)
         finally:
@@ -215,6 +226,35 @@ class FrontendPort:
             self.link.close()
         self.inputs.close()
         self.outputs.close()
+
+
+class _LentRanges:
+    """A request's input ranges in its frontend's arena, lent to the engine until the
+    reply: the reply is held back while a batch of the request, cancelled meanwhile,
+    still reads them (the engine calls `keep`, then what it returned; see api.Keep)."""
+
+    __slots__ = ("_held", "_reply")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._reply: Callable[[], None] | None = None
+
+    def keep(self) -> Callable[[], None]:
+        self._held = True
+        return self._give_back
+
+    def _give_back(self) -> None:
+        self._held = False
+        reply, self._reply = self._reply, None
+        if reply is not None:
+            reply()
+
+    def send(self, reply: Callable[[], None]) -> None:
+        """Send `reply` now, or once the batch still reading the ranges is done."""
+        if self._held:
+            self._reply = reply
+        else:
+            reply()
 
 
 class EngineHost:

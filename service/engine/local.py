@@ -9,7 +9,7 @@ protocol side never holds a live model, worker or future of the engine.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
     InferResult,
+    Keep,
     ModelDescription,
     ModelState,
     RegionRef,
@@ -124,23 +125,25 @@ class LocalEngine:
             dtypes[name] = tensor.dtype
         if in_regions or request.output_regions:
             return await self._infer_with_regions(runtime, request, wanted, arrays, dtypes)
-        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
+        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays),
+                                  keep=request.keep)
         return InferResult(request.model, runtime.version, _answer(wanted, outputs))
 
     async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
                    deadline: float | None, dtypes: Mapping[str, str],
-                   nbytes: int, targets: Targets | None = None) -> Mapping[str, np.ndarray]:
+                   nbytes: int, targets: Targets | None = None, keep: Keep | None = None
+                   ) -> Mapping[str, np.ndarray]:
         """`runtime.infer`, holding `nbytes` in the server's budget of request bytes in
         flight until answered. Validation comes first, so that a request that can never
         run is told so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The
         bytes are released once, however the request ends: answered, failed, cancelled
-        or expired."""
+        or expired. `keep`: the caller's, for memory it lent (see Keep)."""
         budget = self._budget
         try:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                return await runtime.infer(arrays, deadline, dtypes, validated, targets)
+                return await runtime.infer(arrays, deadline, dtypes, validated, targets, keep)
             finally:
                 budget.release(nbytes)
         finally:
@@ -158,10 +161,10 @@ class LocalEngine:
         # the client's memory, mapped, not held by the server.
         wire_bytes = request_bytes(arrays)
 
-        async def run(resolved: dict[str, np.ndarray], targets: dict[str, OutputTarget]
-                      ) -> Mapping[str, np.ndarray]:
+        async def run(resolved: dict[str, np.ndarray], targets: dict[str, OutputTarget],
+                      keep_regions: Keep) -> Mapping[str, np.ndarray]:
             return await self._run(runtime, resolved, request.deadline, dtypes, wire_bytes,
-                                   targets)
+                                   targets, _keep_both(keep_regions, request.keep))
 
         def counted(lease: Lease) -> None:
             counters = runtime.counters
@@ -262,6 +265,23 @@ class LocalEngine:
     def _health_changed(self, model: str, serving: bool) -> None:
         for listener in self._listeners:
             listener(model, serving)
+
+
+def _keep_both(regions: Keep, caller: Keep | None) -> Keep:
+    """The regions' lease and the caller's own memory (an arena range), kept together."""
+    if caller is None:
+        return regions
+
+    def keep() -> Callable[[], None]:
+        give_back_regions, give_back_caller = regions(), caller()
+
+        def give_back() -> None:
+            give_back_regions()
+            give_back_caller()
+
+        return give_back
+
+    return keep
 
 
 def _is_ready(runtime: ModelRuntime) -> bool:

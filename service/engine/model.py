@@ -29,6 +29,7 @@ from trtserve.service.config import ModelConfig
 from trtserve.service.engine.api import (
     MODEL_VERSION,
     BatchingDescription,
+    Keep,
     ModelDescription,
     ModelSnapshot,
 )
@@ -228,6 +229,7 @@ class ModelRuntime:
         dtypes: Mapping[str, str] | None = None,
         validated: Validated | None = None,
         targets: Targets | None = None,
+        keep: Keep | None = None,
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
@@ -236,6 +238,11 @@ class ModelRuntime:
         `validated`: what `validate` answered for these inputs, if the caller asked.
         `targets`: outputs the executor writes into the caller's memory (a region's);
         the answer holds views of them (or DeviceTensors) for those outputs.
+        `keep`: for a caller that lent memory (inputs viewing a region or an arena,
+        targets in a region): called if the request ends while its batch still runs
+        (cancelled on the device), so that the caller gives the memory back only once
+        that batch is done, when the model calls what `keep` returned. The caller's
+        answer (CANCELLED) is not delayed.
         """
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
@@ -253,6 +260,15 @@ class ModelRuntime:
         # How the request ended is counted here, once: the batcher may answer a
         # request whose deadline passed in the queue just before grpc.aio cancels
         # its handler for the same deadline, and only one of the two reaches us.
+        try:
+            return await self._outcome(request)
+        finally:
+            # However the request ended, a batch still running uses its memory.
+            if keep is not None and request.running:
+                request.after_batch(keep())
+
+    async def _outcome(self, request: Request) -> Outputs:
+        """The request's answer, counted once however it ends."""
         try:
             outputs = await request.future
         except asyncio.CancelledError:
@@ -361,6 +377,8 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
+        for request in batch.requests:
+            request.running = True
         self._in_flight[index] += 1
         assert self._idle is not None
         self._idle.clear()
@@ -427,6 +445,10 @@ class ModelRuntime:
             self._answer_parts(worker, outcome)
         else:
             self._fail_batch(worker, outcome, batch.requests)
+        # Only now may memory lent to a request cancelled meanwhile be given back (a
+        # region unregistered, an arena range reused): the batch read and wrote it until here.
+        for request in batch.requests:
+            request.batch_done()
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:

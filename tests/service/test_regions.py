@@ -27,7 +27,7 @@ def shm():
 
 
 def _run(registry, inputs, outputs, compute):
-    async def run(arrays, targets):
+    async def run(arrays, targets, keep):
         return compute(arrays)
 
     return asyncio.run(infer_with_regions(registry, inputs, outputs, run))
