@@ -42,13 +42,14 @@ class Request:
     # In a batch handed to a worker and not yet done: the executor may read its inputs
     # and write its targets, whether or not the request has been answered or cancelled.
     running: bool = False
-    _after_batch: list[Callable[[], None]] = field(default_factory=list)
+    # What gives the caller's memory back once the running batch is done (after_batch).
+    _after_batch: Callable[[], None] | None = None
 
     def after_batch(self, callback: Callable[[], None]) -> None:
         """Call `callback` once no batch uses this request's memory: now, unless its
-        batch is running (then when the model sees that batch done)."""
+        batch is running (then when the model sees that batch done). Once per request."""
         if self.running:
-            self._after_batch.append(callback)
+            self._after_batch = callback
         else:
             callback()
 
@@ -56,8 +57,8 @@ class Request:
         """Its batch has finished on the worker (answered, failed or not): nothing reads
         its inputs or writes its targets any more."""
         self.running = False
-        callbacks, self._after_batch = self._after_batch, []
-        for callback in callbacks:
+        callback, self._after_batch = self._after_batch, None
+        if callback is not None:
             callback()
 
     def expired(self, now: float) -> bool:

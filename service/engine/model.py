@@ -257,9 +257,6 @@ class ModelRuntime:
             self.counters.rejected_queue_full += 1
             raise
         self.counters.requests += 1
-        # How the request ended is counted here, once: the batcher may answer a
-        # request whose deadline passed in the queue just before grpc.aio cancels
-        # its handler for the same deadline, and only one of the two reaches us.
         try:
             return await self._outcome(request)
         finally:
@@ -268,7 +265,12 @@ class ModelRuntime:
                 request.after_batch(keep())
 
     async def _outcome(self, request: Request) -> Outputs:
-        """The request's answer, counted once however it ends."""
+        """The request's answer.
+
+        How the request ended is counted here, once: the batcher may answer a
+        request whose deadline passed in the queue just before grpc.aio cancels
+        its handler for the same deadline, and only one of the two reaches us.
+        """
         try:
             outputs = await request.future
         except asyncio.CancelledError:
@@ -377,7 +379,6 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
-        for request in batch.requests:
             request.running = True
         self._in_flight[index] += 1
         assert self._idle is not None
@@ -446,9 +447,13 @@ class ModelRuntime:
         else:
             self._fail_batch(worker, outcome, batch.requests)
         # Only now may memory lent to a request cancelled meanwhile be given back (a
-        # region unregistered, an arena range reused): the batch read and wrote it until here.
+        # region unregistered, an arena range reused): the batch used it until here.
         for request in batch.requests:
-            request.batch_done()
+            try:
+                request.batch_done()
+            except Exception:  # the worker must still be released below
+                log.exception("model '%s': giving back a cancelled request's memory "
+                              "failed", self.name)
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:
