@@ -97,6 +97,13 @@ def wanted_outputs(model: str, spec: ModelSpec, names: Sequence[str]) -> Sequenc
 
 # --- tensors ---------------------------------------------------------------------------
 
+# Memory a caller lends the engine for one request (inputs viewing a region or an
+# arena range, outputs the executor writes into a region) outlives the request when
+# it ends while its batch still runs (cancelled on the device): the engine calls
+# `keep()` then, and what it returns once that batch has finished, so that the
+# caller frees, reuses or unregisters that memory only then.
+Keep = Callable[[], Callable[[], None]]
+
 
 @dataclass(frozen=True, slots=True)
 class RegionRef:
@@ -140,6 +147,9 @@ class InferRequest:
     output_regions: Mapping[str, RegionRef] = field(default_factory=dict)
     # Serving clock; None: no deadline.
     deadline: float | None = None
+    # The caller's hook for memory it lent (see Keep): a frontend process's arena
+    # ranges. Not data: never compared or sent.
+    keep: Keep | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,8 +407,8 @@ class Engine(Protocol):
     async def unregister_region(self, name: str | None, kind: str | None = None) -> None:
         """Unregister a region (None or "": every region of `kind`; kind None: both kinds).
 
-        FailedPrecondition while a request not yet answered uses it; an unknown
-        name is no error.
+        FailedPrecondition while a request not yet answered uses it, or the batch of
+        a request cancelled while it ran is not yet done; an unknown name is no error.
         """
         ...
 

@@ -9,7 +9,7 @@ that the batcher and the model never race to complete one twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -39,6 +39,27 @@ class Request:
     future: asyncio.Future[Outputs]
     # Outputs the executor writes straight into the caller's memory (a region's).
     targets: Targets = field(default_factory=dict)
+    # In a batch handed to a worker and not yet done: the executor may read its inputs
+    # and write its targets, whether or not the request has been answered or cancelled.
+    running: bool = False
+    # What gives the caller's memory back once the running batch is done (after_batch).
+    _after_batch: Callable[[], None] | None = None
+
+    def after_batch(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once no batch uses this request's memory: now, unless its
+        batch is running (then when the model sees that batch done). Once per request."""
+        if self.running:
+            self._after_batch = callback
+        else:
+            callback()
+
+    def batch_done(self) -> None:
+        """Its batch has finished on the worker (answered, failed or not): nothing reads
+        its inputs or writes its targets any more."""
+        self.running = False
+        callback, self._after_batch = self._after_batch, None
+        if callback is not None:
+            callback()
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

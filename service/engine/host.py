@@ -7,7 +7,9 @@ arena (no copy before the batch's gather); its one reply (result or error)
 goes back on the link; its large outputs are written once into the
 frontend's output arena. A cancel from the frontend (its client went away, or
 the deadline passed there) cancels the request's task here, which takes it
-out of its batch if the batch has not run yet; the reply is CANCELLED.
+out of its batch if the batch has not run yet; the reply is CANCELLED, sent
+once no batch reads the request's input ranges any more (the frontend reuses
+them when it arrives).
 
 The host pushes to every frontend what it must answer without asking: the
 models' descriptions (`describe` is on every request's path) and their health.

@@ -10,6 +10,7 @@ protocol side never holds a live model, worker or future of the engine.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
     InferResult,
+    Keep,
     ModelDescription,
     ModelState,
     RegionRef,
@@ -112,7 +114,8 @@ class LocalEngine:
         runtime, wanted, arrays, dtypes, in_regions = self._prepare(request)
         if in_regions or request.output_regions:
             return await self._infer_with_regions(runtime, request, wanted, arrays, dtypes)
-        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays))
+        outputs = await self._run(runtime, arrays, request.deadline, dtypes, request_bytes(arrays),
+                                  keep=request.keep)
         return InferResult(request.model, runtime.version, _answer(wanted, outputs))
 
     def submit(self, request: InferRequest, more_follow: bool,
@@ -127,8 +130,18 @@ class LocalEngine:
         runtime, wanted, arrays, dtypes, in_regions = self._prepare(request)
         if in_regions or request.output_regions:  # the rare path, as a task
             submitted = Submitted(None, wanted)
-            task = submitted.future = asyncio.ensure_future(self.infer(request))
-            task.add_done_callback(lambda _: submitted.settle(on_done))
+            kept = False
+
+            def keep() -> Callable[[], None]:
+                # Cancelled while its batch runs: settled (which gives the caller's
+                # memory back) once that batch is done, not when the task ends.
+                nonlocal kept
+                kept = True
+                return lambda: submitted.settle(on_done)
+
+            task = submitted.future = asyncio.ensure_future(
+                self.infer(dataclasses.replace(request, keep=_keep_both(keep, request.keep))))
+            task.add_done_callback(lambda _: None if kept else submitted.settle(on_done))
             return submitted
         nbytes = request_bytes(arrays)
         budget = self._budget
@@ -178,18 +191,19 @@ class LocalEngine:
 
     async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
                    deadline: float | None, dtypes: Mapping[str, str],
-                   nbytes: int, targets: Targets | None = None) -> Mapping[str, np.ndarray]:
+                   nbytes: int, targets: Targets | None = None, keep: Keep | None = None
+                   ) -> Mapping[str, np.ndarray]:
         """`runtime.infer`, holding `nbytes` in the server's budget of request bytes in
         flight until answered. Validation comes first, so that a request that can never
         run is told so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The
         bytes are released once, however the request ends: answered, failed, cancelled
-        or expired."""
+        or expired. `keep`: the caller's, for memory it lent (see Keep)."""
         budget = self._budget
         try:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                return await runtime.infer(arrays, deadline, dtypes, validated, targets)
+                return await runtime.infer(arrays, deadline, dtypes, validated, targets, keep)
             finally:
                 budget.release(nbytes)
         finally:
@@ -207,10 +221,10 @@ class LocalEngine:
         # the client's memory, mapped, not held by the server.
         wire_bytes = request_bytes(arrays)
 
-        async def run(resolved: dict[str, np.ndarray], targets: dict[str, OutputTarget]
-                      ) -> Mapping[str, np.ndarray]:
+        async def run(resolved: dict[str, np.ndarray], targets: dict[str, OutputTarget],
+                      keep_regions: Keep) -> Mapping[str, np.ndarray]:
             return await self._run(runtime, resolved, request.deadline, dtypes, wire_bytes,
-                                   targets)
+                                   targets, _keep_both(keep_regions, request.keep))
 
         def counted(lease: Lease) -> None:
             counters = runtime.counters
@@ -345,6 +359,23 @@ class Submitted:
         """Take the request out of its batch (if not run yet); it ends CancelledError."""
         if self.future is not None:
             self.future.cancel()
+
+
+def _keep_both(regions: Keep, caller: Keep | None) -> Keep:
+    """The regions' lease and the caller's own memory (an arena range), kept together."""
+    if caller is None:
+        return regions
+
+    def keep() -> Callable[[], None]:
+        give_back_regions, give_back_caller = regions(), caller()
+
+        def give_back() -> None:
+            give_back_regions()
+            give_back_caller()
+
+        return give_back
+
+    return keep
 
 
 def _is_ready(runtime: ModelRuntime) -> bool:

@@ -29,6 +29,7 @@ from trtserve.service.config import ModelConfig
 from trtserve.service.engine.api import (
     MODEL_VERSION,
     BatchingDescription,
+    Keep,
     ModelDescription,
     ModelSnapshot,
 )
@@ -228,6 +229,7 @@ class ModelRuntime:
         dtypes: Mapping[str, str] | None = None,
         validated: Validated | None = None,
         targets: Targets | None = None,
+        keep: Keep | None = None,
     ) -> Outputs:
         """Run one request (one or more rows) through the batcher.
 
@@ -236,11 +238,27 @@ class ModelRuntime:
         `validated`: what `validate` answered for these inputs, if the caller asked.
         `targets`: outputs the executor writes into the caller's memory (a region's);
         the answer holds views of them (or DeviceTensors) for those outputs.
+        `keep`: for a caller that lent memory (inputs viewing a region or an arena,
+        targets in a region): called if the request ends while its batch still runs
+        (cancelled on the device), so that the caller gives the memory back only once
+        that batch is done, when the model calls what `keep` returned. The caller's
+        answer (CANCELLED) is not delayed.
         """
         request = self._queue(inputs, deadline, dtypes, validated, False, targets)
-        # How the request ended is counted here, once: the batcher may answer a
-        # request whose deadline passed in the queue just before grpc.aio cancels
-        # its handler for the same deadline, and only one of the two reaches us.
+        try:
+            return await self._outcome(request)
+        finally:
+            # However the request ended, a batch still running uses its memory.
+            if keep is not None and request.running:
+                request.after_batch(keep())
+
+    async def _outcome(self, request: Request) -> Outputs:
+        """The request's answer.
+
+        How the request ended is counted here, once: the batcher may answer a
+        request whose deadline passed in the queue just before grpc.aio cancels
+        its handler for the same deadline, and only one of the two reaches us.
+        """
         try:
             outputs = await request.future
         except asyncio.CancelledError:
@@ -258,7 +276,9 @@ class ModelRuntime:
                dtypes: Mapping[str, str], validated: Validated | None,
                more_follow: bool, on_done: Callable[[Request], None]) -> Request:
         """`infer` without a coroutine: the request queued; `on_done(request)` once its
-        future is done (at once, before this returns, when its batch ran inline).
+        future is done (at once, before this returns, when its batch ran inline; for a
+        request cancelled while its batch runs, once that batch is done: its inputs may
+        view memory the caller lent, which `on_done` gives back).
         Refusals raise here.
 
         For the engine process, which takes requests by the frame: no task per
@@ -301,7 +321,12 @@ class ModelRuntime:
             self._count_failed(request, error)
         elif error is None:
             self._count_success(request)
-        on_done(request)
+        if request.running:
+            # Cancelled while its batch runs: the caller's memory (an arena range the
+            # inputs view) is given back, by on_done, only once that batch is done.
+            request.after_batch(lambda: on_done(request))
+        else:
+            on_done(request)
 
     def _count_cancelled(self, request: Request) -> None:
         if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
@@ -407,6 +432,7 @@ class ModelRuntime:
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
+            request.running = True
         self._in_flight[index] += 1
         assert self._idle is not None
         self._idle.clear()
@@ -473,6 +499,14 @@ class ModelRuntime:
             self._answer_parts(worker, outcome)
         else:
             self._fail_batch(worker, outcome, batch.requests)
+        # Only now may memory lent to a request cancelled meanwhile be given back (a
+        # region unregistered, an arena range reused): the batch used it until here.
+        for request in batch.requests:
+            try:
+                request.batch_done()
+            except Exception:  # the worker must still be released below
+                log.exception("model '%s': giving back a cancelled request's memory "
+                              "failed", self.name)
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:

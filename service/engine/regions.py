@@ -16,8 +16,12 @@ refuses to close while exports exist, and frees itself when the last view goes).
 Unregistering a region that a request is using is refused (FAILED_PRECONDITION,
 naming the region and how many requests use it): the client unregisters once its
 requests are answered. A request still queued keeps the region until it is
-answered or dropped. Refusing, rather than waiting, keeps Unregister a quick
-call whose outcome does not depend on how long a queue is.
+answered or dropped; a request cancelled (client gone, deadline) while its batch
+runs keeps it until that batch is done on the device, since the executor still
+reads its inputs there and may write its outputs there by address: only then is a
+system region unpinned and unmapped, a CUDA region's IPC handle closed.
+Refusing, rather than waiting, keeps Unregister a quick call whose outcome does
+not depend on how long a queue is.
 
 System regions follow tritonclient's `shared_memory` utilities: the key names a
 POSIX shared-memory object (`shm_open(key)`, on Linux `/dev/shm/<key>`, with or
@@ -54,6 +58,7 @@ from trtserve.service.config import SharedMemoryConfig
 from trtserve.service.engine.api import (
     CUDA,
     SYSTEM,
+    Keep,
     RegionRef,
     RegionStatus,
     RegionUsage,
@@ -409,8 +414,9 @@ class RegionRegistry:
         if busy:
             shown = ", ".join(f"'{echo.text(r.name)}' ({r.in_use})" for r in busy[:4])
             raise FailedPrecondition(
-                f"shared-memory region(s) in use by requests not yet answered: {shown}; "
-                "unregister once they are answered")
+                f"shared-memory region(s) in use by requests not yet answered or by the "
+                f"batch of a request cancelled while it ran: {shown}; unregister once they "
+                "are answered and their batches done")
         for region in victims:
             del self._regions[region.name]
             self._mapped_bytes -= region.byte_size
@@ -516,11 +522,11 @@ class RegionRegistry:
                     lease.host_copies += 1
         for region in regions:
             region.in_use += 1
+        lease.regions = regions
         try:
             yield lease
         finally:
-            for region in regions:
-                region.in_use -= 1
+            lease.release()
 
     def host_pinner(self) -> HostPinner:
         if self._pinner is None:
@@ -540,6 +546,10 @@ class Lease:
 
     Counts, for the model's Stats, the bytes it spared the wire and the tensors it
     copied through host memory (`input_bytes`, `output_bytes`, `host_copies`).
+
+    Its regions stay in use (unregister refused) while any hold is out: the
+    `lease()` block's own, and each `keep()` of a request cancelled while its batch
+    still reads or writes them, until that batch is done.
     """
 
     def __init__(self, registry: RegionRegistry, arrays: dict[str, np.ndarray],
@@ -551,6 +561,30 @@ class Lease:
         self.input_bytes = 0
         self.output_bytes = 0
         self.host_copies = 0
+        # Each use of a region, counted in its in_use while any hold is out.
+        self.regions: list[_Region] = []
+        self._holds = 1
+
+    def keep(self) -> Callable[[], None]:
+        """Hold the regions past the lease's block; the callable returned gives this hold
+        back (once: later calls do nothing)."""
+        self._holds += 1
+        given_back = False
+
+        def give_back() -> None:
+            nonlocal given_back
+            if not given_back:
+                given_back = True
+                self.release()
+
+        return give_back
+
+    def release(self) -> None:
+        """Give one hold back; with the last, the regions are free to unregister."""
+        self._holds -= 1
+        if self._holds == 0:
+            for region in self.regions:
+                region.in_use -= 1
 
     def targets(self) -> dict[str, OutputTarget]:
         """Where the executor may write each region output itself (see _Region.target)."""
@@ -610,7 +644,8 @@ def expected_output_bytes(spec: ModelSpec, inputs: Mapping[str, TensorIn],
     return sizes
 
 
-Run = Callable[[dict[str, np.ndarray], dict[str, OutputTarget]],
+# Runs a request: its inputs, its outputs' targets, and the lease's `keep` (see Keep).
+Run = Callable[[dict[str, np.ndarray], dict[str, OutputTarget], Keep],
               Awaitable[Mapping[str, np.ndarray]]]
 
 
@@ -623,13 +658,16 @@ async def infer_with_regions(registry: RegionRegistry, inputs: Mapping[str, Tens
     """Resolve the request's references, run it, and write its region outputs.
 
     The one place an engine runs a request that may name regions: the regions stay
-    registered (unregister is refused) from the check until the outputs are written.
-    `run` gets the inputs and the outputs' targets (where the executor may write
-    them itself); `counted` gets the lease once it is done, for per-model counters.
+    registered (unregister is refused) from the check until the outputs are written,
+    and, for a request that ends while its batch still runs (cancelled on the
+    device), until that batch is done: `run` gets the inputs, the outputs' targets
+    (where the executor may write them itself) and the lease's `keep`, which it
+    hands to the model. `counted` gets the lease once it is done, for per-model
+    counters.
     """
     with registry.lease(inputs, output_regions, device_io, output_bytes) as lease:
         try:
-            results = await run(lease.arrays, lease.targets())
+            results = await run(lease.arrays, lease.targets(), lease.keep)
             return lease.write_outputs(results)
         finally:
             if counted is not None:

@@ -19,6 +19,7 @@ import ctypes
 import enum
 import itertools
 import math
+import threading
 import time
 import types
 import weakref
@@ -30,6 +31,10 @@ from typing import Any
 import numpy as np
 
 from trtserve.service.backends.tensorrt.cuda import CudaError
+
+# A held kernel (RecordingEngine.hold) gives up after this long: a test that forgets
+# to let it go fails (a violation) instead of hanging.
+HOLD_LIMIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -299,7 +304,9 @@ class RecordingEngine:
 
     Knobs a test sets: `profile_result` / `execute_result` (what those calls return),
     `capture_behaviour` ('ok', 'false': execute_async_v3 returns False while the
-    stream is captured, 'raise': it raises).
+    stream is captured, 'raise': it raises), `hold` (an Event: while it is unset,
+    every kernel waits for it before reading x and writing y, as a batch still on
+    the device; `held` is set once one waits).
     """
 
     def __init__(
@@ -326,6 +333,8 @@ class RecordingEngine:
         # Rows whose shape set_input_shape takes but infer_shapes cannot resolve.
         self.unresolved_rows: set[int] = set()
         self.capture_behaviour = "ok"
+        self.hold: threading.Event | None = None
+        self.held = threading.Event()
         self.live_contexts: weakref.WeakSet[RecordingContext] = weakref.WeakSet()
         self.created = 0
         # What contexts saw that TensorRT would refuse or that would compute garbage.
@@ -464,7 +473,13 @@ class RecordingContext:
             return False
         x, y, scratch = self.addresses["x"], self.addresses["y"], self.memory[0]
 
+        hold, held = self.engine.hold, self.engine.held
+
         def compute() -> None:
+            if hold is not None:
+                held.set()
+                if not hold.wait(HOLD_LIMIT_S):
+                    self.engine.violations.append(f"{self.who}: held past {HOLD_LIMIT_S} s")
             _floats(scratch, count)[:] = 2 * _floats(x, count)
             _floats(y, count)[:] = _floats(scratch, count) + 1
 

@@ -7,6 +7,7 @@ real ONNX Runtime, real POSIX shared memory.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import uuid
 
@@ -17,6 +18,7 @@ import tritonclient.grpc as triton
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
+from tests.doubles.controlled import INPUT, OUTPUT, WIDTH, ControlledBackend, controlled_model
 from trtserve.service.config import ModelConfig, SharedMemoryConfig
 from trtserve.service.testing.servers import running_server, server_config
 
@@ -398,3 +400,51 @@ def test_prometheus_counts_shared_memory(example_onnx, regions):
     assert f"trtserve_shared_memory_output_bytes_total {float(OUT_BYTES)}" in lines
     assert "trtserve_shared_memory_zero_copy_inputs_total 1.0" in lines
     assert "trtserve_shared_memory_host_copies_total 0.0" in lines
+
+
+@pytest.mark.parametrize("ends_by", ["cancel", "deadline"])
+def test_a_region_stays_registered_until_the_batch_of_a_cancelled_request_is_done(
+        regions, ends_by):
+    """The client's answer comes while its batch is still held on the worker; the region
+    is refused to Unregister until that batch is done, then unregisters as usual."""
+    backend = ControlledBackend()
+    controls = backend.controls
+    with running_server(server_config()) as server:
+        server.call(server.server.add_model(backend.runtime(controlled_model(
+            "controlled", max_queue_delay_us=0))))
+        client = triton.InferenceServerClient(server.url)
+        rows_bytes = 2 * WIDTH * 4
+        name, key, handle = regions(2 * rows_bytes)
+        shm.set_shared_memory_region(handle, [np.ones((2, WIDTH), np.float32)])
+        client.register_system_shared_memory(name, key, 2 * rows_bytes)
+        x = triton.InferInput(INPUT, [2, WIDTH], "FP32")
+        x.set_shared_memory(name, rows_bytes)
+        y = triton.InferRequestedOutput(OUTPUT)
+        y.set_shared_memory(name, rows_bytes, rows_bytes)
+        answers: queue.Queue[object] = queue.Queue()
+        controls.hold()
+        try:
+            call = client.async_infer(
+                "controlled", [x], lambda result, error: answers.put(error or result),
+                outputs=[y], client_timeout=3 if ends_by == "deadline" else None)
+            assert controls.started.wait(30)  # the batch is on the worker, held there
+            if ends_by == "cancel":
+                call.cancel()
+            answer = answers.get(timeout=30)  # while the batch is still held
+            assert isinstance(answer, InferenceServerException)
+            assert str(answer.status()) == ("StatusCode.CANCELLED" if ends_by == "cancel"
+                                            else "StatusCode.DEADLINE_EXCEEDED")
+            (status,) = server.call(_status(server, name))
+            assert status.in_use == 2  # its input and its output, still the batch's
+            for unregister in (lambda: client.unregister_system_shared_memory(name),
+                               client.unregister_system_shared_memory):
+                with pytest.raises(InferenceServerException) as refused:
+                    unregister()
+                assert _code(refused) == "StatusCode.FAILED_PRECONDITION"
+                assert f"'{name}' (2)" in refused.value.message()
+        finally:
+            controls.release()
+        _wait_until_in_use(server, name, count=0)
+        client.unregister_system_shared_memory(name)
+        assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
+        client.close()

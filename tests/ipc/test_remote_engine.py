@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
 from trtserve.service.engine.host import EngineHost
@@ -47,6 +48,11 @@ async def pair(example_onnx: Path) -> AsyncIterator[Pair]:
     """inline_max_bytes 0: every tensor crosses through an arena."""
     repository = ModelRepository()
     await repository.load(ModelConfig(name="example", path=str(example_onnx), workers=1))
+    async for p in _pair(repository, "example"):
+        yield p
+
+
+async def _pair(repository: ModelRepository, model: str) -> AsyncIterator[Pair]:
     host = EngineHost(LocalEngine(repository), ServerConfig(), inline_max_bytes=0)
     inputs, outputs = Arena.create("in", ARENA_BYTES), Arena.create("out", ARENA_BYTES)
     theirs_in, theirs_out = Arena(os.dup(inputs.fd), ARENA_BYTES), Arena(
@@ -57,7 +63,7 @@ async def pair(example_onnx: Path) -> AsyncIterator[Pair]:
     await host.attach(0, os.getpid(), ours, inputs, outputs)
     remote = RemoteEngine(theirs_in, theirs_out, inline_max_bytes=0)
     await remote.connect(theirs)
-    host.set_health("example", True)
+    host.set_health(model, True)
     host.set_health("", True)
     await asyncio.sleep(0.05)  # the pushed health arrives
     try:
@@ -144,3 +150,43 @@ async def test_stats_of_an_unknown_model_is_not_found_across_the_link(pair: Pair
         await pair.remote.stats("nope")
     (model,) = (await pair.remote.stats("example")).models
     assert model.name == "example"
+
+
+async def test_an_input_range_is_not_reused_while_the_batch_of_a_cancelled_request_reads_it(
+        ) -> None:
+    """The frontend frees a request's input range when the engine's reply arrives: for a
+    request cancelled while its batch runs, that reply (CANCELLED) waits for the batch,
+    while the frontend's caller has its answer at once."""
+    backend = ControlledBackend()
+    repository = ModelRepository()
+    await repository.add(backend.runtime(controlled_model(max_queue_delay_us=0)))
+    controls = backend.controls
+    controls.hold()
+    try:
+        async for p in _pair(repository, "controlled"):
+            frontend_inputs, _ = p.frontend_arenas
+            x = np.ones((4, WIDTH), np.float32)
+            task = asyncio.ensure_future(p.remote.infer(InferRequest(
+                model="controlled", inputs={INPUT: TensorIn("FP32", x.shape, x)})))
+            assert await asyncio.to_thread(controls.started.wait, 10)  # the batch runs
+            assert frontend_inputs.ring.used_bytes > 0
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # A round trip behind the cancel: a CANCELLED reply sent at once (the engine
+            # handles the cancel before this query, and sends before answering it)
+            # would have arrived and freed the range by the time this returns.
+            (frontend,) = (await p.remote.stats()).frontends
+            assert frontend.in_flight == 0  # the engine has handled the cancel
+            assert frontend_inputs.ring.used_bytes > 0  # the batch may still read it
+            # A new request's input goes elsewhere in the arena meanwhile.
+            offset = frontend_inputs.ring.alloc(x.nbytes)
+            assert offset is not None and offset >= x.nbytes
+            frontend_inputs.free(offset)
+            controls.release()
+            while frontend_inputs.ring.used_bytes:
+                await asyncio.sleep(0.001)
+            (frontend,) = (await p.remote.stats()).frontends
+            assert frontend.in_flight == 0
+    finally:
+        controls.release()

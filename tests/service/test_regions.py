@@ -27,7 +27,7 @@ def shm():
 
 
 def _run(registry, inputs, outputs, compute):
-    async def run(arrays, targets):
+    async def run(arrays, targets, keep):
         return compute(arrays)
 
     return asyncio.run(infer_with_regions(registry, inputs, outputs, run))
@@ -115,6 +115,26 @@ def test_unregister_while_a_view_is_alive_never_frees_it(shm):
         view = lease.arrays["x"]
     registry.unregister("r")
     np.testing.assert_array_equal(view, [9, 8, 7, 6])
+
+
+def test_a_kept_lease_holds_its_regions_past_its_block_until_given_back(shm):
+    """What a request cancelled while its batch runs relies on (Lease.keep): the regions
+    stay in use after the request's block ends, until the batch gives them back, once."""
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    x = TensorIn("UINT8", (4,), RegionRef("r", 0, 4))
+    with registry.lease({"x": x}, {"y": RegionRef("r", 64, 4)}) as lease:
+        give_back = lease.keep()
+    (status,) = registry.status("r")
+    assert status.in_use == 2
+    with pytest.raises(FailedPrecondition, match=r"'r' \(2\)"):
+        registry.unregister("r")
+    give_back()
+    give_back()  # a second call gives nothing back twice
+    (status,) = registry.status("r")
+    assert status.in_use == 0
+    registry.unregister("r")
+    assert registry.status(None) == ()
 
 
 def test_limits_and_kinds():

@@ -9,6 +9,7 @@ recording double of cudaHostRegister: what is checked is which path each request
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -39,6 +40,7 @@ class Served:
     cuda: HostCudaRuntime
     ipc: HostCudaIpc
     pinner: RecordingPinner
+    trt: RecordingEngine
 
 
 async def _serve(pinner: RecordingPinner, graphs: bool = False,
@@ -58,8 +60,10 @@ async def _serve(pinner: RecordingPinner, graphs: bool = False,
     ipc = HostCudaIpc()
     try:
         yield Served(LocalEngine(repository, regions=RegionRegistry(cuda=ipc, pinner=pinner)),
-                     runtime, cuda, ipc, pinner)
+                     runtime, cuda, ipc, pinner, trt)
     finally:
+        if trt.hold is not None:
+            trt.hold.set()  # a test that failed holding a batch must not hang the stop
         await repository.stop()
 
 
@@ -205,7 +209,7 @@ async def test_a_region_a_batch_writes_into_cannot_be_unregistered() -> None:
         await asyncio.sleep(0)
         while s.runtime.counters.requests == 0:
             await asyncio.sleep(0.001)
-        with pytest.raises(FailedPrecondition, match=r"in use by requests not yet answered: 'g'"):
+        with pytest.raises(FailedPrecondition, match=r"in use by requests not yet answered.*: 'g'"):
             await s.engine.unregister_region("g")
         await task
         await s.engine.unregister_region("g")
@@ -235,3 +239,106 @@ async def test_prometheus_exports_the_models_shared_memory_counters(served: Serv
     assert value("model_shared_memory_host_copies_total") == 0
     assert value("model_shared_memory_batches_total", path="bound") == 1
     assert value("model_shared_memory_batches_total", path="copied") == 0
+
+
+# --- a request cancelled while its batch runs on the device ------------------------------
+
+
+async def _held_on_device(s: Served, request: InferRequest) -> asyncio.Future[object]:
+    """Start `request` with the engine double's kernels held: once this returns its
+    batch is on the "device", reading its input and about to write its output."""
+    s.trt.hold = threading.Event()
+    task = asyncio.ensure_future(s.engine.infer(request))
+    while not s.trt.held.is_set():
+        await asyncio.sleep(0.001)
+    return task
+
+
+async def _batch_done(s: Served) -> None:
+    while s.runtime.in_flight:
+        await asyncio.sleep(0.001)
+
+
+async def _cancelled_at_once(task: asyncio.Future[object]) -> None:
+    """The caller's answer does not wait for the batch (which is still held)."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+
+
+async def test_a_cuda_region_is_not_closed_under_the_batch_of_a_cancelled_request(
+        served: Served) -> None:
+    s = served
+    memory = await _cuda_region(s, "g", 1024)
+    x = _x(2, seed=4)
+    memory[:2 * ROW_BYTES] = x.view(np.uint8).ravel()
+    task = await _held_on_device(s, InferRequest(
+        "m", {"x": TensorIn("FP32", (2, FEATURES), RegionRef("g", 0, 2 * ROW_BYTES))},
+        output_regions={"y": RegionRef("g", 512, 512)}))
+    await _cancelled_at_once(task)
+    assert s.runtime.counters.cancelled == 1
+    # The executor still reads x and writes y by address in the region: its IPC
+    # handle must stay open, so unregister is refused, as for any region in use.
+    with pytest.raises(FailedPrecondition, match=r"batch of a request cancelled.*'g' \(2\)"):
+        await s.engine.unregister_region("g")
+    (status,) = await s.engine.region_status("g")
+    assert status.in_use == 2 and s.ipc.calls == ["open"]  # its input and its output
+    assert s.trt.hold is not None
+    s.trt.hold.set()
+    await _batch_done(s)
+    # The batch wrote into the region after its request was cancelled: memory that
+    # had to stay open until here.
+    np.testing.assert_array_equal(
+        memory[512:512 + 2 * ROW_BYTES].view(np.float32).reshape(2, FEATURES), 2 * x + 1)
+    assert s.ipc.calls == ["open"]  # nothing closed until unregistered
+    await s.engine.unregister_region("g")
+    assert s.ipc.calls == ["open", "close"] and s.ipc.opened == {}
+    assert s.trt.violations == []
+
+
+async def test_a_system_region_is_not_unpinned_under_the_batch_of_a_cancelled_request(
+        served: Served) -> None:
+    s = served
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        await s.engine.register_system_region("r", shm.name, 0, 4096)
+        task = await _held_on_device(s, InferRequest(
+            "m", {"x": TensorIn("FP32", (1, FEATURES), RegionRef("r", 0, ROW_BYTES))},
+            output_regions={"y": RegionRef("r", 1024, ROW_BYTES)}))
+        await _cancelled_at_once(task)
+        for name in ("r", ""):  # by name, and every region at once
+            with pytest.raises(FailedPrecondition, match=r"'r' \(2\)"):
+                await s.engine.unregister_region(name)
+        assert s.pinner.calls == ["register"]  # cudaHostUnregister not called under it
+        assert s.trt.hold is not None
+        s.trt.hold.set()
+        await _batch_done(s)
+        assert s.pinner.calls == ["register"]
+        await s.engine.unregister_region("r")
+        assert s.pinner.calls == ["register", "unregister"] and s.pinner.pinned == {}
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+async def test_a_request_cancelled_in_the_queue_frees_its_region_at_once(
+        served: Served) -> None:
+    """Only a batch on the device holds a cancelled request's region: one still queued
+    (behind it, on the one worker) never runs, and its region is free at once."""
+    s = served
+    await _cuda_region(s, "running", 1024)
+    await _cuda_region(s, "queued", 1024)
+    running = await _held_on_device(s, InferRequest(
+        "m", {"x": TensorIn("FP32", (1, FEATURES), RegionRef("running", 0, ROW_BYTES))}))
+    queued = asyncio.ensure_future(s.engine.infer(InferRequest(
+        "m", {"x": TensorIn("FP32", (1, FEATURES), RegionRef("queued", 0, ROW_BYTES))})))
+    while s.runtime.counters.requests < 2:
+        await asyncio.sleep(0.001)
+    await _cancelled_at_once(queued)
+    await s.engine.unregister_region("queued")
+    assert s.trt.hold is not None
+    s.trt.hold.set()
+    await running  # the batch still running is answered as usual
+    await s.engine.unregister_region("running")
+    assert s.ipc.opened == {}
