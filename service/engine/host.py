@@ -90,7 +90,9 @@ class FrontendPort:
             # together rather than a batch of one each (Batcher.submit).
             self._start(request, i < last)
         for rid in frame.cancels:
-            submitted = self.in_flight.get(rid)
+            # Out of the count at once; its reply (CANCELLED) may wait for a batch that
+            # still reads its input ranges (ModelRuntime.submit).
+            submitted = self.in_flight.pop(rid, None)
             if submitted is not None:
                 submitted.cancel()
         for control in frame.controls:
