@@ -379,10 +379,10 @@ def encode_infer(request_id: str, result: InferResult,
         entry: dict[str, Any] = {"name": wanted.name, "datatype": tensor.dtype,
                                  "shape": list(tensor.shape)}
         if isinstance(array, RegionRef):
-            # Its bytes are in the client's region: described, as Triton answers.
-            entry["parameters"] = {_SHARED_MEMORY_KEY: array.region,
-                                   "shared_memory_offset": array.offset,
-                                   "shared_memory_byte_size": array.byte_size}
+            # Its bytes are in the client's region: described (name, datatype, shape) and
+            # nothing else, as Triton answers. perf_analyzer reads `binary_data_size` from
+            # any output that has parameters, so none are sent.
+            pass
         elif wanted.binary:
             if array.dtype.kind == "V":  # ml_dtypes bfloat16: the same bytes as uint16
                 array = array.view(np.uint16)
@@ -508,7 +508,8 @@ def cuda_register(request: dict[str, Any]) -> tuple[bytes, int, int]:
         raise InvalidArgument(f"{what}: 'raw_handle' must be {{\"b64\": base64 of the "
                               "cudaIpcMemHandle_t}")
     try:
-        raw = base64.b64decode(b64, validate=True)
+        # Triton's C++ client encodes with libb64, which breaks lines every 72 characters.
+        raw = base64.b64decode("".join(b64.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidArgument(f"{what}: 'raw_handle.b64' is not valid base64") from None
     return raw, _count(request, "device_id", what), _count(request, "byte_size", what)

@@ -153,6 +153,19 @@ def test_region_tensors_become_references_and_region_outputs_are_described():
     parts, length = kjson.encode_infer("", result, plan)
     assert length is None
     [output] = json.loads(parts[0])["outputs"]
-    assert output == {"name": "o", "datatype": "BF16", "shape": [2], "parameters": {
-        "shared_memory_region": "out", "shared_memory_offset": 0,
-        "shared_memory_byte_size": 4}}
+    # Described only, as Triton answers (perf_analyzer reads binary_data_size from any
+    # output that carries parameters).
+    assert output == {"name": "o", "datatype": "BF16", "shape": [2]}
+
+
+def test_a_cuda_handle_in_base64_with_line_breaks_is_read():
+    """Triton's C++ client (perf_analyzer) encodes with libb64, which breaks lines every
+    72 characters; a strict decoder refused every CUDA region it registered."""
+    import base64
+
+    handle = bytes(range(64))
+    encoded = base64.b64encode(handle).decode()
+    wrapped = encoded[:72] + "\n" + encoded[72:] + "\n"
+    raw, device, size = kjson.cuda_register({"raw_handle": {"b64": wrapped},
+                                             "device_id": 0, "byte_size": 128})
+    assert (raw, device, size) == (handle, 0, 128)
