@@ -85,10 +85,8 @@ class ServerProcess:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.port = free_port()
-        self._start(["trtserve.service.cli", "serve", "--port", str(self.port), "--metrics-port",
-                     "0",
-                     "--http-port", "0",
-                     *args], env)
+        self._start(["trtserve.service.cli", "serve", "--port", str(self.port),
+                     "--metrics-port", "0", "--http-port", "0", *args], env)
 
     def _start(self, module_args: list[str], env: dict[str, str] | None = None) -> None:
         """Run `python -m MODULE ARGS...`, printing into a file.

@@ -1,8 +1,7 @@
 """Doubles for testing the TensorRT executor without a GPU or TensorRT.
 
-- `HostCudaRuntime`: a double of `trtserve.service.backends.tensorrt.cuda.CudaRuntime`. "Device"
-memory
-  is host memory, so pointers are real addresses; stream operations run at once,
+- `HostCudaRuntime`: a double of `trtserve.service.backends.tensorrt.cuda.CudaRuntime`.
+  "Device" memory is host memory, so pointers are real addresses; stream operations run at once,
   except on a stream being captured, where they are recorded into the graph and
   run each time the graph is launched. It keeps every live resource, so a test can
   see that `close()` freed them all.

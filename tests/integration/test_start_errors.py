@@ -31,9 +31,9 @@ X = np.zeros((2, 64), np.float32)
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`trtserve serve ARGS` on a free port, expected to exit by itself."""
     return subprocess.run(
-        [sys.executable, "-m", "trtserve.service.cli", "serve", "--port", "0", "--metrics-port",
-         "0",
-         "--http-port", "0", *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "trtserve.service.cli", "serve", "--port", "0",
+         "--metrics-port", "0", "--http-port", "0", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, **(env or {})})
 
 
@@ -250,8 +250,8 @@ def _client(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_both_commands_print_their_version():
-    for module, prog in (("trtserve.service.cli", "trtserve"), ("trtserve.client.cli",
-                                                                "trtserve-client")):
+    for module, prog in (("trtserve.service.cli", "trtserve"),
+                         ("trtserve.client.cli", "trtserve-client")):
         result = subprocess.run([sys.executable, "-m", module, "--version"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr

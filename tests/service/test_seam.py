@@ -35,8 +35,8 @@ def test_the_protocol_side_imports_only_the_engines_api():
     reaching_in = {
         str(path.relative_to(SERVICE)): sorted(
             name for name in _imports(path)
-            if (name.startswith("trtserve.service.engine") and not
-            name.startswith("trtserve.service.engine.api"))
+            if (name.startswith("trtserve.service.engine")
+                and not name.startswith("trtserve.service.engine.api"))
             or name.startswith(("trtserve.service.backends", "trtserve.service.build"))
             or name == "trtserve.service.engine")
         for path in PROTOCOL_SIDE}
