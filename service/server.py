@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -218,7 +219,8 @@ class Server:
         server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceService(self.engine, self._stream_limits(), self.config.shared_memory),
+            InferenceService(self.engine, self._stream_limits(), self.config.shared_memory,
+                             self._refused),
             services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
@@ -306,7 +308,16 @@ class Server:
         self._services.append(add_to_server(server, self.engine,
                                             server_ready=lambda: self._ready,
                                             stream_limits=self._stream_limits(),
-                                            shared_memory=self.config.shared_memory))
+                                            shared_memory=self.config.shared_memory,
+                                            on_refused=self._refused))
+
+    def _refused(self, request: Any) -> None:
+        """A large request refused before the engine saw it: give its memory back too (the
+        engine's byte budget does so for the requests it runs), in this process, which
+        decoded it."""
+        large = self.config.trim_after_request_bytes
+        if large and request.ByteSize() >= large:
+            self.trimmer.request()
 
     def _stream_limits(self) -> StreamLimits:
         return StreamLimits(max_in_flight=self.config.max_in_flight_per_stream,

@@ -69,6 +69,11 @@ def unary(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             return await method(self, request, context)
         except Exception as e:  # known errors, or the generic INTERNAL promised above
             code, message = status_of(e)
+        # A refused request never reaches the engine, whose byte budget asks for memory
+        # to be given back after large requests: the servicer's hook does it for these.
+        on_refused = getattr(self, "on_refused", None)
+        if on_refused is not None:
+            on_refused(request)
         # grpc.aio keeps the abort's exception, and with its traceback this frame, in the
         # call's state, which lives in reference cycles that only the garbage collector
         # frees: neither the request nor the error (whose traceback holds the decoded

@@ -101,8 +101,11 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine,
                  server_ready: Callable[[], bool] | None = None,
                  stream_limits: StreamLimits | None = None,
-                 shared_memory: SharedMemoryConfig | None = None) -> None:
+                 shared_memory: SharedMemoryConfig | None = None,
+                 on_refused: Callable[[Any], None] | None = None) -> None:
         self._engine = engine
+        # Called with each unary request refused with an error (frontends/errors.py).
+        self.on_refused = on_refused
         self._stream_limits = stream_limits or StreamLimits()
         self._shared_memory = shared_memory or SharedMemoryConfig()
         # Whether the server has finished starting (and is not draining); models
@@ -347,12 +350,14 @@ for _rpc, _why in _NOT_IMPLEMENTED.items():
 def add_to_server(server: Any, engine: Engine,
                   server_ready: Callable[[], bool] | None = None,
                   stream_limits: StreamLimits | None = None,
-                  shared_memory: SharedMemoryConfig | None = None) -> str:
+                  shared_memory: SharedMemoryConfig | None = None,
+                  on_refused: Callable[[Any], None] | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
     `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(engine, server_ready, stream_limits, shared_memory), server)
+        KServeInferenceService(engine, server_ready, stream_limits, shared_memory, on_refused),
+        server)
     return SERVICE_NAME

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -20,8 +21,11 @@ from trtserve.service.frontends.streaming import StreamLimits, StreamProtocol, a
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, stream_limits: StreamLimits | None = None,
-                 shared_memory: SharedMemoryConfig | None = None) -> None:
+                 shared_memory: SharedMemoryConfig | None = None,
+                 on_refused: Callable[[Any], None] | None = None) -> None:
         self._engine = engine
+        # Called with each unary request refused with an error (frontends/errors.py).
+        self.on_refused = on_refused
         self._stream_limits = stream_limits or StreamLimits()
         self._shared_memory = shared_memory or SharedMemoryConfig()
         self._started = time.monotonic()

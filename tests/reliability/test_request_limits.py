@@ -223,6 +223,10 @@ def test_after_a_large_request_however_it_ended_memory_is_given_back(conv_onnx):
         wait_for(lambda: trims() == 1, show=trims)
         assert c.infer("conv", {CONV_INPUT: large})[CONV_OUTPUT].shape == (1, 10)
         wait_for(lambda: trims() == 2, show=trims)
+        # Refused by the protocol edge (a name the model lacks), before the engine and
+        # its byte budget: given back all the same, by the servicer's refusal hook.
+        refused(lambda: c.infer("conv", {"images": large}))
+        wait_for(lambda: trims() == 3, show=trims)
 
 
 def test_the_budget_reports_large_requests_finished_and_refuses_only_with_a_limit():
