@@ -248,7 +248,8 @@ class ClosedLoad:
 
     concurrency: int
 
-    async def __call__(self, call: Call, payloads: list[bytes], rec: Recorder) -> None:
+    async def __call__(self, call: Call | list[Call], payloads: list[bytes],
+                       rec: Recorder) -> None:
         await closed_loop(call, payloads, self.concurrency, rec, REQUEST_TIMEOUT_S)
 
 
@@ -261,24 +262,40 @@ class EvenOpenLoad:
     start: float  # time.monotonic()
     seconds: float
 
-    async def __call__(self, call: Call, payloads: list[bytes], rec: Recorder) -> None:
+    async def __call__(self, call: Call | list[Call], payloads: list[bytes],
+                       rec: Recorder) -> None:
         due_times = even_arrivals(self.start, self.start + self.seconds, self.rate_per_s)
         await open_loop(call, payloads, due_times, rec, REQUEST_TIMEOUT_S, max_outstanding=None)
 
 
 def _client_process(url: str, request: bytes, load: ClosedLoad | EvenOpenLoad, window: Window,
-                    results: Any) -> None:
-    """One client process: `load` on one channel, counted by a Recorder over `window`;
-    puts (requests an open loop sent, latencies in s, errors) on `results`."""
-    async def main() -> tuple[int, list[float], int]:
-        async with Endpoint(url).aio_channel() as channel:
-            call = channel.unary_unary(V1_INFER, request_serializer=None,
-                                       response_deserializer=None)
-            await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+                    results: Any, connections: int = 1) -> None:
+    """One client process: `load` over `connections` gRPC connections, counted by a
+    Recorder over `window`; puts (requests an open loop sent, latencies in s, errors,
+    this process's CPU over the measured window / its length) on `results`."""
+    async def main() -> tuple[int, list[float], int, float]:
+        endpoint = Endpoint(url)
+        channels = [endpoint.aio_channel(own_connection=connections > 1)
+                    for _ in range(connections)]
+        try:
+            calls = [c.unary_unary(V1_INFER, request_serializer=None,
+                                   response_deserializer=None) for c in channels]
             rec = Recorder(window, [0, 0], 0)
-            await load(call, [request], rec)
+            loop = asyncio.get_running_loop()
+            loop.call_at(window.warm_end, rec.mark_cpu, "cpu_start")
+            loop.call_at(window.end, rec.mark_cpu, "cpu_end")
+            await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+            await load(calls, [request], rec)
+            ended = min(time.monotonic(), window.end)
+            if rec.cpu_end is None:  # the load finished before the window did
+                rec.mark_cpu("cpu_end")
+            span = ended - window.warm_end
+            cpu = ((rec.cpu_end or 0.0) - (rec.cpu_start or 0.0)) / span if span > 0 else 0.0
             # An open loop logs each send's lag: their count is the requests sent.
-            return len(rec.lags), rec.latencies.tolist(), sum(rec.errors.values())
+            return len(rec.lags), rec.latencies.tolist(), sum(rec.errors.values()), cpu
+        finally:
+            for c in channels:
+                await c.close(None)
 
     results.put(asyncio.run(main()))
 
@@ -297,10 +314,14 @@ def _served(engine: Any, workers: int, max_queue_delay_us: int,
 
 
 def _stats(url: str) -> Any:
+    return _server_stats(url).models[0]
+
+
+def _server_stats(url: str) -> Any:
     from trtserve.client.client import Client
 
     with Client(url) as c:
-        return c.stats("standin").models[0]
+        return c.stats("standin")
 
 
 async def _thread_ident() -> int:
@@ -316,7 +337,9 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
                       rows_per_request: int = 1,
                       switch_interval_s: float | None = None,
                       inline_below_us: int | None = None,
-                      frontends: int = 1) -> dict[str, float]:
+                      frontends: int = 1, connections: int = 1) -> dict[str, float]:
+    """Section 3's run; `connections`: gRPC connections per client process (with
+    frontends > 1 the kernel spreads connections, not requests, over the frontends)."""
     context = multiprocessing.get_context("spawn")
     request = _request_bytes("standin", rows_per_request, engine.in_features)
     default_switch = sys.getswitchinterval()
@@ -325,7 +348,7 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
     try:
         return _served_run(engine, workers, clients, processes, seconds, warmup_s,
                            max_queue_delay_us, request, rows_per_request, context,
-                           inline_below_us, frontends)
+                           inline_below_us, frontends, connections)
     finally:
         sys.setswitchinterval(default_switch)
 
@@ -333,7 +356,8 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
 def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds: float,
                 warmup_s: float, max_queue_delay_us: int, request: bytes,
                 rows_per_request: int, context: Any,
-                inline_below_us: int | None = None, frontends: int = 1) -> dict[str, float]:
+                inline_below_us: int | None = None, frontends: int = 1,
+                connections: int = 1) -> dict[str, float]:
     with _served(engine, workers, max_queue_delay_us, inline_below_us, frontends) as server:
         loop_thread = server.call(_thread_ident())
         # Warm every worker's graphs before the clock starts.
@@ -348,16 +372,17 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
         window = Window(start_at, measure_from, stop_at)
         procs = [context.Process(target=_client_process,
                                  args=(server.url, request, ClosedLoad(clients // processes),
-                                       window, results))
+                                       window, results, connections))
                  for _ in range(processes)]
         for p in procs:
             p.start()
         time.sleep(max(0.0, measure_from - time.monotonic()))
-        before = _stats(server.url)
+        before_all = _server_stats(server.url)
         loop_cpu = _thread_cpu_s(loop_thread)
         time.sleep(max(0.0, stop_at - time.monotonic()))
         loop_cpu = _thread_cpu_s(loop_thread) - loop_cpu
-        after = _stats(server.url)
+        after_all = _server_stats(server.url)
+        before, after = before_all.models[0], after_all.models[0]
         outcomes = [results.get(timeout=120) for _ in procs]
         for p in procs:
             p.join(30)
@@ -366,7 +391,15 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
     batches = after.batches - before.batches
     rows = after.inferences - before.inferences
     busy = after.busy_seconds - before.busy_seconds
+    # How evenly the kernel spread the connections' requests over the frontends: the
+    # busiest and the idlest frontend's share of the window's requests (1/N each when even).
+    served_by = [a.requests - b.requests
+                 for a, b in zip(after_all.frontends, before_all.frontends, strict=True)]
+    total = sum(served_by)
     return {
+        "client_cpu_max": max(o[3] for o in outcomes),
+        "frontend_share_min": min(served_by) / total if total else 1.0,
+        "frontend_share_max": max(served_by) / total if total else 1.0,
         "rows_per_s": completed * rows_per_request / seconds,
         "requests_per_s": completed / seconds,
         "loop_cpu": loop_cpu / seconds,
@@ -444,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured time per served run")
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--client-processes", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=4,
+                        help="gRPC connections per client process in section 3 (frontends "
+                             "are spread over by connection)")
     parser.add_argument("--serve-workers", type=int, default=4)
     parser.add_argument("--rate", type=float, default=1000.0, help="requests/s for section 4")
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
@@ -522,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"## 3. Served over raw throughput at saturation ({LABEL})")
         say()
         say(f"gRPC Infer (trtserve.v1, unary), {args.clients} concurrent clients in "
-            f"{args.client_processes} client processes on the same machine, "
+            f"{args.client_processes} client processes on the same machine "
+            f"({args.connections} gRPC connections each), "
             f"{args.serve_workers} workers, dynamic batching (max batch 64, max queue delay "
             f"0 us, the default), {args.seconds:g} s measured. Raw = the same number of in-process "
             "workers (no gRPC) at the served mean batch size. Event-loop thread CPU = CPU "
@@ -532,12 +569,16 @@ def main(argv: list[str] | None = None) -> int:
             "sized so the GPU, not the frontend, limits throughput. A light batch is quick "
             "(under `inline_below_us`, 100 us of GPU time), so it waits for the quick batch "
             "in flight rather than taking a second worker; the `inline_below_us 0` row "
-            "spreads every batch over the idle workers instead, as before that rule.")
+            "spreads every batch over the idle workers instead, as before that rule. "
+            "Client CPU = the busiest client process's CPU over the window (1 = a core: "
+            "above 0.85 the clients, not the server, may be the limit). Frontend share = "
+            "the least and the most busy frontend process's part of the requests (the "
+            "kernel spreads connections over them, not requests; 1/N each when even).")
         say()
         say("| stand-in MLP | rows / request | served (rows/s) | requests/s | event-loop "
             "thread CPU | mean batch | GPU busy / worker | raw at that batch (rows/s) "
-            "| served / raw |")
-        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| served / raw | client CPU (max) | frontend share (min-max) |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = {}
         counts = [int(n) for n in args.frontends.split(",") if n.strip()]
         runs = [("light", args.light, 1, None, None, 1), ("light", args.light, 8, None, None, 1),
@@ -562,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                                            rows_per_request=per_request,
                                            switch_interval_s=switch,
                                            inline_below_us=inline_below_us,
-                                           frontends=frontends)
+                                           frontends=frontends,
+                                           connections=args.connections)
                 served_runs[(name, per_request)] = served
                 batch = max(1, round(served["mean_batch"]))
                 raw = raw_throughput(engine, cuda, args.serve_workers, batch)
@@ -571,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"| {name} {dims} | {per_request} | {served['rows_per_s']:,.0f} | "
                     f"{served['requests_per_s']:,.0f} | {served['loop_cpu']:.0%} | "
                     f"{served['mean_batch']:.1f} | {served['gpu_busy_per_worker']:.0%} | "
-                    f"{raw['rows_per_s']:,.0f} | {ratio:.2f} |")
+                    f"{raw['rows_per_s']:,.0f} | {ratio:.2f} | {served['client_cpu_max']:.2f} | "
+                    + (f"{served['frontend_share_min']:.0%}-{served['frontend_share_max']:.0%} |"
+                       if frontends > 1 else "- |"))
                 if served["errors"]:
                     say(f"  ({served['errors']:.0f} requests failed)")
         finally:

@@ -47,8 +47,17 @@ class Endpoint:
             return grpc.secure_channel(self.url, self._credentials(), options=self.options())
         return grpc.insecure_channel(self.url, options=self.options())
 
-    def aio_channel(self) -> grpc.aio.Channel:
-        """An asyncio channel (create it on the loop that will use it)."""
+    def aio_channel(self, own_connection: bool = False) -> grpc.aio.Channel:
+        """An asyncio channel (create it on the loop that will use it).
+
+        `own_connection`: a TCP connection of its own. By default gRPC lets channels
+        of one process with the same target and options share one connection; a
+        server of several frontend processes is spread over by connection (the
+        kernel's SO_REUSEPORT), so a load generator wants several.
+        """
+        options = self.options()
+        if own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         if self.secure:
-            return grpc.aio.secure_channel(self.url, self._credentials(), options=self.options())
-        return grpc.aio.insecure_channel(self.url, options=self.options())
+            return grpc.aio.secure_channel(self.url, self._credentials(), options=options)
+        return grpc.aio.insecure_channel(self.url, options=options)

@@ -238,10 +238,11 @@ class Run:
 
 
 def bench(served: Served, opts: Options, level: Level, protocol: str = "v1",
-          tree: bool = False, processes: int = 1, streaming: bool = False) -> Run:
+          tree: bool = False, processes: int = 1, streaming: bool = False,
+          connections: int = 1) -> Run:
     config = BenchConfig(url=served.url, model=served.model, levels=(level,), protocol=protocol,
                          duration_s=opts.duration_s, warmup_s=opts.warmup_s,
-                         processes=processes, streaming=streaming)
+                         processes=processes, streaming=streaming, connections=connections)
     peak = [served.child.rss(tree)]
     stop = threading.Event()
 
@@ -263,6 +264,7 @@ def bench(served: Served, opts: Options, level: Level, protocol: str = "v1",
                f"--protocol {protocol} {flag} {level.value:g} --duration {opts.duration_s:g} "
                f"--warmup {opts.warmup_s:g}" + (f" --processes {processes}"
                                                   if processes > 1 else "")
+               + (f" --connections {connections}" if connections > 1 else "")
                + (" --streaming" if streaming else ""))
     return Run(result, cpu, peak[0], command)
 

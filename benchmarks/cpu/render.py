@@ -195,12 +195,16 @@ def _render_frontends(data: dict[str, Any] | None) -> list[str]:
     if not data:
         return []
     rounds = data["rounds"]
-    lines = ["### 8. One engine, N frontend processes (model `light`)", "",
+    connections = data.get("connections", 1)
+    lines = ["### 8. One engine, N frontend processes (model `light`: the bundled "
+             "example's shape)", "",
              f"`trtserve serve --frontends N` (docs/processes.md): requests/s at concurrency "
-             f"512 from {data['client_processes']} client processes, and p50 at concurrency 1; "
-             "ratios against N = 1 in the same round.", "",
-             "| frontends | req/s (c=512) | vs 1 | server cores | p50 ms (c=1) | c=1 p50 cost "
-             "us | errors |", "|---|---|---|---|---|---|---|"]
+             f"512 from {data['client_processes']} client processes ({connections} gRPC "
+             "connection(s) each: the kernel spreads connections, not requests, over the "
+             "frontends), and p50 at concurrency 1; ratios against N = 1 in the same round. "
+             "Client CPU: the busiest client process (1 = a core).", "",
+             "| frontends | req/s (c=512) | vs 1 | server cores | client CPU (max) "
+             "| p50 ms (c=1) | c=1 p50 cost us | errors |", "|---|---|---|---|---|---|---|---|"]
     for n in data["counts"]:
         rows = [r[str(n)] for r in rounds]
         ratio = [r[str(n)]["req_per_s"] / r["1"]["req_per_s"] if r["1"]["req_per_s"]
@@ -209,6 +213,7 @@ def _render_frontends(data: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"| {n} | {_fmt_rounds([r['req_per_s'] for r in rows], '{:,.0f}')} | "
             f"{_fmt_rounds(ratio)}x | {_fmt_rounds([r['server_cpu'] for r in rows], '{:.2f}')}"
+            f" | {_fmt_rounds([max(r['client_cpu']) for r in rows], '{:.2f}')}"
             f" | {_fmt_rounds([r['p50_ms_c1'] for r in rows], '{:.3f}')} | "
             f"{_fmt_rounds(cost, '{:+.0f}')} | {sum(r['errors'] for r in rows)} |")
     return [*lines, "", *_commands(data["commands"])]

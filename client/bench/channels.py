@@ -27,7 +27,7 @@ def _sync_channel(config: BenchConfig) -> grpc.Channel:
 
 
 def _aio_channel(config: BenchConfig) -> grpc.aio.Channel:
-    return _endpoint(config).aio_channel()
+    return _endpoint(config).aio_channel(own_connection=config.connections > 1)
 
 
 def _method(protocol: str) -> str:

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per level")
     p.add_argument("--processes", type=int, default=1,
                    help="client processes sharing the load (use more when one is busy)")
+    p.add_argument("--connections", type=int, default=1,
+                   help="gRPC connections per client process, requests spread over them in "
+                        "turn (a server with --frontends N is spread over by connection)")
     p.add_argument("--batch-rows", type=int, default=1, help="rows per request")
     p.add_argument("--input", action="append", type=name_value, default=[],
                    metavar="NAME=FILE.npy", help="an input from a .npy file; repeatable")
@@ -81,8 +84,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         url=getattr(args, "url", None) or "127.0.0.1:8001", model=args.model,
         levels=tuple(levels), protocol=args.protocol, duration_s=args.duration,
-        warmup_s=args.warmup, processes=args.processes, streaming=args.streaming,
-        batch_rows=args.batch_rows,
+        warmup_s=args.warmup, processes=args.processes, connections=args.connections,
+        streaming=args.streaming, batch_rows=args.batch_rows,
         input_files=tuple(args.input), shapes=shapes,
         timeout_s=getattr(args, "timeout", None) or 60.0,
         max_outstanding=args.max_outstanding or None, arrivals=args.arrivals,

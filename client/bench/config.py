@@ -40,6 +40,10 @@ class BenchConfig:
     duration_s: float = 10.0
     warmup_s: float = 2.0
     processes: int = 1
+    # gRPC connections per client process (unary levels), the requests spread over
+    # them in turn. A server of N frontend processes gets connections, not requests,
+    # spread over its processes by the kernel: give it several.
+    connections: int = 1
     # Requests over the protocol's bidirectional stream (InferStream /
     # ModelStreamInfer) instead of one call each.
     streaming: bool = False
@@ -73,6 +77,8 @@ class BenchConfig:
             (self.duration_s > 0, f"--duration: got {self.duration_s}, expected > 0"),
             (self.warmup_s >= 0, f"--warmup: got {self.warmup_s}, expected >= 0"),
             (self.processes >= 1, f"--processes: got {self.processes}, expected >= 1"),
+            (self.connections >= 1,
+             f"--connections: got {self.connections}, expected >= 1"),
             (self.batch_rows >= 1, f"--batch-rows: got {self.batch_rows}, expected >= 1"),
             (self.max_outstanding is None or self.max_outstanding >= 1,
              f"--max-outstanding: got {self.max_outstanding}, expected >= 1 (0: no cap)"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -26,6 +26,10 @@ from trtserve.client.bench.recorder import Recorder, Window, arrivals
 Call = grpc.aio.UnaryUnaryMultiCallable
 
 
+def _as_calls(call: Call | Sequence[Call]) -> Sequence[Call]:
+    return call if isinstance(call, Sequence) else (call,)
+
+
 async def _one(call: Call, payload: bytes, timeout: float, metadata: Any) -> str | None:
     try:
         await call(payload, timeout=timeout, metadata=metadata)
@@ -34,15 +38,19 @@ async def _one(call: Call, payload: bytes, timeout: float, metadata: Any) -> str
     return None
 
 
-async def closed_loop(call: Call, payloads: list[bytes], concurrency: int, rec: Recorder,
-                      timeout: float, metadata: Any = None, first: int = 0) -> None:
+async def closed_loop(call: Call | Sequence[Call], payloads: list[bytes], concurrency: int,
+                      rec: Recorder, timeout: float, metadata: Any = None,
+                      first: int = 0) -> None:
     """`concurrency` requests always outstanding, each answer sending the next, until the
-    window ends; latency counts from each send. Stream k starts at payload first + k."""
+    window ends; latency counts from each send. Stream k starts at payload first + k.
+    Given several calls (one per connection), stream k sends on call k mod their count."""
     end = rec.window.end
     n = len(payloads)
+    calls = _as_calls(call)
 
     async def stream(k: int) -> None:
         i = k
+        call = calls[k % len(calls)]
         while (sent := time.monotonic()) < end:
             code = await _one(call, payloads[i % n], timeout, metadata)
             rec.done(sent, time.monotonic(), code)
@@ -72,11 +80,12 @@ def _closed_sync(channel: grpc.Channel, protocol: str, payloads: list[bytes], re
     rec.mark_cpu("cpu_end")
 
 
-async def open_loop(call: Call, payloads: list[bytes], due_times: AsyncIterator[tuple[float, int]],
-                    rec: Recorder, timeout: float, metadata: Any = None,
-                    max_outstanding: int | None = None) -> None:
+async def open_loop(call: Call | Sequence[Call], payloads: list[bytes],
+                    due_times: AsyncIterator[tuple[float, int]], rec: Recorder, timeout: float,
+                    metadata: Any = None, max_outstanding: int | None = None) -> None:
     """A request at each arrival of `due_times` (recorder.arrivals), whatever the server
     does; latency counts from the due time, so a client that falls behind shows.
+    Given several calls (one per connection), arrivals take them in turn.
 
     With `max_outstanding`, an arrival that finds that many requests in flight is
     not sent and counts as dropped; with None every arrival is sent. Returns once
@@ -84,8 +93,10 @@ async def open_loop(call: Call, payloads: list[bytes], due_times: AsyncIterator[
     """
     tasks: set[asyncio.Task[None]] = set()
     n = len(payloads)
+    calls = _as_calls(call)
+    sent_count = 0
 
-    async def request(due: float, i: int) -> None:
+    async def request(due: float, i: int, call: Call) -> None:
         sent = time.monotonic()
         if rec.window.inside(sent):
             rec.lags.append(sent - due)
@@ -97,18 +108,20 @@ async def open_loop(call: Call, payloads: list[bytes], due_times: AsyncIterator[
             if rec.window.inside(due):
                 rec.dropped += 1
             continue
-        task = asyncio.create_task(request(due, i))
+        task = asyncio.create_task(request(due, i, calls[sent_count % len(calls)]))
+        sent_count += 1
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:
         await asyncio.gather(*tasks)
 
 
-async def _run_level(channel: grpc.aio.Channel, config: BenchConfig, payloads: list[bytes],
-                     level: Level, window: Window, index: int, share: float,
-                     progress: Any) -> dict[str, Any]:
-    call = channel.unary_unary(_method(config.protocol), request_serializer=None,
-                               response_deserializer=None)
+async def _run_level(channels: Sequence[grpc.aio.Channel], config: BenchConfig,
+                     payloads: list[bytes], level: Level, window: Window, index: int,
+                     share: float, progress: Any) -> dict[str, Any]:
+    channel = channels[0]  # a stream needs one
+    calls = [c.unary_unary(_method(config.protocol), request_serializer=None,
+                           response_deserializer=None) for c in channels]
     rec = Recorder(window, progress, 2 * index)
     loop = asyncio.get_running_loop()
     loop.call_at(window.warm_end, rec.mark_cpu, "cpu_start")
@@ -123,11 +136,11 @@ async def _run_level(channel: grpc.aio.Channel, config: BenchConfig, payloads: l
             await streams.open_loop(channel, config, payloads, share, rec, seed)
     elif share > 0:
         if level.mode == "closed":
-            await closed_loop(call, payloads, int(share), rec, config.timeout_s, metadata,
+            await closed_loop(calls, payloads, int(share), rec, config.timeout_s, metadata,
                               first=index)
         else:
             due_times = arrivals(config.arrivals, window.start, window.end, share, seed)
-            await open_loop(call, payloads, due_times, rec, config.timeout_s, metadata,
+            await open_loop(calls, payloads, due_times, rec, config.timeout_s, metadata,
                             config.max_outstanding)
     await asyncio.sleep(max(0.0, window.end - time.monotonic()) + 0.01)
     return _summary(rec)
@@ -179,13 +192,14 @@ def _child(config: BenchConfig, payloads: list[bytes], index: int, conn: Connect
                 result = await asyncio.to_thread(_run_sync_level, config, payloads, window,
                                                  index, progress)
             else:
-                channel = _aio_channel(config)
+                count = 1 if config.streaming else config.connections
+                channels = [_aio_channel(config) for _ in range(count)]
                 try:
-                    await channel.channel_ready()
-                    result = await _run_level(channel, config, payloads, level, window, index,
-                                              share, progress)
+                    await asyncio.gather(*(c.channel_ready() for c in channels))
+                    result = await _run_level(channels, config, payloads, level, window,
+                                              index, share, progress)
                 finally:
-                    await channel.close(None)
+                    await asyncio.gather(*(c.close(None) for c in channels))
             conn.send(("result", result))
 
     try:

@@ -70,6 +70,20 @@ def test_the_client_process_counts_every_request_of_an_even_open_loop(server):
     window = Window(start, start, start + 0.2 + REQUEST_TIMEOUT_S + 1)
     results: queue.Queue = queue.Queue()
     _client_process(server.url, request, EvenOpenLoad(50.0, start, 0.2), window, results)
-    sent, latencies, errors = results.get_nowait()
+    sent, latencies, errors, cpu = results.get_nowait()
     assert (sent, len(latencies), errors) == (10, 10, 0)
+    assert cpu > 0
     assert all(0 < lat < REQUEST_TIMEOUT_S for lat in latencies)
+
+
+def test_the_client_process_spreads_a_closed_loop_over_its_connections(server):
+    request = encode_request("v1", "example", {"input": np.ones((1, 64), np.float32)},
+                             {"input": "FP32"})
+    start = time.monotonic() + 0.1
+    window = Window(start, start, start + 0.5)
+    results: queue.Queue = queue.Queue()
+    # Each channel's own connection is tests/bench/test_connections.py's; here: the
+    # process runs its load over both and reports its answers and its CPU.
+    _client_process(server.url, request, ClosedLoad(4), window, results, connections=2)
+    _, latencies, errors, cpu = results.get_nowait()
+    assert errors == 0 and len(latencies) > 0 and cpu > 0

@@ -130,3 +130,34 @@ async def test_closed_loop_keeps_exactly_concurrency_requests_in_flight():
     answered = len(rec.latencies) + sum(rec.errors.values())
     assert answered >= 40 - 4 and set(rec.errors) == {"UNAVAILABLE"}
     assert rec.errors["UNAVAILABLE"] == target.calls[:answered].count(b"p1")
+
+
+# --- several connections -------------------------------------------------------------------
+
+
+async def test_open_loop_over_several_calls_takes_them_in_turn():
+    start = time.monotonic() - 10.0
+    targets = [UnaryCallDouble(), UnaryCallDouble(), UnaryCallDouble()]
+    rec = _recorder(start, time.monotonic() + 60.0)
+    await asyncio.wait_for(
+        open_loop(targets, [b"x"], even_arrivals(start, start + 0.3, 100.0), rec, 1.0),
+        HANG_GUARD_S)
+    assert [len(t.calls) for t in targets] == [10, 10, 10]
+
+
+async def test_closed_loop_over_several_calls_gives_each_its_share_of_the_streams():
+    now = time.monotonic()
+    # Each target answers only once its own share (3 of 6 streams) is in flight on it.
+    targets = [UnaryCallDouble(release_at_in_flight=3), UnaryCallDouble(release_at_in_flight=3)]
+    rec = _recorder(now - 1.0, now + 600.0)
+    loop = asyncio.create_task(closed_loop(targets, [b"p"], 6, rec, 1.0))
+
+    async def enough_calls() -> None:
+        while min(len(t.calls) for t in targets) < 30:
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(enough_calls(), HANG_GUARD_S)
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loop
+    assert [t.peak for t in targets] == [3, 3]
