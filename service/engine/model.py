@@ -53,6 +53,8 @@ from trtserve.service.tensors import TensorSpec
 
 log = logging.getLogger(__name__)
 
+DEADLINE = DeadlineExceeded("deadline passed")  # what a cancellation at the deadline counts as
+
 # A client cancels its call when its own deadline fires, which can reach the
 # server a little before the server's copy of that deadline (later by the
 # transit time): a cancellation this close to the deadline counts as one.
@@ -330,7 +332,9 @@ class ModelRuntime:
 
     def _count_cancelled(self, request: Request) -> None:
         if request.expired(now() + DEADLINE_CANCEL_SLACK_S):
-            self.counters.deadline_exceeded += 1
+            # Counted as the batcher's own deadline drop is (_count_failed): whichever
+            # noticed the deadline first, the client got DEADLINE_EXCEEDED.
+            self._count_failed(request, DEADLINE)
         else:
             self.counters.cancelled += 1
 

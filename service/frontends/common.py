@@ -9,18 +9,21 @@ the other. Model versions are the engine's (api.check_version), re-exported here
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 import grpc
 
 from trtserve.service import echo
 from trtserve.service.engine.api import MODEL_VERSION, ModelSpec, check_version, now
-from trtserve.service.errors import PermissionDenied, TensorError
+from trtserve.service.errors import DeadlineExceeded, PermissionDenied, TensorError
 
-__all__ = ["MODEL_VERSION", "check_inputs", "check_version", "deadline_of", "is_local_peer",
-           "is_loopback_host", "require_local", "require_local_peer"]
+__all__ = ["MODEL_VERSION", "answered_by", "check_inputs", "check_version", "deadline_of",
+           "is_local_peer", "is_loopback_host", "require_local", "require_local_peer"]
+
+T = TypeVar("T")
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -29,6 +32,27 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     if remaining is None:
         return None
     return now() + remaining
+
+
+async def answered_by(deadline: float | None, call: Awaitable[T]) -> T:
+    """`call`, cancelled when `deadline` (the serving clock) passes, for the deadlines
+    gRPC does not enforce: KServe's `timeout` parameter, and every HTTP request.
+
+    gRPC cancels a handler when its call's deadline passes, which takes the
+    request out of its queue (or its batch, not yet run) at once. The engine
+    alone only looks at a request's deadline when it forms a batch, so a request
+    queued behind a long batch, or in a batch waiting out a long delay, would be
+    answered late and hold what it uses (a shared-memory region, queue room)
+    until then.
+    """
+    if deadline is None:
+        return await call
+    try:
+        async with asyncio.timeout(deadline - now()):
+            return await call
+    except TimeoutError:
+        raise DeadlineExceeded("the request's timeout (deadline) passed before it was answered") \
+            from None
 
 
 class WireTensor(Protocol):

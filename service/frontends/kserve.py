@@ -36,6 +36,7 @@ from trtserve.service.frontends import kserve_convert as convert
 from trtserve.service.frontends import kserve_model_config as describe
 from trtserve.service.frontends import kserve_repository as repository
 from trtserve.service.frontends.common import (
+    answered_by,
     check_inputs,
     check_version,
     deadline_of,
@@ -132,9 +133,11 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
                   for t in request.inputs}
         # Every output, in the model's order: encode_outputs picks those asked for.
-        result = await self._engine.infer(InferRequest(
+        infer = self._engine.infer(InferRequest(
             model.name, inputs, version=request.model_version,
             output_regions=convert.output_regions(request), deadline=deadline))
+        # gRPC enforces the call's own deadline; a `timeout` parameter before it, we do.
+        result = await (answered_by(deadline, infer) if deadline != call_deadline else infer)
         ordered: dict[str, np.ndarray | TensorOut] = {}
         for name, tensor in result.outputs.items():
             # Written into a region: described, its bytes are in the client's memory.

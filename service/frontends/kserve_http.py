@@ -35,7 +35,12 @@ from trtserve.service.errors import NotFound, ResourceExhausted
 from trtserve.service.frontends import kserve_json as kjson
 from trtserve.service.frontends import kserve_model_config as describe
 from trtserve.service.frontends import kserve_repository as repository
-from trtserve.service.frontends.common import check_inputs, is_loopback_host, require_local
+from trtserve.service.frontends.common import (
+    answered_by,
+    check_inputs,
+    is_loopback_host,
+    require_local,
+)
 from trtserve.service.frontends.errors import http_status_of
 from trtserve.service.frontends.http_guard import DEFAULT_LIMITS, ConnectionGuard, HttpLimits
 from trtserve.service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
@@ -303,10 +308,10 @@ class KServeHttp:
             parsed = parse()
         plan = kjson.plan_outputs(parsed, {t.name: t.dtype for t in spec.outputs})
         deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
-        result = await self._engine.infer(InferRequest(
+        result = await answered_by(deadline, self._engine.infer(InferRequest(
             model=name, version=version, inputs=parsed.inputs,
             outputs=tuple(o.name for o in plan), output_regions=kjson.output_regions(plan),
-            deadline=deadline))
+            deadline=deadline)))
         parts, json_length = kjson.encode_infer(parsed.id, result, plan)
         size = sum(len(part) for part in parts)
         if size > self._max_response_bytes:

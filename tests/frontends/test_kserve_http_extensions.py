@@ -296,6 +296,24 @@ def test_unregister_while_in_use_is_refused_until_the_request_is_answered(
     assert client.get_system_shared_memory_status() == []
 
 
+def test_a_request_timeout_answers_504_at_once_and_frees_its_region(server, url, client,
+                                                                     regions):
+    # "slow" would hold the lone request for a minute; its `timeout` (0.3 s) ends it
+    # then: 504, and the region is free for unregister right after the answer.
+    name, key, handle = regions(IN_BYTES)
+    shm.set_shared_memory_region(handle, [_x(6)])
+    client.register_system_shared_memory(name, key, IN_BYTES)
+    body = {**_shm_json(name), "parameters": {"timeout": 300_000}}
+    started = time.monotonic()
+    answer = http(url, "/v2/models/slow/infer", body)
+    took = time.monotonic() - started
+    _error(answer, 504, "timeout")
+    assert took < 20, f"answered after {took:.1f} s: not at its timeout"  # the hold: 60 s
+    assert server.call(_status(server, name))[0].in_use == 0
+    client.unregister_system_shared_memory(name)
+    assert client.get_system_shared_memory_status() == []
+
+
 def test_register_is_refused_from_another_host_unless_configured(example_onnx, regions):
     address = _non_loopback_address()
     if address is None:

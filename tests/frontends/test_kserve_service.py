@@ -169,7 +169,9 @@ def test_timeout_parameter_is_a_queue_deadline(stub):
     request = _request(np.zeros((1, 64), np.float32), model="slow")
     request.parameters["timeout"].int64_param = 20_000  # 20 ms; the batch waits 200 ms
     code, details = _code(stub.ModelInfer, request)
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "not executed" in details
+    # Ended at its timeout by the frontend (answered_by), not by the batcher once the
+    # batch's 200 ms delay is over ("deadline passed while queued").
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "timeout (deadline) passed" in details
     after = stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow")).model_stats[0]
     assert after.execution_count == before.execution_count
     assert after.inference_stats.fail.count == before.inference_stats.fail.count + 1
