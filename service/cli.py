@@ -226,7 +226,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 def run_serve(args: argparse.Namespace) -> int:
     from trtserve.service import processes
-    from trtserve.service.memory import tune_malloc
+    from trtserve.service.memory import tune_collector, tune_malloc
     from trtserve.service.server import Server, loop_factory
 
     frontends = args.frontends if args.frontends is not None else "auto"
@@ -235,6 +235,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = build_config(args)
     # The process's allocator, before the server allocates anything large.
     tune_malloc(config.malloc_mmap_threshold_bytes)
+    tune_collector(config.gc_gen0_threshold)
     if config.resolved_frontends > 1:
         return processes.serve(config, args.log_level)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
