@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import socket
@@ -113,9 +114,10 @@ async def _trt_double(name: str, features: int, workers: int) -> Any:
     from trtserve.service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
 
     cuda = HostCudaRuntime()
+    # The doubles log every call for tests; here only the last few are kept, lest the
+    # garbage collector walk a list that grows for the whole run.
+    cuda.log = collections.deque(maxlen=64)  # type: ignore[assignment]
     trt = RecordingEngine(cuda, features, profiles=((1, TRT_MAX_BATCH // 2, TRT_MAX_BATCH),))
-    # The doubles log every call: a list that grows for the whole run, appended to on
-    # the worker threads only (not the loop this measures).
     handle = EngineHandle(trt)
     config = ModelConfig(name=name, path=f"{name}.engine", backend="tensorrt",
                          workers=workers)
@@ -152,6 +154,11 @@ async def _engine(args: argparse.Namespace) -> None:
         closed.append(port.closed)
     for model in (*MODELS, ""):
         host.set_health(model, True)
+    if os.environ.get("XGC"):
+        import gc
+        if os.environ.get("XGCF"):
+            gc.freeze()
+        gc.set_threshold(int(os.environ["XGC"]), 50, 100)
     await asyncio.gather(*closed)
     await repository.stop()
 
