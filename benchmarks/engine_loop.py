@@ -154,11 +154,10 @@ async def _engine(args: argparse.Namespace) -> None:
         closed.append(port.closed)
     for model in (*MODELS, ""):
         host.set_health(model, True)
-    if os.environ.get("XGC"):
-        import gc
-        if os.environ.get("XGCF"):
-            gc.freeze()
-        gc.set_threshold(int(os.environ["XGC"]), 50, 100)
+    # As `trtserve serve` sets the process up (where the tree does: server.gc_gen0_threshold).
+    from trtserve.service import memory
+    if hasattr(memory, "tune_collector"):
+        memory.tune_collector(ServerConfig().gc_gen0_threshold)
     await asyncio.gather(*closed)
     await repository.stop()
 
