@@ -37,7 +37,8 @@ flight on each: 256, few requests per frame):
   threads, as on the GPU host; only the kernels and copies are host memcpy.
 
 `req/frame` is requests per frame the engine read, `replies/frame` replies per frame it
-wrote (over every link).
+wrote (over every link), `loop switches/req` the event-loop thread's context switches
+(voluntary and not, from /proc: its waits for the GIL and for the sockets) per request.
 
 Each TREE (default: this one) is run as it is, in fresh processes (its
 `service` package first on sys.path), so that two trees (say, main and a
@@ -90,6 +91,12 @@ def _use_tree(tree: str) -> None:
     for package in ("service", "client"):
         (farm / package).symlink_to(Path(tree).resolve() / package)
     sys.path.insert(0, str(farm.parent))
+
+
+def _switches(path: str) -> int:
+    """Context switches of a thread so far (voluntary and not), from its /proc status."""
+    with open(path, "rb") as f:
+        return sum(int(line.split()[1]) for line in f if b"ctxt_switches:" in line)
 
 
 def _cpu_s(path: str) -> float:
@@ -211,6 +218,7 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     process = f"/proc/{proc.pid}/stat"
     main_thread = f"/proc/{proc.pid}/task/{proc.pid}/stat"
+    main_status = f"/proc/{proc.pid}/task/{proc.pid}/status"
     results: dict[str, dict[str, float]] = {}
     for key in scenarios:
         model, links, in_flight, spread = SCENARIOS[key]
@@ -221,6 +229,7 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             await asyncio.gather(*(remote.infer(request(model)) for _ in range(50)))
         frames0 = sum(r._link.frames_out for r in remotes)
         replies0 = sum(r._link.frames_in for r in remotes)
+        switches0 = _switches(main_status)
         cpu0, loop0, t0 = _cpu_s(process), _cpu_s(main_thread), time.perf_counter()
         latencies: list[float] = []
         if c1:
@@ -244,13 +253,14 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                                    for i in range(in_flight)))
         elapsed = time.perf_counter() - t0
         cpu, loop = _cpu_s(process) - cpu0, _cpu_s(main_thread) - loop0
+        switches = _switches(main_status) - switches0
         frames = sum(r._link.frames_out for r in remotes) - frames0
         replies = sum(r._link.frames_in for r in remotes) - replies0
         results[key] = {
             "engine us/req": cpu / n * 1e6, "loop us/req": loop / n * 1e6,
             "p50 us": statistics.median(latencies) * 1e6 if latencies else float("nan"),
             "req/s": n / elapsed, "req/frame": n / max(frames, 1),
-            "replies/frame": n / max(replies, 1)}
+            "replies/frame": n / max(replies, 1), "loop switches/req": switches / n}
     for remote in remotes:
         remote.close()
     await asyncio.to_thread(proc.wait, 30)  # the engine exits when its links close
@@ -259,7 +269,8 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
 # --- the comparison ----------------------------------------------------------------------
 
-COLUMNS = ("engine us/req", "loop us/req", "p50 us", "req/s", "req/frame", "replies/frame")
+COLUMNS = ("engine us/req", "loop us/req", "p50 us", "req/s", "req/frame", "replies/frame",
+           "loop switches/req")
 
 
 def _run_tree(tree: str, requests: int, only: list[str]) -> dict[str, dict[str, float]]:
@@ -312,8 +323,9 @@ def main() -> None:
             cells = []
             for column in COLUMNS:
                 values = [r[key][column] for r in rounds]
-                cells.append(f"{statistics.median(values):>8.1f} ({min(values):.0f}-"
-                             f"{max(values):.0f})")
+                digits = 2 if column == "loop switches/req" else 0
+                cells.append(f"{statistics.median(values):>8.{max(digits, 1)}f} "
+                             f"({min(values):.{digits}f}-{max(values):.{digits}f})")
             print(f"{tree[-28:]:<28} {key:<16}" + "".join(f" {c:>20}" for c in cells))
 
 
