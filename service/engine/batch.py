@@ -44,6 +44,10 @@ class Request:
     running: bool = False
     # What gives the caller's memory back once the running batch is done (after_batch).
     _after_batch: Callable[[], None] | None = None
+    # Called once, at once, when the future is done through `answer`, `fail` or `cancel`
+    # (ModelRuntime.submit): no done callback of the future, which costs a loop
+    # callback per request. Who sets it cancels through `cancel`, not the future.
+    on_settled: Callable[[Request], None] | None = field(default=None, repr=False)
 
     def after_batch(self, callback: Callable[[], None]) -> None:
         """Call `callback` once no batch uses this request's memory: now, unless its
@@ -73,11 +77,24 @@ class Request:
         """Give the request its outputs, unless it already has its answer or was cancelled."""
         if not self.future.done():
             self.future.set_result(outputs)
+            self._settled()
 
     def fail(self, error: BaseException) -> None:
         """Give the request its error, unless it already has its answer or was cancelled."""
         if not self.future.done():
             self.future.set_exception(error)
+            self._settled()
+
+    def cancel(self) -> None:
+        """The caller gave up: the request ends CancelledError, unless it has its answer."""
+        if not self.future.done():
+            self.future.cancel()
+            self._settled()
+
+    def _settled(self) -> None:
+        callback, self.on_settled = self.on_settled, None
+        if callback is not None:
+            callback(self)
 
 
 @dataclass(eq=False)

@@ -173,6 +173,7 @@ class LocalEngine:
             budget.release(nbytes)
             budget.finished(nbytes)
             submitted.future = queued.future
+            submitted.request = queued
             submitted.settle(on_done)
 
         try:
@@ -188,6 +189,7 @@ class LocalEngine:
             budget.finished(nbytes)
             raise
         submitted.future = queued.future
+        submitted.request = queued
         return submitted
 
     def _prepare(self, request: InferRequest) -> tuple[
@@ -351,13 +353,15 @@ class LocalEngine:
 class Submitted:
     """A request `LocalEngine.submit` took: done, cancel, and its `InferResult`."""
 
-    __slots__ = ("_model", "_version", "_wanted", "finished", "future")
+    __slots__ = ("_model", "_version", "_wanted", "finished", "future", "request")
 
     def __init__(self, version: str | None, wanted: Sequence[TensorSpec],
                  model: str = "") -> None:
         # The batcher's future of the request's outputs, or (version None) a task that
         # gives its InferResult; set by `submit`.
         self.future: asyncio.Future[Any] | None = None
+        # The batcher's request (version not None), cancelled through its own `cancel`.
+        self.request: Request | None = None
         self._version = version
         self._wanted = wanted
         self._model = model
@@ -396,7 +400,9 @@ class Submitted:
 
     def cancel(self) -> None:
         """Take the request out of its batch (if not run yet); it ends CancelledError."""
-        if self.future is not None:
+        if self.request is not None:
+            self.request.cancel()
+        elif self.future is not None:
             self.future.cancel()
 
 
