@@ -37,8 +37,9 @@ flight on each: 256, few requests per frame):
   threads, as on the GPU host; only the kernels and copies are host memcpy.
 
 `req/frame` is requests per frame the engine read, `replies/frame` replies per frame it
-wrote (over every link), `loop switches/req` the event-loop thread's context switches
-(voluntary and not, from /proc: its waits for the GIL and for the sockets) per request.
+wrote (over every link), `req/batch` the mean batch, `loop switches/req` the event-loop
+thread's context switches (voluntary and not, from /proc: its waits for the GIL and for
+the sockets) per request.
 
 Each TREE (default: this one) is run as it is, in fresh processes (its
 `service` package first on sys.path), so that two trees (say, main and a
@@ -229,6 +230,7 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             await asyncio.gather(*(remote.infer(request(model)) for _ in range(50)))
         frames0 = sum(r._link.frames_out for r in remotes)
         replies0 = sum(r._link.frames_in for r in remotes)
+        batches0 = await _batches(remotes[0], model)
         switches0 = _switches(main_status)
         cpu0, loop0, t0 = _cpu_s(process), _cpu_s(main_thread), time.perf_counter()
         latencies: list[float] = []
@@ -254,23 +256,31 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         elapsed = time.perf_counter() - t0
         cpu, loop = _cpu_s(process) - cpu0, _cpu_s(main_thread) - loop0
         switches = _switches(main_status) - switches0
+        batches = await _batches(remotes[0], model) - batches0
         frames = sum(r._link.frames_out for r in remotes) - frames0
         replies = sum(r._link.frames_in for r in remotes) - replies0
         results[key] = {
             "engine us/req": cpu / n * 1e6, "loop us/req": loop / n * 1e6,
             "p50 us": statistics.median(latencies) * 1e6 if latencies else float("nan"),
             "req/s": n / elapsed, "req/frame": n / max(frames, 1),
-            "replies/frame": n / max(replies, 1), "loop switches/req": switches / n}
+            "replies/frame": n / max(replies, 1), "loop switches/req": switches / n,
+            "req/batch": n / max(batches, 1)}
     for remote in remotes:
         remote.close()
     await asyncio.to_thread(proc.wait, 30)  # the engine exits when its links close
     return results
 
 
+async def _batches(remote: Any, model: str) -> int:
+    """Batches the model's workers have run so far (the engine's Stats)."""
+    (snapshot,) = (await remote.stats(model)).models
+    return sum(w.batches for w in snapshot.workers)
+
+
 # --- the comparison ----------------------------------------------------------------------
 
 COLUMNS = ("engine us/req", "loop us/req", "p50 us", "req/s", "req/frame", "replies/frame",
-           "loop switches/req")
+           "loop switches/req", "req/batch")
 
 
 def _run_tree(tree: str, requests: int, only: list[str]) -> dict[str, dict[str, float]]:
