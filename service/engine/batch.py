@@ -29,7 +29,7 @@ class Validated(NamedTuple):
     shape_key: ShapeKey
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     inputs: dict[str, np.ndarray]
     rows: int
@@ -97,7 +97,7 @@ class Request:
             callback(self)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Batch:
     requests: list[Request] = field(default_factory=list)
     rows: int = 0

@@ -302,7 +302,7 @@ class ModelRuntime:
             raise Unavailable(f"model '{self.name}' is not ready")
         rows, shape_key = validated or self.validate(inputs, dtypes or {})
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
-                          asyncio.get_running_loop().create_future(), targets or {},
+                          self._batcher.loop.create_future(), targets or {},
                           on_settled=on_settled)
         try:
             self._batcher.submit(request, more_follow)
@@ -354,8 +354,9 @@ class ModelRuntime:
         memory (the checks were the largest of trtserve's own costs per request
         in the event loop's profile). Refusals are checked afresh every time.
         """
-        signature = tuple((name, a.dtype, a.shape, dtypes.get(name))
-                          for name, a in inputs.items())
+        # A list comprehension, not a generator: this runs for every request.
+        signature = tuple([(name, a.dtype, a.shape, dtypes.get(name))
+                           for name, a in inputs.items()])
         known = self._validated.get(signature)
         if known is not None:
             return known
