@@ -76,6 +76,8 @@ SCENARIOS = {
     "ort inline 2x64": ("ort512", 2, 64, 1), "ort inline 8x32": ("ort512", 8, 256, 32),
     "ort thread 2x64": ("ort512t", 2, 64, 1), "ort thread 8x32": ("ort512t", 8, 256, 32),
     "trt thread 2x64": ("trt512", 2, 64, 1), "trt thread 8x32": ("trt512", 8, 256, 32),
+    # The same load with full frames: what frames of one request cost.
+    "trt thread 8x32 full": ("trt512", 8, 256, 1),
 }
 # model -> (features, backend, workers, inline_below_us)
 MODELS = {"small": (4, "ort", 1, 100), "large": (4096, "ort", 1, 100),
