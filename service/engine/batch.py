@@ -9,6 +9,7 @@ that the batcher and the model never race to complete one twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -16,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 from trtserve.service.backends.base import Targets
+
+log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 # Non-batch dimensions of every input; only requests with equal keys share a batch.
@@ -93,8 +96,14 @@ class Request:
 
     def _settled(self) -> None:
         callback, self.on_settled = self.on_settled, None
-        if callback is not None:
+        if callback is None:
+            return
+        try:
             callback(self)
+        except Exception:
+            # It runs inside whatever answered the request (a batch's completion, the
+            # batcher): the rest of that batch must still be answered, the worker freed.
+            log.exception("settling a request failed")
 
 
 @dataclass(eq=False, slots=True)

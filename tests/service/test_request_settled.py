@@ -48,3 +48,20 @@ async def test_a_request_without_a_submitter_settles_nobody() -> None:
     request = Request({}, 1, (), 0.0, None, asyncio.get_running_loop().create_future())
     request.answer({})
     assert request.future.done() and request.on_settled is None
+
+
+async def test_a_submitter_that_raises_does_not_stop_the_answers(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Answers settle inside the batch's completion: one submitter's failure is logged,
+    and the requests after it in the batch are still answered and settled."""
+    seen: list[tuple[str, Request]] = []
+    first, second = _request(seen), _request(seen)
+
+    def broken(request: Request) -> None:
+        raise RuntimeError("submitter bug")
+
+    first.on_settled = broken
+    for request in (first, second):
+        request.answer({"y": np.ones((1, 4), np.float32)})
+    assert first.future.done() and seen == [("answered", second)]
+    assert "settling a request failed" in caplog.text
