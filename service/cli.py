@@ -38,7 +38,7 @@ SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_heade
                 "http_keepalive_timeout_s", "http_body_timeout_s", "metrics_port", "metrics_host",
                 "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
                 "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
-                "auth_token_file", "health_requires_auth", "event_loop",
+                "auth_token_file", "health_requires_auth", "event_loop", "gc_gen0_threshold",
                 "max_receive_message_bytes", "max_send_message_bytes",
                 "max_concurrent_streams", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
@@ -91,6 +91,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    default=None, help="health checks need the token too (default no)")
     p.add_argument("--event-loop", choices=EVENT_LOOPS,
                    help="uvloop (default where installed) or asyncio's own")
+    p.add_argument("--gc-gen0-threshold", type=int,
+                   help="young garbage collections after this many new containers "
+                        "(default 20000; 0: Python's 700)")
     p.add_argument("--max-receive-message-bytes", type=int,
                    help="largest request accepted, gRPC message or HTTP body "
                    "(default 256 MiB)")
@@ -226,7 +229,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 
 def run_serve(args: argparse.Namespace) -> int:
     from trtserve.service import processes
-    from trtserve.service.memory import tune_malloc
+    from trtserve.service.memory import tune_collector, tune_malloc
     from trtserve.service.server import Server, loop_factory
 
     frontends = args.frontends if args.frontends is not None else "auto"
@@ -235,6 +238,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = build_config(args)
     # The process's allocator, before the server allocates anything large.
     tune_malloc(config.malloc_mmap_threshold_bytes)
+    tune_collector(config.gc_gen0_threshold)
     if config.resolved_frontends > 1:
         return processes.serve(config, args.log_level)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:

@@ -251,6 +251,12 @@ class ServerConfig:
     # "uvloop" (libuv's event loop: less Python per call) where it is installed,
     # else "asyncio"; "auto" picks.
     event_loop: str = "auto"
+    # The garbage collector's first threshold in the serving process (the engine's, or
+    # the one process): a young-generation collection after this many new container
+    # objects. Python's 700 makes it collect every few dozen requests, about a tenth of
+    # the engine loop's CPU with small requests (docs/processes.md, "The engine loop");
+    # the cycles it misses meanwhile wait a little longer. 0: Python's own threshold.
+    gc_gen0_threshold: int = 20_000
     # Bytes of input tensors held by accepted requests until they are answered, over
     # every model, protocol and stream; more -> RESOURCE_EXHAUSTED. 0: no budget.
     max_request_bytes_in_flight: int = 1024 * MIB
@@ -331,7 +337,7 @@ class ServerConfig:
         _require(self.stats_window_s > 0, "server.stats_window_s", self.stats_window_s,
                  "more than 0")
         for key in ("max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
-                    "trim_after_request_bytes"):
+                    "trim_after_request_bytes", "gc_gen0_threshold"):
             _require(getattr(self, key) >= 0, f"server.{key}", getattr(self, key),
                      "0 (off) or more")
         _require(self.event_loop in EVENT_LOOPS, "server.event_loop", self.event_loop,

@@ -24,7 +24,7 @@ from trtserve.service import auth, tls
 from trtserve.service.config import ServerConfig
 from trtserve.service.engine.remote import RemoteEngine
 from trtserve.service.ipc.shm import Arena
-from trtserve.service.memory import tune_malloc
+from trtserve.service.memory import tune_collector, tune_malloc
 from trtserve.service.processes import log_format
 from trtserve.service.server import NOT_SERVING, SERVING, Server, loop_factory
 
@@ -109,6 +109,7 @@ async def _serve(args: argparse.Namespace) -> int:
         log.error("the engine process went away before this frontend started")
         return 1
     tune_malloc(config.malloc_mmap_threshold_bytes)
+    tune_collector(config.gc_gen0_threshold)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

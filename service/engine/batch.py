@@ -9,6 +9,7 @@ that the batcher and the model never race to complete one twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -16,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 from trtserve.service.backends.base import Targets
+
+log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 # Non-batch dimensions of every input; only requests with equal keys share a batch.
@@ -29,7 +32,7 @@ class Validated(NamedTuple):
     shape_key: ShapeKey
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Request:
     inputs: dict[str, np.ndarray]
     rows: int
@@ -44,6 +47,10 @@ class Request:
     running: bool = False
     # What gives the caller's memory back once the running batch is done (after_batch).
     _after_batch: Callable[[], None] | None = None
+    # Called once, at once, when the future is done through `answer`, `fail` or `cancel`
+    # (ModelRuntime.submit): no done callback of the future, which costs a loop
+    # callback per request. Who sets it cancels through `cancel`, not the future.
+    on_settled: Callable[[Request], None] | None = field(default=None, repr=False)
 
     def after_batch(self, callback: Callable[[], None]) -> None:
         """Call `callback` once no batch uses this request's memory: now, unless its
@@ -73,14 +80,33 @@ class Request:
         """Give the request its outputs, unless it already has its answer or was cancelled."""
         if not self.future.done():
             self.future.set_result(outputs)
+            self._settled()
 
     def fail(self, error: BaseException) -> None:
         """Give the request its error, unless it already has its answer or was cancelled."""
         if not self.future.done():
             self.future.set_exception(error)
+            self._settled()
+
+    def cancel(self) -> None:
+        """The caller gave up: the request ends CancelledError, unless it has its answer."""
+        if not self.future.done():
+            self.future.cancel()
+            self._settled()
+
+    def _settled(self) -> None:
+        callback, self.on_settled = self.on_settled, None
+        if callback is None:
+            return
+        try:
+            callback(self)
+        except Exception:
+            # It runs inside whatever answered the request (a batch's completion, the
+            # batcher): the rest of that batch must still be answered, the worker freed.
+            log.exception("settling a request failed")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Batch:
     requests: list[Request] = field(default_factory=list)
     rows: int = 0

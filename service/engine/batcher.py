@@ -90,6 +90,11 @@ class Batcher:
         self._waiting_for_first = False
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the batcher (and every request's future) runs on."""
+        return self._loop
+
+    @property
     def depth(self) -> int:
         return len(self._pending)
 

@@ -25,6 +25,7 @@ import socket
 from collections.abc import Callable, Sequence
 
 import grpc
+import numpy as np
 
 from trtserve.service.config import ServerConfig
 from trtserve.service.engine.api import (
@@ -81,33 +82,37 @@ class FrontendPort:
         # Ranges first: a request of this frame answered inline reuses the range of the
         # reply it comes after (at concurrency 1, the same few hot pages every time)
         # rather than walking the arena through cold ones.
-        for r in frame.releases:
-            self.outputs.free(r.offset)
+        # Each repeated field is tested before it is walked: walking an empty one costs
+        # twice the test, and most frames carry requests and nothing else.
+        if releases := frame.releases:
+            for r in releases:
+                self.outputs.free(r.offset)
         requests = frame.requests
         last = len(requests) - 1
         for i, request in enumerate(requests):
             # All but the frame's last are submitted as a group: they form batches
             # together rather than a batch of one each (Batcher.submit).
             self._start(request, i < last)
-        for rid in frame.cancels:
-            # Out of the count at once; its reply (CANCELLED) may wait for a batch that
-            # still reads its input ranges (ModelRuntime.submit).
-            submitted = self.in_flight.pop(rid, None)
-            if submitted is not None:
-                submitted.cancel()
-        for control in frame.controls:
-            self._control(control)
+        if cancels := frame.cancels:
+            for rid in cancels:
+                # Out of the count at once; its reply (CANCELLED) may wait for a batch
+                # that still reads its input ranges (ModelRuntime.submit).
+                submitted = self.in_flight.pop(rid, None)
+                if submitted is not None:
+                    submitted.cancel()
+        if controls := frame.controls:
+            for control in controls:
+                self._control(control)
 
     def _start(self, message: link_pb2.Request, more_follow: bool) -> None:
         """Submit one request of a frame; no task: its reply is built when its future is
         done, at once when its batch ran inline (then it leaves in this read's write)."""
         self.requests += 1
         rid = message.id
+        model = message.model
         try:
-            request = self._request(message)
-            model = request.model
-            submitted = self.host.submit(request, more_follow,
-                                         lambda s: self._finish(rid, s, model))
+            submitted = self._submit(message, more_follow,
+                                     lambda s: self._finish(rid, s, model))
         except ServeError as e:
             self._reply_error(rid, e.code, str(e))
             return
@@ -116,17 +121,48 @@ class FrontendPort:
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             return
         except Exception:
-            log.exception("request of model '%s' failed", message.model)
+            log.exception("request of model '%s' failed", model)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             return
         if not submitted.finished:  # else answered already: its batch ran inline
             self.in_flight[rid] = submitted
 
-    def _request(self, m: link_pb2.Request) -> InferRequest:
-        if not self.inputs.pinned and (pinner := self.host.pinner_for(m.model)) is not None:
+    def _submit(self, m: link_pb2.Request, more_follow: bool,
+                on_done: Callable[[Submitted], None]) -> Submitted:
+        """The request read from its message and submitted; refusals raise.
+
+        Most requests carry arrays only (inline, or in the arena), for a LocalEngine:
+        those go to it as arrays (`LocalEngine.submit_arrays`), the rest as an
+        InferRequest (`_request`).
+        """
+        host = self.host
+        engine = host.engine
+        if m.output_regions or not isinstance(engine, LocalEngine):
+            return host.submit(self._request(m), more_follow, on_done)
+        if not self.inputs.pinned:
+            self._pin(m.model)
+        arrays: dict[str, np.ndarray] = {}
+        dtypes: dict[str, str] = {}
+        for t in m.inputs:
+            dtype, _, data = codec.take(t, self.inputs, copy=False)
+            if isinstance(data, RegionRef):  # rare: a region input; the general path
+                return host.submit(self._request(m), more_follow, on_done)
+            arrays[t.name] = data
+            dtypes[t.name] = dtype
+        return engine.submit_arrays(m.model, m.version, arrays, dtypes,
+                                    tuple(m.outputs) if m.outputs else (),
+                                    m.deadline if m.HasField("deadline") else None,
+                                    more_follow, on_done)
+
+    def _pin(self, model: str) -> None:
+        if (pinner := self.host.pinner_for(model)) is not None:
             # A TensorRT model reads this arena: page-locked, its copies to the device
             # read it directly (once; a refusal leaves it pageable, logged once).
             self.inputs.pin(pinner)
+
+    def _request(self, m: link_pb2.Request) -> InferRequest:
+        if not self.inputs.pinned:
+            self._pin(m.model)
         inputs = {}
         for t in m.inputs:
             dtype, shape, data = codec.take(t, self.inputs, copy=False)
@@ -142,7 +178,7 @@ class FrontendPort:
     def _finish(self, rid: int, submitted: Submitted, model: str) -> None:
         self.in_flight.pop(rid, None)
         try:
-            result = submitted.result()
+            version, tensors = submitted.tensors()
         except asyncio.CancelledError:
             self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
         except ServeError as e:
@@ -151,28 +187,29 @@ class FrontendPort:
             log.exception("request of model '%s' failed", model)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
         else:
-            self._reply(rid, result)
+            self._reply(rid, model, version, tensors)
 
-    def _reply(self, rid: int, result: InferResult) -> None:
+    def _reply(self, rid: int, model: str, version: str,
+               tensors: list[tuple[str, str, tuple[int, ...], np.ndarray | RegionRef]]
+               ) -> None:
         # Called from the batcher's completion (or inside `submit`): it must not raise.
         if self.link is None or self.link.closed:
             return
         replies = self.link.outgoing().replies
         reply = replies.add()
         reply.id = rid
-        reply.model = result.model
-        reply.version = result.version
+        reply.model = model
+        reply.version = version
         inline_max = self.host.inline_max_bytes
         offsets: list[int] = []
         try:
-            for name, out in result.outputs.items():
-                offset = codec.put(reply.outputs.add(), name, out.dtype, out.shape, out.data,
+            for name, dtype, shape, data in tensors:
+                offset = codec.put(reply.outputs.add(), name, dtype, shape, data,
                                    self.outputs, inline_max)
                 if offset is not None:
                     offsets.append(offset)
         except Exception:
-            log.exception("the result of a request of model '%s' could not be encoded",
-                          result.model)
+            log.exception("the result of a request of model '%s' could not be encoded", model)
             for offset in offsets:
                 self.outputs.free(offset)
             del replies[-1]

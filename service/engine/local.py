@@ -143,23 +143,45 @@ class LocalEngine:
                 self.infer(dataclasses.replace(request, keep=_keep_both(keep, request.keep))))
             task.add_done_callback(lambda _: None if kept else submitted.settle(on_done))
             return submitted
+        return self._submit(runtime, request.model, wanted, arrays, dtypes, request.deadline,
+                            more_follow, on_done)
+
+    def submit_arrays(self, model: str, version: str, arrays: dict[str, np.ndarray],
+                      dtypes: dict[str, str], outputs: Sequence[str], deadline: float | None,
+                      more_follow: bool, on_done: Callable[[Submitted], None]) -> Submitted:
+        """`submit` of a request whose tensors are all arrays (no region, in or out),
+        given as the engine process's host reads them from a frame: the same checks
+        and outcome, without an InferRequest and its TensorIns to build and take
+        apart again (a few microseconds of the engine loop per request)."""
+        runtime = self._repository.get(model)
+        if version:
+            check_version(model, version, runtime.version)
+        wanted = wanted_outputs(model, runtime.spec, outputs) if outputs \
+            else runtime.spec.outputs
+        return self._submit(runtime, model, wanted, arrays, dtypes, deadline, more_follow,
+                            on_done)
+
+    def _submit(self, runtime: ModelRuntime, model: str, wanted: Sequence[TensorSpec],
+                arrays: dict[str, np.ndarray], dtypes: dict[str, str], deadline: float | None,
+                more_follow: bool, on_done: Callable[[Submitted], None]) -> Submitted:
         nbytes = request_bytes(arrays)
         budget = self._budget
-        submitted = Submitted(runtime.version, wanted, request.model)
+        submitted = Submitted(runtime.version, wanted, model)
 
         def settled(queued: Request) -> None:
             # Once, however the request ends (as in _run).
             budget.release(nbytes)
             budget.finished(nbytes)
             submitted.future = queued.future
+            submitted.request = queued
             submitted.settle(on_done)
 
         try:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                queued = runtime.submit(arrays, request.deadline, dtypes, validated,
-                                        more_follow, settled)
+                queued = runtime.submit(arrays, deadline, dtypes, validated, more_follow,
+                                        settled)
             except BaseException:
                 budget.release(nbytes)
                 raise
@@ -167,6 +189,7 @@ class LocalEngine:
             budget.finished(nbytes)
             raise
         submitted.future = queued.future
+        submitted.request = queued
         return submitted
 
     def _prepare(self, request: InferRequest) -> tuple[
@@ -330,13 +353,15 @@ class LocalEngine:
 class Submitted:
     """A request `LocalEngine.submit` took: done, cancel, and its `InferResult`."""
 
-    __slots__ = ("_model", "_version", "_wanted", "finished", "future")
+    __slots__ = ("_model", "_version", "_wanted", "finished", "future", "request")
 
     def __init__(self, version: str | None, wanted: Sequence[TensorSpec],
                  model: str = "") -> None:
         # The batcher's future of the request's outputs, or (version None) a task that
         # gives its InferResult; set by `submit`.
         self.future: asyncio.Future[Any] | None = None
+        # The batcher's request (version not None), cancelled through its own `cancel`.
+        self.request: Request | None = None
         self._version = version
         self._wanted = wanted
         self._model = model
@@ -355,9 +380,29 @@ class Submitted:
             return value
         return InferResult(self._model, self._version, _answer(self._wanted, value))
 
+    def tensors(self) -> tuple[str, list[tuple[str, str, tuple[int, ...],
+                                             np.ndarray | RegionRef]]]:
+        """`result()` as the engine process's host encodes it: the model's version and
+        each output's (name, dtype, shape, data), without the InferResult and
+        TensorOuts in between. Raises what the request ended with."""
+        assert self.future is not None
+        value = self.future.result()
+        if self._version is None:
+            result: InferResult = value
+            return result.version, [(name, t.dtype, t.shape, t.data)
+                                    for name, t in result.outputs.items()]
+        tensors = []
+        for tensor_spec in self._wanted:
+            array = value[tensor_spec.name]
+            tensors.append((tensor_spec.name, tensor_spec.dtype, array.shape,
+                            array.data if isinstance(array, TensorOut) else array))
+        return self._version, tensors
+
     def cancel(self) -> None:
         """Take the request out of its batch (if not run yet); it ends CancelledError."""
-        if self.future is not None:
+        if self.request is not None:
+            self.request.cancel()
+        elif self.future is not None:
             self.future.cancel()
 
 

@@ -284,29 +284,28 @@ class ModelRuntime:
         Refusals raise here.
 
         For the engine process, which takes requests by the frame: no task per
-        request, one callback per request, and `more_follow` (see
-        `Batcher.submit`) lets a frame's requests form batches together.
-        Cancelling the future takes the request out of its batch, as cancelling
-        `infer` does; the outcome is counted as `infer` counts it, before
-        `on_done`.
+        request, no loop callback per request (`on_done` is called from where the
+        request is answered, failed or cancelled: `Request.on_settled`), and
+        `more_follow` (see `Batcher.submit`) lets a frame's requests form batches
+        together. `Request.cancel()` (not the future's) takes the request out of
+        its batch, as cancelling `infer` does; the outcome is counted as `infer`
+        counts it, before `on_done`.
         """
-        request = self._queue(inputs, deadline, dtypes, validated, more_follow)
-        if request.future.done():
-            self._settled(request, on_done)
-        else:
-            request.future.add_done_callback(lambda _: self._settled(request, on_done))
-        return request
+        return self._queue(inputs, deadline, dtypes, validated, more_follow,
+                           on_settled=lambda request: self._settled(request, on_done))
 
     def _queue(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
                dtypes: Mapping[str, str] | None, validated: Validated | None,
-               more_follow: bool, targets: Targets | None = None) -> Request:
+               more_follow: bool, targets: Targets | None = None,
+               on_settled: Callable[[Request], None] | None = None) -> Request:
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
         if self._batcher is None or not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
         rows, shape_key = validated or self.validate(inputs, dtypes or {})
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
-                          asyncio.get_running_loop().create_future(), targets or {})
+                          self._batcher.loop.create_future(), targets or {},
+                          on_settled=on_settled)
         try:
             self._batcher.submit(request, more_follow)
         except ResourceExhausted:
@@ -359,8 +358,9 @@ class ModelRuntime:
         memory (the checks were the largest of trtserve's own costs per request
         in the event loop's profile). Refusals are checked afresh every time.
         """
-        signature = tuple((name, a.dtype, a.shape, dtypes.get(name))
-                          for name, a in inputs.items())
+        # A list comprehension, not a generator: this runs for every request.
+        signature = tuple([(name, a.dtype, a.shape, dtypes.get(name))
+                           for name, a in inputs.items()])
         known = self._validated.get(signature)
         if known is not None:
             return known
@@ -489,6 +489,15 @@ class ModelRuntime:
             self._slow_in_flight -= 1
             self._dispatched_slow[index] = False
         batch = outcome.batch
+        # The batch is done with its requests' memory: what was lent to a request
+        # cancelled meanwhile may be given back now (a region unregistered, an arena
+        # range reused), and the answers below settle their requests at once.
+        for request in batch.requests:
+            try:
+                request.batch_done()
+            except Exception:  # the batch must still be answered and the worker released
+                log.exception("model '%s': giving back a cancelled request's memory "
+                              "failed", self.name)
         if (result := outcome.result) is not None:
             self._succeeded(index, batch.rows, len(batch.requests), result)
             key = (batch.rows, batch.shape_key)
@@ -503,14 +512,6 @@ class ModelRuntime:
             self._answer_parts(worker, outcome)
         else:
             self._fail_batch(worker, outcome, batch.requests)
-        # Only now may memory lent to a request cancelled meanwhile be given back (a
-        # region unregistered, an arena range reused): the batch used it until here.
-        for request in batch.requests:
-            try:
-                request.batch_done()
-            except Exception:  # the worker must still be released below
-                log.exception("model '%s': giving back a cancelled request's memory "
-                              "failed", self.name)
         if self.in_flight == 0 and self._idle is not None:
             self._idle.set()
         if self._batcher is not None:

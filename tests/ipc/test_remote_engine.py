@@ -22,6 +22,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model
+from trtserve.client.timer import now
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
 from trtserve.service.engine.host import EngineHost
@@ -190,3 +191,23 @@ async def test_an_input_range_is_not_reused_while_the_batch_of_a_cancelled_reque
             assert frontend.in_flight == 0
     finally:
         controls.release()
+
+
+async def test_array_requests_keep_the_version_output_and_deadline_checks(pair: Pair) -> None:
+    """Requests of arrays only reach the engine without an InferRequest of their own
+    (EngineHost's fast path): the same checks apply to them."""
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(ServeError) as e:
+        await pair.remote.infer(_request(x, version="7"))
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "version '7'" in str(e.value)
+    with pytest.raises(ServeError) as e:
+        await pair.remote.infer(_request(x, outputs=("nope",)))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "'nope'" in str(e.value)
+    with pytest.raises(ServeError) as e:
+        await pair.remote.infer(_request(x, deadline=now() - 1))
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    result = await pair.remote.infer(_request(x, version="1", outputs=("output",)))
+    assert (result.model, result.version) == ("example", "1")
+    assert list(result.outputs) == ["output"]
+    assert result.outputs["output"].dtype == "FP32"
+    assert result.outputs["output"].shape == (2, 16)
