@@ -18,19 +18,32 @@ from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from trtserve.client.shared_memory import SystemRegion
 from trtserve.service.config import ModelConfig
-from trtserve.service.testing.servers import running_server, server_config
+from trtserve.service.testing.servers import ServerProcess, running_server, server_config
 
 ROWS, FEATURES = 2, 64
 IN_BYTES = ROWS * FEATURES * 4
 
 
-@pytest.fixture(scope="module")
-def server(example_onnx):
-    # One worker and no queue delay: each request runs alone in its batch.
-    config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=1,
-                                       max_batch_size=32, max_queue_delay_us=0))
-    with running_server(config) as s:
-        yield s
+@pytest.fixture(scope="module", params=["one process", "two frontend processes"])
+def server(request, example_onnx):
+    """One worker and no queue delay, so each request runs alone in its batch: served
+    in one process, and by an engine behind two frontend processes (the engine maps
+    the region; only the reference crosses the link)."""
+    if request.param == "one process":
+        config = server_config(ModelConfig(name="example", path=str(example_onnx),
+                                           workers=1, max_batch_size=32,
+                                           max_queue_delay_us=0))
+        with running_server(config) as s:
+            yield s
+        return
+    process = ServerProcess(["--model", f"example={example_onnx}", "--frontends", "2",
+                             "--workers", "1", "--max-queue-delay-us", "0"])
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        code, output = process.terminate()
+        assert code == 0, output
 
 
 def _model_counters(client: Client) -> tuple[int, int, int, int]:
