@@ -122,6 +122,20 @@ class PinnedHostArray(np.ndarray):
     alone in its batch to the device straight from it, without a staging copy."""
 
 
+class RegionArray(np.ndarray):
+    """A read-only host array viewing a client's system shared-memory region (no copy).
+
+    How an executor tells a region's tensor from one that crossed the wire: one it
+    reads where it lies (a request alone in its batch) counts as a copy avoided in
+    `BatchResult.copies_avoided`; one it gathers into a batch buffer with other
+    requests' rows is copied once, and counts as copied.
+    """
+
+
+class PinnedRegionArray(RegionArray, PinnedHostArray):
+    """A view of a system region the engine page-locked (both of the above)."""
+
+
 def device_tensor(pointer: int, device_id: int, dtype: np.dtype,
                   shape: tuple[int, ...]) -> DeviceTensor:
     """A DeviceTensor of `shape` and `dtype` at `pointer` (no host memory behind it)."""
@@ -197,8 +211,9 @@ class BatchResult:
     # between device and the caller's memory instead of through a staging buffer).
     copies_avoided: int = 0
     # How the batch's shared-memory tensors ran, for tests and logs: "" (none given),
-    # "bound" (device addresses set on the context, no copy), "copied" (one copy each
-    # between the caller's memory and the executor's buffers).
+    # "bound" (each read or written where it lies, no copy: device addresses set on the
+    # context, or ONNX Runtime given the region's memory), "copied" (at least one copied
+    # once between the caller's memory and the executor's buffers).
     io_path: str = ""
 
 

@@ -8,6 +8,11 @@ sessions that took every core and spun served 0.46-0.52 of what they
 computed in-process, and a quarter less than sessions that left one core
 (docs/benchmarks-16core.md, section 7).
 
+Inputs in a system shared-memory region (RegionArray views): a request alone in
+its batch is fed to ONNX Runtime as the region's memory itself, no copy (counted
+as copies avoided); in a batch of several, each request's rows are copied once
+into the batch, as any input's are.
+
 Outputs given a target (a system shared-memory region's range): for a request
 alone in its batch whose output shape the model fixes (rows x static dims) and
 whose outputs are large enough to pay for it (IOBINDING_MIN_BYTES), ONNX Runtime
@@ -34,6 +39,7 @@ from trtserve.service.backends.base import (
     LoadedModel,
     ModelSpec,
     ProfileSpec,
+    RegionArray,
     Targets,
     WorkerInfo,
     check_unbatched_config,
@@ -145,12 +151,17 @@ class OrtExecutor:
                 raise
             raise InputRejected(reason) from err
         done = time.perf_counter()
-        copies_avoided = len(placed)
+        bound_outputs = len(placed)
         if targets is not None:
             # Targets ONNX Runtime did not write: copied in here, once, as the caller
             # would have (no copy avoided, but the rows go straight to their region).
             copy_into_targets(outputs, targets, request_rows(inputs, self._batching),
                               self._batching, placed)
+        read_in_place, copied_inputs = region_inputs(inputs)
+        # Region tensors copied: inputs gathered into the batch, outputs not written by
+        # ONNX Runtime itself (copied into their targets here, or by the caller).
+        copied = copied_inputs + sum(map(len, targets or ())) - bound_outputs
+        copies_avoided = read_in_place + bound_outputs
         return BatchResult(
             outputs=outputs,
             compute_s=done - gathered,
@@ -158,7 +169,7 @@ class OrtExecutor:
             output_s=time.perf_counter() - done,
             placed=placed,
             copies_avoided=copies_avoided,
-            io_path="bound" if copies_avoided else ("copied" if targets else ""),
+            io_path="copied" if copied else ("bound" if copies_avoided else ""),
         )
 
     def _static_shape(self, name: str, rows: int) -> tuple[int, ...] | None:
@@ -210,6 +221,26 @@ class OrtExecutor:
     def close(self) -> None:
         # InferenceSession has no close(); dropping the last reference frees it.
         del self._session
+
+
+def region_inputs(inputs: Mapping[str, Sequence[np.ndarray]]) -> tuple[int, int]:
+    """(region inputs ONNX Runtime reads where they lie, region inputs copied once).
+
+    A request alone in its batch is fed as it is: ONNX Runtime wraps a C-contiguous
+    numpy array of the input's type without copying it (read-only and unaligned
+    views included; `python -m benchmarks.shared_memory` checks it), and copies
+    one that is not contiguous. Parts of a batch of several are concatenated: one
+    copy of each.
+    """
+    in_place = copied = 0
+    for parts in inputs.values():
+        for part in parts:
+            if isinstance(part, RegionArray):
+                if len(parts) == 1 and part.flags.c_contiguous:
+                    in_place += 1
+                else:
+                    copied += 1
+    return in_place, copied
 
 
 def request_rows(inputs: Mapping[str, Sequence[np.ndarray]], batching: bool) -> list[int]:

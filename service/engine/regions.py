@@ -51,7 +51,8 @@ from trtserve.service.backends.base import (
     HostTarget,
     ModelSpec,
     OutputTarget,
-    PinnedHostArray,
+    PinnedRegionArray,
+    RegionArray,
     device_tensor,
 )
 from trtserve.service.config import SharedMemoryConfig
@@ -222,7 +223,8 @@ class SystemRegion(_Region):
                               offset=self._base + ref.offset).reshape(shape)
         # The client's memory: the model must never write into it.
         array.flags.writeable = False
-        return array.view(PinnedHostArray) if self.pinned else array
+        # Marked as a region's, so that the executor counts what it did with it.
+        return array.view(PinnedRegionArray if self.pinned else RegionArray)
 
     def write(self, ref: RegionRef, array: np.ndarray) -> None:
         dest = np.frombuffer(self._map, dtype=np.uint8, count=array.nbytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -16,6 +17,7 @@ from trtserve.service.config import ModelConfig
 from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
 from trtserve.service.engine.local import LocalEngine
 from trtserve.service.engine.model import ModelRuntime
+from trtserve.service.engine.regions import RegionRegistry
 from trtserve.service.engine.repository import ModelRepository
 from trtserve.service.testing.onnx_models import offset_net
 
@@ -107,12 +109,99 @@ async def test_a_system_region_output_is_written_once_by_the_executor(engine) ->
         assert result.outputs["output"].data == RegionRef("r", 1024, nbytes)  # type: ignore[union-attr]
         np.testing.assert_allclose(floats[256:256 + 2 * FEATURES].reshape(2, FEATURES), x + 3)
         c = runtime.counters
-        # Small: ONNX Runtime's executor copied it into the region itself, once.
+        # The input was read where it lay (a copy avoided); the output is small, so
+        # ONNX Runtime's executor copied it into the region itself, once.
         assert (c.shm_input_bytes, c.shm_output_bytes, c.copies_avoided, c.host_copies) == (
-            nbytes, nbytes, 0, 0)
+            nbytes, nbytes, 1, 0)
         assert c.io_paths == {"copied": 1}
         del floats
         await local.unregister_region("r")
     finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_a_lone_region_input_is_fed_to_onnx_runtime_as_the_regions_memory(model: Path) -> None:
+    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    registry = RegionRegistry()
+    try:
+        client_side = np.frombuffer(shm.buf, np.float32)
+        registry.register_system("r", shm.name, 0, 4096)
+        x = _x(3)
+        client_side[:x.size] = x.ravel()
+        ref = TensorIn("FP32", x.shape, RegionRef("r", 0, x.nbytes))
+        with registry.lease({"input": ref}, {}) as lease:
+            view = lease.arrays["input"]
+            # The region's memory itself, read-only: what the client writes, it shows.
+            assert not view.flags.writeable
+            client_side[0] += 1.0
+            assert view[0, 0] == client_side[0]
+            result = ex.run({"input": [view]}, 3)
+            np.testing.assert_allclose(result.outputs["output"],
+                                       client_side[:x.size].reshape(x.shape) + 3)
+            # Read where it lay: a copy avoided, and no region tensor was copied.
+            assert (result.io_path, result.copies_avoided) == ("bound", 1)
+            del view
+        del client_side
+    finally:
+        registry.close()
+        shm.close()
+        shm.unlink()
+
+
+def test_region_inputs_in_a_batch_of_several_are_copied_once_each(model: Path) -> None:
+    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    registry = RegionRegistry()
+    try:
+        client_side = np.frombuffer(shm.buf, np.float32)
+        registry.register_system("r", shm.name, 0, 4096)
+        a, b = _x(2, 1), _x(1, 2)
+        client_side[:a.size] = a.ravel()
+        client_side[256:256 + b.size] = b.ravel()
+        refs = {"input": TensorIn("FP32", a.shape, RegionRef("r", 0, a.nbytes))}
+        refs_b = {"input": TensorIn("FP32", b.shape, RegionRef("r", 1024, b.nbytes))}
+        with registry.lease(refs, {}) as la, registry.lease(refs_b, {}) as lb:
+            result = ex.run({"input": [la.arrays["input"], lb.arrays["input"]]}, 3)
+        np.testing.assert_allclose(result.outputs["output"], np.concatenate([a, b]) + 3)
+        # Gathered into the batch: one copy each, none avoided.
+        assert (result.io_path, result.copies_avoided) == ("copied", 0)
+        del client_side, la, lb
+    finally:
+        registry.close()
+        shm.close()
+        shm.unlink()
+
+
+async def test_a_batch_of_two_region_requests_counts_its_gathering_copies(model: Path) -> None:
+    # A batch forms only when full (two requests): the wait is far beyond the test.
+    config = ModelConfig(name="m", path=str(model), workers=1, intra_op_threads=1,
+                         max_batch_size=2, max_queue_delay_us=60_000_000)
+    runtime = ModelRuntime(config, onnxruntime.load(config))
+    repository = ModelRepository()
+    await repository.add(runtime)
+    local = LocalEngine(repository)
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        floats = np.frombuffer(shm.buf, np.float32)
+        x = _x(2, 5)
+        floats[:x.size] = x.ravel()
+        await local.register_system_region("r", shm.name, 0, 4096)
+        one = InferRequest("m", {"input": TensorIn("FP32", (1, FEATURES),
+                                                   RegionRef("r", 0, FEATURES * 4))})
+        two = InferRequest("m", {"input": TensorIn("FP32", (1, FEATURES),
+                                                   RegionRef("r", FEATURES * 4, FEATURES * 4))})
+        first, second = await asyncio.wait_for(
+            asyncio.gather(local.infer(one), local.infer(two)), 30)
+        np.testing.assert_allclose(first.outputs["output"].data, x[:1] + 3)  # type: ignore[arg-type]
+        np.testing.assert_allclose(second.outputs["output"].data, x[1:] + 3)  # type: ignore[arg-type]
+        c = runtime.counters
+        assert runtime.worker_stats[0].batches == 1
+        assert (c.copies_avoided, c.host_copies, c.io_paths) == (0, 0, {"copied": 1})
+        del floats
+        await local.unregister_region("r")
+    finally:
+        await repository.stop()
         shm.close()
         shm.unlink()
