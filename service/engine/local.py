@@ -220,17 +220,36 @@ class LocalEngine:
         flight until answered. Validation comes first, so that a request that can never
         run is told so (INVALID_ARGUMENT) rather than to retry (RESOURCE_EXHAUSTED). The
         bytes are released once, however the request ends: answered, failed, cancelled
-        or expired. `keep`: the caller's, for memory it lent (see Keep)."""
+        or expired; a request cancelled while its batch runs keeps them until that batch
+        ends, since the batch still holds its arrays (as the engine process's `_submit`
+        does). `keep`: the caller's, for memory it lent (see Keep)."""
         budget = self._budget
+        batch_holds = False  # set when a running batch gives the bytes back, not us
+
+        def until_batch_ends() -> Callable[[], None]:
+            nonlocal batch_holds
+            batch_holds = True
+            give_back = keep() if keep is not None else None
+
+            def batch_ended() -> None:
+                budget.release(nbytes)
+                budget.finished(nbytes)
+                if give_back is not None:
+                    give_back()
+            return batch_ended
+
         try:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
-                return await runtime.infer(arrays, deadline, dtypes, validated, targets, keep)
+                return await runtime.infer(arrays, deadline, dtypes, validated, targets,
+                                           until_batch_ends)
             finally:
-                budget.release(nbytes)
+                if not batch_holds:
+                    budget.release(nbytes)
         finally:
-            budget.finished(nbytes)
+            if not batch_holds:
+                budget.finished(nbytes)
 
     async def _infer_with_regions(self, runtime: ModelRuntime, request: InferRequest,
                                   wanted: Sequence[TensorSpec], arrays: dict[str, np.ndarray],

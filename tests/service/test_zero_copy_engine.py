@@ -267,6 +267,25 @@ async def _cancelled_at_once(task: asyncio.Future[object]) -> None:
     assert task.cancelled()
 
 
+async def test_a_request_cancelled_while_its_batch_runs_keeps_its_bytes_in_the_budget(
+        served: Served) -> None:
+    s = served
+    x = _x(2, seed=7)
+    task = await _held_on_device(s, InferRequest("m", {"x": TensorIn("FP32", (2, FEATURES), x)}))
+    await _cancelled_at_once(task)
+    # The batch still holds the request's input: its bytes are still in memory, so
+    # still counted against max_request_bytes_in_flight.
+    assert (await s.engine.stats()).request_bytes.held_bytes == x.nbytes
+    assert s.trt.hold is not None
+    s.trt.hold.set()
+    await _batch_done(s)
+    for _ in range(1000):
+        if (await s.engine.stats()).request_bytes.held_bytes == 0:
+            break
+        await asyncio.sleep(0.001)
+    assert (await s.engine.stats()).request_bytes.held_bytes == 0
+
+
 async def test_a_cuda_region_is_not_closed_under_the_batch_of_a_cancelled_request(
         served: Served) -> None:
     s = served
