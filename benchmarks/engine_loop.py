@@ -21,9 +21,10 @@ requests in flight in all), each with a small tensor (1 row of 4 floats:
 inline in the frame) and a large one (1 row of 4096 floats, 16 KiB: through
 the arenas).
 
-Each TREE (default: this one) is run as it is, in fresh processes (its
-`service` package first on sys.path), so that two trees (say, main and a
-branch) are compared in one run: rounds interleave the trees, and the table
+Each TREE (default: this one) is run as it is, in fresh processes that import
+its `trtserve.service` and `trtserve.client` (its folders service/ and client/,
+whatever trtserve is installed), so that two trees (say, main and a branch) are
+compared in one run: rounds interleave the trees, and the table
 gives each figure's median over rounds and its spread (min-max).
 """
 
@@ -31,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -52,7 +55,19 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _use_tree(tree: str) -> None:
-    sys.path.insert(0, tree)
+    """Import `trtserve.service` and `trtserve.client` from `tree`, whatever is installed.
+
+    The packages are namespaced (`trtserve.service` is the folder service/), so the
+    tree's folders are linked into a package `trtserve` of a fresh folder that goes
+    first on sys.path; the installed trtserve (an editable install of another tree)
+    is not used.
+    """
+    farm = Path(tempfile.mkdtemp(prefix="engine-loop-tree-")) / "trtserve"
+    farm.mkdir()
+    for part in ("service", "client"):
+        (farm / part).symlink_to(Path(tree).resolve() / part, target_is_directory=True)
+    atexit.register(shutil.rmtree, farm.parent, True)
+    sys.path.insert(0, str(farm.parent))
 
 
 def _cpu_s(path: str) -> float:
@@ -64,11 +79,11 @@ def _cpu_s(path: str) -> float:
 # --- the engine process ------------------------------------------------------------------
 
 async def _engine(args: argparse.Namespace) -> None:
-    from service.ipc.shm import Arena
     from trtserve.service.config import ModelConfig, ServerConfig
     from trtserve.service.engine.host import EngineHost
     from trtserve.service.engine.local import LocalEngine
     from trtserve.service.engine.repository import ModelRepository
+    from trtserve.service.ipc.shm import Arena
 
     repository = ModelRepository()
     for name, path in (("small", args.small), ("large", args.large)):
@@ -93,9 +108,9 @@ async def _engine(args: argparse.Namespace) -> None:
 async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     import numpy as np
 
-    from service.ipc.shm import Arena
     from trtserve.service.engine.api import InferRequest, TensorIn
     from trtserve.service.engine.remote import RemoteEngine
+    from trtserve.service.ipc.shm import Arena
     from trtserve.service.testing.onnx_models import offset_net
 
     tmp = Path(tempfile.mkdtemp())
