@@ -131,11 +131,6 @@ class RemoteEngine:
             raise Unavailable(f"model '{request.model}' is shutting down; not accepting "
                               "requests")
         rid = next(self._ids)
-        # Alone on the link (nothing else awaits a reply): written below at once rather
-        # than at the end of this loop iteration, since no other request of this
-        # iteration is likely to join it, and the engine starts on it a hop sooner.
-        # Under load requests are in flight, so frames still carry many.
-        alone = not self._pending
         frame = link.outgoing()
         message = frame.requests.add()
         message.id = rid
@@ -163,8 +158,6 @@ class RemoteEngine:
         future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
         self._pending[rid] = _Pending(future, offsets)
         self._idle.clear()
-        if alone:
-            link.flush()
         try:
             return await future
         except asyncio.CancelledError:
