@@ -238,6 +238,8 @@ def main() -> None:
     for tree, rounds in runs.items():
         for mode, kind in SCENARIOS:
             key = f"{mode} {kind}"
+            if key not in rounds[0]:  # not run (ENGINE_LOOP_ONLY)
+                continue
             cells = []
             for column in COLUMNS:
                 values = [r[key][column] for r in rounds]
