@@ -73,6 +73,8 @@ class FrontendPort:
         # Requests submitted and not yet answered, by the frontend's id.
         self.in_flight: dict[int, Submitted] = {}
         self.requests = 0
+        # True while a frame's requests are submitted (see _finish).
+        self._reading = False
         self.ready = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -89,10 +91,15 @@ class FrontendPort:
                 self.outputs.free(r.offset)
         requests = frame.requests
         last = len(requests) - 1
-        for i, request in enumerate(requests):
-            # All but the frame's last are submitted as a group: they form batches
-            # together rather than a batch of one each (Batcher.submit).
-            self._start(request, i < last)
+        # Replies of the batches this read runs inline leave at its end, in one write.
+        self._reading = True
+        try:
+            for i, request in enumerate(requests):
+                # All but the frame's last are submitted as a group: they form batches
+                # together rather than a batch of one each (Batcher.submit).
+                self._start(request, i < last)
+        finally:
+            self._reading = False
         if cancels := frame.cancels:
             for rid in cancels:
                 # Out of the count at once; its reply (CANCELLED) may wait for a batch
@@ -176,7 +183,8 @@ class FrontendPort:
                             deadline=m.deadline if m.HasField("deadline") else None)
 
     def _finish(self, rid: int, submitted: Submitted, model: str) -> None:
-        self.in_flight.pop(rid, None)
+        in_flight = self.in_flight
+        in_flight.pop(rid, None)
         try:
             version, tensors = submitted.tensors()
         except asyncio.CancelledError:
@@ -188,6 +196,12 @@ class FrontendPort:
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
         else:
             self._reply(rid, model, version, tensors)
+        if not in_flight and not self._reading and self.link is not None:
+            # The frontend's last request in flight: no other reply will join this frame,
+            # so it leaves now rather than at the end of the loop iteration (at
+            # concurrency 1, one loop pass sooner). With requests still in flight, the
+            # replies of one iteration go together; inside a read, at the read's end.
+            self.link.flush()
 
     def _reply(self, rid: int, model: str, version: str,
                tensors: list[tuple[str, str, tuple[int, ...], np.ndarray | RegionRef]]

@@ -92,7 +92,8 @@ class Link(asyncio.Protocol):
     # --- sending ---
 
     def outgoing(self) -> Any:
-        """The frame to add messages to; it is written once this loop iteration ends."""
+        """The frame to add messages to; it is written once this loop iteration ends
+        (or sooner, by `flush`, where the caller knows nothing else will join it)."""
         if self._pending is None:
             self._pending = Frame()
             assert self._loop is not None

@@ -26,6 +26,7 @@ import pytest
 from service.ipc import codec
 from service.ipc.link import Link, open_link
 from service.ipc.shm import Arena
+from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model, expected
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.api import InferRequest, TensorIn
 from trtserve.service.engine.host import EngineHost
@@ -209,5 +210,77 @@ async def test_many_remote_requests_in_flight_each_get_their_own_answer(
         assert (counters.requests, counters.success) == (300, 300)
         (frontend,) = (await remote.stats()).frontends
         assert (frontend.requests, frontend.in_flight) == (300, 0)
+    finally:
+        remote.close()
+
+
+# --- when frames are written: a last reply at once, grouped under load -------------------
+
+
+def _plus1(x: np.ndarray) -> InferRequest:
+    return InferRequest(model="plus1", inputs={"input": TensorIn("FP32", x.shape, x)})
+
+
+async def test_the_engine_writes_a_reply_once_nothing_else_is_in_flight() -> None:
+    """A batch answered outside a read (here on the worker's thread, held there until
+    the test has looked): the reply to the frontend's last request in flight is written
+    when the request is settled, not at the end of that loop iteration."""
+    backend = ControlledBackend()
+    repository = ModelRepository()
+    await repository.add(backend.runtime(controlled_model(max_queue_delay_us=0)))
+    host = EngineHost(LocalEngine(repository), ServerConfig())
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    backend.controls.hold()
+    try:
+        port = await host.attach(0, os.getpid(), ours, Arena.create("in", ARENA_BYTES),
+                                 Arena.create("out", ARENA_BYTES))
+        assert port.link is not None
+        frontend = await RawFrontend().open(theirs)
+        x = np.ones((1, WIDTH), np.float32)
+        frame = link_pb2.Frame()
+        _add(frame, 1, x, model="controlled").inputs[0].name = INPUT
+        frontend.send(frame)
+        assert await asyncio.to_thread(backend.controls.started.wait, 10)  # the batch runs
+        future = port.in_flight[1].future
+        assert future is not None
+        before = port.link.frames_out
+        written: list[int] = []
+        # Runs right after the engine's own completion callback of the request, in the
+        # same loop iteration; a write left to the end of the iteration comes after it.
+        future.add_done_callback(lambda _: written.append(port.link.frames_out - before))
+        backend.controls.release()
+        replies = await frontend.wait_for(1)
+        assert replies[1].code == 0
+        np.testing.assert_array_equal(_output(replies[1]), expected(x))
+        assert written == [1]
+    finally:
+        backend.controls.release()
+        for p in host.ports.values():
+            p.close()
+        await repository.stop()
+
+
+async def test_frames_still_carry_many_requests_and_replies_under_load(engine: Engine) -> None:
+    """With requests in flight, the requests (and replies) of one loop iteration share a
+    frame; every reply reaches its own request."""
+    remote = RemoteEngine(engine.inputs, engine.outputs)
+    await remote.connect(engine.sock)
+    link = remote._link
+    (port,) = engine.host.ports.values()
+    assert link is not None and port.link is not None
+    try:
+        await remote.infer(_plus1(_x(0)))  # warm: a batch of this size runs inline
+        sent, answered = link.frames_out, port.link.frames_out
+        xs = [_x(i) for i in range(1, 129)]
+        results = await asyncio.gather(*(remote.infer(_plus1(x)) for x in xs))
+        for x, result in zip(xs, results, strict=True):
+            np.testing.assert_array_equal(result.outputs["output"].data, x + 1)
+        # The 128 were made in one loop iteration: one frame.
+        assert link.frames_out - sent == 1
+        # Replies leave per batch (max_batch_size bounds it), not one write each.
+        assert port.link.frames_out - answered <= 16
+        assert remote._pending == {} and port.in_flight == {}
     finally:
         remote.close()
