@@ -1,0 +1,91 @@
+"""Issue 18's frontends rows alone, short: one process against N frontend processes.
+
+    python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8]   # a GPU host
+    python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3]
+
+`gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
+`benchmarks.gpu_standin` section 3 (256 clients in 8 client processes, 4 workers), by one
+process and by N frontends, at 1 and 8 rows per request with 4 gRPC connections per client
+process, and by N frontends with 1 connection per client process; served/raw at the
+served mean batch. The same functions as `benchmarks.gpu_standin`, without its other
+sections, for a machine lent for minutes.
+`cpu`: `benchmarks.cpu`'s frontends step (model `light`, the bundled example's shape)
+for the given counts only: requests/s at concurrency 512 and p50 at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def gpu(seconds: float, frontends: int) -> None:
+    from benchmarks import gpu_standin as g
+    from trtserve.service.backends.tensorrt.cuda import CudaRuntime
+
+    cuda = CudaRuntime(0)
+    cuda.set_device()
+    light = g._engine(g.Dims(512, 2048, 512), batch=(1, 32, 64))
+    got = {}
+    runs = (("1 process, 1 row", 1, 1, 4), (f"{frontends} frontends, 1 row", frontends, 1, 4),
+            ("1 process, 8 rows", 1, 8, 4), (f"{frontends} frontends, 8 rows", frontends, 8, 4),
+            (f"{frontends} frontends, 1 row, 1 connection per client", frontends, 1, 1))
+    try:
+        for tag, count, rows, connections in runs:
+            r = g.served_throughput(light, 4, 256, 8, seconds, rows_per_request=rows,
+                                    frontends=count, connections=connections)
+            raw = g.raw_throughput(light, cuda, 4, max(1, round(r["mean_batch"])), seconds=1.0)
+            r["raw_rows_per_s"] = raw["rows_per_s"]
+            r["served_raw"] = r["rows_per_s"] / raw["rows_per_s"]
+            got[tag] = r
+            print(tag, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+    finally:
+        light.close()
+    one, many = got[runs[0][0]], got[runs[1][0]]
+    one8, many8 = got[runs[2][0]], got[runs[3][0]]
+    print(f"{frontends} frontends / 1 process, 1 row, requests/s: "
+          f"{many['requests_per_s'] / one['requests_per_s']:.2f}x (target 8x); "
+          f"8 rows, rows/s: {many8['rows_per_s'] / one8['rows_per_s']:.2f}x (target 5x); "
+          f"served/raw {many['served_raw']:.2f} (target 0.5)  [stand-in, not TensorRT]")
+
+
+def cpu(counts: list[int], seconds: float) -> None:
+    from benchmarks.cpu import cli, experiments
+    from benchmarks.cpu.config import ROOT, Options
+
+    experiments.frontend_counts = lambda cores: counts  # this run's counts only
+    models = cli.write_models(ROOT / "models" / "bench")
+    logs = ROOT / "build" / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    opts = Options(duration_s=seconds, warmup_s=1.0, rounds=1, pytriton=False,
+                   pytriton_python="", install_pytriton=False, out=Path("/dev/null"),
+                   json_out=None, only={"frontends"})
+    (row,) = experiments.frontends(opts, models, logs)["rounds"]
+    base = row[str(counts[0])]
+    for n in counts:
+        r = row[str(n)]
+        print(f"frontends {n}: req/s c=512 {r['req_per_s']:.0f} "
+              f"({r['req_per_s'] / base['req_per_s']:.2f}x), p50 c=1 {r['p50_ms_c1']:.3f} ms "
+              f"({(r['p50_ms_c1'] - base['p50_ms_c1']) * 1000:+.0f} us), server cores "
+              f"{r['server_cpu']:.2f}, client CPU max {max(r['client_cpu']):.2f}, "
+              f"errors {r['errors']}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("gpu", "cpu"))
+    parser.add_argument("--seconds", type=float, help="measured seconds per run "
+                        "(default: 5 for gpu, 3 for cpu)")
+    parser.add_argument("--frontends", type=int, default=8, help="gpu: frontend processes")
+    parser.add_argument("--counts", default="1,8", help="cpu: frontend counts, the first "
+                        "the baseline")
+    args = parser.parse_args()
+    if args.what == "gpu":
+        gpu(args.seconds or 5.0, args.frontends)
+    else:
+        cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0)
+
+
+if __name__ == "__main__":
+    main()
