@@ -122,6 +122,17 @@ class ServerProcess:
                 time.sleep(0.05)
         raise TimeoutError("server did not become ready")
 
+    @contextmanager
+    def serving(self, timeout: float = 60) -> Iterator[ServerProcess]:
+        """Ready (SERVING) inside; on the way out SIGTERM, and the server must drain
+        and exit 0 (its output is the assertion's message otherwise)."""
+        try:
+            self.wait_ready(timeout)
+            yield self
+        finally:
+            code, output = self.terminate()
+            assert code == 0, output
+
     def terminate(self, timeout: float = 60) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -36,14 +36,9 @@ def server(request, example_onnx):
         with running_server(config) as s:
             yield s
         return
-    process = ServerProcess(["--model", f"example={example_onnx}", "--frontends", "2",
-                             "--workers", "1", "--max-queue-delay-us", "0"])
-    try:
-        process.wait_ready()
+    with ServerProcess(["--model", f"example={example_onnx}", "--frontends", "2",
+                        "--workers", "1", "--max-queue-delay-us", "0"]).serving() as process:
         yield process
-    finally:
-        code, output = process.terminate()
-        assert code == 0, output
 
 
 def _model_counters(client: Client) -> tuple[int, int, int, int]:

@@ -55,12 +55,8 @@ def server(example_onnx: Path) -> ServerProcess:
                              "--max-queue-delay-us", "2000", "--metrics-port",
                              str(metrics_port)])
     process.metrics_port = metrics_port  # type: ignore[attr-defined]
-    try:
-        process.wait_ready()
+    with process.serving():
         yield process
-    finally:
-        code, output = process.terminate()
-        assert code == 0, output
 
 
 def _frontend_pids(server: ServerProcess) -> list[int]:

@@ -66,12 +66,8 @@ class HttpServerProcess(ServerProcess):
 def server(example_onnx: Path) -> HttpServerProcess:
     process = HttpServerProcess("--model", f"example={example_onnx}",
                                 "--max-queue-delay-us", "2000", "--http-header-timeout-s", "2")
-    try:
-        process.wait_ready()
+    with process.serving():
         yield process
-    finally:
-        code, output = process.terminate()
-        assert code == 0, output
 
 
 def _frontend_pids(server: ServerProcess) -> list[int]:

@@ -44,13 +44,9 @@ def server(example_onnx: Path, tmp_path_factory: pytest.TempPathFactory
                       f"max_unsent_bytes_per_stream = {UNSENT_BYTES}\n"
                       f"[[models]]\nname = 'slow'\npath = '{example_onnx}'\n"
                       "max_queue_delay_us = 300000\n")
-    proc = ServerProcess(["--config", str(config), "--model", f"example={example_onnx}"])
-    try:
-        proc.wait_ready()
+    with ServerProcess(["--config", str(config), "--model", f"example={example_onnx}"]
+                       ).serving() as proc:
         yield proc
-    finally:
-        code, log = proc.terminate()
-        assert code == 0, log
 
 
 def executed(url: str) -> int:
