@@ -54,14 +54,13 @@ def cpu(counts: list[int], seconds: float) -> None:
     from benchmarks.cpu import cli, experiments
     from benchmarks.cpu.config import ROOT, Options
 
-    experiments.frontend_counts = lambda cores: counts  # this run's counts only
     models = cli.write_models(ROOT / "models" / "bench")
     logs = ROOT / "build" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
     opts = Options(duration_s=seconds, warmup_s=1.0, rounds=1, pytriton=False,
                    pytriton_python="", install_pytriton=False, out=Path("/dev/null"),
                    json_out=None, only={"frontends"})
-    (row,) = experiments.frontends(opts, models, logs)["rounds"]
+    (row,) = experiments.frontends(opts, models, logs, counts)["rounds"]
     base = row[str(counts[0])]
     for n in counts:
         r = row[str(n)]

@@ -121,10 +121,12 @@ def frontend_counts(cores: int) -> list[int]:
     return [n for n in (1, 2, 4, 8) if n <= max(2, cores)]
 
 
-def frontends(opts: Options, models: dict[str, Path], log_dir: Path) -> dict[str, Any]:
+def frontends(opts: Options, models: dict[str, Path], log_dir: Path,
+              counts: list[int] | None = None) -> dict[str, Any]:
     """`light` with `frontends = N`: requests/s at concurrency 512 (client processes
-    enough to keep up) and p50 at concurrency 1, each N against N = 1 in the same round."""
-    counts = frontend_counts(usable_cores())
+    enough to keep up) and p50 at concurrency 1, each N against N = 1 in the same round;
+    `counts`: these N only (default 1, 2, 4 and 8, up to the usable cores)."""
+    counts = counts or frontend_counts(usable_cores())
     clients = max(2, usable_cores() // 2)
     out: dict[str, Any] = {"counts": counts, "client_processes": clients,
                            "connections": FRONTEND_CONNECTIONS, "rounds": [], "commands": []}

@@ -143,8 +143,8 @@ class LocalEngine:
                 self.infer(dataclasses.replace(request, keep=_keep_both(keep, request.keep))))
             task.add_done_callback(lambda _: None if kept else submitted.settle(on_done))
             return submitted
-        return self._submit(runtime, request.model, wanted, arrays, dtypes, request.deadline,
-                            more_follow, on_done)
+        return self._submit(runtime, wanted, arrays, dtypes, request.deadline, more_follow,
+                            on_done)
 
     def submit_arrays(self, model: str, version: str, arrays: dict[str, np.ndarray],
                       dtypes: dict[str, str], outputs: Sequence[str], deadline: float | None,
@@ -158,15 +158,14 @@ class LocalEngine:
             check_version(model, version, runtime.version)
         wanted = wanted_outputs(model, runtime.spec, outputs) if outputs \
             else runtime.spec.outputs
-        return self._submit(runtime, model, wanted, arrays, dtypes, deadline, more_follow,
-                            on_done)
+        return self._submit(runtime, wanted, arrays, dtypes, deadline, more_follow, on_done)
 
-    def _submit(self, runtime: ModelRuntime, model: str, wanted: Sequence[TensorSpec],
+    def _submit(self, runtime: ModelRuntime, wanted: Sequence[TensorSpec],
                 arrays: dict[str, np.ndarray], dtypes: dict[str, str], deadline: float | None,
                 more_follow: bool, on_done: Callable[[Submitted], None]) -> Submitted:
         nbytes = request_bytes(arrays)
         budget = self._budget
-        submitted = Submitted(runtime.version, wanted, model)
+        submitted = Submitted(runtime.version, wanted)
 
         def settled(queued: Request) -> None:
             # Once, however the request ends (as in _run).
@@ -370,12 +369,11 @@ class LocalEngine:
 
 
 class Submitted:
-    """A request `LocalEngine.submit` took: done, cancel, and its `InferResult`."""
+    """A request `LocalEngine.submit` took: done, cancel, and its result (`tensors`)."""
 
-    __slots__ = ("_model", "_version", "_wanted", "finished", "future", "request")
+    __slots__ = ("_version", "_wanted", "finished", "future", "request")
 
-    def __init__(self, version: str | None, wanted: Sequence[TensorSpec],
-                 model: str = "") -> None:
+    def __init__(self, version: str | None, wanted: Sequence[TensorSpec]) -> None:
         # The batcher's future of the request's outputs, or (version None) a task that
         # gives its InferResult; set by `submit`.
         self.future: asyncio.Future[Any] | None = None
@@ -383,7 +381,6 @@ class Submitted:
         self.request: Request | None = None
         self._version = version
         self._wanted = wanted
-        self._model = model
         # Whether its outcome is in (and `on_done` called).
         self.finished = False
 
@@ -391,19 +388,11 @@ class Submitted:
         self.finished = True
         on_done(self)
 
-    def result(self) -> InferResult:
-        """The result, once finished; raises what the request ended with."""
-        assert self.future is not None
-        value = self.future.result()
-        if self._version is None:
-            return value
-        return InferResult(self._model, self._version, _answer(self._wanted, value))
-
     def tensors(self) -> tuple[str, list[tuple[str, str, tuple[int, ...],
                                              np.ndarray | RegionRef]]]:
-        """`result()` as the engine process's host encodes it: the model's version and
-        each output's (name, dtype, shape, data), without the InferResult and
-        TensorOuts in between. Raises what the request ended with."""
+        """The result, once finished, as the engine process's host encodes it: the
+        model's version and each output's (name, dtype, shape, data), without an
+        InferResult and TensorOuts in between. Raises what the request ended with."""
         assert self.future is not None
         value = self.future.result()
         if self._version is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from multiprocessing import shared_memory
 from pathlib import Path
 
@@ -121,57 +121,59 @@ async def test_a_system_region_output_is_written_once_by_the_executor(engine) ->
         shm.unlink()
 
 
-def test_a_lone_region_input_is_fed_to_onnx_runtime_as_the_regions_memory(model: Path) -> None:
-    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+@pytest.fixture
+def region_r() -> Iterator[tuple[RegionRegistry, shared_memory.SharedMemory]]:
+    """A 4096-byte POSIX shared-memory block, registered as the system region 'r'."""
     shm = shared_memory.SharedMemory(create=True, size=4096)
     registry = RegionRegistry()
     try:
-        client_side = np.frombuffer(shm.buf, np.float32)
         registry.register_system("r", shm.name, 0, 4096)
-        x = _x(3)
-        client_side[:x.size] = x.ravel()
-        ref = TensorIn("FP32", x.shape, RegionRef("r", 0, x.nbytes))
-        with registry.lease({"input": ref}, {}) as lease:
-            view = lease.arrays["input"]
-            # The region's memory itself, read-only: what the client writes, it shows.
-            assert not view.flags.writeable
-            client_side[0] += 1.0
-            assert view[0, 0] == client_side[0]
-            result = ex.run({"input": [view]}, 3)
-            np.testing.assert_allclose(result.outputs["output"],
-                                       client_side[:x.size].reshape(x.shape) + 3)
-            # Read where it lay: a copy avoided, and no region tensor was copied.
-            assert (result.io_path, result.copies_avoided) == ("bound", 1)
-            del view
-        del client_side
+        yield registry, shm
     finally:
         registry.close()
         shm.close()
         shm.unlink()
 
 
-def test_region_inputs_in_a_batch_of_several_are_copied_once_each(model: Path) -> None:
+def test_a_lone_region_input_is_fed_to_onnx_runtime_as_the_regions_memory(
+        model: Path, region_r: tuple[RegionRegistry, shared_memory.SharedMemory]) -> None:
     ex = OrtExecutor(str(model), threads=1, max_batch=8)
-    shm = shared_memory.SharedMemory(create=True, size=4096)
-    registry = RegionRegistry()
-    try:
-        client_side = np.frombuffer(shm.buf, np.float32)
-        registry.register_system("r", shm.name, 0, 4096)
-        a, b = _x(2, 1), _x(1, 2)
-        client_side[:a.size] = a.ravel()
-        client_side[256:256 + b.size] = b.ravel()
-        refs = {"input": TensorIn("FP32", a.shape, RegionRef("r", 0, a.nbytes))}
-        refs_b = {"input": TensorIn("FP32", b.shape, RegionRef("r", 1024, b.nbytes))}
-        with registry.lease(refs, {}) as la, registry.lease(refs_b, {}) as lb:
-            result = ex.run({"input": [la.arrays["input"], lb.arrays["input"]]}, 3)
-        np.testing.assert_allclose(result.outputs["output"], np.concatenate([a, b]) + 3)
-        # Gathered into the batch: one copy each, none avoided.
-        assert (result.io_path, result.copies_avoided) == ("copied", 0)
-        del client_side, la, lb
-    finally:
-        registry.close()
-        shm.close()
-        shm.unlink()
+    registry, shm = region_r
+    client_side = np.frombuffer(shm.buf, np.float32)
+    x = _x(3)
+    client_side[:x.size] = x.ravel()
+    ref = TensorIn("FP32", x.shape, RegionRef("r", 0, x.nbytes))
+    with registry.lease({"input": ref}, {}) as lease:
+        view = lease.arrays["input"]
+        # The region's memory itself, read-only: what the client writes, it shows.
+        assert not view.flags.writeable
+        client_side[0] += 1.0
+        assert view[0, 0] == client_side[0]
+        result = ex.run({"input": [view]}, 3)
+        np.testing.assert_allclose(result.outputs["output"],
+                                   client_side[:x.size].reshape(x.shape) + 3)
+        # Read where it lay: a copy avoided, and no region tensor was copied.
+        assert (result.io_path, result.copies_avoided) == ("bound", 1)
+        del view
+    del client_side
+
+
+def test_region_inputs_in_a_batch_of_several_are_copied_once_each(
+        model: Path, region_r: tuple[RegionRegistry, shared_memory.SharedMemory]) -> None:
+    ex = OrtExecutor(str(model), threads=1, max_batch=8)
+    registry, shm = region_r
+    client_side = np.frombuffer(shm.buf, np.float32)
+    a, b = _x(2, 1), _x(1, 2)
+    client_side[:a.size] = a.ravel()
+    client_side[256:256 + b.size] = b.ravel()
+    refs = {"input": TensorIn("FP32", a.shape, RegionRef("r", 0, a.nbytes))}
+    refs_b = {"input": TensorIn("FP32", b.shape, RegionRef("r", 1024, b.nbytes))}
+    with registry.lease(refs, {}) as la, registry.lease(refs_b, {}) as lb:
+        result = ex.run({"input": [la.arrays["input"], lb.arrays["input"]]}, 3)
+    np.testing.assert_allclose(result.outputs["output"], np.concatenate([a, b]) + 3)
+    # Gathered into the batch: one copy each, none avoided.
+    assert (result.io_path, result.copies_avoided) == ("copied", 0)
+    del client_side, la, lb
 
 
 async def test_a_batch_of_two_region_requests_counts_its_gathering_copies(model: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks.gpu_standin import REQUEST_TIMEOUT_S, ClosedLoad, EvenOpenLoad, _client_process
-from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble
+from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble, until
 from trtserve.client.bench import encode_request
 from trtserve.client.bench.recorder import Recorder, Window
 from trtserve.service.config import ModelConfig
@@ -50,11 +50,7 @@ async def test_the_closed_load_keeps_its_concurrency_in_flight():
     rec = Recorder(Window(now - 1.0, now - 1.0, now + 600.0), [0, 0], 0)
     running = asyncio.create_task(ClosedLoad(6)(target, [b"r"], rec))
 
-    async def enough_calls() -> None:
-        while len(target.calls) < 30:
-            await asyncio.sleep(0)
-
-    await asyncio.wait_for(enough_calls(), HANG_GUARD_S)
+    await until(lambda: len(target.calls) >= 30)
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running

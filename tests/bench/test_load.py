@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble
+from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble, until
 from trtserve.client.bench.load import closed_loop, open_loop
 from trtserve.client.bench.recorder import (
     Recorder,
@@ -115,11 +115,7 @@ async def test_closed_loop_keeps_exactly_concurrency_requests_in_flight():
     payloads = [b"p0", b"p1", b"p2"]
     loop = asyncio.create_task(closed_loop(target, payloads, 4, rec, 1.0, first=1))
 
-    async def enough_calls() -> None:
-        while len(target.calls) < 40:
-            await asyncio.sleep(0)
-
-    await asyncio.wait_for(enough_calls(), HANG_GUARD_S)
+    await until(lambda: len(target.calls) >= 40)
     loop.cancel()
     with pytest.raises(asyncio.CancelledError):
         await loop
@@ -152,11 +148,7 @@ async def test_closed_loop_over_several_calls_gives_each_its_share_of_the_stream
     rec = _recorder(now - 1.0, now + 600.0)
     loop = asyncio.create_task(closed_loop(targets, [b"p"], 6, rec, 1.0))
 
-    async def enough_calls() -> None:
-        while min(len(t.calls) for t in targets) < 30:
-            await asyncio.sleep(0)
-
-    await asyncio.wait_for(enough_calls(), HANG_GUARD_S)
+    await until(lambda: min(len(t.calls) for t in targets) >= 30)
     loop.cancel()
     with pytest.raises(asyncio.CancelledError):
         await loop

@@ -1,10 +1,21 @@
 """A double of a gRPC unary call, for the load generators' unit tests (tests/bench/)."""
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 
 HANG_GUARD_S = 30.0  # a broken loop fails the test instead of hanging it
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition()` holds (TimeoutError after HANG_GUARD_S)."""
+
+    async def wait() -> None:
+        while not condition():
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(wait(), HANG_GUARD_S)
 
 
 class UnaryCallDouble:
