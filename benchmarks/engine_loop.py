@@ -66,7 +66,8 @@ from typing import Any
 HERE = Path(__file__).resolve()
 ARENA_BYTES = 64 << 20
 LINKS = 8
-# name -> (model, links, requests in flight in all, spread); "c1": one at a time on link 0.
+# name -> (model, links, requests in flight in all, spread[, rows per request: 1]); "c1": one
+# at a time on link 0.
 # Spread: the clients of a link send over that many loop iterations, not all in the one
 # that brought their replies, so that a frame carries few requests, as each of 8 frontend
 # processes sends them when its own clients' calls arrive.
@@ -78,6 +79,8 @@ SCENARIOS = {
     "trt thread 2x64": ("trt512", 2, 64, 1), "trt thread 8x32": ("trt512", 8, 256, 32),
     # The same load with full frames: what frames of one request cost.
     "trt thread 8x32 full": ("trt512", 8, 256, 1),
+    # 8 rows per request (16 KiB each way: through the arenas), as issue 18's 8-row row.
+    "trt thread 8x32 rows8": ("trt512", 8, 256, 32, 8),
 }
 # model -> (features, backend, workers, inline_below_us)
 MODELS = {"small": (4, "ort", 1, 100), "large": (4096, "ort", 1, 100),
@@ -207,29 +210,33 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         theirs.close()
         ours.setblocking(False)
         remote = RemoteEngine(inputs, outputs)
-        await remote.connect(ours)
+        config = await remote.connect(ours)
+        # As a frontend process sets it up (where the tree has it).
+        if hasattr(remote, "spin_s"):
+            remote.spin_s = config.frontend_spin_us / 1e6
         remotes.append(remote)
     while not all(r.ready(m) for r in remotes for m in models):
         await asyncio.sleep(0.01)
 
-    arrays = {m: np.ones((1, MODELS[m][0]), np.float32) for m in models}
     input_names = {m: "x" if MODELS[m][1] == "trt" else "input" for m in models}
 
-    def request(model: str) -> Any:
+    def request(model: str, rows: int = 1) -> Any:
+        array = np.ones((rows, MODELS[model][0]), np.float32)
         return InferRequest(model=model, inputs={input_names[model]: TensorIn(
-            "FP32", (1, MODELS[model][0]), arrays[model])})
+            "FP32", array.shape, array)})
 
     process = f"/proc/{proc.pid}/stat"
     main_thread = f"/proc/{proc.pid}/task/{proc.pid}/stat"
     main_status = f"/proc/{proc.pid}/task/{proc.pid}/status"
     results: dict[str, dict[str, float]] = {}
     for key in scenarios:
-        model, links, in_flight, spread = SCENARIOS[key]
+        model, links, in_flight, spread, *more = SCENARIOS[key]
+        rows = more[0] if more else 1
         c1 = key.startswith("c1")
         n = args.requests // 2 if c1 else args.requests
         # Warm up (the batcher, the arenas' rings, the backends' first runs, graphs).
         for remote in remotes[:links]:
-            await asyncio.gather(*(remote.infer(request(model)) for _ in range(50)))
+            await asyncio.gather(*(remote.infer(request(model, rows)) for _ in range(50)))
         frames0 = sum(r._link.frames_out for r in remotes)
         replies0 = sum(r._link.frames_in for r in remotes)
         batches0 = await _batches(remotes[0], model)
@@ -240,20 +247,20 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             remote = remotes[0]
             for _ in range(n):
                 start = time.perf_counter()
-                await remote.infer(request(model))
+                await remote.infer(request(model, rows))
                 latencies.append(time.perf_counter() - start)
         else:
             left = n
 
-            async def client(remote: Any, model: str, iterations: int) -> None:
+            async def client(remote: Any, model: str, iterations: int, rows: int) -> None:
                 nonlocal left
                 while left > 0:
                     left -= 1
                     for _ in range(iterations):
                         await asyncio.sleep(0)
-                    await remote.infer(request(model))
+                    await remote.infer(request(model, rows))
 
-            await asyncio.gather(*(client(remotes[i % links], model, (i // links) % spread)
+            await asyncio.gather(*(client(remotes[i % links], model, (i // links) % spread, rows)
                                    for i in range(in_flight)))
         elapsed = time.perf_counter() - t0
         cpu, loop = _cpu_s(process) - cpu0, _cpu_s(main_thread) - loop0

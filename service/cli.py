@@ -45,7 +45,7 @@ SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_heade
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
                 "model_repository",
-                "frontends", "frontend_arena_mib")
+                "frontends", "frontend_arena_mib", "frontend_spin_us")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -134,6 +134,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frontend-arena-mib", type=int,
                    help="shared memory for each frontend's large tensors, each way "
                         "(default 64; allocated as used)")
+    p.add_argument("--frontend-spin-us", type=int,
+                   help="a frontend waiting on the engine for its only request polls for "
+                        "up to this long before sleeping (default 1000; 0: off)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")

@@ -293,6 +293,10 @@ class ServerConfig:
     frontends: int | str = "auto"
     # Shared memory for each frontend's large tensors, each way (allocated as used).
     frontend_arena_mib: int = 64
+    # A frontend with one request at the engine and nothing else to do keeps its
+    # loop polling for up to this long rather than sleeping, so that the reply is
+    # read at once, on a warm core (docs/processes.md, "Concurrency 1"). 0: off.
+    frontend_spin_us: int = 1000
     models: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -352,6 +356,8 @@ class ServerConfig:
             "server.frontends", self.frontends, f"'auto' or 1..{MAX_FRONTENDS}")
         _require(1 <= self.frontend_arena_mib <= 65536, "server.frontend_arena_mib",
                  self.frontend_arena_mib, "1..65536")
+        _require(0 <= self.frontend_spin_us <= 100_000, "server.frontend_spin_us",
+                 self.frontend_spin_us, "0..100000")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")

@@ -51,6 +51,15 @@ class Request:
     # (ModelRuntime.submit): no done callback of the future, which costs a loop
     # callback per request. Who sets it cancels through `cancel`, not the future.
     on_settled: Callable[[Request], None] | None = field(default=None, repr=False)
+    # The clients' requests this one carries: more than 1 for a group, requests of
+    # equal shapes that the engine process read together and queued as one
+    # (engine/groups.py), `members` giving each one's rows, in order.
+    count: int = 1
+    members: tuple[int, ...] = ()
+    # Members given up by their clients while the group went on (counted as such,
+    # not as answered): cancelled, and those of them past their own deadline.
+    members_cancelled: int = 0
+    members_expired: int = 0
 
     def after_batch(self, callback: Callable[[], None]) -> None:
         """Call `callback` once no batch uses this request's memory: now, unless its
@@ -76,10 +85,12 @@ class Request:
         """Answered, failed, or cancelled by its caller (whose handler has gone)."""
         return self.future.done()
 
-    def answer(self, outputs: Outputs) -> None:
-        """Give the request its outputs, unless it already has its answer or was cancelled."""
+    def answer(self, outputs: Outputs | MemberOutcomes) -> None:
+        """Give the request its outputs, unless it already has its answer or was cancelled
+        (a group's members run one by one: `MemberOutcomes`, only the engine process's
+        host reads those, through `Submitted.member_tensors`)."""
         if not self.future.done():
-            self.future.set_result(outputs)
+            self.future.set_result(outputs)  # type: ignore[arg-type]
             self._settled()
 
     def fail(self, error: BaseException) -> None:
@@ -106,6 +117,11 @@ class Request:
             log.exception("settling a request failed")
 
 
+class MemberOutcomes(list[Outputs | BaseException]):
+    """A group's answer when its members ran one by one (its batch's input was refused):
+    each member's own outputs or error, in order, as each would have got alone."""
+
+
 @dataclass(eq=False, slots=True)
 class Batch:
     requests: list[Request] = field(default_factory=list)
@@ -114,6 +130,11 @@ class Batch:
     @property
     def shape_key(self) -> ShapeKey | None:
         return self.requests[0].shape_key if self.requests else None
+
+    @property
+    def count(self) -> int:
+        """The clients' requests in the batch (a group counts its members)."""
+        return sum(r.count for r in self.requests)
 
     def add(self, request: Request) -> None:
         self.requests.append(request)

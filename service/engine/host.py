@@ -27,7 +27,9 @@ from collections.abc import Callable, Sequence
 import grpc
 import numpy as np
 
+from trtserve.client.timer import now
 from trtserve.service.config import ServerConfig
+from trtserve.service.engine import groups
 from trtserve.service.engine.api import (
     Engine,
     FrontendSnapshot,
@@ -40,7 +42,8 @@ from trtserve.service.engine.api import (
     TensorIn,
 )
 from trtserve.service.engine.cuda_ipc import HostPinner
-from trtserve.service.engine.local import LocalEngine, Submitted
+from trtserve.service.engine.local import LocalEngine, Submitted, Tensors
+from trtserve.service.engine.model import DEADLINE_CANCEL_SLACK_S
 from trtserve.service.errors import ServeError
 from trtserve.service.gen.trtserve.internal import link_pb2
 from trtserve.service.ipc import codec
@@ -70,9 +73,14 @@ class FrontendPort:
         self.inputs = inputs
         self.outputs = outputs
         self.link: Link | None = None
-        # Requests submitted and not yet answered, by the frontend's id.
-        self.in_flight: dict[int, Submitted] = {}
+        # Requests submitted and not yet answered, by the frontend's id (a group's
+        # members each under its own).
+        self.in_flight: dict[int, Submitted | _Group] = {}
         self.requests = 0
+        # The requests (and the cancels after them) of the read in progress, acted on
+        # together at its end (`on_read_end`): that is where groups form.
+        self._read: list[link_pb2.Request] = []
+        self._read_cancels: list[int] = []
         # True while a frame's requests are submitted (see _finish).
         self._reading = False
         self.ready = asyncio.get_running_loop().create_future()
@@ -81,7 +89,7 @@ class FrontendPort:
     # --- from the frontend ---
 
     def on_frame(self, frame: link_pb2.Frame) -> None:
-        # Ranges first: a request of this frame answered inline reuses the range of the
+        # Ranges first: a request of this read answered inline reuses the range of the
         # reply it comes after (at concurrency 1, the same few hot pages every time)
         # rather than walking the arena through cold ones.
         # Each repeated field is tested before it is walked: walking an empty one costs
@@ -89,27 +97,82 @@ class FrontendPort:
         if releases := frame.releases:
             for r in releases:
                 self.outputs.free(r.offset)
-        requests = frame.requests
-        last = len(requests) - 1
-        # Replies of the batches this read runs inline leave at its end, in one write.
-        self._reading = True
-        try:
-            for i, request in enumerate(requests):
-                # All but the frame's last are submitted as a group: they form batches
-                # together rather than a batch of one each (Batcher.submit).
-                self._start(request, i < last)
-        finally:
-            self._reading = False
+        if requests := frame.requests:
+            self._read.extend(requests)
         if cancels := frame.cancels:
-            for rid in cancels:
-                # Out of the count at once; its reply (CANCELLED) may wait for a batch
-                # that still reads its input ranges (ModelRuntime.submit).
-                submitted = self.in_flight.pop(rid, None)
-                if submitted is not None:
-                    submitted.cancel()
+            if self._read:  # after the requests they may name, at the read's end
+                self._read_cancels.extend(cancels)
+            else:
+                for rid in cancels:
+                    self._cancel(rid)
         if controls := frame.controls:
             for control in controls:
                 self._control(control)
+
+    def on_read_end(self) -> None:
+        """Submit the requests of the read just parsed, then the cancels that followed them."""
+        requests, self._read = self._read, []
+        if not requests:
+            return
+        cancels, self._read_cancels = self._read_cancels, []
+        # Replies of the batches this read runs inline leave at its end, in one write.
+        self._reading = True
+        try:
+            if len(requests) == 1:
+                self._start(requests[0], False)
+            else:
+                # A request cancelled in its own read goes alone: it is taken out of its
+                # batch below, where a group's member would run with the group.
+                self._start_all(requests, frozenset(cancels))
+        finally:
+            self._reading = False
+        for rid in cancels:
+            self._cancel(rid)
+
+    def _cancel(self, rid: int) -> None:
+        # Out of the count at once; its reply (CANCELLED) may wait for a batch that
+        # still reads its input ranges (ModelRuntime.submit).
+        entry = self.in_flight.pop(rid, None)
+        if isinstance(entry, _Group):
+            entry.cancel(rid)
+        elif entry is not None:
+            entry.cancel()
+
+    def _start_all(self, requests: Sequence[link_pb2.Request], alone: frozenset[int]) -> None:
+        """Several requests of one read: those of equal shapes in groups (groups.py), the
+        others alone; all but the last submitted with more to follow (Batcher.submit)."""
+        engine = self.host.engine
+        if not isinstance(engine, LocalEngine):
+            last = len(requests) - 1
+            for i, request in enumerate(requests):
+                self._start(request, i < last)
+            return
+        items: list[link_pb2.Request | _Same] = []
+        by_key: dict[groups.Key, _Same] = {}
+        now_s = now()
+        for request in requests:
+            found = groups.entry(request, now_s) if request.id not in alone else None
+            if found is None:
+                items.append(request)
+                continue
+            key, rows, nbytes = found
+            same = by_key.get(key)
+            if same is None:
+                by_key[key] = same = _Same()
+                items.append(same)
+            same.add(request, rows, nbytes)
+        units: list[link_pb2.Request | _Same] = []
+        for item in items:
+            if isinstance(item, _Same):
+                units.extend(item.chunks(engine.group_rows(item.requests[0].model)))
+            else:
+                units.append(item)
+        last = len(units) - 1
+        for i, unit in enumerate(units):
+            if isinstance(unit, _Same):
+                self._start_group(unit, i < last)
+            else:
+                self._start(unit, i < last)
 
     def _start(self, message: link_pb2.Request, more_follow: bool) -> None:
         """Submit one request of a frame; no task: its reply is built when its future is
@@ -161,6 +224,84 @@ class FrontendPort:
                                     m.deadline if m.HasField("deadline") else None,
                                     more_follow, on_done)
 
+    def _start_group(self, same: _Same, more_follow: bool) -> None:
+        """Submit requests of equal shapes as one group (groups.py); if validation refuses
+        the group, each goes on alone to be told what is wrong with it."""
+        engine = self.host.engine
+        assert isinstance(engine, LocalEngine)
+        messages = same.requests
+        first = messages[0]
+        model = first.model
+        group = _Group(self, messages, same.rows)
+        try:
+            if not self.inputs.pinned:
+                self._pin(model)
+            arrays, dtypes = groups.stack(messages, same.rows, self.inputs)
+            validated = engine.validate(model, arrays, dtypes)
+        except Exception:  # a member at fault (its dtype, shapes or range): each alone,
+            last = len(messages) - 1  # to be told what is wrong with it
+            for i, message in enumerate(messages):
+                self._start(message, more_follow or i < last)
+            return
+        self.requests += len(messages)
+        try:
+            group.submitted = engine.submit_arrays(
+                model, first.version, arrays, dtypes,
+                tuple(first.outputs) if first.outputs else (), groups.deadline_of(messages),
+                more_follow, group.finish, members=tuple(same.rows), validated=validated)
+        except ServeError as e:
+            for rid in group.rids:
+                self._reply_error(rid, e.code, str(e))
+            return
+        except Exception:  # a range outside the arena (a broken frontend), or ours
+            log.exception("frontend-%d: a group of requests of model '%s' failed",
+                          self.index, model)
+            for rid in group.rids:
+                self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            return
+        if not group.submitted.finished:  # else answered already: its batch ran inline
+            for rid in group.rids:
+                self.in_flight[rid] = group
+
+    def _finish_group(self, group: _Group, submitted: Submitted) -> None:
+        in_flight = self.in_flight
+        for rid in group.rids:
+            in_flight.pop(rid, None)
+        model = group.model
+        try:
+            version, whole, per_member = submitted.member_tensors(
+                group.members, whole=not group.cancelled)
+        except asyncio.CancelledError:
+            for rid in group.rids:
+                self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
+        except ServeError as e:
+            for rid in group.rids:
+                self._reply_error(rid, e.code, str(e))
+        except Exception:
+            log.exception("a group of requests of model '%s' failed", model)
+            for rid in group.rids:
+                self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+        else:
+            if whole is not None:  # one reply: the frontend cuts each member's rows
+                self._reply(0, model, version, whole, group)
+            else:
+                self._reply_members(group, model, version, per_member)
+        if not in_flight and not self._reading and self.link is not None:
+            self.link.flush()  # as in _finish
+
+    def _reply_members(self, group: _Group, model: str, version: str,
+                       per_member: list[Tensors | BaseException]) -> None:
+        """A group's members answered one by one: some given up, or some failed alone."""
+        for rid, outcome in zip(group.rids, per_member, strict=True):
+            if rid in group.cancelled:
+                self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
+            elif isinstance(outcome, ServeError):
+                self._reply_error(rid, outcome.code, str(outcome))
+            elif isinstance(outcome, BaseException):
+                self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            else:
+                self._reply(rid, model, version, outcome)
+
     def _pin(self, model: str) -> None:
         if (pinner := self.host.pinner_for(model)) is not None:
             # A TensorRT model reads this arena: page-locked, its copies to the device
@@ -203,15 +344,19 @@ class FrontendPort:
             # replies of one iteration go together; inside a read, at the read's end.
             self.link.flush()
 
-    def _reply(self, rid: int, model: str, version: str,
-               tensors: list[tuple[str, str, tuple[int, ...], np.ndarray | RegionRef]]
-               ) -> None:
+    def _reply(self, rid: int, model: str, version: str, tensors: Tensors,
+               group: _Group | None = None) -> None:
+        """The result of request `rid`, or of every member of `group` (rid unused)."""
         # Called from the batcher's completion (or inside `submit`): it must not raise.
         if self.link is None or self.link.closed:
             return
         replies = self.link.outgoing().replies
         reply = replies.add()
-        reply.id = rid
+        if group is not None:
+            reply.member_ids.extend(group.rids)
+            reply.member_rows.extend(group.members)
+        else:
+            reply.id = rid
         reply.model = model
         reply.version = version
         inline_max = self.host.inline_max_bytes
@@ -227,7 +372,8 @@ class FrontendPort:
             for offset in offsets:
                 self.outputs.free(offset)
             del replies[-1]
-            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            for failed in group.rids if group is not None else (rid,):
+                self._reply_error(failed, grpc.StatusCode.INTERNAL, "internal error")
 
     def _reply_error(self, rid: int, code: grpc.StatusCode, message: str) -> None:
         if self.link is None or self.link.closed:
@@ -283,8 +429,8 @@ class FrontendPort:
 
     def on_lost(self, exc: BaseException | None) -> None:
         """The frontend is gone: its requests have nobody to answer; cancel them."""
-        for submitted in list(self.in_flight.values()):
-            submitted.cancel()
+        for rid in list(self.in_flight):
+            self._cancel(rid)
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("frontend closed the link before ready"))
             # Marked seen: its only waiter (the start) may have moved on when the
@@ -302,6 +448,71 @@ class FrontendPort:
             self.link.close()
         self.inputs.close()
         self.outputs.close()
+
+
+class _Same:
+    """Requests of one read that share a key (groups.entry), in order, with their rows
+    and input bytes."""
+
+    __slots__ = ("nbytes", "requests", "rows")
+
+    def __init__(self) -> None:
+        self.requests: list[link_pb2.Request] = []
+        self.rows: list[int] = []
+        self.nbytes: list[int] = []
+
+    def add(self, request: link_pb2.Request, rows: int, nbytes: int) -> None:
+        self.requests.append(request)
+        self.rows.append(rows)
+        self.nbytes.append(nbytes)
+
+    def chunks(self, limit: int) -> list[link_pb2.Request | _Same]:
+        """Cut into groups the model takes as one request (`limit` rows, 0: it never
+        groups; groups.MAX_GROUP_BYTES); a request alone stays a request."""
+        if len(self.requests) == 1 or limit <= 0:
+            return list(self.requests)
+        out: list[link_pb2.Request | _Same] = []
+        chunk = _Same()
+        rows = size = 0
+        for request, r, b in zip(self.requests, self.rows, self.nbytes, strict=True):
+            if chunk.requests and (rows + r > limit or size + b > groups.MAX_GROUP_BYTES):
+                out.append(chunk if len(chunk.requests) > 1 else chunk.requests[0])
+                chunk, rows, size = _Same(), 0, 0
+            chunk.add(request, r, b)
+            rows += r
+            size += b
+        out.append(chunk if len(chunk.requests) > 1 else chunk.requests[0])
+        return out
+
+
+class _Group:
+    """Requests of one read submitted as one (groups.py), as their frontend's port sees
+    them: their ids, deadlines and rows, and which were given up."""
+
+    __slots__ = ("cancelled", "deadlines", "members", "model", "port", "rids", "submitted")
+
+    def __init__(self, port: FrontendPort, messages: Sequence[link_pb2.Request],
+                 rows: Sequence[int]) -> None:
+        self.port = port
+        self.model = messages[0].model
+        self.rids = [m.id for m in messages]
+        self.deadlines = [m.deadline if m.HasField("deadline") else None for m in messages]
+        self.members = rows
+        self.cancelled: set[int] = set()
+        self.submitted: Submitted | None = None
+
+    def cancel(self, rid: int) -> None:
+        """Member `rid` was given up by its frontend (its client went, or its deadline
+        passed there); the group goes on for the others."""
+        if rid in self.cancelled or self.submitted is None:
+            return
+        self.cancelled.add(rid)
+        deadline = self.deadlines[self.rids.index(rid)]
+        self.submitted.cancel_member(
+            deadline is not None and now() + DEADLINE_CANCEL_SLACK_S >= deadline)
+
+    def finish(self, submitted: Submitted) -> None:
+        self.port._finish_group(self, submitted)
 
 
 class EngineHost:
@@ -332,7 +543,8 @@ class EngineHost:
         models and their health."""
         port = FrontendPort(self, index, pid, inputs, outputs)
         # Replies of the batches a read ran inline leave in one write at the read's end.
-        port.link = await open_link(sock, port.on_frame, port.on_lost, flush_on_read=True)
+        port.link = await open_link(sock, port.on_frame, port.on_lost, flush_on_read=True,
+                                    on_read_end=port.on_read_end)
         self.ports[index] = port
         port.send(K(kind=K.CONFIG, payload=encode_payload(self.config)))
         port.send(self._models())

@@ -32,7 +32,7 @@ from trtserve.service.engine.api import (
     check_version,
     wanted_outputs,
 )
-from trtserve.service.engine.batch import Request
+from trtserve.service.engine.batch import MemberOutcomes, Request, Validated
 from trtserve.service.engine.cuda_ipc import HostPinner
 from trtserve.service.engine.model import ModelRuntime
 from trtserve.service.engine.regions import (
@@ -91,6 +91,15 @@ class LocalEngine:
             return None
         return self._regions.host_pinner() if device_io else None
 
+    def group_rows(self, model: str) -> int:
+        """The most rows a group of `model`'s requests may stack (engine/groups.py): its
+        rows per request; 0 where it never groups (it does not batch, or is not served)."""
+        try:
+            runtime = self._repository.get(model)
+        except NotFound:
+            return 0
+        return runtime.max_rows_per_request if runtime.spec.batching else 0
+
     def describe(self, model: str, version: str = "") -> ModelDescription:
         runtime = self._repository.get(model)  # NotFound naming the served models
         if version:
@@ -148,21 +157,37 @@ class LocalEngine:
 
     def submit_arrays(self, model: str, version: str, arrays: dict[str, np.ndarray],
                       dtypes: dict[str, str], outputs: Sequence[str], deadline: float | None,
-                      more_follow: bool, on_done: Callable[[Submitted], None]) -> Submitted:
+                      more_follow: bool, on_done: Callable[[Submitted], None],
+                      members: tuple[int, ...] = (), validated: Validated | None = None
+                      ) -> Submitted:
         """`submit` of a request whose tensors are all arrays (no region, in or out),
         given as the engine process's host reads them from a frame: the same checks
         and outcome, without an InferRequest and its TensorIns to build and take
-        apart again (a few microseconds of the engine loop per request)."""
+        apart again (a few microseconds of the engine loop per request).
+
+        `members`: the arrays stack that many client requests of these rows each (a
+        group, engine/groups.py); their outcomes come from `Submitted.member_tensors`.
+        `validated`: what `validate` said of these arrays, if asked already.
+        """
         runtime = self._repository.get(model)
         if version:
             check_version(model, version, runtime.version)
         wanted = wanted_outputs(model, runtime.spec, outputs) if outputs \
             else runtime.spec.outputs
-        return self._submit(runtime, wanted, arrays, dtypes, deadline, more_follow, on_done)
+        return self._submit(runtime, wanted, arrays, dtypes, deadline, more_follow, on_done,
+                            members, validated)
+
+    def validate(self, model: str, arrays: Mapping[str, np.ndarray],
+                 dtypes: Mapping[str, str]) -> Validated:
+        """The model's validation of these arrays (NotFound, TensorError...), as `submit`
+        checks them."""
+        return self._repository.get(model).validate(arrays, dtypes)
 
     def _submit(self, runtime: ModelRuntime, wanted: Sequence[TensorSpec],
                 arrays: dict[str, np.ndarray], dtypes: dict[str, str], deadline: float | None,
-                more_follow: bool, on_done: Callable[[Submitted], None]) -> Submitted:
+                more_follow: bool, on_done: Callable[[Submitted], None],
+                members: tuple[int, ...] = (), validated: Validated | None = None
+                ) -> Submitted:
         nbytes = request_bytes(arrays)
         budget = self._budget
         submitted = Submitted(runtime.version, wanted)
@@ -176,11 +201,11 @@ class LocalEngine:
             submitted.settle(on_done)
 
         try:
-            validated = runtime.validate(arrays, dtypes)
+            validated = validated or runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
                 queued = runtime.submit(arrays, deadline, dtypes, validated, more_follow,
-                                        settled)
+                                        settled, members)
             except BaseException:
                 budget.release(nbytes)
                 raise
@@ -368,6 +393,10 @@ class LocalEngine:
             listener(model, serving)
 
 
+# A result as the engine process's host encodes it: each output's (name, dtype, shape, data).
+Tensors = list[tuple[str, str, tuple[int, ...], np.ndarray | RegionRef]]
+
+
 class Submitted:
     """A request `LocalEngine.submit` took: done, cancel, and its result (`tensors`)."""
 
@@ -399,12 +428,50 @@ class Submitted:
             result: InferResult = value
             return result.version, [(name, t.dtype, t.shape, t.data)
                                     for name, t in result.outputs.items()]
+        return self._version, self._tensors(value)
+
+    def _tensors(self, value: Mapping[str, Any]) -> Tensors:
         tensors = []
         for tensor_spec in self._wanted:
             array = value[tensor_spec.name]
             tensors.append((tensor_spec.name, tensor_spec.dtype, array.shape,
                             array.data if isinstance(array, TensorOut) else array))
-        return self._version, tensors
+        return tensors
+
+    def member_tensors(self, members: Sequence[int], whole: bool = False) -> tuple[
+            str, Tensors | None, list[Tensors | BaseException]]:
+        """A group's result, once finished: the model's version, then either (with
+        `whole`, when the group ran as one) its outputs whole, the members' rows
+        stacked, as `tensors` gives them, or, per member (of `members` rows each, in
+        order), its outputs (views of the group's rows) or its own error. Raises what
+        the whole group ended with."""
+        assert self.future is not None and self._version is not None
+        value = self.future.result()
+        if isinstance(value, MemberOutcomes):
+            return self._version, None, [e if isinstance(e, BaseException)
+                                         else self._tensors(e) for e in value]
+        if whole:
+            return self._version, self._tensors(value), []
+        per_member: list[Tensors | BaseException] = []
+        start = 0
+        for rows in members:
+            end = start + rows
+            per_member.append(self._tensors({name: array[start:end]
+                                             for name, array in value.items()}))
+            start = end
+        return self._version, None, per_member
+
+    def cancel_member(self, expired: bool) -> None:
+        """A group's member was given up (`expired`: past its own deadline): counted as
+        such; the group itself is cancelled once all its members are."""
+        request = self.request
+        if request is None or request.answered:
+            return
+        request.members_cancelled += 1
+        if expired:
+            request.members_expired += 1
+        if request.members_cancelled >= request.count:
+            request.cancel()
 
     def cancel(self) -> None:
         """Take the request out of its batch (if not run yet); it ends CancelledError."""

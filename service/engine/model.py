@@ -33,7 +33,7 @@ from trtserve.service.engine.api import (
     ModelDescription,
     ModelSnapshot,
 )
-from trtserve.service.engine.batch import Batch, Outputs, Request, Validated
+from trtserve.service.engine.batch import Batch, MemberOutcomes, Outputs, Request, Validated
 from trtserve.service.engine.batcher import Batcher, BatchPolicy
 from trtserve.service.engine.scheduler import Scheduler
 from trtserve.service.engine.stats import ModelCounters, Samples, WorkerStats
@@ -276,7 +276,8 @@ class ModelRuntime:
 
     def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
                dtypes: Mapping[str, str], validated: Validated | None,
-               more_follow: bool, on_done: Callable[[Request], None]) -> Request:
+               more_follow: bool, on_done: Callable[[Request], None],
+               members: tuple[int, ...] = ()) -> Request:
         """`infer` without a coroutine: the request queued; `on_done(request)` once its
         future is done (at once, before this returns, when its batch ran inline; for a
         request cancelled while its batch runs, once that batch is done: its inputs may
@@ -290,38 +291,57 @@ class ModelRuntime:
         together. `Request.cancel()` (not the future's) takes the request out of
         its batch, as cancelling `infer` does; the outcome is counted as `infer`
         counts it, before `on_done`.
+
+        `members`: the rows of each client request a group stacks (engine/groups.py);
+        the group is counted as that many requests, and its answer may be
+        `MemberOutcomes` (see `_answer_parts`).
         """
         return self._queue(inputs, deadline, dtypes, validated, more_follow,
-                           on_settled=lambda request: self._settled(request, on_done))
+                           on_settled=lambda request: self._settled(request, on_done),
+                           members=members)
 
     def _queue(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
                dtypes: Mapping[str, str] | None, validated: Validated | None,
                more_follow: bool, targets: Targets | None = None,
-               on_settled: Callable[[Request], None] | None = None) -> Request:
+               on_settled: Callable[[Request], None] | None = None,
+               members: tuple[int, ...] = ()) -> Request:
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
         if self._batcher is None or not self.ready:
             raise Unavailable(f"model '{self.name}' is not ready")
         rows, shape_key = validated or self.validate(inputs, dtypes or {})
+        count = len(members) or 1
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
                           self._batcher.loop.create_future(), targets or {},
-                          on_settled=on_settled)
+                          on_settled=on_settled, count=count, members=members)
         try:
             self._batcher.submit(request, more_follow)
         except ResourceExhausted:
-            self.counters.rejected_queue_full += 1
+            self.counters.rejected_queue_full += count
             raise
-        self.counters.requests += 1
+        self.counters.requests += count
         return request
 
     def _settled(self, request: Request, on_done: Callable[[Request], None]) -> None:
         future = request.future
+        # A group's members cancelled while it went on are counted as given up, not
+        # with the group's outcome.
+        given_up = request.members_cancelled
         if future.cancelled():
-            self._count_cancelled(request)
-        elif isinstance(error := future.exception(), ServeError):
-            self._count_failed(request, error)
-        elif error is None:
-            self._count_success(request)
+            if request.members:
+                self._count_given_up(request)
+            else:
+                self._count_cancelled(request)
+        else:
+            if isinstance(error := future.exception(), ServeError):
+                self._count_failed(request, error, request.count - given_up)
+            elif error is None:
+                if isinstance(outcomes := future.result(), MemberOutcomes):
+                    self._count_members(request, outcomes, given_up)
+                else:
+                    self._count_success(request, request.count - given_up)
+            if given_up:
+                self._count_given_up(request)
         if request.running:
             # Cancelled while its batch runs: the caller's memory (an arena range the
             # inputs view) is given back, by on_done, only once that batch is done.
@@ -335,19 +355,40 @@ class ModelRuntime:
             # noticed the deadline first, the client got DEADLINE_EXCEEDED.
             self._count_failed(request, DEADLINE)
         else:
-            self.counters.cancelled += 1
+            self.counters.cancelled += request.count
 
-    def _count_failed(self, request: Request, error: ServeError) -> None:
+    def _count_failed(self, request: Request, error: ServeError,
+                      count: int | None = None) -> None:
+        count = request.count if count is None else count
         if isinstance(error, DeadlineExceeded):
-            self.counters.deadline_exceeded += 1
-        self.counters.failure += 1
-        self.counters.failure_s += now() - request.arrival
+            self.counters.deadline_exceeded += count
+        self.counters.failure += count
+        self.counters.failure_s += (now() - request.arrival) * count
 
-    def _count_success(self, request: Request) -> None:
+    def _count_success(self, request: Request, count: int | None = None) -> None:
+        count = request.count if count is None else count
         elapsed = now() - request.arrival
-        self.counters.success += 1
-        self.counters.success_s += elapsed
-        self.counters.success_histogram.observe(elapsed)
+        counters = self.counters
+        counters.success += count
+        counters.success_s += elapsed * count
+        for _ in range(count):
+            counters.success_histogram.observe(elapsed)
+
+    def _count_given_up(self, request: Request) -> None:
+        """A group's members cancelled while the group went on (its own count is theirs
+        when the whole group was cancelled)."""
+        expired = request.members_expired
+        if expired:
+            self._count_failed(request, DEADLINE, expired)
+        self.counters.cancelled += request.members_cancelled - expired
+
+    def _count_members(self, request: Request, outcomes: MemberOutcomes, given_up: int) -> None:
+        failed = [e for e in outcomes if isinstance(e, BaseException)]
+        if (answered := len(outcomes) - len(failed) - given_up) > 0:
+            self._count_success(request, answered)
+        for error in failed:
+            self._count_failed(request, error if isinstance(error, ServeError)
+                               else BackendError(str(error)), 1)
 
     def validate(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
         """The request's rows and the shape key of batches it may join; TensorError naming
@@ -499,7 +540,7 @@ class ModelRuntime:
                 log.exception("model '%s': giving back a cancelled request's memory "
                               "failed", self.name)
         if (result := outcome.result) is not None:
-            self._succeeded(index, batch.rows, len(batch.requests), result)
+            self._succeeded(index, batch.rows, batch.count, result)
             key = (batch.rows, batch.shape_key)
             if key in self._run_s or len(self._run_s) < RUN_TIMES_KEPT:
                 self._run_s[key] = result.input_s + result.compute_s + result.output_s
@@ -563,8 +604,12 @@ class ModelRuntime:
         index = worker.index
         failed = []
         for request, part in zip(outcome.batch.requests, outcome.parts, strict=True):
-            if isinstance(part, BatchResult):
-                self._succeeded(index, request.rows, 1, part)
+            if isinstance(part, list):  # a group, its members run one by one
+                request.answer(MemberOutcomes(self._member_outcome(index, r, p)
+                                              for r, p in zip(request.members, part,
+                                                              strict=True)))
+            elif isinstance(part, BatchResult):
+                self._succeeded(index, request.rows, request.count, part)
                 if not self.spec.batching:
                     self._note_output_shapes(part.outputs)
                 request.answer({**part.outputs, **{name: array for (_, name), array
@@ -577,6 +622,19 @@ class ModelRuntime:
                 failed.append(request)
         if outcome.error is not None:
             self._fail_batch(worker, outcome, failed)
+
+    def _member_outcome(self, index: int, rows: int, part: BatchResult | BaseException
+                        ) -> Outputs | BaseException:
+        """One member of a group, run alone: its outputs, or its error as a request's."""
+        if isinstance(part, BatchResult):
+            self._succeeded(index, rows, 1, part)
+            return part.outputs
+        if isinstance(part, InputRejected):
+            self.worker_stats[index].rejected += 1
+            return InvalidArgument(f"model '{self.name}' cannot run this input: {part.reason}")
+        self.counters.errors += 1
+        return BackendError(f"model '{self.name}': inference failed on worker {index} "
+                            f"({type(part).__name__}); the request was not completed")
 
     def _fail_batch(self, worker: Worker, outcome: Outcome, requests: list[Request]) -> None:
         """The worker's own failure: its `requests` fail with INTERNAL, and it may leave."""
@@ -596,7 +654,7 @@ class ModelRuntime:
             self._take_out(worker, f"{failures} consecutive failures, the last {kind}")
         error = BackendError(f"model '{self.name}': inference failed on worker {index} "
                              f"({kind}); the batch of {rows} rows was not completed")
-        self.counters.errors += len(requests)
+        self.counters.errors += sum(r.count for r in requests)
         for request in requests:
             request.fail(error)
 

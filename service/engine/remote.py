@@ -20,10 +20,12 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
+import numpy as np
 
 from trtserve.service import echo
 from trtserve.service.config import ServerConfig
@@ -90,6 +92,11 @@ class RemoteEngine:
         # Set whenever no request is waiting for the engine's reply.
         self._idle = asyncio.Event()
         self._idle.set()
+        # How long a lone request's frontend polls for its reply (_spin); set from the
+        # server config once connected.
+        self.spin_s = 0.0
+        self._spinning = False
+        self._spin_until = 0.0
 
     async def connect(self, sock: socket.socket) -> ServerConfig:
         """Open the link; returns the server config the engine sends first."""
@@ -155,9 +162,14 @@ class RemoteEngine:
                 self._inputs.free(offset)
             del frame.requests[-1]
             raise
-        future: asyncio.Future[InferResult] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[InferResult] = loop.create_future()
         self._pending[rid] = _Pending(future, offsets)
         self._idle.clear()
+        if len(self._pending) == 1 and self.spin_s > 0 and not self._spinning:
+            self._spinning = True
+            self._spin_until = time.monotonic() + self.spin_s
+            loop.call_soon(self._spin)
         try:
             return await future
         except asyncio.CancelledError:
@@ -166,6 +178,19 @@ class RemoteEngine:
             if rid in self._pending and not link.closed:
                 link.outgoing().cancels.append(rid)
             raise
+
+    def _spin(self) -> None:
+        """Keep the loop polling (a callback always ready: its waits take no time) while
+        the request that started this is unanswered, up to `spin_s`.
+
+        At concurrency 1 a frontend otherwise sleeps until the engine's reply wakes it:
+        a wake-up on another core and Python running cold after it, the larger part of
+        what a frontend adds to a request (docs/processes.md). Only a frontend with a
+        lone request spins; under load the loop has work and never sleeps anyway."""
+        if self._pending and time.monotonic() < self._spin_until:
+            asyncio.get_running_loop().call_soon(self._spin)
+        else:
+            self._spinning = False
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
         link = self._link
@@ -246,6 +271,9 @@ class RemoteEngine:
                 self._control(control)
         releases: list[int] = []
         for reply in frame.replies:
+            if reply.member_ids:
+                self._group_reply(reply, releases)
+                continue
             pending = self._pending.pop(reply.id, None)
             if pending is None:
                 continue
@@ -264,6 +292,25 @@ class RemoteEngine:
             out = self._link.outgoing().releases
             for offset in releases:
                 out.add(offset=offset)
+
+    def _group_reply(self, reply: link_pb2.Reply, releases: list[int]) -> None:
+        """The results of a group (engine/groups.py): each member gets its own rows of
+        the stacked outputs (views of one copy)."""
+        outcome = self._outcome(reply, releases)
+        start = 0
+        for rid, rows in zip(reply.member_ids, reply.member_rows, strict=True):
+            end = start + rows
+            pending = self._pending.pop(rid, None)
+            if pending is not None:
+                for offset in pending.offsets:
+                    self._inputs.free(offset)
+                if pending.future.done():
+                    pass
+                elif isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(_rows(outcome, start, end))
+            start = end
 
     def _outcome(self, reply: link_pb2.Reply, releases: list[int]) -> InferResult | ServeError:
         if reply.code:
@@ -325,3 +372,12 @@ class RemoteEngine:
     def close(self) -> None:
         if self._link is not None:
             self._link.close()
+
+
+def _rows(result: InferResult, start: int, end: int) -> InferResult:
+    """A member's share of a group's result: rows [start, end) of every output (views)."""
+    outputs = {}
+    for name, t in result.outputs.items():
+        assert isinstance(t.data, np.ndarray)  # a group never writes into regions
+        outputs[name] = TensorOut(t.dtype, (end - start, *t.shape[1:]), t.data[start:end])
+    return InferResult(result.model, result.version, outputs)

@@ -33,7 +33,7 @@ from trtserve.service.backends.base import (
     Targets,
     WorkerInfo,
 )
-from trtserve.service.engine.batch import Batch
+from trtserve.service.engine.batch import Batch, Request
 from trtserve.service.errors import InputRejected
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,8 @@ class Outcome:
     # Set when the backend refused the batch's input and its requests ran again
     # one by one: per request of the batch, its own result or its error (an
     # InputRejected, or `error` for those a worker failure left unrun).
-    parts: list[BatchResult | BaseException] | None = None
+    # A group's entry is its members' outcomes, each as a request's would be.
+    parts: list[BatchResult | BaseException | list[BatchResult | BaseException]] | None = None
 
 
 class _Rebuild:
@@ -205,29 +206,61 @@ class Worker:
         return outcome
 
     def _run_alone(self, executor: Executor, batch: Batch, rejected: InputRejected) -> Outcome:
-        """Run each request of a refused batch alone, so only those at fault fail."""
-        if len(batch.requests) == 1:
+        """Run each request of a refused batch alone, so only those at fault fail; a
+        group (Request.members) runs member by member, each member getting its own
+        outcome, as it would have alone."""
+        if len(batch.requests) == 1 and not batch.requests[0].members:
             # The request's fault, answered INVALID_ARGUMENT: not worth a warning each.
             log.info("%s: the backend refused a request's input: %s", self.name,
                      rejected.reason)
             return Outcome(batch, None, parts=[rejected])
-        parts: list[BatchResult | BaseException] = []
+        parts: list[BatchResult | BaseException | list[BatchResult | BaseException]] = []
         for i, request in enumerate(batch.requests):
+            if request.members:
+                members = self._members_alone(executor, request)
+                if isinstance(members, Exception):
+                    outcome = self._failed(batch, members)
+                    outcome.parts = parts + [members] * (len(batch.requests) - i)
+                    return outcome
+                parts.append(members)
+                continue
             try:
-                parts.append(self._checked(_execute(
-                    executor, {name: [array] for name, array in request.inputs.items()},
-                    request.rows, [request.targets] if request.targets else None), request.rows))
-            except InputRejected as e:
-                log.info("%s: the backend refused a request's input: %s", self.name,
-                         e.reason)
-                parts.append(e)
+                parts.append(self._alone(executor, request.inputs, request.rows,
+                                         request.targets))
             except Exception as e:
-                log.exception("%s: a request of %d rows failed on its own", self.name,
-                              request.rows)
                 outcome = self._failed(batch, e)
                 outcome.parts = parts + [e] * (len(batch.requests) - i)
                 return outcome
         return Outcome(batch, None, parts=parts)
+
+    def _alone(self, executor: Executor, inputs: Mapping[str, np.ndarray], rows: int,
+               targets: Targets | None) -> BatchResult | InputRejected:
+        """One request run alone: its result, or the backend's refusal of its input;
+        raises the worker's own failures."""
+        try:
+            return self._checked(_execute(executor, {name: [array] for name, array
+                                                     in inputs.items()},
+                                          rows, [targets] if targets else None), rows)
+        except InputRejected as e:
+            log.info("%s: the backend refused a request's input: %s", self.name, e.reason)
+            return e
+        except Exception:
+            log.exception("%s: a request of %d rows failed on its own", self.name, rows)
+            raise
+
+    def _members_alone(self, executor: Executor, group: Request
+                       ) -> list[BatchResult | BaseException] | Exception:
+        """Each member of a group run alone, or the worker's failure."""
+        results: list[BatchResult | BaseException] = []
+        start = 0
+        for rows in group.members:
+            inputs = {name: array[start:start + rows] for name, array in group.inputs.items()}
+            start += rows
+            try:
+                results.append(self._alone(executor, inputs, rows, None))
+            except Exception as e:
+                return e
+        return results
 
     def _failed(self, batch: Batch, error: Exception) -> Outcome:
         """The worker's own failure: a context or stream may be in a bad state, start afresh."""

@@ -40,8 +40,12 @@ class Link(asyncio.Protocol):
 
     def __init__(self, on_frame: Callable[[Any], None],
                  on_lost: Callable[[BaseException | None], None],
-                 flush_on_read: bool = False) -> None:
+                 flush_on_read: bool = False,
+                 on_read_end: Callable[[], None] | None = None) -> None:
         self._on_frame = on_frame
+        # Called once the frames of one read are parsed: a receiver that gathers the
+        # frames' messages acts on them together there (the engine's groups).
+        self._on_read_end = on_read_end
         # Write what the frames of a read produced at the read's end rather than at
         # the end of the loop iteration: at concurrency 1 that is one loop callback
         # fewer between a request's arrival and its answer (the engine's side).
@@ -81,6 +85,8 @@ class Link(asyncio.Protocol):
             self._on_frame(Frame.FromString(body))
         if start:
             del buffer[:start]
+            if self._on_read_end is not None:
+                self._on_read_end()
         if self._flush_on_read and self._pending is not None:
             self.flush()
 
@@ -116,11 +122,12 @@ class Link(asyncio.Protocol):
 
 async def open_link(sock: Any, on_frame: Callable[[Any], None],
                     on_lost: Callable[[BaseException | None], None],
-                    flush_on_read: bool = False) -> Link:
+                    flush_on_read: bool = False,
+                    on_read_end: Callable[[], None] | None = None) -> Link:
     """Serve the link over a connected Unix socket (one end of a socketpair)."""
     loop = asyncio.get_running_loop()
     _, link = await loop.create_unix_connection(
-        lambda: Link(on_frame, on_lost, flush_on_read), sock=sock)
+        lambda: Link(on_frame, on_lost, flush_on_read, on_read_end), sock=sock)
     return link
 
 

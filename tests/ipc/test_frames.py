@@ -85,8 +85,9 @@ class RawFrontend:
 
     def _on_frame(self, frame: Any) -> None:
         for reply in frame.replies:
-            assert reply.id not in self.replies, f"two replies to request {reply.id}"
-            self.replies[reply.id] = reply
+            for rid, one in _members(reply) if reply.member_ids else [(reply.id, reply)]:
+                assert rid not in self.replies, f"two replies to request {rid}"
+                self.replies[rid] = one
         self._changed.set()
 
     async def wait_for(self, count: int) -> dict[int, Any]:
@@ -99,6 +100,23 @@ class RawFrontend:
         assert self.link is not None
         body = frame.SerializeToString()
         self.link._transport.write(len(body).to_bytes(4, "little") + body)
+
+
+def _members(reply: Any) -> list[tuple[int, Any]]:
+    """A group's reply (engine/groups.py) as the reply each member would have had alone:
+    its id, and its rows of every (inline) output."""
+    members = []
+    start = 0
+    for rid, rows in zip(reply.member_ids, reply.member_rows, strict=True):
+        one = link_pb2.Reply(id=rid, model=reply.model, version=reply.version)
+        for tensor in reply.outputs:
+            dtype, _, data = codec.take(tensor, None, copy=True)
+            assert isinstance(data, np.ndarray)
+            part = data[start:start + rows]
+            codec.put(one.outputs.add(), tensor.name, dtype, part.shape, part, None)
+        members.append((rid, one))
+        start += rows
+    return members
 
 
 def _add(frame: Any, rid: int, x: np.ndarray, model: str = "plus1") -> Any:

@@ -211,3 +211,47 @@ async def test_array_requests_keep_the_version_output_and_deadline_checks(pair: 
     assert list(result.outputs) == ["output"]
     assert result.outputs["output"].dtype == "FP32"
     assert result.outputs["output"].shape == (2, 16)
+
+
+async def test_a_lone_request_polls_for_its_reply_for_at_most_spin_s() -> None:
+    """While its only request is at the engine the frontend's loop keeps polling (no
+    sleep to be woken from) for `spin_s`, then sleeps; with others in flight it never
+    starts, and 0 turns it off."""
+    backend = ControlledBackend()
+    repository = ModelRepository()
+    await repository.add(backend.runtime(controlled_model(max_queue_delay_us=0)))
+    controls = backend.controls
+    controls.hold()
+    loop = asyncio.get_running_loop()
+    try:
+        async for p in _pair(repository, "controlled"):
+            remote = p.remote
+
+            def request() -> InferRequest:
+                x = np.ones((1, WIDTH), np.float32)
+                return InferRequest(model="controlled", inputs={INPUT: TensorIn(
+                    "FP32", x.shape, x)})
+
+            remote.spin_s = 0.05
+            task = asyncio.ensure_future(remote.infer(request()))
+            await asyncio.sleep(0)
+            assert remote._spinning
+            start = loop.time()
+            while remote._spinning:
+                await asyncio.sleep(0.005)
+            # It stopped on its own, at its budget, with the request still unanswered.
+            assert 0.03 <= loop.time() - start <= 1.0 and not task.done()
+            second = asyncio.ensure_future(remote.infer(request()))
+            await asyncio.sleep(0)
+            assert not remote._spinning  # not a lone request: never started
+            controls.release()
+            await asyncio.gather(task, second)
+            remote.spin_s = 0.0
+            controls.hold()
+            third = asyncio.ensure_future(remote.infer(request()))
+            await asyncio.sleep(0)
+            assert not remote._spinning
+            controls.release()
+            await third
+    finally:
+        controls.release()

@@ -1,0 +1,117 @@
+"""Requests the engine process reads together, queued together: groups.
+
+Under load a read of a frontend's link brings several requests of the same
+model with the same shapes (its clients' calls of one frontend loop pass, and
+the frames that queued while the engine was busy). Each costs the engine's one
+loop thread the same Python (validation, the byte budget, a batcher entry, its
+settling, counting), and that loop thread is what bounds the server's
+throughput with many frontends. So the host stacks such requests along the
+batch dimension into one group, which the batcher queues as one request of
+their rows and the model counts as that many requests; its outputs are cut
+back into each member's rows for the replies.
+
+What a member would get alone, it still gets:
+- the same outputs (rows are independent along the batch dimension; a model
+  that does not batch is never grouped);
+- its own error where its input is at fault: a group is formed only of
+  requests that pass validation together, and a batch the backend refuses runs
+  member by member (`Worker._run_alone`), each with its own outcome;
+- its own cancellation and deadline: a member given up is answered CANCELLED
+  while the others go on; the group is cancelled once all its members are, and
+  its deadline is the latest of theirs (the frontend enforces each member's).
+
+Nothing waits to form a group: at concurrency 1 a read brings one request,
+which goes on alone as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from trtserve.client.dtypes import DTYPES
+from trtserve.service.engine.api import RegionRef
+from trtserve.service.errors import InvalidArgument
+from trtserve.service.ipc import codec
+from trtserve.service.ipc.shm import Arena
+
+# A group's inputs are copied once into their stacked arrays: past this size a
+# request's per-request Python is small beside its bytes, and it goes on alone.
+MAX_GROUP_BYTES = 4 << 20
+
+Key = tuple[Any, ...]
+
+
+def entry(message: Any, now_s: float) -> tuple[Key, int, int] | None:
+    """What requests must share to be stacked (model, version, outputs asked, and each
+    input's name, dtype, where its bytes lie and its shape past the batch dimension),
+    the request's rows and its input bytes; None: never grouped (a client region, in
+    or out; a BYTES tensor, whose elements have no fixed size; inputs that disagree
+    on rows, which validation tells it alone; past its deadline at `now_s`, which the
+    batcher drops). One pass over the message: this runs for every request of a read
+    of several, in the engine's loop."""
+    if message.output_regions or (message.HasField("deadline") and message.deadline <= now_s):
+        return None
+    key: list[Any] = [message.model, message.version, *message.outputs, None]
+    rows = -1
+    nbytes = 0
+    for t in message.inputs:
+        which = t.WhichOneof("data")
+        if which == "inline":
+            nbytes += len(t.inline)
+        elif which == "arena":
+            nbytes += t.arena.byte_size
+        else:
+            return None
+        shape = t.shape[:]
+        dtype = t.dtype
+        if not shape or dtype == "BYTES":
+            return None
+        if rows < 0:
+            rows = shape[0]
+        elif shape[0] != rows:
+            return None
+        shape[0] = which
+        key += (t.name, dtype, *shape)
+    if rows < 0:
+        return None
+    return tuple(key), rows, nbytes
+
+
+def stack(messages: Sequence[Any], rows: Sequence[int], arena: Arena | None
+          ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The members' inputs stacked along dimension 0 (one copy) and each input's dtype.
+    `messages` share a key (`entry`), so their inputs come in the same order, of the
+    same dtypes and trailing shapes, inline or in the arena alike."""
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    total = sum(rows)
+    for i, t in enumerate(messages[0].inputs):
+        dtype = DTYPES.get(t.dtype)
+        if dtype is None:
+            raise InvalidArgument(f"tensor '{t.name}': unknown dtype {t.dtype!r}")
+        shape = (total, *t.shape[1:])
+        if t.WhichOneof("data") == "inline":
+            data = b"".join([m.inputs[i].inline for m in messages])
+            arrays[t.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        else:
+            parts = []
+            for m in messages:
+                _, _, part = codec.take(m.inputs[i], arena, copy=False)
+                assert not isinstance(part, RegionRef)  # entry keeps regions out
+                parts.append(part)
+            arrays[t.name] = np.concatenate(parts).reshape(shape)
+        dtypes[t.name] = t.dtype
+    return arrays, dtypes
+
+
+def deadline_of(messages: Sequence[Any]) -> float | None:
+    """The latest of the members' deadlines; None if any has none (it may wait on)."""
+    latest = 0.0
+    for m in messages:
+        if not m.HasField("deadline"):
+            return None
+        latest = max(latest, m.deadline)
+    return latest
