@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import pytest
 from service.ipc import codec
 from service.ipc.shm import Arena
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model, expected
+from tests.doubles.unary_call import until
 from tests.ipc.test_frames import ARENA_BYTES, FEATURES, RawFrontend, _add, _output, _x
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.host import EngineHost
@@ -178,9 +178,11 @@ async def test_a_member_past_its_deadline_is_not_grouped_and_is_dropped(
     assert (1, 1) in groups
 
 
+Controlled = tuple[EngineHost, ControlledBackend, ModelRuntime, socket.socket]
+
+
 @pytest.fixture
-async def controlled() -> AsyncIterator[tuple[EngineHost, ControlledBackend, ModelRuntime,
-                                              socket.socket]]:
+async def controlled() -> AsyncIterator[Controlled]:
     backend = ControlledBackend()
     repository = ModelRepository()
     await repository.add(backend.runtime(controlled_model(max_queue_delay_us=0)))
@@ -203,27 +205,28 @@ def _frame(rids: range, value: Callable[[int], float] = float) -> tuple[Any, dic
     return frame, xs
 
 
-async def _until(check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 10
-    while not check():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
-
-
-async def test_a_member_cancelled_while_its_group_runs_is_answered_cancelled_alone(
-        controlled: tuple[EngineHost, ControlledBackend, ModelRuntime, socket.socket]
-        ) -> None:
-    host, backend, runtime, sock = controlled
+async def _running(controlled: Controlled, rids: range) -> tuple[Any, RawFrontend,
+                                                                 dict[int, Any]]:
+    """Batches held at the gate; the requests `rids` sent in one frame and their batch
+    running: the frontend's port, the frontend, and each request's x."""
+    host, backend, _, sock = controlled
     (port,) = host.ports.values()
     frontend = await RawFrontend().open(sock)
     backend.controls.hold()
-    frame, xs = _frame(range(1, 4))
+    frame, xs = _frame(rids)
     frontend.send(frame)
-    assert await asyncio.to_thread(backend.controls.started.wait, 10)  # the group runs
+    assert await asyncio.to_thread(backend.controls.started.wait, 10)
+    return port, frontend, xs
+
+
+async def test_a_member_cancelled_while_its_group_runs_is_answered_cancelled_alone(
+        controlled: Controlled) -> None:
+    _, backend, runtime, _ = controlled
+    port, frontend, xs = await _running(controlled, range(1, 4))  # the group runs
     cancel = link_pb2.Frame()
     cancel.cancels.append(2)
     frontend.send(cancel)
-    await _until(lambda: 2 not in port.in_flight)
+    await until(lambda: 2 not in port.in_flight)
     backend.controls.release()
     replies = await frontend.wait_for(3)
     assert _code(replies[2]) == grpc.StatusCode.CANCELLED
@@ -235,18 +238,12 @@ async def test_a_member_cancelled_while_its_group_runs_is_answered_cancelled_alo
 
 
 async def test_a_group_whose_members_are_all_cancelled_leaves_its_batch_unrun(
-        controlled: tuple[EngineHost, ControlledBackend, ModelRuntime, socket.socket]
-        ) -> None:
-    host, backend, runtime, sock = controlled
-    (port,) = host.ports.values()
-    frontend = await RawFrontend().open(sock)
-    backend.controls.hold()
-    first, _ = _frame(range(1, 2))
-    frontend.send(first)
-    assert await asyncio.to_thread(backend.controls.started.wait, 10)  # the worker is busy
+        controlled: Controlled) -> None:
+    _, backend, runtime, _ = controlled
+    port, frontend, _ = await _running(controlled, range(1, 2))  # the worker is busy
     queued, _ = _frame(range(2, 5), value=lambda rid: 1000.0 + rid)
     frontend.send(queued)
-    await _until(lambda: len(port.in_flight) == 4)
+    await until(lambda: len(port.in_flight) == 4)
     cancels = link_pb2.Frame()
     cancels.cancels.extend([2, 3, 4])
     frontend.send(cancels)
