@@ -97,6 +97,7 @@ class RemoteEngine:
         self.spin_s = 0.0
         self._spinning = False
         self._spin_until = 0.0
+        self._spin_frames = 0
 
     async def connect(self, sock: socket.socket) -> ServerConfig:
         """Open the link; returns the server config the engine sends first."""
@@ -169,6 +170,7 @@ class RemoteEngine:
         if len(self._pending) == 1 and self.spin_s > 0 and not self._spinning:
             self._spinning = True
             self._spin_until = time.monotonic() + self.spin_s
+            self._spin_frames = link.frames_in
             loop.call_soon(self._spin)
         try:
             return await future
@@ -186,8 +188,11 @@ class RemoteEngine:
         At concurrency 1 a frontend otherwise sleeps until the engine's reply wakes it:
         a wake-up on another core and Python running cold after it, the larger part of
         what a frontend adds to a request (docs/processes.md). Only a frontend with a
-        lone request spins; under load the loop has work and never sleeps anyway."""
-        if self._pending and time.monotonic() < self._spin_until:
+        lone request spins, and only until the engine's next frame: under load the
+        loop has work and frames come often."""
+        link = self._link
+        if self._pending and link is not None and link.frames_in == self._spin_frames \
+                and time.monotonic() < self._spin_until:
             asyncio.get_running_loop().call_soon(self._spin)
         else:
             self._spinning = False
