@@ -504,9 +504,11 @@ class ModelRuntime:
         every request would become a batch of its own. Waiting costs about one
         quick batch's time and the batch takes along what queues meanwhile.
         Behind a slow batch it does not wait, nor behind one that has stalled
-        (QUICK_HOLD_S).
+        (QUICK_HOLD_S); nor does a full batch, which can take nothing along: under
+        load, full quick batches run side by side on every worker rather than one at
+        a time.
         """
-        if self._slow_in_flight or not self._quick(batch):
+        if self._slow_in_flight or batch.rows >= self.max_batch_size or not self._quick(batch):
             return 0.0
         first = min((at for at, n in zip(self._dispatched_at, self._in_flight, strict=True)
                      if n), default=None)

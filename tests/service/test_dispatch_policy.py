@@ -94,6 +94,20 @@ async def test_a_quick_batch_waits_for_the_quick_batch_in_flight_until_it_has_st
     assert runtime.hold_s(_batch(1)) == 0.0
 
 
+async def test_a_full_quick_batch_does_not_wait_for_the_quick_batch_in_flight(served):
+    """Before, it waited like any quick batch: with requests of 8 rows and batches of 64,
+    one batch at a time ran and the other workers sat idle (session 10, H100 host)."""
+    runtime, controls, clock = served
+    await runtime.infer({INPUT: _x(1)})
+    await runtime.infer({INPUT: _x(8)})  # measured: 1- and 8-row (full) batches are quick
+    first = await _in_flight(runtime, controls, 1)
+    clock.t = START + 0.001
+    assert runtime.hold_s(_batch(1)) > 0  # it can still grow: it waits
+    assert runtime.hold_s(_batch(8)) == 0.0  # full (max_batch_size 8): it goes
+    controls.release()
+    await first
+
+
 async def test_behind_a_slow_batch_a_quick_batch_does_not_wait(served):
     runtime, controls, _ = served
     await runtime.infer({INPUT: _x(1)})  # 1 row: quick; 3 rows: never measured, slow
