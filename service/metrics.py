@@ -142,6 +142,12 @@ def families(snapshot: StatsSnapshot,
     shm_host = f.counter("model_shared_memory_host_copies", "Region tensors copied through "
                          "host memory because region and backend live on different sides "
                          "(a CUDA region on the CPU backend).", MODEL_LABELS)
+    grouped = f.counter("model_grouped_requests", "Requests of equal shapes the engine "
+                        "process read together and queued as one group (with frontend "
+                        "processes; also counted in model_requests).", MODEL_LABELS)
+    groups = f.counter("model_request_groups", "Groups of requests the engine process "
+                       "queued as one (model_grouped_requests over this: their mean size).",
+                       MODEL_LABELS)
     shm_paths = f.counter("model_shared_memory_batches", "Batches with shared-memory tensors "
                           "by how they ran: bound (addresses set, no copy) or copied.",
                           [*MODEL_LABELS, "path"])
@@ -205,6 +211,8 @@ def families(snapshot: StatsSnapshot,
         shm_bytes.add_metric([name, "output"], c.shm_output_bytes)
         shm_avoided.add_metric([name], c.copies_avoided)
         shm_host.add_metric([name], c.host_copies)
+        grouped.add_metric([name], c.grouped_requests)
+        groups.add_metric([name], c.groups)
         for path in ("bound", "copied"):
             shm_paths.add_metric([name, path], c.io_paths.get(path, 0))
         bounds = _batch_size_bounds(description.batching.max_batch_size)

@@ -319,7 +319,11 @@ class ModelRuntime:
         except ResourceExhausted:
             self.counters.rejected_queue_full += count
             raise
-        self.counters.requests += count
+        counters = self.counters
+        counters.requests += count
+        if members:
+            counters.groups += 1
+            counters.grouped_requests += count
         return request
 
     def _settled(self, request: Request, on_done: Callable[[Request], None]) -> None:

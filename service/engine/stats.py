@@ -342,6 +342,10 @@ class ModelCounters:
     # Batches with shared-memory tensors, by how the executor ran them
     # (BatchResult.io_path: "bound", "copied").
     io_paths: Counter[str] = field(default_factory=Counter)
+    # Requests the engine process read together and queued as one (engine/groups.py):
+    # the groups, and the requests in them (also counted in `requests`).
+    groups: int = 0
+    grouped_requests: int = 0
 
     def snapshot(self) -> ModelCountersSnapshot:
         return ModelCountersSnapshot(
@@ -352,7 +356,8 @@ class ModelCounters:
             deadline_exceeded=self.deadline_exceeded, cancelled=self.cancelled,
             shm_input_bytes=self.shm_input_bytes, shm_output_bytes=self.shm_output_bytes,
             copies_avoided=self.copies_avoided, host_copies=self.host_copies,
-            io_paths=dict(self.io_paths))
+            io_paths=dict(self.io_paths), groups=self.groups,
+            grouped_requests=self.grouped_requests)
 
 
 @dataclass(frozen=True)
@@ -372,3 +377,5 @@ class ModelCountersSnapshot:
     copies_avoided: int = 0
     host_copies: int = 0
     io_paths: Mapping[str, int] = field(default_factory=dict)
+    groups: int = 0
+    grouped_requests: int = 0

@@ -176,6 +176,7 @@ def model_stats(model: ModelSnapshot, description: ModelDescription) -> pb.Model
             copies_avoided=c.copies_avoided, host_copies=c.host_copies,
             bound_batches=c.io_paths.get("bound", 0),
             copied_batches=c.io_paths.get("copied", 0)),
+        grouped_requests=c.grouped_requests, groups=c.groups,
     )
 
 

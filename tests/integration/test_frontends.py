@@ -134,6 +134,12 @@ def test_every_answer_is_its_own_across_frontends(server: ServerProcess,
     assert sorted(dict(labels)["frontend"] for labels in rows) == ["0", "1"]
     assert sum(rows.values()) == model.requests
     assert m["trtserve_model_request_success_total"][key(model="example")] == model.requests
+    # Requests the engine read together and queued as one (as many as the load made):
+    # counted among the requests, every group of two or more, the same in Prometheus.
+    assert model.grouped_requests <= model.requests
+    assert 2 * model.groups <= model.grouped_requests
+    assert m["trtserve_model_grouped_requests_total"][key(model="example")] == \
+        model.grouped_requests
     # KServe's statistics are the same totals, from whichever frontend answers.
     with grpc.insecure_channel(server.url) as channel:
         kstats = kpb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(

@@ -112,8 +112,9 @@ async def test_requests_of_one_read_go_as_one_group_and_each_gets_its_own_rows(
     assert groups == [(1, 1, 1, 1, 1, 1, 2, 2)]
     after = (runtime.counters.requests, runtime.counters.success,
              runtime.worker_stats[0].batches, runtime.worker_stats[0].requests)
-    # Counted as the 8 requests they are, in one batch.
+    # Counted as the 8 requests they are, in one batch, and as one group of 8.
     assert tuple(a - b for a, b in zip(after, before, strict=True)) == (8, 8, 1, 8)
+    assert (runtime.counters.groups, runtime.counters.grouped_requests) == (1, 8)
     (port,) = host.ports.values()
     assert port.in_flight == {} and port.requests == 9
 
