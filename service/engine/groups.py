@@ -26,6 +26,7 @@ which goes on alone as before.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,15 +95,21 @@ def stack(messages: Sequence[Any], rows: Sequence[int], arena: Arena | None
             raise InvalidArgument(f"tensor '{t.name}': unknown dtype {t.dtype!r}")
         shape = (total, *t.shape[1:])
         if t.WhichOneof("data") == "inline":
-            data = b"".join([m.inputs[i].inline for m in messages])
-            arrays[t.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+            parts = [m.inputs[i].inline for m in messages]
+            row_bytes = dtype.itemsize * math.prod(shape[1:])
+            # Each member's bytes are its own rows' (a frontend's broken message must not
+            # move rows from one member to another): else each goes alone, to fail alone.
+            for part, n in zip(parts, rows, strict=True):
+                if len(part) != n * row_bytes:
+                    raise InvalidArgument(f"tensor '{t.name}': {len(part)} bytes for {n} rows")
+            arrays[t.name] = np.frombuffer(b"".join(parts), dtype=dtype).reshape(shape)
         else:
-            parts = []
+            views = []
             for m in messages:
-                _, _, part = codec.take(m.inputs[i], arena, copy=False)
-                assert not isinstance(part, RegionRef)  # entry keeps regions out
-                parts.append(part)
-            arrays[t.name] = np.concatenate(parts).reshape(shape)
+                _, _, view = codec.take(m.inputs[i], arena, copy=False)
+                assert not isinstance(view, RegionRef)  # entry keeps regions out
+                views.append(view)
+            arrays[t.name] = np.concatenate(views).reshape(shape)
         dtypes[t.name] = t.dtype
     return arrays, dtypes
 

@@ -258,3 +258,22 @@ async def test_a_group_whose_members_are_all_cancelled_leaves_its_batch_unrun(
     counters = runtime.counters
     assert (counters.requests, counters.success, counters.cancelled) == (4, 1, 3)
     assert port.in_flight == {}
+
+
+async def test_a_broken_frame_cannot_move_rows_from_one_member_to_another(
+        served: tuple[EngineHost, ModelRepository, socket.socket]) -> None:
+    """Member 1 declares one row and carries two, member 2 declares one and carries none:
+    stacked, the bytes would fit the group's 2 rows and each would get the other's
+    answer. A frontend never sends this (it checks every client tensor); the engine
+    still does not group them, and each fails alone."""
+    _, repository, sock = served
+    frontend = await RawFrontend().open(sock)
+    frame = link_pb2.Frame()
+    _add(frame, 1, _x(1)).inputs[0].inline = np.concatenate([_x(1), _x(2)]).tobytes()
+    _add(frame, 2, _x(2)).inputs[0].inline = b""
+    _add(frame, 3, _x(3))
+    frontend.send(frame)
+    replies = await frontend.wait_for(3)
+    assert _code(replies[1]) != grpc.StatusCode.OK and _code(replies[2]) != grpc.StatusCode.OK
+    np.testing.assert_array_equal(_output(replies[3]), _x(3) + 1)
+    assert repository.get("plus1").counters.groups == 0
