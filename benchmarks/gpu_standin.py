@@ -45,7 +45,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +332,24 @@ def _thread_cpu_s(ident: int) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
 
+def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
+                    ) -> dict[str, float]:
+    """How a window's load spread over the frontend processes, from two Stats'
+    `frontends` rows (FrontendStats, by index): the busiest and the idlest frontend's
+    share of the requests (1/N each when even; the kernel spreads connections, not
+    requests) and their CPU over the window (1.0: a core). No frontends (one process):
+    shares 1.0, CPU 0."""
+    served = [a.requests - b.requests for a, b in zip(after, before, strict=True)]
+    cpu = [(a.cpu_seconds - b.cpu_seconds) / seconds for a, b in zip(after, before, strict=True)]
+    total = sum(served)
+    return {
+        "frontend_share_min": min(served) / total if total else 1.0,
+        "frontend_share_max": max(served) / total if total else 1.0,
+        "frontend_cpu_min": min(cpu, default=0.0),
+        "frontend_cpu_max": max(cpu, default=0.0),
+    }
+
+
 def served_throughput(engine: Any, workers: int, clients: int, processes: int,
                       seconds: float, warmup_s: float = 1.5, max_queue_delay_us: int = 0,
                       rows_per_request: int = 1,
@@ -391,15 +409,9 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
     batches = after.batches - before.batches
     rows = after.inferences - before.inferences
     busy = after.busy_seconds - before.busy_seconds
-    # How evenly the kernel spread the connections' requests over the frontends: the
-    # busiest and the idlest frontend's share of the window's requests (1/N each when even).
-    served_by = [a.requests - b.requests
-                 for a, b in zip(after_all.frontends, before_all.frontends, strict=True)]
-    total = sum(served_by)
     return {
         "client_cpu_max": max(o[3] for o in outcomes),
-        "frontend_share_min": min(served_by) / total if total else 1.0,
-        "frontend_share_max": max(served_by) / total if total else 1.0,
+        **frontend_spread(before_all.frontends, after_all.frontends, seconds),
         "rows_per_s": completed * rows_per_request / seconds,
         "requests_per_s": completed / seconds,
         "loop_cpu": loop_cpu / seconds,
@@ -577,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         say()
         say("| stand-in MLP | rows / request | served (rows/s) | requests/s | event-loop "
             "thread CPU | mean batch | GPU busy / worker | raw at that batch (rows/s) "
-            "| served / raw | client CPU (max) | frontend share (min-max) |")
-        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| served / raw | client CPU (max) | frontend share (min-max) "
+            "| frontend CPU (min-max) |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = {}
         counts = [int(n) for n in args.frontends.split(",") if n.strip()]
         runs = [("light", args.light, 1, None, None, 1), ("light", args.light, 8, None, None, 1),
@@ -614,8 +627,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{served['requests_per_s']:,.0f} | {served['loop_cpu']:.0%} | "
                     f"{served['mean_batch']:.1f} | {served['gpu_busy_per_worker']:.0%} | "
                     f"{raw['rows_per_s']:,.0f} | {ratio:.2f} | {served['client_cpu_max']:.2f} | "
-                    + (f"{served['frontend_share_min']:.0%}-{served['frontend_share_max']:.0%} |"
-                       if frontends > 1 else "- |"))
+                    + (f"{served['frontend_share_min']:.0%}-{served['frontend_share_max']:.0%} | "
+                       f"{served['frontend_cpu_min']:.2f}-{served['frontend_cpu_max']:.2f} |"
+                       if frontends > 1 else "- | - |"))
                 if served["errors"]:
                     say(f"  ({served['errors']:.0f} requests failed)")
         finally:

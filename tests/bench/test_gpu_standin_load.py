@@ -12,10 +12,17 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks.gpu_standin import REQUEST_TIMEOUT_S, ClosedLoad, EvenOpenLoad, _client_process
+from benchmarks.gpu_standin import (
+    REQUEST_TIMEOUT_S,
+    ClosedLoad,
+    EvenOpenLoad,
+    _client_process,
+    frontend_spread,
+)
 from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble, until
 from trtserve.client.bench import encode_request
 from trtserve.client.bench.recorder import Recorder, Window
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 from trtserve.service.config import ModelConfig
 from trtserve.service.testing.servers import running_server, server_config
 
@@ -83,3 +90,19 @@ def test_the_client_process_spreads_a_closed_loop_over_its_connections(server):
     _client_process(server.url, request, ClosedLoad(4), window, results, connections=2)
     _, latencies, errors, cpu = results.get_nowait()
     assert errors == 0 and len(latencies) > 0 and cpu > 0
+
+
+def test_the_frontend_spread_is_each_frontends_share_of_the_window_and_its_cpu():
+    def rows(*pairs: tuple[int, float]) -> list:
+        return [pb.FrontendStats(index=i, requests=r, cpu_seconds=c)
+                for i, (r, c) in enumerate(pairs)]
+
+    before = rows((100, 1.0), (50, 2.0), (0, 0.5))
+    after = rows((400, 3.0), (150, 2.5), (100, 0.5))  # 300, 100, 100 requests in 2 s
+    spread = frontend_spread(before, after, 2.0)
+    assert spread == {"frontend_share_min": 0.2, "frontend_share_max": 0.6,
+                      "frontend_cpu_min": 0.0, "frontend_cpu_max": 1.0}
+    # One process: no frontend rows.
+    assert frontend_spread([], [], 2.0) == {"frontend_share_min": 1.0,
+                                            "frontend_share_max": 1.0,
+                                            "frontend_cpu_min": 0.0, "frontend_cpu_max": 0.0}
