@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 from trtserve.service.backends.base import Targets
+from trtserve.service.errors import ServeError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Request:
             log.exception("settling a request failed")
 
 
-class MemberOutcomes(list[Outputs | BaseException]):
+class MemberOutcomes(list[Outputs | ServeError]):
     """A group's answer when its members ran one by one (its batch's input was refused):
     each member's own outputs or error, in order, as each would have got alone."""
 

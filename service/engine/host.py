@@ -142,11 +142,20 @@ class FrontendPort:
         """Several requests of one read: those of equal shapes in groups (groups.py), the
         others alone; all but the last submitted with more to follow (Batcher.submit)."""
         engine = self.host.engine
-        if not isinstance(engine, LocalEngine):
-            last = len(requests) - 1
-            for i, request in enumerate(requests):
-                self._start(request, i < last)
-            return
+        units = self._units(engine, requests, alone) if isinstance(engine, LocalEngine) \
+            else requests
+        last = len(units) - 1
+        for i, unit in enumerate(units):
+            if isinstance(unit, _Same):
+                self._start_group(unit, i < last)
+            else:
+                self._start(unit, i < last)
+
+    @staticmethod
+    def _units(engine: LocalEngine, requests: Sequence[link_pb2.Request],
+               alone: frozenset[int]) -> Sequence[link_pb2.Request | _Same]:
+        """The read's requests, in order, those sharing a key (groups.entry) gathered
+        into groups the model takes (`_Same.chunks`); the `alone` ids never grouped."""
         items: list[link_pb2.Request | _Same] = []
         by_key: dict[groups.Key, _Same] = {}
         now_s = now()
@@ -167,12 +176,7 @@ class FrontendPort:
                 units.extend(item.chunks(engine.group_rows(item.requests[0].model)))
             else:
                 units.append(item)
-        last = len(units) - 1
-        for i, unit in enumerate(units):
-            if isinstance(unit, _Same):
-                self._start_group(unit, i < last)
-            else:
-                self._start(unit, i < last)
+        return units
 
     def _start(self, message: link_pb2.Request, more_follow: bool) -> None:
         """Submit one request of a frame; no task: its reply is built when its future is
@@ -183,16 +187,12 @@ class FrontendPort:
         try:
             submitted = self._submit(message, more_follow,
                                      lambda s: self._finish(rid, s, model))
-        except ServeError as e:
-            self._reply_error(rid, e.code, str(e))
-            return
         except ValueError:  # a range outside the arena: a broken frontend, not a client
             log.exception("frontend-%d sent a request the engine cannot read", self.index)
             self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             return
-        except Exception:
-            log.exception("request of model '%s' failed", model)
-            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as e:  # a refusal (ServeError), or ours
+            self._reply_failure((rid,), e, model)
             return
         if not submitted.finished:  # else answered already: its batch ran inline
             self.in_flight[rid] = submitted
@@ -249,56 +249,37 @@ class FrontendPort:
                 model, first.version, arrays, dtypes,
                 tuple(first.outputs) if first.outputs else (), groups.deadline_of(messages),
                 more_follow, group.finish, members=tuple(same.rows), validated=validated)
-        except ServeError as e:
-            for rid in group.rids:
-                self._reply_error(rid, e.code, str(e))
-            return
-        except Exception:  # a range outside the arena (a broken frontend), or ours
-            log.exception("frontend-%d: a group of requests of model '%s' failed",
-                          self.index, model)
-            for rid in group.rids:
-                self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as e:  # a refusal (ServeError) for all of them, or ours
+            self._reply_failure(group.rids, e, model)
             return
         if not group.submitted.finished:  # else answered already: its batch ran inline
             for rid in group.rids:
                 self.in_flight[rid] = group
 
     def _finish_group(self, group: _Group, submitted: Submitted) -> None:
-        in_flight = self.in_flight
         for rid in group.rids:
-            in_flight.pop(rid, None)
+            self.in_flight.pop(rid, None)
         model = group.model
         try:
             version, whole, per_member = submitted.member_tensors(
                 group.members, whole=not group.cancelled)
-        except asyncio.CancelledError:
-            for rid in group.rids:
-                self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
-        except ServeError as e:
-            for rid in group.rids:
-                self._reply_error(rid, e.code, str(e))
-        except Exception:
-            log.exception("a group of requests of model '%s' failed", model)
-            for rid in group.rids:
-                self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+        except (asyncio.CancelledError, Exception) as e:
+            self._reply_failure(group.rids, e, model)
         else:
             if whole is not None:  # one reply: the frontend cuts each member's rows
                 self._reply(0, model, version, whole, group)
             else:
                 self._reply_members(group, model, version, per_member)
-        if not in_flight and not self._reading and self.link is not None:
-            self.link.flush()  # as in _finish
+        self._flush_if_idle()
 
     def _reply_members(self, group: _Group, model: str, version: str,
-                       per_member: list[Tensors | BaseException]) -> None:
+                       per_member: list[Tensors | ServeError]) -> None:
         """A group's members answered one by one: some given up, or some failed alone."""
         for rid, outcome in zip(group.rids, per_member, strict=True):
             if rid in group.cancelled:
                 self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
             elif isinstance(outcome, ServeError):
                 self._reply_error(rid, outcome.code, str(outcome))
-            elif isinstance(outcome, BaseException):
-                self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
             else:
                 self._reply(rid, model, version, outcome)
 
@@ -324,25 +305,35 @@ class FrontendPort:
                             deadline=m.deadline if m.HasField("deadline") else None)
 
     def _finish(self, rid: int, submitted: Submitted, model: str) -> None:
-        in_flight = self.in_flight
-        in_flight.pop(rid, None)
+        self.in_flight.pop(rid, None)
         try:
             version, tensors = submitted.tensors()
-        except asyncio.CancelledError:
-            self._reply_error(rid, grpc.StatusCode.CANCELLED, "request cancelled")
-        except ServeError as e:
-            self._reply_error(rid, e.code, str(e))
-        except Exception:
-            log.exception("request of model '%s' failed", model)
-            self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+        except (asyncio.CancelledError, Exception) as e:
+            self._reply_failure((rid,), e, model)
         else:
             self._reply(rid, model, version, tensors)
-        if not in_flight and not self._reading and self.link is not None:
+        self._flush_if_idle()
+
+    def _flush_if_idle(self) -> None:
+        if not self.in_flight and not self._reading and self.link is not None:
             # The frontend's last request in flight: no other reply will join this frame,
             # so it leaves now rather than at the end of the loop iteration (at
             # concurrency 1, one loop pass sooner). With requests still in flight, the
             # replies of one iteration go together; inside a read, at the read's end.
             self.link.flush()
+
+    def _reply_failure(self, rids: Sequence[int], error: BaseException, model: str) -> None:
+        """Requests `rids` ended with `error`: CANCELLED, a refusal's own code and text, or
+        (anything else, logged) INTERNAL."""
+        if isinstance(error, asyncio.CancelledError):
+            code, message = grpc.StatusCode.CANCELLED, "request cancelled"
+        elif isinstance(error, ServeError):
+            code, message = error.code, str(error)
+        else:
+            log.error("request of model '%s' failed", model, exc_info=error)
+            code, message = grpc.StatusCode.INTERNAL, "internal error"
+        for rid in rids:
+            self._reply_error(rid, code, message)
 
     def _reply(self, rid: int, model: str, version: str, tensors: Tensors,
                group: _Group | None = None) -> None:

@@ -42,7 +42,7 @@ from trtserve.service.engine.regions import (
     infer_with_regions,
 )
 from trtserve.service.engine.repository import ModelRepository
-from trtserve.service.errors import NotFound, PermissionDenied, TensorError
+from trtserve.service.errors import NotFound, PermissionDenied, ServeError, TensorError
 from trtserve.service.limits import ByteBudget, request_bytes
 from trtserve.service.tensors import TensorSpec
 
@@ -417,8 +417,7 @@ class Submitted:
         self.finished = True
         on_done(self)
 
-    def tensors(self) -> tuple[str, list[tuple[str, str, tuple[int, ...],
-                                             np.ndarray | RegionRef]]]:
+    def tensors(self) -> tuple[str, Tensors]:
         """The result, once finished, as the engine process's host encodes it: the
         model's version and each output's (name, dtype, shape, data), without an
         InferResult and TensorOuts in between. Raises what the request ended with."""
@@ -439,7 +438,7 @@ class Submitted:
         return tensors
 
     def member_tensors(self, members: Sequence[int], whole: bool = False) -> tuple[
-            str, Tensors | None, list[Tensors | BaseException]]:
+            str, Tensors | None, list[Tensors | ServeError]]:
         """A group's result, once finished: the model's version, then either (with
         `whole`, when the group ran as one) its outputs whole, the members' rows
         stacked, as `tensors` gives them, or, per member (of `members` rows each, in
@@ -448,11 +447,11 @@ class Submitted:
         assert self.future is not None and self._version is not None
         value = self.future.result()
         if isinstance(value, MemberOutcomes):
-            return self._version, None, [e if isinstance(e, BaseException)
+            return self._version, None, [e if isinstance(e, ServeError)
                                          else self._tensors(e) for e in value]
         if whole:
             return self._version, self._tensors(value), []
-        per_member: list[Tensors | BaseException] = []
+        per_member: list[Tensors | ServeError] = []
         start = 0
         for rows in members:
             end = start + rows

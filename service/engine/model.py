@@ -375,8 +375,7 @@ class ModelRuntime:
         counters = self.counters
         counters.success += count
         counters.success_s += elapsed * count
-        for _ in range(count):
-            counters.success_histogram.observe(elapsed)
+        counters.success_histogram.observe(elapsed, count)
 
     def _count_given_up(self, request: Request) -> None:
         """A group's members cancelled while the group went on (its own count is theirs
@@ -387,12 +386,11 @@ class ModelRuntime:
         self.counters.cancelled += request.members_cancelled - expired
 
     def _count_members(self, request: Request, outcomes: MemberOutcomes, given_up: int) -> None:
-        failed = [e for e in outcomes if isinstance(e, BaseException)]
+        failed = [e for e in outcomes if isinstance(e, ServeError)]
         if (answered := len(outcomes) - len(failed) - given_up) > 0:
             self._count_success(request, answered)
         for error in failed:
-            self._count_failed(request, error if isinstance(error, ServeError)
-                               else BackendError(str(error)), 1)
+            self._count_failed(request, error, 1)
 
     def validate(self, inputs: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> Validated:
         """The request's rows and the shape key of batches it may join; TensorError naming
@@ -629,18 +627,15 @@ class ModelRuntime:
         if outcome.error is not None:
             self._fail_batch(worker, outcome, failed)
 
-    def _member_outcome(self, index: int, rows: int, part: BatchResult | BaseException
-                        ) -> Outputs | BaseException:
-        """One member of a group, run alone: its outputs, or its error as a request's."""
+    def _member_outcome(self, index: int, rows: int, part: BatchResult | InputRejected
+                        ) -> Outputs | ServeError:
+        """One member of a group, run alone: its outputs, or its input's refusal as a
+        request's (a worker's own failure fails the whole batch: _fail_batch)."""
         if isinstance(part, BatchResult):
             self._succeeded(index, rows, 1, part)
             return part.outputs
-        if isinstance(part, InputRejected):
-            self.worker_stats[index].rejected += 1
-            return InvalidArgument(f"model '{self.name}' cannot run this input: {part.reason}")
-        self.counters.errors += 1
-        return BackendError(f"model '{self.name}': inference failed on worker {index} "
-                            f"({type(part).__name__}); the request was not completed")
+        self.worker_stats[index].rejected += 1
+        return InvalidArgument(f"model '{self.name}' cannot run this input: {part.reason}")
 
     def _fail_batch(self, worker: Worker, outcome: Outcome, requests: list[Request]) -> None:
         """The worker's own failure: its `requests` fail with INTERNAL, and it may leave."""

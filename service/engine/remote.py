@@ -278,19 +278,8 @@ class RemoteEngine:
         for reply in frame.replies:
             if reply.member_ids:
                 self._group_reply(reply, releases)
-                continue
-            pending = self._pending.pop(reply.id, None)
-            if pending is None:
-                continue
-            for offset in pending.offsets:
-                self._inputs.free(offset)
-            outcome = self._outcome(reply, releases)
-            if pending.future.done():
-                continue
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
-            else:
-                pending.future.set_result(outcome)
+            elif reply.id in self._pending:
+                self._answer(reply.id, self._outcome(reply, releases))
         if not self._pending:
             self._idle.set()
         if releases and self._link is not None and not self._link.closed:
@@ -305,17 +294,23 @@ class RemoteEngine:
         start = 0
         for rid, rows in zip(reply.member_ids, reply.member_rows, strict=True):
             end = start + rows
-            pending = self._pending.pop(rid, None)
-            if pending is not None:
-                for offset in pending.offsets:
-                    self._inputs.free(offset)
-                if pending.future.done():
-                    pass
-                elif isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(_rows(outcome, start, end))
+            if rid in self._pending:
+                self._answer(rid, outcome if isinstance(outcome, BaseException)
+                             else _rows(outcome, start, end))
             start = end
+
+    def _answer(self, rid: int, outcome: InferResult | ServeError) -> None:
+        """Request `rid`'s reply is in: its input ranges are free, its caller answered
+        (unless it has gone)."""
+        pending = self._pending.pop(rid)
+        for offset in pending.offsets:
+            self._inputs.free(offset)
+        if pending.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            pending.future.set_exception(outcome)
+        else:
+            pending.future.set_result(outcome)
 
     def _outcome(self, reply: link_pb2.Reply, releases: list[int]) -> InferResult | ServeError:
         if reply.code:

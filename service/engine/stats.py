@@ -101,9 +101,10 @@ class DurationHistogram:
         if not self.counts:
             self.counts = [0] * (len(self.bounds) + 1)
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
-        self.sum_s += seconds
+    def observe(self, seconds: float, count: int = 1) -> None:
+        """`count` durations of `seconds` each (a group's members share one)."""
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += count
+        self.sum_s += seconds * count
 
     @property
     def count(self) -> int:

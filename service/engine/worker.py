@@ -53,7 +53,7 @@ class Outcome:
     # one by one: per request of the batch, its own result or its error (an
     # InputRejected, or `error` for those a worker failure left unrun).
     # A group's entry is its members' outcomes, each as a request's would be.
-    parts: list[BatchResult | BaseException | list[BatchResult | BaseException]] | None = None
+    parts: list[BatchResult | BaseException | list[BatchResult | InputRejected]] | None = None
 
 
 class _Rebuild:
@@ -214,7 +214,7 @@ class Worker:
             log.info("%s: the backend refused a request's input: %s", self.name,
                      rejected.reason)
             return Outcome(batch, None, parts=[rejected])
-        parts: list[BatchResult | BaseException | list[BatchResult | BaseException]] = []
+        parts: list[BatchResult | BaseException | list[BatchResult | InputRejected]] = []
         for i, request in enumerate(batch.requests):
             if request.members:
                 members = self._members_alone(executor, request)
@@ -249,9 +249,9 @@ class Worker:
             raise
 
     def _members_alone(self, executor: Executor, group: Request
-                       ) -> list[BatchResult | BaseException] | Exception:
+                       ) -> list[BatchResult | InputRejected] | Exception:
         """Each member of a group run alone, or the worker's failure."""
-        results: list[BatchResult | BaseException] = []
+        results: list[BatchResult | InputRejected] = []
         start = 0
         for rows in group.members:
             inputs = {name: array[start:start + rows] for name, array in group.inputs.items()}
