@@ -81,6 +81,7 @@ SCENARIOS = {
     "trt thread 8x32 full": ("trt512", 8, 256, 1),
     # 8 rows per request (16 KiB each way: through the arenas), as issue 18's 8-row row.
     "trt thread 8x32 rows8": ("trt512", 8, 256, 32, 8),
+    "trt thread 8x32 rows8 full": ("trt512", 8, 256, 1, 8),
 }
 # model -> (features, backend, workers, inline_below_us)
 MODELS = {"small": (4, "ort", 1, 100), "large": (4096, "ort", 1, 100),

@@ -57,6 +57,10 @@ class Request:
     # (engine/groups.py), `members` giving each one's rows, in order.
     count: int = 1
     members: tuple[int, ...] = ()
+    # A group's inputs left in its members' memory (an arena's ranges), member by
+    # member: `inputs` then only describes them (dtype and stacked shape, no data),
+    # and the executor gathers these parts into its buffer, the one copy they need.
+    parts: Mapping[str, list[np.ndarray]] | None = None
     # Members given up by their clients while the group went on (counted as such,
     # not as answered): cancelled, and those of them past their own deadline.
     members_cancelled: int = 0
@@ -153,7 +157,9 @@ class Batch:
     def inputs(self) -> dict[str, list[np.ndarray]]:
         """Each input's parts, request by request: the executor gathers them into its buffer."""
         names = self.requests[0].inputs
-        return {name: [r.inputs[name] for r in self.requests] for name in names}
+        return {name: [part for r in self.requests
+                       for part in (r.parts[name] if r.parts and name in r.parts
+                                    else (r.inputs[name],))] for name in names}
 
     def targets(self) -> list[Targets] | None:
         """Each request's output targets, in order; None when no request has any."""

@@ -236,7 +236,7 @@ class FrontendPort:
         try:
             if not self.inputs.pinned:
                 self._pin(model)
-            arrays, dtypes = groups.stack(messages, same.rows, self.inputs)
+            arrays, dtypes, parts = groups.stack(messages, same.rows, self.inputs)
             validated = engine.validate(model, arrays, dtypes)
         except Exception:  # a member at fault (its dtype, shapes or range): each alone,
             last = len(messages) - 1  # to be told what is wrong with it
@@ -248,7 +248,8 @@ class FrontendPort:
             group.submitted = engine.submit_arrays(
                 model, first.version, arrays, dtypes,
                 tuple(first.outputs) if first.outputs else (), groups.deadline_of(messages),
-                more_follow, group.finish, members=tuple(same.rows), validated=validated)
+                more_follow, group.finish, members=tuple(same.rows), validated=validated,
+                parts=parts)
         except Exception as e:  # a refusal (ServeError) for all of them, or ours
             self._reply_failure(group.rids, e, model)
             return

@@ -158,8 +158,8 @@ class LocalEngine:
     def submit_arrays(self, model: str, version: str, arrays: dict[str, np.ndarray],
                       dtypes: dict[str, str], outputs: Sequence[str], deadline: float | None,
                       more_follow: bool, on_done: Callable[[Submitted], None],
-                      members: tuple[int, ...] = (), validated: Validated | None = None
-                      ) -> Submitted:
+                      members: tuple[int, ...] = (), validated: Validated | None = None,
+                      parts: Mapping[str, list[np.ndarray]] | None = None) -> Submitted:
         """`submit` of a request whose tensors are all arrays (no region, in or out),
         given as the engine process's host reads them from a frame: the same checks
         and outcome, without an InferRequest and its TensorIns to build and take
@@ -168,6 +168,8 @@ class LocalEngine:
         `members`: the arrays stack that many client requests of these rows each (a
         group, engine/groups.py); their outcomes come from `Submitted.member_tensors`.
         `validated`: what `validate` said of these arrays, if asked already.
+        `parts`: a group's inputs left in its members' arena ranges, which `arrays`
+        then only describes (`Request.parts`).
         """
         runtime = self._repository.get(model)
         if version:
@@ -175,7 +177,7 @@ class LocalEngine:
         wanted = wanted_outputs(model, runtime.spec, outputs) if outputs \
             else runtime.spec.outputs
         return self._submit(runtime, wanted, arrays, dtypes, deadline, more_follow, on_done,
-                            members, validated)
+                            members, validated, parts)
 
     def validate(self, model: str, arrays: Mapping[str, np.ndarray],
                  dtypes: Mapping[str, str]) -> Validated:
@@ -186,8 +188,8 @@ class LocalEngine:
     def _submit(self, runtime: ModelRuntime, wanted: Sequence[TensorSpec],
                 arrays: dict[str, np.ndarray], dtypes: dict[str, str], deadline: float | None,
                 more_follow: bool, on_done: Callable[[Submitted], None],
-                members: tuple[int, ...] = (), validated: Validated | None = None
-                ) -> Submitted:
+                members: tuple[int, ...] = (), validated: Validated | None = None,
+                parts: Mapping[str, list[np.ndarray]] | None = None) -> Submitted:
         nbytes = request_bytes(arrays)
         budget = self._budget
         submitted = Submitted(runtime.version, wanted)
@@ -205,7 +207,7 @@ class LocalEngine:
             budget.acquire(nbytes)
             try:
                 queued = runtime.submit(arrays, deadline, dtypes, validated, more_follow,
-                                        settled, members)
+                                        settled, members, parts)
             except BaseException:
                 budget.release(nbytes)
                 raise

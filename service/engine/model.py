@@ -277,7 +277,8 @@ class ModelRuntime:
     def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
                dtypes: Mapping[str, str], validated: Validated | None,
                more_follow: bool, on_done: Callable[[Request], None],
-               members: tuple[int, ...] = ()) -> Request:
+               members: tuple[int, ...] = (),
+               parts: Mapping[str, list[np.ndarray]] | None = None) -> Request:
         """`infer` without a coroutine: the request queued; `on_done(request)` once its
         future is done (at once, before this returns, when its batch ran inline; for a
         request cancelled while its batch runs, once that batch is done: its inputs may
@@ -294,17 +295,19 @@ class ModelRuntime:
 
         `members`: the rows of each client request a group stacks (engine/groups.py);
         the group is counted as that many requests, and its answer may be
-        `MemberOutcomes` (see `_answer_parts`).
+        `MemberOutcomes` (see `_answer_parts`); `parts`: inputs it leaves in its
+        members' memory (`Request.parts`), which `inputs` then only describes.
         """
         return self._queue(inputs, deadline, dtypes, validated, more_follow,
                            on_settled=lambda request: self._settled(request, on_done),
-                           members=members)
+                           members=members, parts=parts)
 
     def _queue(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
                dtypes: Mapping[str, str] | None, validated: Validated | None,
                more_follow: bool, targets: Targets | None = None,
                on_settled: Callable[[Request], None] | None = None,
-               members: tuple[int, ...] = ()) -> Request:
+               members: tuple[int, ...] = (),
+               parts: Mapping[str, list[np.ndarray]] | None = None) -> Request:
         if self._draining:
             raise Unavailable(f"model '{self.name}' is shutting down; not accepting requests")
         if self._batcher is None or not self.ready:
@@ -313,7 +316,7 @@ class ModelRuntime:
         count = len(members) or 1
         request = Request(dict(inputs), rows, shape_key, now(), deadline,
                           self._batcher.loop.create_future(), targets or {},
-                          on_settled=on_settled, count=count, members=members)
+                          on_settled=on_settled, count=count, members=members, parts=parts)
         try:
             self._batcher.submit(request, more_follow)
         except ResourceExhausted:

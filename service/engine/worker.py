@@ -253,8 +253,10 @@ class Worker:
         """Each member of a group run alone, or the worker's failure."""
         results: list[BatchResult | InputRejected] = []
         start = 0
-        for rows in group.members:
-            inputs = {name: array[start:start + rows] for name, array in group.inputs.items()}
+        for i, rows in enumerate(group.members):
+            parts = group.parts or {}
+            inputs = {name: parts[name][i] if name in parts else array[start:start + rows]
+                      for name, array in group.inputs.items()}
             start += rows
             try:
                 results.append(self._alone(executor, inputs, rows, None))

@@ -17,6 +17,7 @@ from benchmarks.gpu_standin import (
     ClosedLoad,
     EvenOpenLoad,
     _client_process,
+    _host_busy_s,
     frontend_spread,
 )
 from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble, until
@@ -106,3 +107,15 @@ def test_the_frontend_spread_is_each_frontends_share_of_the_window_and_its_cpu()
     assert frontend_spread([], [], 2.0) == {"frontend_share_min": 1.0,
                                             "frontend_share_max": 1.0,
                                             "frontend_cpu_min": 0.0, "frontend_cpu_max": 0.0}
+
+
+def test_the_host_busy_time_counts_this_process_burning_a_core():
+    """/proc/stat's busy time over a stretch in which this process computes for 0.3 s of
+    CPU: at least that much (other processes' time adds to it). A reading that left
+    out user time, or stopped moving, gives less."""
+    before, cpu_before = _host_busy_s(), time.process_time()
+    while time.process_time() - cpu_before < 0.3:
+        pass
+    burned = time.process_time() - cpu_before
+    busy = _host_busy_s() - before
+    assert burned - 0.02 <= busy  # /proc/stat counts in ticks (10 ms)

@@ -83,6 +83,21 @@ def _groups_of(runtime: ModelRuntime) -> list[tuple[int, ...]]:
     return seen
 
 
+def _input_arena(host: EngineHost) -> Arena:
+    """The input arena of the one frontend port (this process writes it as the
+    frontend would: the test shares the engine's object)."""
+    (port,) = host.ports.values()
+    return port.inputs
+
+
+async def _warm_plus1(frontend: RawFrontend) -> None:
+    """One request alone: a batch of one row of `plus1` is now known to be quick."""
+    frame = link_pb2.Frame()
+    _add(frame, 100, _x(0))
+    frontend.send(frame)
+    await frontend.wait_for(len(frontend.replies) + 1)
+
+
 def _code(reply: Any) -> grpc.StatusCode:
     return next(c for c in grpc.StatusCode if c.value[0] == reply.code) if reply.code \
         else grpc.StatusCode.OK
@@ -119,21 +134,26 @@ async def test_requests_of_one_read_go_as_one_group_and_each_gets_its_own_rows(
     assert port.in_flight == {} and port.requests == 9
 
 
+@pytest.mark.parametrize("where", ["inline", "arena"])
 async def test_a_member_the_model_cannot_run_fails_alone_the_others_are_answered(
-        served: tuple[EngineHost, ModelRepository, socket.socket]) -> None:
+        served: tuple[EngineHost, ModelRepository, socket.socket], where: str) -> None:
     """Before members ran one by one, the group ran again as a whole and every member
-    failed with the one bad id's error."""
-    _, repository, sock = served
+    failed with the one bad id's error. In the arena each member runs from its own
+    range (`Request.parts`), inline from its rows of the joined array."""
+    host, repository, sock = served
     runtime = repository.get("lookup")
     groups = _groups_of(runtime)
     frontend = await RawFrontend().open(sock)
+    arena = _input_arena(host) if where == "arena" else None
     ids = {1: [0, 1, 2, 3], 2: [9, 8, 7, 6], 3: [1, 99, 1, 1], 4: [5, 5, 5, 5]}
     frame = link_pb2.Frame()
     for rid, row in ids.items():
         message = frame.requests.add()
         message.id, message.model = rid, "lookup"
         x = np.array([row], np.int64)
-        codec.put(message.inputs.add(), LOOKUP_INPUT, "INT64", x.shape, x, None)
+        codec.put(message.inputs.add(), LOOKUP_INPUT, "INT64", x.shape, x, arena,
+                  inline_max_bytes=0)
+        assert message.inputs[0].WhichOneof("data") == where
     frontend.send(frame)
     replies = await frontend.wait_for(4)
     assert groups == [(1, 1, 1, 1)]
@@ -143,6 +163,40 @@ async def test_a_member_the_model_cannot_run_fails_alone_the_others_are_answered
         np.testing.assert_array_equal(_output(replies[rid]), lookup_table()[[ids[rid]]])
     counters = runtime.counters
     assert (counters.requests, counters.success, counters.failure) == (4, 3, 1)
+
+
+async def test_a_group_in_the_arena_is_not_copied_before_its_batch_and_each_gets_its_rows(
+        served: tuple[EngineHost, ModelRepository, socket.socket]) -> None:
+    """Members whose inputs lie in the frontend's arena: the group queued describes
+    them (no data of its own) and carries each member's range as a part, which the
+    executor gathers; each member still gets its own rows back."""
+    host, repository, sock = served
+    runtime = repository.get("plus1")
+    frontend = await RawFrontend().open(sock)
+    await _warm_plus1(frontend)
+    queued: list[tuple[dict[str, np.ndarray], Any]] = []
+    submit = runtime.submit
+
+    def recording(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        queued.append((dict(inputs), kwargs.get("parts", args[6] if len(args) > 6 else None)))
+        return submit(inputs, *args, **kwargs)
+
+    runtime.submit = recording  # type: ignore[method-assign]
+    arena = _input_arena(host)
+    xs = {rid: np.arange(rid * 100, rid * 100 + (2 if rid % 2 else 1) * FEATURES,
+                         dtype=np.float32).reshape(-1, FEATURES) for rid in range(1, 6)}
+    frame = link_pb2.Frame()
+    for rid, x in xs.items():
+        message = frame.requests.add()
+        message.id, message.model = rid, "plus1"
+        codec.put(message.inputs.add(), "input", "FP32", x.shape, x, arena, inline_max_bytes=0)
+    frontend.send(frame)
+    replies = await frontend.wait_for(6)
+    for rid, x in xs.items():
+        np.testing.assert_array_equal(_output(replies[rid]), x + 1)
+    ((described, parts),) = queued
+    assert described["input"].shape == (8, FEATURES) and described["input"].strides == (0, 0)
+    assert [p.shape[0] for p in parts["input"]] == [2, 1, 2, 1, 2]
 
 
 async def test_members_the_model_refuses_together_are_each_told_with_their_own_shape(
