@@ -1,7 +1,7 @@
 """Issue 18's frontends rows alone, short: one process against N frontend processes.
 
     python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8]   # a GPU host
-    python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3]
+    python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
 
 `gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
 `benchmarks.gpu_standin` section 3 (256 clients in 8 client processes, 4 workers), by one
@@ -10,13 +10,17 @@ process, and by N frontends with 1 connection per client process; served/raw at 
 served mean batch. The same functions as `benchmarks.gpu_standin`, without its other
 sections, for a machine lent for minutes.
 `cpu`: `benchmarks.cpu`'s frontends step (model `light`, the bundled example's shape)
-for the given counts only: requests/s at concurrency 512 and p50 at concurrency 1.
+for the given counts only: requests/s at concurrency 512 and p50 at concurrency 1. With
+`--rounds R` the counts alternate R times (1, 8, 1, 8, ...), and the c=1 cost of each count
+is given per round against the baseline of the same round, then as the median and range
+of those R differences: on a shared host one round's difference is within its noise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 
@@ -50,25 +54,34 @@ def gpu(seconds: float, frontends: int) -> None:
           f"served/raw {many['served_raw']:.2f} (target 0.5)  [stand-in, not TensorRT]")
 
 
-def cpu(counts: list[int], seconds: float) -> None:
+def cpu(counts: list[int], seconds: float, rounds: int = 1) -> None:
     from benchmarks.cpu import cli, experiments
     from benchmarks.cpu.config import ROOT, Options
 
     models = cli.write_models(ROOT / "models" / "bench")
     logs = ROOT / "build" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    opts = Options(duration_s=seconds, warmup_s=1.0, rounds=1, pytriton=False,
+    opts = Options(duration_s=seconds, warmup_s=1.0, rounds=rounds, pytriton=False,
                    pytriton_python="", install_pytriton=False, out=Path("/dev/null"),
                    json_out=None, only={"frontends"})
-    (row,) = experiments.frontends(opts, models, logs, counts)["rounds"]
-    base = row[str(counts[0])]
-    for n in counts:
-        r = row[str(n)]
-        print(f"frontends {n}: req/s c=512 {r['req_per_s']:.0f} "
-              f"({r['req_per_s'] / base['req_per_s']:.2f}x), p50 c=1 {r['p50_ms_c1']:.3f} ms "
-              f"({(r['p50_ms_c1'] - base['p50_ms_c1']) * 1000:+.0f} us), server cores "
-              f"{r['server_cpu']:.2f}, client CPU max {max(r['client_cpu']):.2f}, "
-              f"errors {r['errors']}", flush=True)
+    rows = experiments.frontends(opts, models, logs, counts)["rounds"]
+    for i, row in enumerate(rows):
+        base = row[str(counts[0])]
+        for n in counts:
+            r = row[str(n)]
+            print(f"round {i + 1}, frontends {n}: req/s c=512 {r['req_per_s']:.0f} "
+                  f"({r['req_per_s'] / base['req_per_s']:.2f}x), p50 c=1 {r['p50_ms_c1']:.3f} "
+                  f"ms ({(r['p50_ms_c1'] - base['p50_ms_c1']) * 1000:+.0f} us), server cores "
+                  f"{r['server_cpu']:.2f}, client CPU max {max(r['client_cpu']):.2f}, "
+                  f"errors {r['errors']}", flush=True)
+    for n in counts[1:]:
+        cost = [(row[str(n)]['p50_ms_c1'] - row[str(counts[0])]['p50_ms_c1']) * 1000
+                for row in rows]
+        ratio = [row[str(n)]['req_per_s'] / row[str(counts[0])]['req_per_s'] for row in rows]
+        print(f"frontends {n} against {counts[0]}, {len(rows)} rounds: c=1 cost median "
+              f"{statistics.median(cost):+.0f} us (range {min(cost):+.0f} to {max(cost):+.0f}); "
+              f"req/s c=512 median {statistics.median(ratio):.2f}x "
+              f"(range {min(ratio):.2f}-{max(ratio):.2f}x)", flush=True)
 
 
 def main() -> None:
@@ -79,11 +92,13 @@ def main() -> None:
     parser.add_argument("--frontends", type=int, default=8, help="gpu: frontend processes")
     parser.add_argument("--counts", default="1,8", help="cpu: frontend counts, the first "
                         "the baseline")
+    parser.add_argument("--rounds", type=int, default=1, help="cpu: alternate the counts "
+                        "this many times and give the median of the rounds' differences")
     args = parser.parse_args()
     if args.what == "gpu":
         gpu(args.seconds or 5.0, args.frontends)
     else:
-        cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0)
+        cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds)
 
 
 if __name__ == "__main__":

@@ -332,6 +332,17 @@ def _thread_cpu_s(ident: int) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
 
+def _host_busy_s() -> float:
+    """CPU seconds the whole host has spent busy since boot (every core, user, system
+    and interrupts: /proc/stat's first line less idle and iowait); 0.0 without /proc."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
                     ) -> dict[str, float]:
     """How a window's load spread over the frontend processes, from two Stats'
@@ -396,9 +407,11 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
             p.start()
         time.sleep(max(0.0, measure_from - time.monotonic()))
         before_all = _server_stats(server.url)
-        loop_cpu = _thread_cpu_s(loop_thread)
+        loop_cpu, engine_cpu, host_cpu = (_thread_cpu_s(loop_thread), time.process_time(),
+                                          _host_busy_s())
         time.sleep(max(0.0, stop_at - time.monotonic()))
         loop_cpu = _thread_cpu_s(loop_thread) - loop_cpu
+        engine_cpu, host_cpu = time.process_time() - engine_cpu, _host_busy_s() - host_cpu
         after_all = _server_stats(server.url)
         before, after = before_all.models[0], after_all.models[0]
         outcomes = [results.get(timeout=120) for _ in procs]
@@ -409,9 +422,18 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
     batches = after.batches - before.batches
     rows = after.inferences - before.inferences
     busy = after.busy_seconds - before.busy_seconds
+    frontends_cpu = sum(a.cpu_seconds - b.cpu_seconds for a, b in
+                        zip(after_all.frontends, before_all.frontends, strict=True))
     return {
         "client_cpu_max": max(o[3] for o in outcomes),
         **frontend_spread(before_all.frontends, after_all.frontends, seconds),
+        # Where the host's cores went over the window, in cores (1.0: one busy core):
+        # the whole host, then the client processes, the frontends and the engine's
+        # process (this one: the benchmark's main thread only sleeps meanwhile).
+        "host_cores": host_cpu / seconds,
+        "client_cores": sum(o[3] for o in outcomes),
+        "frontend_cores": frontends_cpu / seconds,
+        "engine_cores": engine_cpu / seconds,
         "rows_per_s": completed * rows_per_request / seconds,
         "requests_per_s": completed / seconds,
         "loop_cpu": loop_cpu / seconds,
@@ -585,13 +607,17 @@ def main(argv: list[str] | None = None) -> int:
             "Client CPU = the busiest client process's CPU over the window (1 = a core: "
             "above 0.85 the clients, not the server, may be the limit). Frontend share = "
             "the least and the most busy frontend process's part of the requests (the "
-            "kernel spreads connections over them, not requests; 1/N each when even).")
+            "kernel spreads connections over them, not requests; 1/N each when even). "
+            "Host cores = the whole host's busy CPU over the window (from /proc/stat, in "
+            "cores), then the client processes', the frontends' and the engine process's "
+            "own: what is left of the host's cores shows whether the host itself is the "
+            "limit.")
         say()
         say("| stand-in MLP | rows / request | served (rows/s) | requests/s | event-loop "
             "thread CPU | mean batch | GPU busy / worker | raw at that batch (rows/s) "
             "| served / raw | client CPU (max) | frontend share (min-max) "
-            "| frontend CPU (min-max) |")
-        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| frontend CPU (min-max) | host cores: all (clients / frontends / engine) |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = {}
         counts = [int(n) for n in args.frontends.split(",") if n.strip()]
         runs = [("light", args.light, 1, None, None, 1), ("light", args.light, 8, None, None, 1),
@@ -629,7 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{raw['rows_per_s']:,.0f} | {ratio:.2f} | {served['client_cpu_max']:.2f} | "
                     + (f"{served['frontend_share_min']:.0%}-{served['frontend_share_max']:.0%} | "
                        f"{served['frontend_cpu_min']:.2f}-{served['frontend_cpu_max']:.2f} |"
-                       if frontends > 1 else "- | - |"))
+                       if frontends > 1 else "- | - |")
+                    + f" {served['host_cores']:.1f} ({served['client_cores']:.1f} / "
+                      f"{served['frontend_cores']:.1f} / {served['engine_cores']:.1f}) |")
                 if served["errors"]:
                     say(f"  ({served['errors']:.0f} requests failed)")
         finally:
