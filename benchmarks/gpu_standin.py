@@ -361,6 +361,28 @@ def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
     }
 
 
+def where_waiting(url: str, until: float, every_s: float = 0.2) -> dict[str, float]:
+    """Where a closed loop's requests wait, from Stats read every `every_s` until `until`
+    (time.monotonic()): the medians of the requests the frontends have passed to the
+    engine and not had answered (the rest of the clients' are in the clients, gRPC and
+    the frontends themselves), of the requests queued in the model's batcher (a group
+    counts once), and of its batches in flight on workers (dispatched, not yet
+    settled by the engine's loop). One process has no frontends: `at_engine` is 0."""
+    at_engine, queued, batches = [], [], []
+    while time.monotonic() < until:
+        stats = _server_stats(url)
+        model = stats.models[0]
+        at_engine.append(sum(f.in_flight for f in stats.frontends))
+        queued.append(model.queue_depth)
+        batches.append(model.in_flight_batches)
+        time.sleep(every_s)
+    if not queued:
+        return {"at_engine": 0.0, "queue_depth": 0.0, "batches_in_flight": 0.0}
+    return {"at_engine": statistics.median(at_engine),
+            "queue_depth": statistics.median(queued),
+            "batches_in_flight": statistics.median(batches)}
+
+
 def served_throughput(engine: Any, workers: int, clients: int, processes: int,
                       seconds: float, warmup_s: float = 1.5, max_queue_delay_us: int = 0,
                       rows_per_request: int = 1,
@@ -409,6 +431,8 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
         before_all = _server_stats(server.url)
         loop_cpu, engine_cpu, host_cpu = (_thread_cpu_s(loop_thread), time.process_time(),
                                           _host_busy_s())
+        # Stats' reads cost the engine's loop a few hundred microseconds every 0.2 s.
+        waiting = where_waiting(server.url, stop_at)
         time.sleep(max(0.0, stop_at - time.monotonic()))
         loop_cpu = _thread_cpu_s(loop_thread) - loop_cpu
         engine_cpu, host_cpu = time.process_time() - engine_cpu, _host_busy_s() - host_cpu
@@ -434,6 +458,8 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
         "client_cores": sum(o[3] for o in outcomes),
         "frontend_cores": frontends_cpu / seconds,
         "engine_cores": engine_cpu / seconds,
+        **waiting,
+        "queue_time_p50_ms": after.queue_time.p50_us / 1e3,
         "rows_per_s": completed * rows_per_request / seconds,
         "requests_per_s": completed / seconds,
         "loop_cpu": loop_cpu / seconds,
@@ -611,13 +637,17 @@ def main(argv: list[str] | None = None) -> int:
             "Host cores = the whole host's busy CPU over the window (from /proc/stat, in "
             "cores), then the client processes', the frontends' and the engine process's "
             "own: what is left of the host's cores shows whether the host itself is the "
-            "limit.")
+            "limit. At engine / queued / batches in flight = medians of Stats read every "
+            "0.2 s: the clients' requests the frontends have passed to the engine and not "
+            "had answered (the rest wait in the clients, gRPC or the frontends), those "
+            "queued in the batcher (a group once), and batches on workers.")
         say()
         say("| stand-in MLP | rows / request | served (rows/s) | requests/s | event-loop "
             "thread CPU | mean batch | GPU busy / worker | raw at that batch (rows/s) "
             "| served / raw | client CPU (max) | frontend share (min-max) "
-            "| frontend CPU (min-max) | host cores: all (clients / frontends / engine) |")
-        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| frontend CPU (min-max) | host cores: all (clients / frontends / engine) "
+            "| at engine / queued / batches in flight |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         ratios = {}
         counts = [int(n) for n in args.frontends.split(",") if n.strip()]
         runs = [("light", args.light, 1, None, None, 1), ("light", args.light, 8, None, None, 1),
@@ -657,7 +687,9 @@ def main(argv: list[str] | None = None) -> int:
                        f"{served['frontend_cpu_min']:.2f}-{served['frontend_cpu_max']:.2f} |"
                        if frontends > 1 else "- | - |")
                     + f" {served['host_cores']:.1f} ({served['client_cores']:.1f} / "
-                      f"{served['frontend_cores']:.1f} / {served['engine_cores']:.1f}) |")
+                      f"{served['frontend_cores']:.1f} / {served['engine_cores']:.1f}) | "
+                      f"{served['at_engine']:.0f} / {served['queue_depth']:.0f} / "
+                      f"{served['batches_in_flight']:.1f} |")
                 if served["errors"]:
                     say(f"  ({served['errors']:.0f} requests failed)")
         finally:

@@ -19,6 +19,7 @@ from benchmarks.gpu_standin import (
     _client_process,
     _host_busy_s,
     frontend_spread,
+    where_waiting,
 )
 from tests.doubles.unary_call import HANG_GUARD_S, UnaryCallDouble, until
 from trtserve.client.bench import encode_request
@@ -119,3 +120,18 @@ def test_the_host_busy_time_counts_this_process_burning_a_core():
     burned = time.process_time() - cpu_before
     busy = _host_busy_s() - before
     assert burned - 0.02 <= busy  # /proc/stat counts in ticks (10 ms)
+
+
+def test_where_waiting_gives_the_medians_of_what_stats_report_at_each_read(monkeypatch):
+    """Over a DOUBLE of the Stats call (scripted answers): the frontends' unanswered
+    requests summed per read, the model's queue depth and batches in flight, as medians."""
+    answers = iter([
+        pb.StatsResponse(models=[pb.ModelStats(queue_depth=q, in_flight_batches=b)],
+                         frontends=[pb.FrontendStats(index=0, in_flight=a),
+                                    pb.FrontendStats(index=1, in_flight=c)])
+        for a, c, q, b in ((10, 5, 70, 3), (20, 0, 90, 4), (100, 100, 80, 2))])
+    monkeypatch.setattr("benchmarks.gpu_standin._server_stats", lambda url: next(answers))
+    clock = iter([0.0, 0.0, 0.0, 1.0])
+    monkeypatch.setattr("benchmarks.gpu_standin.time.monotonic", lambda: next(clock))
+    got = where_waiting("unused", until=0.5, every_s=0.0)
+    assert got == {"at_engine": 20.0, "queue_depth": 80.0, "batches_in_flight": 3.0}
