@@ -92,9 +92,9 @@ def stack(messages: Sequence[Any], rows: Sequence[int], arena: Arena | None
     Inline inputs are joined into one array (one copy of a few KiB per member). Arena
     inputs stay where their members' frontend wrote them: the group's array for
     those only describes them (`described`), and the executor's gathering into its
-    buffer is their one copy. Copying them here too cost the engine's loop thread
-    about a fifth of its time with 8-row requests (16 KiB each; `engine_loop`,
-    `rows8 full`)."""
+    buffer is their one copy. Copying them here too took a fifth of the engine loop's
+    samples in py-spy with 8-row requests (16 KiB each; `engine_loop`'s `rows8
+    full`); its loop time per request fell 33.5 -> 31.0 us without the copy."""
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     parts: dict[str, list[np.ndarray]] = {}

@@ -253,8 +253,8 @@ class Worker:
         """Each member of a group run alone, or the worker's failure."""
         results: list[BatchResult | InputRejected] = []
         start = 0
+        parts = group.parts or {}
         for i, rows in enumerate(group.members):
-            parts = group.parts or {}
             inputs = {name: parts[name][i] if name in parts else array[start:start + rows]
                       for name, array in group.inputs.items()}
             start += rows
