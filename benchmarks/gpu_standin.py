@@ -361,15 +361,17 @@ def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
     }
 
 
-def where_waiting(url: str, until: float, every_s: float = 0.2) -> dict[str, float]:
+def where_waiting(url: str, until: float, every_s: float = 0.2,
+                  clock: Callable[[], float] = time.monotonic) -> dict[str, float]:
     """Where a closed loop's requests wait, from Stats read every `every_s` until `until`
     (time.monotonic()): the medians of the requests the frontends have passed to the
     engine and not had answered (the rest of the clients' are in the clients, gRPC and
     the frontends themselves), of the requests queued in the model's batcher (a group
     counts once), and of its batches in flight on workers (dispatched, not yet
-    settled by the engine's loop). One process has no frontends: `at_engine` is 0."""
+    settled by the engine's loop). One process has no frontends: `at_engine` is 0.
+    `until` is on `clock`'s scale."""
     at_engine, queued, batches = [], [], []
-    while time.monotonic() < until:
+    while clock() < until:
         stats = _server_stats(url)
         model = stats.models[0]
         at_engine.append(sum(f.in_flight for f in stats.frontends))

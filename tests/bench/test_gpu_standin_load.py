@@ -131,7 +131,6 @@ def test_where_waiting_gives_the_medians_of_what_stats_report_at_each_read(monke
                                     pb.FrontendStats(index=1, in_flight=c)])
         for a, c, q, b in ((10, 5, 70, 3), (20, 0, 90, 4), (100, 100, 80, 2))])
     monkeypatch.setattr("benchmarks.gpu_standin._server_stats", lambda url: next(answers))
-    clock = iter([0.0, 0.0, 0.0, 1.0])
-    monkeypatch.setattr("benchmarks.gpu_standin.time.monotonic", lambda: next(clock))
-    got = where_waiting("unused", until=0.5, every_s=0.0)
+    clock = iter([0.0, 0.0, 0.0, 1.0])  # three reads, then past `until`
+    got = where_waiting("unused", until=0.5, every_s=0.0, clock=lambda: next(clock))
     assert got == {"at_engine": 20.0, "queue_depth": 80.0, "batches_in_flight": 3.0}
