@@ -363,13 +363,12 @@ def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
 
 def where_waiting(url: str, until: float, every_s: float = 0.2,
                   clock: Callable[[], float] = time.monotonic) -> dict[str, float]:
-    """Where a closed loop's requests wait, from Stats read every `every_s` until `until`
-    (time.monotonic()): the medians of the requests the frontends have passed to the
+    """Where a closed loop's requests wait, from Stats read every `every_s` until `clock()`
+    reaches `until`: the medians of the requests the frontends have passed to the
     engine and not had answered (the rest of the clients' are in the clients, gRPC and
     the frontends themselves), of the requests queued in the model's batcher (a group
     counts once), and of its batches in flight on workers (dispatched, not yet
-    settled by the engine's loop). One process has no frontends: `at_engine` is 0.
-    `until` is on `clock`'s scale."""
+    settled by the engine's loop). One process has no frontends: `at_engine` is 0."""
     at_engine, queued, batches = [], [], []
     while clock() < until:
         stats = _server_stats(url)
@@ -455,7 +454,8 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
         **frontend_spread(before_all.frontends, after_all.frontends, seconds),
         # Where the host's cores went over the window, in cores (1.0: one busy core):
         # the whole host, then the client processes, the frontends and the engine's
-        # process (this one: the benchmark's main thread only sleeps meanwhile).
+        # process (this one: its main thread only reads Stats meanwhile, a few
+        # milliseconds every 0.2 s).
         "host_cores": host_cpu / seconds,
         "client_cores": sum(o[3] for o in outcomes),
         "frontend_cores": frontends_cpu / seconds,
