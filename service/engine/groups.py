@@ -39,8 +39,9 @@ from trtserve.service.errors import InvalidArgument
 from trtserve.service.ipc import codec
 from trtserve.service.ipc.shm import Arena
 
-# A group's inputs are copied once into their stacked arrays: past this size a
-# request's per-request Python is small beside its bytes, and it goes on alone.
+# Past this many input bytes a group's per-request Python saving is small beside its
+# bytes (inline inputs are joined into one array, arena ones gathered by the
+# executor), and its requests go on alone.
 MAX_GROUP_BYTES = 4 << 20
 
 Key = tuple[Any, ...]

@@ -26,7 +26,15 @@ from service.ipc import codec
 from service.ipc.shm import Arena
 from tests.doubles.controlled import INPUT, WIDTH, ControlledBackend, controlled_model, expected
 from tests.doubles.unary_call import until
-from tests.ipc.test_frames import ARENA_BYTES, FEATURES, RawFrontend, _add, _output, _x
+from tests.ipc.test_frames import (
+    ARENA_BYTES,
+    FEATURES,
+    RawFrontend,
+    _add,
+    _output,
+    _warm,
+    _x,
+)
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.host import EngineHost
 from trtserve.service.engine.local import LocalEngine
@@ -88,14 +96,6 @@ def _input_arena(host: EngineHost) -> Arena:
     frontend would: the test shares the engine's object)."""
     (port,) = host.ports.values()
     return port.inputs
-
-
-async def _warm_plus1(frontend: RawFrontend) -> None:
-    """One request alone: a batch of one row of `plus1` is now known to be quick."""
-    frame = link_pb2.Frame()
-    _add(frame, 100, _x(0))
-    frontend.send(frame)
-    await frontend.wait_for(len(frontend.replies) + 1)
 
 
 def _code(reply: Any) -> grpc.StatusCode:
@@ -173,7 +173,7 @@ async def test_a_group_in_the_arena_is_not_copied_before_its_batch_and_each_gets
     host, repository, sock = served
     runtime = repository.get("plus1")
     frontend = await RawFrontend().open(sock)
-    await _warm_plus1(frontend)
+    await _warm(frontend, 100)
     queued: list[tuple[dict[str, np.ndarray], Any]] = []
     submit = runtime.submit
 
