@@ -215,6 +215,8 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         # As a frontend process sets it up (where the tree has it).
         if hasattr(remote, "spin_s"):
             remote.spin_s = config.frontend_spin_us / 1e6
+            # getattr: a tree from before the hold is measured with this script too.
+            remote.hold_s = getattr(config, "frontend_hold_us", 0) / 1e6
         remotes.append(remote)
     while not all(r.ready(m) for r in remotes for m in models):
         await asyncio.sleep(0.01)

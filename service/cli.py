@@ -45,7 +45,7 @@ SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_heade
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
                 "model_repository",
-                "frontends", "frontend_arena_mib", "frontend_spin_us")
+                "frontends", "frontend_arena_mib", "frontend_spin_us", "frontend_hold_us")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -137,6 +137,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frontend-spin-us", type=int,
                    help="a frontend waiting on the engine for its only request polls for "
                         "up to this long before sleeping (default 1000; 0: off)")
+    p.add_argument("--frontend-hold-us", type=int,
+                   help="while the engine has a backlog, a frontend holds its next frame of "
+                        "requests up to this long to carry more (default 1000; 0: off)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")

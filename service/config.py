@@ -297,6 +297,11 @@ class ServerConfig:
     # loop polling for up to this long rather than sleeping, so that the reply is
     # read at once, on a warm core (docs/processes.md, "Concurrency 1"). 0: off.
     frontend_spin_us: int = 1000
+    # While the engine reports a backlog (a batch waiting for a worker, requests queued
+    # behind it), a frontend holds its next frame of requests up to this long so that
+    # it carries more of them: the engine's loop pays per frame, and those requests
+    # wait longer than this anyway (docs/processes.md, "Frames held"). 0: off.
+    frontend_hold_us: int = 1000
     models: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:
@@ -358,6 +363,8 @@ class ServerConfig:
                  self.frontend_arena_mib, "1..65536")
         _require(0 <= self.frontend_spin_us <= 100_000, "server.frontend_spin_us",
                  self.frontend_spin_us, "0..100000")
+        _require(0 <= self.frontend_hold_us <= 100_000, "server.frontend_hold_us",
+                 self.frontend_hold_us, "0..100000")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")

@@ -11,7 +11,7 @@ A request's path, module by module:
     batch.py       Request and Batch: merged for the executor, split back, and
                    each request's future completed, all here
     batcher.py     requests into batches; asks the model through `Dispatcher`
-    scheduler.py   which idle worker takes a batch
+    scheduler.py   which worker takes a batch
     worker.py      a thread that owns one executor and runs one batch at a time
 Beside it: stats.py (counters), timer.py (the serving clock, a precise timer),
 regions.py and cuda_ipc.py (shared-memory regions clients register).

@@ -131,6 +131,8 @@ class MemberOutcomes(list[Outputs | ServeError]):
 class Batch:
     requests: list[Request] = field(default_factory=list)
     rows: int = 0
+    # Set by the model at dispatch: not predicted quick (ModelRuntime.hold_s).
+    slow: bool = False
 
     @property
     def shape_key(self) -> ShapeKey | None:

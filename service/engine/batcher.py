@@ -4,7 +4,8 @@ Batches form the way Ray Serve forms them: block for the first request with no
 timeout, fix ONE deadline from that request's arrival (arrival + max delay),
 then take what is queued until the batch is full or the deadline passes. If
 every worker is busy when the batch is ready, it keeps growing until one frees
-up, so a saturated server sends the biggest batches it can. A request that
+up, so a saturated server sends the biggest batches it can; a full batch queues
+one ahead at a busy worker instead (scheduler.py). A request that
 finds the batcher idle and need not wait for company is dispatched by `submit`
 itself, as the task would have dispatched it one loop iteration later.
 """
@@ -66,6 +67,11 @@ class Dispatcher(Protocol):
         in flight)."""
         ...
 
+    def may_queue(self, batch: Batch) -> bool:
+        """Whether this full batch may queue behind a busy worker's batch when no worker
+        is idle (ModelRuntime: when batches of its size run short)."""
+        ...
+
 
 class Batcher:
     def __init__(self, model: str, policy: BatchPolicy, scheduler: Scheduler,
@@ -76,6 +82,7 @@ class Batcher:
         self._dispatch = dispatcher.dispatch
         self._drop = dispatcher.drop
         self._hold_s = dispatcher.hold_s
+        self._may_queue = dispatcher.may_queue
         self._pending: deque[Request] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
@@ -97,6 +104,12 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._pending)
+
+    @property
+    def backlogged(self) -> bool:
+        """A batch waits for a worker with requests queued behind it: an arrival now
+        waits at least that batch's run before its own batch can go."""
+        return self._waiting_for_worker and bool(self._pending)
 
     def submit(self, request: Request, more_follow: bool = False) -> None:
         """Queue a request, or refuse it at once (closed, or queue full).
@@ -151,7 +164,8 @@ class Batcher:
 
         While a batch fills, only a full batch (or a head that cannot join it)
         ends the wait before its deadline; while every worker is busy, only a
-        worker freeing up does. An arrival that joins the batch here, as `_take`
+        worker freeing up or the batch becoming full does (a full one may queue
+        at a busy worker). An arrival that joins the batch here, as `_take`
         would have, changes nothing else, so waking the batcher for it would
         cost a loop iteration per request and form the same batch.
         """
@@ -162,7 +176,8 @@ class Batcher:
         if len(self._pending) == 1 and request.shape_key == batch.shape_key \
                 and batch.rows + request.rows <= policy.max_batch_size:
             batch.add(self._pending.pop())
-            return self._waiting_for_worker or batch.rows < policy.send_at
+            # Full, it goes now: to an idle worker, or one batch ahead of a busy one.
+            return batch.rows < policy.send_at
         # It cannot join: a filling batch goes now; a batch waiting for a worker waits.
         return self._waiting_for_worker
 
@@ -325,7 +340,10 @@ class Batcher:
         while True:
             shapes = batch.shapes()
             hold_s = self._hold_s(batch)
-            worker = None if hold_s > 0 else self._scheduler.acquire(shapes)
+            # A full batch may queue at a busy worker (scheduler.py): waiting would
+            # not grow it, and it starts the moment that worker's batch ends.
+            worker = None if hold_s > 0 else self._scheduler.acquire(
+                shapes, ahead=batch.rows >= self._policy.send_at and self._may_queue(batch))
             if worker is not None:
                 return worker
             if not self._scheduler.can_ever_run(shapes):

@@ -536,13 +536,19 @@ class EngineHost:
         port = FrontendPort(self, index, pid, inputs, outputs)
         # Replies of the batches a read ran inline leave in one write at the read's end.
         port.link = await open_link(sock, port.on_frame, port.on_lost, flush_on_read=True,
-                                    on_read_end=port.on_read_end)
+                                    on_read_end=port.on_read_end,
+                                    before_write=self._stamp)
         self.ports[index] = port
         port.send(K(kind=K.CONFIG, payload=encode_payload(self.config)))
         port.send(self._models())
         for name, serving in self._health.items():
             port.send(K(kind=K.HEALTH, model=name, serving=serving))
         return port
+
+    def _stamp(self, frame: link_pb2.Frame) -> None:
+        """Every frame tells the frontend whether a model has a backlog (its frame hold)."""
+        engine = self.engine
+        frame.backlog = isinstance(engine, LocalEngine) and engine.backlogged()
 
     def _models(self) -> link_pb2.Control:
         descriptions = []

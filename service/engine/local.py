@@ -91,6 +91,10 @@ class LocalEngine:
             return None
         return self._regions.host_pinner() if device_io else None
 
+    def backlogged(self) -> bool:
+        """Whether a served model's batcher has a backlog (Batcher.backlogged)."""
+        return any(runtime.backlogged for runtime in self._repository)
+
     def group_rows(self, model: str) -> int:
         """The most rows a group of `model`'s requests may stack (engine/groups.py): its
         rows per request; 0 where it never groups (it does not batch, or is not served)."""

@@ -76,6 +76,9 @@ RUN_TIMES_KEPT = 4096
 # With the GPU stand-in at saturation, 1 ms ran out on a busy loop and kept
 # half of the gain that 5 ms keeps (docs/benchmarks-gpu.md, section 3).
 QUICK_HOLD_S = 0.005
+# A full batch whose size last ran faster than this may queue at a busy worker
+# (may_queue): a busy loop's hand-off between batches costs about 1-2 ms.
+QUEUE_AHEAD_BELOW_S = 0.010
 
 
 class ModelRuntime:
@@ -98,7 +101,8 @@ class ModelRuntime:
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
-        # Batches handed to each worker and not finished (0 or 1: a worker runs one at a time).
+        # Batches handed to each worker and not finished: the one it runs, and at most
+        # one queued behind it (scheduler.py).
         self._in_flight = [0] * len(self.workers)
         self._consecutive_failures = [0] * len(self.workers)
         # Workers out of the rotation: the wait before the next rebuild (doubled by
@@ -114,9 +118,8 @@ class ModelRuntime:
         self._run_s: dict[_RunKey, float] = {}
         self._inline_below_s = config.inline_below_us / 1e6
         # Batches in flight that were not predicted quick, and when each worker's
-        # batch was dispatched; see hold_s.
+        # running batch started (was dispatched, or the one before it ended); see hold_s.
         self._slow_in_flight = 0
-        self._dispatched_slow = [False] * len(self.workers)
         self._dispatched_at = [0.0] * len(self.workers)
         self.scheduler = Scheduler(self.workers)
         self.max_batch_size = min(config.max_batch_size or self.spec.max_batch_size,
@@ -180,6 +183,10 @@ class ModelRuntime:
     @property
     def in_flight(self) -> int:
         return sum(self._in_flight)
+
+    @property
+    def backlogged(self) -> bool:
+        return self._batcher is not None and self._batcher.backlogged
 
     @property
     def healthy_workers(self) -> int:
@@ -474,11 +481,12 @@ class ModelRuntime:
         quick = self._quick(batch)
         # A quick batch runs on the loop only while nothing else is in flight.
         run_on_loop = quick and self.in_flight == 0
-        slow = not quick
-        self._dispatched_slow[index] = slow
-        if slow:
+        batch.slow = not quick
+        if batch.slow:
             self._slow_in_flight += 1
-        dispatched = self._dispatched_at[index] = now()
+        dispatched = now()
+        if not self._in_flight[index]:
+            self._dispatched_at[index] = dispatched
         stats = self.worker_stats[index]
         for request in batch.requests:
             stats.record_queue(dispatched - request.arrival)
@@ -519,6 +527,17 @@ class ModelRuntime:
                      if n), default=None)
         return 0.0 if first is None else max(0.0, first + QUICK_HOLD_S - now())
 
+    def may_queue(self, batch: Batch) -> bool:
+        """Whether a full batch may wait at a busy worker, one batch ahead (scheduler.py).
+
+        Only when the last batch of its size ran in under QUEUE_AHEAD_BELOW_S: the
+        hand-off it saves (the loop seeing a batch end, then dispatching the next)
+        weighs against a short batch, and a request committed to a worker early
+        runs even if it is cancelled meanwhile, so the wait it may cost stays short.
+        """
+        last = self._run_s.get((batch.rows, batch.shape_key))
+        return last is not None and last < QUEUE_AHEAD_BELOW_S
+
     def drop(self, request: Request, reason: str) -> None:
         """A request leaves the queue unexecuted: "cancelled", "deadline" or "unavailable"."""
         if reason == "cancelled":
@@ -533,10 +552,11 @@ class ModelRuntime:
     def _on_done(self, worker: Worker, outcome: Outcome) -> None:
         index = worker.index
         self._in_flight[index] -= 1
-        if self._dispatched_slow[index]:
-            self._slow_in_flight -= 1
-            self._dispatched_slow[index] = False
         batch = outcome.batch
+        if batch.slow:
+            self._slow_in_flight -= 1
+        if self._in_flight[index]:  # the batch queued behind this one starts now
+            self._dispatched_at[index] = now()
         # The batch is done with its requests' memory: what was lent to a request
         # cancelled meanwhile may be given back now (a region unregistered, an arena
         # range reused), and the answers below settle their requests at once.
@@ -652,7 +672,9 @@ class ModelRuntime:
         if outcome.rebuilt:
             stats.rebuilds += 1
         failures = self._consecutive_failures[index]
-        if not outcome.rebuilt:
+        if not worker.healthy:
+            pass  # out already: this batch was queued behind the one that took it out
+        elif not outcome.rebuilt:
             self._take_out(worker, f"{outcome.rebuild_error} after {kind}")
         elif failures >= self.config.max_worker_failures:
             self._take_out(worker, f"{failures} consecutive failures, the last {kind}")

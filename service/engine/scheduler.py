@@ -1,9 +1,21 @@
-"""Round-robin over idle workers whose profile can take the batch."""
+"""Round-robin over the workers whose profile can take the batch: idle ones first.
+
+A worker may also hold one batch ahead, queued behind the one it runs, when the
+batcher asks for it (`acquire(..., ahead=True)`, only for a batch that waiting
+could not grow). That batch starts on the worker's thread the moment the one
+before it ends. Otherwise the worker would sit idle until the event loop had seen
+its batch finish and handed it the next: two passes of the loop, each about a
+millisecond on a busy engine, which at saturation left the GPU idle between
+batches (docs/processes.md, "A batch ahead").
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Protocol
+
+# Batches a worker may hold beyond the one it runs.
+BATCHES_AHEAD = 1
 
 
 class Schedulable(Protocol):
@@ -14,27 +26,41 @@ class Schedulable(Protocol):
 
 
 class Scheduler:
-    """Owns which workers are busy. Lives on the event loop; no locks."""
+    """Owns how many batches each worker holds. Lives on the event loop; no locks."""
 
     def __init__(self, workers: Sequence[Schedulable]) -> None:
         self._workers = list(workers)
-        self._busy = [False] * len(self._workers)
+        self._held = [0] * len(self._workers)
         self._next = 0
 
-    def acquire(self, shapes: Mapping[str, tuple[int, ...]]) -> int | None:
-        """Index of the next idle worker able to run these shapes, now marked busy."""
+    def acquire(self, shapes: Mapping[str, tuple[int, ...]], ahead: bool = False) -> int | None:
+        """Index of the next idle worker able to run these shapes, now holding the batch.
+
+        With `ahead`, when none is idle, the next busy one with room for a batch ahead.
+        """
+        found = self._find(shapes, 0)
+        if found is None and ahead:
+            for held in range(1, BATCHES_AHEAD + 1):
+                found = self._find(shapes, held)
+                if found is not None:
+                    break
+        if found is not None:
+            self._held[found] += 1
+            self._next = (found + 1) % len(self._workers)
+        return found
+
+    def _find(self, shapes: Mapping[str, tuple[int, ...]], held: int) -> int | None:
         n = len(self._workers)
         for step in range(n):
             i = (self._next + step) % n
             worker = self._workers[i]
-            if not self._busy[i] and worker.available and worker.accepts(shapes):
-                self._busy[i] = True
-                self._next = (i + 1) % n
+            if self._held[i] == held and worker.available and worker.accepts(shapes):
                 return i
         return None
 
     def release(self, index: int) -> None:
-        self._busy[index] = False
+        """Worker `index` has finished one of the batches it held (none held: no-op)."""
+        self._held[index] = max(0, self._held[index] - 1)
 
     def can_ever_run(self, shapes: Mapping[str, tuple[int, ...]]) -> bool:
         return any(w.available and w.accepts(shapes) for w in self._workers)

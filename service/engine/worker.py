@@ -1,7 +1,7 @@
 """A worker: one thread that owns one executor (context + stream, or a session).
 
-Work crosses into the thread through its inbox (one batch at a time, as the
-scheduler only hands a batch to an idle worker) and comes back with a single
+Work crosses into the thread through its inbox (the batch it runs, and at most
+one queued behind it: scheduler.py) and comes back with a single
 `loop.call_soon_threadsafe` per batch. The thread builds (and rebuilds) the
 executor; the one other caller is `run_inline`, on the event loop, for an
 executor that allows it, and only while the scheduler has handed this worker

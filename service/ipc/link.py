@@ -41,8 +41,11 @@ class Link(asyncio.Protocol):
     def __init__(self, on_frame: Callable[[Any], None],
                  on_lost: Callable[[BaseException | None], None],
                  flush_on_read: bool = False,
-                 on_read_end: Callable[[], None] | None = None) -> None:
+                 on_read_end: Callable[[], None] | None = None,
+                 before_write: Callable[[Any], None] | None = None) -> None:
         self._on_frame = on_frame
+        # Called with each frame just before it is written (the engine stamps its state).
+        self._before_write = before_write
         # Called once the frames of one read are parsed: a receiver that gathers the
         # frames' messages acts on them together there (the engine's groups).
         self._on_read_end = on_read_end
@@ -54,6 +57,8 @@ class Link(asyncio.Protocol):
         self._transport: Any = None
         self._buffer = bytearray()
         self._pending: Any = None
+        # The timer that writes a held frame (outgoing's hold_s); None when not held.
+        self._held: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self.frames_out = 0
@@ -97,19 +102,37 @@ class Link(asyncio.Protocol):
 
     # --- sending ---
 
-    def outgoing(self) -> Any:
+    def outgoing(self, hold_s: float = 0.0) -> Any:
         """The frame to add messages to; it is written once this loop iteration ends
-        (or sooner, by `flush`, where the caller knows nothing else will join it)."""
+        (or sooner, by `flush`, where the caller knows nothing else will join it).
+
+        `hold_s` > 0: the caller's message may wait that long for others to join it,
+        so a new frame is written only then; a caller that passes 0 has it written at
+        this iteration's end, held or not.
+        """
+        loop = self._loop
+        assert loop is not None
         if self._pending is None:
             self._pending = Frame()
-            assert self._loop is not None
-            self._loop.call_soon(self.flush)
+            if hold_s > 0:
+                self._held = loop.call_later(hold_s, self.flush)
+            else:
+                loop.call_soon(self.flush)
+        elif hold_s <= 0 and self._held is not None:
+            self._held.cancel()
+            self._held = None
+            loop.call_soon(self.flush)
         return self._pending
 
     def flush(self) -> None:
         frame, self._pending = self._pending, None
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         if frame is None or self._transport is None or self._transport.is_closing():
             return
+        if self._before_write is not None:
+            self._before_write(frame)
         body = frame.SerializeToString()
         self.frames_out += 1
         self._transport.write(len(body).to_bytes(HEADER_BYTES, "little") + body)
@@ -123,11 +146,12 @@ class Link(asyncio.Protocol):
 async def open_link(sock: Any, on_frame: Callable[[Any], None],
                     on_lost: Callable[[BaseException | None], None],
                     flush_on_read: bool = False,
-                    on_read_end: Callable[[], None] | None = None) -> Link:
+                    on_read_end: Callable[[], None] | None = None,
+                    before_write: Callable[[Any], None] | None = None) -> Link:
     """Serve the link over a connected Unix socket (one end of a socketpair)."""
     loop = asyncio.get_running_loop()
     _, link = await loop.create_unix_connection(
-        lambda: Link(on_frame, on_lost, flush_on_read, on_read_end), sock=sock)
+        lambda: Link(on_frame, on_lost, flush_on_read, on_read_end, before_write), sock=sock)
     return link
 
 

@@ -22,8 +22,10 @@ class Slot:
 class Harness:
     """A batcher whose dispatched batches are recorded; workers freed by hand."""
 
-    def __init__(self, workers=1, **policy):
+    def __init__(self, workers=1, queue_ahead=False, **policy):
         policy.setdefault("max_queue_delay_s", 60.0)
+        # What the model's may_queue answers: may a full batch queue at a busy worker?
+        self.queue_ahead = queue_ahead
         self.scheduler = Scheduler([Slot() for _ in range(workers)])
         self.batches = []  # (worker, [rows per request])
         self.dropped = []
@@ -43,6 +45,9 @@ class Harness:
 
     def hold_s(self, batch):
         return 0.0
+
+    def may_queue(self, batch):
+        return self.queue_ahead
 
     def submit(self, rows=1, width=4, deadline=None, arrival=None):
         loop = asyncio.get_running_loop()
@@ -167,6 +172,45 @@ async def test_batch_keeps_growing_while_every_worker_is_busy():
     h.free(0)
     await h.settle()
     assert h.batches[1] == (0, [1] * 5)
+    await h.close()
+
+
+async def test_a_full_batch_queues_at_the_busy_worker_and_one_that_can_grow_waits():
+    h = Harness(workers=1, queue_ahead=True, max_batch_size=4, max_queue_delay_s=0)
+    h.submit(rows=4)
+    await h.settle()
+    h.submit(rows=4)  # full: it queues behind the batch the worker runs
+    await h.settle()
+    assert h.batches == [(0, [4]), (0, [4])]
+    h.submit(rows=4)  # the worker holds one ahead already: this one waits
+    h.submit(rows=2)
+    await h.settle()
+    assert len(h.batches) == 2
+    h.free(0)
+    await h.settle()
+    assert h.batches[2] == (0, [4])
+    h.free(0)
+    h.free(0)
+    await h.settle()
+    assert h.batches[3] == (0, [2])  # idle again: a batch that could grow goes only now
+    h.submit(rows=1)
+    await h.settle()
+    assert len(h.batches) == 4  # not full: it waits for the worker, growing
+    h.submit(rows=3)
+    await h.settle()
+    assert h.batches[4] == (0, [1, 3])  # full once the arrival joined it: queued ahead
+    await h.close()
+
+
+async def test_a_full_batch_waits_for_an_idle_worker_when_the_model_says_so():
+    h = Harness(workers=1, queue_ahead=False, max_batch_size=4, max_queue_delay_s=0)
+    h.submit(rows=4)
+    h.submit(rows=4)
+    await h.settle()
+    assert h.batches == [(0, [4])]
+    h.free(0)
+    await h.settle()
+    assert h.batches == [(0, [4]), (0, [4])]
     await h.close()
 
 

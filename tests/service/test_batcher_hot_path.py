@@ -50,6 +50,7 @@ class Recorder:
     def __init__(self, workers=1, **policy):
         self.scheduler = Scheduler([Slot() for _ in range(workers)])
         self.batches = []
+        self.queue_ahead = False  # a full batch never queues at a busy worker
         self.batcher = Batcher("m", BatchPolicy(**policy), self.scheduler, self)
         self.task = asyncio.create_task(self.batcher.run())
 
@@ -63,6 +64,9 @@ class Recorder:
 
     def hold_s(self, batch):
         return 0.0
+
+    def may_queue(self, batch):
+        return self.queue_ahead
 
     def submit(self, rows=1, width=4):
         loop = asyncio.get_running_loop()
@@ -168,7 +172,8 @@ async def test_a_request_past_its_deadline_on_arrival_is_left_to_the_task_to_dro
     batcher = Batcher("m", BatchPolicy(max_batch_size=8, max_queue_delay_s=0.0), scheduler,
                       SimpleNamespace(dispatch=lambda worker, batch: batches.append(batch),
                                       drop=lambda request, reason: dropped.append(reason),
-                                      hold_s=lambda batch: 0.0))
+                                      hold_s=lambda batch: 0.0,
+                                      may_queue=lambda batch: False))
     task = asyncio.create_task(batcher.run())
     await asyncio.sleep(0)
     loop = asyncio.get_running_loop()

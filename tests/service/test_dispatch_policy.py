@@ -16,11 +16,13 @@ import pytest
 
 from tests.doubles.controlled import (
     INPUT,
+    OUTPUT,
     SECRET,
     WIDTH,
     ControlledBackend,
     Controls,
     controlled_model,
+    expected,
 )
 from trtserve.service.engine import model
 from trtserve.service.engine.batch import Batch, Request
@@ -169,3 +171,88 @@ async def test_a_failed_batch_fails_its_requests_alone_and_a_worker_failing_agai
     assert runtime.worker_stats[out].last_error.startswith(
         "out of the rotation: 3 consecutive failures, the last InjectedFailure")
     await runtime.infer({INPUT: _x(1)})  # the other worker serves on
+
+
+@pytest.fixture
+async def one_worker(monkeypatch) -> AsyncIterator[tuple[ModelRuntime, Controls]]:
+    """One thread-bound worker, batches of at most 8 rows, none held back by the delay."""
+    controls = Controls(any_thread=False, keep_values=True)
+    runtime = ControlledBackend(controls).runtime(controlled_model(
+        workers=1, max_batch_size=8, max_queue_delay_us=0, inline_below_us=10**6))
+    await runtime.start()
+    try:
+        yield runtime, controls
+    finally:
+        controls.release()
+        await runtime.stop()
+
+
+async def _until(condition, what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting until {what}")
+
+
+async def test_a_full_batch_queues_behind_the_busy_worker_and_each_request_gets_its_rows(
+        one_worker):
+    runtime, controls = one_worker
+    await runtime.infer({INPUT: _x(8)})  # measured: a full batch runs short
+    controls.hold()
+    xs = [np.full((8, WIDTH), i, np.float32) for i in range(3)]
+    tasks = [asyncio.create_task(runtime.infer({INPUT: x})) for x in xs]
+    await _until(lambda: runtime.in_flight == 2, "one batch runs, one waits at the worker")
+    await asyncio.sleep(0.02)
+    assert runtime.snapshot().workers[0].in_flight == 2  # the third waits in the batcher
+    controls.release()
+    answers = await asyncio.gather(*tasks)
+    for x, answer in zip(xs, answers, strict=True):
+        np.testing.assert_array_equal(answer[OUTPUT], expected(x))
+    assert runtime.in_flight == 0
+    assert controls.snapshot()[1] == [8, 8, 8, 8]
+
+
+async def test_a_batch_that_could_still_grow_or_runs_long_does_not_queue_at_the_worker(
+        one_worker):
+    runtime, controls = one_worker
+    controls.hold()
+    first = asyncio.create_task(runtime.infer({INPUT: _x(8)}))  # 8 rows never measured
+    await _until(lambda: runtime.in_flight == 1, "the first batch runs")
+    second = asyncio.create_task(runtime.infer({INPUT: _x(8)}))
+    await asyncio.sleep(0.02)
+    assert runtime.in_flight == 1  # not known to run short: it waits in the batcher
+    controls.release()
+    await asyncio.gather(first, second)
+    await runtime.infer({INPUT: _x(2)})  # measured: 2 rows run short
+    controls.hold()
+    first = asyncio.create_task(runtime.infer({INPUT: _x(8)}))
+    await _until(lambda: runtime.in_flight == 1, "the first batch runs")
+    small = asyncio.create_task(runtime.infer({INPUT: _x(2)}))
+    await asyncio.sleep(0.02)
+    assert runtime.in_flight == 1  # 2 of 8 rows: it may grow while it waits
+    controls.release()
+    await asyncio.gather(first, small)
+
+
+async def test_a_batch_queued_behind_a_failure_that_took_the_worker_out_fails_once(
+        one_worker, caplog):
+    runtime, controls = one_worker
+    await runtime.infer({INPUT: _x(8)})
+    controls.hold()
+    first = asyncio.create_task(runtime.infer({INPUT: _x(8)}))
+    await _until(lambda: runtime.in_flight == 1, "the first batch runs")
+    second = asyncio.create_task(runtime.infer({INPUT: _x(8)}))
+    await _until(lambda: runtime.in_flight == 2, "the second waits at the worker")
+    # The first batch fails and so does every rebuild: the worker leaves the rotation,
+    # and the batch queued behind it finds no executor.
+    controls.fail_next_batches(1)
+    controls.fail_next_builds(10)
+    controls.release()
+    for task in (first, second):
+        with pytest.raises(BackendError):
+            await task
+    assert runtime.healthy_workers == 0
+    taken_out = [r for r in caplog.records if "taken out of the rotation" in r.getMessage()]
+    assert len(taken_out) == 1
+    assert runtime.worker_stats[0].state == "backing_off"

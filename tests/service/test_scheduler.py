@@ -50,3 +50,25 @@ def test_unavailable_workers_are_skipped():
     assert s.acquire(shapes(1)) == 1
     assert s.can_ever_run(shapes(1))
     assert not s.can_ever_run(shapes(100))
+
+
+def test_a_batch_ahead_goes_to_a_busy_worker_only_when_none_is_idle_and_one_each():
+    s = Scheduler([Slot(), Slot()])
+    assert s.acquire(shapes(8), ahead=True) == 0  # idle workers first, ahead or not
+    assert s.acquire(shapes(8), ahead=True) == 1
+    assert s.acquire(shapes(8)) is None  # not asked to queue: none idle
+    assert [s.acquire(shapes(8), ahead=True) for _ in range(3)] == [0, 1, None]
+    s.release(0)  # worker 0's first batch ended; the one behind it now runs
+    assert s.acquire(shapes(8)) is None  # it is not idle
+    assert s.acquire(shapes(8), ahead=True) == 0
+    s.release(1)
+    s.release(1)
+    assert s.acquire(shapes(8)) == 1  # worker 1 finished both: idle again
+
+
+def test_a_batch_ahead_skips_workers_that_cannot_take_it():
+    s = Scheduler([Slot(max_rows=4), Slot(max_rows=64)])
+    assert s.acquire(shapes(2)) == 0
+    assert s.acquire(shapes(2)) == 1
+    assert s.acquire(shapes(32), ahead=True) == 1  # worker 0 can never take 32 rows
+    assert s.acquire(shapes(32), ahead=True) is None
