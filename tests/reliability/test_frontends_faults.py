@@ -30,6 +30,8 @@ from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from trtserve.service.testing.servers import ServerProcess
 
 CLIENTS = 16
+# How long after its `sent` stamp a client call may still be on its way (see below).
+SEND_SLACK_S = 0.05
 
 
 def _x(client: int, n: int) -> np.ndarray:
@@ -105,10 +107,13 @@ def test_sigterm_answers_every_accepted_request_across_frontends() -> None:
     # Refused (UNAVAILABLE) is the only failure a drain may cause, but for calls that
     # reach a listener as it closes, which grpc core answers CANCELLED before any
     # handler sees them (grpc/grpc#41785; tests/reliability/test_drain.py)...
+    # `sent` is stamped before the client's loop sends the call: with 16 clients on one
+    # loop on a shared machine, one stamped a little before SIGTERM can reach its frontend
+    # after the drain began (1.2 ms early seen, in the tree before and after 8412890).
     for o in outcomes:
         if not o.ok:
             assert o.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), o
-            assert o.sent > sigterm, o
+            assert o.sent > sigterm - SEND_SLACK_S, o
     # ...and every request the engine ran was answered: none lost between the processes.
     assert _executed(output) == answered, output
     assert "frontend-0" in output and "frontend-1" in output
