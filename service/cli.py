@@ -138,8 +138,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="a frontend waiting on the engine for its only request polls for "
                         "up to this long before sleeping (default 1000; 0: off)")
     p.add_argument("--frontend-hold-us", type=int,
-                   help="while the engine has a backlog, a frontend holds its next frame of "
-                        "requests up to this long to carry more (default 1000; 0: off)")
+                   help="while a model has a backlog at the engine, a frontend holds the "
+                        "frame of its requests up to this long to carry more (default 1000; "
+                        "0: off)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")

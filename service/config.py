@@ -297,8 +297,8 @@ class ServerConfig:
     # loop polling for up to this long rather than sleeping, so that the reply is
     # read at once, on a warm core (docs/processes.md, "Concurrency 1"). 0: off.
     frontend_spin_us: int = 1000
-    # While the engine reports a backlog (a batch waiting for a worker, requests queued
-    # behind it), a frontend holds its next frame of requests up to this long so that
+    # While the engine reports a model's backlog (a batch waiting for a worker, requests
+    # queued behind it), a frontend holds the frame of its requests up to this long so that
     # it carries more of them: the engine's loop pays per frame, and those requests
     # wait longer than this anyway (docs/processes.md, "Frames held"). 0: off.
     frontend_hold_us: int = 1000

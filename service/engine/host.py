@@ -546,9 +546,10 @@ class EngineHost:
         return port
 
     def _stamp(self, frame: link_pb2.Frame) -> None:
-        """Every frame tells the frontend whether a model has a backlog (its frame hold)."""
+        """Every frame tells the frontend which models have a backlog (its frame hold)."""
         engine = self.engine
-        frame.backlog = isinstance(engine, LocalEngine) and engine.backlogged()
+        if isinstance(engine, LocalEngine) and (backlogged := engine.backlogged()):
+            frame.backlogged.extend(backlogged)
 
     def _models(self) -> link_pb2.Control:
         descriptions = []

@@ -91,9 +91,9 @@ class LocalEngine:
             return None
         return self._regions.host_pinner() if device_io else None
 
-    def backlogged(self) -> bool:
-        """Whether a served model's batcher has a backlog (Batcher.backlogged)."""
-        return any(runtime.backlogged for runtime in self._repository)
+    def backlogged(self) -> list[str]:
+        """The served models whose batcher has a backlog (Batcher.backlogged)."""
+        return [runtime.name for runtime in self._repository if runtime.backlogged]
 
     def group_rows(self, model: str) -> int:
         """The most rows a group of `model`'s requests may stack (engine/groups.py): its

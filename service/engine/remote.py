@@ -95,10 +95,10 @@ class RemoteEngine:
         # How long a lone request's frontend polls for its reply (_spin); set from the
         # server config once connected.
         self.spin_s = 0.0
-        # How long a frame of requests may wait for more while the engine has a backlog
-        # (the last frame from it said so); set from the server config once connected.
+        # How long a frame of requests may wait for more while their model has a backlog
+        # at the engine (as its last frame said); set from the server config once connected.
         self.hold_s = 0.0
-        self._backlog = False
+        self._backlogged: frozenset[str] = frozenset()
         self._spinning = False
         self._spin_until = 0.0
         self._spin_frames = 0
@@ -143,7 +143,7 @@ class RemoteEngine:
             raise Unavailable(f"model '{request.model}' is shutting down; not accepting "
                               "requests")
         rid = next(self._ids)
-        frame = link.outgoing(self._hold())
+        frame = link.outgoing(self.hold_s if request.model in self._backlogged else 0.0)
         message = frame.requests.add()
         message.id = rid
         message.model = request.model
@@ -184,15 +184,6 @@ class RemoteEngine:
             if rid in self._pending and not link.closed:
                 link.outgoing().cancels.append(rid)
             raise
-
-    def _hold(self) -> float:
-        """How long the frame this request joins may wait for more (0: this iteration).
-
-        Only while the engine has a backlog: then a request waits at least a batch's
-        run there wherever it is, and each frame costs the engine's one loop a parse,
-        a write and their syscalls, so fewer, fuller frames let it serve more.
-        """
-        return self.hold_s if self._backlog else 0.0
 
     def _spin(self) -> None:
         """Keep the loop polling (a callback always ready: its waits take no time) while
@@ -284,7 +275,10 @@ class RemoteEngine:
     # --- from the engine ---
 
     def _on_frame(self, frame: link_pb2.Frame) -> None:
-        self._backlog = frame.backlog
+        # A request of a backlogged model waits at least a batch's run at the engine
+        # wherever it is, while each frame costs the engine's one loop a parse, a
+        # write and their syscalls: its frame may wait up to hold_s for more (infer).
+        self._backlogged = frozenset(frame.backlogged) if frame.backlogged else frozenset()
         if frame.controls:
             for control in frame.controls:
                 self._control(control)
@@ -298,7 +292,7 @@ class RemoteEngine:
             self._idle.set()
         if releases and self._link is not None and not self._link.closed:
             # Not urgent (they free arena space): they may ride with held requests.
-            out = self._link.outgoing(self._hold()).releases
+            out = self._link.outgoing(self.hold_s if self._backlogged else 0.0).releases
             for offset in releases:
                 out.add(offset=offset)
 

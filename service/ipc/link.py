@@ -7,7 +7,7 @@ produced them (`Link.outgoing`), and parses every complete frame a read brings:
 under load one write and one parse carry many requests, and the engine loop's
 cost per request, which bounds the server's throughput, stays a few fields. A
 frontend may hold a frame a little longer (`outgoing`'s `hold_s`) while the
-engine reports a backlog (`Frame.backlog`, stamped by `before_write`).
+engine reports a backlog (`Frame.backlogged`, stamped by `before_write`).
 
 The socket is one end of a socketpair the engine made before starting the
 frontend: no path, no listener, and either side's death is the other's EOF.

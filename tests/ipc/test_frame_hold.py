@@ -63,8 +63,8 @@ async def test_a_held_frame_waits_its_hold_unless_a_message_that_cannot_wait_joi
         sender.close()
 
 
-def _request(x: np.ndarray) -> InferRequest:
-    return InferRequest(model="controlled", inputs={INPUT: TensorIn("FP32", x.shape, x)})
+def _request(x: np.ndarray, model: str = "controlled") -> InferRequest:
+    return InferRequest(model=model, inputs={INPUT: TensorIn("FP32", x.shape, x)})
 
 
 async def test_a_frontend_holds_requests_only_while_the_engine_reports_a_backlog():
@@ -74,6 +74,9 @@ async def test_a_frontend_holds_requests_only_while_the_engine_reports_a_backlog
     await repository.add(backend.runtime(controlled_model(workers=1, max_batch_size=8,
                                                           max_queue_delay_us=0)))
     runtime = repository.get("controlled")
+    # A second model, never held up: a frontend holds only a backlogged model's requests.
+    await repository.add(ControlledBackend().runtime(controlled_model(
+        name="other", workers=1, max_batch_size=8, max_queue_delay_us=0)))
     host = EngineHost(LocalEngine(repository), ServerConfig())
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
@@ -81,6 +84,7 @@ async def test_a_frontend_holds_requests_only_while_the_engine_reports_a_backlog
     inputs, outputs = Arena.create("in", ARENA_BYTES), Arena.create("out", ARENA_BYTES)
     await host.attach(0, os.getpid(), ours, inputs, outputs)
     host.set_health("controlled", True)
+    host.set_health("other", True)
     remote = RemoteEngine(Arena(os.dup(inputs.fd), ARENA_BYTES),
                           Arena(os.dup(outputs.fd), ARENA_BYTES))
     await remote.connect(theirs)
@@ -90,7 +94,7 @@ async def test_a_frontend_holds_requests_only_while_the_engine_reports_a_backlog
     try:
         one = np.ones((8, WIDTH), np.float32)
         await remote.infer(_request(one))  # no backlog: nothing held
-        assert not remote._backlog
+        assert not remote._backlogged
         backend.controls.hold()
         xs = [np.full((8, WIDTH), i, np.float32) for i in range(4)]
         # The first runs (held at the gate), the second waits for the worker, the rest
@@ -102,7 +106,11 @@ async def test_a_frontend_holds_requests_only_while_the_engine_reports_a_backlog
             await asyncio.sleep(0.005)
         assert runtime.backlogged
         await remote.stats()  # a frame from the engine, stamped with its backlog
-        assert remote._backlog
+        assert remote._backlogged == {"controlled"}
+        sent = link.frames_out
+        other = await asyncio.wait_for(remote.infer(_request(one, "other")), 0.25)
+        np.testing.assert_array_equal(other.outputs["y"].data, expected(one))
+        assert link.frames_out == sent + 1  # not held: its model has no backlog
         sent = link.frames_out
         held = asyncio.create_task(remote.infer(_request(np.full((8, WIDTH), 9, np.float32))))
         await asyncio.sleep(0.1)
@@ -114,7 +122,7 @@ async def test_a_frontend_holds_requests_only_while_the_engine_reports_a_backlog
         for x, answer in zip([*xs, np.full((8, WIDTH), 9, np.float32)], answers, strict=True):
             np.testing.assert_array_equal(answer.outputs["y"].data, expected(x))
         await remote.stats()  # the backlog is gone, and the next frame says so
-        assert not remote._backlog
+        assert not remote._backlogged
         sent = link.frames_out
         quick = asyncio.create_task(remote.infer(_request(one)))
         await _turns()
