@@ -12,7 +12,8 @@ answers, which the server must stop reading once they hold their bound.
 Every valid answer is checked against ONNX Runtime run here on that request's
 own input; every stream answer is matched to its request id
 exactly once. Nothing may be lost (a valid call that fails), duplicated or
-misrouted, the server's memory must level off, and it must exit 0 on SIGTERM.
+misrouted, the server's memory must stay bounded (and, in a run of a minute or more,
+level off), and it must exit 0 on SIGTERM.
 Set TRTSERVE_SOAK_REPORT=path.json to keep the numbers.
 """
 
@@ -57,6 +58,13 @@ MAX_ROWS = 32
 # bounded stats windows filling); after that it must stay within this bound.
 WARMUP_FRACTION = 0.3
 RSS_GROWTH_LIMIT = 48 * 2**20
+# That warm-up is one or two steps, about 70 MiB in all (102 -> 172 MiB on the 2-core
+# machine, every run), which on a loaded machine come anywhere in a short run: after
+# the warm-up mark in 3 of 9 runs under load, in the tree before 8412890 as in this one.
+# So a short run (CI's 15 s) bounds the growth from the start, and a run of at least
+# LEVEL_OFF_MIN_S must also level off after its warm-up.
+RSS_CEILING = 112 * 2**20
+LEVEL_OFF_MIN_S = 60
 
 
 @dataclass
@@ -376,4 +384,6 @@ def test_soak(example_onnx, tmp_path):
     # lost no accepted request to an internal error.
     assert stats.inferences >= tally.rows_answered
     assert stats.errors == 0 and stats.rejected_queue_full == 0
-    assert max(warm) - warm[0] < RSS_GROWTH_LIMIT, report["rss_mib"]
+    assert max(r for _, r in rss) - rss[0][1] < RSS_CEILING, report["rss_mib"]
+    if SECONDS >= LEVEL_OFF_MIN_S:
+        assert max(warm) - warm[0] < RSS_GROWTH_LIMIT, report["rss_mib"]
