@@ -286,11 +286,14 @@ def frontend_families(frontends: Sequence[FrontendSnapshot]) -> list[Metric]:
                         "answered by the engine.", labels)
     cpu = f.counter("frontend_cpu_seconds", "CPU time (user + system) of a frontend process.",
                     labels)
+    frames = f.counter("frontend_request_frames", "Frames that carried a frontend process's "
+                       "requests to the engine.", labels)
     for s in frontends:
         row = (str(s.index), str(s.pid))
         requests.add_metric(row, s.requests)
         in_flight.add_metric(row, s.in_flight)
         cpu.add_metric(row, s.cpu_s)
+        frames.add_metric(row, s.request_frames)
     return list(f)
 
 

@@ -293,6 +293,8 @@ class FrontendSnapshot:
     requests: int
     in_flight: int
     cpu_s: float
+    # Frames that carried its requests (requests / request_frames: per frame).
+    request_frames: int = 0
 
 
 _NO_BUDGET = ByteBudgetSnapshot(held_bytes=0, limit_bytes=0, refused=0)

@@ -77,6 +77,7 @@ class FrontendPort:
         # members each under its own).
         self.in_flight: dict[int, Submitted | _Group] = {}
         self.requests = 0
+        self.request_frames = 0  # frames read that carried requests
         # The requests (and the cancels after them) of the read in progress, acted on
         # together at its end (`on_read_end`): that is where groups form.
         self._read: list[link_pb2.Request] = []
@@ -98,6 +99,7 @@ class FrontendPort:
             for r in releases:
                 self.outputs.free(r.offset)
         if requests := frame.requests:
+            self.request_frames += 1
             self._read.extend(requests)
         if cancels := frame.cancels:
             if self._read:  # after the requests they may name, at the read's end
@@ -433,7 +435,8 @@ class FrontendPort:
 
     def snapshot(self) -> FrontendSnapshot:
         return FrontendSnapshot(index=self.index, pid=self.pid, requests=self.requests,
-                                in_flight=len(self.in_flight), cpu_s=_cpu_s(self.pid))
+                                in_flight=len(self.in_flight), cpu_s=_cpu_s(self.pid),
+                                request_frames=self.request_frames)
 
     def close(self) -> None:
         if self.link is not None:

@@ -74,7 +74,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             uptime_seconds=time.monotonic() - self._started,
             shared_memory=convert.shared_memory_stats(snapshot.shared_memory),
             frontends=[pb.FrontendStats(index=f.index, pid=f.pid, requests=f.requests,
-                                        in_flight=f.in_flight, cpu_seconds=f.cpu_s)
+                                        in_flight=f.in_flight, cpu_seconds=f.cpu_s,
+                                        request_frames=f.request_frames)
                        for f in snapshot.frontends])
 
     @unary

@@ -128,11 +128,15 @@ def test_every_answer_is_its_own_across_frontends(server: ServerProcess,
     assert all(f.requests > 0 for f in stats.frontends), stats.frontends
     assert sorted(f.pid for f in stats.frontends) == sorted(_frontend_pids(server))
     assert all(f.in_flight == 0 for f in stats.frontends)
+    # Every request came in a frame, a frame carrying one request or more.
+    assert all(0 < f.request_frames <= f.requests for f in stats.frontends), stats.frontends
     # Prometheus (served by the engine process): the same totals, one row per frontend.
     m = scrape(server.metrics_port)  # type: ignore[attr-defined]
     rows = m["trtserve_frontend_requests_total"]
     assert sorted(dict(labels)["frontend"] for labels in rows) == ["0", "1"]
     assert sum(rows.values()) == model.requests
+    frames = m["trtserve_frontend_request_frames_total"]
+    assert sum(frames.values()) == sum(f.request_frames for f in stats.frontends)
     assert m["trtserve_model_request_success_total"][key(model="example")] == model.requests
     # Requests the engine read together and queued as one (as many as the load made):
     # counted among the requests, every group of two or more, the same in Prometheus.

@@ -117,6 +117,9 @@ async def test_a_frontend_holds_requests_only_while_the_engine_reports_a_backlog
         assert link.frames_out == sent  # held: the engine would only queue it
         await asyncio.sleep(0.4)
         assert link.frames_out == sent + 1  # the hold ran out
+        (port,) = host.ports.values()
+        # Four frames of requests: the first, the 4 made in one loop turn, "other", the held.
+        assert (port.snapshot().requests, port.snapshot().request_frames) == (7, 4)
         backend.controls.release()
         answers = await asyncio.gather(*tasks, held)
         for x, answer in zip([*xs, np.full((8, WIDTH), 9, np.float32)], answers, strict=True):
