@@ -348,16 +348,19 @@ def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
     """How a window's load spread over the frontend processes, from two Stats'
     `frontends` rows (FrontendStats, by index): the busiest and the idlest frontend's
     share of the requests (1/N each when even; the kernel spreads connections, not
-    requests) and their CPU over the window (1.0: a core). No frontends (one process):
-    shares 1.0, CPU 0."""
+    requests) and their CPU over the window (1.0: a core); and the requests a frame to
+    the engine carried, over all of them (more while frames are held for a backlog). No
+    frontends (one process): shares 1.0, CPU 0, requests per frame 0."""
     served = [a.requests - b.requests for a, b in zip(after, before, strict=True)]
     cpu = [(a.cpu_seconds - b.cpu_seconds) / seconds for a, b in zip(after, before, strict=True)]
+    frames = sum(a.request_frames - b.request_frames for a, b in zip(after, before, strict=True))
     total = sum(served)
     return {
         "frontend_share_min": min(served) / total if total else 1.0,
         "frontend_share_max": max(served) / total if total else 1.0,
         "frontend_cpu_min": min(cpu, default=0.0),
         "frontend_cpu_max": max(cpu, default=0.0),
+        "requests_per_frame": total / frames if frames else 0.0,
     }
 
 

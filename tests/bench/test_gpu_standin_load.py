@@ -95,19 +95,22 @@ def test_the_client_process_spreads_a_closed_loop_over_its_connections(server):
 
 
 def test_the_frontend_spread_is_each_frontends_share_of_the_window_and_its_cpu():
-    def rows(*pairs: tuple[int, float]) -> list:
-        return [pb.FrontendStats(index=i, requests=r, cpu_seconds=c)
-                for i, (r, c) in enumerate(pairs)]
+    def rows(*triples: tuple[int, float, int]) -> list:
+        return [pb.FrontendStats(index=i, requests=r, cpu_seconds=c, request_frames=f)
+                for i, (r, c, f) in enumerate(triples)]
 
-    before = rows((100, 1.0), (50, 2.0), (0, 0.5))
-    after = rows((400, 3.0), (150, 2.5), (100, 0.5))  # 300, 100, 100 requests in 2 s
+    before = rows((100, 1.0, 90), (50, 2.0, 50), (0, 0.5, 0))
+    # 300, 100, 100 requests in 2 s, in 110, 30 and 60 frames
+    after = rows((400, 3.0, 200), (150, 2.5, 80), (100, 0.5, 60))
     spread = frontend_spread(before, after, 2.0)
     assert spread == {"frontend_share_min": 0.2, "frontend_share_max": 0.6,
-                      "frontend_cpu_min": 0.0, "frontend_cpu_max": 1.0}
+                      "frontend_cpu_min": 0.0, "frontend_cpu_max": 1.0,
+                      "requests_per_frame": 2.5}
     # One process: no frontend rows.
     assert frontend_spread([], [], 2.0) == {"frontend_share_min": 1.0,
                                             "frontend_share_max": 1.0,
-                                            "frontend_cpu_min": 0.0, "frontend_cpu_max": 0.0}
+                                            "frontend_cpu_min": 0.0, "frontend_cpu_max": 0.0,
+                                            "requests_per_frame": 0.0}
 
 
 def test_the_host_busy_time_counts_this_process_burning_a_core():
