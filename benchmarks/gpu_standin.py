@@ -348,9 +348,10 @@ def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
     """How a window's load spread over the frontend processes, from two Stats'
     `frontends` rows (FrontendStats, by index): the busiest and the idlest frontend's
     share of the requests (1/N each when even; the kernel spreads connections, not
-    requests) and their CPU over the window (1.0: a core); and the requests a frame to
-    the engine carried, over all of them (more while frames are held for a backlog). No
-    frontends (one process): shares 1.0, CPU 0, requests per frame 0."""
+    requests) and their CPU over the window (1.0: a core), with all the frontends' CPU;
+    and the requests a frame to the engine carried, over all of them (more while frames
+    are held for a backlog). No frontends (one process): shares 1.0, CPU 0, requests
+    per frame 0."""
     served = [a.requests - b.requests for a, b in zip(after, before, strict=True)]
     cpu = [(a.cpu_seconds - b.cpu_seconds) / seconds for a, b in zip(after, before, strict=True)]
     frames = sum(a.request_frames - b.request_frames for a, b in zip(after, before, strict=True))
@@ -360,6 +361,7 @@ def frontend_spread(before: Sequence[Any], after: Sequence[Any], seconds: float
         "frontend_share_max": max(served) / total if total else 1.0,
         "frontend_cpu_min": min(cpu, default=0.0),
         "frontend_cpu_max": max(cpu, default=0.0),
+        "frontend_cores": sum(cpu),
         "requests_per_frame": total / frames if frames else 0.0,
     }
 
@@ -450,18 +452,15 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
     batches = after.batches - before.batches
     rows = after.inferences - before.inferences
     busy = after.busy_seconds - before.busy_seconds
-    frontends_cpu = sum(a.cpu_seconds - b.cpu_seconds for a, b in
-                        zip(after_all.frontends, before_all.frontends, strict=True))
     return {
         "client_cpu_max": max(o[3] for o in outcomes),
         **frontend_spread(before_all.frontends, after_all.frontends, seconds),
         # Where the host's cores went over the window, in cores (1.0: one busy core):
-        # the whole host, then the client processes, the frontends and the engine's
-        # process (this one: its main thread only reads Stats meanwhile, a few
-        # milliseconds every 0.2 s).
+        # the whole host, then the client processes, the frontends (frontend_spread's
+        # frontend_cores) and the engine's process (this one: its main thread only
+        # reads Stats meanwhile, a few milliseconds every 0.2 s).
         "host_cores": host_cpu / seconds,
         "client_cores": sum(o[3] for o in outcomes),
-        "frontend_cores": frontends_cpu / seconds,
         "engine_cores": engine_cpu / seconds,
         **waiting,
         "queue_time_p50_ms": after.queue_time.p50_us / 1e3,

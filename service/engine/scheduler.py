@@ -14,9 +14,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-# Batches a worker may hold beyond the one it runs.
-BATCHES_AHEAD = 1
-
 
 class Schedulable(Protocol):
     @property
@@ -36,14 +33,11 @@ class Scheduler:
     def acquire(self, shapes: Mapping[str, tuple[int, ...]], ahead: bool = False) -> int | None:
         """Index of the next idle worker able to run these shapes, now holding the batch.
 
-        With `ahead`, when none is idle, the next busy one with room for a batch ahead.
+        With `ahead`, when none is idle, the next busy one with no batch ahead yet.
         """
         found = self._find(shapes, 0)
         if found is None and ahead:
-            for held in range(1, BATCHES_AHEAD + 1):
-                found = self._find(shapes, held)
-                if found is not None:
-                    break
+            found = self._find(shapes, 1)
         if found is not None:
             self._held[found] += 1
             self._next = (found + 1) % len(self._workers)

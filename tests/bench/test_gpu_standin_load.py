@@ -105,12 +105,12 @@ def test_the_frontend_spread_is_each_frontends_share_of_the_window_and_its_cpu()
     spread = frontend_spread(before, after, 2.0)
     assert spread == {"frontend_share_min": 0.2, "frontend_share_max": 0.6,
                       "frontend_cpu_min": 0.0, "frontend_cpu_max": 1.0,
-                      "requests_per_frame": 2.5}
+                      "frontend_cores": 1.25, "requests_per_frame": 2.5}
     # One process: no frontend rows.
     assert frontend_spread([], [], 2.0) == {"frontend_share_min": 1.0,
                                             "frontend_share_max": 1.0,
                                             "frontend_cpu_min": 0.0, "frontend_cpu_max": 0.0,
-                                            "requests_per_frame": 0.0}
+                                            "frontend_cores": 0.0, "requests_per_frame": 0.0}
 
 
 def test_the_host_busy_time_counts_this_process_burning_a_core():
