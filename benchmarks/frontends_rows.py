@@ -6,9 +6,10 @@
 `gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
 `benchmarks.gpu_standin` section 3 (256 clients in 8 client processes, 4 workers), by one
 process and by N frontends, at 1 and 8 rows per request with 4 gRPC connections per client
-process, and by N frontends with 1 connection per client process; served/raw at the
-served mean batch. The same functions as `benchmarks.gpu_standin`, without its other
-sections, for a machine lent for minutes.
+process (32 connections: the kernel's spread of so few over the frontends is uneven), and
+at 1 row again with a connection per client (256, as 256 separate clients would open);
+served/raw at the served mean batch. The same functions as `benchmarks.gpu_standin`,
+without its other sections, for a machine lent for minutes.
 `cpu`: `benchmarks.cpu`'s frontends step (model `light`, the bundled example's shape)
 for the given counts only: requests/s at concurrency 512 and p50 at concurrency 1. With
 `--rounds R` the counts alternate R times (1, 8, 1, 8, ...), and the c=1 cost of each count
@@ -34,7 +35,8 @@ def gpu(seconds: float, frontends: int) -> None:
     got = {}
     runs = (("1 process, 1 row", 1, 1, 4), (f"{frontends} frontends, 1 row", frontends, 1, 4),
             ("1 process, 8 rows", 1, 8, 4), (f"{frontends} frontends, 8 rows", frontends, 8, 4),
-            (f"{frontends} frontends, 1 row, 1 connection per client", frontends, 1, 1))
+            ("1 process, 1 row, a connection per client", 1, 1, 32),
+            (f"{frontends} frontends, 1 row, a connection per client", frontends, 1, 32))
     try:
         for tag, count, rows, connections in runs:
             r = g.served_throughput(light, 4, 256, 8, seconds, rows_per_request=rows,
@@ -48,10 +50,13 @@ def gpu(seconds: float, frontends: int) -> None:
         light.close()
     one, many = got[runs[0][0]], got[runs[1][0]]
     one8, many8 = got[runs[2][0]], got[runs[3][0]]
+    own_one, own_many = got[runs[4][0]], got[runs[5][0]]
     print(f"{frontends} frontends / 1 process, 1 row, requests/s: "
           f"{many['requests_per_s'] / one['requests_per_s']:.2f}x (target 8x); "
           f"8 rows, rows/s: {many8['rows_per_s'] / one8['rows_per_s']:.2f}x (target 5x); "
-          f"served/raw {many['served_raw']:.2f} (target 0.5)  [stand-in, not TensorRT]")
+          f"served/raw {many['served_raw']:.2f} (target 0.5); 1 row, a connection per "
+          f"client: {own_many['requests_per_s'] / own_one['requests_per_s']:.2f}x, served/raw "
+          f"{own_many['served_raw']:.2f}  [stand-in, not TensorRT]")
 
 
 def cpu(counts: list[int], seconds: float, rounds: int = 1) -> None:
