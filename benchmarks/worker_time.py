@@ -133,7 +133,8 @@ def _served(light: Any, clock: WorkerClock, variant: str, seconds: float, fronte
         return result
 
     hold_us = 0 if variant == "no frame hold" else ServerConfig().frontend_hold_us
-    held_gil.ENABLED, held_gil._loaded = variant == "held GIL", held_gil._NOT_LOADED
+    # Read as the run's CudaRuntime is made; load() caches the library, not the switch.
+    held_gil.ENABLED = variant == "held GIL"
     g.where_waiting = measured  # type: ignore[assignment]
     server_config = gpu_standin.ServerConfig
     gpu_standin.ServerConfig = functools.partial(  # type: ignore[misc]
@@ -144,7 +145,7 @@ def _served(light: Any, clock: WorkerClock, variant: str, seconds: float, fronte
     finally:
         gpu_standin.ServerConfig = server_config  # type: ignore[misc]
         g.where_waiting = where_waiting  # type: ignore[assignment]
-        held_gil.ENABLED, held_gil._loaded = False, held_gil._NOT_LOADED
+        held_gil.ENABLED = False
 
 
 def main() -> None:

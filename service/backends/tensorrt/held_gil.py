@@ -64,15 +64,15 @@ class HeldGilCalls:
     def graph_launch(self, graph_exec: object, stream: int) -> None:
         code = self._launch(_handle(graph_exec), stream)
         if code:
-            raise CudaError("cuGraphLaunch", self.error_name(code), code)
+            raise CudaError("cuGraphLaunch", self._name_of(code), code)
 
     def event_elapsed_s(self, start: object, end: object) -> float:
         code = self._elapsed(self._ms_ref, _handle(start), _handle(end))
         if code:
-            raise CudaError("cuEventElapsedTime", self.error_name(code), code)
+            raise CudaError("cuEventElapsedTime", self._name_of(code), code)
         return self._ms.value / 1e3
 
-    def error_name(self, code: int) -> str:
+    def _name_of(self, code: int) -> str:
         name = ctypes.c_char_p()
         if self._error_name(code, ctypes.byref(name)) == 0 and name.value:
             return name.value.decode()
