@@ -76,7 +76,7 @@ RUN_TIMES_KEPT = 4096
 # With the GPU stand-in at saturation, 1 ms ran out on a busy loop and kept
 # half of the gain that 5 ms keeps (docs/benchmarks-gpu.md, section 3).
 QUICK_HOLD_S = 0.005
-# A full batch whose size last ran faster than this may queue at a busy worker
+# A batch that cannot grow, whose size last ran faster than this, may queue at a busy worker
 # (may_queue): a busy loop's hand-off between batches costs about 1-2 ms.
 QUEUE_AHEAD_BELOW_S = 0.010
 
@@ -519,7 +519,7 @@ class ModelRuntime:
         Behind a slow batch it does not wait, nor behind one that has stalled
         (QUICK_HOLD_S); nor does a full batch, which can take nothing along: under
         load, full quick batches run side by side on every worker rather than one at
-        a time.
+        a time. (The batcher holds no batch that the queue's head cannot join either.)
         """
         if self._slow_in_flight or batch.rows >= self.max_batch_size or not self._quick(batch):
             return 0.0
@@ -528,7 +528,7 @@ class ModelRuntime:
         return 0.0 if first is None else max(0.0, first + QUICK_HOLD_S - now())
 
     def may_queue(self, batch: Batch) -> bool:
-        """Whether a full batch may wait at a busy worker, one batch ahead (scheduler.py).
+        """Whether a batch that cannot grow may wait at a busy worker, one ahead (scheduler.py).
 
         Only when the last batch of its size ran in under QUEUE_AHEAD_BELOW_S: the
         hand-off it saves (the loop seeing a batch end, then dispatching the next)

@@ -22,10 +22,12 @@ class Slot:
 class Harness:
     """A batcher whose dispatched batches are recorded; workers freed by hand."""
 
-    def __init__(self, workers=1, queue_ahead=False, **policy):
+    def __init__(self, workers=1, queue_ahead=False, hold_s=0.0, **policy):
         policy.setdefault("max_queue_delay_s", 60.0)
-        # What the model's may_queue answers: may a full batch queue at a busy worker?
+        # What the model's may_queue answers: may a batch that cannot grow queue at a
+        # busy worker? And its hold_s: how long any batch waits for a busy worker.
         self.queue_ahead = queue_ahead
+        self.hold = hold_s
         self.scheduler = Scheduler([Slot() for _ in range(workers)])
         self.batches = []  # (worker, [rows per request])
         self.dropped = []
@@ -33,7 +35,7 @@ class Harness:
         self.task = asyncio.create_task(self.batcher.run())
         self.dispatched = asyncio.Event()
 
-    # The batcher's Dispatcher: records batches, answers them, never holds one back.
+    # The batcher's Dispatcher: records batches, answers them, holds them `hold_s`.
     def dispatch(self, worker, batch):
         self.batches.append((worker, [r.rows for r in batch.requests]))
         for r in batch.requests:
@@ -44,7 +46,7 @@ class Harness:
         self.dropped.append(reason)
 
     def hold_s(self, batch):
-        return 0.0
+        return self.hold
 
     def may_queue(self, batch):
         return self.queue_ahead
@@ -199,6 +201,48 @@ async def test_a_full_batch_queues_at_the_busy_worker_and_one_that_can_grow_wait
     h.submit(rows=3)
     await h.settle()
     assert h.batches[4] == (0, [1, 3])  # full once the arrival joined it: queued ahead
+    await h.close()
+
+
+async def test_a_batch_the_next_request_does_not_fit_queues_ahead_like_a_full_one():
+    # 3 + 2 rows exceed the 4 of a batch: the 3-row batch cannot grow (FIFO), so it
+    # goes one ahead of the busy worker's batch as soon as the 2-row request arrives.
+    h = Harness(workers=1, queue_ahead=True, max_batch_size=4, max_queue_delay_s=0)
+    h.submit(rows=4)
+    await h.settle()
+    h.submit(rows=3)
+    await h.settle()
+    assert len(h.batches) == 1  # it could still take a 1-row request: it waits
+    h.submit(rows=2)
+    await h.settle()
+    assert h.batches == [(0, [4]), (0, [3])]
+    h.submit(rows=1)
+    await h.settle()
+    assert len(h.batches) == 2  # one ahead at most: the 2 and 1 rows wait together
+    h.free(0)
+    h.free(0)
+    await h.settle()
+    assert h.batches[2] == (0, [2, 1])
+    await h.close()
+
+
+async def test_a_held_batch_goes_to_an_idle_worker_once_the_next_request_does_not_fit():
+    # The model would hold any batch a minute for a busy worker (a quick batch
+    # waits for the quick batch in flight, to take along what queues meanwhile).
+    # A batch that can take nothing along is not held: it takes the idle worker.
+    h = Harness(workers=2, hold_s=60.0, max_batch_size=4, max_queue_delay_s=0)
+    h.submit(rows=3)
+    await h.settle()
+    assert h.batches == []  # held: a 1-row request could still join it
+    h.submit(rows=2)
+    await h.settle()
+    assert h.batches == [(0, [3])]
+    await asyncio.sleep(0.05)
+    assert len(h.batches) == 1  # the 2 rows can grow: held
+    h.hold = 0.0
+    h.batcher.wake()
+    await h.settle()
+    assert h.batches[1] == (1, [2])
     await h.close()
 
 
