@@ -18,10 +18,9 @@ per batch, on each worker's thread:
 
 Variants, alternated over the rounds on one machine:
 
-- `cuda-python`: every CUDA call through cuda-python, which releases the GIL;
-- `held GIL`: the graph launch and elapsed-time reads keep the GIL
-  (service/backends/tensorrt/held_gil.py, switched on for the run);
-- `no frame hold`: `frontend_hold_us = 0` (docs/processes.md, "Frames held").
+- `today's`: the defaults (4 workers, the frame hold on);
+- `no frame hold`: `frontend_hold_us = 0` (docs/processes.md, "Frames held");
+- `8 workers`: twice the batches in flight, each waiting for the GIL on its own.
 
 The clocks wrap the worker's methods in this process, which is the engine's
 (`serving_standin` runs it in a thread here, the frontends in processes of
@@ -42,6 +41,7 @@ from typing import Any
 from trtserve.service.engine import worker as worker_module
 
 STAGES = ("turn", "exec", "exec_cpu", "inbox", "settle")
+VARIANTS = ("today's", "no frame hold", "8 workers")
 
 
 class WorkerClock:
@@ -120,7 +120,6 @@ class WorkerClock:
 def _served(light: Any, clock: WorkerClock, variant: str, seconds: float, frontends: int,
             rows: int) -> dict[str, float]:
     from benchmarks import gpu_standin as g
-    from trtserve.service.backends.tensorrt import held_gil
     from trtserve.service.config import ServerConfig
     from trtserve.service.testing import gpu_standin
 
@@ -133,19 +132,21 @@ def _served(light: Any, clock: WorkerClock, variant: str, seconds: float, fronte
         return result
 
     hold_us = 0 if variant == "no frame hold" else ServerConfig().frontend_hold_us
-    # Read as the run's CudaRuntime is made; load() caches the library, not the switch.
-    held_gil.ENABLED = variant == "held GIL"
     g.where_waiting = measured  # type: ignore[assignment]
     server_config = gpu_standin.ServerConfig
     gpu_standin.ServerConfig = functools.partial(  # type: ignore[misc]
         ServerConfig, frontend_hold_us=hold_us)
     try:
-        return g.served_throughput(light, 4, 256, 8, seconds, rows_per_request=rows,
+        return g.served_throughput(light, _workers(variant), 256, 8, seconds,
+                                   rows_per_request=rows,
                                    frontends=frontends, connections=4)
     finally:
         gpu_standin.ServerConfig = server_config  # type: ignore[misc]
         g.where_waiting = where_waiting  # type: ignore[assignment]
-        held_gil.ENABLED = False
+
+
+def _workers(variant: str) -> int:
+    return 8 if variant == "8 workers" else 4
 
 
 def main() -> None:
@@ -163,15 +164,16 @@ def main() -> None:
     light = g._engine(g.Dims(512, 2048, 512), batch=(1, 32, 64))
     clock = WorkerClock()
     print(f"GPU stand-in (NOT TensorRT), {args.frontends} frontends, {args.rows} rows per "
-          f"request, 256 clients, 4 workers, {args.seconds:g} s a run; per batch, in us")
+          f"request, 256 clients, 4 workers unless named, {args.seconds:g} s a run; "
+          "per batch, in us")
     print(f"{'variant':<14} {'rows/s':>9} {'batch':>6} {'queue ms':>8} {'GPU':>5} "
           + " ".join(f"{s:>9}" for s in STAGES))
     try:
         with clock.installed():
             for _ in range(args.rounds):
-                for variant in ("cuda-python", "held GIL", "no frame hold"):
+                for variant in VARIANTS:
                     r = _served(light, clock, variant, args.seconds, args.frontends, args.rows)
-                    gpu_us = r["gpu_busy_per_worker"] * 4 * args.seconds / \
+                    gpu_us = r["gpu_busy_per_worker"] * _workers(variant) * args.seconds / \
                         max(r["clock_batches"], 1) * 1e6
                     print(f"{variant:<14} {r['rows_per_s']:>9,.0f} {r['mean_batch']:>6.1f} "
                           f"{r['queue_time_p50_ms']:>8.1f} {gpu_us:>5.0f} "

@@ -9,8 +9,7 @@ substitute a host-memory double.
 cuda-python is imported on first use, not at import time, so this module imports
 on a machine without a GPU (or without cuda-python). cuda-python 12.9+/13 release
 the GIL inside every call, so a worker thread waiting on an event does not stall
-the event loop; the calls made per batch that return at once (a graph launch,
-elapsed-time reads) keep the GIL instead (held_gil.py says why).
+the event loop.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import numpy as np
 
 # The checked-call helpers are shared with the client's CUDA regions (one owner).
 from trtserve.client.cuda import CudaError, check, error_name, runtime_module
-from trtserve.service.backends.tensorrt import held_gil
 
 __all__ = ["CudaError", "CudaRuntime", "check", "error_name", "runtime_module"]
 
@@ -48,7 +46,6 @@ class CudaRuntime:
         # executor at each launch): what the shared-memory benchmark and GPU tests read
         # to show that a request made no host copy.
         self.copies: Counter[str] = Counter()
-        self._held = held_gil.load()
 
     def _call(self, name: str, *args: Any) -> Any:
         return check(getattr(self._rt, name)(*args), name)
@@ -166,8 +163,6 @@ class CudaRuntime:
         self._call("cudaEventSynchronize", event)
 
     def event_elapsed_s(self, start: Event, end: Event) -> float:
-        if self._held is not None:
-            return self._held.event_elapsed_s(start, end)
         return float(self._call("cudaEventElapsedTime", start, end)) / 1e3
 
     # --- graphs -------------------------------------------------------------------------
@@ -192,10 +187,7 @@ class CudaRuntime:
         return GraphExec(self._call("cudaGraphInstantiate", graph, 0))
 
     def graph_launch(self, graph_exec: GraphExec, stream: int) -> None:
-        if self._held is not None:
-            self._held.graph_launch(graph_exec, stream)
-        else:
-            self._call("cudaGraphLaunch", graph_exec, stream)
+        self._call("cudaGraphLaunch", graph_exec, stream)
 
     def graph_exec_destroy(self, graph_exec: GraphExec) -> None:
         self._call("cudaGraphExecDestroy", graph_exec)
