@@ -2,6 +2,8 @@
 
     python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8]   # a GPU host
     python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
+    python -m benchmarks.frontends_rows once [--rows 8] [--frontends 8] [--connections 4]
+                                             [--workers 4] [--tag NAME]   # a GPU host
 
 `gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
 `benchmarks.gpu_standin` section 3 (256 clients in 8 client processes, 4 workers), by one
@@ -15,6 +17,9 @@ for the given counts only: requests/s at concurrency 512 and p50 at concurrency 
 `--rounds R` the counts alternate R times (1, 8, 1, 8, ...), and the c=1 cost of each count
 is given per round against the baseline of the same round, then as the median and range
 of those R differences: on a shared host one round's difference is within its noise.
+`once`: one served run of the `gpu` kind, printed as one line of JSON with the path of the
+`trtserve.service` package it ran: to compare two trees in one sitting, alternate runs with
+each tree's checkout first on PYTHONPATH (docs/processes.md, "Session 14").
 """
 
 from __future__ import annotations
@@ -59,6 +64,25 @@ def gpu(seconds: float, frontends: int) -> None:
           f"{own_many['served_raw']:.2f}  [stand-in, not TensorRT]")
 
 
+def once(seconds: float, rows: int, frontends: int, connections: int, workers: int,
+         tag: str) -> None:
+    from benchmarks import gpu_standin as g
+    from trtserve import service
+    from trtserve.service.backends.tensorrt.cuda import CudaRuntime
+
+    CudaRuntime(0).set_device()
+    light = g._engine(g.Dims(512, 2048, 512), batch=(1, 32, 64))
+    try:
+        r = g.served_throughput(light, workers, 256, 8, seconds, rows_per_request=rows,
+                                frontends=frontends, connections=connections)
+    finally:
+        light.close()
+    print(json.dumps({"tag": tag, "tree": next(iter(service.__path__)), "rows": rows,
+                      "frontends": frontends, "connections": connections,
+                      "workers": workers, **{k: round(v, 3) for k, v in r.items()}}),
+          flush=True)
+
+
 def cpu(counts: list[int], seconds: float, rounds: int = 1) -> None:
     from benchmarks.cpu import cli, experiments
     from benchmarks.cpu.config import ROOT, Options
@@ -91,10 +115,16 @@ def cpu(counts: list[int], seconds: float, rounds: int = 1) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("gpu", "cpu"))
+    parser.add_argument("what", choices=("gpu", "cpu", "once"))
     parser.add_argument("--seconds", type=float, help="measured seconds per run "
                         "(default: 5 for gpu, 3 for cpu)")
-    parser.add_argument("--frontends", type=int, default=8, help="gpu: frontend processes")
+    parser.add_argument("--frontends", type=int, default=8, help="gpu, once: frontend "
+                        "processes (1: one process)")
+    parser.add_argument("--rows", type=int, default=8, help="once: rows per request")
+    parser.add_argument("--connections", type=int, default=4, help="once: gRPC connections "
+                        "per client process (8 processes, 256 clients)")
+    parser.add_argument("--workers", type=int, default=4, help="once: the model's workers")
+    parser.add_argument("--tag", default="", help="once: a name for the run's line")
     parser.add_argument("--counts", default="1,8", help="cpu: frontend counts, the first "
                         "the baseline")
     parser.add_argument("--rounds", type=int, default=1, help="cpu: alternate the counts "
@@ -102,6 +132,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "gpu":
         gpu(args.seconds or 5.0, args.frontends)
+    elif args.what == "once":
+        once(args.seconds or 5.0, args.rows, args.frontends, args.connections, args.workers,
+             args.tag)
     else:
         cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds)
 
