@@ -3,9 +3,10 @@
     python -m benchmarks.worker_time [--seconds 5] [--frontends 8] [--rows 8] [--rounds 2]
 
 At 8 rows per request the served stand-in queues requests in the batcher for
-about 20 ms while the GPU is 3% busy (docs/processes.md): the workers' own
-threads hold the batches. This serves the light stand-in as `frontends_rows gpu`
-does (256 clients in 8 client processes x 4 connections, 4 workers) and clocks,
+13-20 ms while the GPU is 3-5% busy (docs/processes.md): the workers' own
+threads hold the batches, waiting for the GIL (measured: docs/gpu.md). This
+serves the light stand-in as `frontends_rows gpu` does (256 clients in 8 client
+processes x 4 connections, 4 workers) and clocks,
 per batch, on each worker's thread:
 
 - `turn`: the thread's whole turn for the batch (Worker._run), wall time;
