@@ -36,7 +36,7 @@ def gpu(seconds: float, frontends: int) -> None:
 
     cuda = CudaRuntime(0)
     cuda.set_device()
-    light = g._engine(g.Dims(512, 2048, 512), batch=(1, 32, 64))
+    light = g.light_engine()
     got = {}
     runs = (("1 process, 1 row", 1, 1, 4), (f"{frontends} frontends, 1 row", frontends, 1, 4),
             ("1 process, 8 rows", 1, 8, 4), (f"{frontends} frontends, 8 rows", frontends, 8, 4),
@@ -71,7 +71,7 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
 
     CudaRuntime(0).set_device()
-    light = g._engine(g.Dims(512, 2048, 512), batch=(1, 32, 64))
+    light = g.light_engine()
     try:
         r = g.served_throughput(light, workers, 256, 8, seconds, rows_per_request=rows,
                                 frontends=frontends, connections=connections)

@@ -87,6 +87,16 @@ def _engine(dims: Dims, **options: Any) -> Any:
     return StandinEngine(dims.in_features, dims.hidden, dims.out_features, **options)
 
 
+# The light stand-in of section 3 and the frontends rows, and its profile of 1-64 rows.
+LIGHT = Dims(512, 2048, 512)
+LIGHT_BATCH = (1, 32, 64)
+
+
+def light_engine(dims: Dims = LIGHT) -> Any:
+    """The light stand-in engine (close it when done)."""
+    return _engine(dims, batch=LIGHT_BATCH)
+
+
 def _executor(engine: Any, cuda: Any, **options: Any) -> Any:
     from trtserve.service.backends.tensorrt.executor import TrtExecutor
     from trtserve.service.backends.tensorrt.load import graph_buckets
@@ -532,7 +542,7 @@ def _device(cuda: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks-gpu.md"))
-    parser.add_argument("--light", type=Dims.parse, default=Dims(512, 2048, 512),
+    parser.add_argument("--light", type=Dims.parse, default=LIGHT,
                         metavar="IN:HIDDEN:OUT", help="the stand-in MLP for most sections")
     parser.add_argument("--heavy", type=Dims.parse, default=Dims(4096, 524288, 4096),
                         metavar="IN:HIDDEN:OUT",
@@ -567,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
         lines.append(text)
 
-    light = _engine(args.light, batch=(1, 32, 64))
+    light = light_engine(args.light)
     try:
         say(f"## 1. CPU cost per batch: CUDA graph launch vs plain enqueue ({LABEL})")
         say()

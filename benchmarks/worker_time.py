@@ -162,7 +162,7 @@ def main() -> None:
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
 
     CudaRuntime(0).set_device()
-    light = g._engine(g.Dims(512, 2048, 512), batch=(1, 32, 64))
+    light = g.light_engine()
     clock = WorkerClock()
     print(f"GPU stand-in (NOT TensorRT), {args.frontends} frontends, {args.rows} rows per "
           f"request, 256 clients, 4 workers unless named, {args.seconds:g} s a run; "
