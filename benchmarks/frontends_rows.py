@@ -3,7 +3,8 @@
     python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8]   # a GPU host
     python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
     python -m benchmarks.frontends_rows once [--rows 8] [--frontends 8] [--connections 4]
-                                             [--workers 4] [--tag NAME]   # a GPU host
+                                             [--workers 4] [--clients 256] [--processes 8]
+                                             [--hold-us US] [--switch-us US] [--tag NAME]
 
 `gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
 `benchmarks.gpu_standin` section 3 (256 clients in 8 client processes, 4 workers), by one
@@ -65,7 +66,8 @@ def gpu(seconds: float, frontends: int) -> None:
 
 
 def once(seconds: float, rows: int, frontends: int, connections: int, workers: int,
-         tag: str) -> None:
+         tag: str, clients: int = 256, processes: int = 8, hold_us: int | None = None,
+         switch_us: int | None = None) -> None:
     from benchmarks import gpu_standin as g
     from trtserve import service
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
@@ -73,13 +75,20 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
     CudaRuntime(0).set_device()
     light = g.light_engine()
     try:
-        r = g.served_throughput(light, workers, 256, 8, seconds, rows_per_request=rows,
-                                frontends=frontends, connections=connections)
+        r = g.served_throughput(light, workers, clients, processes, seconds,
+                                rows_per_request=rows, frontends=frontends,
+                                connections=connections,
+                                server_options=None if hold_us is None
+                                else {"frontend_hold_us": hold_us},
+                                switch_interval_s=None if switch_us is None
+                                else switch_us / 1e6)
     finally:
         light.close()
     print(json.dumps({"tag": tag, "tree": next(iter(service.__path__)), "rows": rows,
                       "frontends": frontends, "connections": connections,
-                      "workers": workers, **{k: round(v, 3) for k, v in r.items()}}),
+                      "workers": workers, "clients": clients, "processes": processes,
+                      "hold_us": hold_us, "switch_us": switch_us,
+                      **{k: round(v, 3) for k, v in r.items()}}),
           flush=True)
 
 
@@ -125,6 +134,14 @@ def main() -> None:
                         "per client process (8 processes, 256 clients)")
     parser.add_argument("--workers", type=int, default=4, help="once: the model's workers")
     parser.add_argument("--tag", default="", help="once: a name for the run's line")
+    parser.add_argument("--clients", type=int, default=256, help="once: clients in all "
+                        "(each keeps one request in flight)")
+    parser.add_argument("--processes", type=int, default=8, help="once: client processes "
+                        "the clients are spread over")
+    parser.add_argument("--hold-us", type=int, help="once: server.frontend_hold_us "
+                        "(default: the server's)")
+    parser.add_argument("--switch-us", type=int, help="once: the engine process's GIL "
+                        "switch interval (sys.setswitchinterval; default: Python's 5000)")
     parser.add_argument("--counts", default="1,8", help="cpu: frontend counts, the first "
                         "the baseline")
     parser.add_argument("--rounds", type=int, default=1, help="cpu: alternate the counts "
@@ -134,7 +151,7 @@ def main() -> None:
         gpu(args.seconds or 5.0, args.frontends)
     elif args.what == "once":
         once(args.seconds or 5.0, args.rows, args.frontends, args.connections, args.workers,
-             args.tag)
+             args.tag, args.clients, args.processes, args.hold_us, args.switch_us)
     else:
         cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds)
 

@@ -45,7 +45,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,14 +312,16 @@ def _client_process(url: str, request: bytes, load: ClosedLoad | EvenOpenLoad, w
 
 @contextmanager
 def _served(engine: Any, workers: int, max_queue_delay_us: int,
-            inline_below_us: int | None = None, frontends: int = 1) -> Iterator[Any]:
+            inline_below_us: int | None = None, frontends: int = 1,
+            server_options: Mapping[str, Any] | None = None) -> Iterator[Any]:
     from trtserve.service.testing.gpu_standin import serving_standin, standin_config
 
     options: dict[str, Any] = {} if inline_below_us is None else \
         {"inline_below_us": inline_below_us}
     config = standin_config(workers=workers, max_queue_delay_us=max_queue_delay_us,
                             max_queue_size=65536, **options)
-    with serving_standin(engine, config, stats_window_s=60, frontends=frontends) as server:
+    with serving_standin(engine, config, stats_window_s=60, frontends=frontends,
+                         server_options=server_options) as server:
         yield server
 
 
@@ -404,9 +406,11 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
                       rows_per_request: int = 1,
                       switch_interval_s: float | None = None,
                       inline_below_us: int | None = None,
-                      frontends: int = 1, connections: int = 1) -> dict[str, float]:
+                      frontends: int = 1, connections: int = 1,
+                      server_options: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Section 3's run; `connections`: gRPC connections per client process (with
-    frontends > 1 the kernel spreads connections, not requests, over the frontends)."""
+    frontends > 1 the kernel spreads connections, not requests, over the frontends);
+    `server_options`: ServerConfig fields to set (`serving_standin`)."""
     context = multiprocessing.get_context("spawn")
     request = _request_bytes("standin", rows_per_request, engine.in_features)
     default_switch = sys.getswitchinterval()
@@ -415,7 +419,7 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
     try:
         return _served_run(engine, workers, clients, processes, seconds, warmup_s,
                            max_queue_delay_us, request, rows_per_request, context,
-                           inline_below_us, frontends, connections)
+                           inline_below_us, frontends, connections, server_options)
     finally:
         sys.setswitchinterval(default_switch)
 
@@ -424,8 +428,10 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
                 warmup_s: float, max_queue_delay_us: int, request: bytes,
                 rows_per_request: int, context: Any,
                 inline_below_us: int | None = None, frontends: int = 1,
-                connections: int = 1) -> dict[str, float]:
-    with _served(engine, workers, max_queue_delay_us, inline_below_us, frontends) as server:
+                connections: int = 1, server_options: Mapping[str, Any] | None = None
+                ) -> dict[str, float]:
+    with _served(engine, workers, max_queue_delay_us, inline_below_us, frontends,
+                 server_options) as server:
         loop_thread = server.call(_thread_ident())
         # Warm every worker's graphs before the clock starts.
         from trtserve.client.client import Client

@@ -31,7 +31,6 @@ their own); they add about a microsecond a batch.
 from __future__ import annotations
 
 import argparse
-import functools
 import threading
 import time
 from collections import Counter
@@ -122,7 +121,6 @@ def _served(light: Any, clock: WorkerClock, variant: str, seconds: float, fronte
             rows: int) -> dict[str, float]:
     from benchmarks import gpu_standin as g
     from trtserve.service.config import ServerConfig
-    from trtserve.service.testing import gpu_standin
 
     where_waiting = g.where_waiting
 
@@ -134,15 +132,12 @@ def _served(light: Any, clock: WorkerClock, variant: str, seconds: float, fronte
 
     hold_us = 0 if variant == "no frame hold" else ServerConfig().frontend_hold_us
     g.where_waiting = measured  # type: ignore[assignment]
-    server_config = gpu_standin.ServerConfig
-    gpu_standin.ServerConfig = functools.partial(  # type: ignore[misc]
-        ServerConfig, frontend_hold_us=hold_us)
     try:
         return g.served_throughput(light, _workers(variant), 256, 8, seconds,
-                                   rows_per_request=rows,
-                                   frontends=frontends, connections=4)
+                                   rows_per_request=rows, frontends=frontends,
+                                   connections=4,
+                                   server_options={"frontend_hold_us": hold_us})
     finally:
-        gpu_standin.ServerConfig = server_config  # type: ignore[misc]
         g.where_waiting = where_waiting  # type: ignore[assignment]
 
 

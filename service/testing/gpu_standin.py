@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -383,16 +383,19 @@ def standin_config(name: str = "standin", **options: Any) -> ModelConfig:
 @contextmanager
 def serving_standin(engine: StandinEngine, config: ModelConfig,
                     stats_window_s: float = 10.0, frontends: int = 1,
-                    cuda: CudaRuntime | None = None) -> Iterator[ServerThread]:
+                    cuda: CudaRuntime | None = None,
+                    server_options: Mapping[str, Any] | None = None
+                    ) -> Iterator[ServerThread]:
     """The real gRPC server (frontends, batcher, scheduler, workers) serving the stand-in.
 
     `frontends` > 1: this thread's server is the engine process's (service/processes.py)
     and that many frontend processes serve gRPC on its port. `cuda`: the runtime every
     executor uses (its `copies` count their memcpy calls); by default one of their own.
+    `server_options`: ServerConfig fields to set (say `frontend_hold_us`).
     """
     server_config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0,
                                  grace_period_s=10,
-                                 stats_window_s=stats_window_s)
+                                 stats_window_s=stats_window_s, **(server_options or {}))
     if frontends == 1:
         with running_server(server_config) as server:
             runtime = ModelRuntime(config, standin_model(config, engine, cuda), stats_window_s)
