@@ -22,6 +22,15 @@ What a member would get alone, it still gets:
 
 Nothing waits to form a group: at concurrency 1 a read brings one request,
 which goes on alone as before.
+
+A frontend forms groups too, of the requests one of its frames carries
+(`RemoteEngine`, service/engine/remote.py): it sends them as one `Request` with
+`member_ids`, its inputs stacked, inline or in one arena range (`sent`). The
+engine's loop thread bounds the server, and a frontend has cores to spare:
+forming groups there takes the per-member work of `entry` and `stack` off that
+thread (a third of its samples with 8-row requests, py-spy on
+`benchmarks/engine_loop.py`'s `trt thread 8x32 rows8`). A sent group the model
+refuses goes member by member (`members`), as a group formed here does.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import numpy as np
 from trtserve.client.dtypes import DTYPES
 from trtserve.service.engine.api import RegionRef
 from trtserve.service.errors import InvalidArgument
+from trtserve.service.gen.trtserve.internal import link_pb2
 from trtserve.service.ipc import codec
 from trtserve.service.ipc.shm import Arena
 
@@ -53,9 +63,10 @@ def entry(message: Any, now_s: float) -> tuple[Key, int, int] | None:
     the request's rows and its input bytes; None: never grouped (a client region, in
     or out; a BYTES tensor, whose elements have no fixed size; inputs that disagree
     on rows, which validation tells it alone; past its deadline at `now_s`, which the
-    batcher drops). One pass over the message: this runs for every request of a read
-    of several, in the engine's loop."""
-    if message.output_regions or (message.HasField("deadline") and message.deadline <= now_s):
+    batcher drops; a group a frontend sent, which goes as it came). One pass over the
+    message: this runs for every request of a read of several, in the engine's loop."""
+    if message.member_ids or message.output_regions or (
+            message.HasField("deadline") and message.deadline <= now_s):
         return None
     key: list[Any] = [message.model, message.version, *message.outputs, None]
     rows = -1
@@ -135,11 +146,83 @@ def described(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype), shape)
 
 
-def deadline_of(messages: Sequence[Any]) -> float | None:
-    """The latest of the members' deadlines; None if any has none (it may wait on)."""
-    latest = 0.0
-    for m in messages:
-        if not m.HasField("deadline"):
-            return None
-        latest = max(latest, m.deadline)
-    return latest
+def latest(deadlines: Sequence[float | None]) -> float | None:
+    """A group's deadline: the latest of its members'; None if any has none (it may
+    wait on)."""
+    if None in deadlines:
+        return None
+    return max(d for d in deadlines if d is not None)
+
+
+def sent_deadlines(message: Any) -> list[float | None]:
+    """Each member's deadline of a group a frontend sent (0 on the wire: none)."""
+    deadlines = message.member_deadlines
+    if not deadlines:
+        return [None] * len(message.member_ids)
+    if len(deadlines) != len(message.member_ids):
+        raise InvalidArgument(f"a group of {len(message.member_ids)} members with "
+                              f"{len(deadlines)} deadlines")
+    return [d or None for d in deadlines]
+
+
+def sent(message: Any, rows: Sequence[int], arena: Arena | None
+         ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The inputs of a group a frontend sent (`Request.member_ids`): each the members'
+    rows stacked, read in one piece (inline, or a view of one arena range), and each
+    input's dtype. Every input must hold exactly the members' `rows`, so that each
+    member's rows are where its reply is cut from."""
+    if len(rows) != len(message.member_ids):
+        raise InvalidArgument(f"a group of {len(message.member_ids)} members with "
+                              f"{len(rows)} row counts")
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    total = sum(rows)
+    for t in message.inputs:
+        if t.WhichOneof("data") == "region":
+            raise InvalidArgument(f"tensor '{t.name}': a group's input is inline or in the "
+                                  "arena")
+        dtype, shape, data = codec.take(t, arena, copy=False)  # ValueError: bytes != shape
+        if not shape or shape[0] != total:
+            raise InvalidArgument(f"tensor '{t.name}': shape {list(shape)} for a group of "
+                                  f"{total} rows")
+        assert isinstance(data, np.ndarray)
+        arrays[t.name] = data
+        dtypes[t.name] = dtype
+    return arrays, dtypes
+
+
+def members(message: Any) -> list[Any]:
+    """A group a frontend sent, as its members' own requests (each with its own rows of
+    every input: a slice of the inline bytes or of the arena range), to run and fail
+    alone. Raises InvalidArgument where the group cannot be cut (its counts disagree,
+    or an input does not hold exactly the members' rows): a broken frontend."""
+    ids, rows = message.member_ids, message.member_rows
+    deadlines = sent_deadlines(message)
+    if len(rows) != len(ids):
+        raise InvalidArgument(f"a group of {len(ids)} members with {len(rows)} row counts")
+    starts = [0]
+    for n in rows:
+        starts.append(starts[-1] + n)
+    out = [link_pb2.Request(id=rid, model=message.model, version=message.version,
+                            outputs=message.outputs) for rid in ids]
+    for m, deadline in zip(out, deadlines, strict=True):
+        if deadline is not None:
+            m.deadline = deadline
+    for t in message.inputs:
+        which = t.WhichOneof("data")
+        size = len(t.inline) if which == "inline" else t.arena.byte_size \
+            if which == "arena" else -1
+        dtype = DTYPES.get(t.dtype)
+        row_bytes = dtype.itemsize * math.prod(t.shape[1:]) if dtype is not None else -1
+        if size < 0 or row_bytes < 0 or size != starts[-1] * row_bytes:
+            raise InvalidArgument(f"tensor '{t.name}': {size} bytes of {t.dtype} for a "
+                                  f"group of {starts[-1]} rows of {list(t.shape[1:])}")
+        for i, m in enumerate(out):
+            one = m.inputs.add(name=t.name, dtype=t.dtype, shape=[rows[i], *t.shape[1:]])
+            begin, end = starts[i] * row_bytes, starts[i + 1] * row_bytes
+            if which == "inline":
+                one.inline = t.inline[begin:end]
+            else:
+                one.arena.offset = t.arena.offset + begin
+                one.arena.byte_size = end - begin
+    return out

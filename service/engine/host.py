@@ -41,6 +41,7 @@ from trtserve.service.engine.api import (
     StatsSnapshot,
     TensorIn,
 )
+from trtserve.service.engine.batch import Validated
 from trtserve.service.engine.cuda_ipc import HostPinner
 from trtserve.service.engine.local import LocalEngine, Submitted, Tensors
 from trtserve.service.engine.model import DEADLINE_CANCEL_SLACK_S
@@ -121,7 +122,10 @@ class FrontendPort:
         self._reading = True
         try:
             if len(requests) == 1:
-                self._start(requests[0], False)
+                if requests[0].member_ids:
+                    self._start_sent(requests[0], False)
+                else:
+                    self._start(requests[0], False)
             else:
                 # A request cancelled in its own read goes alone: it is taken out of its
                 # batch below, where a group's member would run with the group.
@@ -150,6 +154,8 @@ class FrontendPort:
         for i, unit in enumerate(units):
             if isinstance(unit, _Same):
                 self._start_group(unit, i < last)
+            elif unit.member_ids:
+                self._start_sent(unit, i < last)
             else:
                 self._start(unit, i < last)
 
@@ -234,26 +240,66 @@ class FrontendPort:
         messages = same.requests
         first = messages[0]
         model = first.model
-        group = _Group(self, messages, same.rows)
+        deadlines = [m.deadline if m.HasField("deadline") else None for m in messages]
+        group = _Group(self, model, [m.id for m in messages], deadlines, same.rows)
         try:
             if not self.inputs.pinned:
                 self._pin(model)
             arrays, dtypes, parts = groups.stack(messages, same.rows, self.inputs)
             validated = engine.validate(model, arrays, dtypes)
         except Exception:  # a member at fault (its dtype, shapes or range): each alone,
-            last = len(messages) - 1  # to be told what is wrong with it
-            for i, message in enumerate(messages):
-                self._start(message, more_follow or i < last)
+            self._start_each(messages, more_follow)  # to be told what is wrong with it
             return
-        self.requests += len(messages)
+        self._submit_group(engine, group, first, arrays, dtypes, parts, validated,
+                           more_follow)
+
+    def _start_sent(self, message: link_pb2.Request, more_follow: bool) -> None:
+        """Submit a group the frontend formed (Request.member_ids: groups.sent); if the
+        engine cannot take it whole, each member goes on alone (groups.members)."""
+        engine = self.host.engine
+        model = message.model
+        try:
+            if not isinstance(engine, LocalEngine):
+                raise _Alone
+            rows = list(message.member_rows)
+            group = _Group(self, model, list(message.member_ids),
+                           groups.sent_deadlines(message), rows)
+            if not self.inputs.pinned:
+                self._pin(model)
+            arrays, dtypes = groups.sent(message, rows, self.inputs)
+            validated = engine.validate(model, arrays, dtypes)
+        except Exception:
+            try:
+                each = groups.members(message)
+            except Exception:  # counts that disagree: a broken frontend, not a client
+                log.exception("frontend-%d sent a group the engine cannot read", self.index)
+                for rid in message.member_ids:
+                    self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+                return
+            self._start_each(each, more_follow)
+            return
+        self._submit_group(engine, group, message, arrays, dtypes, {}, validated,
+                           more_follow)
+
+    def _start_each(self, messages: Sequence[link_pb2.Request], more_follow: bool) -> None:
+        last = len(messages) - 1
+        for i, message in enumerate(messages):
+            self._start(message, more_follow or i < last)
+
+    def _submit_group(self, engine: LocalEngine, group: _Group, first: link_pb2.Request,
+                      arrays: dict[str, np.ndarray], dtypes: dict[str, str],
+                      parts: dict[str, list[np.ndarray]], validated: Validated,
+                      more_follow: bool) -> None:
+        """Submit a validated group: one request of its members' rows to the model."""
+        self.requests += len(group.rids)
         try:
             group.submitted = engine.submit_arrays(
-                model, first.version, arrays, dtypes,
-                tuple(first.outputs) if first.outputs else (), groups.deadline_of(messages),
-                more_follow, group.finish, members=tuple(same.rows), validated=validated,
+                group.model, first.version, arrays, dtypes,
+                tuple(first.outputs) if first.outputs else (), groups.latest(group.deadlines),
+                more_follow, group.finish, members=tuple(group.members), validated=validated,
                 parts=parts)
         except Exception as e:  # a refusal (ServeError) for all of them, or ours
-            self._reply_failure(group.rids, e, model)
+            self._reply_failure(group.rids, e, group.model)
             return
         if not group.submitted.finished:  # else answered already: its batch ran inline
             for rid in group.rids:
@@ -480,18 +526,23 @@ class _Same:
         return out
 
 
+class _Alone(Exception):
+    """A sent group the engine does not take whole: its members go one by one."""
+
+
 class _Group:
-    """Requests of one read submitted as one (groups.py), as their frontend's port sees
-    them: their ids, deadlines and rows, and which were given up."""
+    """Requests submitted as one (groups.py: of one read, or sent as a group by the
+    frontend), as their frontend's port sees them: their ids, deadlines and rows, and
+    which were given up."""
 
     __slots__ = ("cancelled", "deadlines", "members", "model", "port", "rids", "submitted")
 
-    def __init__(self, port: FrontendPort, messages: Sequence[link_pb2.Request],
-                 rows: Sequence[int]) -> None:
+    def __init__(self, port: FrontendPort, model: str, rids: list[int],
+                 deadlines: list[float | None], rows: Sequence[int]) -> None:
         self.port = port
-        self.model = messages[0].model
-        self.rids = [m.id for m in messages]
-        self.deadlines = [m.deadline if m.HasField("deadline") else None for m in messages]
+        self.model = model
+        self.rids = rids
+        self.deadlines = deadlines
         self.members = rows
         self.cancelled: set[int] = set()
         self.submitted: Submitted | None = None

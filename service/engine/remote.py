@@ -11,6 +11,11 @@ deadline), the request's cancel reaches the engine, which takes it out of its
 batch; its input range stays allocated until the engine's reply, because the
 engine may read it until then. When the engine goes away, every request in
 flight fails UNAVAILABLE, every model turns NOT_SERVING and `lost` is set.
+
+Requests of one frame that share a model and shapes go as one group
+(engine/groups.py, `_Forming`), written when the frame is: the engine's one loop
+thread then reads, checks and answers them once, and the frontend cuts each
+member's rows from the group's reply.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
 
 from trtserve.service import echo
 from trtserve.service.config import ServerConfig
+from trtserve.service.engine import groups
 from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
@@ -68,6 +74,35 @@ class _Pending:
         self.offsets = offsets
 
 
+class _Forming:
+    """Requests of the frame being written that share a key (`_group_key`). Their message
+    keeps its place in the frame and is written when the frame is (`_write`): as a
+    request of its own for one member, else as a group (Request.member_ids) whose
+    inputs are the members' rows stacked, inline or in one arena range they share."""
+
+    __slots__ = ("message", "nbytes", "pendings", "requests", "rids", "rows")
+
+    def __init__(self, message: link_pb2.Request) -> None:
+        self.message = message
+        self.rids: list[int] = []
+        self.requests: list[InferRequest] = []
+        self.pendings: list[_Pending] = []
+        self.rows: list[int] = []
+        self.nbytes = 0
+
+    def fits(self, rows: int, nbytes: int, max_rows: int) -> bool:
+        return sum(self.rows) + rows <= max_rows and \
+            self.nbytes + nbytes <= groups.MAX_GROUP_BYTES
+
+    def add(self, rid: int, request: InferRequest, pending: _Pending, rows: int,
+            nbytes: int) -> None:
+        self.rids.append(rid)
+        self.requests.append(request)
+        self.pendings.append(pending)
+        self.rows.append(rows)
+        self.nbytes += nbytes
+
+
 class RemoteEngine:
     """Implements engine/api.py's `Engine` over the link to the engine process."""
 
@@ -102,10 +137,18 @@ class RemoteEngine:
         self._spinning = False
         self._spin_until = 0.0
         self._spin_frames = 0
+        # The groups of the frame being written (`_forming_frame`): every one, and the
+        # one still open to more members by key.
+        self._groups: list[_Forming] = []
+        # Input ranges a group's members share: how many have yet to be answered.
+        self._sharing: dict[int, int] = {}
+        self._forming: dict[tuple[Any, ...], _Forming] = {}
+        self._forming_frame: link_pb2.Frame | None = None
 
     async def connect(self, sock: socket.socket) -> ServerConfig:
         """Open the link; returns the server config the engine sends first."""
-        self._link = await open_link(sock, self._on_frame, self._on_lost)
+        self._link = await open_link(sock, self._on_frame, self._on_lost,
+                                     before_write=self._write_groups)
         return await self.config
 
     def ready_to_serve(self) -> None:
@@ -144,7 +187,42 @@ class RemoteEngine:
                               "requests")
         rid = next(self._ids)
         frame = link.outgoing(self.hold_s if request.model in self._backlogged else 0.0)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[InferResult] = loop.create_future()
+        found = self._group_key(request)
+        if found is None:
+            pending = _Pending(future, self._add(frame, rid, request))
+        else:
+            pending = _Pending(future, [])
+            self._forming_in(frame, found, request.model).add(rid, request, pending,
+                                                              found[1], found[2])
+        self._pending[rid] = pending
+        self._idle.clear()
+        if len(self._pending) == 1 and self.spin_s > 0 and not self._spinning:
+            self._spinning = True
+            self._spin_until = time.monotonic() + self.spin_s
+            self._spin_frames = link.frames_in
+            loop.call_soon(self._spin)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The await cancelled `future` too; the request waits for the engine's reply
+            # until it comes (its input range is the engine's to read until then).
+            if rid in self._pending and not link.closed:
+                link.outgoing().cancels.append(rid)
+            raise
+
+    def _add(self, frame: link_pb2.Frame, rid: int, request: InferRequest) -> list[int]:
+        """Request `rid` as a message of its own in `frame`; the arena offsets it took."""
         message = frame.requests.add()
+        try:
+            return self._fill(message, rid, request)
+        except BaseException:
+            del frame.requests[-1]
+            raise
+
+    def _fill(self, message: link_pb2.Request, rid: int, request: InferRequest) -> list[int]:
+        """Write request `rid` into `message`; the arena offsets it took (none on failure)."""
         message.id = rid
         message.model = request.model
         message.version = request.version
@@ -165,25 +243,125 @@ class RemoteEngine:
         except BaseException:
             for offset in offsets:
                 self._inputs.free(offset)
-            del frame.requests[-1]
             raise
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[InferResult] = loop.create_future()
-        self._pending[rid] = _Pending(future, offsets)
-        self._idle.clear()
-        if len(self._pending) == 1 and self.spin_s > 0 and not self._spinning:
-            self._spinning = True
-            self._spin_until = time.monotonic() + self.spin_s
-            self._spin_frames = link.frames_in
-            loop.call_soon(self._spin)
+        return offsets
+
+    def _group_key(self, request: InferRequest) -> tuple[tuple[Any, ...], int, int] | None:
+        """What requests must share to go as one group (groups.entry's key, from the
+        request's own fields), its rows and input bytes; None: it goes alone (a model
+        that does not batch, regions, BYTES, inputs that disagree on rows)."""
+        description = self._descriptions.get(request.model)
+        if description is None or not description.spec.batching or request.output_regions:
+            return None
+        key: list[Any] = [request.model, request.version, tuple(request.outputs)]
+        rows = -1
+        nbytes = 0
+        for name, tensor in request.inputs.items():
+            data = tensor.data
+            shape = tensor.shape
+            if not isinstance(data, np.ndarray) or not shape or tensor.dtype == "BYTES" \
+                    or data.shape != shape:
+                return None
+            if rows < 0:
+                rows = shape[0]
+            elif shape[0] != rows:
+                return None
+            nbytes += data.nbytes
+            key.append((name, tensor.dtype, shape[1:]))
+        if rows < 0:
+            return None
+        return tuple(key), rows, nbytes
+
+    def _forming_in(self, frame: link_pb2.Frame, found: tuple[tuple[Any, ...], int, int],
+                    model: str) -> _Forming:
+        """The group of `frame` that a request of this key (`_group_key`) joins: the
+        open one, or a new one where it would pass the model's rows per request or
+        groups.MAX_GROUP_BYTES."""
+        if frame is not self._forming_frame:  # (a frame dropped unwritten left its own)
+            self._forming.clear()
+            self._groups.clear()
+            self._forming_frame = frame
+        key, rows, nbytes = found
+        forming = self._forming.get(key)
+        if forming is None or not forming.fits(
+                rows, nbytes, self._descriptions[model].batching.max_rows_per_request):
+            forming = self._forming[key] = _Forming(frame.requests.add())
+            self._groups.append(forming)
+        return forming
+
+    def _write_groups(self, frame: link_pb2.Frame) -> None:
+        """The frame is about to be written: its groups into their messages."""
+        if frame is not self._forming_frame:
+            return
+        dropped: list[link_pb2.Request] = []
+        for forming in self._groups:
+            try:
+                self._write(forming)
+            except Exception as e:  # ours: its members fail, the frame goes without it
+                log.exception("a group of model '%s' could not be written to the engine",
+                              forming.requests[0].model)
+                for pending in forming.pendings:
+                    self._fail(pending, e)
+                dropped.append(forming.message)
+        self._groups.clear()
+        self._forming.clear()
+        self._forming_frame = None
+        for message in dropped:
+            requests = frame.requests
+            del requests[next(i for i, m in enumerate(requests) if m is message)]
+
+    def _write(self, forming: _Forming) -> None:
+        """One member: a request of its own. Several: a group, each input the members'
+        rows stacked, inline or in one arena range (freed once every member is answered:
+        `_release`); one range is what the engine's checks and the executor's gather
+        read in one piece."""
+        m = forming.message
+        if len(forming.rids) == 1:
+            forming.pendings[0].offsets = self._fill(m, forming.rids[0], forming.requests[0])
+            return
+        first = forming.requests[0]
+        m.model = first.model
+        m.version = first.version
+        if first.outputs:
+            m.outputs[:] = first.outputs
+        m.member_ids[:] = forming.rids
+        m.member_rows[:] = forming.rows
+        deadlines = [r.deadline for r in forming.requests]
+        if any(d is not None for d in deadlines):
+            m.member_deadlines[:] = [d or 0.0 for d in deadlines]
+        total = sum(forming.rows)
+        offsets: list[int] = []
         try:
-            return await future
-        except asyncio.CancelledError:
-            # The await cancelled `future` too; the request waits for the engine's reply
-            # until it comes (its input range is the engine's to read until then).
-            if rid in self._pending and not link.closed:
-                link.outgoing().cancels.append(rid)
+            for name, tensor in first.inputs.items():
+                # Arrays all (`_group_key` keeps region references alone).
+                arrays = [cast(np.ndarray, r.inputs[name].data) for r in forming.requests]
+                t = m.inputs.add(name=name, dtype=tensor.dtype,
+                                 shape=(total, *tensor.shape[1:]))
+                nbytes = sum(a.nbytes for a in arrays)
+                offset = self._inputs.write_stacked(arrays) \
+                    if nbytes > self.inline_max_bytes else None
+                if offset is None:
+                    t.inline = b"".join(a.tobytes() for a in arrays)
+                else:
+                    offsets.append(offset)
+                    t.arena.offset = offset
+                    t.arena.byte_size = nbytes
+        except BaseException:
+            for offset in offsets:
+                self._inputs.free(offset)
             raise
+        for offset in offsets:
+            self._sharing[offset] = len(forming.rids)
+        for pending in forming.pendings:
+            pending.offsets = offsets
+
+    def _release(self, offset: int) -> None:
+        """A member's reply is in: the input range is free once no member reads it."""
+        left = self._sharing.pop(offset, 1) - 1
+        if left:
+            self._sharing[offset] = left
+        else:
+            self._inputs.free(offset)
 
     def _spin(self) -> None:
         """Keep the loop polling (a callback always ready: its waits take no time) while
@@ -313,13 +491,16 @@ class RemoteEngine:
         (unless it has gone)."""
         pending = self._pending.pop(rid)
         for offset in pending.offsets:
-            self._inputs.free(offset)
-        if pending.future.done():
-            return
+            self._release(offset)
         if isinstance(outcome, BaseException):
-            pending.future.set_exception(outcome)
-        else:
+            self._fail(pending, outcome)
+        elif not pending.future.done():
             pending.future.set_result(outcome)
+
+    @staticmethod
+    def _fail(pending: _Pending, error: BaseException) -> None:
+        if not pending.future.done():
+            pending.future.set_exception(error)
 
     def _outcome(self, reply: link_pb2.Reply, releases: list[int]) -> InferResult | ServeError:
         if reply.code:

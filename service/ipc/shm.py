@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -128,6 +129,20 @@ class Arena:
             return None
         dest = self._bytes[offset:offset + nbytes]
         dest[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        return offset
+
+    def write_stacked(self, arrays: Sequence[np.ndarray]) -> int | None:
+        """Copy the arrays' bytes one after another into a new range (a group's rows,
+        stacked); its offset, or None when full."""
+        nbytes = sum(a.nbytes for a in arrays)
+        offset = self.ring.alloc(nbytes)
+        if offset is None:
+            return None
+        at = offset
+        for array in arrays:
+            end = at + array.nbytes
+            self._bytes[at:end] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            at = end
         return offset
 
     def view(self, offset: int, byte_size: int, dtype: np.dtype,
