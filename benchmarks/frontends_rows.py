@@ -4,7 +4,8 @@
     python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
     python -m benchmarks.frontends_rows once [--rows 8] [--frontends 8] [--connections 4]
                                              [--workers 4] [--clients 256] [--processes 8]
-                                             [--hold-us US] [--switch-us US] [--tag NAME]
+                                             [--hold-us US] [--switch-us US]
+                                             [--direct-min-bytes N] [--tag NAME]
 
 `gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
 `benchmarks.gpu_standin` section 3 (256 clients in 8 client processes, 4 workers), by one
@@ -67,10 +68,13 @@ def gpu(seconds: float, frontends: int) -> None:
 
 def once(seconds: float, rows: int, frontends: int, connections: int, workers: int,
          tag: str, clients: int = 256, processes: int = 8, hold_us: int | None = None,
-         switch_us: int | None = None) -> None:
+         switch_us: int | None = None, direct_min_bytes: int = 0) -> None:
     from benchmarks import gpu_standin as g
     from trtserve import service
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
+    from trtserve.service.backends.tensorrt.executor import TrtExecutor
+
+    TrtExecutor.direct_min_bytes = direct_min_bytes  # the engine runs in this process
 
     CudaRuntime(0).set_device()
     light = g.light_engine()
@@ -88,6 +92,7 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
                       "frontends": frontends, "connections": connections,
                       "workers": workers, "clients": clients, "processes": processes,
                       "hold_us": hold_us, "switch_us": switch_us,
+                      "direct_min_bytes": direct_min_bytes,
                       **{k: round(v, 3) for k, v in r.items()}}),
           flush=True)
 
@@ -142,6 +147,9 @@ def main() -> None:
                         "(default: the server's)")
     parser.add_argument("--switch-us", type=int, help="once: the engine process's GIL "
                         "switch interval (sys.setswitchinterval; default: Python's 5000)")
+    parser.add_argument("--direct-min-bytes", type=int, default=0, help="once: "
+                        "TrtExecutor.direct_min_bytes (a lone pinned request below it is "
+                        "staged)")
     parser.add_argument("--counts", default="1,8", help="cpu: frontend counts, the first "
                         "the baseline")
     parser.add_argument("--rounds", type=int, default=1, help="cpu: alternate the counts "
@@ -151,7 +159,8 @@ def main() -> None:
         gpu(args.seconds or 5.0, args.frontends)
     elif args.what == "once":
         once(args.seconds or 5.0, args.rows, args.frontends, args.connections, args.workers,
-             args.tag, args.clients, args.processes, args.hold_us, args.switch_us)
+             args.tag, args.clients, args.processes, args.hold_us, args.switch_us,
+             args.direct_min_bytes)
     else:
         cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds)
 

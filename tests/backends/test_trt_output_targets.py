@@ -174,8 +174,25 @@ def test_a_lone_request_in_pinned_memory_is_copied_to_the_device_from_where_it_l
 
     x = rows_of(2, seed=7)
     pinned = x.view(PinnedHostArray)
+    plain.direct_min_bytes = x.nbytes  # as large as the executor copies directly
     since = len(cuda.log)
     result = plain.run({"x": [pinned]}, 2)
     h2d = [c for c in cuda.log[since:] if c.method == "memcpy_h2d_async"]
     assert len(h2d) == 1 and result.copies_avoided == 1 and result.io_path == "copied"
+    np.testing.assert_array_equal(result.outputs["y"], 2 * x + 1)
+
+
+def test_a_small_lone_request_in_pinned_memory_is_staged_like_any_batch(
+        plain: TrtExecutor, cuda: HostCudaRuntime) -> None:
+    """Below direct_min_bytes the staging copy costs less than the direct path's extra
+    CUDA calls: the batch is gathered into the staging buffer and copied from there."""
+    from trtserve.service.backends.base import PinnedHostArray
+
+    x = rows_of(2, seed=8)
+    plain.direct_min_bytes = x.nbytes + 1
+    staging = [b for b in cuda.host_buffers.values() if b.nbytes >= x.nbytes]
+    for buffer in staging:
+        buffer[:] = 0
+    result = plain.run({"x": [x.view(PinnedHostArray)]}, 2)
+    assert result.copies_avoided == 0 and any(b.any() for b in staging)
     np.testing.assert_array_equal(result.outputs["y"], 2 * x + 1)

@@ -120,6 +120,15 @@ class TrtExecutor:
     """
 
     info: WorkerInfo  # what Stats shows: set when the executor opens
+    # A lone request's (or frontend group's) page-locked inputs of at least this many
+    # bytes in all are copied to the device straight from where they lie, with no
+    # staging copy. Below it the batch is staged like any other: one memcpy on this
+    # thread and one graph launch holding the copies and events, against four more
+    # CUDA calls on the direct path, each a release and a retake of the GIL that the
+    # engine's loop contends for. Staged, 8-row requests (16-128 KiB batches) served
+    # 10-14% more rows on the H100 host (docs/processes.md, "Session 15";
+    # `benchmarks.frontends_rows once --direct-min-bytes N` sets it for a run).
+    direct_min_bytes = 256 << 10
 
     def __init__(
         self,
@@ -392,11 +401,12 @@ class TrtExecutor:
             shapes[tensor.name] = shape
         # Straight between where tensors lie and the device: tensors in device memory,
         # outputs with targets, or a lone request in page-locked memory (a pinned region
-        # or arena), which needs no staging copy.
+        # or arena) of direct_min_bytes or more, which needs no staging copy.
         direct = bool(targets) or any(isinstance(p, DeviceTensor)
                                       for parts in inputs.values() for p in parts) \
-            or all(len(parts) == 1 and isinstance(parts[0], PinnedHostArray)
-                   for parts in inputs.values())
+            or (all(len(parts) == 1 and isinstance(parts[0], PinnedHostArray)
+                    for parts in inputs.values())
+                and sum(parts[0].nbytes for parts in inputs.values()) >= self.direct_min_bytes)
         if not direct:
             for tensor in self._inputs:
                 parts = inputs[tensor.name]
