@@ -11,9 +11,9 @@
 `benchmarks.gpu_standin` section 3 (256 clients in 8 client processes, 4 workers), by one
 process and by N frontends, at 1 and 8 rows per request with 4 gRPC connections per client
 process (32 connections: the kernel's spread of so few over the frontends is uneven), and
-at 1 row again with a connection per client (256, as 256 separate clients would open);
-served/raw at the served mean batch. The same functions as `benchmarks.gpu_standin`,
-without its other sections, for a machine lent for minutes.
+at 1 row again with a connection per client (256, as 256 separate clients would open) and
+with 512 clients in 16 processes; served/raw at the served mean batch. The same functions
+as `benchmarks.gpu_standin`, without its other sections, for a machine lent for minutes.
 `cpu`: `benchmarks.cpu`'s frontends step (model `light`, the bundled example's shape)
 for the given counts only: requests/s at concurrency 512 and p50 at concurrency 1. With
 `--rounds R` the counts alternate R times (1, 8, 1, 8, ...), and the c=1 cost of each count
@@ -40,14 +40,23 @@ def gpu(seconds: float, frontends: int) -> None:
     cuda.set_device()
     light = g.light_engine()
     got = {}
-    runs = (("1 process, 1 row", 1, 1, 4), (f"{frontends} frontends, 1 row", frontends, 1, 4),
-            ("1 process, 8 rows", 1, 8, 4), (f"{frontends} frontends, 8 rows", frontends, 8, 4),
-            ("1 process, 1 row, a connection per client", 1, 1, 32),
-            (f"{frontends} frontends, 1 row, a connection per client", frontends, 1, 32))
+    # (tag, frontends, rows per request, connections per client process, clients,
+    # client processes)
+    runs = (("1 process, 1 row", 1, 1, 4, 256, 8),
+            (f"{frontends} frontends, 1 row", frontends, 1, 4, 256, 8),
+            ("1 process, 8 rows", 1, 8, 4, 256, 8),
+            (f"{frontends} frontends, 8 rows", frontends, 8, 4, 256, 8),
+            ("1 process, 1 row, a connection per client", 1, 1, 32, 256, 8),
+            (f"{frontends} frontends, 1 row, a connection per client", frontends, 1, 32, 256, 8),
+            # 256 clients in a closed loop leave 8 frontends short of their capacity at
+            # 1 row (docs/processes.md, "Session 15"): twice the clients.
+            ("1 process, 1 row, 512 clients", 1, 1, 4, 512, 16),
+            (f"{frontends} frontends, 1 row, 512 clients", frontends, 1, 4, 512, 16))
     try:
-        for tag, count, rows, connections in runs:
-            r = g.served_throughput(light, 4, 256, 8, seconds, rows_per_request=rows,
-                                    frontends=count, connections=connections)
+        for tag, count, rows, connections, clients, processes in runs:
+            r = g.served_throughput(light, 4, clients, processes, seconds,
+                                    rows_per_request=rows, frontends=count,
+                                    connections=connections)
             raw = g.raw_throughput(light, cuda, 4, max(1, round(r["mean_batch"])), seconds=1.0)
             r["raw_rows_per_s"] = raw["rows_per_s"]
             r["served_raw"] = r["rows_per_s"] / raw["rows_per_s"]
@@ -58,12 +67,15 @@ def gpu(seconds: float, frontends: int) -> None:
     one, many = got[runs[0][0]], got[runs[1][0]]
     one8, many8 = got[runs[2][0]], got[runs[3][0]]
     own_one, own_many = got[runs[4][0]], got[runs[5][0]]
+    wide_one, wide_many = got[runs[6][0]], got[runs[7][0]]
     print(f"{frontends} frontends / 1 process, 1 row, requests/s: "
           f"{many['requests_per_s'] / one['requests_per_s']:.2f}x (target 8x); "
           f"8 rows, rows/s: {many8['rows_per_s'] / one8['rows_per_s']:.2f}x (target 5x); "
           f"served/raw {many['served_raw']:.2f} (target 0.5); 1 row, a connection per "
           f"client: {own_many['requests_per_s'] / own_one['requests_per_s']:.2f}x, served/raw "
-          f"{own_many['served_raw']:.2f}  [stand-in, not TensorRT]")
+          f"{own_many['served_raw']:.2f}; 1 row, 512 clients: "
+          f"{wide_many['requests_per_s'] / wide_one['requests_per_s']:.2f}x, served/raw "
+          f"{wide_many['served_raw']:.2f}  [stand-in, not TensorRT]")
 
 
 def once(seconds: float, rows: int, frontends: int, connections: int, workers: int,
