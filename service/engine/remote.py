@@ -297,11 +297,13 @@ class RemoteEngine:
         for forming in self._groups:
             try:
                 self._write(forming)
-            except Exception as e:  # ours: its members fail, the frame goes without it
+            except Exception:  # ours: its members fail, the frame goes without it
                 log.exception("a group of model '%s' could not be written to the engine",
                               forming.requests[0].model)
-                for pending in forming.pendings:
-                    self._fail(pending, e)
+                error = ServeError("internal error; see the server log")
+                for rid in forming.rids:
+                    if rid in self._pending:  # no reply will come: answered here
+                        self._answer(rid, error)
                 dropped.append(forming.message)
         self._groups.clear()
         self._forming.clear()
@@ -309,6 +311,8 @@ class RemoteEngine:
         for message in dropped:
             requests = frame.requests
             del requests[next(i for i, m in enumerate(requests) if m is message)]
+        if not self._pending:
+            self._idle.set()
 
     def _write(self, forming: _Forming) -> None:
         """One member: a request of its own. Several: a group, each input the members'
@@ -492,15 +496,12 @@ class RemoteEngine:
         pending = self._pending.pop(rid)
         for offset in pending.offsets:
             self._release(offset)
+        if pending.future.done():
+            return
         if isinstance(outcome, BaseException):
-            self._fail(pending, outcome)
-        elif not pending.future.done():
+            pending.future.set_exception(outcome)
+        else:
             pending.future.set_result(outcome)
-
-    @staticmethod
-    def _fail(pending: _Pending, error: BaseException) -> None:
-        if not pending.future.done():
-            pending.future.set_exception(error)
 
     def _outcome(self, reply: link_pb2.Reply, releases: list[int]) -> InferResult | ServeError:
         if reply.code:

@@ -285,3 +285,27 @@ async def test_a_group_the_model_refuses_is_told_member_by_member_and_frees_its_
         assert isinstance(result, ServeError) and "input" in str(result)
     await asyncio.sleep(0.05)
     assert linked.frontend_inputs.ring.used_bytes == 0  # once both members were answered
+
+
+async def test_a_group_that_cannot_be_written_fails_its_members_and_leaves_none_waiting(
+        tmp_path: Path) -> None:
+    """A fault of ours while the frame is written (injected: the arena's write raises):
+    the group's members are answered INTERNAL at once, nothing waits for a reply that
+    will not come (a drain would hang), and the next requests are served."""
+    async for linked in _linked(tmp_path, inline_max_bytes=0):
+        write_stacked = linked.frontend_inputs.write_stacked
+
+        def broken(arrays: Any) -> int | None:
+            raise RuntimeError("injected")
+
+        linked.frontend_inputs.write_stacked = broken  # type: ignore[method-assign]
+        results = await _all(linked.remote, [_plus1(_rows(1, 1.0)), _plus1(_rows(2, 2.0))])
+        for result in results:
+            assert isinstance(result, ServeError) and result.code == grpc.StatusCode.INTERNAL
+        assert linked.seen == []  # the frame went without the group
+        await asyncio.wait_for(linked.remote.drain(), 1)  # nothing waits
+        linked.remote._draining = False  # (the test's own: serve again)
+        linked.frontend_inputs.write_stacked = write_stacked  # type: ignore[method-assign]
+        results = await _all(linked.remote, [_plus1(_rows(1, 3.0)), _plus1(_rows(1, 4.0))])
+        assert all(isinstance(r, InferResult) for r in results)
+        assert linked.frontend_inputs.ring.used_bytes == 0
