@@ -165,15 +165,21 @@ def sent_deadlines(message: Any) -> list[float | None]:
     return [d or None for d in deadlines]
 
 
+def member_rows(message: Any) -> list[int]:
+    """Each member's rows of a group a frontend sent; InvalidArgument where the counts
+    disagree with the members."""
+    ids, rows = message.member_ids, message.member_rows
+    if len(rows) != len(ids):
+        raise InvalidArgument(f"a group of {len(ids)} members with {len(rows)} row counts")
+    return list(rows)
+
+
 def sent(message: Any, rows: Sequence[int], arena: Arena | None
          ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The inputs of a group a frontend sent (`Request.member_ids`): each the members'
-    rows stacked, read in one piece (inline, or a view of one arena range), and each
-    input's dtype. Every input must hold exactly the members' `rows`, so that each
-    member's rows are where its reply is cut from."""
-    if len(rows) != len(message.member_ids):
-        raise InvalidArgument(f"a group of {len(message.member_ids)} members with "
-                              f"{len(rows)} row counts")
+    """The inputs of a group a frontend sent (`Request.member_ids`, its `member_rows`
+    in `rows`): each the members' rows stacked, read in one piece (inline, or a view of
+    one arena range), and each input's dtype. Every input must hold exactly the
+    members' rows, so that each member's rows are where its reply is cut from."""
     arrays: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     total = sum(rows)
@@ -196,10 +202,8 @@ def members(message: Any) -> list[Any]:
     every input: a slice of the inline bytes or of the arena range), to run and fail
     alone. Raises InvalidArgument where the group cannot be cut (its counts disagree,
     or an input does not hold exactly the members' rows): a broken frontend."""
-    ids, rows = message.member_ids, message.member_rows
+    ids, rows = message.member_ids, member_rows(message)
     deadlines = sent_deadlines(message)
-    if len(rows) != len(ids):
-        raise InvalidArgument(f"a group of {len(ids)} members with {len(rows)} row counts")
     starts = [0]
     for n in rows:
         starts.append(starts[-1] + n)

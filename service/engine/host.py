@@ -257,11 +257,12 @@ class FrontendPort:
         """Submit a group the frontend formed (Request.member_ids: groups.sent); if the
         engine cannot take it whole, each member goes on alone (groups.members)."""
         engine = self.host.engine
+        if not isinstance(engine, LocalEngine):
+            self._start_members(message, more_follow)
+            return
         model = message.model
         try:
-            if not isinstance(engine, LocalEngine):
-                raise _Alone
-            rows = list(message.member_rows)
+            rows = groups.member_rows(message)
             group = _Group(self, model, list(message.member_ids),
                            groups.sent_deadlines(message), rows)
             if not self.inputs.pinned:
@@ -269,17 +270,21 @@ class FrontendPort:
             arrays, dtypes = groups.sent(message, rows, self.inputs)
             validated = engine.validate(model, arrays, dtypes)
         except Exception:
-            try:
-                each = groups.members(message)
-            except Exception:  # counts that disagree: a broken frontend, not a client
-                log.exception("frontend-%d sent a group the engine cannot read", self.index)
-                for rid in message.member_ids:
-                    self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
-                return
-            self._start_each(each, more_follow)
+            self._start_members(message, more_follow)
             return
         self._submit_group(engine, group, message, arrays, dtypes, {}, validated,
                            more_follow)
+
+    def _start_members(self, message: link_pb2.Request, more_follow: bool) -> None:
+        """A sent group the engine does not take whole: each member on its own."""
+        try:
+            each = groups.members(message)
+        except Exception:  # counts that disagree: a broken frontend, not a client
+            log.exception("frontend-%d sent a group the engine cannot read", self.index)
+            for rid in message.member_ids:
+                self._reply_error(rid, grpc.StatusCode.INTERNAL, "internal error")
+            return
+        self._start_each(each, more_follow)
 
     def _start_each(self, messages: Sequence[link_pb2.Request], more_follow: bool) -> None:
         last = len(messages) - 1
@@ -524,10 +529,6 @@ class _Same:
             size += b
         out.append(chunk if len(chunk.requests) > 1 else chunk.requests[0])
         return out
-
-
-class _Alone(Exception):
-    """A sent group the engine does not take whole: its members go one by one."""
 
 
 class _Group:

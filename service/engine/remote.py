@@ -80,7 +80,7 @@ class _Forming:
     request of its own for one member, else as a group (Request.member_ids) whose
     inputs are the members' rows stacked, inline or in one arena range they share."""
 
-    __slots__ = ("message", "nbytes", "pendings", "requests", "rids", "rows")
+    __slots__ = ("message", "nbytes", "pendings", "requests", "rids", "rows", "total_rows")
 
     def __init__(self, message: link_pb2.Request) -> None:
         self.message = message
@@ -88,10 +88,11 @@ class _Forming:
         self.requests: list[InferRequest] = []
         self.pendings: list[_Pending] = []
         self.rows: list[int] = []
+        self.total_rows = 0
         self.nbytes = 0
 
     def fits(self, rows: int, nbytes: int, max_rows: int) -> bool:
-        return sum(self.rows) + rows <= max_rows and \
+        return self.total_rows + rows <= max_rows and \
             self.nbytes + nbytes <= groups.MAX_GROUP_BYTES
 
     def add(self, rid: int, request: InferRequest, pending: _Pending, rows: int,
@@ -100,6 +101,7 @@ class _Forming:
         self.requests.append(request)
         self.pendings.append(pending)
         self.rows.append(rows)
+        self.total_rows += rows
         self.nbytes += nbytes
 
 
@@ -333,7 +335,7 @@ class RemoteEngine:
         deadlines = [r.deadline for r in forming.requests]
         if any(d is not None for d in deadlines):
             m.member_deadlines[:] = [d or 0.0 for d in deadlines]
-        total = sum(forming.rows)
+        total = forming.total_rows
         offsets: list[int] = []
         try:
             for name, tensor in first.inputs.items():

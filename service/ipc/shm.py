@@ -123,13 +123,7 @@ class Arena:
 
     def write(self, array: np.ndarray) -> int | None:
         """Copy `array`'s bytes into a new range; its offset, or None when full."""
-        nbytes = array.nbytes
-        offset = self.ring.alloc(nbytes)
-        if offset is None:
-            return None
-        dest = self._bytes[offset:offset + nbytes]
-        dest[:] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        return offset
+        return self.write_stacked((array,))
 
     def write_stacked(self, arrays: Sequence[np.ndarray]) -> int | None:
         """Copy the arrays' bytes one after another into a new range (a group's rows,
