@@ -80,13 +80,14 @@ def gpu(seconds: float, frontends: int) -> None:
 
 def once(seconds: float, rows: int, frontends: int, connections: int, workers: int,
          tag: str, clients: int = 256, processes: int = 8, hold_us: int | None = None,
-         switch_us: int | None = None, direct_min_bytes: int = 0) -> None:
+         switch_us: int | None = None, direct_min_bytes: int | None = None) -> None:
     from benchmarks import gpu_standin as g
     from trtserve import service
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
     from trtserve.service.backends.tensorrt.executor import TrtExecutor
 
-    TrtExecutor.direct_min_bytes = direct_min_bytes  # the engine runs in this process
+    if direct_min_bytes is not None:  # the engine runs in this process
+        TrtExecutor.direct_min_bytes = direct_min_bytes
 
     CudaRuntime(0).set_device()
     light = g.light_engine()
@@ -104,7 +105,7 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
                       "frontends": frontends, "connections": connections,
                       "workers": workers, "clients": clients, "processes": processes,
                       "hold_us": hold_us, "switch_us": switch_us,
-                      "direct_min_bytes": direct_min_bytes,
+                      "direct_min_bytes": TrtExecutor.direct_min_bytes,
                       **{k: round(v, 3) for k, v in r.items()}}),
           flush=True)
 
@@ -159,9 +160,9 @@ def main() -> None:
                         "(default: the server's)")
     parser.add_argument("--switch-us", type=int, help="once: the engine process's GIL "
                         "switch interval (sys.setswitchinterval; default: Python's 5000)")
-    parser.add_argument("--direct-min-bytes", type=int, default=0, help="once: "
+    parser.add_argument("--direct-min-bytes", type=int, help="once: "
                         "TrtExecutor.direct_min_bytes (a lone pinned request below it is "
-                        "staged)")
+                        "staged; default: the executor's own, 256 KiB)")
     parser.add_argument("--counts", default="1,8", help="cpu: frontend counts, the first "
                         "the baseline")
     parser.add_argument("--rounds", type=int, default=1, help="cpu: alternate the counts "
