@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Mapping
 from pathlib import Path
 
 # The `gpu` rows' loads at 1 row, in clients (32 a client process).
@@ -65,18 +66,26 @@ def gpu(seconds: float, frontends: int) -> None:
         light.close()
     one = {c: got[runs[2 * i][0]] for i, c in enumerate(CLIENTS)}
     many = {c: got[runs[2 * i + 1][0]] for i, c in enumerate(CLIENTS)}
-    one8, many8 = got[runs[-2][0]], got[runs[-1][0]]
+    print(summary(frontends, one, many, got[runs[-2][0]], got[runs[-1][0]]))
+
+
+def summary(frontends: int, one: Mapping[int, Mapping[str, float]],
+            many: Mapping[int, Mapping[str, float]], one8: Mapping[str, float],
+            many8: Mapping[str, float]) -> str:
+    """The `gpu` rows' ratios: 1 row at each load (clients -> served_throughput's result,
+    with served_raw), the two sides' capacities (each side's best load, which need not
+    be the same), and 8 rows."""
     best_one = max(one.values(), key=lambda r: r["requests_per_s"])
     best_many = max(many.values(), key=lambda r: r["requests_per_s"])
     at = ", ".join(f"{c} clients {many[c]['requests_per_s'] / one[c]['requests_per_s']:.2f}x"
-                   for c in CLIENTS)
-    print(f"{frontends} frontends / 1 process, 1 row, requests/s: {at}; capacity (the most "
-          f"each serves at any load) {best_many['requests_per_s']:,.0f} / "
-          f"{best_one['requests_per_s']:,.0f} = "
-          f"{best_many['requests_per_s'] / best_one['requests_per_s']:.2f}x (target 8x), "
-          f"served/raw there {best_many['served_raw']:.2f} (target 0.5); 8 rows, rows/s: "
-          f"{many8['rows_per_s'] / one8['rows_per_s']:.2f}x (target 5x)  "
-          f"[stand-in, not TensorRT]")
+                   for c in sorted(one))
+    return (f"{frontends} frontends / 1 process, 1 row, requests/s: {at}; capacity (the "
+            f"most each serves at any load) {best_many['requests_per_s']:,.0f} / "
+            f"{best_one['requests_per_s']:,.0f} = "
+            f"{best_many['requests_per_s'] / best_one['requests_per_s']:.2f}x (target 8x), "
+            f"served/raw there {best_many['served_raw']:.2f} (target 0.5); 8 rows, rows/s: "
+            f"{many8['rows_per_s'] / one8['rows_per_s']:.2f}x (target 5x)  "
+            f"[stand-in, not TensorRT]")
 
 
 def once(seconds: float, rows: int, frontends: int, connections: int, workers: int,
