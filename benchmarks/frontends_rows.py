@@ -43,30 +43,29 @@ def gpu(seconds: float, frontends: int) -> None:
     cuda = CudaRuntime(0)
     cuda.set_device()
     light = g.light_engine()
-    got = {}
-    # (tag, frontends, rows per request, clients, client processes): 32 clients a process,
-    # 4 gRPC connections each. 1 row at three loads, since a closed loop of 256 clients
-    # leaves N frontends short of what they can serve (docs/processes.md, "Session 16"):
-    # each side's capacity is the most it serves at any of them.
-    runs = [(f"{'1 process' if count == 1 else f'{frontends} frontends'}, 1 row, "
-             f"{clients} clients", count, 1, clients, clients // 32)
-            for clients in CLIENTS for count in (1, frontends)]
-    runs += [("1 process, 8 rows", 1, 8, 256, 8),
-             (f"{frontends} frontends, 8 rows", frontends, 8, 256, 8)]
+    # (frontends, rows per request, clients): 32 clients a client process, 4 gRPC
+    # connections each. 1 row at three loads, since a closed loop of 256 clients leaves
+    # N frontends short of what they can serve (docs/processes.md, "Session 16"): each
+    # side's capacity is the most it serves at any of them.
+    runs = [(count, 1, clients) for clients in CLIENTS for count in (1, frontends)]
+    runs += [(1, 8, 256), (frontends, 8, 256)]
+    got: dict[tuple[int, int, int], dict[str, float]] = {}
     try:
-        for tag, count, rows, clients, processes in runs:
-            r = g.served_throughput(light, 4, clients, processes, seconds,
+        for count, rows, clients in runs:
+            r = g.served_throughput(light, 4, clients, clients // 32, seconds,
                                     rows_per_request=rows, frontends=count, connections=4)
             raw = g.raw_throughput(light, cuda, 4, max(1, round(r["mean_batch"])), seconds=1.0)
             r["raw_rows_per_s"] = raw["rows_per_s"]
             r["served_raw"] = r["rows_per_s"] / raw["rows_per_s"]
-            got[tag] = r
-            print(tag, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+            got[count, rows, clients] = r
+            side = "1 process" if count == 1 else f"{frontends} frontends"
+            print(f"{side}, {rows} row{'s' if rows > 1 else ''}, {clients} clients",
+                  json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
     finally:
         light.close()
-    one = {c: got[runs[2 * i][0]] for i, c in enumerate(CLIENTS)}
-    many = {c: got[runs[2 * i + 1][0]] for i, c in enumerate(CLIENTS)}
-    print(summary(frontends, one, many, got[runs[-2][0]], got[runs[-1][0]]))
+    print(summary(frontends, {c: got[1, 1, c] for c in CLIENTS},
+                  {c: got[frontends, 1, c] for c in CLIENTS}, got[1, 8, 256],
+                  got[frontends, 8, 256]))
 
 
 def summary(frontends: int, one: Mapping[int, Mapping[str, float]],

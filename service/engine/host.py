@@ -122,10 +122,7 @@ class FrontendPort:
         self._reading = True
         try:
             if len(requests) == 1:
-                if requests[0].member_ids:
-                    self._start_sent(requests[0], False)
-                else:
-                    self._start(requests[0], False)
+                self._start_message(requests[0], False)
             else:
                 # A request cancelled in its own read goes alone: it is taken out of its
                 # batch below, where a group's member would run with the group.
@@ -154,10 +151,15 @@ class FrontendPort:
         for i, unit in enumerate(units):
             if isinstance(unit, _Same):
                 self._start_group(unit, i < last)
-            elif unit.member_ids:
-                self._start_sent(unit, i < last)
             else:
-                self._start(unit, i < last)
+                self._start_message(unit, i < last)
+
+    def _start_message(self, message: link_pb2.Request, more_follow: bool) -> None:
+        """One message as it came: a group the frontend sent, or a request alone."""
+        if message.member_ids:
+            self._start_sent(message, more_follow)
+        else:
+            self._start(message, more_follow)
 
     @staticmethod
     def _units(engine: LocalEngine, requests: Sequence[link_pb2.Request],
