@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -52,9 +54,14 @@ def gpu(seconds: float, frontends: int) -> None:
     got: dict[tuple[int, int, int], dict[str, float]] = {}
     try:
         for count, rows, clients in runs:
+            began = time.monotonic()
             r = g.served_throughput(light, 4, clients, clients // 32, seconds,
                                     rows_per_request=rows, frontends=count, connections=4)
+            served_at = time.monotonic()
             raw = g.raw_throughput(light, cuda, 4, max(1, round(r["mean_batch"])), seconds=1.0)
+            # Where a run's wall time goes, so that a slow step shows (stderr: not a result).
+            print(f"({count}, {rows}, {clients}): served run {served_at - began:.1f} s, raw "
+                  f"{time.monotonic() - served_at:.1f} s", file=sys.stderr, flush=True)
             r["raw_rows_per_s"] = raw["rows_per_s"]
             r["served_raw"] = r["rows_per_s"] / raw["rows_per_s"]
             got[count, rows, clients] = r

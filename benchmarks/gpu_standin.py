@@ -45,6 +45,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -281,9 +282,9 @@ class EvenOpenLoad:
 def _client_process(url: str, request: bytes, load: ClosedLoad | EvenOpenLoad, window: Window,
                     results: Any, connections: int = 1) -> None:
     """One client process: `load` over `connections` gRPC connections, counted by a
-    Recorder over `window`; puts (requests an open loop sent, latencies in s, errors,
-    this process's CPU over the measured window / its length) on `results`."""
-    async def main() -> tuple[int, list[float], int, float]:
+    Recorder over `window`; puts (requests an open loop sent, latencies in s, errors by
+    status code, this process's CPU over the measured window / its length) on `results`."""
+    async def main() -> tuple[int, list[float], dict[str, int], float]:
         endpoint = Endpoint(url)
         channels = [endpoint.aio_channel(own_connection=connections > 1)
                     for _ in range(connections)]
@@ -302,7 +303,7 @@ def _client_process(url: str, request: bytes, load: ClosedLoad | EvenOpenLoad, w
             span = ended - window.warm_end
             cpu = ((rec.cpu_end or 0.0) - (rec.cpu_start or 0.0)) / span if span > 0 else 0.0
             # An open loop logs each send's lag: their count is the requests sent.
-            return len(rec.lags), rec.latencies.tolist(), sum(rec.errors.values()), cpu
+            return len(rec.lags), rec.latencies.tolist(), dict(rec.errors), cpu
         finally:
             for c in channels:
                 await c.close(None)
@@ -323,6 +324,17 @@ def _served(engine: Any, workers: int, max_queue_delay_us: int,
     with serving_standin(engine, config, stats_window_s=60, frontends=frontends,
                          server_options=server_options) as server:
         yield server
+
+
+def _errors(outcomes: list[Any]) -> float:
+    """The client processes' failed requests; which status codes, on stderr, since a
+    count alone cannot tell a refused request from a lost one."""
+    codes: Counter[str] = Counter()
+    for o in outcomes:
+        codes.update(o[2])
+    if codes:
+        print(f"failed requests by status code: {dict(codes)}", file=sys.stderr, flush=True)
+    return float(sum(codes.values()))
 
 
 def _stats(url: str) -> Any:
@@ -486,7 +498,7 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
         "mean_batch": rows / batches if batches else 0.0,
         "gpu_busy_per_worker": busy / seconds / workers,
         "p50_ms": latencies[len(latencies) // 2] * 1e3 if latencies else 0.0,
-        "errors": float(sum(o[2] for o in outcomes)),
+        "errors": _errors(outcomes),
         "graph_share": (after.graph_launches - before.graph_launches) / batches if batches
         else 0.0,
     }
@@ -525,7 +537,7 @@ def fixed_rate_latency(engine: Any, workers: int, rate: float, processes: int,
         "rate": rate,
         "sent": float(sent),
         "answered": float(len(latencies)),
-        "errors": float(sum(o[2] for o in outcomes)),
+        "errors": _errors(outcomes),
         "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else 0.0,
         "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else 0.0,
         "mean_batch": stats.mean_batch_size,
