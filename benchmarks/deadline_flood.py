@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="floor: benchmarks/grpc_floor.py, a no-op grpc.aio server; "
                              "probe: benchmarks/flood_probe_server.py, which counts the "
                              "calls that reach Python")
+    parser.add_argument("--max-pending-calls", type=int,
+                        help="trtserve's server.max_pending_calls (default: its own; 0: "
+                             "gRPC's own limit)")
     args = parser.parse_args(argv)
 
     os.environ["GRPC_EXPERIMENTS"] = args.grpc_experiments
@@ -121,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = write_example(Path(tmp) / "example.onnx")
         env = {"GRPC_EXPERIMENTS": args.grpc_experiments}
-        server = ServerProcess(["--model", f"example={model}"], env=env)
+        flags = [] if args.max_pending_calls is None else \
+            ["--max-pending-calls", str(args.max_pending_calls)]
+        server = ServerProcess(["--model", f"example={model}", *flags], env=env)
         if args.server != "trtserve":
             server.terminate()
             server._start([_SERVERS[args.server], "--port", str(server.port)], env)

@@ -40,7 +40,7 @@ SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_heade
                 "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
                 "auth_token_file", "health_requires_auth", "event_loop", "gc_gen0_threshold",
                 "max_receive_message_bytes", "max_send_message_bytes",
-                "max_concurrent_streams", "model_load_failure",
+                "max_concurrent_streams", "max_pending_calls", "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
@@ -101,6 +101,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest response sent (default 256 MiB)")
     p.add_argument("--max-concurrent-streams", type=int,
                    help="HTTP/2 streams per connection (default 0: gRPC's own)")
+    p.add_argument("--max-pending-calls", type=int,
+                   help="calls received that the server's loop has not yet taken; gRPC "
+                        "fails more with CANCELLED (default 16384, 0 = gRPC's own: "
+                        "1,000-3,000)")
     p.add_argument("--max-request-bytes-in-flight", type=int,
                    help="input bytes of accepted requests not yet answered, over the whole "
                         "server; more are refused (default 1 GiB, 0 = no budget)")

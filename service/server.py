@@ -104,6 +104,10 @@ class Server:
         ]
         if c.max_concurrent_streams:
             options.append(("grpc.max_concurrent_streams", c.max_concurrent_streams))
+        if c.max_pending_calls:
+            # Soft and hard limit alike: below it none is refused, past it every one.
+            options += [("grpc.server.max_pending_requests", c.max_pending_calls),
+                        ("grpc.server.max_pending_requests_hard_limit", c.max_pending_calls)]
         return options
 
     def _interceptors(self, token: str | None) -> list[grpc.aio.ServerInterceptor]:

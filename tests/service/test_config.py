@@ -96,9 +96,13 @@ def test_every_server_key_but_tls_and_models_has_a_flag():
     args = parser.parse_args([
         "serve", "--model", "m=m.onnx", "--health-requires-auth",
         "--max-receive-message-bytes", "4096", "--max-send-message-bytes", "8192",
-        "--max-concurrent-streams", "64", "--grace-period-s", "5"])
+        "--max-concurrent-streams", "64", "--grace-period-s", "5",
+        "--max-pending-calls", "0"])
     config = build_config(args)
-    assert config.health_requires_auth
+    assert config.health_requires_auth and config.max_pending_calls == 0
+    assert ServerConfig().max_pending_calls == 16384
+    with pytest.raises(ConfigError, match=r"server.max_pending_calls: got -1"):
+        ServerConfig(max_pending_calls=-1)
     assert (config.max_receive_message_bytes, config.max_send_message_bytes,
             config.max_concurrent_streams, config.grace_period_s) == (4096, 8192, 64, 5.0)
     keys = {f.name for f in dataclasses.fields(ServerConfig)} - {"tls", "models",
