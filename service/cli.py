@@ -143,7 +143,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "up to this long before sleeping (default 1000; 0: off)")
     p.add_argument("--frontend-hold-us", type=int,
                    help="while a model has a backlog at the engine, a frontend holds the "
-                        "frame of its requests up to this long to carry more (default 1000; "
+                        "frame of its requests up to this long to carry more (default 2000; "
                         "0: off)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
