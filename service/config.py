@@ -244,9 +244,8 @@ class ServerConfig:
     # Calls gRPC has received that the serving loop has not yet taken (a grpc.aio server
     # takes one at a time, so a busy loop leaves them waiting in gRPC's C core). gRPC's own
     # limit, 1,000 to 3,000 at random, fails the rest with CANCELLED: at 1,024 concurrent
-    # clients on one process it failed about 1% of calls. Beyond this limit gRPC still
-    # fails them so; the server's own limits (max_queue_size, the byte budget) refuse
-    # with RESOURCE_EXHAUSTED and a reason long before. 0: gRPC's own.
+    # clients on one process it failed about 1% of calls (docs/reliability.md, "Bursts of
+    # calls"). Past this limit gRPC still fails them so. 0: gRPC's own.
     max_pending_calls: int = 16384
     # What one InferStream / ModelStreamInfer may hold before it stops reading:
     # requests read whose answer has not been sent, and bytes of answers not sent.
