@@ -17,6 +17,7 @@ from benchmarks.gpu_standin import (
     ClosedLoad,
     EvenOpenLoad,
     _client_process,
+    _errors,
     _host_busy_s,
     frontend_spread,
     where_waiting,
@@ -76,7 +77,7 @@ def test_the_client_process_counts_every_request_of_an_even_open_loop(server):
     results: queue.Queue = queue.Queue()
     _client_process(server.url, request, EvenOpenLoad(50.0, start, 0.2), window, results)
     sent, latencies, errors, cpu = results.get_nowait()
-    assert (sent, len(latencies), errors) == (10, 10, 0)
+    assert (sent, len(latencies), errors) == (10, 10, {})
     assert cpu > 0
     assert all(0 < lat < REQUEST_TIMEOUT_S for lat in latencies)
 
@@ -91,7 +92,7 @@ def test_the_client_process_spreads_a_closed_loop_over_its_connections(server):
     # process runs its load over both and reports its answers and its CPU.
     _client_process(server.url, request, ClosedLoad(4), window, results, connections=2)
     _, latencies, errors, cpu = results.get_nowait()
-    assert errors == 0 and len(latencies) > 0 and cpu > 0
+    assert errors == {} and len(latencies) > 0 and cpu > 0
 
 
 def test_the_frontend_spread_is_each_frontends_share_of_the_window_and_its_cpu():
@@ -137,3 +138,12 @@ def test_where_waiting_gives_the_medians_of_what_stats_report_at_each_read(monke
     clock = iter([0.0, 0.0, 0.0, 1.0])  # three reads, then past `until`
     got = where_waiting("unused", until=0.5, every_s=0.0, clock=lambda: next(clock))
     assert got == {"at_engine": 20.0, "queue_depth": 80.0, "batches_in_flight": 3.0}
+
+
+def test_failed_requests_are_counted_over_the_processes_and_named_by_code(capsys):
+    outcomes = [(0, [0.1], {"CANCELLED": 2}, 0.5), (0, [], {}, 0.4),
+                (0, [], {"CANCELLED": 1, "UNAVAILABLE": 1}, 0.3)]
+    assert _errors(outcomes) == 4.0
+    assert "{'CANCELLED': 3, 'UNAVAILABLE': 1}" in capsys.readouterr().err
+    assert _errors([(0, [0.1], {}, 0.5)]) == 0.0
+    assert capsys.readouterr().err == ""
