@@ -11,7 +11,8 @@
 `benchmarks.gpu_standin` section 3 (4 workers, 32 clients a client process, 4 gRPC
 connections each), by one process and by N frontends: at 1 row per request with 256, 512
 and 1024 clients (the ratio at each, and of the two sides' capacities: the most each
-serves at any of the three), and at 8 rows with 256; served/raw at the served mean batch.
+serves at any of the three), and at 8 rows with 256; served/raw where the frontends serve
+the most (raw: 4 executors driven directly at that run's mean batch).
 The same functions as `benchmarks.gpu_standin`, without its other sections, for a machine
 lent for minutes.
 `cpu`: `benchmarks.cpu`'s frontends step (model `light`, the bundled example's shape)
@@ -57,17 +58,22 @@ def gpu(seconds: float, frontends: int) -> None:
             began = time.monotonic()
             r = g.served_throughput(light, 4, clients, clients // 32, seconds,
                                     rows_per_request=rows, frontends=count, connections=4)
-            served_at = time.monotonic()
-            raw = g.raw_throughput(light, cuda, 4, max(1, round(r["mean_batch"])), seconds=1.0)
-            # Where a run's wall time goes, so that a slow step shows (stderr: not a result).
-            print(f"({count}, {rows}, {clients}): served run {served_at - began:.1f} s, raw "
-                  f"{time.monotonic() - served_at:.1f} s", file=sys.stderr, flush=True)
-            r["raw_rows_per_s"] = raw["rows_per_s"]
-            r["served_raw"] = r["rows_per_s"] / raw["rows_per_s"]
             got[count, rows, clients] = r
             side = "1 process" if count == 1 else f"{frontends} frontends"
             print(f"{side}, {rows} row{'s' if rows > 1 else ''}, {clients} clients",
                   json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+            # Wall time, so that a slow step shows (stderr: not a result).
+            print(f"  served run: {time.monotonic() - began:.1f} s", file=sys.stderr,
+                  flush=True)
+        # served/raw where the frontends serve the most: raw once, at that run's mean
+        # batch (in session 17 a raw run after each served run made every run take about
+        # 2 minutes, for a cause not found).
+        best = got[frontends, 1, best_load({c: got[frontends, 1, c] for c in CLIENTS})]
+        began = time.monotonic()
+        raw = g.raw_throughput(light, cuda, 4, max(1, round(best["mean_batch"])), seconds=1.0)
+        print(f"  raw run: {time.monotonic() - began:.1f} s", file=sys.stderr, flush=True)
+        best["raw_rows_per_s"] = raw["rows_per_s"]
+        best["served_raw"] = best["rows_per_s"] / raw["rows_per_s"]
     finally:
         light.close()
     print(summary(frontends, {c: got[1, 1, c] for c in CLIENTS},
@@ -75,14 +81,18 @@ def gpu(seconds: float, frontends: int) -> None:
                   got[frontends, 8, 256]))
 
 
+def best_load(results: Mapping[int, Mapping[str, float]]) -> int:
+    """The load (clients) at which a side served the most requests/s: its capacity."""
+    return max(results, key=lambda c: results[c]["requests_per_s"])
+
+
 def summary(frontends: int, one: Mapping[int, Mapping[str, float]],
             many: Mapping[int, Mapping[str, float]], one8: Mapping[str, float],
             many8: Mapping[str, float]) -> str:
-    """The `gpu` rows' ratios: 1 row at each load (clients -> served_throughput's result,
-    with served_raw), the two sides' capacities (each side's best load, which need not
-    be the same), and 8 rows."""
-    best_one = max(one.values(), key=lambda r: r["requests_per_s"])
-    best_many = max(many.values(), key=lambda r: r["requests_per_s"])
+    """The `gpu` rows' ratios: 1 row at each load (clients -> served_throughput's result;
+    the frontends' result at their best load has served_raw too), the two sides'
+    capacities (each side's best load, which need not be the same), and 8 rows."""
+    best_one, best_many = one[best_load(one)], many[best_load(many)]
     at = ", ".join(f"{c} clients {many[c]['requests_per_s'] / one[c]['requests_per_s']:.2f}x"
                    for c in sorted(one))
     return (f"{frontends} frontends / 1 process, 1 row, requests/s: {at}; capacity (the "
