@@ -157,7 +157,10 @@ def test_a_burst_of_calls_that_waits_for_a_busy_loop_is_answered_not_cancelled()
         y = np.frombuffer(answers[i].outputs[0].data, np.float32).reshape(1, 8)  # type: ignore[attr-defined]
         np.testing.assert_array_equal(y, expected(x_of(1, i)))
     assert not [a for a in answers if isinstance(a, BaseException)]
-    # The same burst under gRPC's own limit: the failure the setting prevents.
-    answers = _burst_while_the_loop_sleeps({"max_pending_calls": 0})
-    codes = {a.code() for a in answers if isinstance(a, grpc.aio.AioRpcError)}
-    assert codes == {grpc.StatusCode.CANCELLED}
+    # The setting reaches gRPC, and the burst did wait: with a limit of 100, gRPC fails
+    # most of it (with gRPC's own limit, `0`, about 210 of the 2,000 failed in each of
+    # two runs: docs/reliability.md, "Bursts of calls").
+    answers = _burst_while_the_loop_sleeps({"max_pending_calls": 100})
+    failed = [a for a in answers if isinstance(a, BaseException)]
+    assert {a.code() for a in failed} == {grpc.StatusCode.CANCELLED}  # type: ignore[attr-defined]
+    assert len(failed) >= 1000
