@@ -12,6 +12,7 @@ import pytest
 from tests.doubles.controlled import expected
 from tests.reliability.harness import eventually, model_stats, serve_controlled, wait_for
 from trtserve.client import AsyncClient, Client, InferenceError
+from trtserve.client.channels import Endpoint
 from trtserve.client.convert import infer_request
 from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
@@ -134,8 +135,7 @@ def _burst_while_the_loop_sleeps(server: dict[str, object], calls: int = 2000
         s.server.loop.call_soon_threadsafe(time.sleep, 3.0)  # blocks the loop, as a long pass would
 
         async def burst() -> list[object]:
-            channels = [grpc.aio.insecure_channel(
-                s.url, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+            channels = [Endpoint(s.url).aio_channel(own_connection=True) for _ in range(4)]
             try:
                 stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
                 return await asyncio.gather(
