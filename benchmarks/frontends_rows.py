@@ -6,6 +6,8 @@
                                              [--workers 4] [--clients 256] [--processes 8]
                                              [--hold-us US] [--switch-us US]
                                              [--direct-min-bytes N] [--tag NAME]
+                                             [--event-loop L] [--inline-below-us US]
+                                             [--frontend-nice N] [--engine-cpus N]
 
 `gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
 `benchmarks.gpu_standin` section 3 (4 workers, 32 clients a client process, 4 gRPC
@@ -34,6 +36,8 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+from benchmarks.placement import ANYWHERE, Placement
 
 # The `gpu` rows' loads at 1 row, in clients (32 a client process).
 CLIENTS = (256, 512, 1024)
@@ -106,7 +110,9 @@ def summary(frontends: int, one: Mapping[int, Mapping[str, float]],
 
 def once(seconds: float, rows: int, frontends: int, connections: int, workers: int,
          tag: str, clients: int = 256, processes: int = 8, hold_us: int | None = None,
-         switch_us: int | None = None, direct_min_bytes: int | None = None) -> None:
+         switch_us: int | None = None, direct_min_bytes: int | None = None,
+         event_loop: str | None = None, inline_below_us: int | None = None,
+         placement: Placement = ANYWHERE) -> None:
     from benchmarks import gpu_standin as g
     from trtserve import service
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
@@ -115,25 +121,41 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
     if direct_min_bytes is not None:  # the engine runs in this process
         TrtExecutor.direct_min_bytes = direct_min_bytes
 
+    options: dict[str, object] = {}
+    if hold_us is not None:
+        options["frontend_hold_us"] = hold_us
+    if event_loop is not None:
+        options["event_loop"] = event_loop
     CudaRuntime(0).set_device()
     light = g.light_engine()
     try:
         r = g.served_throughput(light, workers, clients, processes, seconds,
                                 rows_per_request=rows, frontends=frontends,
                                 connections=connections,
-                                server_options=None if hold_us is None
-                                else {"frontend_hold_us": hold_us},
+                                server_options=options,
                                 switch_interval_s=None if switch_us is None
-                                else switch_us / 1e6)
+                                else switch_us / 1e6, placement=placement,
+                                inline_below_us=inline_below_us)
     finally:
         light.close()
     print(json.dumps({"tag": tag, "tree": next(iter(service.__path__)), "rows": rows,
                       "frontends": frontends, "connections": connections,
                       "workers": workers, "clients": clients, "processes": processes,
                       "hold_us": hold_us, "switch_us": switch_us,
+                      "event_loop": event_loop or "auto", "loop": _loop_name(event_loop),
+                      "inline_below_us": inline_below_us,
+                      "frontend_nice": placement.frontend_nice,
+                      "engine_cpus": placement.engine_cpus,
                       "direct_min_bytes": TrtExecutor.direct_min_bytes,
                       **{k: round(v, 3) for k, v in r.items()}}),
           flush=True)
+
+
+def _loop_name(event_loop: str | None) -> str:
+    """The event loop the server runs for this `server.event_loop` choice."""
+    from trtserve.service.server import loop_factory
+
+    return "asyncio" if loop_factory(event_loop or "auto") is None else "uvloop"
 
 
 def cpu(counts: list[int], seconds: float, rounds: int = 1) -> None:
@@ -189,6 +211,18 @@ def main() -> None:
     parser.add_argument("--direct-min-bytes", type=int, help="once: "
                         "TrtExecutor.direct_min_bytes (a lone pinned request below it is "
                         "staged; default: the executor's own, 256 KiB)")
+    parser.add_argument("--event-loop", choices=("auto", "uvloop", "asyncio"),
+                        help="once: server.event_loop, for the engine and the frontends "
+                        "(default: the server's, uvloop where installed)")
+    parser.add_argument("--frontend-nice", type=int, help="once: run every frontend "
+                        "thread at this nice value (an experiment: the engine first when "
+                        "the cores are contended)")
+    parser.add_argument("--engine-cpus", type=int, default=0, help="once: pin the engine's "
+                        "threads to the host's last N cores, the frontends and the clients "
+                        "to the rest (an experiment; default: no pinning)")
+    parser.add_argument("--inline-below-us", type=int, help="once: the model's "
+                        "inline_below_us (a batch that ran faster is quick: run on the "
+                        "loop when alone, held behind quick batches in flight; default 100)")
     parser.add_argument("--counts", default="1,8", help="cpu: frontend counts, the first "
                         "the baseline")
     parser.add_argument("--rounds", type=int, default=1, help="cpu: alternate the counts "
@@ -199,7 +233,8 @@ def main() -> None:
     elif args.what == "once":
         once(args.seconds or 5.0, args.rows, args.frontends, args.connections, args.workers,
              args.tag, args.clients, args.processes, args.hold_us, args.switch_us,
-             args.direct_min_bytes)
+             args.direct_min_bytes, args.event_loop, args.inline_below_us,
+             Placement(args.frontend_nice, args.engine_cpus))
     else:
         cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds)
 

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.placement import ANYWHERE, Placement
 from trtserve.client.bench.channels import V1_INFER
 from trtserve.client.bench.load import Call, closed_loop, open_loop
 from trtserve.client.bench.recorder import Recorder, Window, even_arrivals
@@ -419,10 +420,13 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
                       switch_interval_s: float | None = None,
                       inline_below_us: int | None = None,
                       frontends: int = 1, connections: int = 1,
-                      server_options: Mapping[str, Any] | None = None) -> dict[str, float]:
+                      server_options: Mapping[str, Any] | None = None,
+                      placement: Placement = ANYWHERE) -> dict[str, float]:
     """Section 3's run; `connections`: gRPC connections per client process (with
     frontends > 1 the kernel spreads connections, not requests, over the frontends);
-    `server_options`: ServerConfig fields to set (`serving_standin`)."""
+    `server_options`: ServerConfig fields to set (`serving_standin`); `placement`:
+    where the processes run (benchmarks/placement.py; default: where the kernel puts
+    them)."""
     context = multiprocessing.get_context("spawn")
     request = _request_bytes("standin", rows_per_request, engine.in_features)
     default_switch = sys.getswitchinterval()
@@ -431,7 +435,8 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
     try:
         return _served_run(engine, workers, clients, processes, seconds, warmup_s,
                            max_queue_delay_us, request, rows_per_request, context,
-                           inline_below_us, frontends, connections, server_options)
+                           inline_below_us, frontends, connections, server_options,
+                           placement)
     finally:
         sys.setswitchinterval(default_switch)
 
@@ -440,11 +445,30 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
                 warmup_s: float, max_queue_delay_us: int, request: bytes,
                 rows_per_request: int, context: Any,
                 inline_below_us: int | None = None, frontends: int = 1,
-                connections: int = 1, server_options: Mapping[str, Any] | None = None
-                ) -> dict[str, float]:
+                connections: int = 1, server_options: Mapping[str, Any] | None = None,
+                placement: Placement = ANYWHERE) -> dict[str, float]:
+    restore = placement.before_engine()
+    try:
+        return _served_placed(engine, workers, clients, processes, seconds, warmup_s,
+                              max_queue_delay_us, request, rows_per_request, context,
+                              inline_below_us, frontends, connections, server_options,
+                              placement)
+    finally:
+        if restore is not None:
+            os.sched_setaffinity(0, restore)
+
+
+def _served_placed(engine: Any, workers: int, clients: int, processes: int, seconds: float,
+                   warmup_s: float, max_queue_delay_us: int, request: bytes,
+                   rows_per_request: int, context: Any, inline_below_us: int | None,
+                   frontends: int, connections: int,
+                   server_options: Mapping[str, Any] | None, placement: Placement
+                   ) -> dict[str, float]:
     with _served(engine, workers, max_queue_delay_us, inline_below_us, frontends,
                  server_options) as server:
         loop_thread = server.call(_thread_ident())
+        for frontend in _server_stats(server.url).frontends:
+            placement.frontend(frontend.pid)
         # Warm every worker's graphs before the clock starts.
         from trtserve.client.client import Client
 
@@ -461,6 +485,7 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
                  for _ in range(processes)]
         for p in procs:
             p.start()
+            placement.client(p.pid)
         time.sleep(max(0.0, measure_from - time.monotonic()))
         before_all = _server_stats(server.url)
         loop_cpu, engine_cpu, host_cpu = (_thread_cpu_s(loop_thread), time.process_time(),
