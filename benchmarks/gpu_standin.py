@@ -447,15 +447,14 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
                 inline_below_us: int | None = None, frontends: int = 1,
                 connections: int = 1, server_options: Mapping[str, Any] | None = None,
                 placement: Placement = ANYWHERE) -> dict[str, float]:
-    restore = placement.before_engine()
     try:
         return _served_placed(engine, workers, clients, processes, seconds, warmup_s,
                               max_queue_delay_us, request, rows_per_request, context,
-                              inline_below_us, frontends, connections, server_options,
+                              inline_below_us, frontends, connections,
+                              {**(server_options or {}), **placement.server_options()},
                               placement)
     finally:
-        if restore is not None:
-            os.sched_setaffinity(0, restore)
+        placement.restore()
 
 
 def _served_placed(engine: Any, workers: int, clients: int, processes: int, seconds: float,

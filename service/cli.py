@@ -45,7 +45,8 @@ SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_heade
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
                 "model_repository",
-                "frontends", "frontend_arena_mib", "frontend_spin_us", "frontend_hold_us")
+                "frontends", "frontend_arena_mib", "frontend_spin_us", "frontend_hold_us",
+                "engine_cpus")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -145,6 +146,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="while a model has a backlog at the engine, a frontend holds the "
                         "frame of its requests up to this long to carry more (default 2000; "
                         "0: off)")
+    p.add_argument("--engine-cpus", metavar="CPUS",
+                   help="run the engine's threads on these CPUs (a list such as 15 or "
+                        "14-15) and the frontends on the other cores (default: where the "
+                        "kernel puts them)")
     p.add_argument("--model-load-failure", choices=MODEL_LOAD_FAILURE,
                    help="a model that fails to load: exit (default) stops the server, skip "
                         "serves the others")

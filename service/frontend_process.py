@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 
-from trtserve.service import auth, tls
+from trtserve.service import auth, cpus, tls
 from trtserve.service.config import ServerConfig
 from trtserve.service.engine.remote import RemoteEngine
 from trtserve.service.ipc.shm import Arena
@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arena-bytes", type=int, required=True)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--event-loop", default="auto")
+    p.add_argument("--cpus", help="the CPUs to run on (server.engine_cpus: the engine's "
+                   "are not among them); default: those inherited")
     args = p.parse_args(argv)
+    if args.cpus:  # before the event loop and gRPC start threads, which inherit them
+        cpus.pin_process(cpus.parse(args.cpus))
     logging.basicConfig(level=args.log_level, format=log_format(f"frontend-{args.index}"))
     try:
         with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:

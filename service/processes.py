@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from trtserve.service import cpus
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.host import EngineHost, FrontendPort
 from trtserve.service.engine.model import ModelRuntime
@@ -86,6 +87,7 @@ class EngineServer(Server):
 
     async def start(self) -> int:
         _, to_load = self._preflight()
+        self._place(self.count)
         try:
             self.port = self._reserve_port(self.config.port, "server.port")
             if self.config.http_port:
@@ -184,6 +186,7 @@ class EngineServer(Server):
                 "--inputs-fd", str(inputs.fd), "--outputs-fd", str(outputs.fd),
                 "--arena-bytes", str(arena_bytes), "--log-level", self.log_level,
                 "--event-loop", self.config.event_loop,
+                *(() if self.cpus is None else ("--cpus", cpus.format_list(self.cpus.frontends))),
                 pass_fds=(theirs.fileno(), inputs.fd, outputs.fd),
                 stdin=subprocess.DEVNULL)
         finally:

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from trtserve.client import descriptors
 from trtserve.client.gen.trtserve.v1 import inference_pb2, inference_pb2_grpc
-from trtserve.service import auth, ports, tls
+from trtserve.service import auth, cpus, ports, tls
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.folder import FolderModel, scan
 from trtserve.service.engine.folder_watch import FolderWatch
@@ -68,6 +68,9 @@ class Server:
         # Request bytes in flight over both protocols; after a large request, glibc's
         # free memory goes back to the system.
         self.trimmer = Trimmer()
+        # Where this process's threads and the frontends run (server.engine_cpus), once
+        # started; None: where the kernel puts them.
+        self.cpus: cpus.CpuPlan | None = None
         self.budget = ByteBudget(config.max_request_bytes_in_flight,
                                  config.trim_after_request_bytes, self.trimmer.request)
         # What the frontends and metrics see of the models: plain data through one seam.
@@ -199,11 +202,23 @@ class Server:
                         ", and load, unload and reload models from files on this host "
                         "(server.model_control)" if self.config.model_control else "")
 
+    def _place(self, frontends: int) -> None:
+        """Run this process's threads on `server.engine_cpus`, before it starts any more:
+        they inherit it (ONNX Runtime's, the workers', gRPC's, the frontends' processes,
+        which then move to the rest: `cpus`)."""
+        self.cpus = cpus.plan(self.config.engine_cpus, frontends)
+        if self.cpus is not None:
+            cpus.pin_process(self.cpus.engine)
+            log.info("engine on CPUs %s%s", cpus.format_list(self.cpus.engine),
+                     f", frontends on {cpus.format_list(self.cpus.frontends)}"
+                     if frontends > 1 else "")
+
     async def start(self) -> int:
         """Check, bind and answer health (NOT_SERVING), then load every model. Returns
         the bound port. Raises a StartError (one line, naming what to fix) when the
         server cannot start; it then holds no port and no model."""
         token, to_load = self._preflight()
+        self._place(1)
         await self._start_grpc(token)
         try:
             self._start_metrics()
