@@ -1,6 +1,6 @@
 """Issue 18's frontends rows alone, short: one process against N frontend processes.
 
-    python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8]   # a GPU host
+    python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8] [--engine-cpus 1]
     python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
     python -m benchmarks.frontends_rows once [--rows 8] [--frontends 8] [--connections 4]
                                              [--workers 4] [--clients 256] [--processes 8]
@@ -14,7 +14,9 @@
 connections each), by one process and by N frontends: at 1 row per request with 256, 512
 and 1024 clients (the ratio at each, and of the two sides' capacities: the most each
 serves at any of the three), and at 8 rows with 256; served/raw where the frontends serve
-the most (raw: 4 executors driven directly at that run's mean batch).
+the most (raw: 4 executors driven directly at that run's mean batch). With
+`--engine-cpus N` the frontends' runs give the engine the host's last N cores
+(`server.engine_cpus`) and keep the frontends and the client processes on the rest.
 The same functions as `benchmarks.gpu_standin`, without its other sections, for a machine
 lent for minutes.
 `cpu`: `benchmarks.cpu`'s frontends step (model `light`, the bundled example's shape)
@@ -43,13 +45,15 @@ from benchmarks.placement import ANYWHERE, Placement
 CLIENTS = (256, 512, 1024)
 
 
-def gpu(seconds: float, frontends: int) -> None:
+def gpu(seconds: float, frontends: int, engine_cpus: int = 0) -> None:
     from benchmarks import gpu_standin as g
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
 
     cuda = CudaRuntime(0)
     cuda.set_device()
     light = g.light_engine()
+    # The frontends' runs only: one process on one core would serve less.
+    placed = Placement(engine_cpus=engine_cpus)
     # (frontends, rows per request, clients): 32 clients a client process, 4 gRPC
     # connections each. 1 row at three loads, since a closed loop of 256 clients leaves
     # N frontends short of what they can serve (docs/processes.md, "Session 16"): each
@@ -61,9 +65,12 @@ def gpu(seconds: float, frontends: int) -> None:
         for count, rows, clients in runs:
             began = time.monotonic()
             r = g.served_throughput(light, 4, clients, clients // 32, seconds,
-                                    rows_per_request=rows, frontends=count, connections=4)
+                                    rows_per_request=rows, frontends=count, connections=4,
+                                    placement=placed if count > 1 else ANYWHERE)
             got[count, rows, clients] = r
-            side = "1 process" if count == 1 else f"{frontends} frontends"
+            side = "1 process" if count == 1 else f"{frontends} frontends" + (
+                f" (engine on {engine_cpus} core{'s' if engine_cpus > 1 else ''} of its own)"
+                if engine_cpus else "")
             print(f"{side}, {rows} row{'s' if rows > 1 else ''}, {clients} clients",
                   json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
             # Wall time, so that a slow step shows (stderr: not a result).
@@ -217,9 +224,10 @@ def main() -> None:
     parser.add_argument("--frontend-nice", type=int, help="once: run every frontend "
                         "thread at this nice value (an experiment: the engine first when "
                         "the cores are contended)")
-    parser.add_argument("--engine-cpus", type=int, default=0, help="once: pin the engine's "
-                        "threads to the host's last N cores, the frontends and the clients "
-                        "to the rest (an experiment; default: no pinning)")
+    parser.add_argument("--engine-cpus", type=int, default=0, help="gpu, once: the engine "
+                        "on the host's last N cores (server.engine_cpus), the frontends and "
+                        "the client processes on the rest; gpu: the frontends' runs only "
+                        "(default: no pinning)")
     parser.add_argument("--inline-below-us", type=int, help="once: the model's "
                         "inline_below_us (a batch that ran faster is quick: run on the "
                         "loop when alone, held behind quick batches in flight; default 100)")
@@ -229,7 +237,7 @@ def main() -> None:
                         "this many times and give the median of the rounds' differences")
     args = parser.parse_args()
     if args.what == "gpu":
-        gpu(args.seconds or 5.0, args.frontends)
+        gpu(args.seconds or 5.0, args.frontends, args.engine_cpus)
     elif args.what == "once":
         once(args.seconds or 5.0, args.rows, args.frontends, args.connections, args.workers,
              args.tag, args.clients, args.processes, args.hold_us, args.switch_us,

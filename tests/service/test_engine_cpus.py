@@ -5,12 +5,14 @@ from /proc."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
+from tests.integration.test_frontends import _frontend_pids
 from tests.integration.test_start_errors import refusal, serve
 from trtserve.client import Client
 from trtserve.service import cpus
@@ -77,8 +79,15 @@ def test_the_engine_and_the_frontends_run_on_their_own_cores(example_onnx: Path)
             # gRPC's and the loop's threads included: pinned before any started.
             assert len(os.listdir(f"/proc/{pid}/task")) > 1
             assert _affinities(pid) == {rest}
-        children = psutil.Process(server.proc.pid).children()
-        assert {c.pid for c in children} >= set(frontends)
+        assert sorted(_frontend_pids(server)) == sorted(frontends)
+        # A frontend restarted after a crash goes to the same cores.
+        os.kill(frontends[0], signal.SIGKILL)
+        end = time.monotonic() + 60
+        while (new := [p for p in _frontend_pids(server) if p not in frontends]) == [] or \
+                f"(pid {new[0]}) serving" not in server.output():
+            assert time.monotonic() < end, f"frontend not restarted:\n{server.output()}"
+            time.sleep(0.1)
+        assert _affinities(new[0]) == {rest}
     assert f"engine on CPUs {engine_core}, frontends on {cpus.format_list(rest)}" \
         in server.output()
 
