@@ -311,10 +311,10 @@ class ServerConfig:
     # rows than 1 ms on the GPU host and cost the engine's loop less on the CPU doubles:
     # "Session 17"). 0: off.
     frontend_hold_us: int = 2000
-    # The CPUs the engine's threads run on (its event loop, workers and gRPC's), as a
-    # Linux CPU list ("15", "14-15"); the frontends then run on the other cores this
-    # process may use. With one process, the whole server runs on them. "": wherever
-    # the kernel puts them (service/cpus.py; docs/processes.md, "Session 18").
+    # The CPUs the engine's threads run on (its event loop, workers, ONNX Runtime's and
+    # gRPC's threads), as a Linux CPU list ("15", "14-15"); the frontends then run on the
+    # other cores this process may use. With one process, the whole server runs on them.
+    # "": wherever the kernel puts them (service/cpus.py; docs/processes.md, "Session 18").
     engine_cpus: str = ""
     models: tuple[ModelConfig, ...] = ()
 
@@ -381,11 +381,8 @@ class ServerConfig:
                  self.frontend_spin_us, "0..100000")
         _require(0 <= self.frontend_hold_us <= 100_000, "server.frontend_hold_us",
                  self.frontend_hold_us, "0..100000")
-        try:
-            cpus.parse(self.engine_cpus) if self.engine_cpus else None
-        except ValueError:
-            _require(False, "server.engine_cpus", self.engine_cpus,
-                     f"{cpus.EXAMPLES}, or '' (the kernel places it)")
+        _require(not self.engine_cpus or cpus.is_list(self.engine_cpus), "server.engine_cpus",
+                 self.engine_cpus, f"{cpus.EXAMPLES}, or '' (the kernel places it)")
         names = [m.name for m in self.models]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "models.name", dupes, "unique model names")

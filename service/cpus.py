@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from trtserve.service.errors import ConfigError
 
 EXAMPLES = "a CPU list such as '15', '14-15' or '0,8-9'"
+# Past any kernel's CPU count (Linux's NR_CPUS is at most 8192): a typo such as
+# "0-4000000000" is refused rather than spelled out.
+MAX_CPU = 65535
 
 
 def parse(text: str) -> frozenset[int]:
@@ -32,8 +35,19 @@ def parse(text: str) -> frozenset[int]:
         first, last = int(low), int(high) if dash else int(low)
         if last < first:
             raise ValueError(f"not a CPU list: {text!r} ({part.strip()} runs backwards)")
+        if last > MAX_CPU:
+            raise ValueError(f"not a CPU list: {text!r} (CPU {last} is past {MAX_CPU})")
         cpus.update(range(first, last + 1))
     return frozenset(cpus)
+
+
+def is_list(text: str) -> bool:
+    """Whether `text` is a CPU list `parse` takes."""
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_list(cpus: frozenset[int] | set[int]) -> str:

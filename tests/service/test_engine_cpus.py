@@ -37,7 +37,7 @@ def test_the_shortest_list_is_written() -> None:
     assert cpus.format_list(frozenset({0, 1, 2, 5, 7, 8})) == "0-2,5,7-8"
 
 
-@pytest.mark.parametrize("text", ["x", "1-", "-1", "3-1", "1,,2", "1.5", "0x1"])
+@pytest.mark.parametrize("text", ["x", "1-", "-1", "3-1", "1,,2", "1.5", "0x1", "0-4000000000"])
 def test_a_bad_list_is_refused_naming_the_key(text: str) -> None:
     with pytest.raises(ConfigError, match=r"server\.engine_cpus: got .*a CPU list such as"):
         ServerConfig(engine_cpus=text)
