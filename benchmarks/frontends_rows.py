@@ -2,6 +2,7 @@
 
     python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8] [--engine-cpus 1]
     python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
+                                            [--engine-cpus N]
     python -m benchmarks.frontends_rows once [--rows 8] [--frontends 8] [--connections 4]
                                              [--workers 4] [--clients 256] [--processes 8]
                                              [--hold-us US] [--switch-us US]
@@ -24,6 +25,8 @@ for the given counts only: requests/s at concurrency 512 and p50 at concurrency 
 `--rounds R` the counts alternate R times (1, 8, 1, 8, ...), and the c=1 cost of each count
 is given per round against the baseline of the same round, then as the median and range
 of those R differences: on a shared host one round's difference is within its noise.
+`--engine-cpus N` gives the engine of the N > 1 counts the host's last N cores (ONNX
+Runtime's threads run there too).
 `once`: one served run of the `gpu` kind, printed as one line of JSON with the path of the
 `trtserve.service` package it ran: to compare two trees in one sitting, alternate runs with
 each tree's checkout first on PYTHONPATH (docs/processes.md, "Session 14").
@@ -165,7 +168,7 @@ def _loop_name(event_loop: str | None) -> str:
     return "asyncio" if loop_factory(event_loop or "auto") is None else "uvloop"
 
 
-def cpu(counts: list[int], seconds: float, rounds: int = 1) -> None:
+def cpu(counts: list[int], seconds: float, rounds: int = 1, engine_cpus: int = 0) -> None:
     from benchmarks.cpu import cli, experiments
     from benchmarks.cpu.config import ROOT, Options
 
@@ -175,7 +178,8 @@ def cpu(counts: list[int], seconds: float, rounds: int = 1) -> None:
     opts = Options(duration_s=seconds, warmup_s=1.0, rounds=rounds, pytriton=False,
                    pytriton_python="", install_pytriton=False, out=Path("/dev/null"),
                    json_out=None, only={"frontends"})
-    rows = experiments.frontends(opts, models, logs, counts)["rounds"]
+    pinned = Placement(engine_cpus=engine_cpus).server_options().get("engine_cpus", "")
+    rows = experiments.frontends(opts, models, logs, counts, pinned)["rounds"]
     for i, row in enumerate(rows):
         base = row[str(counts[0])]
         for n in counts:
@@ -224,9 +228,9 @@ def main() -> None:
     parser.add_argument("--frontend-nice", type=int, help="once: run every frontend "
                         "thread at this nice value (an experiment: the engine first when "
                         "the cores are contended)")
-    parser.add_argument("--engine-cpus", type=int, default=0, help="gpu, once: the engine "
-                        "on the host's last N cores (server.engine_cpus), the frontends and "
-                        "the client processes on the rest; gpu: the frontends' runs only "
+    parser.add_argument("--engine-cpus", type=int, default=0, help="the engine on the "
+                        "host's last N cores (server.engine_cpus) in the frontends' runs, "
+                        "the frontends on the rest; gpu, once: the client processes too "
                         "(default: no pinning)")
     parser.add_argument("--inline-below-us", type=int, help="once: the model's "
                         "inline_below_us (a batch that ran faster is quick: run on the "
@@ -244,7 +248,8 @@ def main() -> None:
              args.direct_min_bytes, args.event_loop, args.inline_below_us,
              Placement(args.frontend_nice, args.engine_cpus))
     else:
-        cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds)
+        cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds,
+            args.engine_cpus)
 
 
 if __name__ == "__main__":

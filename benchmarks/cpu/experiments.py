@@ -122,10 +122,11 @@ def frontend_counts(cores: int) -> list[int]:
 
 
 def frontends(opts: Options, models: dict[str, Path], log_dir: Path,
-              counts: list[int] | None = None) -> dict[str, Any]:
+              counts: list[int] | None = None, engine_cpus: str = "") -> dict[str, Any]:
     """`light` with `frontends = N`: requests/s at concurrency 512 (client processes
     enough to keep up) and p50 at concurrency 1, each N against N = 1 in the same round;
-    `counts`: these N only (default 1, 2, 4 and 8, up to the usable cores)."""
+    `counts`: these N only (default 1, 2, 4 and 8, up to the usable cores);
+    `engine_cpus`: `server.engine_cpus` for N > 1 (one process keeps every core)."""
     counts = counts or frontend_counts(usable_cores())
     clients = max(2, usable_cores() // 2)
     out: dict[str, Any] = {"counts": counts, "client_processes": clients,
@@ -134,8 +135,9 @@ def frontends(opts: Options, models: dict[str, Path], log_dir: Path,
         row: dict[str, Any] = {}
         for n in counts:
             say(f"frontends: {n}, round {i + 1}")
+            pinned = ["--engine-cpus", engine_cpus] if engine_cpus and n > 1 else []
             with trtserve("light", models["light"], log_dir,
-                          extra=["--frontends", str(n)]) as served:
+                          extra=["--frontends", str(n), *pinned]) as served:
                 c1 = bench(served, opts, Level("closed", 1), tree=True)
                 # Several connections per client process: the kernel spreads connections,
                 # not requests, over the frontends.
