@@ -435,10 +435,12 @@ def served_throughput(engine: Any, workers: int, clients: int, processes: int,
     try:
         return _served_run(engine, workers, clients, processes, seconds, warmup_s,
                            max_queue_delay_us, request, rows_per_request, context,
-                           inline_below_us, frontends, connections, server_options,
+                           inline_below_us, frontends, connections,
+                           {**(server_options or {}), **placement.server_options()},
                            placement)
     finally:
         sys.setswitchinterval(default_switch)
+        placement.restore()  # the server pinned this process's threads to the engine's
 
 
 def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds: float,
@@ -447,22 +449,6 @@ def _served_run(engine: Any, workers: int, clients: int, processes: int, seconds
                 inline_below_us: int | None = None, frontends: int = 1,
                 connections: int = 1, server_options: Mapping[str, Any] | None = None,
                 placement: Placement = ANYWHERE) -> dict[str, float]:
-    try:
-        return _served_placed(engine, workers, clients, processes, seconds, warmup_s,
-                              max_queue_delay_us, request, rows_per_request, context,
-                              inline_below_us, frontends, connections,
-                              {**(server_options or {}), **placement.server_options()},
-                              placement)
-    finally:
-        placement.restore()
-
-
-def _served_placed(engine: Any, workers: int, clients: int, processes: int, seconds: float,
-                   warmup_s: float, max_queue_delay_us: int, request: bytes,
-                   rows_per_request: int, context: Any, inline_below_us: int | None,
-                   frontends: int, connections: int,
-                   server_options: Mapping[str, Any] | None, placement: Placement
-                   ) -> dict[str, float]:
     with _served(engine, workers, max_queue_delay_us, inline_below_us, frontends,
                  server_options) as server:
         loop_thread = server.call(_thread_ident())
