@@ -4,6 +4,7 @@ from /proc."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import time
@@ -16,7 +17,8 @@ from tests.integration.test_frontends import _frontend_pids
 from tests.integration.test_start_errors import refusal, serve
 from trtserve.client import Client
 from trtserve.service import cpus
-from trtserve.service.config import ServerConfig
+from trtserve.service.cli import add_serve, build_config
+from trtserve.service.config import ServerConfig, load_toml
 from trtserve.service.errors import ConfigError
 from trtserve.service.testing.servers import ServerProcess
 
@@ -107,3 +109,16 @@ def test_a_core_beyond_the_host_stops_the_start_with_exit_2(example_onnx: Path) 
                          "--engine-cpus", str(max(USABLE) + 1)))
     assert line.startswith("trtserve: configuration error: server.engine_cpus: got ")
     assert f"may only use CPUs {cpus.format_list(USABLE)}" in line
+
+
+def test_the_key_comes_from_the_config_file_and_the_flag(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nengine_cpus = "14-15"\n')
+    assert load_toml(path).engine_cpus == "14-15"
+    path.write_text('[server]\nengine_cpus = "15-14"\n')
+    with pytest.raises(ConfigError, match=r"server\.engine_cpus: got '15-14'"):
+        load_toml(path)
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", "m=x.onnx", "--engine-cpus", "0,2"])
+    assert build_config(args).engine_cpus == "0,2"
