@@ -16,11 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trtserve.service import cpus as server_cpus
-
-
-def threads(pid: int) -> list[int]:
-    """The thread ids of process `pid` now."""
-    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+from trtserve.service.cpus import threads
 
 
 @dataclass(frozen=True)
@@ -50,8 +46,7 @@ class Placement:
 
     def client(self, pid: int) -> None:
         if self.engine_cpus:
-            for tid in threads(pid):
-                os.sched_setaffinity(tid, self._split()[1])
+            server_cpus.pin_process(self._split()[1], pid)
 
     def restore(self) -> None:
         """This process's threads back on every core (the server pinned them)."""

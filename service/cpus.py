@@ -13,6 +13,7 @@ thing (`--cpus`).
 from __future__ import annotations
 
 import os
+from collections.abc import Set as AbstractSet
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ def is_list(text: str) -> bool:
     return True
 
 
-def format_list(cpus: frozenset[int] | set[int]) -> str:
+def format_list(cpus: AbstractSet[int]) -> str:
     """The shortest CPU list for `cpus` ({0, 1, 2, 5} -> "0-2,5")."""
     runs: list[list[int]] = []
     for cpu in sorted(cpus):
@@ -87,8 +88,14 @@ def plan(engine_cpus: str, frontends: int) -> CpuPlan | None:
     return CpuPlan(engine, rest)
 
 
-def pin_process(cpus: frozenset[int]) -> None:
-    """Every thread of this process, and those they start from now on, on `cpus`."""
-    for tid in os.listdir("/proc/self/task"):
+def threads(pid: int | str = "self") -> list[int]:
+    """The thread ids of process `pid` (default: this one) now."""
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def pin_process(cpus: AbstractSet[int], pid: int | str = "self") -> None:
+    """Every thread of process `pid` (default: this one), and those they start from
+    now on, on `cpus`."""
+    for tid in threads(pid):
         with suppress(ProcessLookupError):  # the thread ended meanwhile
-            os.sched_setaffinity(int(tid), cpus)
+            os.sched_setaffinity(tid, cpus)
