@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from trtserve.service import cpus
 from trtserve.service.backends.tensorrt.api import gpu_present
 from trtserve.service.backends.tensorrt.cuda import CudaRuntime, runtime_module
 from trtserve.service.backends.tensorrt.executor import TrtExecutor
@@ -295,6 +296,36 @@ def test_served_results_equal_numpy_with_several_workers(engine: StandinEngine,
             assert w.stream_non_blocking
             assert cuda.stream_non_blocking(int(w.stream, 16))  # asked of CUDA itself
         assert len({w.stream for w in stats.workers}) == 4
+
+
+def test_the_engine_on_a_core_of_its_own_serves_with_every_thread_there(
+        engine: StandinEngine) -> None:
+    """`server.engine_cpus` with the GPU path: this process is the engine's, so CUDA's
+    own threads (started when the fixtures made their context) are pinned with the
+    workers; every frontend's threads keep off that core, and answers stay exact."""
+    usable = frozenset(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.skip("needs two usable cores")
+    core = max(usable)
+    config = standin_config(workers=2, max_queue_delay_us=2000)
+    try:
+        with serving_standin(engine, config, frontends=2,
+                             server_options={"engine_cpus": str(core)}) as server:
+            rng = np.random.default_rng(7)
+            with Client(server.url) as c:
+                for rows in (1, 3, 8, 1):
+                    x = random_rows(rng, rows)
+                    out = c.infer("standin", {INPUT: x}, timeout=30)[OUTPUT]
+                    assert relative_error(out, engine.reference(x)) < TOLERANCE
+                response = c.stats("standin")
+            assert response.models[0].requests == 4
+            ours = {tid: os.sched_getaffinity(tid) for tid in cpus.threads()}
+            assert all(a == {core} for a in ours.values()), ours
+            for f in response.frontends:
+                theirs = [os.sched_getaffinity(tid) for tid in cpus.threads(f.pid)]
+                assert theirs and all(a == usable - {core} for a in theirs), theirs
+    finally:
+        cpus.pin_process(usable)  # the test runner's threads back on every core
 
 
 def test_served_without_batching_each_request_runs_alone_with_its_shape(
