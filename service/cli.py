@@ -12,6 +12,7 @@ import logging
 import sys
 
 from trtserve.client.arg_types import batching_mode, frontends_count, int_list, name_path
+from trtserve.service import cpus
 from trtserve.service.build.settings import FLAGS as BUILD_FLAGS
 from trtserve.service.build.settings import add_build_flags, build_overrides
 from trtserve.service.config import (
@@ -255,11 +256,26 @@ def run_serve(args: argparse.Namespace) -> int:
     # The process's allocator, before the server allocates anything large.
     tune_malloc(config.malloc_mmap_threshold_bytes)
     tune_collector(config.gc_gen0_threshold)
+    _say_cpu_quota(config)
     if config.resolved_frontends > 1:
         return processes.serve(config, args.log_level)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         runner.run(Server(config).serve_until_signal())
     return 0
+
+
+def _say_cpu_quota(config: ServerConfig) -> None:
+    """Say what a CPU quota (a container's limit) makes of the cores counted: the quota
+    throttles the whole server, however many cores its affinity lists."""
+    limit = cpus.cpu_quota()
+    if limit is None:
+        return
+    usable = cpus.usable()
+    log.info("a CPU quota of %.2g cores: counting %d usable core%s (frontends = auto, "
+             "ONNX Runtime's threads)", limit, usable, "s" if usable > 1 else "")
+    if config.resolved_frontends > usable:
+        log.warning("%d frontends on a CPU quota of %.2g cores: they will be throttled; "
+                    "fewer frontends (or 'auto') serve more", config.resolved_frontends, limit)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ the key and the value received. Every key is documented in docs/configuration.md
 from __future__ import annotations
 
 import dataclasses
-import os
 import tomllib
 import types
 import typing
@@ -393,8 +392,7 @@ class ServerConfig:
         """The number of frontend processes `frontends` means on this host."""
         if isinstance(self.frontends, int):
             return self.frontends
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
+        cores = cpus.usable()
         return 1 if cores <= 2 else min(MAX_AUTO_FRONTENDS, cores // 2)
 
 

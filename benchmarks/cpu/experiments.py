@@ -34,8 +34,9 @@ from benchmarks.cpu.harness import (
 )
 from trtserve.client.bench import BenchConfig, Level
 from trtserve.client.bench import run as run_bench
-from trtserve.service.backends.onnxruntime import default_threads, usable_cores
+from trtserve.service.backends.onnxruntime import default_threads
 from trtserve.service.config import ModelConfig
+from trtserve.service.cpus import usable as usable_cores
 from trtserve.service.sweep.runner import sweep as profile
 
 

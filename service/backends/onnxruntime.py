@@ -25,7 +25,6 @@ copied into its target once.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -33,6 +32,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from trtserve.service import cpus
 from trtserve.service.backends.base import (
     BatchResult,
     HostTarget,
@@ -93,16 +93,10 @@ def _ort_reason(error: Exception) -> str:
     return reason
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, as a container or taskset sets it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def default_threads(workers: int) -> int:
-    """Intra-op threads per session: the usable cores less one, split between the workers."""
-    return max(1, (usable_cores() - 1) // workers)
+    """Intra-op threads per session: the usable cores (the affinity, capped by a CPU
+    quota) less one, split between the workers."""
+    return max(1, (cpus.usable() - 1) // workers)
 
 
 class OrtExecutor:

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -83,13 +83,16 @@ def running_server(config: ServerConfig) -> Iterator[ServerThread]:
 class ServerProcess:
     """`trtserve serve ...` as a child process, for signal and CLI tests."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.port = free_port()
         self._start(["trtserve.service.cli", "serve", "--port", str(self.port),
-                     "--metrics-port", "0", "--http-port", "0", *args], env)
+                     "--metrics-port", "0", "--http-port", "0", *args], env, preexec)
 
-    def _start(self, module_args: list[str], env: dict[str, str] | None = None) -> None:
-        """Run `python -m MODULE ARGS...`, printing into a file.
+    def _start(self, module_args: list[str], env: dict[str, str] | None = None,
+               preexec: Callable[[], None] | None = None) -> None:
+        """Run `python -m MODULE ARGS...`, printing into a file; `preexec` runs in the
+        child before Python starts (say, to enter a cgroup).
 
         A file, not a pipe: nobody reads a pipe while the server runs, and a
         chatty server would block once the pipe's buffer filled.
@@ -97,7 +100,7 @@ class ServerProcess:
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen([sys.executable, "-m", *module_args], cwd=ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec)
         self.url = f"127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 60, service: str = "") -> None:

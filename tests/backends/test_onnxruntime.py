@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from trtserve.service import cpus
 from trtserve.service.backends import onnxruntime as ort_backend
 from trtserve.service.config import ModelConfig
 
@@ -36,15 +37,16 @@ def test_default_threads_count_the_cores_this_process_may_use():
     if not hasattr(os, "sched_setaffinity"):
         pytest.skip("no CPU affinity on this platform")
     code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
-            "from trtserve.service.backends.onnxruntime import default_threads, usable_cores; "
-            "print(usable_cores(), default_threads(1), default_threads(4))")
+            "from trtserve.service.backends.onnxruntime import default_threads; "
+            "from trtserve.service.cpus import usable; "
+            "print(usable(), default_threads(1), default_threads(4))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["1", "1", "1"]
 
 
 def test_one_core_is_left_for_the_event_loop_and_grpc():
-    cores = ort_backend.usable_cores()
+    cores = cpus.usable()
     assert ort_backend.default_threads(1) == max(1, cores - 1)
     assert ort_backend.default_threads(cores) == 1
 
