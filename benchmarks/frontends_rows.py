@@ -1,6 +1,7 @@
 """Issue 18's frontends rows alone, short: one process against N frontend processes.
 
     python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8] [--engine-cpus 1]
+    python -m benchmarks.frontends_rows bound [--seconds 5] [--frontends 8]
     python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
                                             [--engine-cpus N]
     python -m benchmarks.frontends_rows once [--rows 8] [--frontends 8] [--connections 4]
@@ -20,6 +21,9 @@ the most (raw: 4 executors driven directly at that run's mean batch). With
 (`server.engine_cpus`) and keep the frontends and the client processes on the rest.
 The same functions as `benchmarks.gpu_standin`, without its other sections, for a machine
 lent for minutes.
+`bound`: the GPU-bound stand-in (4096->524288->4096, NOT TensorRT) at 1 row per request,
+256 clients, by one process and by N frontends: served/raw for each (target >= 0.9; raw:
+4 executors driven directly at that run's mean batch).
 `cpu`: `benchmarks.cpu`'s frontends step (model `light`, the bundled example's shape)
 for the given counts only: requests/s at concurrency 512 and p50 at concurrency 1. With
 `--rounds R` the counts alternate R times (1, 8, 1, 8, ...), and the c=1 cost of each count
@@ -93,6 +97,28 @@ def gpu(seconds: float, frontends: int, engine_cpus: int = 0) -> None:
     print(summary(frontends, {c: got[1, 1, c] for c in CLIENTS},
                   {c: got[frontends, 1, c] for c in CLIENTS}, got[1, 8, 256],
                   got[frontends, 8, 256]))
+
+
+def bound(seconds: float, frontends: int) -> None:
+    from benchmarks import gpu_standin as g
+    from trtserve.service.backends.tensorrt.cuda import CudaRuntime
+
+    cuda = CudaRuntime(0)
+    cuda.set_device()
+    heavy = g.heavy_engine()
+    try:
+        for count in (1, frontends):
+            r = g.served_throughput(heavy, 4, 256, 8, seconds, rows_per_request=1,
+                                    frontends=count, connections=4)
+            raw = g.raw_throughput(heavy, cuda, 4, max(1, round(r["mean_batch"])))
+            side = "1 process" if count == 1 else f"{count} frontends"
+            print(f"GPU-bound, {side}, 1 row, 256 clients: {r['rows_per_s']:,.0f} rows/s, "
+                  f"mean batch {r['mean_batch']:.1f}, raw {raw['rows_per_s']:,.0f} rows/s, "
+                  f"served/raw {r['rows_per_s'] / raw['rows_per_s']:.2f} (target 0.9)  "
+                  "[stand-in, not TensorRT]", json.dumps({k: round(v, 3) for k, v in r.items()}),
+                  flush=True)
+    finally:
+        heavy.close()
 
 
 def best_load(results: Mapping[int, Mapping[str, float]]) -> int:
@@ -201,10 +227,10 @@ def cpu(counts: list[int], seconds: float, rounds: int = 1, engine_cpus: int = 0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("gpu", "cpu", "once"))
+    parser.add_argument("what", choices=("gpu", "bound", "cpu", "once"))
     parser.add_argument("--seconds", type=float, help="measured seconds per run "
                         "(default: 5 for gpu, 3 for cpu)")
-    parser.add_argument("--frontends", type=int, default=8, help="gpu, once: frontend "
+    parser.add_argument("--frontends", type=int, default=8, help="gpu, bound, once: frontend "
                         "processes (1: one process)")
     parser.add_argument("--rows", type=int, default=8, help="once: rows per request")
     parser.add_argument("--connections", type=int, default=4, help="once: gRPC connections "
@@ -242,6 +268,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "gpu":
         gpu(args.seconds or 5.0, args.frontends, args.engine_cpus)
+    elif args.what == "bound":
+        bound(args.seconds or 5.0, args.frontends)
     elif args.what == "once":
         once(args.seconds or 5.0, args.rows, args.frontends, args.connections, args.workers,
              args.tag, args.clients, args.processes, args.hold_us, args.switch_us,
