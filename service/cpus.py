@@ -1,15 +1,19 @@
-"""The cores the engine runs on (`server.engine_cpus`), and the frontends on the rest.
+"""The host's cores as the server sees them: how many it may use, and which ones the
+engine and the frontends run on.
 
-The engine's event loop paces every frontend, and its worker threads hand the GIL
-to it and back for every batch: on the GPU host, with the engine's threads on a
-core of their own, 8 frontends served 26-40% more 8-row requests than where the
-kernel put them (docs/processes.md, "Session 18"). Linux keeps affinity per
-thread and a new thread inherits its creator's, so `pin_process` sets it on
-every thread the process has; the engine pins itself before it starts its
-threads and the frontends, and each frontend pins itself to the rest first
+How many (`usable`): the CPU affinity, capped by the cgroup's CPU quota, since a
+container's CPU limit throttles the whole server however many cores it may run on;
+`frontends = auto` and ONNX Runtime's default threads follow it.
+
+Which (`server.engine_cpus`): the engine's event loop paces every frontend, and its
+worker threads hand the GIL to it and back for every batch: on the GPU host, with
+the engine's threads on a core of their own, 8 frontends served 23-67% more 8-row
+requests than where the kernel put them (docs/processes.md, "Session 19"). Linux
+keeps affinity per thread and a new thread inherits its creator's, so `pin_process`
+sets it on every thread the process has; the engine pins itself before it starts
+its threads and the frontends, and each frontend pins itself to the rest first
 thing (`--cpus`).
 """
-
 from __future__ import annotations
 
 import math
