@@ -253,6 +253,11 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format=processes.log_format(
         "engine" if frontends != 1 else ""))
     config = build_config(args)
+    if (frontends != 1) != (config.resolved_frontends > 1):
+        # "auto" came to one process on this host (or a config file asked for more):
+        # name this process's lines for what it is from here on.
+        logging.basicConfig(level=args.log_level, force=True, format=processes.log_format(
+            "engine" if config.resolved_frontends > 1 else ""))
     # The process's allocator, before the server allocates anything large.
     tune_malloc(config.malloc_mmap_threshold_bytes)
     tune_collector(config.gc_gen0_threshold)

@@ -42,3 +42,17 @@ def test_a_bad_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None
         main(["serve", "--model", "m=x.onnx", "--frontends", "lots"])
     assert e.value.code == 2
     assert "expected 'auto' or a number, got 'lots'" in capsys.readouterr().err
+
+
+def test_log_lines_name_the_engine_only_when_there_are_frontends(example_onnx) -> None:
+    """`auto` decides after the flags are read: one process on this host writes no
+    process name, the engine of N frontends writes `engine`."""
+    from trtserve.service.testing.servers import ServerProcess
+
+    label = "engine " if ServerConfig().resolved_frontends > 1 else ""
+    server = ServerProcess(["--model", f"example={example_onnx}", "--workers", "1"])
+    with server.serving():
+        pass
+    serving = [line for line in server.output().splitlines() if "serving 1 model" in line]
+    assert len(serving) == 1, server.output()
+    assert f" INFO {label}trtserve.service." in serving[0], serving[0]
