@@ -214,7 +214,9 @@ async def _clients(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         config = await remote.connect(ours)
         # As a frontend process sets it up (where the tree has it).
         if hasattr(remote, "spin_s"):
-            remote.spin_s = config.frontend_spin_us / 1e6
+            # A tree before "auto" has an int here and no resolved_ property.
+            remote.spin_s = getattr(config, "resolved_frontend_spin_us",
+                                    config.frontend_spin_us) / 1e6
             # getattr: a tree from before the hold is measured with this script too.
             remote.hold_s = getattr(config, "frontend_hold_us", 0) / 1e6
         remotes.append(remote)

@@ -68,8 +68,8 @@ def batching_mode(text: str) -> bool | str:
     return mode
 
 
-def frontends_count(text: str) -> int | str:
-    """`--frontends`: "auto" or a number of processes."""
+def auto_or_int(text: str) -> int | str:
+    """"auto" or a whole number (`--frontends`, `--frontend-spin-us`)."""
     if text == "auto":
         return text
     try:

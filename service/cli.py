@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import sys
 
-from trtserve.client.arg_types import batching_mode, frontends_count, int_list, name_path
+from trtserve.client.arg_types import auto_or_int, batching_mode, int_list, name_path
 from trtserve.service import cpus
 from trtserve.service.build.settings import FLAGS as BUILD_FLAGS
 from trtserve.service.build.settings import add_build_flags, build_overrides
@@ -132,7 +132,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shm-allow-remote-register", action="store_true", default=None,
                    help="take shared-memory register calls from any peer, not only loopback "
                         "and Unix sockets (e.g. behind a local proxy)")
-    p.add_argument("--frontends", type=frontends_count, metavar="{auto,N}",
+    p.add_argument("--frontends", type=auto_or_int, metavar="{auto,N}",
                    help="processes accepting gRPC on the port: 1 serves everything in one "
                         "process; N > 1 runs the engine in the main process and N frontend "
                         "processes (default auto: 1 on 2 cores or fewer, else half the cores, "
@@ -140,9 +140,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frontend-arena-mib", type=int,
                    help="shared memory for each frontend's large tensors, each way "
                         "(default 64; allocated as used)")
-    p.add_argument("--frontend-spin-us", type=int,
+    p.add_argument("--frontend-spin-us", type=auto_or_int, metavar="{auto,US}",
                    help="a frontend waiting on the engine for its only request polls for "
-                        "up to this long before sleeping (default 1000; 0: off)")
+                        "up to this long before sleeping (default auto: 1000, or 0 under a "
+                        "CPU quota; 0: off)")
     p.add_argument("--frontend-hold-us", type=int,
                    help="while a model has a backlog at the engine, a frontend holds the "
                         "frame of its requests up to this long to carry more (default 2000; "
@@ -277,7 +278,8 @@ def _say_cpu_quota(config: ServerConfig) -> None:
         return
     usable = cpus.usable()
     log.info("a CPU quota of %.2g cores: counting %d usable core%s (frontends = auto, "
-             "ONNX Runtime's threads)", limit, usable, "s" if usable > 1 else "")
+             "ONNX Runtime's threads); frontends poll for a lone reply for %d us",
+             limit, usable, "s" if usable > 1 else "", config.resolved_frontend_spin_us)
     if config.resolved_frontends > usable:
         log.warning("%d frontends on a CPU quota of %.2g cores: they will be throttled; "
                     "fewer frontends (or 'auto') serve more", config.resolved_frontends, limit)

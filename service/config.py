@@ -207,6 +207,8 @@ MODEL_LOAD_FAILURE = ("exit", "skip")
 MAX_FRONTENDS = 64
 # "auto" stops here: past it the engine's one event loop, not the frontends, is the limit.
 MAX_AUTO_FRONTENDS = 8
+# A frontend's poll for a lone request's reply, where no CPU quota applies.
+AUTO_SPIN_US = 1000
 
 
 @dataclass(frozen=True)
@@ -302,7 +304,9 @@ class ServerConfig:
     # A frontend with one request at the engine and nothing else to do keeps its
     # loop polling for up to this long rather than sleeping, so that the reply is
     # read at once, on a warm core (docs/processes.md, "Concurrency 1"). 0: off.
-    frontend_spin_us: int = 1000
+    # "auto": AUTO_SPIN_US, or off under a CPU quota, where a poll spends the share of
+    # CPU time every process of the server is throttled by.
+    frontend_spin_us: int | str = "auto"
     # While the engine reports a model's backlog (a batch waiting for a worker, requests
     # queued behind it), a frontend holds the frame of its requests up to this long so that
     # it carries more of them: the engine's loop pays per frame, and those requests
@@ -376,8 +380,10 @@ class ServerConfig:
             "server.frontends", self.frontends, f"'auto' or 1..{MAX_FRONTENDS}")
         _require(1 <= self.frontend_arena_mib <= 65536, "server.frontend_arena_mib",
                  self.frontend_arena_mib, "1..65536")
-        _require(0 <= self.frontend_spin_us <= 100_000, "server.frontend_spin_us",
-                 self.frontend_spin_us, "0..100000")
+        _require(self.frontend_spin_us == "auto" or (
+            isinstance(self.frontend_spin_us, int) and not isinstance(self.frontend_spin_us, bool)
+            and 0 <= self.frontend_spin_us <= 100_000),
+            "server.frontend_spin_us", self.frontend_spin_us, "'auto' or 0..100000")
         _require(0 <= self.frontend_hold_us <= 100_000, "server.frontend_hold_us",
                  self.frontend_hold_us, "0..100000")
         _require(not self.engine_cpus or cpus.is_list(self.engine_cpus), "server.engine_cpus",
@@ -394,6 +400,14 @@ class ServerConfig:
             return self.frontends
         cores = cpus.usable()
         return 1 if cores <= 2 else min(MAX_AUTO_FRONTENDS, cores // 2)
+
+
+    @property
+    def resolved_frontend_spin_us(self) -> int:
+        """How long a frontend polls for a lone request's reply on this host."""
+        if isinstance(self.frontend_spin_us, int):
+            return self.frontend_spin_us
+        return 0 if cpus.cpu_quota() is not None else AUTO_SPIN_US
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:

@@ -114,7 +114,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     tune_malloc(config.malloc_mmap_threshold_bytes)
     tune_collector(config.gc_gen0_threshold)
-    engine.spin_s = config.frontend_spin_us / 1e6
+    engine.spin_s = config.resolved_frontend_spin_us / 1e6
     engine.hold_s = config.frontend_hold_us / 1e6
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

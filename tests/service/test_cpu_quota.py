@@ -19,6 +19,7 @@ import pytest
 
 from trtserve.client import Client
 from trtserve.service import cpus
+from trtserve.service.config import ServerConfig
 from trtserve.service.testing.servers import ROOT, ServerProcess
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -126,6 +127,15 @@ def test_usable_rounds_a_quota_up_and_never_past_the_affinity(
     assert cpus.usable() == want
 
 
+@pytest.mark.parametrize(("setting", "quota", "want"), [
+    ("auto", None, 1000), ("auto", 2.0, 0), (250, 2.0, 250), (0, None, 0)])
+def test_frontends_poll_for_replies_unless_a_quota_would_pay_for_it(
+        monkeypatch: pytest.MonkeyPatch, setting: int | str, quota: float | None,
+        want: int) -> None:
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: quota)
+    assert ServerConfig(frontend_spin_us=setting).resolved_frontend_spin_us == want
+
+
 # --- real cgroups ------------------------------------------------------------------------
 
 
@@ -188,8 +198,9 @@ def entering(cgroup: Path) -> Callable[[], None]:
     return enter
 
 
-PROBE = ("from trtserve.service import cpus, config; "
-         "print(cpus.cpu_quota(), cpus.usable(), config.ServerConfig().resolved_frontends)")
+PROBE = ("from trtserve.service import cpus, config; c = config.ServerConfig(); "
+         "print(cpus.cpu_quota(), cpus.usable(), c.resolved_frontends, "
+         "c.resolved_frontend_spin_us)")
 
 
 @needs_cgroup
@@ -199,7 +210,8 @@ def test_a_process_in_a_cgroup_with_a_quota_counts_it(quota_cgroup) -> None:
     for where in (limited, inner):
         out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True,
                              text=True, check=True, preexec_fn=entering(where)).stdout.split()
-        assert out == ["0.5", "1", "1"]  # rounded up, at least one core
+        # Rounded up, at least one core; no polling that would spend the quota.
+        assert out == ["0.5", "1", "1", "0"]
     # And outside it, this test's own process: no quota on its cgroup.
     assert cpus.cpu_quota() is None and cpus.usable() == AFFINITY
 
@@ -219,4 +231,5 @@ def test_serve_under_a_quota_says_so_warns_of_too_many_frontends_and_serves(
     np.testing.assert_array_equal(got, want)
     output = server.output()
     assert "a CPU quota of 0.5 cores: counting 1 usable core (" in output, output
+    assert "frontends poll for a lone reply for 0 us" in output, output
     assert "2 frontends on a CPU quota of 0.5 cores: they will be throttled" in output, output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
@@ -56,3 +57,27 @@ def test_log_lines_name_the_engine_only_when_there_are_frontends(example_onnx) -
     serving = [line for line in server.output().splitlines() if "serving 1 model" in line]
     assert len(serving) == 1, server.output()
     assert f" INFO {label}trtserve.service." in serving[0], serving[0]
+
+
+@pytest.mark.parametrize(("flag", "want"), [("auto", "auto"), ("250", 250), ("0", 0)])
+def test_frontend_spin_us_takes_auto_or_microseconds(flag: str, want: int | str) -> None:
+    from trtserve.service.cli import add_serve
+
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--model", "m=x.onnx", "--frontend-spin-us", flag])
+    assert build_config(args).frontend_spin_us == want
+
+
+def test_frontend_spin_us_from_the_config_file(tmp_path) -> None:
+    from trtserve.service.config import load_toml
+
+    path = tmp_path / "server.toml"
+    path.write_text('[server]\nfrontend_spin_us = "auto"\n')
+    assert load_toml(path).frontend_spin_us == "auto"
+    path.write_text("[server]\nfrontend_spin_us = 300\n")
+    assert load_toml(path).resolved_frontend_spin_us == 300
+    path.write_text('[server]\nfrontend_spin_us = "often"\n')
+    with pytest.raises(ConfigError, match=r"server\.frontend_spin_us: got 'often', "
+                                          r"expected 'auto' or 0\.\.100000"):
+        load_toml(path)
