@@ -149,6 +149,8 @@ def _cpu_cgroups(memberships: list[str], mounts: list[str]
         if len(parts) != 3:
             continue
         _, controllers, path = parts
+        if "/.." in path:  # above this cgroup namespace's root: not in our mounts
+            continue
         version = 2 if controllers == "" else 1
         if version == 1 and "cpu" not in controllers.split(","):
             continue

@@ -104,6 +104,9 @@ def test_a_cgroup_outside_the_mounts_root_is_not_read(tmp_path: Path) -> None:
     files = hierarchy(tmp_path, "40 31 0:35 /docker/abc {point} rw - cgroup2 cgroup2 rw",
                       "0::/docker/other", {"cpu.max": "100000 100000"})
     assert cpus.cpu_quota(*files) is None
+    (tmp_path / "cpu.max").write_text("100000 100000\n")  # what "/.." would reach
+    files = hierarchy(tmp_path, V2, "0::/../sibling", {"cpu.max": "max 100000"})
+    assert cpus.cpu_quota(*files) is None
 
 
 def test_a_mount_point_with_a_space(tmp_path: Path) -> None:
