@@ -3,13 +3,14 @@
     python -m benchmarks.frontends_rows gpu [--seconds 5] [--frontends 8] [--engine-cpus 1]
     python -m benchmarks.frontends_rows bound [--seconds 5] [--frontends 8]
     python -m benchmarks.frontends_rows cpu [--counts 1,8] [--seconds 3] [--rounds 3]
-                                            [--engine-cpus N]
+                                            [--engine-cpus N] [--engine-spin-us US]
     python -m benchmarks.frontends_rows once [--rows 8] [--frontends 8] [--connections 4]
                                              [--workers 4] [--clients 256] [--processes 8]
                                              [--hold-us US] [--switch-us US]
                                              [--direct-min-bytes N] [--tag NAME]
                                              [--event-loop L] [--inline-below-us US]
                                              [--frontend-nice N] [--engine-cpus N]
+                                             [--engine-spin-us US]
 
 `gpu`: the GPU stand-in's light model (512->2048->512; NOT TensorRT), served as in
 `benchmarks.gpu_standin` section 3 (4 workers, 32 clients a client process, 4 gRPC
@@ -148,7 +149,7 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
          tag: str, clients: int = 256, processes: int = 8, hold_us: int | None = None,
          switch_us: int | None = None, direct_min_bytes: int | None = None,
          event_loop: str | None = None, inline_below_us: int | None = None,
-         placement: Placement = ANYWHERE) -> None:
+         placement: Placement = ANYWHERE, engine_spin_us: int | None = None) -> None:
     from benchmarks import gpu_standin as g
     from trtserve import service
     from trtserve.service.backends.tensorrt.cuda import CudaRuntime
@@ -162,6 +163,8 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
         options["frontend_hold_us"] = hold_us
     if event_loop is not None:
         options["event_loop"] = event_loop
+    if engine_spin_us is not None:
+        options["engine_spin_us"] = engine_spin_us
     CudaRuntime(0).set_device()
     light = g.light_engine()
     try:
@@ -182,6 +185,7 @@ def once(seconds: float, rows: int, frontends: int, connections: int, workers: i
                       "inline_below_us": inline_below_us,
                       "frontend_nice": placement.frontend_nice,
                       "engine_cpus": placement.engine_cpus,
+                      "engine_spin_us": engine_spin_us,
                       "direct_min_bytes": TrtExecutor.direct_min_bytes,
                       **{k: round(v, 3) for k, v in r.items()}}),
           flush=True)
@@ -194,7 +198,8 @@ def _loop_name(event_loop: str | None) -> str:
     return "asyncio" if loop_factory(event_loop or "auto") is None else "uvloop"
 
 
-def cpu(counts: list[int], seconds: float, rounds: int = 1, engine_cpus: int = 0) -> None:
+def cpu(counts: list[int], seconds: float, rounds: int = 1, engine_cpus: int = 0,
+        engine_spin_us: int | None = None) -> None:
     from benchmarks.cpu import cli, experiments
     from benchmarks.cpu.config import ROOT, Options
 
@@ -204,8 +209,11 @@ def cpu(counts: list[int], seconds: float, rounds: int = 1, engine_cpus: int = 0
     opts = Options(duration_s=seconds, warmup_s=1.0, rounds=rounds, pytriton=False,
                    pytriton_python="", install_pytriton=False, out=Path("/dev/null"),
                    json_out=None, only={"frontends"})
-    pinned = Placement(engine_cpus=engine_cpus).server_options().get("engine_cpus", "")
-    rows = experiments.frontends(opts, models, logs, counts, pinned)["rounds"]
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in
+             Placement(engine_cpus=engine_cpus).server_options().items()]
+    if engine_spin_us is not None:
+        flags.append(f"--engine-spin-us={engine_spin_us}")
+    rows = experiments.frontends(opts, models, logs, counts, flags)["rounds"]
     for i, row in enumerate(rows):
         base = row[str(counts[0])]
         for n in counts:
@@ -258,6 +266,9 @@ def main() -> None:
                         "host's last N cores (server.engine_cpus) in the frontends' runs, "
                         "the frontends on the rest; gpu, once: the client processes too "
                         "(default: no pinning)")
+    parser.add_argument("--engine-spin-us", type=int, help="once, cpu: server.engine_spin_us "
+                        "(the engine polls for the next request once a frontend is idle; "
+                        "cpu: the N > 1 counts; default: the server's, off)")
     parser.add_argument("--inline-below-us", type=int, help="once: the model's "
                         "inline_below_us (a batch that ran faster is quick: run on the "
                         "loop when alone, held behind quick batches in flight; default 100)")
@@ -274,10 +285,10 @@ def main() -> None:
         once(args.seconds or 5.0, args.rows, args.frontends, args.connections, args.workers,
              args.tag, args.clients, args.processes, args.hold_us, args.switch_us,
              args.direct_min_bytes, args.event_loop, args.inline_below_us,
-             Placement(args.frontend_nice, args.engine_cpus))
+             Placement(args.frontend_nice, args.engine_cpus), args.engine_spin_us)
     else:
         cpu([int(n) for n in args.counts.split(",")], args.seconds or 3.0, args.rounds,
-            args.engine_cpus)
+            args.engine_cpus, args.engine_spin_us)
 
 
 if __name__ == "__main__":

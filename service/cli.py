@@ -47,7 +47,7 @@ SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_heade
                 "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
                 "model_repository",
                 "frontends", "frontend_arena_mib", "frontend_spin_us", "frontend_hold_us",
-                "engine_cpus")
+                "engine_spin_us", "engine_cpus")
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -144,6 +144,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="a frontend waiting on the engine for its only request polls for "
                         "up to this long before sleeping (default auto: 1000, or 0 under a "
                         "CPU quota; 0: off)")
+    p.add_argument("--engine-spin-us", type=auto_or_int, metavar="{auto,US}",
+                   help="once a frontend has nothing in flight, the engine polls for the "
+                        "next request for up to this long before sleeping (default 0: off; "
+                        "auto: 1000, or 0 under a CPU quota)")
     p.add_argument("--frontend-hold-us", type=int,
                    help="while a model has a backlog at the engine, a frontend holds the "
                         "frame of its requests up to this long to carry more (default 2000; "
@@ -278,8 +282,9 @@ def _say_cpu_quota(config: ServerConfig) -> None:
         return
     usable = cpus.usable()
     log.info("a CPU quota of %.2g cores: counting %d usable core%s (frontends = auto, "
-             "ONNX Runtime's threads); frontends poll for a lone reply for %d us",
-             limit, usable, "s" if usable > 1 else "", config.resolved_frontend_spin_us)
+             "ONNX Runtime's threads); frontends poll for a lone reply for %d us, the "
+             "engine for the next request for %d us", limit, usable, "s" if usable > 1 else "",
+             config.resolved_frontend_spin_us, config.resolved_engine_spin_us)
     if config.resolved_frontends > usable:
         log.warning("%d frontends on a CPU quota of %.2g cores: they will be throttled; "
                     "fewer frontends (or 'auto') serve more", config.resolved_frontends, limit)

@@ -307,6 +307,13 @@ class ServerConfig:
     # "auto": AUTO_SPIN_US, or off under a CPU quota, where a poll spends the share of
     # CPU time every process of the server is throttled by.
     frontend_spin_us: int | str = "auto"
+    # The engine's side of the same: once a frontend has nothing in flight, the engine's
+    # loop polls for the next frame from any frontend for up to this long. "auto" as
+    # for frontend_spin_us. Off by default: on the 2-core machine it cut the p50 at
+    # concurrency 1 but, with the frontend's poll and the client on the same 2 cores,
+    # raised the p90 by 0.6 ms; it was not measured where cores are to spare
+    # (docs/processes.md, "Concurrency 1").
+    engine_spin_us: int | str = 0
     # While the engine reports a model's backlog (a batch waiting for a worker, requests
     # queued behind it), a frontend holds the frame of its requests up to this long so that
     # it carries more of them: the engine's loop pays per frame, and those requests
@@ -384,6 +391,10 @@ class ServerConfig:
             isinstance(self.frontend_spin_us, int) and not isinstance(self.frontend_spin_us, bool)
             and 0 <= self.frontend_spin_us <= 100_000),
             "server.frontend_spin_us", self.frontend_spin_us, "'auto' or 0..100000")
+        _require(self.engine_spin_us == "auto" or (
+            isinstance(self.engine_spin_us, int) and not isinstance(self.engine_spin_us, bool)
+            and 0 <= self.engine_spin_us <= 100_000),
+            "server.engine_spin_us", self.engine_spin_us, "'auto' or 0..100000")
         _require(0 <= self.frontend_hold_us <= 100_000, "server.frontend_hold_us",
                  self.frontend_hold_us, "0..100000")
         _require(not self.engine_cpus or cpus.is_list(self.engine_cpus), "server.engine_cpus",
@@ -405,9 +416,19 @@ class ServerConfig:
     @property
     def resolved_frontend_spin_us(self) -> int:
         """How long a frontend polls for a lone request's reply on this host."""
-        if isinstance(self.frontend_spin_us, int):
-            return self.frontend_spin_us
-        return 0 if cpus.cpu_quota() is not None else AUTO_SPIN_US
+        return _spin_us(self.frontend_spin_us)
+
+    @property
+    def resolved_engine_spin_us(self) -> int:
+        """How long the engine polls for the next frame once a frontend is idle."""
+        return _spin_us(self.engine_spin_us)
+
+
+def _spin_us(setting: int | str) -> int:
+    """A poll's budget: as set, or for "auto" AUTO_SPIN_US, 0 under a CPU quota."""
+    if isinstance(setting, int):
+        return setting
+    return 0 if cpus.cpu_quota() is not None else AUTO_SPIN_US
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:

@@ -11,7 +11,7 @@ import os
 import pstats
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +123,13 @@ def frontend_counts(cores: int) -> list[int]:
 
 
 def frontends(opts: Options, models: dict[str, Path], log_dir: Path,
-              counts: list[int] | None = None, engine_cpus: str = "") -> dict[str, Any]:
+              counts: list[int] | None = None,
+              many_flags: Sequence[str] = ()) -> dict[str, Any]:
     """`light` with `frontends = N`: requests/s at concurrency 512 (client processes
     enough to keep up) and p50 at concurrency 1, each N against N = 1 in the same round;
     `counts`: these N only (default 1, 2, 4 and 8, up to the usable cores);
-    `engine_cpus`: `server.engine_cpus` for N > 1 (one process keeps every core)."""
+    `many_flags`: `trtserve serve` flags for N > 1 only (say `--engine-cpus 15`: one
+    process keeps every core)."""
     counts = counts or frontend_counts(usable_cores())
     clients = max(2, usable_cores() // 2)
     out: dict[str, Any] = {"counts": counts, "client_processes": clients,
@@ -136,9 +138,9 @@ def frontends(opts: Options, models: dict[str, Path], log_dir: Path,
         row: dict[str, Any] = {}
         for n in counts:
             say(f"frontends: {n}, round {i + 1}")
-            pinned = ["--engine-cpus", engine_cpus] if engine_cpus and n > 1 else []
             with trtserve("light", models["light"], log_dir,
-                          extra=["--frontends", str(n), *pinned]) as served:
+                          extra=["--frontends", str(n), *(many_flags if n > 1 else ())]
+                          ) as served:
                 c1 = bench(served, opts, Level("closed", 1), tree=True)
                 # Several connections per client process: the kernel spreads connections,
                 # not requests, over the frontends.

@@ -99,6 +99,7 @@ class FrontendPort:
         if releases := frame.releases:
             for r in releases:
                 self.outputs.free(r.offset)
+        self.host.frames_in += 1
         if requests := frame.requests:
             self.request_frames += 1
             self._read.extend(requests)
@@ -131,6 +132,8 @@ class FrontendPort:
             self._reading = False
         for rid in cancels:
             self._cancel(rid)
+        if not self.in_flight:  # answered inline, in this read's write
+            self.host.poll_for_next()
 
     def _cancel(self, rid: int) -> None:
         # Out of the count at once; its reply (CANCELLED) may wait for a batch that
@@ -377,6 +380,7 @@ class FrontendPort:
             # concurrency 1, one loop pass sooner). With requests still in flight, the
             # replies of one iteration go together; inside a read, at the read's end.
             self.link.flush()
+            self.host.poll_for_next()
 
     def _reply_failure(self, rids: Sequence[int], error: BaseException, model: str) -> None:
         """Requests `rids` ended with `error`: CANCELLED, a refusal's own code and text, or
@@ -585,6 +589,13 @@ class EngineHost:
         self._background: set[asyncio.Task[None]] = set()
         self.on_health: Callable[[str, bool], None] | None = None
         engine.add_health_listener(self._on_health)
+        # Frames read from every frontend; how long the loop polls for the next one once
+        # a frontend has nothing in flight (server.engine_spin_us), and until when.
+        self.frames_in = 0
+        self.spin_s = config.resolved_engine_spin_us / 1e6
+        self._spin_frames = 0
+        self._spin_until = 0.0
+        self._spinning = False
 
     async def attach(self, index: int, pid: int, sock: socket.socket, inputs: Arena,
                      outputs: Arena) -> FrontendPort:
@@ -601,6 +612,30 @@ class EngineHost:
         for name, serving in self._health.items():
             port.send(K(kind=K.HEALTH, model=name, serving=serving))
         return port
+
+    def poll_for_next(self) -> None:
+        """A frontend's last request is answered: keep the loop polling (a callback
+        always ready, so its waits take no time) until any frontend's next frame or
+        `spin_s`.
+
+        At concurrency 1 the next request comes a client's round trip later; asleep,
+        the engine would wake for it on a cold core and run its Python cold (its
+        read, checks and queueing took several times their warm cost on the 2-core
+        machine: docs/processes.md, "Concurrency 1"). The frontend polls for the
+        reply the same way (`RemoteEngine._spin`). Under load frames come often and
+        a frontend is seldom idle, so the loop seldom polls."""
+        if self._spinning or not self.spin_s:
+            return
+        self._spinning = True
+        self._spin_frames = self.frames_in
+        self._spin_until = now() + self.spin_s
+        asyncio.get_running_loop().call_soon(self._spin)
+
+    def _spin(self) -> None:
+        if self.frames_in == self._spin_frames and now() < self._spin_until:
+            asyncio.get_running_loop().call_soon(self._spin)
+        else:
+            self._spinning = False
 
     def _stamp(self, frame: link_pb2.Frame) -> None:
         """Every frame tells the frontend which models have a backlog (its frame hold)."""

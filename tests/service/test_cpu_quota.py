@@ -132,11 +132,12 @@ def test_usable_rounds_a_quota_up_and_never_past_the_affinity(
 
 @pytest.mark.parametrize(("setting", "quota", "want"), [
     ("auto", None, 1000), ("auto", 2.0, 0), (250, 2.0, 250), (0, None, 0)])
-def test_frontends_poll_for_replies_unless_a_quota_would_pay_for_it(
+def test_both_ends_of_the_link_poll_unless_a_quota_would_pay_for_it(
         monkeypatch: pytest.MonkeyPatch, setting: int | str, quota: float | None,
         want: int) -> None:
     monkeypatch.setattr(cpus, "cpu_quota", lambda: quota)
     assert ServerConfig(frontend_spin_us=setting).resolved_frontend_spin_us == want
+    assert ServerConfig(engine_spin_us=setting).resolved_engine_spin_us == want
 
 
 # --- real cgroups ------------------------------------------------------------------------
@@ -201,9 +202,10 @@ def entering(cgroup: Path) -> Callable[[], None]:
     return enter
 
 
-PROBE = ("from trtserve.service import cpus, config; c = config.ServerConfig(); "
+PROBE = ("from trtserve.service import cpus, config; "
+         "c = config.ServerConfig(engine_spin_us='auto'); "
          "print(cpus.cpu_quota(), cpus.usable(), c.resolved_frontends, "
-         "c.resolved_frontend_spin_us)")
+         "c.resolved_frontend_spin_us, c.resolved_engine_spin_us)")
 
 
 @needs_cgroup
@@ -214,7 +216,7 @@ def test_a_process_in_a_cgroup_with_a_quota_counts_it(quota_cgroup) -> None:
         out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True,
                              text=True, check=True, preexec_fn=entering(where)).stdout.split()
         # Rounded up, at least one core; no polling that would spend the quota.
-        assert out == ["0.5", "1", "1", "0"]
+        assert out == ["0.5", "1", "1", "0", "0"]
     # And outside it, this test's own process: no quota on its cgroup.
     assert cpus.cpu_quota() is None and cpus.usable() == AFFINITY
 
@@ -234,5 +236,6 @@ def test_serve_under_a_quota_says_so_warns_of_too_many_frontends_and_serves(
     np.testing.assert_array_equal(got, want)
     output = server.output()
     assert "a CPU quota of 0.5 cores: counting 1 usable core (" in output, output
-    assert "frontends poll for a lone reply for 0 us" in output, output
+    assert "frontends poll for a lone reply for 0 us, the engine for the next request " \
+        "for 0 us" in output, output  # engine_spin_us is off by default anyway
     assert "2 frontends on a CPU quota of 0.5 cores: they will be throttled" in output, output

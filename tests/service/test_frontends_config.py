@@ -60,13 +60,15 @@ def test_log_lines_name_the_engine_only_when_there_are_frontends(example_onnx) -
 
 
 @pytest.mark.parametrize(("flag", "want"), [("auto", "auto"), ("250", 250), ("0", 0)])
-def test_frontend_spin_us_takes_auto_or_microseconds(flag: str, want: int | str) -> None:
+def test_the_spin_flags_take_auto_or_microseconds(flag: str, want: int | str) -> None:
     from trtserve.service.cli import add_serve
 
     parser = argparse.ArgumentParser()
     add_serve(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--model", "m=x.onnx", "--frontend-spin-us", flag])
-    assert build_config(args).frontend_spin_us == want
+    args = parser.parse_args(["serve", "--model", "m=x.onnx", "--frontend-spin-us", flag,
+                              "--engine-spin-us", flag])
+    config = build_config(args)
+    assert (config.frontend_spin_us, config.engine_spin_us) == (want, want)
 
 
 def test_frontend_spin_us_from_the_config_file(tmp_path) -> None:
@@ -80,4 +82,7 @@ def test_frontend_spin_us_from_the_config_file(tmp_path) -> None:
     path.write_text('[server]\nfrontend_spin_us = "often"\n')
     with pytest.raises(ConfigError, match=r"server\.frontend_spin_us: got 'often', "
                                           r"expected 'auto' or 0\.\.100000"):
+        load_toml(path)
+    path.write_text("[server]\nengine_spin_us = 100001\n")
+    with pytest.raises(ConfigError, match=r"server\.engine_spin_us: got 100001"):
         load_toml(path)
