@@ -381,20 +381,13 @@ class ServerConfig:
                  self.model_load_failure, " or ".join(repr(e) for e in MODEL_LOAD_FAILURE))
         _require(self.model_watch_interval_s >= 0, "server.model_watch_interval_s",
                  self.model_watch_interval_s, "0 (off) or more seconds")
-        _require(self.frontends == "auto" or (
-            isinstance(self.frontends, int) and not isinstance(self.frontends, bool)
-            and 1 <= self.frontends <= MAX_FRONTENDS),
-            "server.frontends", self.frontends, f"'auto' or 1..{MAX_FRONTENDS}")
+        _require(_auto_or_in(self.frontends, 1, MAX_FRONTENDS),
+                 "server.frontends", self.frontends, f"'auto' or 1..{MAX_FRONTENDS}")
         _require(1 <= self.frontend_arena_mib <= 65536, "server.frontend_arena_mib",
                  self.frontend_arena_mib, "1..65536")
-        _require(self.frontend_spin_us == "auto" or (
-            isinstance(self.frontend_spin_us, int) and not isinstance(self.frontend_spin_us, bool)
-            and 0 <= self.frontend_spin_us <= 100_000),
-            "server.frontend_spin_us", self.frontend_spin_us, "'auto' or 0..100000")
-        _require(self.engine_spin_us == "auto" or (
-            isinstance(self.engine_spin_us, int) and not isinstance(self.engine_spin_us, bool)
-            and 0 <= self.engine_spin_us <= 100_000),
-            "server.engine_spin_us", self.engine_spin_us, "'auto' or 0..100000")
+        for key in ("frontend_spin_us", "engine_spin_us"):
+            _require(_auto_or_in(getattr(self, key), 0, 100_000), f"server.{key}",
+                     getattr(self, key), "'auto' or 0..100000")
         _require(0 <= self.frontend_hold_us <= 100_000, "server.frontend_hold_us",
                  self.frontend_hold_us, "0..100000")
         _require(not self.engine_cpus or cpus.is_list(self.engine_cpus), "server.engine_cpus",
@@ -429,6 +422,12 @@ def _spin_us(setting: int | str) -> int:
     if isinstance(setting, int):
         return setting
     return 0 if cpus.cpu_quota() is not None else AUTO_SPIN_US
+
+
+def _auto_or_in(value: object, low: int, high: int) -> bool:
+    """"auto", or a whole number (not a bool) from `low` to `high`."""
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                               and low <= value <= high)
 
 
 def _require(ok: bool, key: str, value: object, expected: str) -> None:
