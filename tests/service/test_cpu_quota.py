@@ -169,9 +169,10 @@ needs_cgroup = pytest.mark.skipif(WRITABLE is None, reason="cannot create a cgro
 
 
 @pytest.fixture
-def quota_cgroup(request: pytest.FixtureRequest) -> Iterator[Callable[[float], Path]]:
-    """Make a child cgroup of this process's with a CPU quota of `cores`; removed after
-    the test (its processes have exited by then)."""
+def quota_cgroup() -> Iterator[Callable[..., Path]]:
+    """Make a child cgroup (of this process's, or of `under`) with a CPU quota of
+    `cores` (0: none of its own); removed after the test (its processes have exited
+    by then)."""
     assert WRITABLE is not None
     parent, version = WRITABLE
     made: list[Path] = []
