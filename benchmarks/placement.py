@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trtserve.service import cpus as server_cpus
-from trtserve.service.cpus import threads
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class Placement:
 
     def frontend(self, pid: int) -> None:
         if self.frontend_nice is not None:
-            for tid in threads(pid):
+            for tid in server_cpus.threads(pid):
                 os.setpriority(os.PRIO_PROCESS, tid, self.frontend_nice)
 
     def client(self, pid: int) -> None:

@@ -405,7 +405,6 @@ class ServerConfig:
         cores = cpus.usable()
         return 1 if cores <= 2 else min(MAX_AUTO_FRONTENDS, cores // 2)
 
-
     @property
     def resolved_frontend_spin_us(self) -> int:
         """How long a frontend polls for a lone request's reply on this host."""

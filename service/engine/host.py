@@ -99,7 +99,6 @@ class FrontendPort:
         if releases := frame.releases:
             for r in releases:
                 self.outputs.free(r.offset)
-        self.host.frames_in += 1
         if requests := frame.requests:
             self.request_frames += 1
             self._read.extend(requests)
@@ -589,9 +588,8 @@ class EngineHost:
         self._background: set[asyncio.Task[None]] = set()
         self.on_health: Callable[[str, bool], None] | None = None
         engine.add_health_listener(self._on_health)
-        # Frames read from every frontend; how long the loop polls for the next one once
-        # a frontend has nothing in flight (server.engine_spin_us), and until when.
-        self.frames_in = 0
+        # How long the loop polls for the next frame once a frontend has nothing in
+        # flight (server.engine_spin_us); the frames read when it began, and until when.
         self.spin_s = config.resolved_engine_spin_us / 1e6
         self._spin_frames = 0
         self._spin_until = 0.0
@@ -627,15 +625,20 @@ class EngineHost:
         if self._spinning or not self.spin_s:
             return
         self._spinning = True
-        self._spin_frames = self.frames_in
+        self._spin_frames = self._frames_in()
         self._spin_until = now() + self.spin_s
         asyncio.get_running_loop().call_soon(self._spin)
 
     def _spin(self) -> None:
-        if self.frames_in == self._spin_frames and now() < self._spin_until:
+        if self._frames_in() == self._spin_frames and now() < self._spin_until:
             asyncio.get_running_loop().call_soon(self._spin)
         else:
             self._spinning = False
+
+    def _frames_in(self) -> int:
+        """Frames read from every frontend so far (each link counts its own)."""
+        return sum(port.link.frames_in for port in self.ports.values()
+                   if port.link is not None)
 
     def _stamp(self, frame: link_pb2.Frame) -> None:
         """Every frame tells the frontend which models have a backlog (its frame hold)."""

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.placement import Placement, threads
+from benchmarks.placement import Placement
 from trtserve.service import cpus
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2,
@@ -26,7 +26,7 @@ def sleeper() -> Iterator[int]:
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        assert len(threads(proc.pid)) >= 2
+        assert len(cpus.threads(proc.pid)) >= 2
         yield proc.pid
     finally:
         proc.communicate("")
@@ -34,7 +34,7 @@ def sleeper() -> Iterator[int]:
 
 def test_frontend_threads_get_the_nice_value(sleeper: int) -> None:
     Placement(frontend_nice=3).frontend(sleeper)
-    assert [os.getpriority(os.PRIO_PROCESS, t) for t in threads(sleeper)] == [3, 3]
+    assert [os.getpriority(os.PRIO_PROCESS, t) for t in cpus.threads(sleeper)] == [3, 3]
 
 
 def test_the_engine_gets_the_last_cores_and_the_clients_the_rest_even_once_pinned(
@@ -47,11 +47,11 @@ def test_the_engine_gets_the_last_cores_and_the_clients_the_rest_even_once_pinne
         # As the server pins this process: the split still shares out every core.
         cpus.pin_process(frozenset({last}))
         placement.client(sleeper)
-        assert {frozenset(os.sched_getaffinity(t)) for t in threads(sleeper)} == \
+        assert {frozenset(os.sched_getaffinity(t)) for t in cpus.threads(sleeper)} == \
             {usable - {last}}
     finally:
         placement.restore()
-    assert {frozenset(os.sched_getaffinity(t)) for t in threads(os.getpid())} == {usable}
+    assert {frozenset(os.sched_getaffinity(t)) for t in cpus.threads(os.getpid())} == {usable}
 
 
 def test_no_pinning_sets_nothing() -> None:
