@@ -140,7 +140,7 @@ async def _placed_connections(url: str, each: int) -> list[grpc.aio.Channel]:
     addresses, so open connections until both frontends have `each`, learning where each
     went from the frontends' request counts around one request on it."""
     by_frontend: dict[int, list[grpc.aio.Channel]] = {0: [], 1: []}
-    spare = []
+    spare: list[grpc.aio.Channel] = []
     async with grpc.aio.insecure_channel(url) as control:
         stats = pb_grpc.InferenceServiceStub(control).Stats
 
@@ -159,7 +159,7 @@ async def _placed_connections(url: str, each: int) -> list[grpc.aio.Channel]:
             (index,) = [i for i in after if after[i] != before.get(i, 0)]
             (by_frontend[index] if len(by_frontend[index]) < each else spare).append(channel)
     for channel in spare:
-        await channel.close()
+        await channel.close(None)
     assert all(len(c) == each for c in by_frontend.values()), "connections kept to one frontend"
     return by_frontend[0] + by_frontend[1]
 
@@ -186,7 +186,7 @@ def test_good_requests_batched_with_a_bad_one_from_both_frontends_are_answered(s
                                                                           strict=True))))
         finally:
             for channel in channels:
-                await channel.close()
+                await channel.close(None)
 
     before = model_stats(server.url, "lookup").workers[0]
     outcomes = asyncio.run(together())
