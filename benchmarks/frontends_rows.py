@@ -34,7 +34,7 @@ of those R differences: on a shared host one round's difference is within its no
 Runtime's threads run there too).
 `once`: one served run of the `gpu` kind, printed as one line of JSON with the path of the
 `trtserve.service` package it ran: to compare two trees in one sitting, alternate runs with
-each tree's checkout first on PYTHONPATH (docs/processes.md, "Session 14").
+each tree's checkout first on PYTHONPATH (docs/processes-measured.md, "Session 14").
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def gpu(seconds: float, frontends: int, engine_cpus: int = 0) -> None:
     placed = Placement(engine_cpus=engine_cpus)
     # (frontends, rows per request, clients): 32 clients a client process, 4 gRPC
     # connections each. 1 row at three loads, since a closed loop of 256 clients leaves
-    # N frontends short of what they can serve (docs/processes.md, "Session 16"): each
+    # N frontends short of what they can serve (docs/processes-measured.md, "Session 16"): each
     # side's capacity is the most it serves at any of them.
     runs = [(count, 1, clients) for clients in CLIENTS for count in (1, frontends)]
     runs += [(1, 8, 256), (frontends, 8, 256)]

@@ -324,7 +324,7 @@ class ServerConfig:
     # The CPUs the engine's threads run on (its event loop, workers, ONNX Runtime's and
     # gRPC's threads), as a Linux CPU list ("15", "14-15"); the frontends then run on the
     # other cores this process may use. With one process, the whole server runs on them.
-    # "": wherever the kernel puts them (service/cpus.py; docs/processes.md, "Session 18").
+    # "": wherever the kernel puts them (service/cpus.py; docs/processes-measured.md, "Session 18").
     engine_cpus: str = ""
     models: tuple[ModelConfig, ...] = ()
 

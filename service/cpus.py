@@ -8,7 +8,7 @@ container's CPU limit throttles the whole server however many cores it may run o
 Which (`server.engine_cpus`): the engine's event loop paces every frontend, and its
 worker threads hand the GIL to it and back for every batch: on the GPU host, with
 the engine's threads on a core of their own, 8 frontends served 23-67% more 8-row
-requests than where the kernel put them (docs/processes.md, "Session 19"). Linux
+requests than where the kernel put them (docs/processes-measured.md, "Session 19"). Linux
 keeps affinity per thread and a new thread inherits its creator's, so `pin_process`
 sets it on every thread the process has; the engine pins itself before it starts
 its threads and the frontends, and each frontend pins itself to the rest first

@@ -5,7 +5,7 @@ batcher asks for it (`acquire(..., ahead=True)`, only for a batch that waiting
 could not grow). That batch starts on the worker's thread the moment the one
 before it ends. Otherwise the worker would sit idle until the event loop had seen
 its batch finish and handed it the next: two passes of the loop, each about a
-millisecond on a busy engine (docs/batching.md; measured in docs/processes.md,
+millisecond on a busy engine (docs/batching.md; measured in docs/processes-measured.md,
 "Session 14": 7-12% more rows/s at 8 rows per request, where most batches
 cannot grow before they are full).
 """

@@ -126,7 +126,7 @@ class TrtExecutor:
     # thread and one graph launch holding the copies and events, against four more
     # CUDA calls on the direct path, each a release and a retake of the GIL that the
     # engine's loop contends for. Staged, 8-row requests (16-128 KiB batches) served
-    # 10-14% more rows on the H100 host (docs/processes.md, "Session 15";
+    # 10-14% more rows on the H100 host (docs/processes-measured.md, "Session 15";
     # `benchmarks.frontends_rows once --direct-min-bytes N` sets it for a run).
     direct_min_bytes = 256 << 10
 
