@@ -12,7 +12,7 @@ import logging
 import sys
 
 from trtserve.client.arg_types import auto_or_int, batching_mode, int_list, name_path
-from trtserve.service import cpus
+from trtserve.service import cpus, open_files
 from trtserve.service.build.settings import FLAGS as BUILD_FLAGS
 from trtserve.service.build.settings import add_build_flags, build_overrides
 from trtserve.service.config import (
@@ -35,7 +35,8 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
 # Flags --shm-KEY that override server.shared_memory.KEY.
 SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "http_port", "http_max_connections", "http_header_timeout_s",
+SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "http_port", "http_max_connections",
+                "http_header_timeout_s",
                 "http_keepalive_timeout_s", "http_body_timeout_s", "metrics_port", "metrics_host",
                 "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
                 "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
@@ -79,6 +80,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-max-connections", type=int,
                    help="HTTP connections each process holds at once; more get 503 "
                         "(default 1024)")
+    p.add_argument("--grpc-handshake-timeout-s", type=float,
+                   help="for a new gRPC connection to finish its handshake (TLS, HTTP/2 "
+                        "settings); slower is closed (default 10)")
     p.add_argument("--http-header-timeout-s", type=float,
                    help="to send a request's headers or finish TLS; slower gets 408 "
                         "(default 10)")
@@ -266,12 +270,27 @@ def run_serve(args: argparse.Namespace) -> int:
     # The process's allocator, before the server allocates anything large.
     tune_malloc(config.malloc_mmap_threshold_bytes)
     tune_collector(config.gc_gen0_threshold)
+    _say_open_files(open_files.raise_to_hard())
     _say_cpu_quota(config)
     if config.resolved_frontends > 1:
         return processes.serve(config, args.log_level)
     with asyncio.Runner(loop_factory=loop_factory(config.event_loop)) as runner:
         runner.run(Server(config).serve_until_signal())
     return 0
+
+
+def _say_open_files(files: open_files.OpenFiles) -> None:
+    """Say what the open-file limit is, once it was raised: each connection holds one."""
+    if files.error:
+        log.warning("cannot raise the open-file limit from %d: %s", files.before, files.error)
+    elif files.limit != files.before:
+        log.info("open-file limit raised from %d to %d (the hard limit)", files.before,
+                 files.limit)
+    if files.limit < open_files.LOW:
+        log.warning("at most %d open files (the hard limit): about that many client "
+                    "connections leave the server unable to accept more or open files; "
+                    "raise it (ulimit -Hn, systemd's LimitNOFILE=, docker run --ulimit "
+                    "nofile=N:N)", files.limit)
 
 
 def _say_cpu_quota(config: ServerConfig) -> None:

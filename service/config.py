@@ -215,6 +215,9 @@ AUTO_SPIN_US = 1000
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8001
+    # For a new gRPC connection to finish its handshake (TLS, then HTTP/2's settings);
+    # slower is closed, so connections that never speak cannot pile up (gRPC's own: 120).
+    grpc_handshake_timeout_s: float = 10.0
     metrics_port: int = 8002  # 0: no Prometheus endpoint
     # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
     http_port: int = 8000
@@ -343,7 +346,8 @@ class ServerConfig:
                  f"({self.metrics_port}), or 0 (off)")
         _require(1 <= self.http_max_connections <= 1_000_000, "server.http_max_connections",
                  self.http_max_connections, "1..1000000")
-        for key in ("http_header_timeout_s", "http_keepalive_timeout_s", "http_body_timeout_s"):
+        for key in ("grpc_handshake_timeout_s", "http_header_timeout_s",
+                    "http_keepalive_timeout_s", "http_body_timeout_s"):
             _require(0 < getattr(self, key) <= 3600, f"server.{key}", getattr(self, key),
                      "more than 0 and at most 3600 seconds")
         _require(bool(self.metrics_host), "server.metrics_host", self.metrics_host,

@@ -104,6 +104,7 @@ class Server:
             # Many clients share one connection through HTTP/2 streams; keep it alive.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.server_handshake_timeout_ms", round(c.grpc_handshake_timeout_s * 1000)),
         ]
         if c.max_concurrent_streams:
             options.append(("grpc.max_concurrent_streams", c.max_concurrent_streams))
