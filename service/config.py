@@ -314,7 +314,8 @@ class ServerConfig:
     # loop polls for the next frame from any frontend for up to this long. "auto" as
     # for frontend_spin_us. Off by default: on the 2-core machine it mostly lowered the
     # p50 at concurrency 1 but, with the frontend's poll and the client on the same 2
-    # cores, raised the p90 by 0.6 ms; it was not measured where cores are to spare
+    # cores, raised the p90 by 0.6 ms; on a 16-core GPU host nothing it changed was
+    # larger than the run-to-run spread, and it held a core at concurrency 1
     # (docs/processes.md, "Concurrency 1").
     engine_spin_us: int | str = 0
     # While the engine reports a model's backlog (a batch waiting for a worker, requests
