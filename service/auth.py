@@ -94,25 +94,21 @@ class BearerToken:
         return "" if hmac.compare_digest(_digest(token.strip()), self._expected) else "invalid"
 
 
-def _deny_handlers(message: str) -> dict[tuple[bool, bool], grpc.RpcMethodHandler]:
-    """One handler per RPC kind that answers UNAUTHENTICATED with `message`.
+def _deny_handlers(message: str) -> dict[bool, grpc.RpcMethodHandler]:
+    """A handler that answers UNAUTHENTICATED with `message`, by response streaming.
 
-    The deny handler must match the kind of the handler it replaces (e.g.
-    Health/Watch is unary-stream), or grpc.aio fails the call with UNKNOWN.
+    The deny handler must match the response kind of the handler it replaces (e.g.
+    Health/Watch is unary-stream), or grpc.aio fails the call with UNKNOWN. Its
+    requests are always taken as a stream, never read: grpc.aio reads a unary
+    request's message before it runs the handler, so a unary deny would wait for a
+    message that a hostile client never sends, holding the call open.
     """
 
-    async def unary_in(request: object, context: grpc.aio.ServicerContext) -> None:
+    async def deny(requests: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def stream_in(requests: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return {
-        (False, False): grpc.unary_unary_rpc_method_handler(unary_in),
-        (False, True): grpc.unary_stream_rpc_method_handler(unary_in),
-        (True, False): grpc.stream_unary_rpc_method_handler(stream_in),
-        (True, True): grpc.stream_stream_rpc_method_handler(stream_in),
-    }
+    return {False: grpc.stream_unary_rpc_method_handler(deny),
+            True: grpc.stream_stream_rpc_method_handler(deny)}
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -148,6 +144,5 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if not problem:
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
-        kind = (False, False) if handler is None else \
-            (bool(handler.request_streaming), bool(handler.response_streaming))
-        return self._deny[problem][kind]
+        streams = handler is not None and bool(handler.response_streaming)
+        return self._deny[problem][streams]
