@@ -280,14 +280,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def _say_open_files(files: open_files.OpenFiles) -> None:
-    """Say what the open-file limit is, once it was raised: each connection holds one."""
+    """Log the open-file limit the server runs with: each client connection holds one."""
     if files.error:
         log.warning("cannot raise the open-file limit from %d: %s", files.before, files.error)
     elif files.limit != files.before:
         log.info("open-file limit raised from %d to %d (the hard limit)", files.before,
                  files.limit)
     if files.limit < open_files.LOW:
-        log.warning("at most %d open files (the hard limit): about that many client "
+        log.warning("at most %d open files: about that many client "
                     "connections leave the server unable to accept more or open files; "
                     "raise it (ulimit -Hn, systemd's LimitNOFILE=, docker run --ulimit "
                     "nofile=N:N)", files.limit)

@@ -90,7 +90,7 @@ def test_more_idle_connections_than_the_soft_limit_keep_no_client_out(
             _served(server.url)
         assert "open-file limit raised from 256 to 4096" in server.output()
         # 4,096 is low for a server: the start says so, and how to raise it.
-        assert "at most 4096 open files (the hard limit)" in server.output()
+        assert "at most 4096 open files: about that many client connections" in server.output()
 
 
 def test_connections_that_never_finish_the_handshake_are_closed(example_onnx: Path) -> None:
