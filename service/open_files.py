@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass
-from pathlib import Path
 
 # Below this many open files, a start warns that connections can exhaust them.
 LOW = 16_384
@@ -28,22 +27,14 @@ class OpenFiles:
 
 
 def raise_to_hard() -> OpenFiles:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (or the kernel's per-process
-    ceiling when the hard limit is unlimited)."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit. (Linux never reports an unlimited
+    hard limit for open files: it is bounded by fs.nr_open. Elsewhere an unlimited one
+    is left alone.)"""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else _kernel_ceiling()
-    if soft != resource.RLIM_INFINITY and soft >= target:
+    if hard == resource.RLIM_INFINITY or soft >= hard:
         return OpenFiles(soft, soft)
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ValueError, OSError) as e:
         return OpenFiles(soft, soft, str(e))
-    return OpenFiles(soft, target)
-
-
-def _kernel_ceiling() -> int:
-    """fs.nr_open: the most a process may set (1,048,576 unless changed)."""
-    try:
-        return int(Path("/proc/sys/fs/nr_open").read_text())
-    except (OSError, ValueError):
-        return 1_048_576
+    return OpenFiles(soft, hard)

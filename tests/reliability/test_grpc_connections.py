@@ -22,12 +22,13 @@ import numpy as np
 import psutil
 import pytest
 
+from benchmarks import h2_frames
 from trtserve.client import Client
 from trtserve.service import open_files
 from trtserve.service.testing.servers import ServerProcess
 
 # HTTP/2's client preface and an empty SETTINGS frame: a finished handshake, then nothing.
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+PREFACE = h2_frames.PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
 def _limit(soft: int, hard: int) -> Callable[[], None]:
