@@ -1,0 +1,148 @@
+"""What N frontends cost one request at a time (issue 18: under +60 us), measured so that
+the host's drift cannot hide it: servers side by side, short bursts interleaved.
+
+    python -m benchmarks.frontends_c1 [--pairs 4] [--bursts 12] [--seconds 1]
+                                      [--frontends 8] [--engine-spin-us US]
+
+`benchmarks.frontends_rows cpu` starts one server at a time, so the difference of two p50s
+also holds whatever the host did between the runs: on the 16-core GPU host its rounds
+spread over 400 us (docs/processes-measured.md, "Session 20"), far more than the cost
+asked about. Here each "pair" starts every configuration's server at once (`benchmarks.cpu`'s
+`light` model, the bundled example's shape, on ONNX Runtime, as `cpu` serves it), then
+runs `--bursts` rounds; in each round every server gets one burst of `--seconds` at
+concurrency 1 (after 0.2 s of warm-up), in an order that rotates from round to round. A
+burst's p50 is set against the one-process burst of the same round, so drift slower than a
+round cancels. Configurations: one process (`--frontends 1`), `--frontends N`, and with
+`--engine-spin-us US` also N frontends with the engine's poll (`server.engine_spin_us`).
+
+Printed: per pair, each configuration's median p50 and the median of its round-by-round
+differences; then over all pairs the median difference and the range of the pairs'
+medians (each pair is a fresh placement of the processes on the cores: the spread a user
+starting the server would see), and the server's cores used while a burst ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from benchmarks.cpu import cli
+from benchmarks.cpu.config import ROOT
+from benchmarks.cpu.harness import Served, say, trtserve
+from trtserve.client.bench import BenchConfig, Level
+from trtserve.client.bench.channels import _method
+from trtserve.client.bench.requests import prepare
+
+WARM_S = 0.2
+
+
+@dataclass
+class Config:
+    name: str
+    flags: list[str]
+    p50_us: list[list[float]] = field(default_factory=list)  # per pair, per round
+    cores: list[float] = field(default_factory=list)  # per burst
+
+
+def configs(frontends: int, engine_spin_us: int | None) -> list[Config]:
+    out = [Config("one process", ["--frontends", "1"]),
+           Config(f"{frontends} frontends", ["--frontends", str(frontends)])]
+    if engine_spin_us is not None:
+        out.append(Config(f"{frontends} frontends, engine poll {engine_spin_us} us",
+                          ["--frontends", str(frontends),
+                           f"--engine-spin-us={engine_spin_us}"]))
+    return out
+
+
+def burst(served: Served, payloads: list[bytes], seconds: float) -> tuple[float, float]:
+    """(p50 in us, server cores) of `seconds` of calls one at a time, after a warm-up."""
+    with grpc.insecure_channel(served.url) as channel:
+        call = channel.unary_unary(_method("v1"), request_serializer=None,
+                                   response_deserializer=None)
+        warm_end = time.monotonic() + WARM_S
+        while time.monotonic() < warm_end:
+            call(payloads[0], timeout=10)
+        took: list[float] = []
+        cpu0, t0 = served.child.cpu_s(tree=True), time.monotonic()
+        end = t0 + seconds
+        while time.monotonic() < end:
+            sent = time.perf_counter()
+            call(payloads[len(took) % len(payloads)], timeout=10)
+            took.append(time.perf_counter() - sent)
+        cores = (served.child.cpu_s(tree=True) - cpu0) / (time.monotonic() - t0)
+    return statistics.median(took) * 1e6, cores
+
+
+def pair(index: int, cfgs: Sequence[Config], bursts: int, seconds: float) -> None:
+    models = cli.write_models(ROOT / "models" / "bench")
+    logs = ROOT / "build" / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        served = [stack.enter_context(trtserve("light", models["light"], logs, extra=c.flags))
+                  for c in cfgs]
+        payloads = [prepare(BenchConfig(url=s.url, model=s.model, levels=(Level("closed", 1),)),
+                            variants=4) for s in served]
+        say(f"pair {index + 1}: {len(served)} servers ready")
+        rounds: list[list[float]] = [[] for _ in cfgs]
+        for r in range(bursts):
+            order = [(r + k) % len(cfgs) for k in range(len(cfgs))]
+            for k in order:
+                p50, cores = burst(served[k], payloads[k], seconds)
+                rounds[k].append(p50)
+                cfgs[k].cores.append(cores)
+        for c, got in zip(cfgs, rounds, strict=True):
+            c.p50_us.append(got)
+    base = cfgs[0].p50_us[-1]
+    parts = [f"{cfgs[0].name} p50 {statistics.median(base):.0f} us"]
+    for c in cfgs[1:]:
+        diffs = [a - b for a, b in zip(c.p50_us[-1], base, strict=True)]
+        parts.append(f"{c.name} {statistics.median(c.p50_us[-1]):.0f} us "
+                     f"({statistics.median(diffs):+.0f}, rounds {min(diffs):+.0f} to "
+                     f"{max(diffs):+.0f})")
+    print(f"pair {index + 1}: " + "; ".join(parts), flush=True)
+
+
+def summary(cfgs: Sequence[Config]) -> list[str]:
+    """The table's lines: each configuration's median p50, and against one process the
+    median of every round's difference and the range of the pairs' medians."""
+    base = cfgs[0]
+    lines = [f"{'configuration':<40} {'p50 us':>8} {'cost us':>8} {'pairs':>18} {'cores':>6}"]
+    for c in cfgs:
+        p50 = statistics.median(x for got in c.p50_us for x in got)
+        cores = statistics.median(c.cores)
+        if c is base:
+            lines.append(f"{c.name:<40} {p50:>8.0f} {'':>8} {'':>18} {cores:>6.2f}")
+            continue
+        pairs = list(zip(c.p50_us, base.p50_us, strict=True))
+        every = [a - b for mine, theirs in pairs for a, b in zip(mine, theirs, strict=True)]
+        per_pair = [statistics.median(a - b for a, b in zip(mine, theirs, strict=True))
+                    for mine, theirs in pairs]
+        spread = f"{min(per_pair):+.0f} to {max(per_pair):+.0f}"
+        lines.append(f"{c.name:<40} {p50:>8.0f} {statistics.median(every):>+8.0f} "
+                     f"{spread:>18} {cores:>6.2f}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=4, help="fresh sets of servers")
+    parser.add_argument("--bursts", type=int, default=12, help="rounds of bursts per pair")
+    parser.add_argument("--seconds", type=float, default=1.0, help="measured seconds a burst")
+    parser.add_argument("--frontends", type=int, default=8)
+    parser.add_argument("--engine-spin-us", type=int,
+                        help="also N frontends with server.engine_spin_us at this budget")
+    args = parser.parse_args()
+    cfgs = configs(args.frontends, args.engine_spin_us)
+    for i in range(args.pairs):
+        pair(i, cfgs, args.bursts, args.seconds)
+    print("\n".join(summary(cfgs)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

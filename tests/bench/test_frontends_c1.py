@@ -1,0 +1,35 @@
+"""benchmarks.frontends_c1: its arithmetic on made-up bursts, and one short pair of real
+servers (`light` on ONNX Runtime: one process against 2 frontends)."""
+
+from __future__ import annotations
+
+from benchmarks.frontends_c1 import Config, configs, pair, summary
+
+
+def test_cost_is_the_median_of_round_by_round_differences_not_of_medians():
+    one = Config("one process", [], p50_us=[[1000, 1400, 1000], [900, 900, 900]],
+                 cores=[0.5, 0.5])
+    many = Config("8 frontends", [], p50_us=[[1050, 1450, 1100], [1000, 1020, 980]],
+                  cores=[1.0, 1.2, 1.4])
+    header, base, row = summary([one, many])
+    assert header.split() == ["configuration", "p50", "us", "cost", "us", "pairs", "cores"]
+    assert base.split() == ["one", "process", "950", "0.50"]
+    # Rounds: +50 +50 +100 | +100 +120 +80 -> median +90; pairs' medians +50 and +100.
+    assert row.split() == ["8", "frontends", "1035", "+90", "+50", "to", "+100", "1.20"]
+
+
+def test_the_engine_poll_is_a_third_configuration_only_when_asked():
+    assert [c.flags for c in configs(4, None)] == [["--frontends", "1"], ["--frontends", "4"]]
+    polled = configs(4, 500)[2]
+    assert polled.flags == ["--frontends", "4", "--engine-spin-us=500"]
+    assert polled.name == "4 frontends, engine poll 500 us"
+
+
+def test_one_pair_of_real_servers_gives_every_configuration_its_bursts(capsys):
+    cfgs = configs(2, None)
+    pair(0, cfgs, bursts=2, seconds=0.2)
+    for c in cfgs:
+        (rounds,) = c.p50_us
+        assert len(rounds) == 2 and all(100 < p50 < 1_000_000 for p50 in rounds)
+        assert len(c.cores) == 2 and all(cores > 0 for cores in c.cores)
+    assert capsys.readouterr().out.startswith("pair 1: one process p50 ")
