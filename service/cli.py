@@ -35,8 +35,9 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
 # Flags --shm-KEY that override server.shared_memory.KEY.
 SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "http_port", "http_max_connections",
-                "http_header_timeout_s",
+SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "grpc_max_connection_idle_s",
+                "grpc_max_connection_age_s", "grpc_max_connection_age_grace_s", "http_port",
+                "http_max_connections", "http_header_timeout_s",
                 "http_keepalive_timeout_s", "http_body_timeout_s", "metrics_port", "metrics_host",
                 "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
                 "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
@@ -83,6 +84,15 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-handshake-timeout-s", type=float,
                    help="for a new gRPC connection to finish its handshake (TLS, HTTP/2 "
                         "settings); slower is closed (default 10)")
+    p.add_argument("--grpc-max-connection-idle-s", type=float,
+                   help="close a gRPC connection with no call for this long (default 0: "
+                        "never)")
+    p.add_argument("--grpc-max-connection-age-s", type=float,
+                   help="tell a gRPC connection this old to reconnect, so that clients "
+                        "behind a layer-4 load balancer spread again (default 0: never)")
+    p.add_argument("--grpc-max-connection-age-grace-s", type=float,
+                   help="an aged connection's calls get this long to finish, then are "
+                        "cut (default 30)")
     p.add_argument("--http-header-timeout-s", type=float,
                    help="to send a request's headers or finish TLS; slower gets 408 "
                         "(default 10)")

@@ -207,6 +207,8 @@ MODEL_LOAD_FAILURE = ("exit", "skip")
 MAX_FRONTENDS = 64
 # "auto" stops here: past it the engine's one event loop, not the frontends, is the limit.
 MAX_AUTO_FRONTENDS = 8
+# The longest idle time, age or age grace a gRPC connection may be given: 30 days.
+MAX_CONNECTION_S = 30 * 24 * 3600
 # A frontend's poll for a lone request's reply, where no CPU quota applies.
 AUTO_SPIN_US = 1000
 
@@ -218,6 +220,14 @@ class ServerConfig:
     # For a new gRPC connection to finish its handshake (TLS, then HTTP/2's settings);
     # slower is closed, so connections that never speak cannot pile up (gRPC's own: 120).
     grpc_handshake_timeout_s: float = 10.0
+    # A gRPC connection with no call for this long is closed (GOAWAY; the client
+    # reconnects when it next calls). 0: never, as gRPC clients keep channels on purpose.
+    grpc_max_connection_idle_s: float = 0.0
+    # A gRPC connection this old is told to go (GOAWAY), so that clients behind a layer-4
+    # load balancer reconnect, and reach new replicas, now and then. Its calls in flight
+    # get grpc_max_connection_age_grace_s to finish, then are cut (streams too). 0: never.
+    grpc_max_connection_age_s: float = 0.0
+    grpc_max_connection_age_grace_s: float = 30.0
     metrics_port: int = 8002  # 0: no Prometheus endpoint
     # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
     http_port: int = 8000
@@ -347,6 +357,10 @@ class ServerConfig:
                  f"({self.metrics_port}), or 0 (off)")
         _require(1 <= self.http_max_connections <= 1_000_000, "server.http_max_connections",
                  self.http_max_connections, "1..1000000")
+        for key in ("grpc_max_connection_idle_s", "grpc_max_connection_age_s",
+                    "grpc_max_connection_age_grace_s"):
+            _require(0 <= getattr(self, key) <= MAX_CONNECTION_S, f"server.{key}",
+                     getattr(self, key), f"0 (never) .. {MAX_CONNECTION_S} seconds")
         for key in ("grpc_handshake_timeout_s", "http_header_timeout_s",
                     "http_keepalive_timeout_s", "http_body_timeout_s"):
             _require(0 < getattr(self, key) <= 3600, f"server.{key}", getattr(self, key),

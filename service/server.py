@@ -106,6 +106,13 @@ class Server:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.server_handshake_timeout_ms", round(c.grpc_handshake_timeout_s * 1000)),
         ]
+        if c.grpc_max_connection_idle_s:
+            options.append(("grpc.max_connection_idle_ms",
+                            round(c.grpc_max_connection_idle_s * 1000)))
+        if c.grpc_max_connection_age_s:
+            options += [("grpc.max_connection_age_ms", round(c.grpc_max_connection_age_s * 1000)),
+                        ("grpc.max_connection_age_grace_ms",
+                         round(c.grpc_max_connection_age_grace_s * 1000))]
         if c.max_concurrent_streams:
             options.append(("grpc.max_concurrent_streams", c.max_concurrent_streams))
         if c.max_pending_calls:

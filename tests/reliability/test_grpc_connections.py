@@ -5,8 +5,9 @@ Each connection holds a file descriptor. A server that kept the usual soft limit
 thousand idle ones (every other client's call: DEADLINE_EXCEEDED); `trtserve
 serve` now raises the soft limit to the hard one at start, in every process, and
 closes a connection that has not finished its handshake within
-`grpc_handshake_timeout_s`. Real servers (`trtserve serve` as a child process, one
-process and two frontends), real sockets.
+`grpc_handshake_timeout_s`. Connections may also be closed when idle, or told to go
+when old (`grpc_max_connection_idle_s`, `grpc_max_connection_age_s`). Real servers
+(`trtserve serve` as a child process, one process and two frontends), real sockets.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import numpy as np
 import psutil
 import pytest
@@ -105,6 +107,54 @@ def test_connections_that_never_finish_the_handshake_are_closed(example_onnx: Pa
                 pass
         assert time.monotonic() - start < 5
         _served(server.url)
+
+
+@contextmanager
+def _watched(client: Client) -> Iterator[list[str]]:
+    """The names of the states the client's channel goes through, as they come."""
+    states: list[str] = []
+    channel = client._channel  # the test reads gRPC's view of the connection
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        states.append(state.name)
+
+    channel.subscribe(seen)
+    try:
+        yield states
+    finally:
+        channel.unsubscribe(seen)
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects(example_onnx: Path) -> None:
+    server = ServerProcess(["--model", f"example={example_onnx}",
+                            "--grpc-max-connection-idle-s", "0.5"])
+    x = np.ones((1, 64), np.float32)
+    with server.serving(), Client(server.url) as c, _watched(c) as states:
+        c.infer("example", {"input": x}, timeout=10)
+        assert states[-1] == "READY"
+        deadline = time.monotonic() + 10
+        while states[-1] != "IDLE" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert states[-1] == "IDLE", states  # the server's GOAWAY, unasked
+        assert c.infer("example", {"input": x}, timeout=10)["output"].shape == (1, 16)
+
+
+def test_aged_connections_are_replaced_without_failing_a_call(example_onnx: Path) -> None:
+    """Two frontends, connections told to go every 0.5 s while one client calls
+    back to back: every call is answered, across several connections."""
+    server = ServerProcess(["--model", f"example={example_onnx}", "--frontends", "2",
+                            "--grpc-max-connection-age-s", "0.5",
+                            "--grpc-max-connection-age-grace-s", "5"])
+    rng = np.random.default_rng(1)
+    with server.serving(), Client(server.url) as c, _watched(c) as states:
+        end = time.monotonic() + 3
+        calls = 0
+        while time.monotonic() < end:
+            x = rng.standard_normal((1, 64)).astype(np.float32)
+            c.infer("example", {"input": x}, timeout=10)
+            calls += 1
+        assert states.count("READY") >= 3, states
+        assert calls > 30
 
 
 def test_raise_to_hard_reports_what_it_did() -> None:
