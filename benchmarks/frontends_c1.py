@@ -23,6 +23,9 @@ starting the server would see), and the server's cores used while a burst ran.
 
 from __future__ import annotations
 
+# First, before grpc loads: the client on the transport `trtserve-client bench` uses.
+from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
+
 import argparse
 import contextlib
 import statistics
