@@ -2,7 +2,7 @@
 the host's drift cannot hide it: servers side by side, short bursts interleaved.
 
     python -m benchmarks.frontends_c1 [--pairs 4] [--bursts 12] [--seconds 1]
-                                      [--frontends 8] [--engine-spin-us US]
+                                      [--frontends 8] [--with=FLAGS ...]
 
 `benchmarks.frontends_rows cpu` starts one server at a time, so the difference of two p50s
 also holds whatever the host did between the runs: on the 16-core GPU host its rounds
@@ -12,8 +12,9 @@ asked about. Here each "pair" starts every configuration's server at once (`benc
 runs `--bursts` rounds; in each round every server gets one burst of `--seconds` at
 concurrency 1 (after 0.2 s of warm-up), in an order that rotates from round to round. A
 burst's p50 is set against the one-process burst of the same round, so drift slower than a
-round cancels. Configurations: one process (`--frontends 1`), `--frontends N`, and with
-`--engine-spin-us US` also N frontends with the engine's poll (`server.engine_spin_us`).
+round cancels. Configurations: one process (`--frontends 1`), `--frontends N`, and for
+each `--with=FLAGS` N frontends with those flags too (`--with=--engine-spin-us=1000`: the
+engine's poll, `server.engine_spin_us`).
 
 Printed: per pair, each configuration's median p50 and the median of its round-by-round
 differences; then over all pairs the median difference and the range of the pairs'
@@ -53,14 +54,13 @@ class Config:
     cores: list[float] = field(default_factory=list)  # per burst
 
 
-def configs(frontends: int, engine_spin_us: int | None) -> list[Config]:
-    out = [Config("one process", ["--frontends", "1"]),
-           Config(f"{frontends} frontends", ["--frontends", str(frontends)])]
-    if engine_spin_us is not None:
-        out.append(Config(f"{frontends} frontends, engine poll {engine_spin_us} us",
-                          ["--frontends", str(frontends),
-                           f"--engine-spin-us={engine_spin_us}"]))
-    return out
+def configs(frontends: int, variants: Sequence[str] = ()) -> list[Config]:
+    """One process, N frontends, and N frontends with each variant's `trtserve serve`
+    flags (one string, split at spaces)."""
+    many = ["--frontends", str(frontends)]
+    return [Config("one process", ["--frontends", "1"]),
+            Config(f"{frontends} frontends", many),
+            *(Config(f"{frontends} frontends {v}", [*many, *v.split()]) for v in variants)]
 
 
 def burst(served: Served, payloads: list[bytes], seconds: float) -> tuple[float, float]:
@@ -138,10 +138,11 @@ def main() -> None:
     parser.add_argument("--bursts", type=int, default=12, help="rounds of bursts per pair")
     parser.add_argument("--seconds", type=float, default=1.0, help="measured seconds a burst")
     parser.add_argument("--frontends", type=int, default=8)
-    parser.add_argument("--engine-spin-us", type=int,
-                        help="also N frontends with server.engine_spin_us at this budget")
+    parser.add_argument("--with", dest="variants", action="append", default=[],
+                        metavar="FLAGS", help="also N frontends with these `trtserve serve` "
+                        "flags, e.g. --with=--engine-spin-us=1000; repeatable")
     args = parser.parse_args()
-    cfgs = configs(args.frontends, args.engine_spin_us)
+    cfgs = configs(args.frontends, args.variants)
     for i in range(args.pairs):
         pair(i, cfgs, args.bursts, args.seconds)
     print("\n".join(summary(cfgs)), flush=True)

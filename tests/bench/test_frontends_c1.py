@@ -18,15 +18,17 @@ def test_cost_is_the_median_of_round_by_round_differences_not_of_medians():
     assert row.split() == ["8", "frontends", "1035", "+90", "+50", "to", "+100", "1.20"]
 
 
-def test_the_engine_poll_is_a_third_configuration_only_when_asked():
-    assert [c.flags for c in configs(4, None)] == [["--frontends", "1"], ["--frontends", "4"]]
-    polled = configs(4, 500)[2]
+def test_each_variant_is_one_more_configuration_of_n_frontends():
+    assert [c.flags for c in configs(4)] == [["--frontends", "1"], ["--frontends", "4"]]
+    variants = ["--engine-spin-us=500", "--engine-spin-us 0 --frontend-spin-us 0"]
+    polled, both = configs(4, variants)[2:]
     assert polled.flags == ["--frontends", "4", "--engine-spin-us=500"]
-    assert polled.name == "4 frontends, engine poll 500 us"
+    assert polled.name == "4 frontends --engine-spin-us=500"
+    assert both.flags == ["--frontends", "4", "--engine-spin-us", "0", "--frontend-spin-us", "0"]
 
 
 def test_one_pair_of_real_servers_gives_every_configuration_its_bursts(capsys):
-    cfgs = configs(2, None)
+    cfgs = configs(2)
     pair(0, cfgs, bursts=2, seconds=0.2)
     for c in cfgs:
         (rounds,) = c.p50_us
