@@ -51,6 +51,11 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 V1_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
+def _ms(seconds: float) -> int:
+    """A positive number of seconds in gRPC's milliseconds, never rounded down to 0."""
+    return max(1, round(seconds * 1000))
+
+
 class Server:
     # Whether this process binds its ports beside other processes of the same server
     # (a frontend process: SO_REUSEPORT); one process alone does not.
@@ -104,13 +109,12 @@ class Server:
             # Many clients share one connection through HTTP/2 streams; keep it alive.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.server_handshake_timeout_ms", round(c.grpc_handshake_timeout_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", _ms(c.grpc_handshake_timeout_s)),
         ]
         if c.grpc_max_connection_idle_s:
-            options.append(("grpc.max_connection_idle_ms",
-                            round(c.grpc_max_connection_idle_s * 1000)))
+            options.append(("grpc.max_connection_idle_ms", _ms(c.grpc_max_connection_idle_s)))
         if c.grpc_max_connection_age_s:
-            options += [("grpc.max_connection_age_ms", round(c.grpc_max_connection_age_s * 1000)),
+            options += [("grpc.max_connection_age_ms", _ms(c.grpc_max_connection_age_s)),
                         ("grpc.max_connection_age_grace_ms",
                          round(c.grpc_max_connection_age_grace_s * 1000))]
         if c.max_concurrent_streams:
