@@ -37,10 +37,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from benchmarks.cpu import cli
-from benchmarks.cpu.config import ROOT
 from benchmarks.cpu.harness import Served, say, trtserve
-from trtserve.client.bench import BenchConfig, Level
-from trtserve.client.bench.channels import _method
+from trtserve.client.bench import V1_INFER, BenchConfig, Level
 from trtserve.client.bench.requests import prepare
 
 WARM_S = 0.2
@@ -66,7 +64,7 @@ def configs(frontends: int, variants: Sequence[str] = ()) -> list[Config]:
 def burst(served: Served, payloads: list[bytes], seconds: float) -> tuple[float, float]:
     """(p50 in us, server cores) of `seconds` of calls one at a time, after a warm-up."""
     with grpc.insecure_channel(served.url) as channel:
-        call = channel.unary_unary(_method("v1"), request_serializer=None,
+        call = channel.unary_unary(V1_INFER, request_serializer=None,
                                    response_deserializer=None)
         warm_end = time.monotonic() + WARM_S
         while time.monotonic() < warm_end:
@@ -83,9 +81,7 @@ def burst(served: Served, payloads: list[bytes], seconds: float) -> tuple[float,
 
 
 def pair(index: int, cfgs: Sequence[Config], bursts: int, seconds: float) -> None:
-    models = cli.write_models(ROOT / "models" / "bench")
-    logs = ROOT / "build" / "bench-logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    models, logs = cli.models_and_logs()
     with contextlib.ExitStack() as stack:
         served = [stack.enter_context(trtserve("light", models["light"], logs, extra=c.flags))
                   for c in cfgs]

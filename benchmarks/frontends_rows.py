@@ -201,11 +201,9 @@ def _loop_name(event_loop: str | None) -> str:
 def cpu(counts: list[int], seconds: float, rounds: int = 1, engine_cpus: int = 0,
         engine_spin_us: int | None = None) -> None:
     from benchmarks.cpu import cli, experiments
-    from benchmarks.cpu.config import ROOT, Options
+    from benchmarks.cpu.config import Options
 
-    models = cli.write_models(ROOT / "models" / "bench")
-    logs = ROOT / "build" / "bench-logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    models, logs = cli.models_and_logs()
     opts = Options(duration_s=seconds, warmup_s=1.0, rounds=rounds, pytriton=False,
                    pytriton_python="", install_pytriton=False, out=Path("/dev/null"),
                    json_out=None, only={"frontends"})

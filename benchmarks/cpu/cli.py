@@ -72,6 +72,13 @@ def write_models(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def models_and_logs() -> tuple[dict[str, Path], Path]:
+    """The bench models (written where missing) and the folder the servers log to."""
+    log_dir = ROOT / "build" / "bench-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return write_models(ROOT / "models" / "bench"), log_dir
+
+
 
 def _saved_options(saved: dict[str, Any], out: Path, only: set[str]) -> Options:
     was = saved["options"]
@@ -106,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     began = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     start = time.monotonic()
-    models = write_models(ROOT / "models" / "bench")
-    log_dir = ROOT / "build" / "bench-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    models, log_dir = models_and_logs()
     steps = {
         "served": ("served_over_raw", lambda: served_over_raw(opts, models, log_dir)),
         "gain": ("batching_gain", lambda: batching_gain(opts, models, log_dir)),
