@@ -35,7 +35,8 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
 # Flags --shm-KEY that override server.shared_memory.KEY.
 SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "grpc_max_connection_idle_s",
+SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "grpc_max_connections",
+                "grpc_max_connection_idle_s",
                 "grpc_max_connection_age_s", "grpc_max_connection_age_grace_s", "http_port",
                 "http_max_connections", "http_header_timeout_s",
                 "http_keepalive_timeout_s", "http_body_timeout_s", "metrics_port", "metrics_host",
@@ -84,6 +85,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-handshake-timeout-s", type=float,
                    help="for a new gRPC connection to finish its handshake (TLS, HTTP/2 "
                         "settings); slower is closed (default 10)")
+    p.add_argument("--grpc-max-connections", type=int,
+                   help="gRPC connections each process holds at once; one more is closed "
+                        "as it opens (default 10000, lowered to fit the open-file limit; "
+                        "0 = no cap)")
     p.add_argument("--grpc-max-connection-idle-s", type=float,
                    help="close a gRPC connection with no call for this long (default 0: "
                         "never)")
@@ -280,7 +285,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # The process's allocator, before the server allocates anything large.
     tune_malloc(config.malloc_mmap_threshold_bytes)
     tune_collector(config.gc_gen0_threshold)
-    _say_open_files(open_files.raise_to_hard())
+    _say_open_files(open_files.raise_to_hard(), config)
     _say_cpu_quota(config)
     if config.resolved_frontends > 1:
         return processes.serve(config, args.log_level)
@@ -289,8 +294,9 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_open_files(files: open_files.OpenFiles) -> None:
-    """Log the open-file limit the server runs with: each client connection holds one."""
+def _say_open_files(files: open_files.OpenFiles, config: ServerConfig) -> None:
+    """Log the open-file limit the server runs with, and the gRPC connections it leaves
+    room for: each client connection holds one file."""
     if files.error:
         log.warning("cannot raise the open-file limit from %d: %s", files.before, files.error)
     elif files.limit != files.before:
@@ -301,6 +307,15 @@ def _say_open_files(files: open_files.OpenFiles) -> None:
                     "connections leave the server unable to accept more or open files; "
                     "raise it (ulimit -Hn, systemd's LimitNOFILE=, docker run --ulimit "
                     "nofile=N:N)", files.limit)
+    wanted = config.grpc_max_connections
+    cap = config.resolved_grpc_max_connections
+    if cap < wanted or not wanted:
+        # Lowered (a warning: the operator asked for more), or no cap asked for.
+        log.log(logging.WARNING if wanted else logging.INFO,
+                "at most %d gRPC connections per process%s: what the open-file limit (%d) "
+                "leaves after the server's own files%s", cap,
+                f", not server.grpc_max_connections' {wanted}" if wanted else "",
+                files.limit, " and HTTP's connections" if config.http_port else "")
 
 
 def _say_cpu_quota(config: ServerConfig) -> None:

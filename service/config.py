@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trtserve.service import cpus
+from trtserve.service import cpus, open_files
 from trtserve.service.errors import ConfigError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
@@ -228,6 +228,12 @@ class ServerConfig:
     # get grpc_max_connection_age_grace_s to finish, then are cut (streams too). 0: never.
     grpc_max_connection_age_s: float = 0.0
     grpc_max_connection_age_grace_s: float = 30.0
+    # gRPC connections one process holds at once (each frontend process: its own, as the
+    # kernel spreads connections by hash); one more is closed as it opens. Each idle one
+    # holds about 14 KB and a file: without a cap, a client opening connections in a loop
+    # can take the server's memory or files. Lowered at start to what the open-file limit
+    # leaves (open_files.connection_cap). 0: no cap.
+    grpc_max_connections: int = 10_000
     metrics_port: int = 8002  # 0: no Prometheus endpoint
     # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
     http_port: int = 8000
@@ -357,6 +363,8 @@ class ServerConfig:
                  f"({self.metrics_port}), or 0 (off)")
         _require(1 <= self.http_max_connections <= 1_000_000, "server.http_max_connections",
                  self.http_max_connections, "1..1000000")
+        _require(0 <= self.grpc_max_connections <= 1_000_000, "server.grpc_max_connections",
+                 self.grpc_max_connections, "0 (no cap) .. 1000000")
         for key in ("grpc_max_connection_idle_s", "grpc_max_connection_age_s",
                     "grpc_max_connection_age_grace_s"):
             _require(0 <= getattr(self, key) <= MAX_CONNECTION_S, f"server.{key}",
@@ -423,6 +431,13 @@ class ServerConfig:
             return self.frontends
         cores = cpus.usable()
         return 1 if cores <= 2 else min(MAX_AUTO_FRONTENDS, cores // 2)
+
+    @property
+    def resolved_grpc_max_connections(self) -> int:
+        """The gRPC connections one process holds at most, under this process's open-file
+        limit (open_files.connection_cap)."""
+        return open_files.connection_cap(
+            self.grpc_max_connections, self.http_max_connections if self.http_port else 0)
 
     @property
     def resolved_frontend_spin_us(self) -> int:

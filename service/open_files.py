@@ -38,3 +38,23 @@ def raise_to_hard() -> OpenFiles:
     except (ValueError, OSError) as e:
         return OpenFiles(soft, soft, str(e))
     return OpenFiles(soft, hard)
+
+
+# Files a process keeps for itself besides client connections: models, shared-memory
+# segments, the links between processes, logs.
+OWN_FILES = 256
+
+
+def connection_cap(wanted: int, http_connections: int) -> int:
+    """The gRPC connections this process may hold: `wanted` (0: as many as fit), lowered
+    so that they fit the open-file limit beside the process's own files and its HTTP
+    connections (`http_connections`, at most half of what is left). Past the limit gRPC
+    could accept no one's connection and the server could open no file; at the cap only
+    the one more connection is closed."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    room = soft - OWN_FILES
+    room -= min(http_connections, room // 2)
+    room = max(1, room)
+    return min(wanted, room) if wanted else room

@@ -111,6 +111,9 @@ class Server:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.server_handshake_timeout_ms", _ms(c.grpc_handshake_timeout_s)),
         ]
+        if cap := c.resolved_grpc_max_connections:
+            # One more is closed as it opens (gRPC's connection quota); those held go on.
+            options.append(("grpc.max_allowed_incoming_connections", cap))
         if c.grpc_max_connection_idle_s:
             options.append(("grpc.max_connection_idle_ms", _ms(c.grpc_max_connection_idle_s)))
         if c.grpc_max_connection_age_s:

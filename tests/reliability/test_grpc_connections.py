@@ -23,10 +23,13 @@ import grpc
 import numpy as np
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks import h2_frames
 from trtserve.client import Client
 from trtserve.service import open_files
+from trtserve.service.config import ServerConfig
+from trtserve.service.errors import ConfigError
 from trtserve.service.testing.servers import ServerProcess
 
 # HTTP/2's client preface and an empty SETTINGS frame: a finished handshake, then nothing.
@@ -55,9 +58,13 @@ def _idle_connections(port: int, count: int,
 
 
 def _served(url: str) -> None:
-    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     with Client(url) as c:
-        y = c.infer("example", {"input": x}, timeout=10)["output"]
+        _served_by(c)
+
+
+def _served_by(client: Client) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    y = client.infer("example", {"input": x}, timeout=10)["output"]
     assert y.shape == (2, 16)
 
 
@@ -157,6 +164,85 @@ def test_aged_connections_are_replaced_without_failing_a_call(example_onnx: Path
             calls += 1
         assert states.count("READY") >= 3, states
         assert calls > 30
+
+
+def _held(socks: list[socket.socket]) -> list[bool]:
+    """For each connection, whether the server holds it: it answers the preface with its
+    SETTINGS, where one over the cap is closed as it opens (EOF or a reset)."""
+    held = []
+    for s in socks:
+        s.settimeout(10)
+        try:
+            held.append(bool(s.recv(64 * 1024)))
+        except ConnectionResetError:
+            held.append(False)
+    return held
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_connections_past_the_cap_are_closed_and_those_held_are_served(
+        example_onnx: Path, frontends: int) -> None:
+    """`--grpc-max-connections 40`: each process holds 40 connections, one client's
+    among them; 200 more that connect and send nothing leave room for no other, and
+    that client goes on being served. Once they close, a new client connects."""
+    cap = 40
+    server = ServerProcess(["--model", f"example={example_onnx}",
+                            "--frontends", str(frontends),
+                            "--grpc-max-connections", str(cap)])
+    with server.serving(), Client(server.url) as first:
+        _served_by(first)
+        with _idle_connections(server.port, 200) as flood:
+            # The kernel spreads connections over the frontends by hash; 200 fill both.
+            assert sum(_held(flood)) == cap * frontends - 1
+            _served_by(first)  # its connection is held
+            # A connection of its own (gRPC's clients share one per target by default).
+            with grpc.insecure_channel(server.url, options=[
+                    ("grpc.use_local_subchannel_pool", 1)]) as late, \
+                    pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(late).Check(health_pb2.HealthCheckRequest(),
+                                                       timeout=2)
+            assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                                            grpc.StatusCode.DEADLINE_EXCEEDED), refused.value
+        time.sleep(0.5)  # the server sees them close
+        _served(server.url)
+
+
+def test_the_cap_fits_the_open_file_limit(example_onnx: Path) -> None:
+    """Under an open-file limit of 1,024 (soft and hard), the cap is lowered to what the
+    limit leaves past the server's own files, and the start says so."""
+    server = ServerProcess(["--model", f"example={example_onnx}"],
+                           preexec=_limit(1024, 1024))
+    with server.serving():
+        _served(server.url)
+    room = 1024 - open_files.OWN_FILES
+    assert (f"at most {room} gRPC connections per process, not "
+            "server.grpc_max_connections' 10000: what the open-file limit (1024) leaves "
+            "after the server's own files") in server.output()
+
+
+def test_connection_cap_leaves_room_for_the_own_files_and_http() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+        room = 2048 - open_files.OWN_FILES
+        assert open_files.connection_cap(10_000, 0) == room
+        assert open_files.connection_cap(100, 0) == 100
+        assert open_files.connection_cap(0, 0) == room  # no cap asked: what fits
+        assert open_files.connection_cap(10_000, 512) == room - 512
+        # HTTP's cap takes at most half of the room: gRPC keeps the other half.
+        assert open_files.connection_cap(10_000, 100_000) == room - room // 2
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("grpc_max_connections", -1), ("grpc_max_connections", 2_000_000),
+    ("grpc_max_connection_idle_s", -1.0), ("grpc_max_connection_age_s", 31 * 24 * 3600.0),
+    ("grpc_handshake_timeout_s", 0)])
+def test_connection_settings_out_of_range_are_refused_naming_the_key(
+        key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"server\.{key}: got {value}"):
+        ServerConfig(**{key: value})
 
 
 def test_raise_to_hard_reports_what_it_did() -> None:
