@@ -44,7 +44,8 @@ SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "grpc_max_connection
                 "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
                 "auth_token_file", "health_requires_auth", "event_loop", "gc_gen0_threshold",
                 "max_receive_message_bytes", "max_send_message_bytes",
-                "max_concurrent_streams", "max_pending_calls", "model_load_failure",
+                "max_concurrent_streams", "max_pending_calls", "max_calls_in_flight",
+                "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
                 "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
@@ -126,6 +127,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="calls received that the server's loop has not yet taken; gRPC "
                         "fails more with CANCELLED (default 16384, 0 = gRPC's own: "
                         "1,000-3,000)")
+    p.add_argument("--max-calls-in-flight", type=int,
+                   help="gRPC calls each process serves at once, from their headers on "
+                        "(a stream counts one); one more is RESOURCE_EXHAUSTED at once "
+                        "(default 16384, 0 = no limit)")
     p.add_argument("--max-request-bytes-in-flight", type=int,
                    help="input bytes of accepted requests not yet answered, over the whole "
                         "server; more are refused (default 1 GiB, 0 = no budget)")

@@ -268,6 +268,13 @@ class ServerConfig:
     # clients on one process it failed about 1% of calls (docs/reliability.md, "Bursts of
     # calls"). Past this limit gRPC still fails them so. 0: gRPC's own.
     max_pending_calls: int = 16384
+    # gRPC calls one process serves at once, over every connection and method (a stream
+    # counts one), from their headers on: a call whose message has not come yet holds
+    # about 20 KB, and gRPC reads a unary call's message before any handler runs, so
+    # without this a client could open calls and never send them until the memory is
+    # gone. One more is RESOURCE_EXHAUSTED at once (grpc.aio's maximum_concurrent_rpcs).
+    # 0: no limit.
+    max_calls_in_flight: int = 16384
     # What one InferStream / ModelStreamInfer may hold before it stops reading:
     # requests read whose answer has not been sent, and bytes of answers not sent.
     max_in_flight_per_stream: int = 1024
@@ -392,6 +399,8 @@ class ServerConfig:
                  self.max_concurrent_streams, "0 (default) or more")
         _require(self.max_pending_calls >= 0, "server.max_pending_calls",
                  self.max_pending_calls, "0 (gRPC's own) or more")
+        _require(0 <= self.max_calls_in_flight <= 10_000_000, "server.max_calls_in_flight",
+                 self.max_calls_in_flight, "0 (no limit) .. 10000000")
         _require(self.max_in_flight_per_stream >= 1, "server.max_in_flight_per_stream",
                  self.max_in_flight_per_stream, "1 or more")
         _require(self.max_unsent_bytes_per_stream >= 1, "server.max_unsent_bytes_per_stream",

@@ -250,7 +250,8 @@ class Server:
     async def _start_grpc(self, token: str | None) -> None:
         """Bind the port and serve every service, health NOT_SERVING throughout."""
         interceptors = self._interceptors(token)
-        server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors)
+        server = grpc.aio.server(options=self._grpc_options(), interceptors=interceptors,
+                                 maximum_concurrent_rpcs=self.config.max_calls_in_flight or None)
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(self.engine, self._stream_limits(), self.config.shared_memory,

@@ -12,10 +12,11 @@ when old (`grpc_max_connection_idle_s`, `grpc_max_connection_age_s`). Real serve
 
 from __future__ import annotations
 
+import asyncio
 import resource
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -235,10 +236,52 @@ def test_connection_cap_leaves_room_for_the_own_files_and_http() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+async def _never_sent() -> AsyncIterator[bytes]:
+    await asyncio.Event().wait()
+    yield b""  # pragma: no cover - never reached
+
+
+@pytest.mark.parametrize("frontends", [1, 2])
+def test_calls_past_max_calls_in_flight_are_resource_exhausted(
+        example_onnx: Path, frontends: int) -> None:
+    """`--max-calls-in-flight 20`: 20 Infer calls that send their headers and never their
+    message hold the process's 20 places; one more is RESOURCE_EXHAUSTED at once, not
+    held. Once they end (their deadline), calls are served again."""
+    server = ServerProcess(["--model", f"example={example_onnx}",
+                            "--frontends", str(frontends), "--max-calls-in-flight", "20"])
+    x = np.ones((1, 64), np.float32)
+
+    async def run() -> tuple[list[grpc.StatusCode], grpc.StatusCode, float]:
+        # One channel: one connection, so all its calls are one process's.
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            infer = channel.stream_unary("/trtserve.v1.InferenceService/Infer")
+            held = [infer(_never_sent(), timeout=3) for _ in range(20)]
+            await asyncio.sleep(1)  # the server has them all
+            start = time.monotonic()
+            one_more = infer(_never_sent(), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await one_more
+            waited = time.monotonic() - start
+            codes = []
+            for call in held:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                codes.append(err.value.code())
+            return codes, refused.value.code(), waited
+
+    with server.serving():
+        codes, refused, waited = asyncio.run(run())
+        assert set(codes) == {grpc.StatusCode.DEADLINE_EXCEEDED}
+        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert waited < 2  # answered from its headers, not after its deadline
+        with Client(server.url) as c:
+            assert c.infer("example", {"input": x}, timeout=10)["output"].shape == (1, 16)
+
+
 @pytest.mark.parametrize(("key", "value"), [
     ("grpc_max_connections", -1), ("grpc_max_connections", 2_000_000),
     ("grpc_max_connection_idle_s", -1.0), ("grpc_max_connection_age_s", 31 * 24 * 3600.0),
-    ("grpc_handshake_timeout_s", 0)])
+    ("grpc_handshake_timeout_s", 0), ("max_calls_in_flight", -1)])
 def test_connection_settings_out_of_range_are_refused_naming_the_key(
         key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"server\.{key}: got {value}"):
