@@ -17,9 +17,11 @@ each `--with=FLAGS` N frontends with those flags too (`--with=--engine-spin-us=1
 engine's poll, `server.engine_spin_us`).
 
 Printed: per pair, each configuration's median p50 and the median of its round-by-round
-differences; then over all pairs the median difference and the range of the pairs'
-medians (each pair is a fresh placement of the processes on the cores: the spread a user
-starting the server would see), and the server's cores used while a burst ran.
+differences, and the median of its bursts' p90s; then over all pairs the median
+difference and the range of the pairs' medians (each pair is a fresh placement of the
+processes on the cores: the spread a user starting the server would see), the bursts'
+median p90 (a poll that competes for cores shows there first) and the server's cores used
+while a burst ran.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Config:
     name: str
     flags: list[str]
     p50_us: list[list[float]] = field(default_factory=list)  # per pair, per round
+    p90_us: list[float] = field(default_factory=list)  # per burst: the tail a poll may raise
     cores: list[float] = field(default_factory=list)  # per burst
 
 
@@ -61,8 +64,10 @@ def configs(frontends: int, variants: Sequence[str] = ()) -> list[Config]:
             *(Config(f"{frontends} frontends {v}", [*many, *v.split()]) for v in variants)]
 
 
-def burst(served: Served, payloads: list[bytes], seconds: float) -> tuple[float, float]:
-    """(p50 in us, server cores) of `seconds` of calls one at a time, after a warm-up."""
+def burst(served: Served, payloads: list[bytes],
+          seconds: float) -> tuple[float, float, float]:
+    """(p50 and p90 in us, server cores) of `seconds` of calls one at a time, after a
+    warm-up."""
     with grpc.insecure_channel(served.url) as channel:
         call = channel.unary_unary(V1_INFER, request_serializer=None,
                                    response_deserializer=None)
@@ -77,7 +82,8 @@ def burst(served: Served, payloads: list[bytes], seconds: float) -> tuple[float,
             call(payloads[len(took) % len(payloads)], timeout=10)
             took.append(time.perf_counter() - sent)
         cores = (served.child.cpu_s(tree=True) - cpu0) / (time.monotonic() - t0)
-    return statistics.median(took) * 1e6, cores
+    p90 = statistics.quantiles(took, n=10)[-1] if len(took) > 1 else took[0]
+    return statistics.median(took) * 1e6, p90 * 1e6, cores
 
 
 def pair(index: int, cfgs: Sequence[Config], bursts: int, seconds: float) -> None:
@@ -92,18 +98,20 @@ def pair(index: int, cfgs: Sequence[Config], bursts: int, seconds: float) -> Non
         for r in range(bursts):
             order = [(r + k) % len(cfgs) for k in range(len(cfgs))]
             for k in order:
-                p50, cores = burst(served[k], payloads[k], seconds)
+                p50, p90, cores = burst(served[k], payloads[k], seconds)
                 rounds[k].append(p50)
+                cfgs[k].p90_us.append(p90)
                 cfgs[k].cores.append(cores)
         for c, got in zip(cfgs, rounds, strict=True):
             c.p50_us.append(got)
     base = cfgs[0].p50_us[-1]
-    parts = [f"{cfgs[0].name} p50 {statistics.median(base):.0f} us"]
+    parts = [f"{cfgs[0].name} p50 {statistics.median(base):.0f} us "
+             f"(p90 {statistics.median(cfgs[0].p90_us[-bursts:]):.0f})"]
     for c in cfgs[1:]:
         diffs = [a - b for a, b in zip(c.p50_us[-1], base, strict=True)]
         parts.append(f"{c.name} {statistics.median(c.p50_us[-1]):.0f} us "
                      f"({statistics.median(diffs):+.0f}, rounds {min(diffs):+.0f} to "
-                     f"{max(diffs):+.0f})")
+                     f"{max(diffs):+.0f}; p90 {statistics.median(c.p90_us[-bursts:]):.0f})")
     print(f"pair {index + 1}: " + "; ".join(parts), flush=True)
 
 
@@ -111,12 +119,15 @@ def summary(cfgs: Sequence[Config]) -> list[str]:
     """The table's lines: each configuration's median p50, and against one process the
     median of every round's difference and the range of the pairs' medians."""
     base = cfgs[0]
-    lines = [f"{'configuration':<40} {'p50 us':>8} {'cost us':>8} {'pairs':>18} {'cores':>6}"]
+    lines = [f"{'configuration':<40} {'p50 us':>8} {'cost us':>8} {'pairs':>18} "
+             f"{'p90 us':>8} {'cores':>6}"]
     for c in cfgs:
         p50 = statistics.median(x for got in c.p50_us for x in got)
+        p90 = statistics.median(c.p90_us)
         cores = statistics.median(c.cores)
         if c is base:
-            lines.append(f"{c.name:<40} {p50:>8.0f} {'':>8} {'':>18} {cores:>6.2f}")
+            lines.append(f"{c.name:<40} {p50:>8.0f} {'':>8} {'':>18} {p90:>8.0f} "
+                         f"{cores:>6.2f}")
             continue
         pairs = list(zip(c.p50_us, base.p50_us, strict=True))
         every = [a - b for mine, theirs in pairs for a, b in zip(mine, theirs, strict=True)]
@@ -124,7 +135,7 @@ def summary(cfgs: Sequence[Config]) -> list[str]:
                     for mine, theirs in pairs]
         spread = f"{min(per_pair):+.0f} to {max(per_pair):+.0f}"
         lines.append(f"{c.name:<40} {p50:>8.0f} {statistics.median(every):>+8.0f} "
-                     f"{spread:>18} {cores:>6.2f}")
+                     f"{spread:>18} {p90:>8.0f} {cores:>6.2f}")
     return lines
 
 

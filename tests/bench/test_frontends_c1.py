@@ -8,14 +8,16 @@ from benchmarks.frontends_c1 import Config, configs, pair, summary
 
 def test_cost_is_the_median_of_round_by_round_differences_not_of_medians():
     one = Config("one process", [], p50_us=[[1000, 1400, 1000], [900, 900, 900]],
-                 cores=[0.5, 0.5])
+                 p90_us=[1500, 1600], cores=[0.5, 0.5])
     many = Config("8 frontends", [], p50_us=[[1050, 1450, 1100], [1000, 1020, 980]],
-                  cores=[1.0, 1.2, 1.4])
+                  p90_us=[1200, 2400, 1900], cores=[1.0, 1.2, 1.4])
     header, base, row = summary([one, many])
-    assert header.split() == ["configuration", "p50", "us", "cost", "us", "pairs", "cores"]
-    assert base.split() == ["one", "process", "950", "0.50"]
+    assert header.split() == ["configuration", "p50", "us", "cost", "us", "pairs", "p90", "us",
+                              "cores"]
+    assert base.split() == ["one", "process", "950", "1550", "0.50"]
     # Rounds: +50 +50 +100 | +100 +120 +80 -> median +90; pairs' medians +50 and +100.
-    assert row.split() == ["8", "frontends", "1035", "+90", "+50", "to", "+100", "1.20"]
+    assert row.split() == ["8", "frontends", "1035", "+90", "+50", "to", "+100", "1900",
+                           "1.20"]
 
 
 def test_each_variant_is_one_more_configuration_of_n_frontends():
@@ -34,4 +36,6 @@ def test_one_pair_of_real_servers_gives_every_configuration_its_bursts(capsys):
         (rounds,) = c.p50_us
         assert len(rounds) == 2 and all(100 < p50 < 1_000_000 for p50 in rounds)
         assert len(c.cores) == 2 and all(cores > 0 for cores in c.cores)
+        assert len(c.p90_us) == 2
+        assert all(p90 >= p50 for p90, p50 in zip(c.p90_us, rounds, strict=True))
     assert capsys.readouterr().out.startswith("pair 1: one process p50 ")
