@@ -170,8 +170,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "CPU quota; 0: off)")
     p.add_argument("--engine-spin-us", type=auto_or_int, metavar="{auto,US}",
                    help="once a frontend has nothing in flight, the engine polls for the "
-                        "next request for up to this long before sleeping (default 0: off; "
-                        "auto: 1000, or 0 under a CPU quota)")
+                        "next request for up to this long before sleeping (default auto: "
+                        "1000 on a host of 8 usable cores or more, else 0; 0 under a CPU "
+                        "quota; 0: off)")
     p.add_argument("--frontend-hold-us", type=int,
                    help="while a model has a backlog at the engine, a frontend holds the "
                         "frame of its requests up to this long to carry more (default 2000; "

@@ -211,6 +211,9 @@ MAX_AUTO_FRONTENDS = 8
 MAX_CONNECTION_S = 30 * 24 * 3600
 # A frontend's poll for a lone request's reply, where no CPU quota applies.
 AUTO_SPIN_US = 1000
+# The engine polls for the next request by default ("auto") only on a host of this many
+# usable cores: on 2 it competed with the frontends and the client (engine_spin_us).
+ENGINE_SPIN_MIN_CORES = 8
 
 
 @dataclass(frozen=True)
@@ -334,13 +337,14 @@ class ServerConfig:
     # CPU time every process of the server is throttled by.
     frontend_spin_us: int | str = "auto"
     # The engine's side of the same: once a frontend has nothing in flight, the engine's
-    # loop polls for the next frame from any frontend for up to this long. "auto" as
-    # for frontend_spin_us. Off by default: on the 2-core machine it mostly lowered the
-    # p50 at concurrency 1 but, with the frontend's poll and the client on the same 2
-    # cores, raised the p90 by 0.6 ms; on a 16-core GPU host nothing it changed was
-    # larger than the run-to-run spread, and it held a core at concurrency 1
+    # loop polls for the next frame from any frontend for up to this long, so that the
+    # next request at concurrency 1 is read on a warm core. "auto": AUTO_SPIN_US on a
+    # host of at least ENGINE_SPIN_MIN_CORES usable cores, else off (and off under a CPU
+    # quota). On a 16-core GPU host it lowered the p50 cost of 8 frontends at concurrency
+    # 1 in 9 of 10 side-by-side pairs (by about 45 us, p90 lower too) for 0.4 core; on the
+    # 2-core machine, where the pollers and the client share 2 cores, it raised the p90
     # (docs/processes.md, "Concurrency 1").
-    engine_spin_us: int | str = 0
+    engine_spin_us: int | str = "auto"
     # While the engine reports a model's backlog (a batch waiting for a worker, requests
     # queued behind it), a frontend holds the frame of its requests up to this long so that
     # it carries more of them: the engine's loop pays per frame, and those requests
@@ -456,6 +460,8 @@ class ServerConfig:
     @property
     def resolved_engine_spin_us(self) -> int:
         """How long the engine polls for the next frame once a frontend is idle."""
+        if self.engine_spin_us == "auto" and cpus.usable() < ENGINE_SPIN_MIN_CORES:
+            return 0
         return _spin_us(self.engine_spin_us)
 
 
