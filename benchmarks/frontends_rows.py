@@ -266,7 +266,7 @@ def main() -> None:
                         "(default: no pinning)")
     parser.add_argument("--engine-spin-us", type=int, help="once, cpu: server.engine_spin_us "
                         "(the engine polls for the next request once a frontend is idle; "
-                        "cpu: the N > 1 counts; default: the server's, off)")
+                        "cpu: the N > 1 counts; default: the server's, auto)")
     parser.add_argument("--inline-below-us", type=int, help="once: the model's "
                         "inline_below_us (a batch that ran faster is quick: run on the "
                         "loop when alone, held behind quick batches in flight; default 100)")

@@ -341,7 +341,7 @@ class ServerConfig:
     # next request at concurrency 1 is read on a warm core. "auto": AUTO_SPIN_US on a
     # host of at least ENGINE_SPIN_MIN_CORES usable cores, else off (and off under a CPU
     # quota). On a 16-core GPU host it lowered the p50 cost of 8 frontends at concurrency
-    # 1 in 9 of 10 side-by-side pairs (by about 45 us, p90 lower too) for 0.4 core; on the
+    # 1 in 9 of 10 side-by-side pairs (by 54 us at the median, p90 lower too) for 0.4 core; on the
     # 2-core machine, where the pollers and the client share 2 cores, it raised the p90
     # (docs/processes.md, "Concurrency 1").
     engine_spin_us: int | str = "auto"
