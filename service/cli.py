@@ -89,7 +89,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grpc-max-connections", type=int,
                    help="gRPC connections each process holds at once; one more is closed "
                         "as it opens (default 10000, lowered to fit the open-file limit; "
-                        "0 = no cap)")
+                        "0 = that limit alone)")
     p.add_argument("--grpc-max-connection-idle-s", type=float,
                    help="close a gRPC connection with no call for this long (default 0: "
                         "never)")

@@ -235,7 +235,7 @@ class ServerConfig:
     # kernel spreads connections by hash); one more is closed as it opens. Each idle one
     # holds about 14 KB and a file: without a cap, a client opening connections in a loop
     # can take the server's memory or files. Lowered at start to what the open-file limit
-    # leaves (open_files.connection_cap). 0: no cap.
+    # leaves (open_files.connection_cap). 0: that limit's room alone.
     grpc_max_connections: int = 10_000
     metrics_port: int = 8002  # 0: no Prometheus endpoint
     # KServe v2 over HTTP/REST (the same models, auth, TLS and limits); 0: off.
@@ -340,10 +340,10 @@ class ServerConfig:
     # loop polls for the next frame from any frontend for up to this long, so that the
     # next request at concurrency 1 is read on a warm core. "auto": AUTO_SPIN_US on a
     # host of at least ENGINE_SPIN_MIN_CORES usable cores, else off (and off under a CPU
-    # quota). On a 16-core GPU host it lowered the p50 cost of 8 frontends at concurrency
-    # 1 in 9 of 10 side-by-side pairs (by 54 us at the median, p90 lower too) for 0.4 core; on the
-    # 2-core machine, where the pollers and the client share 2 cores, it raised the p90
-    # (docs/processes.md, "Concurrency 1").
+    # quota). On 16-core GPU hosts it lowered the p50 cost of 8 frontends at concurrency
+    # 1 in 9 of 10 side-by-side pairs (by 54 us at the median; the p90 too) for 0.4 of a
+    # core; on the 2-core machine, where the pollers and the client share 2 cores, it
+    # raised the p90 (docs/processes.md, "Concurrency 1").
     engine_spin_us: int | str = "auto"
     # While the engine reports a model's backlog (a batch waiting for a worker, requests
     # queued behind it), a frontend holds the frame of its requests up to this long so that
@@ -375,7 +375,7 @@ class ServerConfig:
         _require(1 <= self.http_max_connections <= 1_000_000, "server.http_max_connections",
                  self.http_max_connections, "1..1000000")
         _require(0 <= self.grpc_max_connections <= 1_000_000, "server.grpc_max_connections",
-                 self.grpc_max_connections, "0 (no cap) .. 1000000")
+                 self.grpc_max_connections, "0 (the open-file limit's room alone) .. 1000000")
         for key in ("grpc_max_connection_idle_s", "grpc_max_connection_age_s",
                     "grpc_max_connection_age_grace_s"):
             _require(0 <= getattr(self, key) <= MAX_CONNECTION_S, f"server.{key}",
