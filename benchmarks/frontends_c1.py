@@ -21,7 +21,7 @@ differences, and the median of its bursts' p90s; then over all pairs the median
 difference and the range of the pairs' medians (each pair is a fresh placement of the
 processes on the cores: the spread a user starting the server would see), the bursts'
 median p90 (a poll that competes for cores shows there first) and the server's cores used
-while a burst ran.
+while a burst ran. Stopped by SIGTERM (a `timeout`), it prints the table of the pairs done.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from trtserve.client import grpc_tuning  # noqa: F401  # isort: skip
 
 import argparse
 import contextlib
+import signal
 import statistics
 import time
 from collections.abc import Sequence
@@ -150,9 +151,27 @@ def main() -> None:
                         "flags, e.g. --with=--engine-spin-us=1000; repeatable")
     args = parser.parse_args()
     cfgs = configs(args.frontends, args.variants)
-    for i in range(args.pairs):
-        pair(i, cfgs, args.bursts, args.seconds)
+    # A time limit (`timeout` sends SIGTERM) still gets the table of the pairs done.
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for i in range(args.pairs):
+            pair(i, cfgs, args.bursts, args.seconds)
+    except _Stopped:
+        done = len(cfgs[0].p50_us)
+        say(f"stopped after {done} of {args.pairs} pairs")
+        if not done:
+            raise SystemExit(1) from None
+        for c in cfgs:  # the bursts of the pair cut short
+            del c.p90_us[done * args.bursts:], c.cores[done * args.bursts:]
     print("\n".join(summary(cfgs)), flush=True)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise _Stopped
 
 
 if __name__ == "__main__":

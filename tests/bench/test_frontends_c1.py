@@ -3,7 +3,14 @@ servers (`light` on ONNX Runtime: one process against 2 frontends)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 from benchmarks.frontends_c1 import Config, configs, pair, summary
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cost_is_the_median_of_round_by_round_differences_not_of_medians():
@@ -39,3 +46,21 @@ def test_one_pair_of_real_servers_gives_every_configuration_its_bursts(capsys):
         assert len(c.p90_us) == 2
         assert all(p90 >= p50 for p90, p50 in zip(c.p90_us, rounds, strict=True))
     assert capsys.readouterr().out.startswith("pair 1: one process p50 ")
+
+
+def test_a_time_limit_still_prints_the_table_of_the_pairs_done():
+    """SIGTERM (what `timeout` sends) after the first pair: its table, then exit."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.frontends_c1", "--pairs", "5", "--bursts", "2",
+         "--seconds", "0.2", "--frontends", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first.startswith("pair 1: one process p50 "), first
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped after 1 of 5 pairs" in err
+    header, base, row = out.splitlines()[-3:]
+    assert header.split()[0] == "configuration"
+    assert base.startswith("one process") and row.startswith("2 frontends")
