@@ -13,6 +13,7 @@ when old (`grpc_max_connection_idle_s`, `grpc_max_connection_age_s`). Real serve
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
 import socket
 import time
@@ -27,7 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks import h2_frames
-from trtserve.client import Client
+from trtserve.client import Client, InferenceError
 from trtserve.service import open_files
 from trtserve.service.config import ServerConfig
 from trtserve.service.errors import ConfigError
@@ -276,6 +277,27 @@ def test_calls_past_max_calls_in_flight_are_resource_exhausted(
         assert waited < 2  # answered from its headers, not after its deadline
         with Client(server.url) as c:
             assert c.infer("example", {"input": x}, timeout=10)["output"].shape == (1, 16)
+
+
+def test_refused_and_failed_calls_give_their_place_back(example_onnx: Path) -> None:
+    """With 5 places, 90 calls refused (no token), failed (an unknown model) and invalid
+    (a wrong shape) in turn leave every place free: a good call is served after them."""
+    token = "a-token-of-thirty-two-characters!"
+    server = ServerProcess(["--model", f"example={example_onnx}", "--max-calls-in-flight",
+                            "5"], env={**os.environ, "TRTSERVE_AUTH_TOKEN": token})
+    x = np.ones((1, 64), np.float32)
+    with server.serving(), Client(server.url) as anonymous, \
+            Client(server.url, token=token) as client:
+        codes = []
+        for _ in range(30):
+            for c, model, tensor in ((anonymous, "example", x), (client, "absent", x),
+                                     (client, "example", x[:, :3])):
+                with pytest.raises(InferenceError) as err:
+                    c.infer(model, {"input": tensor}, timeout=10)
+                codes.append(err.value.code)
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND,
+                              grpc.StatusCode.INVALID_ARGUMENT}
+        assert client.infer("example", {"input": x}, timeout=10)["output"].shape == (1, 16)
 
 
 @pytest.mark.parametrize(("key", "value"), [
