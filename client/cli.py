@@ -180,11 +180,12 @@ def _stats_table(response: pb.StatsResponse) -> str:
     if response.frontends:
         lines.append(f"frontends: {len(response.frontends)} processes")
         lines.append(f"  {'frontend':>8} {'pid':>8} {'requests':>10} {'in flight':>9} "
-                     f"{'cpu s':>9} {'req/frame':>9}")
+                     f"{'cpu s':>9} {'req/frame':>9} {'open files':>10}")
         for row in response.frontends:
             per_frame = row.requests / row.request_frames if row.request_frames else 0.0
             lines.append(f"  {row.index:>8} {row.pid:>8} {row.requests:>10} "
-                         f"{row.in_flight:>9} {row.cpu_seconds:>9.2f} {per_frame:>9.2f}")
+                         f"{row.in_flight:>9} {row.cpu_seconds:>9.2f} {per_frame:>9.2f} "
+                         f"{row.open_files:>10}")
     return "\n".join(lines)
 
 

@@ -288,12 +288,15 @@ def frontend_families(frontends: Sequence[FrontendSnapshot]) -> list[Metric]:
                     labels)
     frames = f.counter("frontend_request_frames", "Frames that carried a frontend process's "
                        "requests to the engine.", labels)
+    files = f.gauge("frontend_open_files", "Files a frontend process holds open, its gRPC "
+                    "connections among them (server.grpc_max_connections caps those).", labels)
     for s in frontends:
         row = (str(s.index), str(s.pid))
         requests.add_metric(row, s.requests)
         in_flight.add_metric(row, s.in_flight)
         cpu.add_metric(row, s.cpu_s)
         frames.add_metric(row, s.request_frames)
+        files.add_metric(row, s.open_files)
     return list(f)
 
 

@@ -295,6 +295,9 @@ class FrontendSnapshot:
     cpu_s: float
     # Frames that carried its requests (requests / request_frames: per frame).
     request_frames: int = 0
+    # Files it holds open, its gRPC connections among them (each holds one): a frontend
+    # near server.grpc_max_connections closes one more connection as it opens.
+    open_files: int = 0
 
 
 _NO_BUDGET = ByteBudgetSnapshot(held_bytes=0, limit_bytes=0, refused=0)

@@ -492,7 +492,8 @@ class FrontendPort:
     def snapshot(self) -> FrontendSnapshot:
         return FrontendSnapshot(index=self.index, pid=self.pid, requests=self.requests,
                                 in_flight=len(self.in_flight), cpu_s=_cpu_s(self.pid),
-                                request_frames=self.request_frames)
+                                request_frames=self.request_frames,
+                                open_files=_open_files(self.pid))
 
     def close(self) -> None:
         if self.link is not None:
@@ -710,6 +711,14 @@ class EngineHost:
     async def stats(self, model: str | None = None) -> StatsSnapshot:
         snapshot = await self.engine.stats(model)
         return dataclasses.replace(snapshot, frontends=self.frontends())
+
+
+def _open_files(pid: int) -> int:
+    """Files a process of this host holds open (0 when it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd")) if pid else 0
+    except OSError:
+        return 0
 
 
 def _cpu_s(pid: int) -> float:

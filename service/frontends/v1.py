@@ -75,7 +75,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             shared_memory=convert.shared_memory_stats(snapshot.shared_memory),
             frontends=[pb.FrontendStats(index=f.index, pid=f.pid, requests=f.requests,
                                         in_flight=f.in_flight, cpu_seconds=f.cpu_s,
-                                        request_frames=f.request_frames)
+                                        request_frames=f.request_frames,
+                                        open_files=f.open_files)
                        for f in snapshot.frontends])
 
     @unary

@@ -137,6 +137,11 @@ def test_every_answer_is_its_own_across_frontends(server: ServerProcess,
     assert sum(rows.values()) == model.requests
     frames = m["trtserve_frontend_request_frames_total"]
     assert sum(frames.values()) == sum(f.request_frames for f in stats.frontends)
+    # Each frontend's open files (its connections among them), in Stats and Prometheus.
+    assert all(f.open_files > 0 for f in stats.frontends), stats.frontends
+    files = m["trtserve_frontend_open_files"]
+    assert sorted(dict(labels)["frontend"] for labels in files) == ["0", "1"]
+    assert all(n > 0 for n in files.values())
     assert m["trtserve_model_request_success_total"][key(model="example")] == model.requests
     # Requests the engine read together and queued as one (as many as the load made):
     # counted among the requests, every group of two or more, the same in Prometheus.

@@ -197,6 +197,8 @@ def test_connections_past_the_cap_are_closed_and_those_held_are_served(
             # The kernel spreads connections over the frontends by hash; 200 fill both.
             assert sum(_held(flood)) == cap * frontends - 1
             _served_by(first)  # its connection is held
+            # Stats shows each frontend's open files: its connections among them.
+            full = {f.index: f.open_files for f in first.stats().frontends}
             # A connection of its own (gRPC's clients share one per target by default).
             with grpc.insecure_channel(server.url, options=[
                     ("grpc.use_local_subchannel_pool", 1)]) as late, \
@@ -207,6 +209,11 @@ def test_connections_past_the_cap_are_closed_and_those_held_are_served(
                                             grpc.StatusCode.DEADLINE_EXCEEDED), refused.value
         time.sleep(0.5)  # the server sees them close
         _served(server.url)
+        if frontends > 1:
+            after = {f.index: f.open_files for f in first.stats().frontends}
+            assert sorted(full) == sorted(after) == [0, 1]
+            # Each had held 40 connections (or 39 and the first client's): they are gone.
+            assert all(full[i] - after[i] >= cap - 1 for i in full), (full, after)
 
 
 def test_the_cap_fits_the_open_file_limit(example_onnx: Path) -> None:
