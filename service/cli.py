@@ -122,7 +122,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-send-message-bytes", type=int,
                    help="largest response sent (default 256 MiB)")
     p.add_argument("--max-concurrent-streams", type=int,
-                   help="HTTP/2 streams per connection (default 0: gRPC's own)")
+                   help="HTTP/2 streams per connection; more calls wait (default 1024; "
+                        "0 = gRPC's own, unlimited)")
     p.add_argument("--max-pending-calls", type=int,
                    help="calls received that the server's loop has not yet taken; gRPC "
                         "fails more with CANCELLED (default 16384, 0 = gRPC's own: "

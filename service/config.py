@@ -264,7 +264,13 @@ class ServerConfig:
     grace_period_s: float = 30.0  # drain time on SIGTERM before in-flight work is abandoned
     max_receive_message_bytes: int = 256 * 1024 * 1024
     max_send_message_bytes: int = 256 * 1024 * 1024
-    max_concurrent_streams: int = 0  # 0: gRPC's default
+    # HTTP/2 streams one connection may have open; a client's further calls wait for one
+    # (gRPC clients queue them). With gRPC's overload protection a stream counts until the
+    # server is done with it, so this also bounds what one connection that opens streams
+    # and resets them at once (HTTP/2 "rapid reset") can queue: without a limit, one such
+    # connection filled max_pending_calls and other clients' calls failed CANCELLED
+    # (docs/reliability.md, "Connections"). 0: gRPC's default, unlimited.
+    max_concurrent_streams: int = 1024
     # Calls gRPC has received that the serving loop has not yet taken (a grpc.aio server
     # takes one at a time, so a busy loop leaves them waiting in gRPC's C core). gRPC's own
     # limit, 1,000 to 3,000 at random, fails the rest with CANCELLED: at 1,024 concurrent
@@ -400,7 +406,7 @@ class ServerConfig:
             _require(getattr(self, key) >= 1024, f"server.{key}", getattr(self, key),
                      "at least 1024")
         _require(self.max_concurrent_streams >= 0, "server.max_concurrent_streams",
-                 self.max_concurrent_streams, "0 (default) or more")
+                 self.max_concurrent_streams, "0 (gRPC's default: unlimited) or more")
         _require(self.max_pending_calls >= 0, "server.max_pending_calls",
                  self.max_pending_calls, "0 (gRPC's own) or more")
         _require(0 <= self.max_calls_in_flight <= 10_000_000, "server.max_calls_in_flight",

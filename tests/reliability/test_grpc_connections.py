@@ -13,9 +13,12 @@ when old (`grpc_max_connection_idle_s`, `grpc_max_connection_age_s`). Real serve
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import resource
 import socket
+import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -305,6 +309,74 @@ def test_refused_and_failed_calls_give_their_place_back(example_onnx: Path) -> N
         assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND,
                               grpc.StatusCode.INVALID_ARGUMENT}
         assert client.infer("example", {"input": x}, timeout=10)["output"].shape == (1, 16)
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) \
+        + struct.pack(">I", stream) + payload
+
+
+def _literal(name: str, value: str) -> bytes:
+    """An HPACK header field without indexing, no Huffman (names and values < 127 bytes)."""
+    return bytes([0, len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+INFER_HEADERS = b"".join(_literal(k, v) for k, v in (
+    (":method", "POST"), (":scheme", "http"), (":path", "/trtserve.v1.InferenceService/Infer"),
+    (":authority", "127.0.0.1"), ("content-type", "application/grpc"), ("te", "trailers")))
+HEADERS, RST_STREAM, END_HEADERS, CANCEL = 1, 3, 0x4, 8
+
+
+def _rapid_reset(port: int, stop: threading.Event, seen: collections.Counter[int]) -> None:
+    """HTTP/2 "rapid reset" on one connection: Infer streams opened and reset at once, in
+    batches of 100, until `stop`; counts the frame types the server sends back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(PREFACE)
+        stream = 1
+        buffered = b""
+        while not stop.is_set():
+            batch = bytearray()
+            for _ in range(100):
+                batch += _frame(HEADERS, END_HEADERS, stream, INFER_HEADERS)
+                batch += _frame(RST_STREAM, 0, stream, struct.pack(">I", CANCEL))
+                stream += 2
+            s.sendall(batch)
+            s.setblocking(False)
+            try:
+                while chunk := s.recv(1 << 20):
+                    buffered += chunk
+                    while len(buffered) >= 9 and len(buffered) >= 9 + int.from_bytes(
+                            buffered[:3], "big"):
+                        seen[buffered[3]] += 1
+                        buffered = buffered[9 + int.from_bytes(buffered[:3], "big"):]
+            except BlockingIOError:
+                pass
+            s.setblocking(True)
+
+
+def test_a_rapid_reset_connection_fails_no_other_clients_call(example_onnx: Path) -> None:
+    """One connection opening Infer streams and resetting them at once, as fast as it
+    can: every call of another client is answered. The server refuses the streams past
+    `max_concurrent_streams` (1,024 by default) with RST_STREAM; with no limit (gRPC's
+    default) such a connection filled the calls waiting for the loop and other clients'
+    calls failed CANCELLED (docs/reliability.md, "Connections")."""
+    server = ServerProcess(["--model", f"example={example_onnx}"])
+    x = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)
+    session = ort.InferenceSession(str(example_onnx), providers=["CPUExecutionProvider"])
+    (want,) = session.run(None, {"input": x})
+    stop, seen = threading.Event(), collections.Counter[int]()
+    with server.serving(), Client(server.url) as client:
+        flood = threading.Thread(target=_rapid_reset, args=(server.port, stop, seen))
+        flood.start()
+        try:
+            time.sleep(0.5)
+            for _ in range(100):
+                got = client.infer("example", {"input": x}, timeout=30)["output"]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        finally:
+            stop.set()
+            flood.join(30)
+    assert seen[RST_STREAM] >= 1000, seen  # the server refused streams: the limit engaged
 
 
 @pytest.mark.parametrize(("key", "value"), [

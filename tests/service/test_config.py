@@ -76,7 +76,7 @@ def test_flags_override_the_file(tmp_path):
         "--workers", "5", "--max-queue-delay-us", "100", "--event-loop", "asyncio"])
     config = build_config(args)
     assert config.port == 7000 and config.event_loop == "asyncio"
-    assert not config.health_requires_auth and config.max_concurrent_streams == 0
+    assert not config.health_requires_auth and config.max_concurrent_streams == 1024
     assert [m.name for m in config.models] == ["a", "b", "c"]
     assert all(m.workers == 5 and m.max_queue_delay_us == 100 for m in config.models)
     assert not any(m.intra_op_spinning for m in config.models)
