@@ -12,8 +12,10 @@ shortens a client's unary round trip (how much, measured by `make bench`:
 docs/benchmarks.md, "gRPC transport"). iomgr is the transport gRPC shipped for
 years. The server's listener stays on the EventEngine: on iomgr's, one
 connection flooding PING or WINDOW_UPDATE frames held every new connection's
-handshake until the flood stopped (docs/reliability.md, "Connections"), and on
-grpcio 1.85 the EventEngine's listener cost no measurable latency.
+handshake until the flood stopped (docs/reliability.md, "Connections"). That
+safety costs the server about 8-17% more CPU per call than iomgr's listener
+(docs/benchmarks.md, "gRPC transport"); a server only trusted clients reach can
+take it back with GRPC_EXPERIMENTS=-event_engine_listener plus EXPERIMENTS's two.
 
 A GRPC_EXPERIMENTS already in the environment wins, so
 `GRPC_EXPERIMENTS= trtserve serve ...` runs on gRPC's own defaults.
