@@ -30,6 +30,8 @@ FRAME_TYPES = {0: "DATA", 1: "HEADERS", 2: "PRIORITY", 3: "RST_STREAM", 4: "SETT
                5: "PUSH_PROMISE", 6: "PING", 7: "GOAWAY", 8: "WINDOW_UPDATE",
                9: "CONTINUATION"}
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # the client's connection preface, before frames
+# The preface and an empty SETTINGS frame: all a client must send to finish the handshake.
+CLIENT_START = PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 HEADER_BYTES = 9
 KEEP_HEADER_BLOCKS = 16
 CONTROL = {"WINDOW_UPDATE", "PING", "SETTINGS"}

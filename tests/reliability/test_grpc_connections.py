@@ -38,8 +38,8 @@ from trtserve.service.config import ServerConfig
 from trtserve.service.errors import ConfigError
 from trtserve.service.testing.servers import ServerProcess
 
-# HTTP/2's client preface and an empty SETTINGS frame: a finished handshake, then nothing.
-PREFACE = h2_frames.PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+# A finished handshake: HTTP/2's client preface and an empty SETTINGS frame.
+PREFACE = h2_frames.CLIENT_START
 
 
 def _limit(soft: int, hard: int) -> Callable[[], None]:

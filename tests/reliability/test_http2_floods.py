@@ -13,7 +13,6 @@ connection's handshake (docs/reliability.md, "Connections").
 
 from __future__ import annotations
 
-import collections
 import socket
 import struct
 import threading
@@ -29,8 +28,8 @@ from benchmarks import h2_frames
 from trtserve.client import Client
 from trtserve.service.testing.servers import ServerProcess
 
-# HTTP/2's client preface and an empty SETTINGS frame.
-PREFACE = h2_frames.PREFACE + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+# A finished handshake: HTTP/2's client preface and an empty SETTINGS frame.
+PREFACE = h2_frames.CLIENT_START
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
@@ -46,8 +45,8 @@ def _literal(name: str, value: str) -> bytes:
 INFER_HEADERS = b"".join(_literal(k, v) for k, v in (
     (":method", "POST"), (":scheme", "http"), (":path", "/trtserve.v1.InferenceService/Infer"),
     (":authority", "127.0.0.1"), ("content-type", "application/grpc"), ("te", "trailers")))
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = \
-    0, 1, 3, 4, 6, 7, 8, 9
+# Frame types (RFC 9113, section 6) the floods send.
+HEADERS, RST_STREAM, SETTINGS, PING, WINDOW_UPDATE, CONTINUATION = 1, 3, 4, 6, 8, 9
 END_HEADERS, CANCEL = 0x4, 8
 
 
@@ -89,33 +88,26 @@ FLOODS: dict[str, Callable[[], Callable[[], bytes]]] = {
 
 
 def _flood(port: int, batches: Callable[[], bytes], stop: threading.Event,
-           seen: collections.Counter[int | str]) -> None:
-    """Send `batches()` on one connection until `stop` or the server closes it; count the
-    frame types the server sends back (and "closed" once it closes the connection)."""
+           seen: h2_frames.Direction) -> None:
+    """Send `batches()` on one connection until `stop` or the server closes it; `seen`
+    counts the frames the server sends back (h2_frames' parser)."""
+    parser = h2_frames.FrameParser(seen, preface=False)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(PREFACE)
-        buffered = bytearray()
         try:
             while not stop.is_set():
                 s.sendall(batches())
                 s.setblocking(False)
                 try:
                     while chunk := s.recv(1 << 20):
-                        buffered += chunk
-                        at = 0  # frame by frame: 9 bytes of header, then the payload
-                        while len(buffered) - at >= 9 and len(buffered) - at >= 9 + (
-                                size := int.from_bytes(buffered[at:at + 3], "big")):
-                            seen[buffered[at + 3]] += 1
-                            at += 9 + size
-                        del buffered[:at]
-                    seen["closed"] += 1
-                    return
+                        parser.feed(chunk)
+                    return  # closed by the server
                 except BlockingIOError:
                     pass
                 finally:
                     s.setblocking(True)
         except (BrokenPipeError, ConnectionResetError):
-            seen["closed"] += 1
+            pass
 
 
 @pytest.mark.parametrize("kind", FLOODS)
@@ -140,7 +132,7 @@ def test_an_http2_flood_on_one_connection_fails_no_other_clients_call(
     x = np.random.default_rng(5).standard_normal((1, 64)).astype(np.float32)
     session = ort.InferenceSession(str(example_onnx), providers=["CPUExecutionProvider"])
     (want,) = session.run(None, {"input": x})
-    stop, seen = threading.Event(), collections.Counter[int | str]()
+    stop, seen = threading.Event(), h2_frames.Direction()
     with server.serving(), Client(server.url) as client:
         flood = threading.Thread(target=_flood,
                                  args=(server.port, FLOODS[kind](), stop, seen))
@@ -154,8 +146,9 @@ def test_an_http2_flood_on_one_connection_fails_no_other_clients_call(
             stop.set()
             flood.join(30)
     if kind == "rapid reset":
-        assert seen[RST_STREAM] >= 1000, seen  # the server refused streams: the limit held
+        # The server refused streams: the limit held.
+        assert seen.frames["RST_STREAM"] >= 1000, seen.frames
     if kind == "pings":
         # Too many pings: GOAWAY (gRPC then closes the connection, or, in some runs, goes
         # on answering its pings; either way the other client was served).
-        assert seen[GOAWAY], seen
+        assert seen.frames["GOAWAY"], seen.frames
