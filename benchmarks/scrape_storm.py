@@ -42,7 +42,21 @@ from trtserve.service.example_model import write_example
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
+def serving_env(root: str, tmp: Path) -> dict[str, str]:
+    """The environment in which `python -m trtserve.service.cli` runs `root`'s checkout.
+
+    This checkout's `trtserve.service` and `trtserve.client` are installed (editable), and
+    a PYTHONPATH of `root` alone would still import them: another checkout's are reached
+    through links shaped as installed (trtserve/service, trtserve/client), ahead on
+    PYTHONPATH."""
+    farm = tmp / "checkout" / "trtserve"
+    farm.mkdir(parents=True)
+    for part in ("service", "client"):
+        (farm / part).symlink_to(Path(root).resolve() / part)
+    return {**os.environ, "PYTHONPATH": str(farm.parent)}
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -72,12 +86,12 @@ def _scrape_loop(port: int, threads: int, stop: mp.synchronize.Event,  # type: i
         w.join()
 
 
-async def _latencies(url: str, clients: int, seconds: float) -> list[float]:
+async def latencies(url: str, clients: int, seconds: float) -> list[float]:
+    """Each call's seconds, from `clients` callers for `seconds` after a warm-up."""
     x = np.ones((1, 64), np.float32)
     out: list[float] = []
-    end = time.monotonic() + seconds
 
-    async def caller(c: AsyncClient) -> None:
+    async def caller(c: AsyncClient, end: float) -> None:
         while time.monotonic() < end:
             t = time.perf_counter()
             await c.infer("example", {"input": x}, timeout=60)
@@ -86,11 +100,12 @@ async def _latencies(url: str, clients: int, seconds: float) -> list[float]:
     async with AsyncClient(url) as c:
         for _ in range(20):  # warm up
             await c.infer("example", {"input": x}, timeout=60)
-        await asyncio.gather(*(caller(c) for _ in range(clients)))
+        end = time.monotonic() + seconds  # after the warm-up, which a flood may slow
+        await asyncio.gather(*(caller(c, end) for _ in range(clients)))
     return out
 
 
-def _summary(lat: list[float], seconds: float) -> dict[str, float]:
+def summary(lat: list[float], seconds: float) -> dict[str, float]:
     a = np.array(lat) * 1e3
     return {"calls": len(lat), "calls_per_s": round(len(lat) / seconds, 1),
             "p50_ms": round(float(np.percentile(a, 50)), 2),
@@ -99,7 +114,7 @@ def _summary(lat: list[float], seconds: float) -> dict[str, float]:
             "max_ms": round(float(a.max()), 2)}
 
 
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -134,7 +149,7 @@ def _half_sent(url: str, metrics_port: int, n: int, clients: int, seconds: float
     with Client(url) as c:  # the first call after they complete: the issue's stall
         c.infer("example", {"input": np.ones((1, 64), np.float32)}, timeout=120)
     first_ms = round((time.perf_counter() - start) * 1e3, 1)
-    latency = _summary(asyncio.run(_latencies(url, clients, seconds)), seconds)
+    latency = summary(asyncio.run(latencies(url, clients, seconds)), seconds)
     for s in held:
         s.close()
     return {"connections": len(held), "server_threads_while_held": threads,
@@ -151,10 +166,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     args = p.parse_args()
 
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         model = write_example(Path(tmp) / "example.onnx")
-        env = {**os.environ, "PYTHONPATH": args.server_root}
+        env = serving_env(args.server_root, Path(tmp))
         log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(
             [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
@@ -162,7 +177,7 @@ def main() -> None:
              "--log-level", "WARNING"], cwd=args.server_root, env=env, stdout=log,
             stderr=subprocess.STDOUT)
         try:
-            _wait_ready(port, proc)
+            wait_ready(port, proc)
             url = f"127.0.0.1:{port}"
             result: dict[str, object] = {"server_root": args.server_root,
                                          "clients": args.clients, "scrapers": args.scrapers,
@@ -170,8 +185,8 @@ def main() -> None:
                                          "cpus": os.cpu_count(),
                                          "server_threads_quiet":
                                              psutil.Process(proc.pid).num_threads()}
-            result["quiet_before"] = _summary(
-                asyncio.run(_latencies(url, args.clients, args.seconds)), args.seconds)
+            result["quiet_before"] = summary(
+                asyncio.run(latencies(url, args.clients, args.seconds)), args.seconds)
             if args.half_sent:
                 result["half_sent_completed"] = _half_sent(
                     url, metrics_port, args.half_sent, args.clients, args.seconds, proc.pid)
@@ -181,15 +196,15 @@ def main() -> None:
             storm.start()
             time.sleep(1.0)  # let the storm build
             before = counts.value
-            storm_lat = asyncio.run(_latencies(url, args.clients, args.seconds))
-            result["storm"] = {**_summary(storm_lat, args.seconds),
+            storm_lat = asyncio.run(latencies(url, args.clients, args.seconds))
+            result["storm"] = {**summary(storm_lat, args.seconds),
                                "scrapes_per_s": round((counts.value - before) / args.seconds,
                                                       1)}
             result["server_threads_in_storm"] = psutil.Process(proc.pid).num_threads()
             stop.set()
             storm.join(40)
-            result["quiet_after"] = _summary(
-                asyncio.run(_latencies(url, args.clients, args.seconds)), args.seconds)
+            result["quiet_after"] = summary(
+                asyncio.run(latencies(url, args.clients, args.seconds)), args.seconds)
             print(json.dumps(result, indent=2))
         finally:
             proc.terminate()

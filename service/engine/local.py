@@ -42,6 +42,7 @@ from trtserve.service.engine.regions import (
     infer_with_regions,
 )
 from trtserve.service.engine.repository import ModelRepository
+from trtserve.service.engine.shared_calls import SharedCalls
 from trtserve.service.errors import NotFound, PermissionDenied, ServeError, TensorError
 from trtserve.service.limits import ByteBudget, request_bytes
 from trtserve.service.tensors import TensorSpec
@@ -66,6 +67,8 @@ class LocalEngine:
         # model, since frontends ask for it on every request.
         self._descriptions: dict[str, tuple[ModelRuntime, ModelDescription]] = {}
         self._listeners: list[HealthListener] = []
+        # Stats calls that overlap (every frontend's, Prometheus's) share one snapshot.
+        self._stats_calls: SharedCalls[StatsSnapshot] = SharedCalls()
 
     @property
     def repository(self) -> ModelRepository:
@@ -377,6 +380,9 @@ class LocalEngine:
     # --- statistics and health -----------------------------------------------------------
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
+        return await self._stats_calls.run(model, lambda: self._snapshot(model))
+
+    async def _snapshot(self, model: str | None) -> StatsSnapshot:
         runtimes = [self._repository.get(model)] if model is not None else list(self._repository)
         return StatsSnapshot(models=tuple(r.snapshot() for r in runtimes),
                              request_bytes=self._budget.snapshot(),

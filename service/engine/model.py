@@ -36,7 +36,7 @@ from trtserve.service.engine.api import (
 from trtserve.service.engine.batch import Batch, MemberOutcomes, Outputs, Request, Validated
 from trtserve.service.engine.batcher import Batcher, BatchPolicy
 from trtserve.service.engine.scheduler import Scheduler
-from trtserve.service.engine.stats import ModelCounters, Samples, WorkerStats
+from trtserve.service.engine.stats import Merged, ModelCounters, WorkerStats
 from trtserve.service.engine.worker import Outcome, Worker
 from trtserve.service.errors import (
     BackendError,
@@ -101,6 +101,9 @@ class ModelRuntime:
             for i, factory in enumerate(loaded.factories)
         ]
         self.worker_stats = [WorkerStats(i, stats_window_s) for i in range(len(self.workers))]
+        # The model's percentiles, over every worker's window so that each worker counts.
+        self._queue_time = Merged([s.queue_time for s in self.worker_stats])
+        self._compute_time = Merged([s.compute_time for s in self.worker_stats])
         # Batches handed to each worker and not finished: the one it runs, and at most
         # one queued behind it (scheduler.py).
         self._in_flight = [0] * len(self.workers)
@@ -218,10 +221,6 @@ class ModelRuntime:
 
     def snapshot(self) -> ModelSnapshot:
         """The model's counters and every worker's, read now (on the event loop)."""
-        queue, compute = Samples(), Samples()
-        for stats in self.worker_stats:
-            queue.extend(stats.queue_time)
-            compute.extend(stats.compute_time)
         healthy = self.healthy_workers
         return ModelSnapshot(
             name=self.name, version=self.version, ready=self.ready and healthy > 0,
@@ -229,7 +228,8 @@ class ModelRuntime:
             counters=self.counters.snapshot(),
             workers=tuple(s.snapshot(n, w.healthy) for s, n, w in
                           zip(self.worker_stats, self._in_flight, self.workers, strict=True)),
-            queue_time=queue.summary(), compute_time=compute.summary())
+            queue_time=self._queue_time.summary(),
+            compute_time=self._compute_time.summary())
 
     async def infer(
         self,

@@ -46,6 +46,7 @@ from trtserve.service.engine.api import (
     TensorOut,
     check_version,
 )
+from trtserve.service.engine.shared_calls import SharedCalls
 from trtserve.service.errors import NotFound, ServeError, Unavailable
 from trtserve.service.gen.trtserve.internal import link_pb2
 from trtserve.service.ipc import codec
@@ -117,6 +118,9 @@ class RemoteEngine:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._queries: dict[int, asyncio.Future[object]] = {}
+        # Stats calls that overlap ask the engine once (a flood of them cannot queue
+        # snapshots ahead of other frontends' requests there).
+        self._stats_calls: SharedCalls[StatsSnapshot] = SharedCalls()
         self._descriptions: dict[str, ModelDescription] = {}
         self._failed: frozenset[str] = frozenset()
         self._health: dict[str, bool] = {}
@@ -386,6 +390,9 @@ class RemoteEngine:
             self._spinning = False
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
+        return await self._stats_calls.run(model, lambda: self._query_stats(model))
+
+    async def _query_stats(self, model: str | None) -> StatsSnapshot:
         link = self._link
         if link is None or link.closed:
             raise Unavailable("the engine process is not reachable")

@@ -153,6 +153,18 @@ async def test_stats_of_an_unknown_model_is_not_found_across_the_link(pair: Pair
     assert model.name == "example"
 
 
+async def test_stats_calls_that_overlap_ask_the_engine_once(pair: Pair) -> None:
+    """A frontend whose clients flood Stats keeps at most one query at the engine, whose
+    loop would otherwise read a snapshot for each ahead of every frontend's requests."""
+    snapshots = await asyncio.gather(*(pair.remote.stats() for _ in range(50)))
+    assert all(s is snapshots[0] for s in snapshots)
+    await pair.remote.infer(_request(np.zeros((1, 64), np.float32)))
+    later = await pair.remote.stats()
+    assert later is not snapshots[0]
+    (frontend,) = later.frontends
+    assert frontend.requests == snapshots[0].frontends[0].requests + 1
+
+
 async def test_an_input_range_is_not_reused_while_the_batch_of_a_cancelled_request_reads_it(
         ) -> None:
     """The frontend frees a request's input range when the engine's reply arrives: for a

@@ -149,6 +149,20 @@ async def test_stats_are_a_snapshot_that_later_work_does_not_change(served):
         await engine.stats("nope")
 
 
+async def test_stats_calls_that_overlap_share_one_snapshot(served):
+    """A client calling Stats in a loop must not queue snapshots on the engine's loop
+    (shared_calls.py); a call made after work is done still sees that work."""
+    engine, _ = served
+    snapshots = await asyncio.gather(*(engine.stats() for _ in range(50)))
+    assert all(s is snapshots[0] for s in snapshots)
+    await engine.infer(_request(_rows(1)))
+    later = await engine.stats()
+    assert later is not snapshots[0]
+    assert later.models[0].counters.requests == snapshots[0].models[0].counters.requests + 1
+    one, everything = await asyncio.gather(engine.stats("m"), engine.stats())
+    assert one is not everything  # a model's and every model's are separate calls
+
+
 async def test_health_listeners_hear_a_model_lose_its_last_worker(served):
     engine, controls = served
     heard: list[tuple[str, bool]] = []
