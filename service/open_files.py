@@ -12,7 +12,9 @@ frontend processes and the metrics process inherit the raised limit.
 
 from __future__ import annotations
 
+import os
 import resource
+import time
 from dataclasses import dataclass
 
 # Below this many open files, a start warns that connections can exhaust them.
@@ -58,3 +60,32 @@ def connection_cap(wanted: int, http_connections: int) -> int:
     room -= min(http_connections, room // 2)
     room = max(1, room)
     return min(wanted, room) if wanted else room
+
+
+class Held:
+    """How many files a process of this host holds open (0 once it is gone), for Stats.
+
+    Linux 6.2 and later give the count as the size of /proc/PID/fd: 0.2 ms at 10,000
+    files. Older kernels report a size of 0 and need the folder listed: 12 ms there, on
+    the engine's loop, for each frontend in each Stats snapshot, which clients calling
+    Stats in a loop would keep asking for. So a listed count is reused for
+    `listed_ttl_s`."""
+
+    def __init__(self, pid: int, listed_ttl_s: float = 1.0) -> None:
+        self.pid = pid
+        self.listed_ttl_s = listed_ttl_s
+        self._listed = 0
+        self._listed_until = 0.0  # time.monotonic() until which _listed is reused
+
+    def count(self) -> int:
+        folder = f"/proc/{self.pid}/fd"
+        try:
+            if size := os.stat(folder).st_size:
+                return size
+            now = time.monotonic()
+            if now >= self._listed_until:
+                self._listed = len(os.listdir(folder))
+                self._listed_until = now + self.listed_ttl_s
+            return self._listed
+        except OSError:
+            return 0

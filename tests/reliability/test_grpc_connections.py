@@ -331,3 +331,44 @@ def test_raise_to_hard_reports_what_it_did() -> None:
         assert open_files.raise_to_hard() == open_files.OpenFiles(files.limit, files.limit)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@contextmanager
+def _opened(count: int) -> Iterator[None]:
+    files = [open(os.devnull) for _ in range(count)]  # noqa: SIM115 - closed below
+    try:
+        yield
+    finally:
+        for f in files:
+            f.close()
+
+
+def test_held_files_are_counted_as_they_open_and_close() -> None:
+    held = open_files.Held(os.getpid())
+    before = held.count()
+    with _opened(5):
+        assert held.count() == before + 5
+    assert held.count() == before
+    assert open_files.Held(2**22 + 1).count() == 0  # no such process
+
+
+def test_an_old_kernels_listed_count_is_reused_for_its_ttl(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels before 6.2 give /proc/PID/fd a size of 0. This one cannot be made old, so
+    os.stat answers as one would (a double); the listing is real."""
+    real_stat = os.stat
+
+    def old_kernels_stat(path: str) -> os.stat_result:
+        st = real_stat(path)
+        fields = list(st[:10])
+        fields[6] = 0  # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(open_files.os, "stat", old_kernels_stat)
+    held = open_files.Held(os.getpid(), listed_ttl_s=0.3)
+    before = held.count()
+    assert before == len(os.listdir(f"/proc/{os.getpid()}/fd"))
+    with _opened(5):
+        assert held.count() == before  # listed less than listed_ttl_s ago: reused
+        time.sleep(0.35)
+        assert held.count() == before + 5
