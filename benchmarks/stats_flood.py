@@ -8,14 +8,16 @@ measures one caller sending one Infer at a time for `--seconds`, four times: qui
 `--flooders` callers in another process call Stats in a loop over `--connections`
 connections; while as many call Infer in a loop (the load any client may send: what a
 Stats flood should cost no more than); quiet again. Prints a table: the caller's
-calls/s and latency percentiles, and the flood's calls/s. The flood shares the machine's
-cores with the server, as it would.
+calls/s and latency percentiles, the flood's calls/s, and the server's CPU (engine and
+frontends) per flood call. The flood shares the machine's cores with the server, as it
+would.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import subprocess
@@ -23,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from benchmarks.scrape_storm import (
     ROOT,
@@ -36,8 +40,8 @@ from trtserve.service.example_model import write_example
 
 
 def _flood(url: str, rpc: str, flooders: int, connections: int,
-           stop: mp.synchronize.Event,  # type: ignore[name-defined]
-           calls: mp.sharedctypes.Synchronized) -> None:  # type: ignore[name-defined]
+           stop: mp.synchronize.Event,
+           calls: mp.sharedctypes.Synchronized) -> None:
     import grpc
     import numpy as np
 
@@ -63,22 +67,38 @@ def _flood(url: str, rpc: str, flooders: int, connections: int,
         stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
         await asyncio.gather(*(flooder(stubs[i % connections]) for i in range(flooders)))
         for c in channels:
-            await c.close()
+            await c.close(grace=None)
 
     asyncio.run(main())
 
 
-def _measured(url: str, seconds: float, flood: tuple[str, int, int] | None) -> dict[str, object]:
-    """The lone caller's latencies, with a flood of (rpc, flooders, connections) beside it."""
+def _cpu_s(server: psutil.Process) -> float:
+    """CPU seconds of the server's processes (the engine and its frontends)."""
+    total = 0.0
+    for p in [server, *server.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _measured(url: str, server: psutil.Process, seconds: float,
+              flood: tuple[str, int, int] | None) -> dict[str, float]:
+    """The lone caller's latencies, with a flood of (rpc, flooders, connections) beside it,
+    and the server's CPU per flood call."""
     if flood is None:
         return summary(asyncio.run(latencies(url, 1, seconds)), seconds)
     stop, calls = mp.Event(), mp.Value("q", 0)
     flooding = mp.Process(target=_flood, args=(url, *flood, stop, calls), daemon=True)
     flooding.start()
     time.sleep(1.5)  # the flood builds
-    before = calls.value
+    before, cpu_before = calls.value, _cpu_s(server)
     result = summary(asyncio.run(latencies(url, 1, seconds)), seconds)
-    result["flood_calls_per_s"] = round((calls.value - before) / seconds)
+    flood_calls = calls.value - before
+    result["flood_calls_per_s"] = round(flood_calls / seconds)
+    # The lone caller's calls are in it too: few beside the flood's.
+    result["server_ms_per_flood_call"] = round(
+        (_cpu_s(server) - cpu_before) * 1e3 / max(flood_calls, 1), 3)
     stop.set()
     flooding.join(60)
     return result
@@ -113,13 +133,15 @@ def main() -> None:
                   f"{os.cpu_count()} cores; one caller, one Infer at a time, "
                   f"{args.seconds:g} s each")
             print(f"{'beside it':<24} {'calls/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
-                  f"{'p99 ms':>8} {'max ms':>8} {'flood calls/s':>14}")
+                  f"{'p99 ms':>8} {'max ms':>8} {'flood calls/s':>14} "
+                  f"{'server CPU ms/flood call':>25}")
+            server = psutil.Process(proc.pid)
             for name, rpc in rows:
                 flood = None if rpc is None else (rpc, args.flooders, args.connections)
-                r = _measured(url, args.seconds, flood)
+                r = _measured(url, server, args.seconds, flood)
                 print(f"{name:<24} {r['calls_per_s']:>8} {r['p50_ms']:>8} {r['p90_ms']:>8} "
-                      f"{r['p99_ms']:>8} {r['max_ms']:>8} {r.get('flood_calls_per_s', ''):>14}",
-                      flush=True)
+                      f"{r['p99_ms']:>8} {r['max_ms']:>8} {r.get('flood_calls_per_s', ''):>14} "
+                      f"{r.get('server_ms_per_flood_call', ''):>25}", flush=True)
         finally:
             proc.terminate()
             try:
