@@ -4,7 +4,7 @@ Overlapping Stats calls share one snapshot (service/engine/shared_calls.py), in 
 frontend and in the engine, so a flood cannot queue snapshots ahead of other clients'
 requests; callers that leave (deadline) must not take the shared answer from the ones
 that stay. What a flood costs a client sending one request at a time is a benchmark
-(`python -m benchmarks.stats_flood`; docs/reliability.md, "Stats"). Real server
+(`python -m benchmarks.stats_flood`; docs/reliability.md, "Stats under a flood"). Real server
 (`trtserve serve` as a child process), real sockets.
 """
 
@@ -18,37 +18,56 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from trtserve.client import AsyncClient, InferenceError
+from trtserve.client import AsyncClient
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
+from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from trtserve.service.testing.servers import ServerProcess
 
-FLOODERS = 96
+FLOODERS = 84
+HASTY = 12
 SECONDS = 2.0
 
 
 async def _flood(url: str, end: float) -> tuple[int, int]:
     """(Stats answered, Stats past their deadline) from FLOODERS callers on 4 connections,
-    one in eight with a deadline too short for an answer to come in time."""
+    and HASTY callers on a fifth with a deadline too short for an answer to come in time.
+
+    The hasty ones reset a stream every half millisecond: gRPC's overload protection may
+    refuse their connection new streams (REFUSED_STREAM: UNAVAILABLE) while the streams
+    they reset still count against server.max_concurrent_streams, as it does a rapid-reset
+    flood. Only their own connection: every other caller is answered."""
     answered = expired = 0
 
-    async def flooder(client: AsyncClient, i: int) -> None:
-        nonlocal answered, expired
+    async def flooder(stub: pb_grpc.InferenceServiceStub) -> None:
+        nonlocal answered
         while time.monotonic() < end:
-            try:
-                response = await client.stats(timeout=0.0005 if i % 8 == 0 else 30)
-            except InferenceError as e:
-                assert e.code == grpc.StatusCode.DEADLINE_EXCEEDED, e
-                expired += 1
-                continue
+            response = await stub.Stats(pb.StatsRequest(), timeout=30)
             assert [m.name for m in response.models] == ["example"]
             assert len(response.frontends) == 2
             answered += 1
 
-    clients = [AsyncClient(url) for _ in range(4)]
+    async def hasty(stub: pb_grpc.InferenceServiceStub) -> None:
+        nonlocal expired
+        while time.monotonic() < end:
+            try:
+                await stub.Stats(pb.StatsRequest(), timeout=0.0005)
+            except grpc.aio.AioRpcError as e:
+                assert e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    grpc.StatusCode.UNAVAILABLE), e
+                expired += 1
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    await asyncio.sleep(0.01)
+
+    # A connection each (gRPC's channels of one process otherwise share one).
+    channels = [grpc.aio.insecure_channel(url, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(5)]
+    stubs = [pb_grpc.InferenceServiceStub(c) for c in channels]
     try:
-        await asyncio.gather(*(flooder(clients[i % 4], i) for i in range(FLOODERS)))
+        await asyncio.gather(*(flooder(stubs[i % 4]) for i in range(FLOODERS)),
+                             *(hasty(stubs[4]) for _ in range(HASTY)))
     finally:
-        for c in clients:
-            await c.close()
+        for c in channels:
+            await c.close(grace=None)
     return answered, expired
 
 
