@@ -46,6 +46,7 @@ from trtserve.service.engine.batch import Validated
 from trtserve.service.engine.cuda_ipc import HostPinner
 from trtserve.service.engine.local import LocalEngine, Submitted, Tensors
 from trtserve.service.engine.model import DEADLINE_CANCEL_SLACK_S
+from trtserve.service.engine.shared_calls import SharedCalls
 from trtserve.service.errors import ServeError
 from trtserve.service.gen.trtserve.internal import link_pb2
 from trtserve.service.ipc import codec
@@ -589,6 +590,9 @@ class EngineHost:
         self.ports: dict[int, FrontendPort] = {}
         self._health: dict[str, bool] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Stats queries that overlap (every frontend's, Prometheus's) share one answer,
+        # the frontends' rows (read from /proc) included.
+        self._stats_calls: SharedCalls[StatsSnapshot] = SharedCalls()
         self.on_health: Callable[[str, bool], None] | None = None
         engine.add_health_listener(self._on_health)
         # How long the loop polls for the next frame once a frontend has nothing in
@@ -711,6 +715,9 @@ class EngineHost:
         self.engine.add_health_listener(listener)
 
     async def stats(self, model: str | None = None) -> StatsSnapshot:
+        return await self._stats_calls.run(model, lambda: self._stats(model))
+
+    async def _stats(self, model: str | None) -> StatsSnapshot:
         snapshot = await self.engine.stats(model)
         return dataclasses.replace(snapshot, frontends=self.frontends())
 

@@ -2,11 +2,10 @@
 
 A Stats answer is a snapshot of every worker's counters and percentiles, read on the
 engine's loop. Before this, each call read its own: 256 clients calling Stats in a loop
-queued hundreds of snapshots on the engine's loop, and a client sending one Infer at a
-time behind them went from about 1,000 to 4 requests/s (p50 246 ms; the 2-core
-machine, two frontends), where as many clients flooding Infer itself left it 589.
-Shared, a flood costs the engine at most one snapshot at a time per caller of this
-class (each frontend, and the engine itself), whatever the number of clients.
+queued hundreds of snapshots there, ahead of every frontend's requests, and held a client
+sending one Infer at a time to 2-6 calls/s (docs/reliability.md, "Stats under a
+flood"). Shared, a flood costs the engine at most one snapshot at a time per owner of
+one of these (each frontend, and the engine itself), whatever the number of clients.
 
 A caller that joins a call already running gets its answer: in the engine's process, a
 snapshot read after the caller came; in a frontend, one read at most a round trip to

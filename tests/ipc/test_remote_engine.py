@@ -158,6 +158,10 @@ async def test_stats_calls_that_overlap_ask_the_engine_once(pair: Pair) -> None:
     loop would otherwise read a snapshot for each ahead of every frontend's requests."""
     snapshots = await asyncio.gather(*(pair.remote.stats() for _ in range(50)))
     assert all(s is snapshots[0] for s in snapshots)
+    # In the engine, queries that arrive together (every frontend's, Prometheus's) get one
+    # answer, the frontends' rows read from /proc included.
+    answers = await asyncio.gather(*(pair.host.stats() for _ in range(20)))
+    assert all(a is answers[0] for a in answers)
     await pair.remote.infer(_request(np.zeros((1, 64), np.float32)))
     later = await pair.remote.stats()
     assert later is not snapshots[0]
