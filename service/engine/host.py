@@ -448,11 +448,15 @@ class FrontendPort:
                                                                          c.payload)))
 
     async def _answer_stats(self, qid: int, model: str | None) -> None:
+        """Always answered: the frontend's Stats callers share the wait for it."""
         control = K(kind=K.STATS, id=qid)
         try:
             control.payload = encode_payload(await self.host.stats(model))
         except ServeError as e:
             control.payload = encode_payload(e)
+        except Exception:
+            log.exception("frontend %d: stats failed", self.index)
+            control.payload = encode_payload(ServeError("internal error; see the server log"))
         if self.link is not None and not self.link.closed:
             self.link.outgoing().controls.append(control)
 

@@ -169,6 +169,22 @@ async def test_stats_calls_that_overlap_ask_the_engine_once(pair: Pair) -> None:
     assert frontend.requests == snapshots[0].frontends[0].requests + 1
 
 
+async def test_a_stats_query_that_fails_in_the_engine_is_still_answered(
+        pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontend's Stats callers share one wait for the engine's answer: an error the
+    engine did not expect (here injected into reading the frontends' rows) must answer
+    them, or every later Stats call at that frontend would join a wait that never ends."""
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pair.host, "frontends", broken)
+    with pytest.raises(ServeError, match="internal error; see the server log"):
+        await asyncio.wait_for(pair.remote.stats(), 10)
+    monkeypatch.undo()
+    (frontend,) = (await asyncio.wait_for(pair.remote.stats(), 10)).frontends
+    assert frontend.index == 0
+
+
 async def test_an_input_range_is_not_reused_while_the_batch_of_a_cancelled_request_reads_it(
         ) -> None:
     """The frontend frees a request's input range when the engine's reply arrives: for a
