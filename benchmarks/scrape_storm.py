@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,30 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60) 
     raise RuntimeError("the server did not become ready")
 
 
+@contextlib.contextmanager
+def example_server(server_root: str, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`trtserve serve` from `server_root`'s checkout, the example model and `flags`, as a
+    child process: yields its URL and process once healthy, and stops it after."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_example(Path(tmp) / "example.onnx")
+        env = serving_env(server_root, Path(tmp))
+        port = free_port()
+        with open(Path(tmp) / "server.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "trtserve.service.cli", "serve",
+                 "--model", f"example={model}", "--port", str(port), "--log-level", "WARNING",
+                 *flags], cwd=server_root, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                wait_ready(port, proc)
+                yield f"127.0.0.1:{port}", proc
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
 def _half_sent(url: str, metrics_port: int, n: int, clients: int, seconds: float,
                server_pid: int) -> dict[str, object]:
     held = []
@@ -166,54 +191,34 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     args = p.parse_args()
 
-    port, metrics_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_example(Path(tmp) / "example.onnx")
-        env = serving_env(args.server_root, Path(tmp))
-        log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
-             "--workers", "1", "--port", str(port), "--metrics-port", str(metrics_port),
-             "--log-level", "WARNING"], cwd=args.server_root, env=env, stdout=log,
-            stderr=subprocess.STDOUT)
-        try:
-            wait_ready(port, proc)
-            url = f"127.0.0.1:{port}"
-            result: dict[str, object] = {"server_root": args.server_root,
-                                         "clients": args.clients, "scrapers": args.scrapers,
-                                         "half_sent": args.half_sent, "seconds": args.seconds,
-                                         "cpus": os.cpu_count(),
-                                         "server_threads_quiet":
-                                             psutil.Process(proc.pid).num_threads()}
-            result["quiet_before"] = summary(
-                asyncio.run(latencies(url, args.clients, args.seconds)), args.seconds)
-            if args.half_sent:
-                result["half_sent_completed"] = _half_sent(
-                    url, metrics_port, args.half_sent, args.clients, args.seconds, proc.pid)
-            stop, counts = mp.Event(), mp.Value("q", 0)
-            storm = mp.Process(target=_scrape_loop,
-                               args=(metrics_port, args.scrapers, stop, counts), daemon=True)
-            storm.start()
-            time.sleep(1.0)  # let the storm build
-            before = counts.value
-            storm_lat = asyncio.run(latencies(url, args.clients, args.seconds))
-            result["storm"] = {**summary(storm_lat, args.seconds),
-                               "scrapes_per_s": round((counts.value - before) / args.seconds,
-                                                      1)}
-            result["server_threads_in_storm"] = psutil.Process(proc.pid).num_threads()
-            stop.set()
-            storm.join(40)
-            result["quiet_after"] = summary(
-                asyncio.run(latencies(url, args.clients, args.seconds)), args.seconds)
-            print(json.dumps(result, indent=2))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-
+    metrics_port = free_port()
+    with example_server(args.server_root, "--workers", "1",
+                        "--metrics-port", str(metrics_port)) as (url, proc):
+        result: dict[str, object] = {"server_root": args.server_root,
+                                     "clients": args.clients, "scrapers": args.scrapers,
+                                     "half_sent": args.half_sent, "seconds": args.seconds,
+                                     "cpus": os.cpu_count(),
+                                     "server_threads_quiet": psutil.Process(proc.pid).num_threads()}
+        result["quiet_before"] = summary(
+            asyncio.run(latencies(url, args.clients, args.seconds)), args.seconds)
+        if args.half_sent:
+            result["half_sent_completed"] = _half_sent(
+                url, metrics_port, args.half_sent, args.clients, args.seconds, proc.pid)
+        stop, counts = mp.Event(), mp.Value("q", 0)
+        storm = mp.Process(target=_scrape_loop,
+                           args=(metrics_port, args.scrapers, stop, counts), daemon=True)
+        storm.start()
+        time.sleep(1.0)  # let the storm build
+        before = counts.value
+        storm_lat = asyncio.run(latencies(url, args.clients, args.seconds))
+        result["storm"] = {**summary(storm_lat, args.seconds),
+                           "scrapes_per_s": round((counts.value - before) / args.seconds, 1)}
+        result["server_threads_in_storm"] = psutil.Process(proc.pid).num_threads()
+        stop.set()
+        storm.join(40)
+        result["quiet_after"] = summary(
+            asyncio.run(latencies(url, args.clients, args.seconds)), args.seconds)
+        print(json.dumps(result, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -20,23 +20,11 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psutil
 
-from benchmarks.scrape_storm import (
-    ROOT,
-    free_port,
-    latencies,
-    serving_env,
-    summary,
-    wait_ready,
-)
-from trtserve.service.example_model import write_example
+from benchmarks.scrape_storm import ROOT, example_server, latencies, summary
 
 
 def _flood(url: str, rpc: str, flooders: int, connections: int,
@@ -114,42 +102,22 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     args = p.parse_args()
 
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_example(Path(tmp) / "example.onnx")
-        env = serving_env(args.server_root, Path(tmp))
-        log = open(Path(tmp) / "server.log", "wb")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trtserve.service.cli", "serve", "--model", f"example={model}",
-             "--port", str(port), "--metrics-port", "0", "--http-port", "0",
-             "--frontends", str(args.frontends), "--log-level", "WARNING"],
-            cwd=args.server_root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(port, proc)
-            url = f"127.0.0.1:{port}"
-            rows = [("quiet", None), (f"{args.flooders} flooding Stats", "Stats"),
-                    (f"{args.flooders} flooding Infer", "Infer"), ("quiet again", None)]
-            print(f"server: {args.server_root}, frontends {args.frontends}, "
-                  f"{os.cpu_count()} cores; one caller, one Infer at a time, "
-                  f"{args.seconds:g} s each")
-            print(f"{'beside it':<24} {'calls/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
-                  f"{'p99 ms':>8} {'max ms':>8} {'flood calls/s':>14} "
-                  f"{'server CPU ms/flood call':>25}")
-            server = psutil.Process(proc.pid)
-            for name, rpc in rows:
-                flood = None if rpc is None else (rpc, args.flooders, args.connections)
-                r = _measured(url, server, args.seconds, flood)
-                print(f"{name:<24} {r['calls_per_s']:>8} {r['p50_ms']:>8} {r['p90_ms']:>8} "
-                      f"{r['p99_ms']:>8} {r['max_ms']:>8} {r.get('flood_calls_per_s', ''):>14} "
-                      f"{r.get('server_ms_per_flood_call', ''):>25}", flush=True)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-
+    with example_server(args.server_root, "--metrics-port", "0", "--http-port", "0",
+                        "--frontends", str(args.frontends)) as (url, proc):
+        print(f"server: {args.server_root}, frontends {args.frontends}, "
+              f"{os.cpu_count()} cores; one caller, one Infer at a time, "
+              f"{args.seconds:g} s each")
+        print(f"{'beside it':<24} {'calls/s':>8} {'p50 ms':>8} {'p90 ms':>8} "
+              f"{'p99 ms':>8} {'max ms':>8} {'flood calls/s':>14} "
+              f"{'server CPU ms/flood call':>25}")
+        server = psutil.Process(proc.pid)
+        for name, rpc in [("quiet", None), (f"{args.flooders} flooding Stats", "Stats"),
+                          (f"{args.flooders} flooding Infer", "Infer"), ("quiet again", None)]:
+            flood = None if rpc is None else (rpc, args.flooders, args.connections)
+            r = _measured(url, server, args.seconds, flood)
+            print(f"{name:<24} {r['calls_per_s']:>8} {r['p50_ms']:>8} {r['p90_ms']:>8} "
+                  f"{r['p99_ms']:>8} {r['max_ms']:>8} {r.get('flood_calls_per_s', ''):>14} "
+                  f"{r.get('server_ms_per_flood_call', ''):>25}", flush=True)
 
 if __name__ == "__main__":
     main()
