@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-pending-calls", type=int,
                         help="trtserve's server.max_pending_calls (default: its own; 0: "
                              "gRPC's own limit)")
+    parser.add_argument("--max-concurrent-streams", type=int,
+                        help="trtserve's server.max_concurrent_streams (default: its own, "
+                             "1024; 0: gRPC's own, unlimited)")
     args = parser.parse_args(argv)
 
     os.environ["GRPC_EXPERIMENTS"] = args.grpc_experiments
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         env = {"GRPC_EXPERIMENTS": args.grpc_experiments}
         flags = [] if args.max_pending_calls is None else \
             ["--max-pending-calls", str(args.max_pending_calls)]
+        if args.max_concurrent_streams is not None:
+            flags += ["--max-concurrent-streams", str(args.max_concurrent_streams)]
         server = ServerProcess(["--model", f"example={model}", *flags], env=env)
         if args.server != "trtserve":
             server.terminate()
