@@ -365,10 +365,10 @@ def test_an_old_kernels_listed_count_is_reused_for_its_ttl(
         return os.stat_result(fields)
 
     monkeypatch.setattr(open_files.os, "stat", old_kernels_stat)
-    held = open_files.Held(os.getpid(), listed_ttl_s=0.3)
+    held = open_files.Held(os.getpid(), listed_ttl_s=1.0)
     before = held.count()
     assert before == len(os.listdir(f"/proc/{os.getpid()}/fd"))
     with _opened(5):
         assert held.count() == before  # listed less than listed_ttl_s ago: reused
-        time.sleep(0.35)
+        time.sleep(1.05)
         assert held.count() == before + 5
