@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -448,32 +448,31 @@ class FrontendPort:
                                                                          c.payload)))
 
     async def _answer_stats(self, qid: int, model: str | None) -> None:
-        """Always answered: the frontend's Stats callers share the wait for it."""
-        control = K(kind=K.STATS, id=qid)
-        try:
-            control.payload = encode_payload(await self.host.stats(model))
-        except ServeError as e:
-            control.payload = encode_payload(e)
-        except Exception:
-            log.exception("frontend %d: stats failed", self.index)
-            control.payload = encode_payload(ServeError("internal error; see the server log"))
-        if self.link is not None and not self.link.closed:
-            self.link.outgoing().controls.append(control)
+        await self._answer(K(kind=K.STATS, id=qid), "stats", lambda: self.host.stats(model))
 
     async def _answer_call(self, qid: int, method: str, payload: bytes) -> None:
         """A frontend's call of the engine: only the methods of CALLS, with plain arguments."""
-        control = K(kind=K.RESULT, id=qid)
-        try:
+        async def call() -> object:
             if method not in CALLS:
                 raise ServeError(f"the engine takes no call '{method}' from a frontend")
             args = decode_payload(payload)
             if not isinstance(args, tuple):
                 raise ServeError(f"call '{method}': arguments are not a tuple")
-            control.payload = encode_payload(await getattr(self.host.engine, method)(*args))
+            return await getattr(self.host.engine, method)(*args)
+
+        await self._answer(K(kind=K.RESULT, id=qid), f"engine call '{method}'", call)
+
+    async def _answer(self, control: link_pb2.Control, what: str,
+                      answer: Callable[[], Awaitable[object]]) -> None:
+        """Send the frontend `answer()`, or its error. Always answered: a frontend's callers
+        wait for it (its Stats callers share one wait), so an error nobody expected
+        answers "internal error" too, and is logged here."""
+        try:
+            control.payload = encode_payload(await answer())
         except ServeError as e:
             control.payload = encode_payload(e)
         except Exception:
-            log.exception("frontend %d: engine call '%s' failed", self.index, method)
+            log.exception("frontend %d: %s failed", self.index, what)
             control.payload = encode_payload(ServeError("internal error; see the server log"))
         if self.link is not None and not self.link.closed:
             self.link.outgoing().controls.append(control)
