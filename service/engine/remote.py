@@ -174,7 +174,7 @@ class RemoteEngine:
                                "(the server log says why)")
             raise NotFound(f"model '{echo.text(model)}' is not served here; served models: "
                            f"{sorted(self._descriptions)}")
-        check_version(model, version)
+        check_version(model, version, description.version)
         return description
 
     def ready(self, model: str | None = None) -> bool:

@@ -264,6 +264,20 @@ def test_regions_and_model_control_reach_the_engine_from_every_frontend(
             assert int(state.version) == int(before) + 1
             assert all({m.name: m.version for m in c.list_models()}["example"] == state.version
                        for c in clients)
+            # KServe calls may name the version: the new one, through every frontend.
+            request = kserve_request("example", {"input": x}, (), "", None)
+            request.model_version = state.version
+            for c in clients:
+                kserve = kpb_grpc.GRPCInferenceServiceStub(c._channel)
+                got = kserve_outputs(kserve.ModelInfer(request, timeout=10))
+                np.testing.assert_allclose(got["output"], want, rtol=1e-5, atol=1e-6)
+                kserve.ModelMetadata(kpb.ModelMetadataRequest(name="example",
+                                                              version=state.version), timeout=10)
+            request.model_version = before
+            with pytest.raises(grpc.RpcError) as err:
+                kserve.ModelInfer(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert f"version '{state.version}' is served" in err.value.details()
         finally:
             for c in clients:
                 c.close()
