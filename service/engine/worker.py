@@ -7,7 +7,8 @@ executor; the one other caller is `run_inline`, on the event loop, for an
 executor that allows it, and only while the scheduler has handed this worker
 that batch, so the thread is idle, waiting on its inbox.
 
-A batch the backend refuses for its input (`InputRejected`) is the request's
+A batch the backend refuses for its input (`InputRejected`), or answers with
+outputs of other rows than the batch's (`OutputRowsError`), is the request's
 fault, not the executor's: the executor is kept, and when the batch holds
 several requests each runs again alone, so that only the ones at fault fail.
 Any other failure is the worker's: the executor is rebuilt. A worker out of
@@ -211,7 +212,7 @@ class Worker:
         outcome, as it would have alone."""
         if len(batch.requests) == 1 and not batch.requests[0].members:
             # The request's fault, answered INVALID_ARGUMENT: not worth a warning each.
-            log.info("%s: the backend refused a request's input: %s", self.name,
+            log.info("%s: the model cannot run a request's input: %s", self.name,
                      rejected.reason)
             return Outcome(batch, None, parts=[rejected])
         parts: list[BatchResult | BaseException | list[BatchResult | InputRejected]] = []
@@ -242,7 +243,7 @@ class Worker:
                                                      in inputs.items()},
                                           rows, [targets] if targets else None), rows)
         except InputRejected as e:
-            log.info("%s: the backend refused a request's input: %s", self.name, e.reason)
+            log.info("%s: the model cannot run a request's input: %s", self.name, e.reason)
             return e
         except Exception:
             log.exception("%s: a request of %d rows failed on its own", self.name, rows)
@@ -294,16 +295,28 @@ def _execute(executor: Executor, inputs: Mapping[str, Sequence[np.ndarray]], row
     return executor.run(inputs, rows, targets)
 
 
-class OutputRowsError(RuntimeError):
-    """An executor returned outputs whose rows do not match its batch."""
+class OutputRowsError(InputRejected):
+    """The model answered a batch with outputs whose rows do not match the batch's.
+
+    Answers are sliced out of the outputs by row, so the batch cannot be answered.
+    It is what the model does with this input (a Reshape with a -1 that folds the
+    width into the rows: a width the model's dynamic dimension allows gives twice
+    the rows), not a broken executor: as with any refused input, the batch's
+    requests run again one by one, those the model answers with their rows are
+    answered, and the others get INVALID_ARGUMENT saying so. Rebuilding the
+    executor would change nothing, and counting it as the worker's failure let one
+    client take the model out of the rotation.
+    """
 
 
 def _checked(result: BatchResult, rows: int) -> BatchResult:
     """Answers are sliced out of the outputs by row: any other length would misroute them."""
     for name, array in result.outputs.items():
         if array.ndim == 0 or array.shape[0] != rows:
-            raise OutputRowsError(f"output '{name}' has shape {array.shape} for a batch of "
-                                  f"{rows} rows")
+            raise OutputRowsError(
+                f"its output '{name}' came out with shape {list(array.shape)} for {rows} "
+                f"row(s) of input; a batching model's outputs must have its input's rows "
+                f"first")
     return result
 
 

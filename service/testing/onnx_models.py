@@ -251,3 +251,27 @@ def offset_net(path: str | Path, offset: float, features: int = 4) -> Path:
                               "offset", [x], [y], [constant])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     return _save(model, path)
+
+
+FOLD_INPUT = "values"
+FOLD_OUTPUT = "pairs"
+FOLD_WIDTH = 16
+
+
+def folding_net(path: str | Path) -> Path:
+    """values [batch, n] -> pairs [batch, 2, 8], FP32: a Reshape to [-1, 2, 8].
+
+    `n` is dynamic, so validation accepts any width, but only n = 16 gives one row
+    of output per row of input: at n = 32 the Reshape *succeeds* with twice the rows
+    (at n = 8, half), so the model answers with another batch size than it was given.
+    Slicing such an output by rows would hand requests each other's answers.
+    """
+    shape = numpy_helper.from_array(np.array([-1, 2, 8], np.int64), "pair_shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", [FOLD_INPUT, "pair_shape"], [FOLD_OUTPUT], name="fold")],
+        "folding_net",
+        [helper.make_tensor_value_info(FOLD_INPUT, TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info(FOLD_OUTPUT, TensorProto.FLOAT, ["batch", 2, 8])],
+        [shape],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)

@@ -2,7 +2,8 @@
 
 Real ONNX Runtime on generated models (service/testing/onnx_models.py): `tiled_net` fails
 its Reshape unless height x width is a multiple of 1024, `lookup_net` fails its
-Gather on an id out of range. Such a request gets INVALID_ARGUMENT with the
+Gather on an id out of range, and `folding_net` runs every width but answers 16 with
+one row of output per row of input (another width: another number of rows). Such a request gets INVALID_ARGUMENT with the
 backend's reason; its worker keeps its session and its place in the rotation,
 and good requests that shared its batch are answered.
 """
@@ -22,9 +23,13 @@ from tests.reliability.harness import SERVING, health_status, model_stats
 from trtserve.client import AsyncClient, Client, InferenceError
 from trtserve.service.config import ModelConfig
 from trtserve.service.testing.onnx_models import (
+    FOLD_INPUT,
+    FOLD_OUTPUT,
+    FOLD_WIDTH,
     LOOKUP_INPUT,
     TILES_INPUT,
     TILES_OUTPUT,
+    folding_net,
     lookup_net,
     tiled_net,
 )
@@ -140,3 +145,39 @@ def test_good_requests_batched_with_a_bad_one_are_answered(lookup: Path):
             x = np.array([[4, 5, 6, 7]] * 8, np.int64)  # a full batch: no queue delay
             np.testing.assert_array_equal(c.infer("lookup", {LOOKUP_INPUT: x})["vectors"],
                                           reference.run(None, {LOOKUP_INPUT: x})[0])
+
+
+def test_a_model_answering_with_other_rows_than_it_was_given_stays_in_service(
+        tmp_path: Path) -> None:
+    """`folding_net` at width 32 answers each row with two. Before, such a batch was the
+    worker's failure (INTERNAL, a rebuild): a client sending 8 of them a second took every
+    worker out of the rotation and the model answered no one (found by an adversarial
+    run). Now the batch's requests run alone, each is refused naming the output, and
+    requests of the width the model answers row for row are served throughout."""
+    path = folding_net(tmp_path / "folding.onnx")
+    model = ModelConfig(name="folding", path=str(path), workers=2, max_worker_failures=1,
+                        max_batch_size=8, max_queue_delay_us=2000)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    good = [rng.standard_normal((1 + i % 3, FOLD_WIDTH)).astype(np.float32) for i in range(24)]
+    bad = [rng.standard_normal((1, 2 * FOLD_WIDTH)).astype(np.float32) for _ in range(24)]
+    with running_server(server_config(model)) as s, grpc.insecure_channel(s.url) as channel:
+        async def run() -> list[object]:
+            async with AsyncClient(s.url) as c:
+                calls = [c.infer("folding", {FOLD_INPUT: x}, timeout=60)
+                         for pair in zip(good, bad, strict=True) for x in pair]
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        outcomes = asyncio.run(run())
+        for x, outcome in zip(good, outcomes[0::2], strict=True):
+            assert isinstance(outcome, dict), outcome
+            np.testing.assert_array_equal(outcome[FOLD_OUTPUT],
+                                          reference.run(None, {FOLD_INPUT: x})[0])
+        for outcome in outcomes[1::2]:
+            assert_rejected(outcome, f"output '{FOLD_OUTPUT}' came out with shape "
+                            "[2, 2, 8] for 1 row(s) of input")
+        assert health_status(channel, "folding") == SERVING
+        stats = model_stats(s.url, "folding")
+        assert all(w.healthy for w in stats.workers)
+        assert (sum(w.rebuilds for w in stats.workers), sum(w.errors for w in stats.workers),
+                sum(w.rejected for w in stats.workers)) == (0, 0, len(bad))
