@@ -2,10 +2,11 @@
 
 Real ONNX Runtime on generated models (service/testing/onnx_models.py): `tiled_net` fails
 its Reshape unless height x width is a multiple of 1024, `lookup_net` fails its
-Gather on an id out of range, and `folding_net` runs every width but answers 16 with
-one row of output per row of input (another width: another number of rows). Such a request gets INVALID_ARGUMENT with the
-backend's reason; its worker keeps its session and its place in the rotation,
-and good requests that shared its batch are answered.
+Gather on an id out of range, and `folding_net` runs every width but answers 16
+with one row of output per row of input (another width: another number of rows).
+Such a request gets INVALID_ARGUMENT with the backend's reason; its worker keeps
+its session and its place in the rotation, and good requests that shared its
+batch are answered.
 """
 
 from __future__ import annotations
