@@ -18,6 +18,7 @@ from trtserve.service.build.settings import add_build_flags, build_overrides
 from trtserve.service.config import (
     EVENT_LOOPS,
     MODEL_LOAD_FAILURE,
+    SYSTEM_REGIONS,
     ModelConfig,
     ServerConfig,
     load_toml,
@@ -33,7 +34,8 @@ MODEL_FLAGS = ("backend", "workers", "max_batch_size", "max_queue_delay_us",
                "inline_below_us", "intra_op_threads", "intra_op_spinning", "cuda_graphs",
                "device", "batching", "max_input_bytes", "cpu_memory_arena")
 # Flags --shm-KEY that override server.shared_memory.KEY.
-SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register")
+SHARED_MEMORY_FLAGS = ("max_regions", "max_mapped_bytes", "allow_remote_register",
+                       "system_regions")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "grpc_max_connections",
                 "grpc_max_connection_idle_s",
@@ -157,6 +159,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shm-allow-remote-register", action="store_true", default=None,
                    help="take shared-memory register calls from any peer, not only loopback "
                         "and Unix sockets (e.g. behind a local proxy)")
+    p.add_argument("--shm-system-regions", choices=SYSTEM_REGIONS,
+                   help="copy (default): read and write clients' system shared-memory "
+                        "regions with pread/pwrite, so a client that shrinks its object "
+                        "fails only its request; in_place: map them, no copy, for clients "
+                        "you trust (one that shrinks its object mid-request crashes the "
+                        "engine)")
     p.add_argument("--frontends", type=auto_or_int, metavar="{auto,N}",
                    help="processes accepting gRPC on the port: 1 serves everything in one "
                         "process; N > 1 runs the engine in the main process and N frontend "

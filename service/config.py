@@ -180,6 +180,9 @@ class TlsConfig:
                  self.client_ca_file, "cert_file and key_file as well")
 
 
+SYSTEM_REGIONS = ("copy", "in_place")
+
+
 @dataclass(frozen=True)
 class SharedMemoryConfig:
     """Shared-memory tensors (KServe's system and CUDA shared-memory extensions, and
@@ -194,8 +197,17 @@ class SharedMemoryConfig:
     # which a remote caller cannot create. True takes them from any peer (behind a
     # proxy that makes every caller look remote); the token still applies.
     allow_remote_register: bool = False
+    # "copy": the engine reads a system region's inputs and writes its outputs through
+    # the object's file descriptor (pread/pwrite, one copy each way), so a client that
+    # shrinks its object mid-request fails only that request. "in_place": mapped, and
+    # executors read and write it where it lies (no copy; pinned for TensorRT), which
+    # trusts every client that registers one: shrinking the object while a request uses
+    # it kills the engine process (SIGBUS). docs/reliability.md, "Shared memory".
+    system_regions: str = "copy"
 
     def __post_init__(self) -> None:
+        _require(self.system_regions in SYSTEM_REGIONS, "server.shared_memory.system_regions",
+                 self.system_regions, " or ".join(f'"{m}"' for m in SYSTEM_REGIONS))
         _require(self.max_regions >= 0, "server.shared_memory.max_regions", self.max_regions,
                  "0 (no regions: shared memory off) or more")
         _require(self.max_mapped_bytes >= 0, "server.shared_memory.max_mapped_bytes",

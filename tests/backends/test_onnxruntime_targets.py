@@ -13,13 +13,17 @@ import pytest
 from trtserve.service.backends import onnxruntime
 from trtserve.service.backends.base import HostTarget
 from trtserve.service.backends.onnxruntime import IOBINDING_MIN_BYTES, OrtExecutor
-from trtserve.service.config import ModelConfig
+from trtserve.service.config import ModelConfig, SharedMemoryConfig
 from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
 from trtserve.service.engine.local import LocalEngine
 from trtserve.service.engine.model import ModelRuntime
 from trtserve.service.engine.regions import RegionRegistry
 from trtserve.service.engine.repository import ModelRepository
 from trtserve.service.testing.onnx_models import offset_net
+
+# Regions the executor reads and writes where they lie (the default copies through the
+# object's descriptor, so an executor never sees one).
+IN_PLACE = SharedMemoryConfig(system_regions="in_place")
 
 FEATURES = 4
 
@@ -89,7 +93,7 @@ async def engine(model: Path) -> AsyncIterator[tuple[LocalEngine, ModelRuntime]]
     repository = ModelRepository()
     await repository.add(runtime)
     try:
-        yield LocalEngine(repository), runtime
+        yield LocalEngine(repository, regions=RegionRegistry(IN_PLACE)), runtime
     finally:
         await repository.stop()
 
@@ -125,7 +129,7 @@ async def test_a_system_region_output_is_written_once_by_the_executor(engine) ->
 def region_r() -> Iterator[tuple[RegionRegistry, shared_memory.SharedMemory]]:
     """A 4096-byte POSIX shared-memory block, registered as the system region 'r'."""
     shm = shared_memory.SharedMemory(create=True, size=4096)
-    registry = RegionRegistry()
+    registry = RegionRegistry(IN_PLACE)
     try:
         registry.register_system("r", shm.name, 0, 4096)
         yield registry, shm
@@ -183,7 +187,7 @@ async def test_a_batch_of_two_region_requests_counts_its_gathering_copies(model:
     runtime = ModelRuntime(config, onnxruntime.load(config))
     repository = ModelRepository()
     await repository.add(runtime)
-    local = LocalEngine(repository)
+    local = LocalEngine(repository, regions=RegionRegistry(IN_PLACE))
     shm = shared_memory.SharedMemory(create=True, size=4096)
     try:
         floats = np.frombuffer(shm.buf, np.float32)

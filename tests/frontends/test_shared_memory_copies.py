@@ -17,7 +17,7 @@ from trtserve.client import Client
 from trtserve.client.gen.inference import grpc_service_pb2 as kpb
 from trtserve.client.gen.inference import grpc_service_pb2_grpc as kpb_grpc
 from trtserve.client.shared_memory import SystemRegion
-from trtserve.service.config import ModelConfig
+from trtserve.service.config import ModelConfig, SharedMemoryConfig
 from trtserve.service.testing.servers import ServerProcess, running_server, server_config
 
 ROWS, FEATURES = 2, 64
@@ -32,12 +32,14 @@ def server(request, example_onnx):
     if request.param == "one process":
         config = server_config(ModelConfig(name="example", path=str(example_onnx),
                                            workers=1, max_batch_size=32,
-                                           max_queue_delay_us=0))
+                                           max_queue_delay_us=0),
+                               shared_memory=SharedMemoryConfig(system_regions="in_place"))
         with running_server(config) as s:
             yield s
         return
     with ServerProcess(["--model", f"example={example_onnx}", "--frontends", "2",
-                        "--workers", "1", "--max-queue-delay-us", "0"]).serving() as process:
+                        "--workers", "1", "--max-queue-delay-us", "0",
+                        "--shm-system-regions", "in_place"]).serving() as process:
         yield process
 
 

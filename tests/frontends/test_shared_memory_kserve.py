@@ -398,7 +398,8 @@ def test_prometheus_counts_shared_memory(example_onnx, regions):
     assert f"trtserve_shared_memory_mapped_bytes {float(IN_BYTES + OUT_BYTES)}" in lines
     assert f"trtserve_shared_memory_input_bytes_total {float(IN_BYTES)}" in lines
     assert f"trtserve_shared_memory_output_bytes_total {float(OUT_BYTES)}" in lines
-    assert "trtserve_shared_memory_zero_copy_inputs_total 1.0" in lines
+    # Read through the object's descriptor (the default, "copy"): no view of it.
+    assert "trtserve_shared_memory_zero_copy_inputs_total 0.0" in lines
     assert "trtserve_shared_memory_host_copies_total 0.0" in lines
 
 

@@ -1,9 +1,14 @@
 """The engine's region registry on its own: real POSIX shared memory for system
-regions, a host-memory double for CUDA IPC (no GPU here; named as a double)."""
+regions, a host-memory double for CUDA IPC (no GPU here; named as a double).
+
+System regions are read and written through the object's descriptor by default
+(`system_regions = "copy"`), and mapped with `"in_place"` (IN_PLACE below)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -13,8 +18,14 @@ from hypothesis import strategies as st
 
 from tests.doubles.cuda_ipc import HostCudaIpc
 from trtserve.service.config import SharedMemoryConfig
+from trtserve.service.engine import regions
 from trtserve.service.engine.api import RegionRef, TensorIn, TensorOut
-from trtserve.service.engine.regions import RegionRegistry, infer_with_regions
+from trtserve.service.engine.regions import (
+    COPY_ON_LOOP_MAX_BYTES,
+    RegionRegistry,
+    SystemRegion,
+    infer_with_regions,
+)
 from trtserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 
@@ -26,6 +37,9 @@ def shm():
     block.unlink()
 
 
+IN_PLACE = SharedMemoryConfig(system_regions="in_place")
+
+
 def _run(registry, inputs, outputs, compute):
     async def run(arrays, targets, keep):
         return compute(arrays)
@@ -33,8 +47,115 @@ def _run(registry, inputs, outputs, compute):
     return asyncio.run(infer_with_regions(registry, inputs, outputs, run))
 
 
-def test_inputs_are_views_of_the_region_read_only_and_outputs_land_in_it(shm):
+def test_inputs_are_copies_of_the_region_and_outputs_land_in_it(shm):
     registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    memory = np.frombuffer(shm.buf, np.float32)
+    memory[:4] = [1, 2, 3, 4]
+    seen = {}
+
+    def compute(arrays):
+        seen["x"] = arrays["x"]
+        return {"y": arrays["x"] * 10}
+
+    answer = _run(registry, {"x": TensorIn("FP32", (2, 2), RegionRef("r", 0, 16))},
+                  {"y": RegionRef("r", 1024, 64)}, compute)
+    memory[0] = 7  # the client writes: the engine's copy does not change
+    np.testing.assert_array_equal(seen["x"], [[1, 2], [3, 4]])
+    assert answer["y"] == TensorOut("FP32", (2, 2), RegionRef("r", 1024, 16))
+    np.testing.assert_array_equal(memory[256:260], [10, 20, 30, 40])
+    usage = registry.usage()
+    assert (usage.input_bytes, usage.output_bytes, usage.zero_copy_inputs,
+            usage.host_copies) == (16, 16, 0, 0)
+    del memory
+    registry.close()
+
+
+def test_an_object_shrunk_while_its_request_runs_fails_that_request_not_the_engine(shm):
+    """The default's reason to be: with the object mapped, a read past its new end is
+    SIGBUS, which kills the engine process. Through the descriptor it is a short read
+    (INVALID_ARGUMENT for that request), and a write past it grows the client's object."""
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    path = f"/dev/shm/{shm.name}"
+
+    async def run() -> None:
+        x = TensorIn("FP32", (16,), RegionRef("r", 0, 64))
+        with registry.lease({"x": x}, {"y": RegionRef("r", 1024, 64)}) as lease:
+            os.truncate(path, 8)  # the client, after the lease's checks, before the read
+            with pytest.raises(InvalidArgument, match="'r': its object ended 8 bytes into "
+                               "the 64 bytes at offset 0: the client shrank it"):
+                await lease.read_inputs()
+            answered = await lease.write_outputs({"y": np.arange(16, dtype=np.float32)})
+        assert answered["y"] == TensorOut("FP32", (16,), RegionRef("r", 1024, 64))
+
+    asyncio.run(run())
+    assert os.stat(path).st_size == 1024 + 64
+    with pytest.raises(InvalidArgument, match="holds 1088 bytes"):  # checked at the next one
+        _run(registry, {"x": TensorIn("UINT8", (4,), RegionRef("r", 0, 4))}, {}, dict)
+    registry.close()
+
+
+@pytest.mark.parametrize("nbytes", [64, COPY_ON_LOOP_MAX_BYTES + 64])
+def test_large_copies_leave_the_loop_and_hold_the_region_until_done(nbytes):
+    """Small copies run on the loop, those past COPY_ON_LOOP_MAX_BYTES on a thread: both
+    read and write exactly the bytes named."""
+    block = shared_memory.SharedMemory(create=True, size=2 * nbytes)
+    try:
+        registry = RegionRegistry()
+        registry.register_system("r", block.name, 0, 2 * nbytes)
+        np.frombuffer(block.buf, np.uint8)[:nbytes] = np.arange(nbytes) % 251
+        x = TensorIn("UINT8", (nbytes,), RegionRef("r", 0, nbytes))
+        answer = _run(registry, {"x": x}, {"y": RegionRef("r", nbytes, nbytes)},
+                      lambda arrays: {"y": arrays["x"] + 1})
+        assert answer["y"] == TensorOut("UINT8", (nbytes,), RegionRef("r", nbytes, nbytes))
+        np.testing.assert_array_equal(np.frombuffer(block.buf, np.uint8)[nbytes:],
+                                      (np.arange(nbytes) % 251 + 1).astype(np.uint8))
+        registry.close()
+    finally:
+        block.close()
+        block.unlink()
+
+
+def test_a_request_cancelled_during_a_copy_holds_its_region_until_the_copy_ends(
+        shm, monkeypatch):
+    """The thread keeps using the object's descriptor after its request is cancelled:
+    unregister (which closes it) is refused until the copy ends."""
+    registry = RegionRegistry()
+    registry.register_system("r", shm.name, 0, 4096)
+    started, finish = threading.Event(), threading.Event()
+    read_into = SystemRegion.read_into
+
+    def slow_read_into(self, ref, array):
+        started.set()
+        finish.wait(10)
+        read_into(self, ref, array)
+
+    monkeypatch.setattr(SystemRegion, "read_into", slow_read_into)
+    monkeypatch.setattr(regions, "COPY_ON_LOOP_MAX_BYTES", 0)  # every copy on a thread
+
+    async def run() -> None:
+        with registry.lease({"x": TensorIn("UINT8", (4,), RegionRef("r", 0, 4))}, {}) as lease:
+            reading = asyncio.ensure_future(lease.read_inputs())
+            await asyncio.to_thread(started.wait, 10)
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+        assert registry.status("r")[0].in_use == 1
+        with pytest.raises(FailedPrecondition, match=r"'r' \(1\)"):
+            registry.unregister("r")
+        finish.set()
+        for _ in range(1000):
+            if registry.status("r")[0].in_use == 0:
+                break
+            await asyncio.sleep(0.01)
+        registry.unregister("r")
+
+    asyncio.run(run())
+
+
+def test_inputs_are_views_of_the_region_read_only_and_outputs_land_in_it(shm):
+    registry = RegionRegistry(IN_PLACE)
     registry.register_system("r", shm.name, 0, 4096)
     memory = np.frombuffer(shm.buf, np.float32)
     memory[:4] = [1, 2, 3, 4]
@@ -108,7 +229,7 @@ def test_a_failed_request_releases_its_regions(shm):
 
 def test_unregister_while_a_view_is_alive_never_frees_it(shm):
     # A cancelled request's batch may still read its view: the mapping outlives it.
-    registry = RegionRegistry()
+    registry = RegionRegistry(IN_PLACE)
     registry.register_system("r", shm.name, 0, 4096)
     np.frombuffer(shm.buf, np.uint8)[:4] = [9, 8, 7, 6]
     with registry.lease({"x": TensorIn("UINT8", (4,), RegionRef("r", 0, 4))}, {}) as lease:
@@ -188,25 +309,31 @@ def test_cuda_handles_that_cannot_open_are_invalid_argument():
 @given(offset=st.integers(-8, 4000), size_off_by=st.sampled_from([0, 0, 0, 1, -1, 8, 5000]),
        shape=st.lists(st.integers(0, 40), min_size=0, max_size=3),
        dtype=st.sampled_from(["UINT8", "FP32", "FP64", "INT16"]),
-       output=st.booleans())
+       output=st.booleans(), in_place=st.booleans())
 def test_any_reference_is_read_exactly_or_refused(shm, offset, size_off_by, shape, dtype,
-                                                  output):
+                                                  output, in_place):
     """Whatever a client names, the engine reads exactly those bytes or refuses with
     INVALID_ARGUMENT; it never reads outside the region or crashes."""
     itemsize = {"UINT8": 1, "FP32": 4, "FP64": 8, "INT16": 2}[dtype]
     byte_size = int(np.prod(shape)) * itemsize + size_off_by
-    registry = RegionRegistry()
+    registry = RegionRegistry(IN_PLACE if in_place else None)
     registry.register_system("r", shm.name, 100, 3900)
     raw = np.frombuffer(shm.buf, np.uint8)
     raw[:] = np.arange(raw.size) % 251
     ref = RegionRef("r", offset, byte_size)
     inputs = {"x": TensorIn(dtype, tuple(shape), ref)}
     outputs = {"y": RegionRef("r", offset, byte_size)} if output else {}
-    try:
+
+    async def use() -> np.ndarray:
         with registry.lease(inputs, outputs) as lease:
+            await lease.read_inputs()
             got = lease.arrays["x"]
             if output:
-                lease.write_outputs({"y": got.copy()})
+                await lease.write_outputs({"y": got.copy()})
+            return got
+
+    try:
+        got = asyncio.run(use())
     except InvalidArgument as e:
         assert "region 'r'" in str(e) or "shared-memory byte size" in str(e)
     else:

@@ -20,7 +20,7 @@ import pytest
 from tests.doubles.cuda_ipc import HostCudaIpc, RecordingPinner
 from trtserve.service.backends.base import LoadedModel
 from trtserve.service.backends.tensorrt.load import EngineHandle, engine_spec, executor_factories
-from trtserve.service.config import ModelConfig
+from trtserve.service.config import ModelConfig, SharedMemoryConfig
 from trtserve.service.engine.api import InferRequest, RegionRef, TensorIn
 from trtserve.service.engine.local import LocalEngine
 from trtserve.service.engine.model import ModelRuntime
@@ -28,6 +28,9 @@ from trtserve.service.engine.regions import RegionRegistry
 from trtserve.service.engine.repository import ModelRepository
 from trtserve.service.errors import FailedPrecondition, InvalidArgument
 from trtserve.service.testing.trt_double import HostCudaRuntime, RecordingEngine, trt_module
+
+# System regions mapped and pinned, as `system_regions = "in_place"` serves them.
+IN_PLACE = SharedMemoryConfig(system_regions="in_place")
 
 FEATURES = 4
 ROW_BYTES = FEATURES * 4
@@ -59,7 +62,8 @@ async def _serve(pinner: RecordingPinner, graphs: bool = False,
     await repository.add(runtime)
     ipc = HostCudaIpc()
     try:
-        yield Served(LocalEngine(repository, regions=RegionRegistry(cuda=ipc, pinner=pinner)),
+        yield Served(LocalEngine(repository, regions=RegionRegistry(IN_PLACE, cuda=ipc,
+                                                                  pinner=pinner)),
                      runtime, cuda, ipc, pinner, trt)
     finally:
         if trt.hold is not None:
