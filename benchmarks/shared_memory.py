@@ -16,6 +16,10 @@ lone request's region input (the process's peak memory while it runs on a
     python -m benchmarks.shared_memory                     # both protocols, 4 workers
     python -m benchmarks.shared_memory --protocol v1 --duration 5 --workers 2
 
+The shared-memory rows run once per way the server reads system regions
+(`--system-regions both`, the default): `copy` (pread/pwrite, the server's default)
+and `in_place` (mapped, no copy).
+
 `--cuda-region` (a GPU machine): the GPU stand-in served through the real TensorRT
 executor, bytes path vs a CUDA region, with the evidence that a CUDA-region request
 makes no host copy (benchmarks/cuda_region.py says what is counted):
@@ -107,6 +111,7 @@ def ort_input_growth_mb(path: Path, images: int = 80) -> tuple[float, float]:
     from multiprocessing import shared_memory
 
     from trtserve.service.backends.onnxruntime import OrtExecutor
+    from trtserve.service.config import SharedMemoryConfig
     from trtserve.service.engine.api import RegionRef, TensorIn
     from trtserve.service.engine.regions import RegionRegistry
 
@@ -114,7 +119,9 @@ def ort_input_growth_mb(path: Path, images: int = 80) -> tuple[float, float]:
     nbytes = int(np.prod(shape)) * 4
     executor = OrtExecutor(str(path), threads=1, max_batch=images)
     shm = shared_memory.SharedMemory(create=True, size=nbytes)
-    registry = RegionRegistry()
+    # The executor reading a mapped region where it lies ("in_place"; by default the
+    # engine reads the object through its descriptor and the executor gets a copy).
+    registry = RegionRegistry(SharedMemoryConfig(system_regions="in_place"))
     try:
         client_side = np.frombuffer(shm.buf, np.float32)
         client_side[:] = 1.0  # the client's pages are resident before the baseline
@@ -163,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--system-regions", choices=("copy", "in_place", "both"),
+                        default="both",
+                        help="how the server reads system regions (--shm-system-regions): "
+                             "copy (the default: pread/pwrite), in_place (mapped), or a "
+                             "server of each")
     parser.add_argument("--cuda-region", action="store_true",
                         help="GPU: the stand-in, bytes path vs a CUDA region")
     parser.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="both",
@@ -186,35 +198,39 @@ def main(argv: list[str] | None = None) -> int:
         alone, cold, copy = model_alone_us(path), model_cold_us(path), memcpy_us()
         grew, checked = ort_input_growth_mb(path)
         rows: list[tuple[str, str, LevelResult]] = []
-        with trtserve("mean", path, Path(tmp), workers=args.workers, max_batch=8,
-                      delay_us=0) as served:
-            for protocol in protocols:
-                for mode in ("none", "system"):
-                    for result in measure(served.url, protocol, mode, concurrency,
-                                          args.duration, args.warmup):
-                        rows.append((protocol, mode, result))
+        modes = ("copy", "in_place") if args.system_regions == "both" else (args.system_regions,)
+        for server_mode in modes:
+            with trtserve("mean", path, Path(tmp), workers=args.workers, max_batch=8,
+                          delay_us=0, extra=("--shm-system-regions", server_mode)) as served:
+                for protocol in protocols:
+                    paths = ("none", "system") if server_mode == modes[0] else ("system",)
+                    for mode in paths:
+                        for result in measure(served.url, protocol, mode, concurrency,
+                                              args.duration, args.warmup):
+                            label = "bytes" if mode == "none" else f"shm {server_mode}"
+                            rows.append((protocol, label, result))
     print(f"model alone (ONNX Runtime, 1 image): p50 {alone:.0f} us from cache, {cold:.0f} us "
           f"with the image out of cache; memcpy of the image ({np.prod(SHAPE) * 4 / 1e6:.1f} "
           f"MB): {copy:.0f} us; server: {args.workers} workers")
     print(f"a lone region request's input in the server's ONNX Runtime executor: peak memory "
           f"grew {grew:.0f} MB for a {checked:.0f} MB input "
           f"({'copied' if grew > checked / 2 else 'read where it lies, no copy'})")
-    print(f"{'protocol':9} {'tensors':8} {'conc':>5} {'req/s':>9} {'p50 ms':>8} "
+    print(f"{'protocol':9} {'tensors':13} {'conc':>5} {'req/s':>9} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'errors':>7}")
-    for protocol, mode, r in rows:
-        label = "bytes" if mode == "none" else "shm"
-        print(f"{protocol:9} {label:8} {int(r.load):>5} {r.throughput_rps:>9.1f} "
+    for protocol, label, r in rows:
+        print(f"{protocol:9} {label:13} {int(r.load):>5} {r.throughput_rps:>9.1f} "
               f"{r.latency_ms['p50']:>8.2f} {r.latency_ms['p99']:>8.2f} "
               f"{sum(r.errors.values()):>7}")
     for protocol in protocols:
         by = {(m, int(r.load)): r for p, m, r in rows if p == protocol}
-        for c in concurrency:
-            b, s = by.get(("none", c)), by.get(("system", c))
-            if b and s and b.throughput_rps and s.latency_ms["p50"]:
-                speedup = s.throughput_rps / b.throughput_rps
-                faster = b.latency_ms["p50"] / s.latency_ms["p50"]
-                print(f"{protocol} c={c}: shm/bytes requests/s x{speedup:.1f}, "
-                      f"p50 bytes/shm x{faster:.1f}")
+        for server_mode in modes:
+            for c in concurrency:
+                b, s = by.get(("bytes", c)), by.get((f"shm {server_mode}", c))
+                if b and s and b.throughput_rps and s.latency_ms["p50"]:
+                    speedup = s.throughput_rps / b.throughput_rps
+                    faster = b.latency_ms["p50"] / s.latency_ms["p50"]
+                    print(f"{protocol} c={c}, shm {server_mode}: shm/bytes requests/s "
+                          f"x{speedup:.1f}, p50 bytes/shm x{faster:.1f}")
     return 0
 
 

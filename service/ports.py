@@ -73,3 +73,39 @@ def _probe(family: int, kind: int, proto: int, address: tuple[object, ...]) -> N
 
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host.strip("[]") else f"{host}:{port}"
+
+
+def reserve(host: str, port: int, key: str) -> list[socket.socket]:
+    """Bind (without listening) every address of host:port with SO_REUSEPORT, for a
+    server whose frontend processes will bind the port together.
+
+    The frontends bind the same port with SO_REUSEPORT; a server that is not ours
+    finds the port held. Port 0 picks one free port for all of them. SO_REUSEADDR
+    as well, as every listener here has it: without it a connection of the last
+    server on this port, still in TIME_WAIT, refused the start for a minute (a
+    server with one frontend, stopped, then started with two). A listening socket
+    is refused either way. `key` names the port in errors.
+    """
+    host = host.strip("[]")
+    address_text = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    reserved: list[socket.socket] = []
+    for family, kind, proto, _, address in addresses:
+        s = socket.socket(family, kind, proto)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.bind((address[0], port, *address[2:]))
+        except OSError as e:
+            s.close()
+            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue
+            for held in reserved:
+                held.close()
+            raise PortInUse(f"{key}: cannot bind {address_text}: {e.strerror}") from None
+        port = s.getsockname()[1]
+        reserved.append(s)
+    if not reserved:
+        raise PortInUse(f"{key}: cannot bind {address_text}")
+    return reserved

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
 import socket
 import subprocess
@@ -34,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from trtserve.service import cpus
+from trtserve.service import cpus, ports
 from trtserve.service.config import ModelConfig, ServerConfig
 from trtserve.service.engine.host import EngineHost, FrontendPort
 from trtserve.service.engine.model import ModelRuntime
@@ -141,35 +140,10 @@ class EngineServer(Server):
                             f"{e.strerror or e}") from None
 
     def _reserve_port(self, port: int, key: str) -> int:
-        """Bind (without listening) every address of host:port with SO_REUSEPORT.
-
-        The frontends bind the same port with SO_REUSEPORT; a server that is not
-        ours finds the port held. Port 0 picks one free port for all of them.
-        `key` names the port in errors.
-        """
-        host = self.config.host.strip("[]")
-        address_text = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                       flags=socket.AI_PASSIVE)
-        reserved: list[socket.socket] = []
-        for family, kind, proto, _, address in addresses:
-            s = socket.socket(family, kind, proto)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            try:
-                s.bind((address[0], port, *address[2:]))
-            except OSError as e:
-                s.close()
-                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    continue
-                for held in reserved:
-                    held.close()
-                raise PortInUse(f"{key}: cannot bind {address_text}: {e.strerror}") from None
-            port = s.getsockname()[1]
-            reserved.append(s)
-        if not reserved:
-            raise PortInUse(f"{key}: cannot bind {address_text}")
-        self._reserved.extend(reserved)
-        return port
+        """Hold host:port for this server's frontends (ports.reserve); its port number."""
+        held = ports.reserve(self.config.host, port, key)
+        self._reserved.extend(held)
+        return int(held[0].getsockname()[1])
 
     # --- the frontends ---
 

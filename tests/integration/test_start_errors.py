@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -389,3 +390,30 @@ def test_client_file_errors_are_one_line(served, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == \
         f"trtserve-client: {tmp_path / 'absent'}: No such file or directory"
+
+
+def test_a_reservation_takes_a_port_in_time_wait_and_refuses_a_listening_one():
+    """The engine's reservation of the port for its frontends. A connection of the last
+    server on the port, closed by that server, stays in TIME_WAIT for a minute: a
+    restart with frontends was refused meanwhile (found by an adversarial run: one
+    frontend, stopped after an HTTP request, then two)."""
+    from trtserve.service.errors import PortInUse
+    from trtserve.service.ports import reserve
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(PortInUse, match=rf"server\.http_port: cannot bind 127\.0\.0\.1:{port}"):
+            reserve("127.0.0.1", port, "server.http_port")
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server closes first: its side ends in TIME_WAIT
+        client.recv(1)
+        client.close()
+    time.sleep(0.1)
+    held = reserve("127.0.0.1", port, "server.http_port")
+    assert [s.getsockname()[1] for s in held] == [port]
+    for s in held:
+        s.close()
