@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -119,6 +120,37 @@ class CudaHostPinner:
         from trtserve.service.backends.tensorrt.cuda import check, runtime_module
 
         check(runtime_module().cudaHostUnregister(address), "cudaHostUnregister")
+
+
+class PinOnce:
+    """One mapping's page-lock (cudaHostRegister): tried once, on the first request for a
+    TensorRT model; a refusal is logged once and copies stay pageable. `unpin` before
+    unmapping: CUDA must not keep a mapping that is gone."""
+
+    def __init__(self, what: str, log: logging.Logger) -> None:
+        self._what = what
+        self._log = log
+        self._pinned: tuple[HostPinner, int] | None = None
+        self._tried = False
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned is not None
+
+    def pin(self, pinner: HostPinner, locate: Callable[[], tuple[int, int]]) -> None:
+        """Pin the (address, bytes) that `locate` gives, unless tried before."""
+        if self._tried:
+            return
+        self._tried = True
+        address, nbytes = locate()
+        if pin_quietly(pinner, address, nbytes, self._what, self._log):
+            self._pinned = (pinner, address)
+
+    def unpin(self) -> None:
+        if self._pinned is not None:
+            pinner, address = self._pinned
+            self._pinned = None
+            unpin_quietly(pinner, address, self._what, self._log)
 
 
 def pin_quietly(pinner: HostPinner, address: int, nbytes: int, what: str,

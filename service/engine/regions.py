@@ -72,8 +72,7 @@ from trtserve.service.engine.cuda_ipc import (
     CudaIpc,
     CudaRuntimeIpc,
     HostPinner,
-    pin_quietly,
-    unpin_quietly,
+    PinOnce,
 )
 from trtserve.service.errors import (
     AlreadyExists,
@@ -272,25 +271,21 @@ class MappedSystemRegion(SystemRegion):
         self._map = mmap.mmap(fd, self._base + self.byte_size, flags=mmap.MAP_SHARED,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         # Page-locked with cudaHostRegister (pin), undone before unmapping.
-        self._pinned: tuple[HostPinner, int] | None = None
-        self._pin_tried = False
+        self._pin = PinOnce(f"shared-memory region '{self.name}'", log)
 
     @property
     def pinned(self) -> bool:
-        return self._pinned is not None
+        return self._pin.pinned
 
     def pin(self, pinner: HostPinner) -> None:
-        """Page-lock the mapping once (the first request for a TensorRT model), so that
-        executors copy between it and the device directly; a refusal is logged once and
-        copies stay pageable."""
-        if self._pin_tried:
-            return
-        self._pin_tried = True
+        """Page-lock the mapping (once), so that executors copy between it and the device
+        directly."""
+        self._pin.pin(pinner, self._whole)
+
+    def _whole(self) -> tuple[int, int]:
         whole = np.frombuffer(self._map, dtype=np.uint8)
-        address, nbytes = whole.ctypes.data, whole.nbytes
-        del whole  # no export may outlive the call: close() must be able to unmap
-        if pin_quietly(pinner, address, nbytes, f"shared-memory region '{self.name}'", log):
-            self._pinned = (pinner, address)
+        # No export may outlive the call: close() must be able to unmap.
+        return whole.ctypes.data, whole.nbytes
 
     def read(self, ref: RegionRef, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         count = ref.byte_size // dtype.itemsize if dtype.itemsize else 0
@@ -319,11 +314,7 @@ class MappedSystemRegion(SystemRegion):
         return bool(array.ctypes.data == start and array.flags.c_contiguous)
 
     def close(self) -> None:
-        if self._pinned is not None:
-            pinner, address = self._pinned
-            self._pinned = None
-            # Unregister before unmapping: CUDA must not keep a mapping that is gone.
-            unpin_quietly(pinner, address, f"shared-memory region '{self.name}'", log)
+        self._pin.unpin()
         super().close()
         # A batch of a cancelled request may still hold a view: then the mapping is
         # freed when the last view is (mmap's own reference counting), never under it.

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from trtserve.service.backends.base import PinnedHostArray
-from trtserve.service.engine.cuda_ipc import HostPinner, pin_quietly, unpin_quietly
+from trtserve.service.engine.cuda_ipc import HostPinner, PinOnce
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +95,16 @@ class Arena:
         self._bytes = np.frombuffer(self._map, dtype=np.uint8)
         self.ring = Ring(size_bytes)
         # Page-locked in the engine process while a TensorRT model is served (pin).
-        self._pinned: tuple[HostPinner, int] | None = None
-        self._pin_tried = False
+        self._pin = PinOnce(f"arena {fd}", log)
 
     @property
     def pinned(self) -> bool:
-        return self._pinned is not None
+        return self._pin.pinned
 
     def pin(self, pinner: HostPinner) -> None:
-        """Page-lock the arena once (cudaHostRegister), so that a TensorRT executor copies
-        a request's input from it to the device directly; a refusal is logged once and
-        the arena stays pageable."""
-        if self._pin_tried:
-            return
-        self._pin_tried = True
-        address = self._bytes.ctypes.data
-        if pin_quietly(pinner, address, self.size_bytes, f"arena {self.fd}", log):
-            self._pinned = (pinner, address)
+        """Page-lock the arena (once), so that a TensorRT executor copies a request's input
+        from it to the device directly."""
+        self._pin.pin(pinner, lambda: (self._bytes.ctypes.data, self.size_bytes))
 
     @classmethod
     def create(cls, name: str, size_bytes: int) -> Arena:
@@ -153,18 +146,14 @@ class Arena:
         array = np.frombuffer(self._map, dtype=dtype, count=count, offset=offset)
         array = array.reshape(shape)
         array.flags.writeable = False
-        return array.view(PinnedHostArray) if self._pinned is not None else array
+        return array.view(PinnedHostArray) if self._pin.pinned else array
 
     def free(self, offset: int) -> None:
         self.ring.free(offset)
 
     def close(self) -> None:
         """Unmap and close; views still alive keep the memory mapped until they go."""
-        if self._pinned is not None:
-            pinner, address = self._pinned
-            self._pinned = None
-            # Unregister before unmapping: CUDA must not keep a mapping that is gone.
-            unpin_quietly(pinner, address, f"arena {self.fd}", log)
+        self._pin.unpin()
         self._bytes = np.empty(0, np.uint8)
         # A view still alive keeps the mapping (BufferError): it goes with the last one.
         with contextlib.suppress(BufferError):
