@@ -237,6 +237,10 @@ class Batcher:
                 self._scheduler.release(worker)
             else:
                 self._dispatch(worker, batch)
+            # Not held across the wait for the next request: the last batch's tensors
+            # stayed alive until traffic came, and a client's region with them (mapped
+            # after its unregister, in_place).
+            del first, batch, worker
 
     async def _sleep(self, timeout: float | None, deadline: float | None = None) -> None:
         """Until `wake()`, or `timeout` seconds (`deadline` on the serving clock, if known)."""

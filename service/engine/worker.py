@@ -182,6 +182,9 @@ class Worker:
                     self._report(self._on_rebuilt, self, error)
                 continue
             self._report(self._on_done, self, self._run(item))
+            # The batch is the loop's now: holding it until the next one came kept its
+            # inputs alive, and with them a client's region mapped after its unregister.
+            del item
         if self._executor is not None:
             self._executor.close()
 

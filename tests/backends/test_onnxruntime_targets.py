@@ -211,3 +211,41 @@ async def test_a_batch_of_two_region_requests_counts_its_gathering_copies(model:
         await repository.stop()
         shm.close()
         shm.unlink()
+
+
+@pytest.mark.parametrize("inline_below_us", [None, 0], ids=["on the loop", "on the thread"])
+async def test_an_unregistered_region_is_unmapped_though_no_request_came_since(
+        model: Path, inline_below_us: int | None) -> None:
+    """The batcher's loop and the worker's thread each held their last batch until the
+    next one came, and with it views of the region: an idle model kept a client's
+    unregistered region mapped (and its descriptor open) indefinitely."""
+    settings = {} if inline_below_us is None else {"inline_below_us": inline_below_us}
+    config = ModelConfig(name="m", path=str(model), workers=2, intra_op_threads=1,
+                         max_queue_delay_us=0, **settings)  # type: ignore[arg-type]
+    runtime = ModelRuntime(config, onnxruntime.load(config))
+    repository = ModelRepository()
+    await repository.add(runtime)
+    local = LocalEngine(repository, regions=RegionRegistry(IN_PLACE))
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+
+    def server_maps() -> int:  # the client's own mapping (shm.buf) is one of them
+        with open("/proc/self/maps") as maps:
+            return sum(shm.name in line for line in maps) - 1
+
+    try:
+        await local.register_system_region("r", shm.name, 0, 4096)
+        for _ in range(4):
+            await local.infer(InferRequest(
+                "m", {"input": TensorIn("FP32", (1, FEATURES), RegionRef("r", 0, 16))},
+                output_regions={"output": RegionRef("r", 64, 64)}))
+        assert server_maps() == 1
+        await local.unregister_region("r")
+        for _ in range(100):  # a worker thread drops its batch just after reporting it
+            if server_maps() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server_maps() == 0
+    finally:
+        await repository.stop()
+        shm.close()
+        shm.unlink()
