@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from trtserve.service.cli import SERVER_FLAGS, add_serve, build_config
-from trtserve.service.config import ModelConfig, ServerConfig, load_toml
+from trtserve.service.config import ModelConfig, ServerConfig, SharedMemoryConfig, load_toml
 from trtserve.service.errors import ConfigError
 
 GOOD = """
@@ -116,10 +116,17 @@ def test_shared_memory_keys_have_flags_and_are_checked(tmp_path):
     add_serve(parser.add_subparsers())
     args = parser.parse_args([
         "serve", "--model", "m=m.onnx", "--shm-max-regions", "3",
-        "--shm-max-mapped-bytes", "4096", "--shm-allow-remote-register"])
+        "--shm-max-mapped-bytes", "4096", "--shm-allow-remote-register",
+        "--shm-system-regions", "in_place"])
     shm = build_config(args).shared_memory
-    assert (shm.max_regions, shm.max_mapped_bytes, shm.allow_remote_register) == (3, 4096, True)
+    assert (shm.max_regions, shm.max_mapped_bytes, shm.allow_remote_register,
+            shm.system_regions) == (3, 4096, True, "in_place")
+    assert SharedMemoryConfig().system_regions == "copy"  # safe unless chosen
     path = tmp_path / "c.toml"
+    path.write_text('[server.shared_memory]\nsystem_regions = "mapped"\n')
+    with pytest.raises(ConfigError, match=r"system_regions: got 'mapped', expected \"copy\" "
+                       r"or \"in_place\""):
+        load_toml(path)
     path.write_text("[server.shared_memory]\nmax_regions = -1\n")
     with pytest.raises(ConfigError, match=r"server.shared_memory.max_regions: got -1"):
         load_toml(path)
