@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from trtserve.service import echo
-from trtserve.service.backends.base import ModelSpec, OutputTarget, Targets
+from trtserve.service.backends.base import ModelSpec, Targets
 from trtserve.service.engine.api import (
     HealthListener,
     InferRequest,
@@ -247,7 +247,8 @@ class LocalEngine:
 
     async def _run(self, runtime: ModelRuntime, arrays: Mapping[str, np.ndarray],
                    deadline: float | None, dtypes: Mapping[str, str],
-                   nbytes: int, targets: Targets | None = None, keep: Keep | None = None
+                   nbytes: int, targets: Targets | None = None, keep: Keep | None = None,
+                   admitted: Callable[[], Awaitable[None]] | None = None
                    ) -> Mapping[str, np.ndarray]:
         """`runtime.infer`, holding `nbytes` in the server's budget of request bytes in
         flight until answered. Validation comes first, so that a request that can never
@@ -255,7 +256,8 @@ class LocalEngine:
         bytes are released once, however the request ends: answered, failed, cancelled
         or expired; a request cancelled while its batch runs keeps them until that batch
         ends, since the batch still holds its arrays (as the engine process's `_submit`
-        does). `keep`: the caller's, for memory it lent (see Keep)."""
+        does). `keep`: the caller's, for memory it lent (see Keep). `admitted`: awaited
+        once the bytes are held, before the request is queued (its inputs read in)."""
         budget = self._budget
         batch_holds = False  # set when a running batch gives the bytes back, not us
 
@@ -275,6 +277,8 @@ class LocalEngine:
             validated = runtime.validate(arrays, dtypes)
             budget.acquire(nbytes)
             try:
+                if admitted is not None:
+                    await admitted()
                 return await runtime.infer(arrays, deadline, dtypes, validated, targets,
                                            until_batch_ends)
             finally:
@@ -292,14 +296,16 @@ class LocalEngine:
         if request.output_regions:
             wanted = _with_region_outputs(request.model, runtime.spec, wanted, request.outputs,
                                           request.output_regions)
-        # Only bytes that crossed the wire count against the budget: region inputs are
-        # the client's memory, mapped, not held by the server.
+        # Bytes that crossed the wire count against the budget, and region inputs copied
+        # into the server's memory (read before running, once admitted): a region read
+        # where it lies (in_place) is the client's memory, not held by the server.
         wire_bytes = request_bytes(arrays)
 
-        async def run(resolved: dict[str, np.ndarray], targets: dict[str, OutputTarget],
-                      keep_regions: Keep) -> Mapping[str, np.ndarray]:
-            return await self._run(runtime, resolved, request.deadline, dtypes, wire_bytes,
-                                   targets, _keep_both(keep_regions, request.keep))
+        async def run(lease: Lease) -> Mapping[str, np.ndarray]:
+            return await self._run(runtime, lease.arrays, request.deadline, dtypes,
+                                   wire_bytes + lease.copied_bytes, lease.targets(),
+                                   _keep_both(lease.keep, request.keep),
+                                   admitted=lease.read_inputs)
 
         def counted(lease: Lease) -> None:
             counters = runtime.counters

@@ -60,7 +60,6 @@ from trtserve.service.config import SharedMemoryConfig
 from trtserve.service.engine.api import (
     CUDA,
     SYSTEM,
-    Keep,
     RegionRef,
     RegionStatus,
     RegionUsage,
@@ -591,9 +590,11 @@ class RegionRegistry:
                 self._input_bytes += tensor.data.byte_size
                 if isinstance(region, MappedSystemRegion) or device_io:
                     self._zero_copy_inputs += 1
-                elif region.kind != SYSTEM:
-                    self._host_copies += 1
-                    lease.host_copies += 1
+                else:
+                    lease.copied_bytes += tensor.data.byte_size
+                    if region.kind != SYSTEM:
+                        self._host_copies += 1
+                        lease.host_copies += 1
         for region in regions:
             region.in_use += 1
         lease.regions = regions
@@ -637,6 +638,10 @@ class Lease:
         self.host_copies = 0
         # Inputs still to be read from system regions into their arrays (read_inputs).
         self.reads: list[tuple[SystemRegion, RegionRef, np.ndarray]] = []
+        # Bytes of region inputs copied into the server's memory (system regions read
+        # through their descriptor, CUDA regions copied to the host): the server's
+        # budget of request bytes holds them, as it does bytes that crossed the wire.
+        self.copied_bytes = 0
         # Each use of a region, counted in its in_use while any hold is out.
         self.regions: list[_Region] = []
         self._holds = 1
@@ -754,9 +759,10 @@ def expected_output_bytes(spec: ModelSpec, inputs: Mapping[str, TensorIn],
     return sizes
 
 
-# Runs a request: its inputs, its outputs' targets, and the lease's `keep` (see Keep).
-Run = Callable[[dict[str, np.ndarray], dict[str, OutputTarget], Keep],
-              Awaitable[Mapping[str, np.ndarray]]]
+# Runs a request given its lease: `lease.arrays` (system-region inputs still to be read:
+# `await lease.read_inputs()` once the request may hold `lease.copied_bytes` of server
+# memory), `lease.targets()` for its outputs, and `lease.keep` (see Keep).
+Run = Callable[["Lease"], Awaitable[Mapping[str, np.ndarray]]]
 
 
 async def infer_with_regions(registry: RegionRegistry, inputs: Mapping[str, TensorIn],
@@ -770,15 +776,15 @@ async def infer_with_regions(registry: RegionRegistry, inputs: Mapping[str, Tens
     The one place an engine runs a request that may name regions: the regions stay
     registered (unregister is refused) from the check until the outputs are written,
     and, for a request that ends while its batch still runs (cancelled on the
-    device), until that batch is done: `run` gets the inputs, the outputs' targets
-    (where the executor may write them itself) and the lease's `keep`, which it
-    hands to the model. `counted` gets the lease once it is done, for per-model
+    device), until that batch is done: `run` gets the lease (see Run), and hands its
+    `keep` to the model. `counted` gets the lease once it is done, for per-model
     counters.
     """
     with registry.lease(inputs, output_regions, device_io, output_bytes) as lease:
         try:
-            await lease.read_inputs()
-            results = await run(lease.arrays, lease.targets(), lease.keep)
+            results = await run(lease)
+            if lease.reads:
+                raise RuntimeError("the request ran without reading its region inputs")
             return await lease.write_outputs(results)
         finally:
             if counted is not None:

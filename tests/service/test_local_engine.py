@@ -194,3 +194,50 @@ async def test_the_byte_budget_is_held_behind_the_seam():
         assert (stats.request_bytes.held_bytes, stats.request_bytes.refused) == (0, 1)
     finally:
         await repository.stop()
+
+
+@pytest.mark.parametrize("system_regions", ["copy", "in_place"])
+async def test_region_inputs_copied_into_the_server_count_against_the_byte_budget(
+        monkeypatch, system_regions):
+    """Copied (the default), a region's input is server memory like bytes off the wire:
+    held in the budget, and refused before it is read. Read where it lies (in_place),
+    it is the client's memory and is not counted."""
+    from trtserve.service.config import SharedMemoryConfig
+    from trtserve.service.engine.regions import RegionRegistry, SystemRegion
+
+    reads: list[int] = []
+    read_into = SystemRegion.read_into
+    monkeypatch.setattr(SystemRegion, "read_into",
+                        lambda self, ref, array: (reads.append(ref.byte_size),
+                                                  read_into(self, ref, array)))
+    repository = ModelRepository()
+    await repository.add(ControlledBackend().runtime(controlled_model("m", max_batch_size=8)))
+    engine = LocalEngine(repository, ByteBudget(limit_bytes=2 * 4 * WIDTH),
+                         regions=RegionRegistry(SharedMemoryConfig(system_regions=system_regions)))
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    try:
+        memory = np.frombuffer(shm.buf, dtype=np.float32)
+        memory[:3 * WIDTH] = _rows(3).ravel()
+        await engine.register_system_region("r", shm.name, 0, 4096)
+
+        def request(rows: int) -> InferRequest:
+            ref = RegionRef("r", 0, rows * 4 * WIDTH)
+            return InferRequest("m", {INPUT: TensorIn("FP32", (rows, WIDTH), ref)})
+
+        result = await engine.infer(request(2))  # exactly the budget
+        np.testing.assert_array_equal(result.outputs[OUTPUT].data, expected(_rows(2)))
+        if system_regions == "copy":
+            with pytest.raises(ResourceExhausted, match="larger than the server's whole budget"):
+                await engine.infer(request(3))
+            assert reads == [2 * 4 * WIDTH]  # the refused one was never read
+        else:
+            result = await engine.infer(request(3))
+            np.testing.assert_array_equal(result.outputs[OUTPUT].data, expected(_rows(3)))
+        stats = await engine.stats()
+        assert stats.request_bytes.held_bytes == 0
+        del memory
+        await engine.unregister_region("r")
+    finally:
+        await repository.stop()
+        shm.close()
+        shm.unlink()

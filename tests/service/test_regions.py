@@ -41,8 +41,9 @@ IN_PLACE = SharedMemoryConfig(system_regions="in_place")
 
 
 def _run(registry, inputs, outputs, compute):
-    async def run(arrays, targets, keep):
-        return compute(arrays)
+    async def run(lease):
+        await lease.read_inputs()
+        return compute(lease.arrays)
 
     return asyncio.run(infer_with_regions(registry, inputs, outputs, run))
 
