@@ -134,7 +134,13 @@ class KServeHttp:
             response = error_response(e.status,
                                       _http_problem(e, request, self._max_request_bytes))
             if e.status == 408:
-                response.force_close()  # the rest of a stalled body is not waited for
+                # The rest of a stalled body is not waited for: sent, then closed. (The
+                # response's own force_close still let aiohttp linger 10 s reading the
+                # body, the connection holding its place of http_max_connections.)
+                response.force_close()
+                await response.prepare(request)
+                await response.write_eof()
+                request.protocol.force_close()
             return response
         except Exception as e:
             status, message = http_status_of(e)
@@ -199,7 +205,7 @@ class KServeHttp:
     # --- model repository (frontends/kserve_repository.py, as the gRPC RPCs) -------------
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        body = kjson.body_object(await _control_body(request),
+        body = kjson.body_object(await self._control_body(request),
                                  "the repository index request")
         index = repository.index(await self._engine.repository_index(), kjson.index_ready(body))
         # Triton's HTTP form answers the list itself.
@@ -209,7 +215,7 @@ class KServeHttp:
         rpc = "RepositoryModelLoad"
         model = request.match_info["model"]
         repository.check_name(rpc, model)
-        body = kjson.body_object(await _control_body(request), "the load request")
+        body = kjson.body_object(await self._control_body(request), "the load request")
         path = repository.load_path(kjson.repository_parameters(body, rpc))
         await self._engine.load_model(model, path)
         return web.Response(status=200)
@@ -218,7 +224,7 @@ class KServeHttp:
         rpc = "RepositoryModelUnload"
         model = request.match_info["model"]
         repository.check_name(rpc, model)
-        body = kjson.body_object(await _control_body(request), "the unload request")
+        body = kjson.body_object(await self._control_body(request), "the unload request")
         repository.check_unload(kjson.repository_parameters(body, rpc))
         await self._engine.unload_model(model)
         return web.Response(status=200)
@@ -244,7 +250,7 @@ class KServeHttp:
 
     async def _register_system(self, request: web.Request) -> web.Response:
         self._local_only(request, "SystemSharedMemoryRegister")
-        body = kjson.body_object(await _control_body(request), "the register request")
+        body = kjson.body_object(await self._control_body(request), "the register request")
         key, offset, byte_size = kjson.system_register(body)
         await self._engine.register_system_region(request.match_info["region"], key, offset,
                                                   byte_size)
@@ -252,7 +258,7 @@ class KServeHttp:
 
     async def _register_cuda(self, request: web.Request) -> web.Response:
         self._local_only(request, "CudaSharedMemoryRegister")
-        body = kjson.body_object(await _control_body(request), "the register request")
+        body = kjson.body_object(await self._control_body(request), "the register request")
         raw_handle, device_id, byte_size = kjson.cuda_register(body)
         await self._engine.register_cuda_region(request.match_info["region"], raw_handle,
                                                 device_id, byte_size)
@@ -331,19 +337,32 @@ class KServeHttp:
             response.enable_compression()
         return response
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _control_body(self, request: web.Request) -> bytes:
+        """The body of a repository or shared-memory request, at most MAX_CONTROL_BODY_BYTES
+        (counted as read, so chunked and compressed bodies are bounded too), under the
+        same body timeout as an inference request's (without it a client that sent a
+        byte of a control body and stopped held its connection for ever: a few such
+        took every place of `http_max_connections`)."""
+        limit = MAX_CONTROL_BODY_BYTES
+        if request.content_length is not None and request.content_length > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                actual_size=request.content_length)
+        return await self._read_body(request, limit)
+
+    async def _read_body(self, request: web.Request, limit: int | None = None) -> bytes:
         """The whole body, as `request.read()`, but a client that stops sending it for
         `body_timeout_s` is answered 408 and its connection closed (a body sent a
-        byte now and then would otherwise hold its connection and handler forever)."""
+        byte now and then would otherwise hold its connection and handler forever).
+        More than `limit` bytes (default `max_request_bytes`) is 413."""
+        limit = self._max_request_bytes if limit is None else limit
         loop = asyncio.get_running_loop()
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self._body_timeout_s) as window:
                 while chunk := await request.content.readany():
                     size += len(chunk)
-                    if size > self._max_request_bytes:
-                        raise web.HTTPRequestEntityTooLarge(
-                            max_size=self._max_request_bytes, actual_size=size)
+                    if size > limit:
+                        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
                     chunks.append(chunk)
                     window.reschedule(loop.time() + self._body_timeout_s)
         except TimeoutError:
@@ -351,21 +370,6 @@ class KServeHttp:
                 text=f"no bytes of the request's body came for {self._body_timeout_s:g} s "
                      "(server.http_body_timeout_s)") from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _control_body(request: web.Request) -> bytes:
-    """The body of a repository or shared-memory request, at most MAX_CONTROL_BODY_BYTES
-    (counted as read, so chunked and compressed bodies are bounded too)."""
-    limit = MAX_CONTROL_BODY_BYTES
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    chunks, size = [], 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _names(request: web.Request) -> tuple[str, str]:

@@ -190,15 +190,23 @@ def test_limits_out_of_range_are_refused_naming_the_key(key: str, value: float) 
         ServerConfig(**{key: value})
 
 
-def test_a_body_that_stops_coming_is_cut_off(model: ModelConfig) -> None:
+@pytest.mark.parametrize("path", [
+    "/v2/models/example/infer", "/v2/repository/index", "/v2/repository/models/example/load",
+    "/v2/systemsharedmemory/region/x/register"])
+def test_a_body_that_stops_coming_is_cut_off(model: ModelConfig, path: str) -> None:
     """Headers whole, then part of the body and nothing more: 408 and closed after
-    `http_body_timeout_s` (not held until the keep-alive or header timeouts, an hour)."""
+    `http_body_timeout_s` (not held until the keep-alive or header timeouts, an hour).
+    Before: the control endpoints read their bodies with no timeout at all (a few such
+    clients took every place of http_max_connections, found by an adversarial run), and
+    after a 408 aiohttp lingered 10 s more reading the body."""
     with _serve(model, http_body_timeout_s=1, http_header_timeout_s=3600,
                 http_keepalive_timeout_s=3600) as s, _connect(s.server.http_port) as sock:
-        sock.sendall(b"POST /v2/models/example/infer HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-                     b'{"inputs": [')
+                     b'{"inputs": [' % path.encode())
+        start = time.monotonic()
         got = _until_closed(sock, timeout_s=60)
+        assert time.monotonic() - start < 5, "closed long after the body timeout"
     assert got.startswith(b"HTTP/1.1 408"), got
     assert b"server.http_body_timeout_s" in got
     assert b"Connection: close" in got
