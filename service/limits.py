@@ -94,10 +94,12 @@ class ByteBudget:
         self._large_bytes = large_bytes
         self._on_large_done = on_large_done
 
-    def acquire(self, nbytes: int) -> None:
-        """Count `nbytes` as in flight; ResourceExhausted if they don't fit. Pair with release."""
+    def acquire(self, nbytes: int, requests: int = 1) -> None:
+        """Count `nbytes` as in flight; ResourceExhausted if they don't fit. Pair with release.
+        `requests`: how many clients' requests the bytes are (a group's members, each
+        refused with it, each counted in `refused`)."""
         if self.limit_bytes and self.held_bytes + nbytes > self.limit_bytes:
-            self.refused += 1
+            self.refused += requests
             if nbytes > self.limit_bytes:
                 raise ResourceExhausted(
                     f"request of {_size(nbytes)} of input tensors is larger than the server's "

@@ -211,7 +211,7 @@ class LocalEngine:
 
         try:
             validated = validated or runtime.validate(arrays, dtypes)
-            budget.acquire(nbytes)
+            budget.acquire(nbytes, len(members) or 1)
             try:
                 queued = runtime.submit(arrays, deadline, dtypes, validated, more_follow,
                                         settled, members, parts)

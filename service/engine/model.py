@@ -489,7 +489,7 @@ class ModelRuntime:
             self._dispatched_at[index] = dispatched
         stats = self.worker_stats[index]
         for request in batch.requests:
-            stats.record_queue(dispatched - request.arrival)
+            stats.record_queue(dispatched - request.arrival, request.count)
             request.running = True
         self._in_flight[index] += 1
         assert self._idle is not None

@@ -310,10 +310,13 @@ class WorkerStats:
         for bucket, reason in info.capture_failures:
             self.record_capture_failure(bucket, reason)
 
-    def record_queue(self, seconds: float) -> None:
-        self.queue_time.add(seconds)
-        self.queue_s_total += seconds
-        self.queue_histogram.observe(seconds)
+    def record_queue(self, seconds: float, count: int = 1) -> None:
+        """`count` requests (a group's members) that waited `seconds` in the queue: the
+        per-request figures (KServe's queue count, the Prometheus histogram) count each."""
+        for _ in range(count):
+            self.queue_time.add(seconds)
+        self.queue_s_total += seconds * count
+        self.queue_histogram.observe(seconds, count)
 
     def record_batch(self, rows: int, requests: int, compute_s: float,
                      graph_launch: bool | None, input_s: float = 0.0,
