@@ -221,6 +221,9 @@ class EngineServer(Server):
         """Drain: the frontends answer what they accepted and exit, then the models stop."""
         self._draining = True
         self._ready = False
+        # At once, as one process does: the frontends relay model control until they exit,
+        # and a load let through then built and switched to a model during shutdown.
+        self.models.refuse_loads()
         grace = self.config.grace_period_s
         if self.host is not None:
             self.host.set_health("", False)

@@ -424,8 +424,12 @@ class ModelRepository:
         finally:
             self._retiring.discard(runtime)
 
-    async def drain(self) -> None:
+    def refuse_loads(self) -> None:
+        """The server is stopping: loads and reloads from now on are UNAVAILABLE."""
         self._closing = True
+
+    async def drain(self) -> None:
+        self.refuse_loads()
         await asyncio.gather(*(m.drain() for m in [*self._models.values(), *self._retiring]))
 
     async def stop(self) -> None:

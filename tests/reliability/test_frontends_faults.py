@@ -26,7 +26,9 @@ from tests.reliability.certs import authority
 from tests.reliability.controlled_server import EXECUTED, MODEL, ControlledServerProcess
 from trtserve.client import Client, InferenceError
 from trtserve.client.convert import infer_request, outputs_of
+from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
+from trtserve.service.testing.onnx_models import offset_net
 from trtserve.service.testing.servers import ServerProcess
 
 CLIENTS = 16
@@ -79,20 +81,36 @@ async def _client(url: str, index: int, stop: asyncio.Event) -> list[Outcome]:
     return outcomes
 
 
-def test_sigterm_answers_every_accepted_request_across_frontends() -> None:
+def test_sigterm_answers_every_accepted_request_across_frontends(tmp_path: Path) -> None:
     server = ControlledServerProcess("--frontends", "2", "--sleep-ms", "50",
                                      "--max-batch-size", "4", "--grace-period-s", "20")
+    late_model = offset_net(tmp_path / "late.onnx", 1.0)
+    refused: tuple[grpc.StatusCode, str] | None = None
     try:
         server.wait_ready()
         sigterm = 0.0
 
+        async def load(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
+            """A model load relayed by a frontend during the drain is refused, as in one
+            process (before: it was built and switched to during shutdown)."""
+            try:
+                await pb_grpc.InferenceServiceStub(channel).LoadModel(
+                    pb.LoadModelRequest(model="late", path=str(late_model)), timeout=30)
+            except grpc.aio.AioRpcError as e:
+                return e.code(), e.details() or ""
+            return grpc.StatusCode.OK, ""
+
         async def run() -> list[Outcome]:
-            nonlocal sigterm
+            nonlocal sigterm, refused
             stop = asyncio.Event()
             tasks = [asyncio.ensure_future(_client(server.url, i, stop)) for i in range(CLIENTS)]
+            control = _channel(server.url)
+            await pb_grpc.InferenceServiceStub(control).ListModels(pb.ListModelsRequest())
             await asyncio.sleep(1.0)  # every client has requests in flight or queued
             sigterm = time.monotonic()
             server.proc.send_signal(signal.SIGTERM)
+            refused = await load(control)  # on a connection made before the signal
+            await control.close()
             done, _ = await asyncio.wait(tasks, timeout=60)
             stop.set()
             return [o for t in done for o in t.result()]
@@ -102,6 +120,8 @@ def test_sigterm_answers_every_accepted_request_across_frontends() -> None:
     finally:
         code, output = server.terminate()
     assert code == 0, output
+    assert refused == (grpc.StatusCode.UNAVAILABLE,
+                       "the server is shutting down; models are not loaded"), (refused, output)
     answered = sum(o.ok for o in outcomes)
     assert answered > 0
     # Refused (UNAVAILABLE) is the only failure a drain may cause, but for calls that
