@@ -22,10 +22,13 @@ its own runtime beside ours. docs/protocols.md gives the measurements.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
 
 from trtserve.client.gen.inference import grpc_service_pb2 as pb
 from trtserve.service import auth, echo
@@ -133,15 +136,17 @@ class KServeHttp:
             # aiohttp's own answers (no route, wrong method, body too large) in our form.
             response = error_response(e.status,
                                       _http_problem(e, request, self._max_request_bytes))
-            if e.status == 408:
-                # The rest of a stalled body is not waited for: sent, then closed. (The
-                # response's own force_close still let aiohttp linger 10 s reading the
-                # body, the connection holding its place of http_max_connections.)
-                response.force_close()
-                await response.prepare(request)
-                await response.write_eof()
-                request.protocol.force_close()
+            if e.status == 408:  # the rest of a stalled body is not waited for
+                return await _sent_then_closed(response, request)
             return response
+        except (web.RequestPayloadError, PayloadEncodingError) as e:
+            # A body its Content-Encoding (or chunking) cannot decode: the client's
+            # mistake, not ours (it was a 500 with two tracebacks logged). What is left of
+            # the body cannot be read, so the connection goes with the answer.
+            reason = re.sub(r"^\d+, message: ", "", " ".join(str(e).split()))
+            return await _sent_then_closed(error_response(
+                400, f"the request's body could not be decoded ({echo.text(reason)}); check "
+                "its Content-Encoding"), request)
         except Exception as e:
             status, message = http_status_of(e)
             return error_response(status, message)
@@ -370,6 +375,37 @@ class KServeHttp:
                 text=f"no bytes of the request's body came for {self._body_timeout_s:g} s "
                      "(server.http_body_timeout_s)") from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _MalformedRequestsInOneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse (bad chunking, an unknown Content-Encoding,
+    smuggling forms) as an ERROR with its traceback, twenty lines a request: any client,
+    token or not, could flood the log. It is the client's mistake and aiohttp has
+    answered 400: one line, with the address and the reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = f"{record.getMessage()}: {' '.join(str(error).split())}"
+            record.args = None
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequestsInOneLine())
+
+
+async def _sent_then_closed(response: web.Response, request: web.Request) -> web.Response:
+    """`response`, sent, then its connection closed, for a body that will not be read to
+    its end: with only the response's own force_close, aiohttp lingered 10 s reading the
+    rest (the connection holding its place of http_max_connections), and a body that
+    cannot be decoded raised again there, logged as an unhandled exception."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
 
 
 def _names(request: web.Request) -> tuple[str, str]:
