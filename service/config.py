@@ -224,8 +224,10 @@ MAX_CONNECTION_S = 30 * 24 * 3600
 # A frontend's poll for a lone request's reply, where no CPU quota applies.
 AUTO_SPIN_US = 1000
 # The engine polls for the next request by default ("auto") only on a host of this many
-# usable cores: on 2 it competed with the frontends and the client (engine_spin_us).
-ENGINE_SPIN_MIN_CORES = 8
+# usable cores: on 2 it competed with the frontends and the client; at 4 and 6 (taskset
+# on a 16-core GPU host, session 24) it lowered the cost at concurrency 1 in every pair
+# (engine_spin_us).
+ENGINE_SPIN_MIN_CORES = 4
 
 
 @dataclass(frozen=True)
@@ -360,8 +362,9 @@ class ServerConfig:
     # host of at least ENGINE_SPIN_MIN_CORES usable cores, else off (and off under a CPU
     # quota). On 16-core GPU hosts it lowered the p50 cost of 8 frontends at concurrency
     # 1 in 9 of 10 side-by-side pairs (by 54 us at the median; the p90 too) for 0.4 of a
-    # core; on the 2-core machine, where the pollers and the client share 2 cores, it
-    # raised the p90 (docs/processes.md, "Concurrency 1").
+    # core, and of 2 frontends on 4 and 6 of those cores in all 4 pairs; on the 2-core
+    # machine, where the pollers and the client share 2 cores, it raised the p90
+    # (docs/processes.md, "Concurrency 1").
     engine_spin_us: int | str = "auto"
     # While the engine reports a model's backlog (a batch waiting for a worker, requests
     # queued behind it), a frontend holds the frame of its requests up to this long so that
