@@ -64,25 +64,40 @@ class FolderModel:
 
 
 def scan(root: str) -> dict[str, FolderModel]:
-    """Every model in the folder, by name. OSError when the folder itself cannot be read."""
+    """Every model in the folder, by name. OSError when the folder itself cannot be read;
+    an entry that cannot be read is its own model's error, never the folder's."""
     models: dict[str, FolderModel] = {}
+    folders: list[str] = []
+    files: list[str] = []
     with os.scandir(root) as entries:
-        listing = sorted((e.name, e.is_dir()) for e in entries if not e.name.startswith("."))
-    folders = {name for name, is_dir in listing if is_dir}
-    for name, is_dir in listing:
-        if is_dir:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                (folders if entry.is_dir() else files).append(entry.name)
+            except OSError as e:  # a symlink loop, say: listed with why, the others read on
+                stem, suffix = os.path.splitext(entry.name)
+                name = stem if suffix.lower() in FLAT_SUFFIXES else entry.name
+                models[name] = FolderModel(name, error=(
+                    f"{entry.path}: cannot tell whether it is a model folder or a model file "
+                    f"({e.strerror})"))
+    for name in sorted(folders):
+        try:
             models[name] = read_model(root, name)
-            continue
+        except Exception as e:  # unforeseen, yet still this model's error alone
+            models[name] = FolderModel(name, error=(
+                f"{os.path.join(root, name)}: cannot be read ({type(e).__name__}: {e})"))
+    for name in sorted(files):
         stem, suffix = os.path.splitext(name)
         if suffix.lower() not in FLAT_SUFFIXES:
             continue
-        if stem in folders or stem in models:
+        if stem in models:
             models[stem] = FolderModel(stem, error=(
                 f"both {os.path.join(root, stem)}/ and {os.path.join(root, name)} name model "
                 f"'{stem}' in the repository folder; keep one"))
             continue
         models[stem] = _flat(root, stem, name)
-    return models
+    return dict(sorted(models.items()))
 
 
 def scan_one(root: str, name: str) -> FolderModel | None:
@@ -108,9 +123,9 @@ def read_model(root: str, name: str) -> FolderModel:
         try:
             with open(config_path, "rb") as f:
                 settings = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) else str(e)
-            return FolderModel(name, error=f"{config_path}: {reason}", stats=(config_stat,))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            return FolderModel(name, error=f"{config_path}: {_toml_error(e)}",
+                               stats=(config_stat,))
         taken = sorted({"name", "path"} & set(settings))
         if taken:
             return FolderModel(name, error=(
@@ -121,11 +136,14 @@ def read_model(root: str, name: str) -> FolderModel:
     files = ("model.onnx",) if backend == "onnxruntime" else MODEL_FILES
     try:
         with os.scandir(folder) as entries:
+            # isdigit() alone takes '³', which int() refuses, and '٣', which it reads as 3.
             versions = sorted((int(e.name) for e in entries
-                               if e.name.isdigit() and int(e.name) > 0 and e.is_dir()),
+                               if e.name.isascii() and e.name.isdigit() and int(e.name) > 0
+                               and e.is_dir()),
                               reverse=True)
-    except OSError as e:
-        return FolderModel(name, error=f"{folder}: {e.strerror}", stats=(config_stat,))
+    except OSError as e:  # the folder, or one entry of it (a symlink loop): named
+        return FolderModel(name, error=f"{e.filename or folder}: {e.strerror}",
+                           stats=(config_stat,))
     for version in versions:
         for file in files:
             path = os.path.join(folder, str(version), file)
@@ -135,8 +153,17 @@ def read_model(root: str, name: str) -> FolderModel:
                               config_path)
     return FolderModel(name, error=(
         f"{folder}: no version folder holds a model file (expected "
-        f"{folder}/<version>/{' or '.join(files)}, <version> a number from 1)"),
+        f"{folder}/<version>/{' or '.join(files)}, <version> a number from 1 in digits 0-9)"),
         stats=(config_stat,), empty=True)
+
+
+def _toml_error(e: OSError | UnicodeDecodeError | tomllib.TOMLDecodeError) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, UnicodeDecodeError):  # a Latin-1 comment, say
+        return (f"not UTF-8 text, as TOML must be: byte {e.object[e.start]:#04x} at offset "
+                f"{e.start} ({e.reason})")
+    return str(e)
 
 
 def _model(name: str, version: str, path: str, settings: dict[str, Any],

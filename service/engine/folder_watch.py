@@ -17,7 +17,8 @@ its size or mtime between looks, so it is not loaded half done):
 The watch acts on changes of the folder, not on differences between the folder
 and what is served: a model unloaded (or loaded from another file) by a client
 stays so until its files change. A folder that cannot be read (an unmounted
-volume) changes nothing: it is logged, and everything serves on.
+volume) changes nothing: it is logged, and everything serves on. One entry that cannot
+be read (a symlink loop, a config.toml that is not UTF-8) is that model's error only.
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ class FolderWatch:
         log.info("watching the repository folder %s every %g s", self._root, self._interval_s)
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # a look that fails unforeseen must not end the watch for good
+                log.exception("the watch of the repository folder %s failed one look; it "
+                              "looks again in %g s", self._root, self._interval_s)
 
     async def check(self) -> None:
         """One look at the folder; acts on each model whose change has settled."""

@@ -256,6 +256,48 @@ def test_a_bad_model_beside_good_ones(nets, tmp_path, caplog):
         assert _states(c)["good"] == ("READY", "1") and _offset(c, "good") == 1.0
 
 
+def test_entries_that_cannot_be_read_leave_the_others_and_the_watch_going(nets, tmp_path):
+    """A config.toml that is not UTF-8, a version folder named '³', a symlink loop: each
+    once ended the watch for good, or made the folder unreadable; now each is its own
+    model's error, named, and the watch's run goes on (a real interval, no check())."""
+    _place(tmp_path / "a" / "1" / "model.onnx", nets[1])
+    _place(tmp_path / "latin1" / "1" / "model.onnx", nets[1])
+    _place(tmp_path / "latin1" / "config.toml", b"workers = 1\n# caf\xe9\n")
+    refused = pytest.raises(StartError, match=r"model 'latin1': .*latin1/config.toml: not UTF-8")
+    with refused, running_server(server_config(model_repository=str(tmp_path))):
+        pass
+
+    config = server_config(model_repository=str(tmp_path), model_watch_interval_s=0.05,
+                           model_load_failure="skip")
+    with running_server(config) as s, Client(s.url) as c, KServeClient(s.url) as k:
+        _place(tmp_path / "cubed" / "\u00b3" / "model.onnx", nets[1])
+        (tmp_path / "loop").symlink_to(tmp_path / "loop")
+        _wait_for(lambda: {"cubed", "loop"} <= set(_states(c)), 60)
+        # Added after them: the watch still loads it.
+        _place(tmp_path / "b" / "1" / "model.onnx", nets[2])
+        _wait_for(lambda: _states(c).get("b") == ("READY", "1"), 60)
+        assert (_offset(c, "a"), _offset(c, "b")) == (1.0, 2.0)
+        index = {m.name: m for m in k.repository_index()}
+        assert {name: m.state for name, m in index.items()} == {
+            "a": "READY", "b": "READY", "cubed": "UNAVAILABLE", "latin1": "UNAVAILABLE",
+            "loop": "UNAVAILABLE"}
+        assert "latin1/config.toml: not UTF-8 text" in index["latin1"].reason
+        assert "cubed: no version folder holds a model file" in index["cubed"].reason
+        assert f"{tmp_path / 'loop'}: cannot tell whether" in index["loop"].reason
+
+        # Loads by name read the folder as it is: the others load, a bad one says why.
+        k.load_model("a")
+        assert _offset(c, "a") == 1.0
+        with pytest.raises(InferenceError) as err:
+            c.load_model("latin1")
+        assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "latin1/config.toml: not UTF-8 text" in str(err.value)
+
+        # Fixed: loaded at its next settled change, as any model.
+        _place(tmp_path / "latin1" / "config.toml", b"workers = 1\n# cafe\n")
+        _wait_for(lambda: _states(c).get("latin1") == ("READY", "1"), 60)
+
+
 def test_explicit_load_and_unload_beside_the_folder(nets, tmp_path):
     _place(tmp_path / "a" / "1" / "model.onnx", nets[1])
     config = server_config(model_repository=str(tmp_path), model_watch_interval_s=HOUR_S)

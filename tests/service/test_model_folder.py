@@ -4,6 +4,7 @@ config key and flag."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -75,6 +76,46 @@ def test_a_bad_config_toml_is_the_models_error_naming_file_and_key(onnx, tmp_pat
     assert models["m"].config is None
     assert expected in models["m"].error
     assert str(tmp_path / "m" / "config.toml") in models["m"].error
+
+
+def _odd_entries(root: Path, model: bytes) -> None:
+    """Entries that once made the whole folder unreadable, each beside a good model."""
+    _put(root / "ok" / "1" / "model.onnx", model)
+    _put(root / "latin1" / "1" / "model.onnx", model)
+    _put(root / "latin1" / "config.toml", b"workers = 1\n# caf\xe9, a Latin-1 comment\n")
+    _put(root / "cubed" / "\u00b3" / "model.onnx", model)  # '³'.isdigit(), but int('³') fails
+    (root / "loop").symlink_to(root / "loop")
+    _put(root / "looped" / "1" / "model.onnx", model)
+    (root / "looped" / "2").symlink_to(root / "looped" / "2")
+
+
+def test_an_entry_that_cannot_be_read_is_only_its_models_error(onnx, tmp_path):
+    _odd_entries(tmp_path, onnx.read_bytes())
+    _put(tmp_path / "served" / "\u00b3" / "model.onnx", b"not a version")
+    _put(tmp_path / "served" / "1" / "model.onnx", onnx.read_bytes())
+    models = scan(str(tmp_path))
+    assert sorted(models) == ["cubed", "latin1", "loop", "looped", "ok", "served"]
+    assert [name for name, m in models.items() if m.config is not None] == ["ok", "served"]
+    assert models["served"].version == "1"  # '³' is no version, as 'latest' is none
+    assert models["latin1"].error == (
+        f"{tmp_path}/latin1/config.toml: not UTF-8 text, as TOML must be: byte 0xe9 at "
+        "offset 17 (invalid continuation byte)")
+    assert models["cubed"].empty and "a number from 1 in digits 0-9" in models["cubed"].error
+    assert models["loop"].error.startswith(
+        f"{tmp_path}/loop: cannot tell whether it is a model folder or a model file (")
+    assert models["looped"].error.startswith(f"{tmp_path}/looped/2: ")
+
+
+def test_an_entry_that_cannot_be_read_fails_only_its_model_at_start(onnx, tmp_path):
+    _odd_entries(tmp_path, onnx.read_bytes())
+    config = ServerConfig(port=0, metrics_port=0, http_port=0, model_repository=str(tmp_path))
+    # Named, as any model that fails at start (it was "unexpected error: UnicodeDecodeError").
+    with pytest.raises(ConfigError, match=r"^model 'latin1': .*/latin1/config.toml: not UTF-8"):
+        Server(config)._read_folder()
+    server = Server(dataclasses.replace(config, model_load_failure="skip"))
+    assert [(m.name, version) for m, version in server._read_folder()] == [("ok", "1")]
+    assert sorted(server.models.failed) == ["latin1", "loop", "looped"]
+    assert "/loop: cannot tell whether" in server.models.failed["loop"]
 
 
 def test_flat_files_hidden_files_and_conflicts(onnx, tmp_path):
