@@ -51,6 +51,11 @@ class BuildConfig:
         check_build_config(self)
 
 
+# A model's workers and ONNX Runtime threads: far more than any host runs.
+MAX_WORKERS = 256
+MAX_INTRA_OP_THREADS = 1024
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -116,7 +121,10 @@ class ModelConfig:
             "letters, digits, '-', '_' or '.'")
         _require(bool(self.path), f"{key}.path", self.path, "a model file")
         _require(self.backend in BACKENDS, f"{key}.backend", self.backend, f"one of {BACKENDS}")
-        _require(self.workers >= 1, f"{key}.workers", self.workers, "at least 1")
+        # Upper bounds too: each worker is a thread and an executor (a TensorRT context), and
+        # a folder's config.toml with workers = 10**20 was taken as it stood.
+        _require(1 <= self.workers <= MAX_WORKERS, f"{key}.workers", self.workers,
+                 f"1..{MAX_WORKERS}")
         _require(self.max_batch_size >= 0, f"{key}.max_batch_size", self.max_batch_size,
                  "0 (the model's maximum) or more")
         _require(self.max_queue_delay_us >= 0, f"{key}.max_queue_delay_us",
@@ -136,8 +144,8 @@ class ModelConfig:
                  f"{key}.batching", self.batching, "\"auto\", true or false")
         _require(self.inline_below_us >= 0, f"{key}.inline_below_us", self.inline_below_us,
                  "0 (off) or more")
-        _require(self.intra_op_threads >= 0, f"{key}.intra_op_threads", self.intra_op_threads,
-                 "0 (automatic) or more")
+        _require(0 <= self.intra_op_threads <= MAX_INTRA_OP_THREADS, f"{key}.intra_op_threads",
+                 self.intra_op_threads, f"0 (automatic) .. {MAX_INTRA_OP_THREADS}")
         _require(all(s >= 1 for s in self.graph_batch_sizes), f"{key}.graph_batch_sizes",
                  list(self.graph_batch_sizes), "sizes of at least 1")
         _require(self.max_worker_failures >= 1, f"{key}.max_worker_failures",

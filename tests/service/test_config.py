@@ -53,6 +53,11 @@ def test_a_full_file_loads(tmp_path):
     ("[[models]]\nname='a'\npath='a.onnx'\nworkers='2'\n", "models[0].workers"),
     ("[[models]]\nname='a'\npath='a.onnx'\nworkers=true\n", "models[0].workers"),
     ("[[models]]\nname='a'\npath='a.onnx'\nworkers=0\n", "workers"),
+    # Taken as they stood before (an adversarial run's folder config.toml).
+    ("[[models]]\nname='a'\npath='a.onnx'\nworkers=99999999999999999999\n",
+     "workers: got 99999999999999999999, expected 1..256"),
+    ("[[models]]\nname='a'\npath='a.onnx'\nintra_op_threads=100000\n",
+     "intra_op_threads: got 100000"),
     ("[[models]]\nname='a'\npath='a.onnx'\nintra_op_spinning='yes'\n",
      "models[0].intra_op_spinning"),
     ("[[models]]\nname='a'\npath='a.onnx'\nbackend='tensorflow'\n", "backend"),
