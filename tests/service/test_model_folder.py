@@ -60,7 +60,7 @@ def test_config_toml_gives_the_models_settings_and_its_backend_picks_the_file(on
 
 @pytest.mark.parametrize("toml, expected", [
     (b"workers = 'two'\n", "models.m.workers: expected int, got 'two'"),
-    (b"workers = 0\n", "models.m.workers: got 0, expected at least 1"),
+    (b"workers = 0\n", "models.m.workers: got 0, expected 1..256"),
     (b"wrokers = 2\n", "unknown key(s) ['wrokers']"),
     (b"workers = \n", "config.toml: Invalid value"),
     (b"path = 'elsewhere.onnx'\n", "['path']: a model's name and file come from the "
