@@ -90,8 +90,11 @@ def burst(served: Served, payloads: list[bytes],
 def pair(index: int, cfgs: Sequence[Config], bursts: int, seconds: float) -> None:
     models, logs = cli.models_and_logs()
     with contextlib.ExitStack() as stack:
-        served = [stack.enter_context(trtserve("light", models["light"], logs, extra=c.flags))
-                  for c in cfgs]
+        served = []
+        for c in cfgs:
+            _stop_if_asked()
+            served.append(stack.enter_context(trtserve("light", models["light"], logs,
+                                                       extra=c.flags)))
         payloads = [prepare(BenchConfig(url=s.url, model=s.model, levels=(Level("closed", 1),)),
                             variants=4) for s in served]
         say(f"pair {index + 1}: {len(served)} servers ready")
@@ -99,6 +102,7 @@ def pair(index: int, cfgs: Sequence[Config], bursts: int, seconds: float) -> Non
         for r in range(bursts):
             order = [(r + k) % len(cfgs) for k in range(len(cfgs))]
             for k in order:
+                _stop_if_asked()
                 p50, p90, cores = burst(served[k], payloads[k], seconds)
                 rounds[k].append(p50)
                 cfgs[k].p90_us.append(p90)
@@ -155,6 +159,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _stop)
     try:
         for i in range(args.pairs):
+            _stop_if_asked()
             pair(i, cfgs, args.bursts, args.seconds)
     except _Stopped:
         done = len(cfgs[0].p50_us)
@@ -170,8 +175,20 @@ class _Stopped(Exception):
     pass
 
 
+# Set by SIGTERM, acted on between servers and bursts: an exception raised from the
+# handler itself could land inside Popen, after the fork, and leave that server running
+# with no one to stop it (a test's SIGTERM left one behind).
+_stop_asked = False
+
+
 def _stop(signum: int, frame: object) -> None:
-    raise _Stopped
+    global _stop_asked
+    _stop_asked = True
+
+
+def _stop_if_asked() -> None:
+    if _stop_asked:
+        raise _Stopped
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from benchmarks.frontends_c1 import Config, configs, pair, summary
 
@@ -48,8 +51,22 @@ def test_one_pair_of_real_servers_gives_every_configuration_its_bursts(capsys):
     assert capsys.readouterr().out.startswith("pair 1: one process p50 ")
 
 
+def _light_servers_since(start: float) -> list[str]:
+    """Command lines of `light` servers started since `start` and still running."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        cmdline = " ".join(p.info["cmdline"] or ())
+        if "trtserve.service.cli serve" in cmdline and "light=" in cmdline \
+                and (p.info["create_time"] or 0) >= start - 1:
+            found.append(cmdline)
+    return found
+
+
 def test_a_time_limit_still_prints_the_table_of_the_pairs_done():
-    """SIGTERM (what `timeout` sends) after the first pair: its table, then exit."""
+    """SIGTERM (what `timeout` sends) after the first pair: its table, then exit, with no
+    server left running. (The handler raised at once: landing inside Popen after the fork,
+    it left a server behind, found running after a CI run.)"""
+    start = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.frontends_c1", "--pairs", "5", "--bursts", "2",
          "--seconds", "0.2", "--frontends", "2"],
@@ -64,3 +81,4 @@ def test_a_time_limit_still_prints_the_table_of_the_pairs_done():
     header, base, row = out.splitlines()[-3:]
     assert header.split()[0] == "configuration"
     assert base.startswith("one process") and row.startswith("2 frontends")
+    assert _light_servers_since(start) == []
