@@ -86,9 +86,7 @@ def reserve(host: str, port: int, key: str) -> list[socket.socket]:
     server with one frontend, stopped, then started with two). A listening socket
     is refused either way. `key` names the port in errors.
     """
-    host = host.strip("[]")
-    address_text = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-    addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+    addresses = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     reserved: list[socket.socket] = []
     for family, kind, proto, _, address in addresses:
@@ -99,13 +97,13 @@ def reserve(host: str, port: int, key: str) -> list[socket.socket]:
             s.bind((address[0], port, *address[2:]))
         except OSError as e:
             s.close()
-            if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            if e.errno in _UNAVAILABLE:
                 continue
             for held in reserved:
                 held.close()
-            raise PortInUse(f"{key}: cannot bind {address_text}: {e.strerror}") from None
+            raise PortInUse(f"{key}: cannot bind {_show(host, port)}: {e.strerror}") from None
         port = s.getsockname()[1]
         reserved.append(s)
     if not reserved:
-        raise PortInUse(f"{key}: cannot bind {address_text}")
+        raise PortInUse(f"{key}: cannot bind {_show(host, port)}")
     return reserved

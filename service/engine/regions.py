@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import mmap
@@ -149,19 +150,9 @@ class _Region(ABC):
         """Implemented by each kind of region."""
 
 
-class SystemRegion(_Region):
-    """`byte_size` bytes from `offset` of a POSIX shared-memory object, read and written
-    through its file descriptor (pread and pwrite), never through a mapping.
-
-    Why not map it: the object is the client's, and a client can shrink it
-    (ftruncate) at any time. A CPU touching a mapped page past the new end gets
-    SIGBUS, which no Python code can catch: the engine process dies, and with it
-    every model (an adversarial run did exactly that, with two frontends). A read
-    past the end is only a short read, which fails that one request. The price is
-    one copy each way, by the kernel: about 20 ms for 64 MiB where a memcpy from a
-    mapping took 7 (2-core machine). `MappedSystemRegion` is the zero-copy choice
-    for clients the operator trusts (`server.shared_memory.system_regions`).
-    """
+class _SystemObject(_Region):
+    """`byte_size` bytes from `offset` of a POSIX shared-memory object, opened once: what
+    both ways of reaching it share (SystemRegion copies, MappedSystemRegion maps)."""
 
     kind = SYSTEM
 
@@ -188,10 +179,6 @@ class SystemRegion(_Region):
     def _open(self, fd: int) -> None:
         """What a subclass does with the object once it is checked (the mapping)."""
 
-    @property
-    def pinned(self) -> bool:
-        return False
-
     def _check_file(self, info: os.stat_result) -> None:
         if not stat.S_ISREG(info.st_mode):
             raise InvalidArgument(f"shared-memory region '{echo.text(self.name)}': key "
@@ -210,6 +197,24 @@ class SystemRegion(_Region):
     def status(self) -> RegionStatus:
         return RegionStatus(self.name, SYSTEM, self.byte_size, key=self.key, offset=self.offset,
                             in_use=self.in_use)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class SystemRegion(_SystemObject):
+    """A system region read and written through the object's file descriptor (pread
+    and pwrite), never through a mapping (`system_regions = "copy"`, the default).
+
+    Why not map it: the object is the client's, and a client can shrink it
+    (ftruncate) at any time. A CPU touching a mapped page past the new end gets
+    SIGBUS, which no Python code can catch: the engine process dies, and with it
+    every model (an adversarial run did exactly that, with two frontends). A read
+    past the end is only a short read, which fails that one request. The price is
+    one copy each way, by the kernel: about 20 ms for 64 MiB where a memcpy from a
+    mapping took 7 (2-core machine). `MappedSystemRegion` is the zero-copy choice
+    for clients the operator trusts (`server.shared_memory.system_regions`).
+    """
 
     def read(self, ref: RegionRef, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         array = np.empty(shape, dtype)
@@ -251,11 +256,8 @@ class SystemRegion(_Region):
     def holds(self, ref: RegionRef, array: np.ndarray) -> bool:
         return False
 
-    def close(self) -> None:
-        os.close(self._fd)
 
-
-class MappedSystemRegion(SystemRegion):
+class MappedSystemRegion(_SystemObject):
     """A system region mapped once at register, which executors read and write where
     it lies (`server.shared_memory.system_regions = "in_place"`): no copy, and for
     TensorRT the mapping is page-locked so that copies to and from the device are
@@ -576,8 +578,6 @@ class RegionRegistry:
                     if device_io and isinstance(region, CudaRegion):
                         arrays[tensor_name] = region.read_device(tensor.data, dtype,
                                                                  tensor.shape)
-                    elif isinstance(region, MappedSystemRegion):
-                        arrays[tensor_name] = region.read(tensor.data, dtype, tensor.shape)
                     elif isinstance(region, SystemRegion):  # read by `Lease.read_inputs`
                         arrays[tensor_name] = np.empty(tensor.shape, dtype)
                         lease.reads.append((region, tensor.data, arrays[tensor_name]))
@@ -588,11 +588,13 @@ class RegionRegistry:
                                       "large") from None
                 lease.input_bytes += tensor.data.byte_size
                 self._input_bytes += tensor.data.byte_size
-                if isinstance(region, MappedSystemRegion) or device_io:
+                in_place = isinstance(region, MappedSystemRegion) or (
+                    device_io and isinstance(region, CudaRegion))
+                if in_place:
                     self._zero_copy_inputs += 1
-                else:
+                else:  # into the server's memory: through the descriptor, or to the host
                     lease.copied_bytes += tensor.data.byte_size
-                    if region.kind != SYSTEM:
+                    if isinstance(region, CudaRegion):
                         self._host_copies += 1
                         lease.host_copies += 1
         for region in regions:
@@ -668,23 +670,27 @@ class Lease:
                 region.in_use -= 1
 
     async def read_inputs(self) -> None:
-        """Read the inputs of system regions: on the loop when small, else on a thread."""
+        """Read the inputs of system regions into their arrays."""
         reads, self.reads = self.reads, []
-        if sum(ref.byte_size for _, ref, _ in reads) < COPY_ON_LOOP_MAX_BYTES:
-            for region, ref, array in reads:
-                region.read_into(ref, array)
-        elif reads:
-            def read_all() -> None:
-                for region, ref, array in reads:
-                    region.read_into(ref, array)
+        await self._copy([functools.partial(region.read_into, ref, array)
+                          for region, ref, array in reads],
+                         sum(ref.byte_size for _, ref, _ in reads))
 
-            await self._off_loop(read_all)
+    async def _copy(self, copies: list[Callable[[], None]], nbytes: int) -> None:
+        """Run the copies (of `nbytes` in all) on the loop when small, else on a thread,
+        the regions held until it ends even if the request does not wait for it
+        (cancelled): the objects' descriptors must stay open."""
+        if nbytes < COPY_ON_LOOP_MAX_BYTES:
+            for copy in copies:
+                copy()
+            return
 
-    async def _off_loop(self, copy: Callable[[], object]) -> None:
-        """Run `copy` on a thread, the regions held until it ends even if the request
-        does not wait for it (cancelled): the object's descriptor must stay open."""
+        def copy_all() -> None:
+            for copy in copies:
+                copy()
+
         give_back = self.keep()
-        task = asyncio.ensure_future(asyncio.to_thread(copy))
+        task = asyncio.ensure_future(asyncio.to_thread(copy_all))
         task.add_done_callback(lambda _: give_back())
         await asyncio.shield(task)
 
@@ -720,18 +726,14 @@ class Lease:
             self.output_bytes += array.nbytes
             answered[tensor_name] = TensorOut(dtype_name(array.dtype), tuple(array.shape),
                                               RegionRef(ref.region, ref.offset, array.nbytes))
-        off_loop = [w for w in writes if type(w[0]) is SystemRegion]
-        if sum(array.nbytes for _, _, array in off_loop) < COPY_ON_LOOP_MAX_BYTES:
-            off_loop = []
-        for region, ref, array in writes:
-            if not any(w[2] is array for w in off_loop):
+        through_fd = [(region, ref, array) for region, ref, array in writes
+                      if isinstance(region, SystemRegion)]
+        for region, ref, array in writes:  # a mapping's memcpy, a CUDA region's copy
+            if not isinstance(region, SystemRegion):
                 region.write(ref, array)
-        if off_loop:
-            def write_all() -> None:
-                for region, ref, array in off_loop:
-                    region.write(ref, array)
-
-            await self._off_loop(write_all)
+        await self._copy([functools.partial(region.write, ref, array)
+                          for region, ref, array in through_fd],
+                         sum(array.nbytes for _, _, array in through_fd))
         return answered
 
 

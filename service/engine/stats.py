@@ -48,9 +48,18 @@ class Samples:
         self.added = 0  # ever; the next sample goes to added % window
         self._summary: Percentiles | None = None  # of the window as it is now
 
-    def add(self, seconds: float) -> None:
-        self._ring[self.added % self._window] = seconds
-        self.added += 1
+    def add(self, seconds: float, count: int = 1) -> None:
+        """`count` samples of `seconds` (a group's members share one wait)."""
+        start = self.added % self._window
+        if count == 1:
+            self._ring[start] = seconds
+        else:  # in at most two slices, not a Python loop on the engine's loop
+            ring = np.frombuffer(self._ring, dtype=np.float64)
+            n = min(count, self._window)
+            first = min(n, self._window - start)
+            ring[start:start + first] = seconds
+            ring[:n - first] = seconds
+        self.added += count
         self._summary = None
 
     def values(self) -> np.ndarray:
@@ -313,8 +322,7 @@ class WorkerStats:
     def record_queue(self, seconds: float, count: int = 1) -> None:
         """`count` requests (a group's members) that waited `seconds` in the queue: the
         per-request figures (KServe's queue count, the Prometheus histogram) count each."""
-        for _ in range(count):
-            self.queue_time.add(seconds)
+        self.queue_time.add(seconds, count)
         self.queue_s_total += seconds * count
         self.queue_histogram.observe(seconds, count)
 

@@ -393,7 +393,7 @@ class _MalformedRequestsInOneLine(logging.Filter):
         return True
 
 
-logging.getLogger("aiohttp.server").addFilter(_MalformedRequestsInOneLine())
+_MALFORMED_IN_ONE_LINE = _MalformedRequestsInOneLine()
 
 
 async def _sent_then_closed(response: web.Response, request: web.Request) -> web.Response:
@@ -467,6 +467,8 @@ class HttpServer:
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port."""
+        # Once per process however many servers start (addFilter skips one it holds).
+        logging.getLogger("aiohttp.server").addFilter(_MALFORMED_IN_ONE_LINE)
         await self._runner.setup()
         server = self._runner.server
         assert server is not None

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.doubles.cuda_ipc import HostCudaIpc
+from tests.doubles.cuda_ipc import HostCudaIpc, RecordingPinner
 from trtserve.service.config import SharedMemoryConfig
 from trtserve.service.engine import regions
 from trtserve.service.engine.api import RegionRef, TensorIn, TensorOut
@@ -153,6 +153,22 @@ def test_a_request_cancelled_during_a_copy_holds_its_region_until_the_copy_ends(
         registry.unregister("r")
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("config", [None, IN_PLACE], ids=["copy", "in_place"])
+def test_for_a_device_model_a_copied_system_input_is_server_memory_not_zero_copy(
+        shm, config):
+    """A TensorRT model's request (device_io): its system-region input read through the
+    descriptor is a copy held by the server (the byte budget counts it); mapped, it is
+    read where it lies (zero copy, pinned)."""
+    registry = RegionRegistry(config, pinner=RecordingPinner())
+    registry.register_system("r", shm.name, 0, 4096)
+    x = TensorIn("UINT8", (16,), RegionRef("r", 0, 16))
+    with registry.lease({"x": x}, {}, device_io=True) as lease:
+        copied = lease.copied_bytes
+    assert (copied, registry.usage().zero_copy_inputs) == ((16, 0) if config is None
+                                                           else (0, 1))
+    registry.close()
 
 
 def test_inputs_are_views_of_the_region_read_only_and_outputs_land_in_it(shm):

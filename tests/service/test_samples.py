@@ -32,6 +32,20 @@ def test_a_window_summarizes_its_last_samples_only() -> None:
     assert np.allclose(_as_tuple(window.summary()), _percentiles_us(values[-64:]))
 
 
+def test_samples_added_together_are_the_same_samples_added_one_by_one() -> None:
+    """A group's members share one wait: added in one call (slices of the ring), they
+    leave the window as many adds would, across the ring's end and past its size."""
+    rng = np.random.default_rng(1)
+    together, one_by_one = Samples(window=16), Samples(window=16)
+    for count in (1, 3, 7, 1, 12, 40, 5):
+        seconds = float(rng.exponential(1e-3))
+        together.add(seconds, count)
+        for _ in range(count):
+            one_by_one.add(seconds)
+        assert together.added == one_by_one.added
+        assert sorted(together.values()) == sorted(one_by_one.values())
+
+
 def test_an_empty_window_has_no_percentiles() -> None:
     assert Samples().summary() == Percentiles()
     assert Merged([Samples(), Samples()]).summary() == Percentiles()
