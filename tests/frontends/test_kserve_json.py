@@ -169,3 +169,21 @@ def test_a_cuda_handle_in_base64_with_line_breaks_is_read():
     raw, device, size = kjson.cuda_register({"raw_handle": {"b64": wrapped},
                                              "device_id": 0, "byte_size": 128})
     assert (raw, device, size) == (handle, 0, 128)
+
+
+def test_non_finite_floats_travel_as_triton_writes_and_reads_them():
+    # Triton's JSON (rapidjson with kParseNanAndInfFlag / kWriteNanAndInfFlag) reads and
+    # writes the bare tokens NaN, Infinity and -Infinity; tritonclient.http parses them.
+    request = kjson.parse_infer(
+        b'{"inputs":[{"name":"x","shape":[3],"datatype":"FP32",'
+        b'"data":[NaN,Infinity,-Infinity]}]}', None)
+    x = request.inputs["x"].data
+    assert np.isnan(x[0]) and x[1] == np.inf and x[2] == -np.inf
+    y = np.array([np.nan, np.inf, -np.inf], np.float32)
+    result = InferResult("m", "1", {"y": TensorOut("FP32", (3,), y)})
+    parts, _ = kjson.encode_infer("", result, (kjson.RequestedOutput("y", False),))
+    body = b"".join(parts)
+    assert b'"data":[NaN,Infinity,-Infinity]' in body
+    rapidjson = pytest.importorskip("rapidjson")  # tritonclient.http's parser
+    [output] = rapidjson.loads(body)["outputs"]
+    assert np.isnan(output["data"][0]) and output["data"][1:] == [np.inf, -np.inf]
