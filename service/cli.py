@@ -41,7 +41,8 @@ SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "grpc_max_connection
                 "grpc_max_connection_idle_s",
                 "grpc_max_connection_age_s", "grpc_max_connection_age_grace_s", "http_port",
                 "http_max_connections", "http_header_timeout_s",
-                "http_keepalive_timeout_s", "http_body_timeout_s", "metrics_port", "metrics_host",
+                "http_keepalive_timeout_s", "http_body_timeout_s",
+                "http_max_json_bytes", "metrics_port", "metrics_host",
                 "metrics_requires_auth", "metrics_tls", "metrics_max_connections",
                 "metrics_timeout_s", "metrics_render_interval_s", "grace_period_s",
                 "auth_token_file", "health_requires_auth", "event_loop", "gc_gen0_threshold",
@@ -109,6 +110,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-body-timeout-s", type=float,
                    help="the longest wait for the next bytes of an HTTP request body; "
                         "slower gets 408 (default 30)")
+    p.add_argument("--http-max-json-bytes", type=int,
+                   help="the JSON part of an HTTP inference body; larger gets 413 (default "
+                        "8 MiB; large tensors go as binary data)")
     p.add_argument("--grace-period-s", type=float, help="drain time on SIGTERM (default 30)")
     p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
     p.add_argument("--health-requires-auth", action=argparse.BooleanOptionalAction,

@@ -272,6 +272,11 @@ class ServerConfig:
     http_keepalive_timeout_s: float = 60.0
     # The longest wait for the next bytes of a request's body; slower: 408 and closed.
     http_body_timeout_s: float = 30.0
+    # The JSON part of an HTTP inference body (all of it without binary tensors), after
+    # any Content-Encoding; larger: 413. Parsing holds the process's event loop (about
+    # 0.5 s for 8 MiB of small integers on a 2-core machine); large tensors go as
+    # binary data or through shared memory.
+    http_max_json_bytes: int = 8 * 1024 * 1024
     # Its own address: loopback unless a scraper elsewhere must reach it (then
     # metrics_requires_auth, TLS, or a NetworkPolicy).
     metrics_host: str = "127.0.0.1"
@@ -403,6 +408,8 @@ class ServerConfig:
                  f"({self.metrics_port}), or 0 (off)")
         _require(1 <= self.http_max_connections <= 1_000_000, "server.http_max_connections",
                  self.http_max_connections, "1..1000000")
+        _require(1024 <= self.http_max_json_bytes <= 1 << 30, "server.http_max_json_bytes",
+                 self.http_max_json_bytes, "1024..1073741824")
         _require(0 <= self.grpc_max_connections <= 1_000_000, "server.grpc_max_connections",
                  self.grpc_max_connections, "0 (the open-file limit's room alone) .. 1000000")
         for key in ("grpc_max_connection_idle_s", "grpc_max_connection_age_s",

@@ -368,7 +368,8 @@ class Server:
                          max_request_bytes=c.max_receive_message_bytes,
                          max_response_bytes=c.max_send_message_bytes,
                          body_timeout_s=c.http_body_timeout_s,
-                         shared_memory=c.shared_memory)
+                         shared_memory=c.shared_memory,
+                         max_json_bytes=c.http_max_json_bytes)
         context = tls.server_ssl_context(c.tls) if c.tls.enabled else None
         limits = HttpLimits(max_connections=c.http_max_connections,
                             header_timeout_s=c.http_header_timeout_s,

@@ -54,8 +54,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
 # Answers smaller than this are never compressed.
 COMPRESS_FROM_BYTES = 1024
-# JSON parts larger than this are parsed off the event loop.
-PARSE_IN_THREAD_BYTES = 1024 * 1024
 # Connections the kernel queues for accepting (aiohttp's TCPSite default is 128).
 LISTEN_BACKLOG = 1024
 # Bodies of the repository and shared-memory requests: a few fields. Larger ones are
@@ -85,8 +83,14 @@ class KServeHttp:
                  max_request_bytes: int = 256 * 1024 * 1024,
                  max_response_bytes: int = 256 * 1024 * 1024,
                  body_timeout_s: float = DEFAULT_LIMITS.body_timeout_s,
-                 shared_memory: SharedMemoryConfig | None = None) -> None:
+                 shared_memory: SharedMemoryConfig | None = None,
+                 max_json_bytes: int = 8 * 1024 * 1024) -> None:
         self._engine = engine
+        # The JSON part of an inference body (all of it without the binary extension).
+        # json.loads and the lists' conversion hold the GIL throughout (about 0.5 s for
+        # 8 MiB of "0," here), so a larger part would stop every other request of this
+        # process, and a gzip body of a few kilobytes can inflate to hundreds of MiB.
+        self._max_json_bytes = max_json_bytes
         # The longest wait for the next bytes of a request's body.
         self._body_timeout_s = body_timeout_s
         self._shared_memory = shared_memory or SharedMemoryConfig()
@@ -302,21 +306,25 @@ class KServeHttp:
             # Refused from the header, before a byte of the body is read.
             raise web.HTTPRequestEntityTooLarge(max_size=self._max_request_bytes,
                                                 actual_size=request.content_length)
-        body = await self._read_body(request)
-        length = kjson.header_length(request.headers.get(kjson.HEADER_LENGTH), len(body))
-        spec = model.spec
-
-        def parse() -> kjson.JsonInferRequest:
-            return kjson.parse_infer(body, length,
-                                     check=lambda tensors: check_inputs(name, spec, tensors))
-
-        if (len(body) if length is None else length) > PARSE_IN_THREAD_BYTES:
-            # Parsing megabytes of JSON numbers takes a second or more; in a thread the
-            # event loop keeps serving other requests meanwhile (it gets the GIL back
-            # every few milliseconds) instead of stopping for all of it.
-            parsed = await asyncio.to_thread(parse)
+        header = request.headers.get(kjson.HEADER_LENGTH)
+        if header is None:
+            # All JSON: the JSON limit bounds the body as it is read (and inflated).
+            try:
+                body = await self._read_body(
+                    request, min(self._max_request_bytes, self._max_json_bytes))
+            except web.HTTPRequestEntityTooLarge:
+                if self._max_json_bytes >= self._max_request_bytes:
+                    raise
+                raise self._json_too_large() from None
+            length = None
         else:
-            parsed = parse()
+            body = await self._read_body(request)
+            length = kjson.header_length(header, len(body))
+            if length is not None and length > self._max_json_bytes:
+                raise self._json_too_large()
+        spec = model.spec
+        parsed = kjson.parse_infer(body, length,
+                                   check=lambda tensors: check_inputs(name, spec, tensors))
         plan = kjson.plan_outputs(parsed, {t.name: t.dtype for t in spec.outputs})
         deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
         result = await answered_by(deadline, self._engine.infer(InferRequest(
@@ -341,6 +349,12 @@ class KServeHttp:
             # as `requests` and aiohttp ask for it on every request by default.
             response.enable_compression()
         return response
+
+    def _json_too_large(self) -> web.HTTPRequestEntityTooLarge:
+        return _TooLarge(f"the request's JSON is larger than the server parses "
+                         f"({self._max_json_bytes} bytes, server.http_max_json_bytes); send "
+                         "large tensors as binary data (Triton's binary tensor extension, "
+                         "tritonclient.http's default) or through shared memory")
 
     async def _control_body(self, request: web.Request) -> bytes:
         """The body of a repository or shared-memory request, at most MAX_CONTROL_BODY_BYTES
@@ -412,7 +426,17 @@ def _names(request: web.Request) -> tuple[str, str]:
     return request.match_info["model"], request.match_info.get("version", "")
 
 
+class _TooLarge(web.HTTPRequestEntityTooLarge):
+    """A 413 that says which limit it met (aiohttp's own name only the body's)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(max_size=0, actual_size=0)
+        self.problem = problem
+
+
 def _http_problem(error: web.HTTPException, request: web.Request, max_bytes: int) -> str:
+    if isinstance(error, _TooLarge):
+        return error.problem
     if error.status == 404:
         return f"no such endpoint: {echo.text(request.path)}"
     if error.status == 405:

@@ -37,6 +37,7 @@ import base64
 import binascii
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,10 @@ def parse_json(data: bytes | memoryview, what: str) -> Any:
         return json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidArgument(f"{what} is not valid JSON: {e}") from None
+    except ValueError:
+        # Python refuses integers of more digits than sys.get_int_max_str_digits().
+        raise InvalidArgument(f"{what} holds an integer of more than "
+                              f"{sys.get_int_max_str_digits()} digits") from None
     except RecursionError:
         raise InvalidArgument(f"{what} nests too deeply") from None
 
@@ -266,7 +271,8 @@ def _from_json(h: _InputHeader) -> np.ndarray:
     if count and not _fits(values, datatype):
         raise TensorError(name, f"'data' holds values that are not {datatype} "
                           f"({'true/false' if datatype == 'BOOL' else 'numbers in range'})")
-    return shaped(name, values.astype(np_dtype).reshape(-1), h.shape)
+    with np.errstate(over="ignore"):  # a float past the datatype's range is inf, as in Triton
+        return shaped(name, values.astype(np_dtype).reshape(-1), h.shape)
 
 
 def _fits(values: np.ndarray, datatype: str) -> bool:

@@ -359,3 +359,48 @@ def test_concurrent_clients_each_get_their_own_answer(url, reference):
         t.join(60)
     assert len(answers) == 16
     assert max(float(np.abs(d).max()) for d in answers.values()) < 1e-4
+
+
+def test_json_past_its_own_limit_is_413_binary_tensors_are_not_held_to_it(example_onnx,
+                                                                          reference):
+    # json.loads holds the event loop for all of its input, and a few kilobytes of gzip
+    # inflate to hundreds of MiB: the JSON part has a limit below the body's.
+    config = server_config(ModelConfig(name="example", path=str(example_onnx), workers=1,
+                                       max_batch_size=4096),
+                           http_port=free_port(), max_receive_message_bytes=4 << 20,
+                           http_max_json_bytes=64 * 1024)
+    with running_server(config) as s:
+        url = f"127.0.0.1:{s.server.http_port}"
+        big = json.dumps(infer_json(_x(200))).encode()
+        assert 64 * 1024 < len(big) < 4 << 20
+        _error(http(url, "/v2/models/example/infer", big), 413, "http_max_json_bytes",
+               "binary data")
+        # 3 MiB of zeros in 3 KiB of gzip: refused while it inflates, before it is parsed.
+        bomb = gzip.compress(b'{"inputs":[{"name":"input","shape":[1,64],"datatype":"FP32",'
+                             b'"data":[' + b"0," * (3 << 19) + b"0]}]}")
+        assert len(bomb) < 16 * 1024
+        _error(http(url, "/v2/models/example/infer", bomb,
+                    headers={"Content-Encoding": "gzip"}), 413, "http_max_json_bytes")
+        # Binary tensors: only the JSON header counts against it.
+        x = _x(2000)
+        header = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape),
+                                         "datatype": "FP32",
+                                         "parameters": {"binary_data_size": x.nbytes}}],
+                             "outputs": [{"name": "output",
+                                          "parameters": {"binary_data": True}}]}).encode()
+        answer = http(url, "/v2/models/example/infer", header + x.tobytes(),
+                      headers={HEADER: str(len(header))})
+        assert answer.status == 200, answer.body
+        length = int(answer.headers[HEADER])
+        np.testing.assert_allclose(np.frombuffer(answer.body[length:], np.float32),
+                                   reference(x).ravel(), rtol=1e-5, atol=1e-5)
+        padded = header + b" " * (64 * 1024)
+        _error(http(url, "/v2/models/example/infer", padded + x.tobytes(),
+                    headers={HEADER: str(len(padded))}), 413, "http_max_json_bytes")
+        _error(http(url, "/v2/models/example/infer",
+                    b'{"inputs":[{"name":"input","shape":[1],"datatype":"INT64","data":['
+                    + b"7" * 5000 + b"]}]}"), 400, "digits")
+        x = _x(1)
+        np.testing.assert_allclose(
+            np.array(http(url, "/v2/models/example/infer", infer_json(x)).json()["outputs"][0]
+                     ["data"], np.float32), reference(x).ravel(), rtol=1e-5, atol=1e-5)

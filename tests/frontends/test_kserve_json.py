@@ -187,3 +187,18 @@ def test_non_finite_floats_travel_as_triton_writes_and_reads_them():
     rapidjson = pytest.importorskip("rapidjson")  # tritonclient.http's parser
     [output] = rapidjson.loads(body)["outputs"]
     assert np.isnan(output["data"][0]) and output["data"][1:] == [np.inf, -np.inf]
+
+
+def test_a_float_past_its_range_is_inf_without_a_warning_and_long_integers_are_refused():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning went to stderr per request
+        request = kjson.parse_infer(_body(
+            {"name": "f", "shape": [2], "datatype": "FP32", "data": [1e39, -1e39]},
+            {"name": "h", "shape": [1], "datatype": "FP16", "data": [1e6]}), None)
+    assert request.inputs["f"].data.tolist() == [np.inf, -np.inf]
+    assert request.inputs["h"].data.tolist() == [np.inf]
+    with pytest.raises(InvalidArgument, match="more than 4300 digits"):
+        kjson.parse_infer(b'{"inputs":[{"name":"i","shape":[1],"datatype":"INT64","data":['
+                          + b"9" * 4301 + b"]}]}", None)
