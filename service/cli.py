@@ -51,7 +51,8 @@ SERVER_FLAGS = ("host", "port", "grpc_handshake_timeout_s", "grpc_max_connection
                 "model_load_failure",
                 "max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",
                 "trim_after_request_bytes", "max_in_flight_per_stream",
-                "max_unsent_bytes_per_stream", "model_control", "model_watch_interval_s",
+                "max_unsent_bytes_per_stream", "max_unsent_bytes_per_connection",
+                "max_unsent_bytes", "model_control", "model_watch_interval_s",
                 "model_repository",
                 "frontends", "frontend_arena_mib", "frontend_spin_us", "frontend_hold_us",
                 "engine_spin_us", "engine_cpus")
@@ -152,6 +153,14 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-unsent-bytes-per-stream", type=int,
                    help="answer bytes not yet sent on one stream before it stops reading "
                         "(default 64 MiB)")
+    p.add_argument("--max-unsent-bytes-per-connection", type=int,
+                   help="answer bytes a connection has not read (all its calls and "
+                        "streams); an answer past it is not sent: RESOURCE_EXHAUSTED "
+                        "(default 256 MiB)")
+    p.add_argument("--max-unsent-bytes", type=int,
+                   help="answer bytes not read over the whole process; past it, answers "
+                        "of connections holding their share or more are not sent "
+                        "(default 1 GiB)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA (PEM) that client certificates must chain to")

@@ -315,6 +315,12 @@ class ServerConfig:
     # requests read whose answer has not been sent, and bytes of answers not sent.
     max_in_flight_per_stream: int = 1024
     max_unsent_bytes_per_stream: int = 64 * 1024 * 1024
+    # Answers of 64 KiB or more that gRPC holds because their client does not read them
+    # (its HTTP/2 window shut), over all calls and streams of one connection, and over
+    # the whole process (each frontend its own): an answer past either is not sent, and
+    # its call ends RESOURCE_EXHAUSTED (frontends/unsent.py).
+    max_unsent_bytes_per_connection: int = 256 * 1024 * 1024
+    max_unsent_bytes: int = 1024 * 1024 * 1024
     stats_window_s: float = 10.0
     auth_token_file: str = ""  # or the TRTSERVE_AUTH_TOKEN environment variable
     health_requires_auth: bool = False
@@ -445,6 +451,9 @@ class ServerConfig:
                  self.max_in_flight_per_stream, "1 or more")
         _require(self.max_unsent_bytes_per_stream >= 1, "server.max_unsent_bytes_per_stream",
                  self.max_unsent_bytes_per_stream, "1 or more")
+        for key in ("max_unsent_bytes_per_connection", "max_unsent_bytes"):
+            _require(getattr(self, key) >= 1 << 20, f"server.{key}", getattr(self, key),
+                     "1 MiB or more")
         _require(self.stats_window_s > 0, "server.stats_window_s", self.stats_window_s,
                  "more than 0")
         for key in ("max_request_bytes_in_flight", "malloc_mmap_threshold_bytes",

@@ -67,9 +67,16 @@ class FrontendServer(Server):
         self.remote = engine
         self.engine = engine  # type: ignore[assignment]
         engine.add_health_listener(self._on_engine_health)
+        # The engine's byte budget asks the engine process's trimmer; this process decodes
+        # requests and encodes answers, and gives their memory back with its own.
+        engine.after_large(config.trim_after_request_bytes, self.trimmer.request)
 
     # gRPC and HTTP ports shared with the other frontends (SO_REUSEPORT).
     _shares_ports = True
+    # This process learns that a large request is over when the engine answers it
+    # (RemoteEngine.after_large), before the answer is encoded and sent: the trim a
+    # second later gives back what the answers held, once their clients read them.
+    _trim_follow_up_s = 1.0
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         return [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in super()._grpc_options()]

@@ -76,10 +76,17 @@ def trim() -> bool:
 
 
 class Trimmer:
-    """Runs `trim` in a thread shortly after large requests, once per burst (event loop owned)."""
+    """Runs `trim` in a thread shortly after large requests, once per burst (event loop owned).
 
-    def __init__(self) -> None:
+    `follow_up_s` (0: none): one more trim that long after a burst's trim, unless another
+    burst began since. A frontend process hears that a request is over when the engine
+    answers it, before it encodes the answer and gRPC or HTTP sends it: what the answer
+    held is freed only once the client has read it, after the burst's trim.
+    """
+
+    def __init__(self, follow_up_s: float = 0.0) -> None:
         self.trims = 0
+        self.follow_up_s = follow_up_s
         self._timer: asyncio.TimerHandle | None = None
         self._running: asyncio.Future[bool] | None = None
         self._again = False
@@ -95,26 +102,34 @@ class Trimmer:
         if self._running is not None:
             self._again = True
             return
-        if self._timer is not None:
+        if self._timer is not None:  # a burst's trim to come, or a follow-up: this one first
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._start)
+        self._timer = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._start, True)
 
-    def _start(self) -> None:
+    def _start(self, burst: bool) -> None:
+        """Trim now: a burst's trim (followed up, with `follow_up_s`), or its follow-up."""
         self._timer = None
         self._again = False
         # malloc_trim walks every heap (milliseconds on a large one): not on the loop.
-        self._running = asyncio.get_running_loop().run_in_executor(None, trim)
-        self._running.add_done_callback(self._done)
+        running = asyncio.get_running_loop().run_in_executor(None, trim)
+        self._running = running
+        running.add_done_callback(lambda future: self._done(future, burst))
 
-    def _done(self, future: asyncio.Future[bool]) -> None:
+    def _done(self, future: asyncio.Future[bool], burst: bool) -> None:
         self._running = None
         if future.cancelled():
             return
         self.trims += 1
         if future.exception() is not None:
             log.error("malloc_trim failed", exc_info=future.exception())
+        else:
+            log.debug("malloc_trim %d%s: %s", self.trims, "" if burst else " (follow-up)",
+                      "memory given back" if future.result() else "nothing to give back")
         if self._again:
             self.request()
+        elif burst and self.follow_up_s > 0:
+            self._timer = asyncio.get_running_loop().call_later(self.follow_up_s, self._start,
+                                                                False)
 
     def close(self) -> None:
         if self._timer is not None:

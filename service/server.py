@@ -38,6 +38,7 @@ from trtserve.service.frontends.http_guard import HttpLimits
 from trtserve.service.frontends.kserve import add_to_server
 from trtserve.service.frontends.kserve_http import HttpServer, KServeHttp
 from trtserve.service.frontends.streaming import StreamLimits
+from trtserve.service.frontends.unsent import UnsentAnswers, UnsentLimits
 from trtserve.service.frontends.v1 import InferenceService
 from trtserve.service.limits import ByteBudget
 from trtserve.service.memory import Trimmer
@@ -60,6 +61,8 @@ class Server:
     # Whether this process binds its ports beside other processes of the same server
     # (a frontend process: SO_REUSEPORT); one process alone does not.
     _shares_ports = False
+    # One more trim this long after each burst's (memory.Trimmer); 0: none.
+    _trim_follow_up_s = 0.0
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -72,7 +75,12 @@ class Server:
         self._folder_at_start: dict[str, FolderModel] = {}
         # Request bytes in flight over both protocols; after a large request, glibc's
         # free memory goes back to the system.
-        self.trimmer = Trimmer()
+        self.trimmer = Trimmer(self._trim_follow_up_s)
+        # Answers gRPC holds for clients that do not read them, by connection (both
+        # protocols' services share it: its limits are the connection's and the process's).
+        self.unsent = UnsentAnswers(UnsentLimits(
+            per_connection=config.max_unsent_bytes_per_connection,
+            total=config.max_unsent_bytes), on_sent=self._answer_sent)
         # Where this process's threads and the frontends run (server.engine_cpus), once
         # started; None: where the kernel puts them.
         self.cpus: cpus.CpuPlan | None = None
@@ -255,7 +263,7 @@ class Server:
         services = _GenericHandlersOnly(server)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceService(self.engine, self._stream_limits(), self.config.shared_memory,
-                             self._refused),
+                             self._refused, self.unsent),
             services)
         self._add_kserve(services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
@@ -344,7 +352,15 @@ class Server:
                                             server_ready=lambda: self._ready,
                                             stream_limits=self._stream_limits(),
                                             shared_memory=self.config.shared_memory,
-                                            on_refused=self._refused))
+                                            on_refused=self._refused,
+                                            unsent=self.unsent))
+
+    def _answer_sent(self, size: int) -> None:
+        """gRPC is done with an answer (sent, or its call ended): a large one's memory goes
+        back to the system, as a large request's does (engine/budget, `_refused`)."""
+        large = self.config.trim_after_request_bytes
+        if large and size >= large:
+            self.trimmer.request()
 
     def _refused(self, request: Any) -> None:
         """A large request refused before the engine saw it: give its memory back too (the

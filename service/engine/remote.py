@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import grpc
@@ -43,6 +43,7 @@ from trtserve.service.engine.api import (
     ModelState,
     RegionStatus,
     StatsSnapshot,
+    TensorIn,
     TensorOut,
     check_version,
 )
@@ -150,12 +151,26 @@ class RemoteEngine:
         self._sharing: dict[int, int] = {}
         self._forming: dict[tuple[Any, ...], _Forming] = {}
         self._forming_frame: link_pb2.Frame | None = None
+        # Called once a request whose inputs or answer held at least `_large_bytes` is
+        # over, however it ended (`after_large`); 0: never.
+        self._large_bytes = 0
+        self._on_large: Callable[[], None] | None = None
 
     async def connect(self, sock: socket.socket) -> ServerConfig:
         """Open the link; returns the server config the engine sends first."""
         self._link = await open_link(sock, self._on_frame, self._on_lost,
                                      before_write=self._write_groups)
         return await self.config
+
+    def after_large(self, large_bytes: int, on_large: Callable[[], None]) -> None:
+        """Call `on_large` whenever a request of at least `large_bytes` of input tensors,
+        or with an answer of that many bytes of output tensors, is over (0: never).
+
+        This is where a frontend process sees the size of what it decoded and of what
+        the engine answered: the server gives memory back to the system after such
+        requests (service/memory.py), here as in the engine's byte budget."""
+        self._large_bytes = large_bytes
+        self._on_large = on_large
 
     def ready_to_serve(self) -> None:
         """Tell the engine this frontend has bound its port and serves."""
@@ -209,14 +224,31 @@ class RemoteEngine:
             self._spin_until = time.monotonic() + self.spin_s
             self._spin_frames = link.frames_in
             loop.call_soon(self._spin)
+        result: InferResult | None = None
         try:
-            return await future
+            result = await future
+            return result
         except asyncio.CancelledError:
             # The await cancelled `future` too; the request waits for the engine's reply
             # until it comes (its input range is the engine's to read until then).
             if rid in self._pending and not link.closed:
                 link.outgoing().cancels.append(rid)
             raise
+        finally:
+            if self._large_bytes:
+                self._report_large(request, found, result)
+
+    def _report_large(self, request: InferRequest,
+                      found: tuple[tuple[Any, ...], int, int] | None,
+                      result: InferResult | None) -> None:
+        """Request over: `_on_large` if its input arrays (`found` weighed them for a
+        group's member) or its answer's held `_large_bytes` or more."""
+        large = self._large_bytes
+        if self._on_large is None:
+            return
+        if (found[2] if found is not None else _array_bytes(request.inputs.values())) >= large \
+                or (result is not None and _array_bytes(result.outputs.values()) >= large):
+            self._on_large()
 
     def _add(self, frame: link_pb2.Frame, rid: int, request: InferRequest) -> list[int]:
         """Request `rid` as a message of its own in `frame`; the arena offsets it took."""
@@ -572,6 +604,16 @@ class RemoteEngine:
     def close(self) -> None:
         if self._link is not None:
             self._link.close()
+
+
+def _array_bytes(tensors: Iterable[TensorIn | TensorOut]) -> int:
+    """Bytes of the tensors held as arrays in this process (not those in regions)."""
+    total = 0
+    for t in tensors:  # a loop, not sum() over a generator: on every request's path
+        data = t.data
+        if isinstance(data, np.ndarray):
+            total += data.nbytes
+    return total
 
 
 def _rows(result: InferResult, start: int, end: int) -> InferResult:

@@ -44,6 +44,7 @@ from trtserve.service.frontends.common import (
 )
 from trtserve.service.frontends.errors import status_of, streaming, unary
 from trtserve.service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
+from trtserve.service.frontends.unsent import UnsentAnswers, expected_answer_bytes
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
@@ -103,8 +104,11 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                  server_ready: Callable[[], bool] | None = None,
                  stream_limits: StreamLimits | None = None,
                  shared_memory: SharedMemoryConfig | None = None,
-                 on_refused: Callable[[Any], None] | None = None) -> None:
+                 on_refused: Callable[[Any], None] | None = None,
+                 unsent: UnsentAnswers | None = None) -> None:
         self._engine = engine
+        # Answers not read yet, by connection: shared with the process's other services.
+        self._unsent = unsent or UnsentAnswers()
         # Called with each unary request refused with an error (frontends/errors.py).
         self.on_refused = on_refused
         self._stream_limits = stream_limits or StreamLimits()
@@ -117,8 +121,8 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str) -> ModelDescription:
         return self._engine.describe(name, version)
 
-    async def _infer(self, request: pb.ModelInferRequest,
-                     call_deadline: float | None) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, call_deadline: float | None,
+                     context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         model = self._model(request.model_name, request.model_version)
         output_dtypes = {t.name: t.dtype for t in model.spec.outputs}
         convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
@@ -132,12 +136,21 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # The wire datatype tells BF16 from UINT16, which numpy alone can't.
         inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
                   for t in request.inputs}
-        # Every output, in the model's order: encode_outputs picks those asked for.
-        infer = self._engine.infer(InferRequest(
-            model.name, inputs, version=request.model_version,
-            output_regions=convert.output_regions(request), deadline=deadline))
-        # gRPC enforces the call's own deadline; a `timeout` parameter before it, we do.
-        result = await (answered_by(deadline, infer) if deadline != call_deadline else infer)
+        regions = convert.output_regions(request)
+        # The answer's bytes count for the connection from now (frontends/unsent.py).
+        reserved = self._unsent.reserve(
+            context, expected_answer_bytes(model.spec, request.inputs, regions))
+        try:
+            # Every output, in the model's order: encode_outputs picks those asked for.
+            infer = self._engine.infer(InferRequest(
+                model.name, inputs, version=request.model_version,
+                output_regions=regions, deadline=deadline))
+            # gRPC enforces the call's own deadline; a `timeout` parameter before it, we do.
+            result = await (answered_by(deadline, infer) if deadline != call_deadline
+                            else infer)
+        finally:
+            if reserved is not None:
+                reserved()
         ordered: dict[str, np.ndarray | TensorOut] = {}
         for name, tensor in result.outputs.items():
             # Written into a region: described, its bytes are in the client's memory.
@@ -230,7 +243,10 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await self._infer(request, deadline_of(context))
+        self._unsent.check_call(context)
+        response = await self._infer(request, deadline_of(context), context)
+        self._unsent.hold_call(context, convert.answer_bytes(response))
+        return response
 
     @streaming
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -240,14 +256,15 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                response = await self._infer(request, deadline)
+                response = await self._infer(request, deadline, context)
             except Exception as e:  # one request's error; the stream carries on
                 return _stream_error(request, e)
             response.parameters[_FINAL_RESPONSE_KEY].bool_param = True
             return pb.ModelStreamInferResponse(infer_response=response)
 
         protocol = StreamProtocol(handle, _stream_error, _request_id, _stream_answer_bytes)
-        async for answer in answer_stream(request_iterator, protocol, self._stream_limits):
+        async for answer in answer_stream(request_iterator, protocol, self._stream_limits,
+                                          self._unsent.connection(context)):
             yield answer
 
 
@@ -354,13 +371,15 @@ def add_to_server(server: Any, engine: Engine,
                   server_ready: Callable[[], bool] | None = None,
                   stream_limits: StreamLimits | None = None,
                   shared_memory: SharedMemoryConfig | None = None,
-                  on_refused: Callable[[Any], None] | None = None) -> str:
+                  on_refused: Callable[[Any], None] | None = None,
+                  unsent: UnsentAnswers | None = None) -> str:
     """Serve KServe v2 on `server`; returns the service's full name (for health and reflection).
 
     `server`: a grpc.aio.Server, or what the generated `add_*_to_server` functions
     take in its place (its two `add_*_handlers` methods).
     """
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeInferenceService(engine, server_ready, stream_limits, shared_memory, on_refused),
+        KServeInferenceService(engine, server_ready, stream_limits, shared_memory, on_refused,
+                               unsent),
         server)
     return SERVICE_NAME

@@ -433,6 +433,8 @@ def answer_bytes(response: pb.ModelInferResponse) -> int:
     """
     size = len(response.id)
     for tensor in response.outputs:
+        if _SHARED_MEMORY_KEY in tensor.parameters:
+            continue  # written into the client's region: no bytes in the answer
         dtype = DTYPES.get(tensor.datatype)
         size += math.prod(tensor.shape) * (dtype.itemsize if dtype is not None else 8)
     return size

@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from trtserve.service.errors import InvalidArgument
+from trtserve.service.errors import InvalidArgument, ResourceExhausted
+from trtserve.service.frontends.unsent import Connection, Release
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -91,24 +92,48 @@ async def answer_stream(
     requests: AsyncIterator[Req],
     protocol: StreamProtocol[Req, Resp],
     limits: StreamLimits = StreamLimits(),
+    connection: Connection | None = None,
 ) -> AsyncIterator[Resp]:
-    """Yield an answer for every request, in completion order, within `limits`."""
+    """Yield an answer for every request, in completion order, within `limits`.
+
+    `connection`: the stream's connection in frontends/unsent.py's ledger, which may
+    refuse a request before it runs or its answer once ready (that request is then
+    answered with the error), and counts each answer's bytes until gRPC has taken it.
+    """
     window = _Window(limits)
-    # Answers ready to send: (answer, its size, the id it frees, "" for none).
-    ready: deque[tuple[Resp, int, str]] = deque()
+    # Answers ready to send: (answer, its size, the id it frees ("" for none), what
+    # gives its bytes back to the connection's ledger).
+    ready: deque[tuple[Resp, int, str, Release | None]] = deque()
     wake = asyncio.Event()  # an answer is ready, or reading is over
     reading_over = False
     ids: set[str] = set()  # ids of requests in flight whose answer is not handed to gRPC yet
     tasks: set[asyncio.Task[None]] = set()
 
-    def done(answer: Resp, frees: str) -> None:
+    def done(answer: Resp, frees: str, release: Release | None = None) -> None:
         size = protocol.size_of(answer)
         window.answer_bytes += size
-        ready.append((answer, size, frees))
+        ready.append((answer, size, frees, release))
         wake.set()
 
     async def run(request: Req, request_id: str) -> None:
-        done(await protocol.handle(request), request_id)
+        answer = await protocol.handle(request)
+        release = None
+        if connection is not None:
+            try:
+                release = connection.hold(protocol.size_of(answer))
+            except ResourceExhausted as e:
+                answer = protocol.refuse(request, e)
+        done(answer, request_id, release)
+
+    def refusal(request_id: str) -> Exception | None:
+        if request_id and request_id in ids:
+            return InvalidArgument(_DUPLICATE)
+        if connection is not None:
+            try:
+                connection.check()
+            except ResourceExhausted as e:
+                return e
+        return None
 
     async def read() -> None:
         nonlocal reading_over
@@ -116,8 +141,9 @@ async def answer_stream(
             async for request in requests:
                 window.requests += 1
                 request_id = protocol.id_of(request)
-                if request_id and request_id in ids:
-                    done(protocol.refuse(request, InvalidArgument(_DUPLICATE)), "")
+                refused = refusal(request_id)
+                if refused is not None:
+                    done(protocol.refuse(request, refused), "")
                 else:
                     if request_id:
                         ids.add(request_id)
@@ -133,15 +159,19 @@ async def answer_stream(
             wake.set()
 
     reader = asyncio.create_task(read())
+    sending: Release | None = None
     try:
         while True:
             while ready:
-                answer, size, frees = ready.popleft()
+                answer, size, frees, sending = ready.popleft()
                 if frees:
                     # Before the send: a client may reuse an id once it has the answer.
                     ids.discard(frees)
                 yield answer  # resumes once gRPC has taken the answer
                 window.sent(size)
+                if sending is not None:
+                    sending()
+                    sending = None
             if reading_over:
                 break
             wake.clear()
@@ -151,3 +181,7 @@ async def answer_stream(
         reader.cancel()
         for task in list(tasks):
             task.cancel()
+        # The stream ended (or was cancelled) with answers not sent: they are freed.
+        for release in [sending, *(item[3] for item in ready)]:
+            if release is not None:
+                release()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -11,40 +11,56 @@ import grpc
 from trtserve.client.gen.trtserve.v1 import inference_pb2 as pb
 from trtserve.client.gen.trtserve.v1 import inference_pb2_grpc as pb_grpc
 from trtserve.service.config import SharedMemoryConfig
-from trtserve.service.engine.api import Engine, InferRequest
+from trtserve.service.engine.api import Engine, InferRequest, ModelSnapshot
 from trtserve.service.errors import InvalidArgument, NotFound
 from trtserve.service.frontends import v1_convert as convert
 from trtserve.service.frontends.common import check_inputs, deadline_of, require_local_peer
 from trtserve.service.frontends.errors import status_of, streaming, unary
 from trtserve.service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
+from trtserve.service.frontends.unsent import UnsentAnswers, expected_answer_bytes
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine, stream_limits: StreamLimits | None = None,
                  shared_memory: SharedMemoryConfig | None = None,
-                 on_refused: Callable[[Any], None] | None = None) -> None:
+                 on_refused: Callable[[Any], None] | None = None,
+                 unsent: UnsentAnswers | None = None) -> None:
         self._engine = engine
+        # Answers not read yet, by connection: shared with the process's other services.
+        self._unsent = unsent or UnsentAnswers()
         # Called with each unary request refused with an error (frontends/errors.py).
         self.on_refused = on_refused
         self._stream_limits = stream_limits or StreamLimits()
         self._shared_memory = shared_memory or SharedMemoryConfig()
         self._started = time.monotonic()
 
-    async def _infer(self, request: pb.InferRequest, deadline: float | None) -> pb.InferResponse:
+    async def _infer(self, request: pb.InferRequest, deadline: float | None,
+                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
         model = self._engine.describe(request.model)
         # Refused before any tensor is decoded: outputs the model lacks, inputs it can't take.
         convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
-        result = await self._engine.infer(InferRequest(
-            request.model, convert.decode_inputs(request),
-            outputs=tuple(request.outputs) if request.outputs else (),
-            output_regions=convert.output_regions(request), deadline=deadline))
+        regions = convert.output_regions(request)
+        # The answer's bytes count for the connection from now (frontends/unsent.py).
+        reserved = self._unsent.reserve(
+            context, expected_answer_bytes(model.spec, request.inputs, regions))
+        try:
+            result = await self._engine.infer(InferRequest(
+                request.model, convert.decode_inputs(request),
+                outputs=tuple(request.outputs) if request.outputs else (),
+                output_regions=regions, deadline=deadline))
+        finally:
+            if reserved is not None:
+                reserved()
         return convert.encode_outputs(request, result)
 
     @unary
     async def Infer(self, request: pb.InferRequest,
                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
-        return await self._infer(request, deadline_of(context))
+        self._unsent.check_call(context)
+        response = await self._infer(request, deadline_of(context), context)
+        self._unsent.hold_call(context, convert.answer_bytes(response))
+        return response
 
     @streaming
     async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
@@ -54,14 +70,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
         async def handle(request: pb.InferRequest) -> pb.InferStreamResponse:
             try:
-                response = await self._infer(request, deadline)
+                response = await self._infer(request, deadline, context)
             except Exception as e:
                 return _stream_error(request, e)
             return pb.InferStreamResponse(id=request.id, response=response)
 
         protocol = StreamProtocol(handle, _stream_error, _request_id,
                                   convert.stream_answer_bytes)
-        async for answer in answer_stream(request_iterator, protocol, self._stream_limits):
+        async for answer in answer_stream(request_iterator, protocol, self._stream_limits,
+                                          self._unsent.connection(context)):
             yield answer
 
     @unary
@@ -69,8 +86,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         snapshot = await self._engine.stats(request.model or None)
         return pb.StatsResponse(
-            models=[convert.model_stats(m, self._engine.describe(m.name))
-                    for m in snapshot.models],
+            models=self._model_stats(snapshot.models, named=bool(request.model)),
             uptime_seconds=time.monotonic() - self._started,
             shared_memory=convert.shared_memory_stats(snapshot.shared_memory),
             frontends=[pb.FrontendStats(index=f.index, pid=f.pid, requests=f.requests,
@@ -78,6 +94,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
                                         request_frames=f.request_frames,
                                         open_files=f.open_files)
                        for f in snapshot.frontends])
+
+    def _model_stats(self, models: Sequence[ModelSnapshot], named: bool) -> list[pb.ModelStats]:
+        """Each model's stats with its description, read now. A model unloaded since the
+        snapshot is left out of an answer for every model (it is not served any more);
+        a call that named it is NOT_FOUND, as it would have been a moment later."""
+        found = []
+        for model in models:
+            try:
+                description = self._engine.describe(model.name)
+            except NotFound:
+                if named:
+                    raise
+                continue
+            found.append(convert.model_stats(model, description))
+        return found
 
     @unary
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,

@@ -205,23 +205,26 @@ def model_metadata(model: ModelDescription) -> pb.ModelMetadataResponse:
     )
 
 
-__all__ = ["check_outputs", "decode_inputs", "dtype_enum", "dtype_name", "encode_outputs",
-           "model_metadata", "model_stats", "worker_stats"]
+__all__ = ["answer_bytes", "check_outputs", "decode_inputs", "dtype_enum", "dtype_name",
+           "encode_outputs", "model_metadata", "model_stats", "worker_stats"]
+
+
+def answer_bytes(response: pb.InferResponse) -> int:
+    """About the bytes an answer holds (tensor data and id), from shapes and dtypes:
+    reading `data` would copy it, and ByteSize would serialize the whole answer."""
+    size = len(response.id)
+    for tensor in response.outputs:
+        if tensor.HasField("region"):
+            continue  # written into the client's region: no bytes in the answer
+        size += math.prod(tensor.shape) * _ITEMSIZE.get(tensor.dtype, 8)
+    return size
 
 
 def stream_answer_bytes(answer: pb.InferStreamResponse) -> int:
-    """About the bytes an InferStream answer holds (tensor data, ids, error text).
-
-    From shapes and dtypes: reading `data` would copy it, and ByteSize would
-    serialize the whole answer.
-    """
-    size = len(answer.id)
+    """About the bytes an InferStream answer holds (tensor data, ids, error text)."""
     if answer.HasField("error"):
-        return size + len(answer.error.message)
-    size += len(answer.response.id)
-    for tensor in answer.response.outputs:
-        size += math.prod(tensor.shape) * _ITEMSIZE.get(tensor.dtype, 8)
-    return size
+        return len(answer.id) + len(answer.error.message)
+    return len(answer.id) + answer_bytes(answer.response)
 
 
 def model_state(state: ModelState) -> pb.ModelState:

@@ -275,3 +275,17 @@ def folding_net(path: str | Path) -> Path:
         [shape],
     )
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
+
+
+def expand_net(path: str | Path, width: int) -> Path:
+    """input [batch, 1] FP32 -> output [batch, width], every element the row's input: a few
+    bytes in, `width` * 4 bytes out per row (for answers far larger than requests)."""
+    shape = numpy_helper.from_array(np.array([1, width], np.int64), "width")
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["input", "width"], ["output"])],
+        "expand_net",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+        [shape],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), path)
