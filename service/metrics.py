@@ -14,6 +14,7 @@ GPU the worker's stream runs on). docs/protocols.md lists every metric.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import pickle
@@ -39,7 +40,7 @@ from trtserve.service.engine.api import (
     StatsSource,
     WorkerSnapshot,
 )
-from trtserve.service.errors import ConfigError
+from trtserve.service.errors import ConfigError, NotFound
 from trtserve.service.metrics_http import PATH, ScrapeLimits, bind
 from trtserve.service.metrics_process import MetricsProcess, MetricsStartError
 
@@ -195,7 +196,9 @@ def families(snapshot: StatsSnapshot,
 
     for model in snapshot.models:
         name, c = model.name, model.counters
-        description = descriptions[name]
+        description = descriptions.get(name)
+        if description is None:
+            continue  # unloaded since the snapshot: not served any more
         spec = description.spec
         info.add_metric([name, spec.backend, spec.platform, model.version], 1)
         ready.add_metric([name], 1 if model.ready else 0)
@@ -307,7 +310,11 @@ async def snapshot(engine: StatsSource) -> bytes:
     is the child's work (timings: docs/reliability.md, "Metrics endpoint").
     """
     stats = await engine.stats()
-    descriptions = {m.name: engine.describe(m.name) for m in stats.models}
+    descriptions = {}
+    for model in stats.models:
+        # A model unloaded between the snapshot and now is left out of this scrape.
+        with contextlib.suppress(NotFound):
+            descriptions[model.name] = engine.describe(model.name)
     found = (families(stats, descriptions) + budget_families(stats.request_bytes)
              + shared_memory_families(stats.shared_memory)
              + frontend_families(stats.frontends))

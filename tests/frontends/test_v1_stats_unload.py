@@ -78,3 +78,16 @@ async def test_stats_naming_a_model_unloaded_after_the_snapshot_is_not_found(stu
     # A model still served is answered as before.
     response = await stub.Stats(pb.StatsRequest(model="kept"), timeout=30)
     assert [m.name for m in response.models] == ["kept"]
+
+
+async def test_a_metrics_scrape_leaves_out_a_model_unloaded_after_the_snapshot(stub):
+    import pickle
+
+    from trtserve.service import metrics
+
+    _, engine = stub
+    engine.victim = "gone"
+    # Before: describe raised NotFound for it, and the scrape failed.
+    found = pickle.loads(await metrics.snapshot(engine))
+    [info] = [f for f in found if f.name.endswith("model_info")]
+    assert [sample.labels["model"] for sample in info.samples] == ["kept"]
