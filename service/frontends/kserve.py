@@ -122,7 +122,9 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return self._engine.describe(name, version)
 
     async def _infer(self, request: pb.ModelInferRequest, call_deadline: float | None,
-                     context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+                     context: grpc.aio.ServicerContext, unary: bool) -> pb.ModelInferResponse:
+        """The answer to `request`; a unary call's is held in the ledger until gRPC is done
+        with the call (a stream's, by answer_stream until gRPC has taken it)."""
         model = self._model(request.model_name, request.model_version)
         output_dtypes = {t.name: t.dtype for t in model.spec.outputs}
         convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
@@ -138,8 +140,8 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                   for t in request.inputs}
         regions = convert.output_regions(request)
         # The answer's bytes count for the connection from now (frontends/unsent.py).
-        reserved = self._unsent.reserve(
-            context, expected_answer_bytes(model.spec, request.inputs, regions))
+        expected = expected_answer_bytes(model.spec, request.inputs, regions)
+        reserved = self._unsent.reserve(context, expected.bytes)
         try:
             # Every output, in the model's order: encode_outputs picks those asked for.
             infer = self._engine.infer(InferRequest(
@@ -155,8 +157,11 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         for name, tensor in result.outputs.items():
             # Written into a region: described, its bytes are in the client's memory.
             ordered[name] = tensor if isinstance(tensor.data, RegionRef) else tensor.data
-        return convert.encode_outputs(request, ordered, model.name, result.version, request.id,
-                                      datatypes=output_dtypes)
+        response = convert.encode_outputs(request, ordered, model.name, result.version,
+                                          request.id, datatypes=output_dtypes)
+        if unary and expected.may_be_large:
+            self._unsent.hold_call(context, convert.answer_bytes(response))
+        return response
 
     # --- health ------------------------------------------------------------------------
 
@@ -244,9 +249,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         self._unsent.check_call(context)
-        response = await self._infer(request, deadline_of(context), context)
-        self._unsent.hold_call(context, convert.answer_bytes(response))
-        return response
+        return await self._infer(request, deadline_of(context), context, unary=True)
 
     @streaming
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
@@ -256,7 +259,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                response = await self._infer(request, deadline, context)
+                response = await self._infer(request, deadline, context, unary=False)
             except Exception as e:  # one request's error; the stream carries on
                 return _stream_error(request, e)
             response.parameters[_FINAL_RESPONSE_KEY].bool_param = True

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -198,27 +199,59 @@ class Connection:
         return self._ledger.hold(self._peer, size)
 
 
+class Expected(NamedTuple):
+    """What a request's answer is expected to hold before it runs."""
+
+    bytes: int  # from the model's declared output shapes
+    exact: bool  # every output's shape is fixed by them (no other dynamic dimension)
+
+    @property
+    def may_be_large(self) -> bool:
+        """Whether its answer may reach TRACK_FROM_BYTES (else it need not be weighed)."""
+        return not self.exact or self.bytes >= TRACK_FROM_BYTES
+
+
+# Per model spec: (the spec, bytes per row, exact), so that a request without region
+# outputs costs a multiplication (specs are few and long-lived).
+_PER_SPEC: dict[int, tuple[ModelSpec, int, bool]] = {}
+
+
 def expected_answer_bytes(spec: ModelSpec, tensors: Iterable[WireTensor],
-                          in_regions: Collection[str]) -> int:
+                          in_regions: Collection[str]) -> Expected:
     """The bytes a request's outputs will hold, where the model's declared shapes fix them
     (every output the engine returns, but those written into the client's regions; an
     output with another dynamic dimension counts once it exists, in `hold`)."""
-    rows = None
+    rows = 1
     if spec.batching:
         first = next(iter(tensors), None)
         if first is None or not first.shape:
-            return 0
+            return Expected(0, False)
         # More rows than the model takes is refused before it runs.
         rows = min(max(first.shape[0], 0), spec.max_batch_size)
-    size = 0
+    if in_regions:
+        return _expected(spec, rows, in_regions)
+    cached = _PER_SPEC.get(id(spec))
+    if cached is None or cached[0] is not spec:
+        if len(_PER_SPEC) > 1024:
+            _PER_SPEC.clear()
+        per_row, exact = _expected(spec, 1, ())
+        cached = _PER_SPEC[id(spec)] = (spec, per_row, exact)
+    return Expected(rows * cached[1], cached[2])
+
+
+def _expected(spec: ModelSpec, rows: int, in_regions: Collection[str]) -> Expected:
+    size, exact = 0, True
     for output in spec.outputs:
         if output.name in in_regions:
             continue
         shape = list(output.shape)
-        if rows is not None:
+        if spec.batching:
             if not shape:
+                exact = False
                 continue
             shape[0] = rows
         if min(shape, default=0) >= 0:
             size += math.prod(shape) * output.np_dtype.itemsize
-    return size
+        else:
+            exact = False
+    return Expected(size, exact)

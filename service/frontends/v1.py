@@ -35,15 +35,17 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None,
-                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
+                     context: grpc.aio.ServicerContext, unary: bool) -> pb.InferResponse:
+        """The answer to `request`; a unary call's is held in the ledger until gRPC is done
+        with the call (a stream's, by answer_stream until gRPC has taken it)."""
         model = self._engine.describe(request.model)
         # Refused before any tensor is decoded: outputs the model lacks, inputs it can't take.
         convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
         regions = convert.output_regions(request)
         # The answer's bytes count for the connection from now (frontends/unsent.py).
-        reserved = self._unsent.reserve(
-            context, expected_answer_bytes(model.spec, request.inputs, regions))
+        expected = expected_answer_bytes(model.spec, request.inputs, regions)
+        reserved = self._unsent.reserve(context, expected.bytes)
         try:
             result = await self._engine.infer(InferRequest(
                 request.model, convert.decode_inputs(request),
@@ -52,15 +54,16 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         finally:
             if reserved is not None:
                 reserved()
-        return convert.encode_outputs(request, result)
+        response = convert.encode_outputs(request, result)
+        if unary and expected.may_be_large:
+            self._unsent.hold_call(context, convert.answer_bytes(response))
+        return response
 
     @unary
     async def Infer(self, request: pb.InferRequest,
                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
         self._unsent.check_call(context)
-        response = await self._infer(request, deadline_of(context), context)
-        self._unsent.hold_call(context, convert.answer_bytes(response))
-        return response
+        return await self._infer(request, deadline_of(context), context, unary=True)
 
     @streaming
     async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
@@ -70,7 +73,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
         async def handle(request: pb.InferRequest) -> pb.InferStreamResponse:
             try:
-                response = await self._infer(request, deadline, context)
+                response = await self._infer(request, deadline, context, unary=False)
             except Exception as e:
                 return _stream_error(request, e)
             return pb.InferStreamResponse(id=request.id, response=response)

@@ -9,6 +9,7 @@ whose receive window stays shut does.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 
@@ -217,8 +218,14 @@ def test_expected_answer_bytes_follow_the_declared_shapes():
         def __init__(self, shape):
             self.name, self.shape = "x", shape
 
-    assert expected_answer_bytes(spec, [Wire((3, 1))], ()) == 3 * 1000 * 4 + 3 * 10 * 2
-    assert expected_answer_bytes(spec, [Wire((3, 1))], {"wide": None}) == 3 * 10 * 2
+    assert expected_answer_bytes(spec, [Wire((3, 1))], ()) == (3 * 1000 * 4 + 3 * 10 * 2,
+                                                                False)
+    assert expected_answer_bytes(spec, [Wire((5, 1))], ()).bytes == 5 * (4000 + 20)  # cached
+    assert expected_answer_bytes(spec, [Wire((3, 1))], {"wide"}).bytes == 3 * 10 * 2
     # More rows than the model takes is refused later: counted as its most.
-    assert expected_answer_bytes(spec, [Wire((10**12, 1))], ()) == 8 * (4000 + 20)
-    assert expected_answer_bytes(spec, [], ()) == 0
+    assert expected_answer_bytes(spec, [Wire((10**12, 1))], ()).bytes == 8 * (4000 + 20)
+    assert expected_answer_bytes(spec, [], ()).bytes == 0
+    exact = dataclasses.replace(spec, outputs=spec.outputs[:2])
+    small = expected_answer_bytes(exact, [Wire((1, 1))], ())
+    assert small == (4020, True) and not small.may_be_large  # not weighed once answered
+    assert expected_answer_bytes(spec, [Wire((1, 1))], ()).may_be_large  # "ragged" may be
