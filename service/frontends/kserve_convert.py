@@ -173,6 +173,10 @@ def check_raw_contents(request: pb.ModelInferRequest) -> None:
     wire = [t for t in inputs if _SHARED_MEMORY_KEY not in t.parameters]
     if n_raw == len(wire):
         return
+    for tensor in inputs:
+        if _SHARED_MEMORY_KEY in tensor.parameters:
+            # A malformed region reference explains the count better than the count.
+            shared_memory_ref(tensor.name, tensor.parameters)
     # The words of a request without shared memory stay as they were.
     kind, rule = (("inputs", "one per input, in input order") if len(wire) == len(inputs)
                   else ("inputs not in shared memory",

@@ -467,6 +467,15 @@ def test_raw_contents_count_only_inputs_outside_shared_memory() -> None:
     np.testing.assert_array_equal(decoded["b"], F32)
 
 
+def test_a_malformed_region_reference_is_named_before_the_raw_contents_count() -> None:
+    # The region named with an int64_param: the count of raw entries is off too (the
+    # client sent one for every other input), but the parameter is what is wrong.
+    request = raw_request(("a", "FP32", F32), ("b", "FP32", F32))
+    request.inputs[0].parameters["shared_memory_region"].int64_param = 7
+    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = 16
+    expect_error(request, "a", "must be a non-empty string_param")
+
+
 @pytest.mark.parametrize(("params", "words"), [
     ({"shared_memory_region": ("string_param", "r")}, "shared_memory_byte_size is required"),
     ({"shared_memory_region": ("string_param", ""), "shared_memory_byte_size":
