@@ -158,8 +158,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                         "streams); an answer past it is not sent: RESOURCE_EXHAUSTED "
                         "(default 256 MiB)")
     p.add_argument("--max-unsent-bytes", type=int,
-                   help="answer bytes not read over the whole process; past it, answers "
-                        "of connections holding their share or more are not sent "
+                   help="answer bytes not read or being computed over the whole process; "
+                        "past it, requests with large answers are refused "
                         "(default 1 GiB)")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
     p.add_argument("--tls-key", help="server private key (PEM)")

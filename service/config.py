@@ -315,10 +315,10 @@ class ServerConfig:
     # requests read whose answer has not been sent, and bytes of answers not sent.
     max_in_flight_per_stream: int = 1024
     max_unsent_bytes_per_stream: int = 64 * 1024 * 1024
-    # Answers of 64 KiB or more that gRPC holds because their client does not read them
-    # (its HTTP/2 window shut), over all calls and streams of one connection, and over
-    # the whole process (each frontend its own): an answer past either is not sent, and
-    # its call ends RESOURCE_EXHAUSTED (frontends/unsent.py).
+    # Bytes of answers (64 KiB or more each) running or not read yet by their clients
+    # (an HTTP/2 window shut), over all calls and streams of one connection, and over the
+    # whole process (each frontend its own): at a limit, requests with large answers are
+    # refused before they run; an answer past twice it is not sent (frontends/unsent.py).
     max_unsent_bytes_per_connection: int = 256 * 1024 * 1024
     max_unsent_bytes: int = 1024 * 1024 * 1024
     stats_window_s: float = 10.0

@@ -80,7 +80,8 @@ class Server:
         # protocols' services share it: its limits are the connection's and the process's).
         self.unsent = UnsentAnswers(UnsentLimits(
             per_connection=config.max_unsent_bytes_per_connection,
-            total=config.max_unsent_bytes), on_sent=self._answer_sent)
+            total=config.max_unsent_bytes, max_answer=config.max_send_message_bytes),
+            on_sent=self._answer_sent)
         # Where this process's threads and the frontends run (server.engine_cpus), once
         # started; None: where the kernel puts them.
         self.cpus: cpus.CpuPlan | None = None

@@ -44,7 +44,11 @@ from trtserve.service.frontends.common import (
 )
 from trtserve.service.frontends.errors import status_of, streaming, unary
 from trtserve.service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
-from trtserve.service.frontends.unsent import UnsentAnswers, expected_answer_bytes
+from trtserve.service.frontends.unsent import (
+    Connection,
+    UnsentAnswers,
+    expected_answer_bytes,
+)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "trtserve"
@@ -122,9 +126,11 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return self._engine.describe(name, version)
 
     async def _infer(self, request: pb.ModelInferRequest, call_deadline: float | None,
-                     context: grpc.aio.ServicerContext, unary: bool) -> pb.ModelInferResponse:
-        """The answer to `request`; a unary call's is held in the ledger until gRPC is done
-        with the call (a stream's, by answer_stream until gRPC has taken it)."""
+                     connection: Connection,
+                     unary: grpc.aio.ServicerContext | None) -> pb.ModelInferResponse:
+        """The answer to `request`, counted for `connection` while it runs; a unary call's
+        (`unary`: its context) is held in the ledger until gRPC is done with the call, a
+        stream's by answer_stream until gRPC has taken it."""
         model = self._model(request.model_name, request.model_version)
         output_dtypes = {t.name: t.dtype for t in model.spec.outputs}
         convert.check_requested_outputs(request, output_dtypes.keys(), output_dtypes)
@@ -141,7 +147,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         regions = convert.output_regions(request)
         # The answer's bytes count for the connection from now (frontends/unsent.py).
         expected = expected_answer_bytes(model.spec, request.inputs, regions)
-        reserved = self._unsent.reserve(context, expected.bytes)
+        reserved = connection.reserve(expected.bytes)
         try:
             # Every output, in the model's order: encode_outputs picks those asked for.
             infer = self._engine.infer(InferRequest(
@@ -159,8 +165,8 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             ordered[name] = tensor if isinstance(tensor.data, RegionRef) else tensor.data
         response = convert.encode_outputs(request, ordered, model.name, result.version,
                                           request.id, datatypes=output_dtypes)
-        if unary and expected.may_be_large:
-            self._unsent.hold_call(context, convert.answer_bytes(response))
+        if unary is not None and expected.may_be_large:
+            self._unsent.hold_call(unary, connection, convert.answer_bytes(response))
         return response
 
     # --- health ------------------------------------------------------------------------
@@ -249,17 +255,20 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         self._unsent.check_call(context)
-        return await self._infer(request, deadline_of(context), context, unary=True)
+        return await self._infer(request, deadline_of(context),
+                                 self._unsent.connection(context.peer), unary=context)
 
     @streaming
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         deadline = deadline_of(context)
+        # The peer now, while the call is live: request tasks can outlive it.
+        connection = self._unsent.connection(context.peer())
 
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                response = await self._infer(request, deadline, context, unary=False)
+                response = await self._infer(request, deadline, connection, unary=None)
             except Exception as e:  # one request's error; the stream carries on
                 return _stream_error(request, e)
             response.parameters[_FINAL_RESPONSE_KEY].bool_param = True
@@ -267,7 +276,7 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         protocol = StreamProtocol(handle, _stream_error, _request_id, _stream_answer_bytes)
         async for answer in answer_stream(request_iterator, protocol, self._stream_limits,
-                                          self._unsent.connection(context)):
+                                          connection):
             yield answer
 
 

@@ -1,4 +1,4 @@
-"""Answers handed to gRPC that their client has not read yet, counted by connection.
+"""Answers a client has not read yet, and answers still being computed, by connection.
 
 grpc.aio keeps a call's answer until HTTP/2 flow control lets it out, and a client
 whose receive window stays shut never lets it out: each answer it asks for stays in
@@ -8,26 +8,30 @@ one connection took a frontend from 71 MiB to 3.3 GiB). Per-stream limits
 (frontends/streaming.py) do not help: a connection carries up to
 `max_concurrent_streams` calls and streams.
 
-So every answer of `TRACK_FROM_BYTES` or more is held in this ledger from when it is
-ready until gRPC is done with its call (or, on a stream, has taken it), and checked
-twice:
+So every answer of `TRACK_FROM_BYTES` or more counts in this ledger from when its
+request starts running (the bytes the model's declared output shapes give it, at most
+`max_answer`) until gRPC is done with its call (or, on a stream, has taken it), and is
+checked twice, as `max_request_bytes_in_flight` checks inputs:
 
-- before a request runs: a connection that holds `per_connection` bytes or more, or
-  holds at least an equal share of what the process holds while that is past `total`,
-  has the request refused (RESOURCE_EXHAUSTED) without running it;
+- before a request runs: if its connection holds `per_connection` bytes or more, or
+  the process holds `total` or more, it is refused (RESOURCE_EXHAUSTED) without
+  running;
 - when its answer is ready: an answer that would take its connection past twice
-  `per_connection` (the requests admitted while it held less can all finish), or the
-  process past `total` while its connection holds at least an equal share, is not
-  sent; the call (or that stream request) ends RESOURCE_EXHAUSTED instead, a status
-  that needs no flow-control window, so gRPC lets the call go.
+  `per_connection`, or the process past twice `total` (room for the requests let in
+  below the limits), is not sent; the call (or that stream request) ends
+  RESOURCE_EXHAUSTED instead, a status that needs no flow-control window, so gRPC
+  lets the call go.
 
-A connection holding nothing always gets its request run and its answer sent (one
-answer's size is max_send_message_bytes' business). A client that reads its answers
-as they come holds only what is on its way at any moment; one that keeps more than
-`per_connection` bytes of answers outstanding on one connection is told to slow down.
+A client that reads its answers as they come holds only what is running or on its
+way; one that keeps more than `per_connection` bytes outstanding on one connection is
+told to read first. The process's limit bounds memory against many connections, each
+holding a little: past it, large answers wait for room whoever asks (small ones, under
+TRACK_FROM_BYTES, are never refused).
 
 A connection is gRPC's peer address ("ipv4:10.0.0.7:51234"): each TCP connection its
-own. Clients over a Unix socket share one peer name, and so one allowance.
+own. Clients over a Unix socket share one peer name, and so one allowance. The peer
+is read while its call is live, never later: grpc.aio's `context.peer()` on a call
+that has ended reads freed memory (a stream's request tasks can outlive their call).
 """
 
 from __future__ import annotations
@@ -53,80 +57,104 @@ Release = Callable[[], None]
 
 @dataclass(frozen=True)
 class UnsentLimits:
-    """`server.max_unsent_bytes_per_connection` and `server.max_unsent_bytes`."""
+    """`server.max_unsent_bytes_per_connection`, `server.max_unsent_bytes`, and the most
+    one answer counts while it runs (`server.max_send_message_bytes`: a larger one is
+    refused anyway, and a model may declare far larger outputs than it gives)."""
 
     per_connection: int = 256 * MIB
     total: int = 1024 * MIB
+    max_answer: int = 256 * MIB
 
 
 class UnsentAnswers:
-    """Bytes of answers not yet sent, by connection (event loop owned)."""
+    """Bytes of answers running or not yet sent, by connection (event loop owned)."""
 
     def __init__(self, limits: UnsentLimits = UnsentLimits(),
                  on_sent: Callable[[int], None] | None = None) -> None:
         self.limits = limits
-        # Called with an answer's size once gRPC is done with it (the server gives large
-        # answers' memory back to the system then: service/memory.py).
-        self._on_sent = on_sent
         self.total = 0
         # Since the start: requests refused before they ran, answers not sent.
         self.refused_requests = 0
         self.refused_answers = 0
+        # Called with an answer's size once gRPC is done with it (the server gives large
+        # answers' memory back to the system then: service/memory.py).
+        self._on_sent = on_sent
         self._held: dict[str, int] = {}
 
     def held(self, peer: str) -> int:
         return self._held.get(peer, 0)
 
     def check(self, peer: str) -> None:
-        """Before `peer`'s request runs: ResourceExhausted if it holds too much already."""
-        held = self._held.get(peer, 0)
-        if not held:
+        """Before `peer`'s request runs: ResourceExhausted if it may not."""
+        if not self.total:
             return
+        held = self._held.get(peer, 0)
         if held >= self.limits.per_connection:
-            self._refuse_request(
-                f"the request was not run: this connection holds {held} bytes of "
-                "answers it has not read yet, the most it may "
-                f"({self.limits.per_connection}, "
-                "server.max_unsent_bytes_per_connection)"
-            )
-        if self.total >= self.limits.total and self._holds_its_share(held, 0):
-            self._refuse_request(
-                f"the request was not run: the server holds {self.total} bytes of "
-                f"answers its clients have not read yet, past "
-                f"{self.limits.total} (server.max_unsent_bytes), this connection "
-                f"{held} of them"
-            )
+            self.refused_requests += 1
+            raise ResourceExhausted(
+                f"the request was not run: this connection has {held} bytes of answers "
+                f"not read yet or being computed, the most it may "
+                f"({self.limits.per_connection}, server.max_unsent_bytes_per_connection); "
+                "read answers as they come")
+        if self.total >= self.limits.total:
+            self.refused_requests += 1
+            raise ResourceExhausted(
+                f"the request was not run: the server holds {self.total} bytes of answers "
+                f"not read yet or being computed, the most it may ({self.limits.total}, "
+                f"server.max_unsent_bytes); try again later")
 
-    def check_call(self, context: grpc.aio.ServicerContext) -> None:
-        """`check` for a unary call (context.peer() only while anything is held)."""
-        if self._held:
-            self.check(context.peer())
+    def reserve(self, peer: str, size: int) -> Release | None:
+        """Count the bytes a request's answer is expected to hold while it runs (at most
+        `max_answer`); the caller gives them back once the answer is there and `hold`s
+        what it holds. No check: `check` let the request in."""
+        size = min(size, self.limits.max_answer)
+        if size < TRACK_FROM_BYTES:
+            return None
+        self._add(peer, size)
+        return self._releaser(peer, size, sent=None)
 
     def hold(self, peer: str, size: int) -> Release | None:
-        """Count `size` bytes of an answer for `peer` until the callable returned is called
-        (None: too small to count). ResourceExhausted: the answer may not be sent."""
+        """Count `size` bytes of a ready answer for `peer` until the callable returned is
+        called (None: too small to count). ResourceExhausted: it may not be sent."""
         if size < TRACK_FROM_BYTES:
             return None
         held = self._held.get(peer, 0)
-        if held:
-            if held + size > 2 * self.limits.per_connection:
-                self._refuse_answer(
-                    f"the answer ({size} bytes) was not sent: this connection "
-                    f"holds {held} bytes of answers it has not read yet "
-                    f"(server.max_unsent_bytes_per_connection: "
-                    f"{self.limits.per_connection}, and answers of requests "
-                    "already running up to twice that)"
-                )
-            if self.total + size > self.limits.total and self._holds_its_share(held, size):
-                self._refuse_answer(
-                    f"the answer ({size} bytes) was not sent: the server holds "
-                    f"{self.total} bytes of answers its clients have not read yet "
-                    f"({self.limits.total} at most, server.max_unsent_bytes), "
-                    f"this connection {held} of them"
-                )
-        self._held[peer] = held + size
-        self.total += size
+        if held and held + size > 2 * self.limits.per_connection:
+            self.refused_answers += 1
+            raise ResourceExhausted(
+                f"the answer ({size} bytes) was not sent: this connection has {held} bytes "
+                f"of answers not read yet (server.max_unsent_bytes_per_connection: "
+                f"{self.limits.per_connection}; answers of requests already running may "
+                "take it to twice that); read answers as they come")
+        if self.total and self.total + size > 2 * self.limits.total:
+            self.refused_answers += 1
+            raise ResourceExhausted(
+                f"the answer ({size} bytes) was not sent: the server holds {self.total} "
+                f"bytes of answers not read yet (server.max_unsent_bytes: "
+                f"{self.limits.total}; answers of requests already running may take it to "
+                "twice that); try again later")
+        self._add(peer, size)
         return self._releaser(peer, size, sent=self._on_sent)
+
+    def check_call(self, context: grpc.aio.ServicerContext) -> None:
+        """`check` for a unary call, in its handler (context.peer() only when needed)."""
+        if self.total:
+            self.check(context.peer())
+
+    def hold_call(self, context: grpc.aio.ServicerContext, connection: Connection,
+                  size: int) -> None:
+        """`hold` a unary call's answer until gRPC is done with the call; in its handler."""
+        release = connection.hold(size)
+        if release is not None:
+            # grpc-stubs types the callback as a class of its own, not a callable.
+            context.add_done_callback(lambda _: release())  # type: ignore[arg-type]
+
+    def connection(self, peer: str | Callable[[], str]) -> Connection:
+        return Connection(self, peer)
+
+    def _add(self, peer: str, size: int) -> None:
+        self._held[peer] = self._held.get(peer, 0) + size
+        self.total += size
 
     def _releaser(self, peer: str, size: int,
                   sent: Callable[[int], None] | None) -> Release:
@@ -148,55 +176,35 @@ class UnsentAnswers:
 
         return release
 
-    def reserve(self, context: grpc.aio.ServicerContext, size: int) -> Release | None:
-        """Count the `size` bytes a request's answer is expected to hold while it runs (the
-        caller gives them back once the answer is there, and `hold`s what it holds), so
-        that the requests a connection sends at once count before their answers exist.
-        No check: `check` let the request in."""
-        if size < TRACK_FROM_BYTES:
-            return None
-        peer = context.peer()
-        self._held[peer] = self._held.get(peer, 0) + size
-        self.total += size
-        return self._releaser(peer, size, sent=None)
-
-    def hold_call(self, context: grpc.aio.ServicerContext, size: int) -> None:
-        """`hold` a unary call's answer until gRPC is done with the call."""
-        if size < TRACK_FROM_BYTES:
-            return  # before context.peer(): most answers are small
-        release = self.hold(context.peer(), size)
-        if release is not None:
-            # grpc-stubs types the callback as a class of its own, not a callable.
-            context.add_done_callback(lambda _: release())  # type: ignore[arg-type]
-
-    def connection(self, context: grpc.aio.ServicerContext) -> Connection:
-        return Connection(self, context.peer())
-
-    def _holds_its_share(self, held: int, size: int) -> bool:
-        # At least what every holding connection would hold if the total were spread evenly.
-        return held * len(self._held) >= self.total + size
-
-    def _refuse_request(self, why: str) -> None:
-        self.refused_requests += 1
-        raise ResourceExhausted(f"{why}; read answers as they come")
-
-    def _refuse_answer(self, why: str) -> None:
-        self.refused_answers += 1
-        raise ResourceExhausted(f"{why}; read answers as they come")
-
 
 class Connection:
-    """One connection's share of the ledger, as a stream uses it."""
+    """One connection's share of the ledger. `peer`: its address, or a callable giving it
+    (a unary handler's `context.peer`, read once, on first need, while the call is live);
+    a stream reads it when it starts, since its request tasks can outlive the call."""
 
-    def __init__(self, ledger: UnsentAnswers, peer: str) -> None:
+    def __init__(self, ledger: UnsentAnswers, peer: str | Callable[[], str]) -> None:
         self._ledger = ledger
         self._peer = peer
 
+    @property
+    def peer(self) -> str:
+        if not isinstance(self._peer, str):
+            self._peer = self._peer()
+        return self._peer
+
     def check(self) -> None:
-        self._ledger.check(self._peer)
+        if self._ledger.total:
+            self._ledger.check(self.peer)
+
+    def reserve(self, size: int) -> Release | None:
+        if size < TRACK_FROM_BYTES:
+            return None
+        return self._ledger.reserve(self.peer, size)
 
     def hold(self, size: int) -> Release | None:
-        return self._ledger.hold(self._peer, size)
+        if size < TRACK_FROM_BYTES:
+            return None
+        return self._ledger.hold(self.peer, size)
 
 
 class Expected(NamedTuple):

@@ -17,7 +17,11 @@ from trtserve.service.frontends import v1_convert as convert
 from trtserve.service.frontends.common import check_inputs, deadline_of, require_local_peer
 from trtserve.service.frontends.errors import status_of, streaming, unary
 from trtserve.service.frontends.streaming import StreamLimits, StreamProtocol, answer_stream
-from trtserve.service.frontends.unsent import UnsentAnswers, expected_answer_bytes
+from trtserve.service.frontends.unsent import (
+    Connection,
+    UnsentAnswers,
+    expected_answer_bytes,
+)
 
 
 class InferenceService(pb_grpc.InferenceServiceServicer):
@@ -35,9 +39,11 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         self._started = time.monotonic()
 
     async def _infer(self, request: pb.InferRequest, deadline: float | None,
-                     context: grpc.aio.ServicerContext, unary: bool) -> pb.InferResponse:
-        """The answer to `request`; a unary call's is held in the ledger until gRPC is done
-        with the call (a stream's, by answer_stream until gRPC has taken it)."""
+                     connection: Connection,
+                     unary: grpc.aio.ServicerContext | None) -> pb.InferResponse:
+        """The answer to `request`, counted for `connection` while it runs; a unary call's
+        (`unary`: its context) is held in the ledger until gRPC is done with the call, a
+        stream's by answer_stream until gRPC has taken it."""
         model = self._engine.describe(request.model)
         # Refused before any tensor is decoded: outputs the model lacks, inputs it can't take.
         convert.check_outputs(request, model.spec)
@@ -45,7 +51,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         regions = convert.output_regions(request)
         # The answer's bytes count for the connection from now (frontends/unsent.py).
         expected = expected_answer_bytes(model.spec, request.inputs, regions)
-        reserved = self._unsent.reserve(context, expected.bytes)
+        reserved = connection.reserve(expected.bytes)
         try:
             result = await self._engine.infer(InferRequest(
                 request.model, convert.decode_inputs(request),
@@ -55,25 +61,28 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if reserved is not None:
                 reserved()
         response = convert.encode_outputs(request, result)
-        if unary and expected.may_be_large:
-            self._unsent.hold_call(context, convert.answer_bytes(response))
+        if unary is not None and expected.may_be_large:
+            self._unsent.hold_call(unary, connection, convert.answer_bytes(response))
         return response
 
     @unary
     async def Infer(self, request: pb.InferRequest,
                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
         self._unsent.check_call(context)
-        return await self._infer(request, deadline_of(context), context, unary=True)
+        return await self._infer(request, deadline_of(context),
+                                 self._unsent.connection(context.peer), unary=context)
 
     @streaming
     async def InferStream(self, request_iterator: AsyncIterator[pb.InferRequest],
                           context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[pb.InferStreamResponse]:
         deadline = deadline_of(context)
+        # The peer now, while the call is live: request tasks can outlive it.
+        connection = self._unsent.connection(context.peer())
 
         async def handle(request: pb.InferRequest) -> pb.InferStreamResponse:
             try:
-                response = await self._infer(request, deadline, context, unary=False)
+                response = await self._infer(request, deadline, connection, unary=None)
             except Exception as e:
                 return _stream_error(request, e)
             return pb.InferStreamResponse(id=request.id, response=response)
@@ -81,7 +90,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         protocol = StreamProtocol(handle, _stream_error, _request_id,
                                   convert.stream_answer_bytes)
         async for answer in answer_stream(request_iterator, protocol, self._stream_limits,
-                                          self._unsent.connection(context)):
+                                          connection):
             yield answer
 
     @unary
