@@ -53,6 +53,7 @@ class BuildConfig:
 
 # A model's workers and ONNX Runtime threads: far more than any host runs.
 MAX_WORKERS = 256
+INT32_MAX = 2**31 - 1
 MAX_INTRA_OP_THREADS = 1024
 
 
@@ -125,8 +126,12 @@ class ModelConfig:
         # a folder's config.toml with workers = 10**20 was taken as it stood.
         _require(1 <= self.workers <= MAX_WORKERS, f"{key}.workers", self.workers,
                  f"1..{MAX_WORKERS}")
-        _require(self.max_batch_size >= 0, f"{key}.max_batch_size", self.max_batch_size,
-                 "0 (the model's maximum) or more")
+        # Triton's max_batch_size is an int32 (ModelConfig): a larger one failed every
+        # metadata call (INTERNAL) while the model served.
+        _require(0 <= self.max_batch_size <= INT32_MAX, f"{key}.max_batch_size",
+                 self.max_batch_size, f"0 (the model's maximum) .. {INT32_MAX}")
+        _require(0 <= self.max_rows_per_request <= INT32_MAX, f"{key}.max_rows_per_request",
+                 self.max_rows_per_request, f"0 (max_batch_size) .. {INT32_MAX}")
         _require(self.max_queue_delay_us >= 0, f"{key}.max_queue_delay_us",
                  self.max_queue_delay_us, "0 or more")
         _require(all(s >= 1 for s in self.preferred_batch_sizes),
@@ -138,8 +143,6 @@ class ModelConfig:
             f"sizes of at most max_batch_size ({self.max_batch_size})")
         _require(self.max_queue_size >= 1, f"{key}.max_queue_size", self.max_queue_size,
                  "at least 1")
-        _require(self.max_rows_per_request >= 0, f"{key}.max_rows_per_request",
-                 self.max_rows_per_request, "0 (max_batch_size) or more")
         _require(self.batching == "auto" or isinstance(self.batching, bool),
                  f"{key}.batching", self.batching, "\"auto\", true or false")
         _require(self.inline_below_us >= 0, f"{key}.inline_below_us", self.inline_below_us,
@@ -597,7 +600,11 @@ def load_toml(path: str | Path) -> ServerConfig:
     if unknown:
         raise ConfigError(f"config file {path}: unknown table(s) {unknown}; "
                           "expected [server] and [[models]]")
-    server = dict(data.get("server", {}))
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError("server: expected one [server] table, got "
+                          f"{'[[server]] tables' if isinstance(server, list) else repr(server)}")
+    server = dict(server)
     if "models" in server:
         raise ConfigError("server.models: models are [[models]] tables, not a server key")
     models = data.get("models", [])

@@ -34,6 +34,7 @@ names and numbers as numbers, so clients that read Triton's JSON read ours.
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
 import json
 import math
@@ -265,6 +266,13 @@ def _from_json(h: _InputHeader) -> np.ndarray:
     except (ValueError, OverflowError):
         raise TensorError(name, "'data' is not a list of numbers of one nesting depth "
                           "(ragged)") from None
+    if datatype == "UINT64" and values.dtype.kind not in _INT_KINDS:
+        # Integers under 2**63 with others past it have no common numpy integer type
+        # (numpy makes them float64, losing the large ones): read them as integers.
+        exact = np.array(h.data, dtype=object)
+        if all(type(v) is int for v in exact.flat):
+            with contextlib.suppress(OverflowError):  # out of range: refused below
+                values = exact.astype(np.uint64)
     if values.size != count:
         raise TensorError(name, f"'data' has {values.size} elements, but shape "
                           f"{echo.dims(h.shape)} needs {count}")

@@ -202,3 +202,14 @@ def test_a_float_past_its_range_is_inf_without_a_warning_and_long_integers_are_r
     with pytest.raises(InvalidArgument, match="more than 4300 digits"):
         kjson.parse_infer(b'{"inputs":[{"name":"i","shape":[1],"datatype":"INT64","data":['
                           + b"9" * 4301 + b"]}]}", None)
+
+
+def test_uint64_data_mixing_small_and_past_2_63_keeps_every_value():
+    # numpy makes [0, 2**64 - 1] float64 (no integer type holds both signs' ranges).
+    request = kjson.parse_infer(_body(
+        {"name": "u", "shape": [3], "datatype": "UINT64", "data": [0, 2**64 - 1, 2**63]}), None)
+    assert request.inputs["u"].data.tolist() == [0, 2**64 - 1, 2**63]
+    for bad in ([-1, 2**64 - 1], [2**64, 1], [0.5, 2**64 - 1]):
+        with pytest.raises(TensorError, match="not UINT64"):
+            kjson.parse_infer(_body(
+                {"name": "u", "shape": [2], "datatype": "UINT64", "data": bad}), None)

@@ -64,6 +64,11 @@ def test_a_full_file_loads(tmp_path):
     ("[[models]]\nname='a'\npath='a.onnx'\n[[models]]\nname='a'\npath='b.onnx'\n", "unique"),
     ("[[models]]\nname='a'\npath='a.onnx'\n[models.build]\nprofile=2\n", "build"),
     ("[server]\nport = 70000\n", "server.port"),
+    ("[[server]]\nport = 1\n", "server: expected one [server] table, got [[server]]"),
+    ("server = 3\n", "server: expected one [server] table, got 3"),
+    # Triton's max_batch_size is an int32: a larger one failed every metadata call.
+    ("[[models]]\nname='a'\npath='a.onnx'\nmax_batch_size=9223372036854775807\n",
+     "max_batch_size: got 9223372036854775807"),
     ("[extra]\nx=1\n", "extra"),
     ("[server\n", "c.toml"),
 ])
