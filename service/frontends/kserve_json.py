@@ -34,8 +34,8 @@ names and numbers as numbers, so clients that read Triton's JSON read ours.
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
+import contextlib
 import json
 import math
 import sys
