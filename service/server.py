@@ -386,7 +386,7 @@ class Server:
                          max_response_bytes=c.max_send_message_bytes,
                          body_timeout_s=c.http_body_timeout_s,
                          shared_memory=c.shared_memory,
-                         max_json_bytes=c.http_max_json_bytes)
+                         max_json_bytes=c.http_max_json_bytes, unsent=self.unsent)
         context = tls.server_ssl_context(c.tls) if c.tls.enabled else None
         limits = HttpLimits(max_connections=c.http_max_connections,
                             header_timeout_s=c.http_header_timeout_s,

@@ -47,6 +47,7 @@ from trtserve.service.frontends.common import (
 from trtserve.service.frontends.errors import http_status_of
 from trtserve.service.frontends.http_guard import DEFAULT_LIMITS, ConnectionGuard, HttpLimits
 from trtserve.service.frontends.kserve import EXTENSIONS, SERVER_NAME, Unimplemented
+from trtserve.service.frontends.unsent import UnsentAnswers, expected_answer_bytes
 from trtserve.service.version import version
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,8 +85,11 @@ class KServeHttp:
                  max_response_bytes: int = 256 * 1024 * 1024,
                  body_timeout_s: float = DEFAULT_LIMITS.body_timeout_s,
                  shared_memory: SharedMemoryConfig | None = None,
-                 max_json_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_json_bytes: int = 8 * 1024 * 1024,
+                 unsent: UnsentAnswers | None = None) -> None:
         self._engine = engine
+        # Answers running or not read yet, by connection: shared with the gRPC services.
+        self._unsent = unsent or UnsentAnswers()
         # The JSON part of an inference body (all of it without the binary extension).
         # json.loads and the lists' conversion hold the GIL throughout (about 0.5 s for
         # 8 MiB of "0," here), so a larger part would stop every other request of this
@@ -301,6 +305,8 @@ class KServeHttp:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _names(request)
         model = self._engine.describe(name, version)
+        connection = self._unsent.connection(lambda: _peer(request))
+        connection.check()  # before its body is read: it would not run
         if request.content_length is not None and \
                 request.content_length > self._max_request_bytes:
             # Refused from the header, before a byte of the body is read.
@@ -327,10 +333,17 @@ class KServeHttp:
                                    check=lambda tensors: check_inputs(name, spec, tensors))
         plan = kjson.plan_outputs(parsed, {t.name: t.dtype for t in spec.outputs})
         deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
-        result = await answered_by(deadline, self._engine.infer(InferRequest(
-            model=name, version=version, inputs=parsed.inputs,
-            outputs=tuple(o.name for o in plan), output_regions=kjson.output_regions(plan),
-            deadline=deadline)))
+        regions = kjson.output_regions(plan)
+        reserved = connection.reserve(
+            expected_answer_bytes(spec, parsed.inputs.values(), regions).bytes)
+        try:
+            result = await answered_by(deadline, self._engine.infer(InferRequest(
+                model=name, version=version, inputs=parsed.inputs,
+                outputs=tuple(o.name for o in plan), output_regions=regions,
+                deadline=deadline)))
+        finally:
+            if reserved is not None:
+                reserved()
         parts, json_length = kjson.encode_infer(parsed.id, result, plan)
         size = sum(len(part) for part in parts)
         if size > self._max_response_bytes:
@@ -348,6 +361,17 @@ class KServeHttp:
             # Not below a kilobyte: there it costs more than it saves, and clients such
             # as `requests` and aiohttp ask for it on every request by default.
             response.enable_compression()
+        # Held in the ledger until it is written out: a client that does not read keeps
+        # it in this process (the transport's buffer) as long as its connection lives.
+        release = connection.hold(size)
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client went away: nothing to answer, nothing to log
+        finally:
+            if release is not None:
+                release()
         return response
 
     def _json_too_large(self) -> web.HTTPRequestEntityTooLarge:
@@ -432,6 +456,12 @@ class _TooLarge(web.HTTPRequestEntityTooLarge):
     def __init__(self, problem: str) -> None:
         super().__init__(max_size=0, actual_size=0)
         self.problem = problem
+
+
+def _peer(request: web.Request) -> str:
+    """The connection a request came on, as the unsent ledger names it."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"http:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else f"http:{peer}"
 
 
 def _http_problem(error: web.HTTPException, request: web.Request, max_bytes: int) -> str:

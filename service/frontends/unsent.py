@@ -37,15 +37,14 @@ that has ended reads freed memory (a stream's request tasks can outlive their ca
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import grpc
 
 from trtserve.service.engine.api import ModelSpec
 from trtserve.service.errors import ResourceExhausted
-from trtserve.service.frontends.common import WireTensor
 
 MIB = 1024 * 1024
 # Smaller answers are not counted: the ledger's two dict updates would cost more than
@@ -224,7 +223,14 @@ class Expected(NamedTuple):
 _PER_SPEC: dict[int, tuple[ModelSpec, int, bool]] = {}
 
 
-def expected_answer_bytes(spec: ModelSpec, tensors: Iterable[WireTensor],
+class Shaped(Protocol):
+    """An input as the wire gives it: only its shape is read here."""
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def expected_answer_bytes(spec: ModelSpec, tensors: Iterable[Shaped],
                           in_regions: Collection[str]) -> Expected:
     """The bytes a request's outputs will hold, where the model's declared shapes fix them
     (every output the engine returns, but those written into the client's regions; an

@@ -10,7 +10,9 @@ whose receive window stays shut does.
 from __future__ import annotations
 
 import dataclasses
+import json
 import queue
+import socket
 import time
 
 import grpc
@@ -28,7 +30,7 @@ from trtserve.service.frontends.unsent import (
     expected_answer_bytes,
 )
 from trtserve.service.testing.onnx_models import expand_net
-from trtserve.service.testing.servers import running_server, server_config
+from trtserve.service.testing.servers import free_port, running_server, server_config
 
 MIB = 1024 * 1024
 
@@ -240,3 +242,50 @@ def test_expected_answer_bytes_follow_the_declared_shapes():
     small = expected_answer_bytes(exact, [Wire((1, 1))], ())
     assert small == (4020, True) and not small.may_be_large  # not weighed once answered
     assert expected_answer_bytes(spec, [Wire((1, 1))], ()).may_be_large  # "ragged" may be
+
+
+def _http_infer(port: int, rows: int) -> bytes:
+    x = np.ones((rows, 1), np.float32)
+    header = json.dumps({
+        "inputs": [{"name": "input", "shape": [rows, 1], "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes}}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}).encode()
+    body = header + x.tobytes()
+    return (f"POST /v2/models/expand/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_http_answers_a_client_does_not_read_count_against_the_process(tmp_path):
+    # An adversarial run: 60 HTTP connections each asking for a 64 MiB answer and never
+    # reading took two frontends to 3.8 and 4.1 GiB.
+    path = expand_net(tmp_path / "expand.onnx", WIDTH)
+    config = server_config(ModelConfig(name="expand", path=str(path), workers=1,
+                                       max_batch_size=8),
+                           http_port=free_port(), max_unsent_bytes=16 * MIB)
+    with running_server(config) as s:
+        port, ledger = s.server.http_port, s.server.unsent
+        silent = []
+        for held in (8 * MIB, 16 * MIB):  # two connections that never read
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(_http_infer(port, 8))
+            silent.append(sock)
+            deadline = time.monotonic() + 30
+            while ledger.total < held and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert ledger.total >= held
+        with socket.create_connection(("127.0.0.1", port)) as third:
+            third.sendall(_http_infer(port, 8))
+            answer = third.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+        assert b"max_unsent_bytes" in answer
+        for sock in silent:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while ledger.total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ledger.total == 0
+        with socket.create_connection(("127.0.0.1", port)) as fourth:
+            fourth.sendall(_http_infer(port, 1))
+            assert fourth.recv(64).startswith(b"HTTP/1.1 200")
