@@ -147,6 +147,9 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         regions = convert.output_regions(request)
         # The answer's bytes count for the connection from now (frontends/unsent.py).
         expected = expected_answer_bytes(model.spec, request.inputs, regions)
+        # Checked with the reservation right after it, no await between: requests read
+        # side by side (a stream's) then count one by one.
+        connection.check()
         reserved = connection.reserve(expected.bytes)
         try:
             # Every output, in the model's order: encode_outputs picks those asked for.

@@ -334,6 +334,9 @@ class KServeHttp:
         plan = kjson.plan_outputs(parsed, {t.name: t.dtype for t in spec.outputs})
         deadline = now() + parsed.timeout_us / 1e6 if parsed.timeout_us else None
         regions = kjson.output_regions(plan)
+        # Again now, with no await until the reservation: requests whose bodies were read
+        # side by side all passed the first check before any of them counted.
+        connection.check()
         reserved = connection.reserve(
             expected_answer_bytes(spec, parsed.inputs.values(), regions).bytes)
         try:
