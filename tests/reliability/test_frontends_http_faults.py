@@ -87,6 +87,11 @@ async def _client(url: str, index: int, stop: asyncio.Event) -> list[Outcome]:
     return outcomes
 
 
+# How long after its `sent` stamp a request may still be on its way (as in
+# test_frontends_faults.py, which had this slack; this HTTP twin did not).
+SEND_SLACK_S = 0.05
+
+
 def test_sigterm_answers_every_accepted_http_request_across_frontends() -> None:
     server = ControlledHttpServer("--sleep-ms", "50", "--max-batch-size", "4",
                                   "--grace-period-s", "20")
@@ -116,9 +121,11 @@ def test_sigterm_answers_every_accepted_http_request_across_frontends() -> None:
     for o in outcomes:
         if not o.ok:
             # Refused by the draining engine (503) or by a closed listener; never before
-            # the SIGTERM, never another error.
+            # the SIGTERM, never another error. A request sent in the last moment before
+            # the signal can reach the server after it (one CI run: sent 0.5 ms before,
+            # refused 503), so those 50 ms are the server's to refuse.
             assert o.status in (0, 503), o
-            assert o.sent > sigterm, o
+            assert o.sent > sigterm - SEND_SLACK_S, o
     # Every request the engine ran was answered: none lost between the processes.
     assert _executed(output) == answered, output
 
