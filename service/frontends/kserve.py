@@ -140,18 +140,18 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         # request's field limit (frontends/field_count.py).
         convert.check_raw_contents(request)
         check_inputs(model.name, model.spec, request.inputs)
-        decoded = convert.decode_inputs(request)
-        # The wire datatype tells BF16 from UINT16, which numpy alone can't.
-        inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
-                  for t in request.inputs}
         regions = convert.output_regions(request)
-        # The answer's bytes count for the connection from now (frontends/unsent.py).
+        # The answer's bytes count for the connection from now (frontends/unsent.py),
+        # before its inputs are decoded. Checked with the reservation right after it, no
+        # await between: requests read side by side (a stream's) then count one by one.
         expected = expected_answer_bytes(model.spec, request.inputs, regions)
-        # Checked with the reservation right after it, no await between: requests read
-        # side by side (a stream's) then count one by one.
         connection.check()
         reserved = connection.reserve(expected.bytes)
         try:
+            decoded = convert.decode_inputs(request)
+            # The wire datatype tells BF16 from UINT16, which numpy alone can't.
+            inputs = {t.name: TensorIn(t.datatype, tuple(t.shape), decoded[t.name])
+                      for t in request.inputs}
             # Every output, in the model's order: encode_outputs picks those asked for.
             infer = self._engine.infer(InferRequest(
                 model.name, inputs, version=request.model_version,
@@ -257,7 +257,6 @@ class KServeInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @unary
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        self._unsent.check_call(context)
         return await self._infer(request, deadline_of(context),
                                  self._unsent.connection(context.peer), unary=context)
 

@@ -96,9 +96,9 @@ async def answer_stream(
 ) -> AsyncIterator[Resp]:
     """Yield an answer for every request, in completion order, within `limits`.
 
-    `connection`: the stream's connection in frontends/unsent.py's ledger, which may
-    refuse a request before it runs or its answer once ready (that request is then
-    answered with the error), and counts each answer's bytes until gRPC has taken it.
+    `connection`: the stream's connection in frontends/unsent.py's ledger, which counts
+    each answer's bytes until gRPC has taken it, or refuses an answer once ready (that
+    request is then answered with the error; `handle` checks before a request runs).
     """
     window = _Window(limits)
     # Answers ready to send: (answer, its size, the id it frees ("" for none), what
@@ -125,25 +125,14 @@ async def answer_stream(
                 answer = protocol.refuse(request, e)
         done(answer, request_id, release)
 
-    def refusal(request_id: str) -> Exception | None:
-        if request_id and request_id in ids:
-            return InvalidArgument(_DUPLICATE)
-        if connection is not None:
-            try:
-                connection.check()
-            except ResourceExhausted as e:
-                return e
-        return None
-
     async def read() -> None:
         nonlocal reading_over
         try:
             async for request in requests:
                 window.requests += 1
                 request_id = protocol.id_of(request)
-                refused = refusal(request_id)
-                if refused is not None:
-                    done(protocol.refuse(request, refused), "")
+                if request_id and request_id in ids:
+                    done(protocol.refuse(request, InvalidArgument(_DUPLICATE)), "")
                 else:
                     if request_id:
                         ids.add(request_id)

@@ -135,11 +135,6 @@ class UnsentAnswers:
         self._add(peer, size)
         return self._releaser(peer, size, sent=self._on_sent)
 
-    def check_call(self, context: grpc.aio.ServicerContext) -> None:
-        """`check` for a unary call, in its handler (context.peer() only when needed)."""
-        if self.total:
-            self.check(context.peer())
-
     def hold_call(self, context: grpc.aio.ServicerContext, connection: Connection,
                   size: int) -> None:
         """`hold` a unary call's answer until gRPC is done with the call; in its handler."""

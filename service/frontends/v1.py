@@ -49,10 +49,10 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         convert.check_outputs(request, model.spec)
         check_inputs(model.name, model.spec, request.inputs)
         regions = convert.output_regions(request)
-        # The answer's bytes count for the connection from now (frontends/unsent.py).
+        # The answer's bytes count for the connection from now (frontends/unsent.py),
+        # before its inputs are decoded. Checked with the reservation right after it, no
+        # await between: requests read side by side (a stream's) then count one by one.
         expected = expected_answer_bytes(model.spec, request.inputs, regions)
-        # Checked with the reservation right after it, no await between: requests read
-        # side by side (a stream's) then count one by one.
         connection.check()
         reserved = connection.reserve(expected.bytes)
         try:
@@ -71,7 +71,6 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     @unary
     async def Infer(self, request: pb.InferRequest,
                     context: grpc.aio.ServicerContext) -> pb.InferResponse:
-        self._unsent.check_call(context)
         return await self._infer(request, deadline_of(context),
                                  self._unsent.connection(context.peer), unary=context)
 

@@ -202,10 +202,10 @@ def test_answers_of_requests_still_running_count_so_a_burst_is_refused():
     connection = ledger.connection(context.peer)
     reservations = []
     for _ in range(4):  # sent at once: none has an answer yet
-        ledger.check_call(context)
+        connection.check()
         reservations.append(connection.reserve(MIB))
     with pytest.raises(ResourceExhausted, match="not run"):
-        ledger.check_call(context)
+        connection.check()
     assert connection.reserve(TRACK_FROM_BYTES - 1) is None
     for reserved in reservations:  # each answer in turn: the reservation becomes the hold
         reserved()
